@@ -1,0 +1,43 @@
+//! Connecting the client subcommands to the server, and turning gRPC failures into one
+//! clear line.
+
+use anyhow::anyhow;
+use proto::{client::AuthChannel, registry::registry_client::RegistryClient};
+use tonic::{Code, Status};
+
+use crate::ServerArgs;
+
+/// Largest response a client subcommand accepts.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Connects to the server's channel.
+pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
+    proto::client::connect(&args.server, args.token.as_deref())
+        .await
+        .map_err(|e| match e {
+            proto::client::ClientError::Unreachable { url, .. } => anyhow!(
+                "cannot reach the Interpose server at {url} (is `interpose up` running? \
+                 set --server or INTERPOSE_SERVER)"
+            ),
+            other => other.into(),
+        })
+}
+
+/// A registry client.
+pub async fn registry(args: &ServerArgs) -> anyhow::Result<RegistryClient<AuthChannel>> {
+    Ok(RegistryClient::new(channel(args).await?)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// A gRPC failure as the one line a user should see.
+pub fn status(s: Status) -> anyhow::Error {
+    let msg = s.message();
+    match s.code() {
+        Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => anyhow!("{msg}"),
+        Code::Unauthenticated => anyhow!("not authorised: {msg}"),
+        Code::Unavailable => anyhow!("server unavailable: {msg}"),
+        Code::Unimplemented => anyhow!("the server does not offer this service: {msg}"),
+        code => anyhow!("{code:?}: {msg}"),
+    }
+}

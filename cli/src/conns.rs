@@ -1,0 +1,429 @@
+//! `interpose conns`: list, watch, clear, copy and count connection records.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use proto::{
+    common::{CloseKind, ClosedBy, ConnStatus, Connection},
+    names::Named,
+    registry::{
+        ClearAllRequest, ClearConnectionsRequest, ConnectionFilter, ConnectionStatsRequest,
+        GetConnectionRequest, ListConnectionsRequest, WatchConnectionsRequest,
+        watch_event::Kind,
+    },
+};
+use serde_json::json;
+
+use crate::{
+    ServerArgs,
+    client::{registry, status},
+    output::{TABLE_HEADER, TSV_HEADER, conn_json, conn_row, conn_tsv, now},
+};
+
+#[derive(Debug, Subcommand)]
+pub enum ConnsCommand {
+    /// List connection records, oldest first.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print a JSON array of connection objects.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every record, then each open, change, close and clear as it happens.
+    Watch {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One JSON object per line: {"event": "snapshot"|"opened"|"updated"|"closed", "connection": {...}},
+        /// {"event": "cleared", "id": N}, {"event": "snapshot_end"} or {"event": "reset"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove connection records (their packets stay in the history for PCAP export).
+    Clear {
+        /// The IDs to remove.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<u64>,
+        /// Remove every record.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Print records as TSV with a header row (or put them on the clipboard).
+    Copy {
+        /// The IDs to copy.
+        #[arg(required = true)]
+        ids: Vec<u64>,
+        /// Copy to the clipboard (wl-copy, xclip, xsel or pbcopy) instead of printing.
+        #[arg(long)]
+        clipboard: bool,
+    },
+    /// Count records by status, closer, close kind, destination and node.
+    Stats {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StatusArg {
+    Active,
+    Disconnected,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ClosedByArg {
+    Client,
+    Server,
+    Proxy,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CloseKindArg {
+    Fin,
+    Rst,
+    Error,
+}
+
+/// Filters shared by list, watch and stats.
+#[derive(Debug, Clone, Args)]
+pub struct FilterArgs {
+    /// Only active or only disconnected connections.
+    #[arg(long, value_enum)]
+    pub status: Option<StatusArg>,
+    /// Only connections ended by this side.
+    #[arg(long, value_enum)]
+    pub closed_by: Option<ClosedByArg>,
+    /// Only connections that ended this way.
+    #[arg(long, value_enum)]
+    pub close_kind: Option<CloseKindArg>,
+    /// Only this target host.
+    #[arg(long)]
+    pub dst_host: Option<String>,
+    /// Only this target port.
+    #[arg(long)]
+    pub dst_port: Option<u16>,
+    /// Only this proxy node.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+impl FilterArgs {
+    fn to_proto(&self) -> ConnectionFilter {
+        let status = self.status.map(|s| match s {
+            StatusArg::Active => ConnStatus::Active,
+            StatusArg::Disconnected => ConnStatus::Disconnected,
+        });
+        let closed_by = self.closed_by.map(|c| match c {
+            ClosedByArg::Client => ClosedBy::Client,
+            ClosedByArg::Server => ClosedBy::Server,
+            ClosedByArg::Proxy => ClosedBy::Proxy,
+        });
+        let close_kind = self.close_kind.map(|k| match k {
+            CloseKindArg::Fin => CloseKind::Fin,
+            CloseKindArg::Rst => CloseKind::Rst,
+            CloseKindArg::Error => CloseKind::Error,
+        });
+        ConnectionFilter {
+            status: status.map_or(0, |s| s as i32),
+            closed_by: closed_by.map_or(0, |c| c as i32),
+            close_kind: close_kind.map_or(0, |k| k as i32),
+            dst_host: self.dst_host.clone().unwrap_or_default(),
+            dst_port: self.dst_port.map_or(0, u32::from),
+            node: self.node.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Runs one `conns` subcommand.
+pub async fn run(server: &ServerArgs, cmd: ConnsCommand) -> anyhow::Result<()> {
+    match cmd {
+        ConnsCommand::List { filter, json } => list(server, &filter.to_proto(), json).await,
+        ConnsCommand::Watch { filter, json } => watch(server, filter.to_proto(), json).await,
+        ConnsCommand::Clear { ids, all } => clear(server, &ids, all).await,
+        ConnsCommand::Copy { ids, clipboard } => copy(server, &ids, clipboard).await,
+        ConnsCommand::Stats { filter, json } => stats(server, filter.to_proto(), json).await,
+    }
+}
+
+/// Every record matching `filter`, following pages.
+pub async fn fetch_all(
+    server: &ServerArgs,
+    filter: &ConnectionFilter,
+) -> anyhow::Result<Vec<Connection>> {
+    let mut client = registry(server).await?;
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_connections(ListConnectionsRequest {
+                filter: Some(filter.clone()),
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        all.extend(page.connections);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        token = page.next_page_token;
+    }
+}
+
+async fn list(server: &ServerArgs, filter: &ConnectionFilter, json: bool) -> anyhow::Result<()> {
+    let conns = fetch_all(server, filter).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let arr: Vec<_> = conns.iter().map(conn_json).collect();
+        serde_json::to_writer_pretty(&mut out, &arr)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{TABLE_HEADER}")?;
+        for c in &conns {
+            writeln!(out, "{}", conn_row(c))?;
+        }
+        writeln!(out, "{} connection(s)", conns.len())?;
+    }
+    Ok(())
+}
+
+async fn watch(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> anyhow::Result<()> {
+    let mut client = registry(server).await?;
+    let mut stream = client
+        .watch_connections(WatchConnectionsRequest {
+            filter: Some(filter),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    // The last status seen per ID tells an open from an update from a close.
+    let mut seen: HashMap<u64, i32> = HashMap::new();
+    let mut live = false;
+    let mut out = std::io::stdout();
+    while let Some(ev) = stream.message().await.map_err(status)? {
+        let kind = Kind::try_from(ev.kind).unwrap_or(Kind::Unspecified);
+        let (event, line) = match (kind, ev.connection) {
+            (Kind::Upsert, Some(c)) => {
+                let before = seen.insert(c.id, c.status);
+                let event = if !live {
+                    "snapshot"
+                } else if c.status == ConnStatus::Disconnected as i32
+                    && before != Some(ConnStatus::Disconnected as i32)
+                {
+                    "closed"
+                } else if before.is_none() {
+                    "opened"
+                } else {
+                    "updated"
+                };
+                let line = if json {
+                    json!({"event": event, "connection": conn_json(&c)}).to_string()
+                } else {
+                    format!("{} {:<8} {}", now(), event.to_uppercase(), conn_row(&c))
+                };
+                (event, line)
+            }
+            (Kind::Removed, _) => {
+                seen.remove(&ev.id);
+                let line = if json {
+                    json!({"event": "cleared", "id": ev.id}).to_string()
+                } else {
+                    format!("{} CLEARED  {:>6}", now(), ev.id)
+                };
+                ("cleared", line)
+            }
+            (Kind::SnapshotEnd, _) => {
+                live = true;
+                let line = if json {
+                    json!({"event": "snapshot_end"}).to_string()
+                } else {
+                    format!("{} -- {} record(s); watching for changes --", now(), seen.len())
+                };
+                ("snapshot_end", line)
+            }
+            (Kind::Reset, _) => {
+                live = false;
+                seen.clear();
+                let line = if json {
+                    json!({"event": "reset"}).to_string()
+                } else {
+                    format!("{} -- fell behind; starting over --", now())
+                };
+                ("reset", line)
+            }
+            _ => continue,
+        };
+        let _ = event;
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+    bail!("the server ended the watch")
+}
+
+async fn clear(server: &ServerArgs, ids: &[u64], all: bool) -> anyhow::Result<()> {
+    let mut client = registry(server).await?;
+    let cleared = if all {
+        client.clear_all(ClearAllRequest {}).await
+    } else {
+        client
+            .clear_connections(ClearConnectionsRequest { ids: ids.to_vec() })
+            .await
+            .map(|r| r.map(|r| proto::registry::ClearAllResponse { cleared: r.cleared }))
+    }
+    .map_err(status)?
+    .into_inner()
+    .cleared;
+    println!("cleared {cleared} connection record(s); their packets stay in the history");
+    Ok(())
+}
+
+async fn copy(server: &ServerArgs, ids: &[u64], clipboard: bool) -> anyhow::Result<()> {
+    let mut client = registry(server).await?;
+    let mut tsv = format!("{TSV_HEADER}\n");
+    for &id in ids {
+        let c = client
+            .get_connection(GetConnectionRequest { id })
+            .await
+            .map_err(status)?
+            .into_inner();
+        tsv.push_str(&conn_tsv(&c));
+        tsv.push('\n');
+    }
+    if clipboard {
+        to_clipboard(&tsv)?;
+        eprintln!("copied {} record(s) to the clipboard", ids.len());
+    } else {
+        print!("{tsv}");
+    }
+    Ok(())
+}
+
+/// Hands `text` to the first clipboard tool found on PATH.
+fn to_clipboard(text: &str) -> anyhow::Result<()> {
+    const TOOLS: &[(&str, &[&str])] = &[
+        ("wl-copy", &[]),
+        ("xclip", &["-selection", "clipboard"]),
+        ("xsel", &["--clipboard", "--input"]),
+        ("pbcopy", &[]),
+    ];
+    for (tool, args) in TOOLS {
+        let Ok(mut child) = Command::new(tool)
+            .args(*args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        else {
+            continue;
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(text.as_bytes())?;
+        }
+        let st = child.wait().with_context(|| format!("running {tool}"))?;
+        if st.success() {
+            return Ok(());
+        }
+        bail!("{tool} failed ({st}); run without --clipboard to print the TSV");
+    }
+    bail!("no clipboard tool found (wl-copy, xclip, xsel, pbcopy); run without --clipboard to print the TSV")
+}
+
+async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> anyhow::Result<()> {
+    let mut client = registry(server).await?;
+    let s = client
+        .connection_stats(ConnectionStatsRequest {
+            filter: Some(filter),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let counts = |v: &[proto::registry::Count]| -> serde_json::Map<String, serde_json::Value> {
+        v.iter()
+            .map(|c| {
+                let key = if c.key.is_empty() { "none" } else { &c.key };
+                (key.to_string(), json!(c.count))
+            })
+            .collect()
+    };
+    if json {
+        let losses: serde_json::Map<_, _> = s
+            .losses
+            .iter()
+            .map(|(node, l)| {
+                (
+                    node.clone(),
+                    json!({"events_dropped": l.events_dropped, "packets_dropped": l.packets_dropped, "bytes_dropped": l.bytes_dropped}),
+                )
+            })
+            .collect();
+        let v = json!({
+            "total": s.total,
+            "by_status": counts(&s.by_status),
+            "by_closed_by": counts(&s.by_closed_by),
+            "by_close_kind": counts(&s.by_close_kind),
+            "by_destination": counts(&s.by_destination),
+            "by_node": counts(&s.by_node),
+            "history_packets": s.history_packets,
+            "losses": losses,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "total connections: {}", s.total)?;
+    writeln!(out, "history packets:   {}", s.history_packets)?;
+    for (title, v) in [
+        ("by status", &s.by_status),
+        ("by closed_by", &s.by_closed_by),
+        ("by close_kind", &s.by_close_kind),
+        ("by destination", &s.by_destination),
+        ("by node", &s.by_node),
+    ] {
+        writeln!(out, "{title}:")?;
+        for c in v {
+            let key = if c.key.is_empty() { "(none)" } else { &c.key };
+            writeln!(out, "  {:>8}  {key}", c.count)?;
+        }
+    }
+    for (node, l) in &s.losses {
+        writeln!(
+            out,
+            "not recorded by node {node}: {} event(s), {} packet(s), {} byte(s)",
+            l.events_dropped, l.packets_dropped, l.bytes_dropped
+        )?;
+    }
+    Ok(())
+}
+
+/// Keeps the names the CLI accepts in step with the contract's names.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_enums_use_the_contract_names() {
+        for (arg, status) in [
+            (StatusArg::Active, ConnStatus::Active),
+            (StatusArg::Disconnected, ConnStatus::Disconnected),
+        ] {
+            let name = arg.to_possible_value().map(|v| v.get_name().to_string());
+            assert_eq!(name.as_deref(), status.name());
+        }
+        for (arg, by) in [
+            (ClosedByArg::Client, ClosedBy::Client),
+            (ClosedByArg::Server, ClosedBy::Server),
+            (ClosedByArg::Proxy, ClosedBy::Proxy),
+        ] {
+            let name = arg.to_possible_value().map(|v| v.get_name().to_string());
+            assert_eq!(name.as_deref(), by.name());
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The `interpose` command: `up` runs every service in one process; every other subcommand
+//! is a gRPC client of the same API any other language would use.
+
+pub mod client;
+pub mod conns;
+pub mod history;
+pub mod output;
+pub mod up;
+
+use clap::{Parser, Subcommand};
+
+/// Where client subcommands find the server, and how they authenticate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// gRPC URL of the Interpose server.
+    #[arg(long, global = true, env = "INTERPOSE_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Bearer token for a server that requires one.
+    #[arg(long, global = true, env = "INTERPOSE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Interpose: a TLS-intercepting SOCKS5 proxy for any TCP protocol.
+#[derive(Debug, Parser)]
+#[command(name = "interpose", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every service in one process on one loopback gRPC port.
+    Up(up::UpArgs),
+    /// Connection records: list, watch, clear, copy, stats.
+    #[command(subcommand)]
+    Conns(conns::ConnsCommand),
+    /// Search the proxy history (every packet relayed).
+    History(history::HistoryArgs),
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Up(args) => up::run(args).await,
+        Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
+        Command::History(args) => history::run(&cli.server, args).await,
+    }
+}
+
+/// An error and its causes on one line, without repeating a cause already in the message.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out.replace('\n', " ")
+}

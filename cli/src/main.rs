@@ -1,0 +1,17 @@
+//! The `interpose` binary: parses the command line and reports a failure as one line.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match cli::run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("interpose: {}", cli::one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

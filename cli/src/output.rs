@@ -1,0 +1,196 @@
+//! How records and packets look to a user: the stable `--json` objects (field names from
+//! DESIGN.md), TSV rows and readable table lines.
+
+use std::time::SystemTime;
+
+use base64::Engine;
+use proto::{
+    common::{CloseKind, ClosedBy, ConnStatus, Connection, Direction, Packet},
+    names::name_of,
+    time::from_timestamp,
+};
+use serde_json::{Value, json};
+
+/// RFC 3339 with microseconds, UTC.
+pub fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
+    ts.map(|t| humantime::format_rfc3339_micros(from_timestamp(t)).to_string())
+}
+
+/// A connection as its stable JSON object.
+pub fn conn_json(c: &Connection) -> Value {
+    let mut v = json!({
+        "id": c.id,
+        "node": c.node,
+        "src_ip": c.src_ip,
+        "src_port": c.src_port,
+        "dst_host": c.dst_host,
+        "dst_ip": c.dst_ip,
+        "dst_port": c.dst_port,
+        "status": name_of::<ConnStatus>(c.status),
+        "closed_by": name_of::<ClosedBy>(c.closed_by),
+        "close_kind": name_of::<CloseKind>(c.close_kind),
+        "reason": c.reason,
+        "tls": c.tls,
+        "sni": c.sni,
+        "alpn": c.alpn,
+        "opened_at": rfc3339(c.opened_at.as_ref()),
+        "closed_at": rfc3339(c.closed_at.as_ref()),
+        "bytes_c2s": c.bytes_c2s,
+        "bytes_s2c": c.bytes_s2c,
+        "packets_c2s": c.packets_c2s,
+        "packets_s2c": c.packets_s2c,
+    });
+    if let (Some(p), Some(obj)) = (&c.client_process, v.as_object_mut()) {
+        obj.insert("client_process".into(), json!({"pid": p.pid, "name": p.name}));
+    }
+    v
+}
+
+/// A history packet as its stable JSON object.
+pub fn packet_json(p: &Packet) -> Value {
+    json!({
+        "conn_id": p.conn_id,
+        "seq": p.seq,
+        "direction": name_of::<Direction>(p.direction),
+        "ts": rfc3339(p.ts.as_ref()),
+        "len": p.data.len(),
+        "data_b64": base64::engine::general_purpose::STANDARD.encode(&p.data),
+        "modified": p.modified,
+    })
+}
+
+/// The TSV header matching [`conn_tsv`].
+pub const TSV_HEADER: &str = "id\tnode\tsrc_ip\tsrc_port\tdst_host\tdst_ip\tdst_port\tstatus\t\
+closed_by\tclose_kind\treason\ttls\tsni\talpn\topened_at\tclosed_at\tbytes_c2s\tbytes_s2c\t\
+packets_c2s\tpackets_s2c\tclient_process";
+
+/// One TSV row; tabs and newlines inside fields become spaces.
+pub fn conn_tsv(c: &Connection) -> String {
+    let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
+    let process = c
+        .client_process
+        .as_ref()
+        .map(|p| format!("{} ({})", p.name, p.pid))
+        .unwrap_or_default();
+    [
+        c.id.to_string(),
+        clean(&c.node),
+        c.src_ip.clone(),
+        c.src_port.to_string(),
+        clean(&c.dst_host),
+        c.dst_ip.clone(),
+        c.dst_port.to_string(),
+        name_of::<ConnStatus>(c.status).unwrap_or("").into(),
+        name_of::<ClosedBy>(c.closed_by).unwrap_or("").into(),
+        name_of::<CloseKind>(c.close_kind).unwrap_or("").into(),
+        clean(&c.reason),
+        c.tls.to_string(),
+        clean(&c.sni),
+        clean(&c.alpn),
+        rfc3339(c.opened_at.as_ref()).unwrap_or_default(),
+        rfc3339(c.closed_at.as_ref()).unwrap_or_default(),
+        c.bytes_c2s.to_string(),
+        c.bytes_s2c.to_string(),
+        c.packets_c2s.to_string(),
+        c.packets_s2c.to_string(),
+        clean(&process),
+    ]
+    .join("\t")
+}
+
+/// `ip:port`, with brackets around IPv6.
+pub fn endpoint(ip: &str, port: u32) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// The header of the connection table.
+pub const TABLE_HEADER: &str = "    ID  SOURCE                 DESTINATION                      STATUS        CLOSED BY  KIND   C2S/S2C BYTES    OPENED                       REASON";
+
+/// One line of the connection table.
+pub fn conn_row(c: &Connection) -> String {
+    let dst = if c.dst_host.is_empty() || c.dst_host == c.dst_ip {
+        endpoint(&c.dst_ip, c.dst_port)
+    } else {
+        format!("{}:{}", c.dst_host, c.dst_port)
+    };
+    let tls = if c.tls { " tls" } else { "" };
+    format!(
+        "{:>6}  {:<22} {:<32} {:<13} {:<10} {:<6} {:<16} {:<28} {}{}",
+        c.id,
+        endpoint(&c.src_ip, c.src_port),
+        dst,
+        name_of::<ConnStatus>(c.status).unwrap_or("-"),
+        name_of::<ClosedBy>(c.closed_by).unwrap_or("-"),
+        name_of::<CloseKind>(c.close_kind).unwrap_or("-"),
+        format!("{}/{}", c.bytes_c2s, c.bytes_s2c),
+        rfc3339(c.opened_at.as_ref()).unwrap_or_else(|| "-".into()),
+        c.reason,
+        tls,
+    )
+}
+
+/// Bytes as text a terminal can show: printable ASCII kept, everything else escaped.
+pub fn preview(data: &[u8], max: usize) -> String {
+    let mut s: String = data
+        .iter()
+        .take(max)
+        .flat_map(|&b| std::ascii::escape_default(b))
+        .map(char::from)
+        .collect();
+    if data.len() > max {
+        s.push('…');
+    }
+    s
+}
+
+/// The current time, for watch lines.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_the_contract_fields_and_nulls_while_active() {
+        let c = Connection {
+            id: 3,
+            status: ConnStatus::Active as i32,
+            src_ip: "127.0.0.1".into(),
+            src_port: 5000,
+            ..Default::default()
+        };
+        let v = conn_json(&c);
+        assert_eq!(v["id"], 3);
+        assert_eq!(v["status"], "active");
+        assert_eq!(v["closed_by"], Value::Null);
+        assert_eq!(v["close_kind"], Value::Null);
+        assert_eq!(v["closed_at"], Value::Null);
+        assert!(v.get("client_process").is_none());
+        assert_eq!(v.as_object().map(|o| o.len()), Some(20));
+    }
+
+    #[test]
+    fn tsv_rows_match_the_header_and_escape_tabs() {
+        let c = Connection {
+            id: 1,
+            reason: "a\tb\nc".into(),
+            ..Default::default()
+        };
+        let row = conn_tsv(&c);
+        assert_eq!(row.split('\t').count(), TSV_HEADER.split('\t').count());
+        assert!(row.contains("a b c"));
+    }
+
+    #[test]
+    fn preview_escapes_binary() {
+        assert_eq!(preview(b"GET /\r\n\x00", 100), "GET /\\r\\n\\x00");
+        assert_eq!(preview(b"abcdef", 3), "abc…");
+        assert_eq!(endpoint("::1", 80), "[::1]:80");
+    }
+}

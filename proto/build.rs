@@ -1,0 +1,25 @@
+//! Compiles proto/ with the pure-Rust protox compiler (no system protoc) and writes the
+//! descriptor set that server reflection serves.
+
+use std::{env, path::PathBuf};
+
+use prost::Message;
+
+const FILES: &[&str] = &[
+    "interpose/common/v1/common.proto",
+    "interpose/registry/v1/registry.proto",
+    "interpose/intercept/v1/intercept.proto",
+    "interpose/export/v1/export.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(FILES, ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(out.join("interpose_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! The Interpose gRPC contract.
+//!
+//! Generated code for the four services lives here and only here, with the small pieces every
+//! server and client of the project shares: the JSON/CLI names of the enums ([`names`]),
+//! timestamp conversion ([`time`]), serving with health, reflection and token checks
+//! ([`serve`]) and connecting as a client ([`client`]).
+
+pub mod client;
+pub mod names;
+pub mod serve;
+pub mod time;
+
+/// Generated code, nested as the protobuf packages are so that cross-package paths resolve.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod interpose {
+    pub mod common {
+        pub mod v1 {
+            tonic::include_proto!("interpose.common.v1");
+        }
+    }
+    pub mod registry {
+        pub mod v1 {
+            tonic::include_proto!("interpose.registry.v1");
+        }
+    }
+    pub mod intercept {
+        pub mod v1 {
+            tonic::include_proto!("interpose.intercept.v1");
+        }
+    }
+    pub mod export {
+        pub mod v1 {
+            tonic::include_proto!("interpose.export.v1");
+        }
+    }
+}
+
+pub use interpose::common::v1 as common;
+pub use interpose::export::v1 as export;
+pub use interpose::intercept::v1 as intercept;
+pub use interpose::registry::v1 as registry;
+
+/// The encoded `FileDescriptorSet` of every Interpose proto file, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/interpose_descriptor.bin"));

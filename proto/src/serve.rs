@@ -1,0 +1,225 @@
+//! Serving a set of Interpose gRPC services the way every process of the project does: with
+//! gRPC health and server reflection (v1 and v1alpha, since older grpcurl releases speak only
+//! v1alpha), a bearer-token check when a token is configured, and a refusal to expose the
+//! management API beyond loopback without one.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpListener;
+use tonic::{
+    Request, Status,
+    body::Body,
+    server::NamedService,
+    service::{Interceptor, InterceptorLayer, RoutesBuilder},
+    transport::{Server, server::TcpIncoming},
+};
+
+/// Why a gRPC server refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listen address is reachable from other hosts and no token protects it.
+    #[error(
+        "refusing to serve the management API on {0} without a token: it would be open to \
+         the network (set --token or INTERPOSE_TOKEN, or listen on 127.0.0.1 / [::1])"
+    )]
+    ExposedWithoutToken(SocketAddr),
+    /// The reflection service could not be built from the descriptor set.
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed while serving.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Checks `authorization: Bearer TOKEN` on every call when a token is configured.
+#[derive(Clone, Default)]
+pub struct TokenCheck {
+    token: Option<Arc<str>>,
+}
+
+impl TokenCheck {
+    /// A check for `token`; `None` lets every call through.
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            token: token.filter(|t| !t.is_empty()).map(Arc::from),
+        }
+    }
+}
+
+impl Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.token else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong token")),
+            None => Err(Status::unauthenticated(
+                "this server requires a token: send metadata `authorization: Bearer TOKEN` \
+                 (interpose --token / INTERPOSE_TOKEN)",
+            )),
+        }
+    }
+}
+
+/// Compares without an early exit, so the time taken does not reveal a matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Refuses a listen address beyond loopback unless a token is set.
+pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), ServeError> {
+    if addr.ip().is_loopback() || token.is_some_and(|t| !t.is_empty()) {
+        Ok(())
+    } else {
+        Err(ServeError::ExposedWithoutToken(addr))
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM: the graceful-shutdown trigger of every binary.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), so stdout stays for the ready
+/// line and command output.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The services of one gRPC server, to which health and reflection are added on `serve`.
+pub struct GrpcServer {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+    token: TokenCheck,
+}
+
+impl GrpcServer {
+    /// An empty server that checks `token` when one is given.
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            routes: RoutesBuilder::default(),
+            names: Vec::new(),
+            token: TokenCheck::new(token),
+        }
+    }
+
+    /// Adds a service; health reports it as serving.
+    pub fn add_service<S>(&mut self, svc: S) -> &mut Self
+    where
+        S: tower_service::Service<
+                http::Request<Body>,
+                Response = http::Response<Body>,
+                Error = std::convert::Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(svc);
+        self
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then finishes in-flight calls.
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        for name in &self.names {
+            reporter
+                .set_service_status(*name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        self.routes
+            .add_service(health)
+            .add_service(v1)
+            .add_service(v1alpha);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        Server::builder()
+            .layer(InterceptorLayer::new(self.token))
+            .add_routes(self.routes.routes())
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(check: &mut TokenCheck, header: Option<&str>) -> Result<(), tonic::Code> {
+        let mut req = Request::new(());
+        if let Some(h) = header {
+            req.metadata_mut()
+                .insert("authorization", h.parse().expect("ascii header"));
+        }
+        check.call(req).map(|_| ()).map_err(|s| s.code())
+    }
+
+    #[test]
+    fn token_check_accepts_only_the_token() {
+        let mut open = TokenCheck::new(None);
+        assert_eq!(call(&mut open, None), Ok(()));
+        let mut check = TokenCheck::new(Some("s3cret".into()));
+        assert_eq!(call(&mut check, Some("Bearer s3cret")), Ok(()));
+        assert_eq!(
+            call(&mut check, Some("Bearer s3cre")),
+            Err(tonic::Code::Unauthenticated)
+        );
+        assert_eq!(call(&mut check, Some("s3cret")), Err(tonic::Code::Unauthenticated));
+        assert_eq!(call(&mut check, None), Err(tonic::Code::Unauthenticated));
+    }
+
+    #[test]
+    fn exposure_needs_a_token_beyond_loopback() {
+        let lo: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:1".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        assert!(check_exposure(lo, None).is_ok());
+        assert!(check_exposure(lo6, None).is_ok());
+        assert!(check_exposure(any, None).is_err());
+        assert!(check_exposure(any, Some("")).is_err());
+        assert!(check_exposure(any, Some("t")).is_ok());
+    }
+}

@@ -1,0 +1,72 @@
+//! registry-svc: the durable home of Interpose's connection records and proxy history.
+//!
+//! [`store`] keeps them in sled, [`watch`] orders changes for live watchers, [`state`] holds
+//! the operations and [`service`] serves them as `interpose.registry.v1.Registry`.
+
+pub mod filter;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod watch;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use proto::{registry::registry_server::RegistryServer, serve::GrpcServer};
+
+pub use service::RegistryService;
+pub use state::State;
+
+/// Largest gRPC message the registry accepts (an ingest batch of large packets).
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// The registry's folder inside a data directory.
+pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("registry")
+}
+
+/// Opens the registry state kept in `data_dir`, with an error that names the path.
+pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Arc<State>> {
+    let path = store_path(data_dir);
+    std::fs::create_dir_all(&path)
+        .with_context(|| format!("creating registry store {}", path.display()))?;
+    State::open(&path).with_context(|| format!("opening registry store {}", path.display()))
+}
+
+/// The gRPC service over `state`, ready to add to a server.
+pub fn grpc_service(state: Arc<State>) -> RegistryServer<RegistryService> {
+    RegistryServer::new(RegistryService::new(state))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+/// Command-line options of the standalone `registry-svc` binary.
+#[derive(Debug, clap::Parser)]
+#[command(name = "registry-svc", version, about = "Interpose registry: connection records and proxy history")]
+pub struct Args {
+    /// gRPC listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Directory for the registry's sled store.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Bearer token every call must carry (required to listen beyond loopback).
+    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Runs the standalone registry until SIGINT or SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    proto::serve::check_exposure(args.listen, args.token.as_deref())?;
+    let state = open(&args.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding gRPC on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let mut server = GrpcServer::new(args.token);
+    server.add_service(grpc_service(state.clone()));
+    println!("ready registry-svc listen={addr}");
+    server.serve(listener, proto::serve::shutdown_signal()).await?;
+    state.flush().await.context("flushing the registry store")?;
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! The gRPC face of the registry: maps requests onto [`State`] and store errors onto gRPC
+//! status codes.
+
+use std::{collections::HashSet, sync::Arc};
+
+use futures::FutureExt;
+use proto::{
+    common::{Connection, Direction},
+    registry::{
+        self as pb, IngestAck, IngestRequest, WatchEvent, registry_server::Registry,
+        watch_event::Kind as WatchKind,
+    },
+};
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    filter::matches,
+    state::{HistoryQuery, State},
+    store::{Change, StoreError},
+};
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(_) => Status::not_found(e.to_string()),
+            StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            StoreError::Sled(_) | StoreError::Corrupt { .. } => Status::internal(e.to_string()),
+        }
+    }
+}
+
+/// The `interpose.registry.v1.Registry` service.
+#[derive(Clone)]
+pub struct RegistryService {
+    state: Arc<State>,
+}
+
+impl RegistryService {
+    /// A service over `state`.
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    type IngestStream = Stream<IngestAck>;
+
+    async fn ingest(
+        &self,
+        req: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<Self::IngestStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(ingest(self.state.clone(), req.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn lease_ids(
+        &self,
+        req: Request<pb::LeaseIdsRequest>,
+    ) -> Result<Response<pb::LeaseIdsResponse>, Status> {
+        let req = req.into_inner();
+        let (first, last) = self.state.lease(req.count)?;
+        tracing::debug!(node = %req.node, first, last, "leased connection IDs");
+        Ok(Response::new(pb::LeaseIdsResponse { first, last }))
+    }
+
+    async fn list_connections(
+        &self,
+        req: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        let req = req.into_inner();
+        let page = self.state.list(
+            &req.filter.unwrap_or_default(),
+            req.page_size as usize,
+            &req.page_token,
+        )?;
+        Ok(Response::new(pb::ListConnectionsResponse {
+            connections: page.items,
+            next_page_token: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_connection(
+        &self,
+        req: Request<pb::GetConnectionRequest>,
+    ) -> Result<Response<Connection>, Status> {
+        Ok(Response::new(self.state.get(req.into_inner().id)?))
+    }
+
+    type WatchConnectionsStream = Stream<WatchEvent>;
+
+    async fn watch_connections(
+        &self,
+        req: Request<pb::WatchConnectionsRequest>,
+    ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
+        let (tx, rx) = mpsc::channel(256);
+        let filter = req.into_inner().filter.unwrap_or_default();
+        tokio::spawn(watch(self.state.clone(), filter, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn clear_connections(
+        &self,
+        req: Request<pb::ClearConnectionsRequest>,
+    ) -> Result<Response<pb::ClearConnectionsResponse>, Status> {
+        let cleared = self.state.clear(&req.into_inner().ids)?;
+        Ok(Response::new(pb::ClearConnectionsResponse { cleared }))
+    }
+
+    async fn clear_all(
+        &self,
+        _req: Request<pb::ClearAllRequest>,
+    ) -> Result<Response<pb::ClearAllResponse>, Status> {
+        let cleared = self.state.clear_all()?;
+        Ok(Response::new(pb::ClearAllResponse { cleared }))
+    }
+
+    async fn search_history(
+        &self,
+        req: Request<pb::SearchHistoryRequest>,
+    ) -> Result<Response<pb::SearchHistoryResponse>, Status> {
+        let req = req.into_inner();
+        let direction = match Direction::try_from(req.direction) {
+            Ok(Direction::Unspecified) => None,
+            Ok(d) => Some(d),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown direction {}",
+                    req.direction
+                )));
+            }
+        };
+        let page = self.state.history(&HistoryQuery {
+            conn_id: req.conn_id,
+            direction,
+            contains: req.contains,
+            page_size: req.page_size as usize,
+            page_token: req.page_token,
+        })?;
+        Ok(Response::new(pb::SearchHistoryResponse {
+            packets: page.items,
+            next_page_token: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn connection_stats(
+        &self,
+        req: Request<pb::ConnectionStatsRequest>,
+    ) -> Result<Response<pb::ConnectionStatsResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        Ok(Response::new(self.state.stats(&filter)?))
+    }
+}
+
+/// Applies batches as they arrive; after each flush, acknowledges the last batch applied.
+/// Batches that arrive during a flush share the next one (group commit).
+async fn ingest(
+    state: Arc<State>,
+    mut inbound: Streaming<IngestRequest>,
+    tx: mpsc::Sender<Result<IngestAck, Status>>,
+) {
+    let fail = |status: Status| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(Err(status)).await;
+        }
+    };
+    loop {
+        let mut last = match inbound.message().await {
+            Ok(Some(batch)) => {
+                if let Err(e) = state.apply(&batch) {
+                    return fail(e.into()).await;
+                }
+                batch.batch_seq
+            }
+            Ok(None) => return,
+            Err(status) => {
+                tracing::debug!(%status, "ingest stream ended");
+                return;
+            }
+        };
+        // Take every batch already received without waiting, then flush once for all.
+        while let Some(Ok(Some(batch))) = inbound.message().now_or_never() {
+            if let Err(e) = state.apply(&batch) {
+                return fail(e.into()).await;
+            }
+            last = batch.batch_seq;
+        }
+        if let Err(e) = state.flush().await {
+            return fail(e.into()).await;
+        }
+        if tx.send(Ok(IngestAck { batch_seq: last })).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn upsert(c: Connection) -> WatchEvent {
+    WatchEvent {
+        kind: WatchKind::Upsert as i32,
+        id: c.id,
+        connection: Some(c),
+    }
+}
+
+fn marker(kind: WatchKind, id: u64) -> WatchEvent {
+    WatchEvent {
+        kind: kind as i32,
+        connection: None,
+        id,
+    }
+}
+
+/// Streams a snapshot, then live changes; re-snapshots after a `RESET` when the watcher lags.
+async fn watch(
+    state: Arc<State>,
+    filter: pb::ConnectionFilter,
+    tx: mpsc::Sender<Result<WatchEvent, Status>>,
+) {
+    loop {
+        let (mut rx, snapshot) = state.hub.subscribe_with(|| {
+            let mut all = Vec::new();
+            state
+                .store
+                .scan_conns(0, |c| {
+                    if matches(&filter, &c) {
+                        all.push(c);
+                    }
+                    true
+                })
+                .map(|()| all)
+        });
+        let snapshot = match snapshot {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        let mut known: HashSet<u64> = snapshot.iter().map(|c| c.id).collect();
+        for c in snapshot {
+            if tx.send(Ok(upsert(c))).await.is_err() {
+                return;
+            }
+        }
+        if tx.send(Ok(marker(WatchKind::SnapshotEnd, 0))).await.is_err() {
+            return;
+        }
+        loop {
+            let change = tokio::select! {
+                change = rx.recv() => change,
+                () = tx.closed() => return,
+            };
+            let event = match change {
+                Ok(Change::Upsert(c)) if matches(&filter, &c) => {
+                    known.insert(c.id);
+                    upsert(Connection::clone(&c))
+                }
+                Ok(Change::Upsert(c)) if known.remove(&c.id) => marker(WatchKind::Removed, c.id),
+                Ok(Change::Removed(id)) if known.remove(&id) => marker(WatchKind::Removed, id),
+                Ok(_) => continue,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "watcher fell behind; resetting it");
+                    if tx.send(Ok(marker(WatchKind::Reset, 0))).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The registry's state and the operations the gRPC service exposes, free of transport
+//! concerns: applying ingest batches, listing, clearing, searching and counting.
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use proto::{
+    common::{Connection, Direction, Packet},
+    names::{Named, name_of},
+    registry::{
+        ConnectionFilter, ConnectionStatsResponse, Count, IngestRequest, event::Kind,
+    },
+};
+
+use crate::{
+    filter::matches,
+    store::{Change, Store, StoreError},
+    watch::Hub,
+};
+
+/// Default and largest page of connection records.
+pub const CONN_PAGE: usize = 10_000;
+/// Default page of history packets.
+pub const HISTORY_PAGE: usize = 1_000;
+/// Encoded size a page stays under, below tonic's default 4 MiB message limit.
+pub const PAGE_BYTES: usize = 3 * 1024 * 1024;
+
+/// Store plus change hub: everything a registry server holds.
+pub struct State {
+    pub(crate) store: Store,
+    pub(crate) hub: Hub,
+}
+
+/// One page of records or packets.
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<String>,
+}
+
+/// A history query.
+#[derive(Default)]
+pub struct HistoryQuery {
+    pub conn_id: u64,
+    pub direction: Option<Direction>,
+    pub contains: Vec<u8>,
+    pub page_size: usize,
+    pub page_token: String,
+}
+
+impl State {
+    /// Opens the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
+        Ok(Arc::new(Self {
+            store: Store::open(dir)?,
+            hub: Hub::default(),
+        }))
+    }
+
+    /// Applies one ingest batch (not yet durable: see [`State::flush`]).
+    pub fn apply(&self, req: &IngestRequest) -> Result<(), StoreError> {
+        if req.node.is_empty() {
+            return Err(StoreError::Invalid("ingest batch without a node name".into()));
+        }
+        let mut packets: Vec<&Packet> = Vec::new();
+        {
+            let w = self.hub.write();
+            for ev in &req.events {
+                let changed = match &ev.kind {
+                    Some(Kind::Opened(c)) => {
+                        let mut c = c.clone();
+                        if c.node.is_empty() {
+                            c.node.clone_from(&req.node);
+                        }
+                        self.store.open_conn(c)?
+                    }
+                    Some(Kind::Updated(u)) => self.store.update_conn(u)?,
+                    Some(Kind::Closed(e)) => self.store.close_conn(e)?,
+                    Some(Kind::Packet(p)) => {
+                        if p.conn_id == 0 || p.seq == 0 {
+                            return Err(StoreError::Invalid(format!(
+                                "packet with conn_id {} and seq {}: both must be non-zero",
+                                p.conn_id, p.seq
+                            )));
+                        }
+                        packets.push(p);
+                        None
+                    }
+                    None => return Err(StoreError::Invalid("event with no kind".into())),
+                };
+                if let Some(c) = changed {
+                    w.publish(Change::Upsert(Arc::new(c)));
+                }
+            }
+        }
+        self.store.put_packets(packets)?;
+        if let Some(l) = &req.losses {
+            self.store.set_losses(&req.node, l)?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush().await
+    }
+
+    /// Leases `count` IDs.
+    pub fn lease(&self, count: u32) -> Result<(u64, u64), StoreError> {
+        self.store.lease(count)
+    }
+
+    /// One record.
+    pub fn get(&self, id: u64) -> Result<Connection, StoreError> {
+        if id == 0 {
+            return Err(StoreError::Invalid("connection ID 0 is reserved".into()));
+        }
+        self.store.get(id)
+    }
+
+    /// A page of records matching `filter`, from the ID in `token` onwards.
+    pub fn list(
+        &self,
+        filter: &ConnectionFilter,
+        page_size: usize,
+        token: &str,
+    ) -> Result<Page<Connection>, StoreError> {
+        let from = parse_token(token, "page token")?.unwrap_or(0);
+        let limit = if page_size == 0 { CONN_PAGE } else { page_size.min(CONN_PAGE) };
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = None;
+        self.store.scan_conns(from, |c| {
+            if !matches(filter, &c) {
+                return true;
+            }
+            let size = prost::Message::encoded_len(&c) + 8;
+            if items.len() == limit || (bytes + size > PAGE_BYTES && !items.is_empty()) {
+                next = Some(c.id.to_string());
+                return false;
+            }
+            bytes += size;
+            items.push(c);
+            true
+        })?;
+        Ok(Page { items, next })
+    }
+
+    /// Removes the records `ids` (all or none) and tells watchers.
+    pub fn clear(&self, ids: &[u64]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Err(StoreError::Invalid("no connection IDs given".into()));
+        }
+        if let Some(0) = ids.iter().find(|&&id| id == 0) {
+            return Err(StoreError::Invalid("connection ID 0 is reserved".into()));
+        }
+        let w = self.hub.write();
+        let removed = self.store.clear(ids)?;
+        for id in &removed {
+            w.publish(Change::Removed(*id));
+        }
+        Ok(removed.len() as u64)
+    }
+
+    /// Removes every record and tells watchers.
+    pub fn clear_all(&self) -> Result<u64, StoreError> {
+        let w = self.hub.write();
+        let removed = self.store.clear_all()?;
+        for id in &removed {
+            w.publish(Change::Removed(*id));
+        }
+        Ok(removed.len() as u64)
+    }
+
+    /// A page of history packets matching `q`.
+    pub fn history(&self, q: &HistoryQuery) -> Result<Page<Packet>, StoreError> {
+        let start = match q.page_token.split_once(':') {
+            Some((c, s)) => (
+                parse_token(c, "page token")?.unwrap_or(0),
+                parse_token(s, "page token")?.unwrap_or(0),
+            ),
+            None if q.page_token.is_empty() => (q.conn_id, 0),
+            None => return Err(StoreError::Invalid(format!("bad page token {:?}", q.page_token))),
+        };
+        if q.conn_id != 0 && start.0 != q.conn_id {
+            return Err(StoreError::Invalid("page token is for another connection".into()));
+        }
+        let limit = if q.page_size == 0 { HISTORY_PAGE } else { q.page_size };
+        let mut items = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = None;
+        self.store.scan_history(start, q.conn_id != 0, |p| {
+            if q.direction.is_some_and(|d| d as i32 != p.direction)
+                || !contains(&p.data, &q.contains)
+            {
+                return true;
+            }
+            if items.len() == limit || (bytes + p.data.len() > PAGE_BYTES && !items.is_empty()) {
+                next = Some(format!("{}:{}", p.conn_id, p.seq));
+                return false;
+            }
+            bytes += p.data.len();
+            items.push(p);
+            true
+        })?;
+        Ok(Page { items, next })
+    }
+
+    /// Counts of the records matching `filter`, with the nodes' loss reports.
+    pub fn stats(&self, filter: &ConnectionFilter) -> Result<ConnectionStatsResponse, StoreError> {
+        #[derive(Default)]
+        struct Tally(HashMap<String, u64>);
+        impl Tally {
+            fn add(&mut self, k: impl Into<String>) {
+                *self.0.entry(k.into()).or_default() += 1;
+            }
+            fn into_counts(self) -> Vec<Count> {
+                let mut v: Vec<Count> =
+                    self.0.into_iter().map(|(key, count)| Count { key, count }).collect();
+                v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
+                v
+            }
+        }
+        fn name<T: Named + TryFrom<i32>>(raw: i32) -> &'static str {
+            name_of::<T>(raw).unwrap_or("")
+        }
+        let mut tallies: [Tally; 5] = Default::default();
+        let mut total = 0u64;
+        self.store.scan_conns(0, |c| {
+            if matches(filter, &c) {
+                total += 1;
+                let [status, by, kind, dest, node] = &mut tallies;
+                status.add(name::<proto::common::ConnStatus>(c.status));
+                by.add(name::<proto::common::ClosedBy>(c.closed_by));
+                kind.add(name::<proto::common::CloseKind>(c.close_kind));
+                dest.add(format!("{}:{}", c.dst_host, c.dst_port));
+                node.add(c.node);
+            }
+            true
+        })?;
+        let [status, by, kind, dest, node] = tallies;
+        Ok(ConnectionStatsResponse {
+            total,
+            by_status: status.into_counts(),
+            by_closed_by: by.into_counts(),
+            by_close_kind: kind.into_counts(),
+            by_destination: dest.into_counts(),
+            by_node: node.into_counts(),
+            losses: self.store.losses()?.into_iter().collect(),
+            history_packets: self.store.history_len(),
+        })
+    }
+}
+
+fn parse_token(s: &str, what: &str) -> Result<Option<u64>, StoreError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| StoreError::Invalid(format!("bad {what} {s:?}")))
+}
+
+/// True when `needle` occurs in `hay` (an empty needle always does).
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains;
+
+    #[test]
+    fn contains_finds_substrings() {
+        assert!(contains(b"hello world", b""));
+        assert!(contains(b"hello world", b"o w"));
+        assert!(!contains(b"hello", b"hello!"));
+        assert!(!contains(b"", b"x"));
+    }
+}

@@ -1,0 +1,487 @@
+//! The registry's durable state in sled: connection records, proxy history, leased IDs,
+//! tombstones of cleared records and the losses each proxy reported.
+//!
+//! Layout (all integers big-endian, so sled's key order is numeric order):
+//! - `conns`:   conn ID (8 bytes) -> `common.Connection` (protobuf)
+//! - `history`: conn ID (8) + seq (8) -> `common.Packet` (protobuf)
+//! - `cleared`: conn ID (8) -> empty; events for a cleared ID are ignored, so a late close or
+//!   a replayed batch never brings a cleared record back
+//! - `meta`:    `next_id` -> u64, `history_count` -> u64, `losses/NODE` -> `ProxyLosses`
+//!
+//! Writes that change a record go through [`Store::apply`] while the caller holds the
+//! [`crate::watch::Hub`] lock, so watchers see every change exactly once.
+
+use std::{
+    path::Path,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use prost::Message;
+use proto::{
+    common::{Connection, ConnStatus, Packet},
+    registry::{ConnectionClosed, ConnectionUpdate, Counters, ProxyLosses},
+};
+
+/// Largest block of IDs one lease may take.
+pub const MAX_LEASE: u32 = 65_536;
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (I/O error, corruption detected by sled).
+    #[error("registry store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored value does not decode.
+    #[error("corrupt {what} in the registry store: {source}")]
+    Corrupt {
+        what: &'static str,
+        source: prost::DecodeError,
+    },
+    /// No record with this ID.
+    #[error("no connection with ID {0}")]
+    NotFound(u64),
+    /// The request itself is wrong.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A change to the connection records, as watchers see it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The record was created or changed.
+    Upsert(std::sync::Arc<Connection>),
+    /// The record was cleared.
+    Removed(u64),
+}
+
+/// The registry's sled database.
+pub struct Store {
+    db: sled::Db,
+    conns: sled::Tree,
+    history: sled::Tree,
+    cleared: sled::Tree,
+    meta: sled::Tree,
+    history_count: AtomicU64,
+    lease_lock: Mutex<()>,
+}
+
+const NEXT_ID: &[u8] = b"next_id";
+const HISTORY_COUNT: &[u8] = b"history_count";
+const LOSSES_PREFIX: &[u8] = b"losses/";
+
+fn u64_value(v: Option<sled::IVec>) -> u64 {
+    v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+/// The history key of a packet.
+pub fn history_key(conn_id: u64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&conn_id.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Splits a history key into connection ID and sequence.
+pub fn split_history_key(k: &[u8]) -> Option<(u64, u64)> {
+    let id = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
+    let seq = u64::from_be_bytes(k.get(8..16)?.try_into().ok()?);
+    Some((id, seq))
+}
+
+fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|source| StoreError::Corrupt { what, source })
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(256 * 1024 * 1024)
+            .flush_every_ms(Some(200))
+            .open()?;
+        let conns = db.open_tree("conns")?;
+        let history = db.open_tree("history")?;
+        let cleared = db.open_tree("cleared")?;
+        let meta = db.open_tree("meta")?;
+        let history_count = match meta.get(HISTORY_COUNT)? {
+            Some(v) => u64_value(Some(v)),
+            None => history.len() as u64,
+        };
+        Ok(Self {
+            db,
+            conns,
+            history,
+            cleared,
+            meta,
+            history_count: AtomicU64::new(history_count),
+            lease_lock: Mutex::new(()),
+        })
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.meta.insert(
+            HISTORY_COUNT,
+            &self.history_count.load(Ordering::Relaxed).to_be_bytes(),
+        )?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Leases `count` fresh IDs, durable before it returns: `(first, last)` inclusive.
+    pub fn lease(&self, count: u32) -> Result<(u64, u64), StoreError> {
+        if count == 0 || count > MAX_LEASE {
+            return Err(StoreError::Invalid(format!(
+                "lease count must be 1 to {MAX_LEASE}, got {count}"
+            )));
+        }
+        let _g = self.lease_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let first = u64_value(self.meta.get(NEXT_ID)?).max(1);
+        let next = first + u64::from(count);
+        self.meta.insert(NEXT_ID, &next.to_be_bytes())?;
+        self.meta.flush()?;
+        Ok((first, next - 1))
+    }
+
+    /// Stores history packets (idempotent: the same conn ID and seq overwrite).
+    pub fn put_packets<'a>(
+        &self,
+        packets: impl IntoIterator<Item = &'a Packet>,
+    ) -> Result<(), StoreError> {
+        let mut buf = Vec::new();
+        let mut fresh = 0u64;
+        for p in packets {
+            buf.clear();
+            p.encode(&mut buf)
+                .map_err(|_| StoreError::Invalid("packet too large to encode".to_string()))?;
+            let old = self
+                .history
+                .insert(history_key(p.conn_id, p.seq), buf.as_slice())?;
+            fresh += u64::from(old.is_none());
+        }
+        self.history_count.fetch_add(fresh, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn is_cleared(&self, id: u64) -> Result<bool, StoreError> {
+        Ok(self.cleared.contains_key(id.to_be_bytes())?)
+    }
+
+    fn put_conn(&self, c: &Connection) -> Result<(), StoreError> {
+        self.conns.insert(c.id.to_be_bytes(), c.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Records a newly opened connection; `None` when its ID was cleared before.
+    pub fn open_conn(&self, mut c: Connection) -> Result<Option<Connection>, StoreError> {
+        if c.id == 0 {
+            return Err(StoreError::Invalid("connection ID 0 is reserved".into()));
+        }
+        if self.is_cleared(c.id)? {
+            return Ok(None);
+        }
+        if c.status == ConnStatus::Unspecified as i32 {
+            c.status = ConnStatus::Active as i32;
+        }
+        self.put_conn(&c)?;
+        Ok(Some(c))
+    }
+
+    /// Applies an update to an active connection; `None` when the record is unknown or
+    /// cleared (an update can arrive for a record cleared meanwhile).
+    pub fn update_conn(&self, u: &ConnectionUpdate) -> Result<Option<Connection>, StoreError> {
+        let Some(mut c) = self.get_opt(u.id)? else {
+            return Ok(None);
+        };
+        merge_update(&mut c, u);
+        self.put_conn(&c)?;
+        Ok(Some(c))
+    }
+
+    /// Records the end of a connection; `None` when the record is unknown or cleared.
+    pub fn close_conn(&self, e: &ConnectionClosed) -> Result<Option<Connection>, StoreError> {
+        let Some(mut c) = self.get_opt(e.id)? else {
+            return Ok(None);
+        };
+        c.status = ConnStatus::Disconnected as i32;
+        c.closed_at = e.closed_at;
+        c.closed_by = e.closed_by;
+        c.close_kind = e.close_kind;
+        c.reason.clone_from(&e.reason);
+        if let Some(n) = &e.counters {
+            set_counters(&mut c, n);
+        }
+        self.put_conn(&c)?;
+        Ok(Some(c))
+    }
+
+    /// The record with `id`, if there is one.
+    pub fn get_opt(&self, id: u64) -> Result<Option<Connection>, StoreError> {
+        self.conns
+            .get(id.to_be_bytes())?
+            .map(|v| decode("connection record", &v))
+            .transpose()
+    }
+
+    /// The record with `id`, or `NotFound`.
+    pub fn get(&self, id: u64) -> Result<Connection, StoreError> {
+        self.get_opt(id)?.ok_or(StoreError::NotFound(id))
+    }
+
+    /// Records with IDs from `from` upwards, in ID order, each passed to `f` until it returns
+    /// false.
+    pub fn scan_conns(
+        &self,
+        from: u64,
+        mut f: impl FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError> {
+        for kv in self.conns.range(from.to_be_bytes()..) {
+            let (_, v) = kv?;
+            if !f(decode("connection record", &v)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the records `ids`: all of them, or none when any is unknown.
+    pub fn clear(&self, ids: &[u64]) -> Result<Vec<u64>, StoreError> {
+        for &id in ids {
+            if !self.conns.contains_key(id.to_be_bytes())? {
+                return Err(StoreError::NotFound(id));
+            }
+        }
+        let mut removed = Vec::with_capacity(ids.len());
+        for &id in ids {
+            self.cleared.insert(id.to_be_bytes(), &[])?;
+            if self.conns.remove(id.to_be_bytes())?.is_some() {
+                removed.push(id);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes every record.
+    pub fn clear_all(&self) -> Result<Vec<u64>, StoreError> {
+        let mut removed = Vec::new();
+        for k in self.conns.iter().keys() {
+            let k = k?;
+            self.cleared.insert(&k, &[])?;
+            self.conns.remove(&k)?;
+            if let Ok(b) = <[u8; 8]>::try_from(k.as_ref()) {
+                removed.push(u64::from_be_bytes(b));
+            }
+        }
+        Ok(removed)
+    }
+
+    /// History packets from key `(conn_id, seq)` onwards (only that connection's when
+    /// `only_conn`), each passed to `f` until it returns false.
+    pub fn scan_history(
+        &self,
+        start: (u64, u64),
+        only_conn: bool,
+        mut f: impl FnMut(Packet) -> bool,
+    ) -> Result<(), StoreError> {
+        let from = history_key(start.0, start.1);
+        let iter = if only_conn {
+            self.history.range(from..=history_key(start.0, u64::MAX))
+        } else {
+            self.history.range(from..)
+        };
+        for kv in iter {
+            let (_, v) = kv?;
+            if !f(decode("history packet", &v)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many packets the history holds.
+    pub fn history_len(&self) -> u64 {
+        self.history_count.load(Ordering::Relaxed)
+    }
+
+    /// Stores the loss totals a node reported.
+    pub fn set_losses(&self, node: &str, losses: &ProxyLosses) -> Result<(), StoreError> {
+        let mut key = LOSSES_PREFIX.to_vec();
+        key.extend_from_slice(node.as_bytes());
+        self.meta.insert(key, losses.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// The loss totals of every node that reported any.
+    pub fn losses(&self) -> Result<Vec<(String, ProxyLosses)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix(LOSSES_PREFIX) {
+            let (k, v) = kv?;
+            let node = String::from_utf8_lossy(&k[LOSSES_PREFIX.len()..]).into_owned();
+            out.push((node, decode("loss report", &v)?));
+        }
+        Ok(out)
+    }
+}
+
+fn set_counters(c: &mut Connection, n: &Counters) {
+    // Counters only grow; a replayed older update must not shrink them.
+    c.bytes_c2s = c.bytes_c2s.max(n.bytes_c2s);
+    c.bytes_s2c = c.bytes_s2c.max(n.bytes_s2c);
+    c.packets_c2s = c.packets_c2s.max(n.packets_c2s);
+    c.packets_s2c = c.packets_s2c.max(n.packets_s2c);
+}
+
+fn merge_update(c: &mut Connection, u: &ConnectionUpdate) {
+    fn set(dst: &mut String, src: &str) {
+        if !src.is_empty() {
+            *dst = src.to_string();
+        }
+    }
+    set(&mut c.dst_ip, &u.dst_ip);
+    set(&mut c.sni, &u.sni);
+    set(&mut c.alpn, &u.alpn);
+    c.tls |= u.tls;
+    c.upstream_insecure |= u.upstream_insecure;
+    if u.client_tls.is_some() {
+        c.client_tls.clone_from(&u.client_tls);
+    }
+    if u.upstream_tls.is_some() {
+        c.upstream_tls.clone_from(&u.upstream_tls);
+    }
+    if u.client_process.is_some() {
+        c.client_process.clone_from(&u.client_process);
+    }
+    if let Some(n) = &u.counters {
+        set_counters(c, n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("db")).expect("open");
+        (dir, s)
+    }
+
+    fn conn(id: u64) -> Connection {
+        Connection {
+            id,
+            node: "n".into(),
+            dst_port: 443,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn leases_never_overlap_and_start_at_one() {
+        let (_d, s) = store();
+        assert_eq!(s.lease(3).unwrap(), (1, 3));
+        assert_eq!(s.lease(1).unwrap(), (4, 4));
+        assert!(matches!(s.lease(0), Err(StoreError::Invalid(_))));
+        assert!(matches!(s.lease(MAX_LEASE + 1), Err(StoreError::Invalid(_))));
+        assert_eq!(s.lease(MAX_LEASE).unwrap(), (5, 4 + u64::from(MAX_LEASE)));
+    }
+
+    #[test]
+    fn open_defaults_to_active_and_close_fills_the_end() {
+        let (_d, s) = store();
+        let c = s.open_conn(conn(7)).unwrap().unwrap();
+        assert_eq!(c.status, ConnStatus::Active as i32);
+        let closed = ConnectionClosed {
+            id: 7,
+            closed_by: proto::common::ClosedBy::Server as i32,
+            close_kind: proto::common::CloseKind::Fin as i32,
+            reason: "server sent FIN".into(),
+            counters: Some(Counters {
+                bytes_c2s: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = s.close_conn(&closed).unwrap().unwrap();
+        assert_eq!(c.status, ConnStatus::Disconnected as i32);
+        assert_eq!(c.reason, "server sent FIN");
+        assert_eq!(c.bytes_c2s, 10);
+        assert_eq!(s.get(7).unwrap(), c);
+    }
+
+    #[test]
+    fn cleared_records_stay_cleared_and_keep_their_packets() {
+        let (_d, s) = store();
+        s.open_conn(conn(1)).unwrap();
+        s.open_conn(conn(2)).unwrap();
+        let p = Packet {
+            conn_id: 1,
+            seq: 1,
+            data: b"hi".to_vec(),
+            ..Default::default()
+        };
+        s.put_packets([&p]).unwrap();
+        assert!(matches!(s.clear(&[1, 99]), Err(StoreError::NotFound(99))));
+        assert!(s.get_opt(1).unwrap().is_some(), "a failed clear removes nothing");
+        assert_eq!(s.clear(&[1]).unwrap(), vec![1]);
+        assert!(matches!(s.get(1), Err(StoreError::NotFound(1))));
+        // A late close, or a replayed open, does not bring it back.
+        let late = ConnectionClosed {
+            id: 1,
+            ..Default::default()
+        };
+        assert!(s.close_conn(&late).unwrap().is_none());
+        assert!(s.open_conn(conn(1)).unwrap().is_none());
+        let mut got = Vec::new();
+        s.scan_history((1, 0), true, |p| {
+            got.push(p);
+            true
+        })
+        .unwrap();
+        assert_eq!(got, vec![p]);
+        assert_eq!(s.clear_all().unwrap(), vec![2]);
+        assert_eq!(s.history_len(), 1);
+    }
+
+    #[test]
+    fn replayed_packets_are_not_counted_twice() {
+        let (_d, s) = store();
+        let p = Packet {
+            conn_id: 3,
+            seq: 9,
+            ..Default::default()
+        };
+        s.put_packets([&p, &p]).unwrap();
+        s.put_packets([&p]).unwrap();
+        assert_eq!(s.history_len(), 1);
+    }
+
+    #[test]
+    fn counters_never_shrink() {
+        let mut c = conn(1);
+        let u = |b| ConnectionUpdate {
+            id: 1,
+            counters: Some(Counters {
+                bytes_c2s: b,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        merge_update(&mut c, &u(50));
+        merge_update(&mut c, &u(20));
+        assert_eq!(c.bytes_c2s, 50);
+    }
+
+    #[test]
+    fn history_keys_order_numerically() {
+        assert!(history_key(1, 2) < history_key(1, 10));
+        assert!(history_key(1, u64::MAX) < history_key(2, 0));
+        assert_eq!(split_history_key(&history_key(5, 6)), Some((5, 6)));
+        assert_eq!(split_history_key(b"short"), None);
+    }
+}
