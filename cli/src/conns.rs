@@ -10,7 +10,6 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use proto::{
     common::{CloseKind, ClosedBy, ConnStatus, Connection},
-    names::Named,
     registry::{
         ClearAllRequest, ClearConnectionsRequest, ConnectionFilter, ConnectionStatsRequest,
         GetConnectionRequest, ListConnectionsRequest, WatchConnectionsRequest,
@@ -407,6 +406,7 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::names::Named;
 
     #[test]
     fn value_enums_use_the_contract_names() {

@@ -150,6 +150,22 @@ impl GrpcServer {
         self
     }
 
+    /// A reflection builder that advertises exactly the services this server serves.
+    fn reflection(&self) -> tonic_reflection::server::Builder<'static> {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        let always = [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ];
+        for name in self.names.iter().copied().chain(always) {
+            b = b.with_service_name(name);
+        }
+        b
+    }
+
     /// Serves on `listener` until `shutdown` completes, then finishes in-flight calls.
     pub async fn serve(
         mut self,
@@ -162,14 +178,8 @@ impl GrpcServer {
                 .set_service_status(*name, tonic_health::ServingStatus::Serving)
                 .await;
         }
-        let v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        let v1 = self.reflection().build_v1()?;
+        let v1alpha = self.reflection().build_v1alpha()?;
         self.routes
             .add_service(health)
             .add_service(v1)

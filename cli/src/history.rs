@@ -1,0 +1,114 @@
+//! `interpose history`: search the proxy history.
+
+use std::io::Write;
+
+use anyhow::bail;
+use clap::{Args, ValueEnum};
+use proto::{
+    common::{Direction, Packet},
+    names::name_of,
+    registry::{GetConnectionRequest, SearchHistoryRequest},
+};
+
+use crate::{
+    ServerArgs,
+    client::{registry, status},
+    output::{packet_json, preview, rfc3339},
+};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DirectionArg {
+    C2s,
+    S2c,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Only this connection's packets.
+    #[arg(long)]
+    pub conn: Option<u64>,
+    /// Only client-to-server or server-to-client packets.
+    #[arg(long, value_enum)]
+    pub direction: Option<DirectionArg>,
+    /// Only packets whose bytes contain this text.
+    #[arg(long)]
+    pub contains: Option<String>,
+    /// Print a JSON array of packet objects.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `interpose history`, streaming pages to stdout as they arrive.
+pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
+    let mut client = registry(server).await?;
+    let direction = match args.direction {
+        None => Direction::Unspecified,
+        Some(DirectionArg::C2s) => Direction::C2s,
+        Some(DirectionArg::S2c) => Direction::S2c,
+    };
+    let mut out = std::io::stdout().lock();
+    let mut token = String::new();
+    let mut count = 0u64;
+    if args.json {
+        write!(out, "[")?;
+    }
+    loop {
+        let page = client
+            .search_history(SearchHistoryRequest {
+                conn_id: args.conn.unwrap_or(0),
+                direction: direction as i32,
+                contains: args.contains.clone().unwrap_or_default().into_bytes(),
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        for p in &page.packets {
+            if args.json {
+                let sep = if count == 0 { "\n  " } else { ",\n  " };
+                write!(out, "{sep}{}", packet_json(p))?;
+            } else {
+                if count == 0 {
+                    writeln!(out, "  CONN     SEQ  DIR  TIME                            LEN  DATA")?;
+                }
+                writeln!(out, "{}", row(p))?;
+            }
+            count += 1;
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    if args.json {
+        writeln!(out, "{}]", if count == 0 { "" } else { "\n" })?;
+    }
+    // No packets for a connection that has no record either: the ID is unknown.
+    if count == 0
+        && let Some(id) = args.conn
+    {
+        let known = client.get_connection(GetConnectionRequest { id }).await;
+        if let Err(s) = known
+            && s.code() == tonic::Code::NotFound
+        {
+            bail!("no connection with ID {id} and no history for it");
+        }
+    }
+    if !args.json && count == 0 {
+        writeln!(out, "no packets match")?;
+    }
+    Ok(())
+}
+
+fn row(p: &Packet) -> String {
+    format!(
+        "{:>6} {:>7}  {:<4} {:<30} {:>5}  {}",
+        p.conn_id,
+        p.seq,
+        name_of::<Direction>(p.direction).unwrap_or("-"),
+        rfc3339(p.ts.as_ref()).unwrap_or_default(),
+        p.data.len(),
+        preview(&p.data, 80)
+    )
+}
