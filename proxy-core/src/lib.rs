@@ -1,1 +1,204 @@
-//! placeholder
+//! proxy-core: the Interpose SOCKS5 proxy. It relays CONNECT streams and UDP associations
+//! and reports every connection's whole life (and, with history on, every packet) to the
+//! registry without ever making a connection wait for it.
+//!
+//! Modules, from the wire up:
+//! - [`socks5`]: the SOCKS5 wire format, sans I/O; [`handshake`]: its async shell.
+//! - [`server`]: listener, per-connection handler, graceful shutdown.
+//! - [`relay`]: the two pumps with half-close; [`udp`]: UDP ASSOCIATE.
+//! - [`report`]: the bounded, replaying event stream to the registry; [`ids`]: leased
+//!   connection IDs; [`process`]: which local process a client is; [`conn`]: per-connection
+//!   counters.
+//! - [`cli`]: the `proxy-core` binary's options.
+
+pub mod cli;
+pub mod conn;
+pub mod handshake;
+pub mod ids;
+pub mod process;
+pub mod relay;
+pub mod report;
+pub mod server;
+pub mod socks5;
+pub mod udp;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, broadcast, mpsc, oneshot},
+    task::JoinHandle,
+};
+
+/// Default number of events buffered while the registry is slow or unreachable.
+pub const DEFAULT_QUEUE_BOUND: usize = 200_000;
+/// How long [`Proxy::shutdown`] waits for connections to record their end.
+pub const SHUTDOWN_CONNECTIONS_WAIT: Duration = Duration::from_secs(3);
+/// How long [`Proxy::shutdown`] waits for the registry to acknowledge what is queued.
+pub const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(3);
+
+/// How to run a proxy.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// SOCKS listen address (port 0 picks a free port).
+    pub socks: SocketAddr,
+    /// The registry's gRPC URL, e.g. `http://127.0.0.1:50051`.
+    pub registry_url: String,
+    /// Bearer token for the registry, if it requires one.
+    pub token: Option<String>,
+    /// This proxy's node name in every record.
+    pub node: String,
+    /// Record packet payloads (`--history on`); records and counters are kept either way.
+    pub history: bool,
+    /// Required SOCKS username and password (RFC 1929); `None` for no authentication.
+    pub auth: Option<(String, String)>,
+    /// Allow a SOCKS listener beyond loopback without authentication.
+    pub open_proxy: bool,
+    /// Events buffered while the registry is down (see [`report`] for what is shed first).
+    pub queue_bound: usize,
+    /// Addresses CONNECT must refuse besides the SOCKS port itself (the management gRPC
+    /// port, ...): reply 0x02 and a record closed by the proxy.
+    pub refuse: Vec<SocketAddr>,
+}
+
+/// Why a proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// SOCKS would be open to the network without authentication.
+    #[error(
+        "refusing to serve SOCKS on {0} without authentication: it would be an open proxy \
+         (set --socks-user/--socks-pass, pass --open-proxy, or listen on 127.0.0.1 / [::1])"
+    )]
+    OpenProxy(SocketAddr),
+    /// The node name is empty.
+    #[error("the node name must not be empty")]
+    EmptyNode,
+    /// The registry URL or token is unusable.
+    #[error("registry client: {0}")]
+    Registry(#[from] proto::client::ClientError),
+    /// The SOCKS address cannot be bound.
+    #[error("binding SOCKS on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// A running proxy.
+pub struct Proxy {
+    socks_addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    listener_task: JoinHandle<()>,
+    shutdown_complete_rx: mpsc::Receiver<()>,
+    reporter: report::Reporter,
+    reporter_task: report::ReporterTask,
+}
+
+impl Proxy {
+    /// Binds the SOCKS listener and starts serving. The registry need not be up: events are
+    /// buffered and IDs leased as soon as it answers.
+    pub async fn start(cfg: Config) -> Result<Proxy, StartError> {
+        if !cfg.socks.ip().is_loopback() && cfg.auth.is_none() && !cfg.open_proxy {
+            return Err(StartError::OpenProxy(cfg.socks));
+        }
+        if cfg.node.is_empty() {
+            return Err(StartError::EmptyNode);
+        }
+        let channel = proto::client::connect_lazy(&cfg.registry_url, cfg.token.as_deref())?;
+        let listener = TcpListener::bind(cfg.socks)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: cfg.socks,
+                source,
+            })?;
+        let socks_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: cfg.socks,
+            source,
+        })?;
+        let (reporter, reporter_task) = report::Reporter::start(
+            channel.clone(),
+            cfg.node.clone(),
+            cfg.history,
+            cfg.queue_bound,
+        );
+        let ids = ids::IdPool::new(channel, cfg.node.clone());
+        let resolver = process::Resolver::start(reporter.clone());
+        let mut refuse = vec![socks_addr];
+        refuse.extend(cfg.refuse.iter().copied());
+        let shared = Arc::new(server::Shared {
+            node: cfg.node.clone(),
+            auth: cfg.auth.clone(),
+            reporter: reporter.clone(),
+            ids,
+            resolver,
+            refuse,
+        });
+        let (notify_shutdown, _) = broadcast::channel(1);
+        let (shutdown_complete_tx, shutdown_complete_rx) = mpsc::channel(1);
+        let mut l = server::Listener {
+            listener,
+            shared,
+            limit: Arc::new(Semaphore::new(server::MAX_CONNECTIONS)),
+            notify_shutdown,
+            shutdown_complete_tx,
+        };
+        let (stop, stop_rx) = oneshot::channel();
+        let listener_task = tokio::spawn(async move {
+            tokio::select! {
+                () = l.run() => {}
+                _ = stop_rx => {}
+            }
+            // Dropping `l` drops the broadcast sender: every handler shuts down.
+        });
+        tracing::info!(%socks_addr, node = %cfg.node, history = cfg.history, "proxy-core serving SOCKS5");
+        Ok(Proxy {
+            socks_addr,
+            stop,
+            listener_task,
+            shutdown_complete_rx,
+            reporter,
+            reporter_task,
+        })
+    }
+
+    /// The bound SOCKS address.
+    pub fn socks_addr(&self) -> SocketAddr {
+        self.socks_addr
+    }
+
+    /// The reporter, e.g. to read [`report::Reporter::losses`].
+    pub fn reporter(&self) -> &report::Reporter {
+        &self.reporter
+    }
+
+    /// Stops accepting, ends open connections (recorded as closed by the proxy), then
+    /// sends what is queued to the registry, waiting a bounded time for each step.
+    pub async fn shutdown(self) {
+        let Proxy {
+            stop,
+            listener_task,
+            mut shutdown_complete_rx,
+            reporter,
+            reporter_task,
+            ..
+        } = self;
+        let _ = stop.send(());
+        let _ = listener_task.await;
+        if tokio::time::timeout(SHUTDOWN_CONNECTIONS_WAIT, shutdown_complete_rx.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still closing after {SHUTDOWN_CONNECTIONS_WAIT:?}");
+        }
+        let left = reporter_task.flush(&reporter, SHUTDOWN_FLUSH_WAIT).await;
+        let losses = reporter.losses();
+        tracing::info!(
+            unacknowledged = left,
+            events_dropped = losses.events_dropped,
+            packets_dropped = losses.packets_dropped,
+            "proxy-core stopped"
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! Connection IDs, leased from the registry in blocks so that no connection waits for a
+//! registry round trip in steady state.
+//!
+//! The pool keeps the blocks it holds and leases the next one in the background once fewer
+//! than half a block remain. Block size adapts to the connection rate: it starts at
+//! [`MIN_BLOCK`] and doubles (up to [`MAX_BLOCK`]) whenever a block lasted less than
+//! [`FAST_BLOCK`], so a burst of fresh connections does not outrun the prefetch while a
+//! quiet proxy wastes few IDs (IDs of a block not used before the process exits are simply
+//! never used: they stay unique).
+//!
+//! When the pool is empty (the registry was unreachable for longer than the remaining IDs
+//! lasted) a connection waits up to [`ID_WAIT`] for a lease; if none arrives, [`IdPool::next`]
+//! fails and the connection is refused with SOCKS reply 0x01 (general failure) and a logged
+//! reason. IDs must be unique across every proxy of a registry, so the proxy cannot invent
+//! them itself; refusing is the only honest answer.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use proto::{
+    client::AuthChannel,
+    registry::{LeaseIdsRequest, registry_client::RegistryClient},
+};
+use tokio::{sync::Notify, time::Instant};
+
+/// Smallest block leased.
+pub const MIN_BLOCK: u32 = 64;
+/// Largest block leased.
+pub const MAX_BLOCK: u32 = 4096;
+/// A block used up faster than this makes the next one twice as big.
+pub const FAST_BLOCK: Duration = Duration::from_secs(2);
+/// How long a connection waits for IDs when the pool is empty.
+pub const ID_WAIT: Duration = Duration::from_secs(3);
+const LEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// No connection ID could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum IdError {
+    /// The pool is empty and the registry did not lease more in time.
+    #[error(
+        "no connection ID available: the registry has not leased IDs for {0:?} \
+         (is registry-svc reachable?)"
+    )]
+    Unavailable(Duration),
+}
+
+struct State {
+    blocks: VecDeque<(u64, u64)>,
+    fetching: bool,
+    next_size: u32,
+    last_lease: Option<Instant>,
+}
+
+impl State {
+    fn remaining(&self) -> u64 {
+        self.blocks.iter().map(|(a, b)| b - a + 1).sum()
+    }
+
+    fn take(&mut self) -> Option<u64> {
+        let (first, last) = self.blocks.front_mut()?;
+        let id = *first;
+        if *first == *last {
+            self.blocks.pop_front();
+        } else {
+            *first += 1;
+        }
+        Some(id)
+    }
+}
+
+struct Inner {
+    state: Mutex<State>,
+    notify: Notify,
+    client: RegistryClient<AuthChannel>,
+    node: String,
+}
+
+/// A pool of leased connection IDs. Cloning shares the pool.
+#[derive(Clone)]
+pub struct IdPool {
+    inner: Arc<Inner>,
+}
+
+impl IdPool {
+    /// A pool leasing from the registry behind `channel`; the first lease starts now.
+    pub fn new(channel: AuthChannel, node: String) -> Self {
+        let pool = Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    blocks: VecDeque::new(),
+                    fetching: false,
+                    next_size: MIN_BLOCK,
+                    last_lease: None,
+                }),
+                notify: Notify::new(),
+                client: RegistryClient::new(channel),
+                node,
+            }),
+        };
+        pool.maybe_fetch();
+        pool
+    }
+
+    /// IDs held and not yet used.
+    pub fn remaining(&self) -> u64 {
+        self.inner.state.lock().map(|s| s.remaining()).unwrap_or(0)
+    }
+
+    /// The next connection ID: immediate while the pool holds IDs, otherwise waits up to
+    /// [`ID_WAIT`] for a lease.
+    pub async fn next(&self) -> Result<u64, IdError> {
+        let deadline = Instant::now() + ID_WAIT;
+        loop {
+            let notified = self.inner.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let got = self.inner.state.lock().ok().and_then(|mut s| s.take());
+            self.maybe_fetch();
+            if let Some(id) = got {
+                return Ok(id);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(IdError::Unavailable(ID_WAIT));
+            }
+        }
+    }
+
+    /// Starts a background lease when the pool runs low and none is under way.
+    fn maybe_fetch(&self) {
+        let size = {
+            let Ok(mut s) = self.inner.state.lock() else {
+                return;
+            };
+            if s.fetching || s.remaining() >= u64::from(s.next_size / 2) {
+                return;
+            }
+            s.fetching = true;
+            s.next_size
+        };
+        let inner = self.inner.clone();
+        tokio::spawn(async move { fetch(inner, size).await });
+    }
+}
+
+/// Leases one block, retrying with backoff until the registry answers.
+async fn fetch(inner: Arc<Inner>, size: u32) {
+    let mut backoff = Duration::from_millis(50);
+    let mut failures = 0u32;
+    loop {
+        let mut client = inner.client.clone();
+        let req = LeaseIdsRequest {
+            node: inner.node.clone(),
+            count: size,
+        };
+        let res = tokio::time::timeout(LEASE_TIMEOUT, client.lease_ids(req)).await;
+        match res {
+            Ok(Ok(resp)) => {
+                let r = resp.into_inner();
+                if r.first == 0 || r.last < r.first {
+                    tracing::error!(
+                        first = r.first,
+                        last = r.last,
+                        "registry leased an invalid ID block"
+                    );
+                } else {
+                    if let Ok(mut s) = inner.state.lock() {
+                        s.blocks.push_back((r.first, r.last));
+                        s.fetching = false;
+                        let now = Instant::now();
+                        if s.last_lease.is_some_and(|t| now - t < FAST_BLOCK) {
+                            s.next_size = (s.next_size * 2).min(MAX_BLOCK);
+                        }
+                        s.last_lease = Some(now);
+                    }
+                    tracing::debug!(first = r.first, last = r.last, "leased connection IDs");
+                    inner.notify.notify_waiters();
+                    return;
+                }
+            }
+            Ok(Err(status)) => {
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!("leasing connection IDs failed: {status}");
+                }
+            }
+            Err(_) => {
+                failures += 1;
+                tracing::warn!("leasing connection IDs timed out after {LEASE_TIMEOUT:?}");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_walks_blocks_in_order() {
+        let mut s = State {
+            blocks: VecDeque::from([(1, 2), (10, 10)]),
+            fetching: false,
+            next_size: MIN_BLOCK,
+            last_lease: None,
+        };
+        assert_eq!(s.remaining(), 3);
+        assert_eq!(s.take(), Some(1));
+        assert_eq!(s.take(), Some(2));
+        assert_eq!(s.take(), Some(10));
+        assert_eq!(s.take(), None);
+        assert_eq!(s.remaining(), 0);
+    }
+}

@@ -1,0 +1,832 @@
+//! The reporter: streams connection events and history packets to the registry without
+//! ever making a connection wait for it.
+//!
+//! Connection tasks call [`Reporter`] methods, which push onto an in-memory queue and
+//! return at once (no await). The queue is bounded by accounting, not by blocking: at most
+//! `queue_bound` events (and [`MAX_BUFFERED_BYTES`] of packet payload) are buffered,
+//! counting both events still queued and batches sent but not yet acknowledged. When full,
+//! the reporter sheds, in this order: periodic counter updates (skipped once the buffer is
+//! half full: the next one carries the same totals), history packets (at the bound), and
+//! only then opens, closes and other updates (which get a reserve of a quarter of the bound
+//! above it). Everything shed is counted and sent to the registry as `IngestRequest.losses`.
+//!
+//! A background task drains the queue into batches (up to [`BATCH_EVENTS`] events or
+//! [`BATCH_BYTES`] of encoded size, sent as soon as they are formed: no timer, the
+//! registry's group commit does the coalescing), numbers them with an increasing
+//! `batch_seq`, keeps every batch until its acknowledgement arrives, and after a broken
+//! stream reconnects with backoff and sends the unacknowledged batches again, in order,
+//! before any new one. The registry applies replays idempotently.
+//!
+//! Batches are encoded once, by hand, into `Bytes` (a mirror of `IngestRequest` whose packet
+//! payloads are `Bytes`), so a replay clones a reference count rather than the payloads.
+//! Every second a ticker sends a `ConnectionUpdate` with running counters for each active
+//! connection whose counters changed, so live byte counts show in the registry.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use prost_types::Timestamp;
+use proto::{
+    client::AuthChannel,
+    common::{Connection, Direction},
+    registry::{ConnectionClosed, ConnectionUpdate, IngestAck, ProxyLosses},
+};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::{Instant, MissedTickBehavior, sleep, sleep_until},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Request, Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming},
+};
+
+use crate::conn::{ConnState, End};
+
+/// Most events in one batch.
+pub const BATCH_EVENTS: usize = 1000;
+/// A batch is closed once its encoding reaches this size (one more packet may exceed it).
+pub const BATCH_BYTES: usize = 1 << 20;
+/// Most packet payload bytes buffered (queued plus unacknowledged) before packets are shed.
+pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
+/// Most batches sent and awaiting acknowledgement; the queue waits behind them.
+const MAX_UNACKED: usize = 64;
+/// How often counters of active connections are published.
+pub const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+const INGEST_PATH: &str = "/interpose.registry.v1.Registry/Ingest";
+
+/// One queued event.
+enum Item {
+    Opened(Box<Connection>),
+    Updated(Box<ConnectionUpdate>),
+    Closed(Box<ConnectionClosed>),
+    Packet(PacketItem),
+}
+
+struct PacketItem {
+    conn_id: u64,
+    seq: u64,
+    dir: Direction,
+    ts: Timestamp,
+    data: Bytes,
+}
+
+/// Shedding priority of an event.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Opens, closes and one-off updates: shed last.
+    Record,
+    /// A history packet.
+    Packet,
+    /// Periodic running counters: skipped first.
+    Counters,
+}
+
+struct Inner {
+    tx: mpsc::UnboundedSender<Item>,
+    history: bool,
+    bound: usize,
+    events: AtomicUsize,
+    bytes: AtomicUsize,
+    events_dropped: AtomicU64,
+    packets_dropped: AtomicU64,
+    bytes_dropped: AtomicU64,
+    active: Mutex<HashMap<u64, Arc<ConnState>>>,
+}
+
+/// The handle connection tasks report through. Cloning is cheap; no method awaits.
+#[derive(Clone)]
+pub struct Reporter {
+    inner: Arc<Inner>,
+}
+
+impl Reporter {
+    /// Starts the background task that streams to the registry over `channel` as `node`.
+    /// `queue_bound` is the number of events buffered while the registry is slow or down.
+    pub fn start(
+        channel: AuthChannel,
+        node: String,
+        history: bool,
+        queue_bound: usize,
+    ) -> (Reporter, ReporterTask) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            tx,
+            history,
+            bound: queue_bound.max(1),
+            events: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            events_dropped: AtomicU64::new(0),
+            packets_dropped: AtomicU64::new(0),
+            bytes_dropped: AtomicU64::new(0),
+            active: Mutex::new(HashMap::new()),
+        });
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let task = Task {
+            inner: inner.clone(),
+            rx,
+            grpc: tonic::client::Grpc::new(channel),
+            node,
+            unacked: VecDeque::new(),
+            next_seq: 1,
+            pending: Vec::with_capacity(BATCH_EVENTS),
+            stop: stop_rx.clone(),
+            sent_losses: ProxyLosses::default(),
+        };
+        let join = tokio::spawn(task.run());
+        let ticker = tokio::spawn(ticker(inner.clone(), stop_rx));
+        (
+            Reporter { inner },
+            ReporterTask {
+                join,
+                ticker,
+                stop: stop_tx,
+            },
+        )
+    }
+
+    /// Whether packet payloads are recorded (`--history on`).
+    pub fn history(&self) -> bool {
+        self.inner.history
+    }
+
+    /// What had to be shed so far.
+    pub fn losses(&self) -> ProxyLosses {
+        self.inner.losses()
+    }
+
+    /// Events queued or awaiting acknowledgement.
+    pub fn buffered(&self) -> usize {
+        self.inner.events.load(Relaxed)
+    }
+
+    /// A connection was accepted; `state` feeds its periodic counter updates until
+    /// [`Reporter::closed`].
+    pub fn opened(&self, conn: Connection, state: Arc<ConnState>) {
+        if let Ok(mut active) = self.inner.active.lock() {
+            active.insert(conn.id, state);
+        }
+        self.inner
+            .push(Item::Opened(Box::new(conn)), Class::Record, 0);
+    }
+
+    /// Something about an active connection became known.
+    pub fn updated(&self, update: ConnectionUpdate) {
+        self.inner
+            .push(Item::Updated(Box::new(update)), Class::Record, 0);
+    }
+
+    /// A history packet (ignored with history off).
+    pub fn packet(&self, conn_id: u64, seq: u64, dir: Direction, ts: Timestamp, data: Bytes) {
+        if !self.inner.history {
+            return;
+        }
+        let len = data.len();
+        self.inner.push(
+            Item::Packet(PacketItem {
+                conn_id,
+                seq,
+                dir,
+                ts,
+                data,
+            }),
+            Class::Packet,
+            len,
+        );
+    }
+
+    /// A connection ended, with its final counters.
+    pub fn closed(&self, state: &ConnState, end: &End) {
+        if let Ok(mut active) = self.inner.active.lock() {
+            active.remove(&state.id);
+        }
+        let closed = ConnectionClosed {
+            id: state.id,
+            closed_at: Some(proto::time::now()),
+            closed_by: end.closed_by as i32,
+            close_kind: end.kind as i32,
+            reason: end.reason.clone(),
+            counters: Some(state.counters()),
+        };
+        self.inner
+            .push(Item::Closed(Box::new(closed)), Class::Record, 0);
+    }
+
+    /// Connections currently open, as the reporter knows them.
+    pub fn active(&self) -> Vec<Arc<ConnState>> {
+        self.inner
+            .active
+            .lock()
+            .map(|a| a.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Inner {
+    fn losses(&self) -> ProxyLosses {
+        ProxyLosses {
+            events_dropped: self.events_dropped.load(Relaxed),
+            packets_dropped: self.packets_dropped.load(Relaxed),
+            bytes_dropped: self.bytes_dropped.load(Relaxed),
+        }
+    }
+
+    /// Reserves room for one event of `class` carrying `len` payload bytes.
+    fn admit(&self, class: Class, len: usize) -> bool {
+        let limit = match class {
+            Class::Counters => self.bound / 2,
+            Class::Packet => self.bound,
+            Class::Record => self.bound + self.bound / 4 + 64,
+        };
+        if self.events.fetch_add(1, Relaxed) >= limit {
+            self.events.fetch_sub(1, Relaxed);
+            return false;
+        }
+        if len > 0 && self.bytes.fetch_add(len, Relaxed) + len > MAX_BUFFERED_BYTES {
+            self.bytes.fetch_sub(len, Relaxed);
+            self.events.fetch_sub(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn shed(&self, class: Class, len: usize) {
+        match class {
+            Class::Packet => {
+                self.packets_dropped.fetch_add(1, Relaxed);
+                self.bytes_dropped.fetch_add(len as u64, Relaxed);
+            }
+            Class::Record => {
+                self.events_dropped.fetch_add(1, Relaxed);
+            }
+            Class::Counters => {}
+        }
+    }
+
+    fn push(&self, item: Item, class: Class, len: usize) -> bool {
+        if !self.admit(class, len) {
+            self.shed(class, len);
+            return false;
+        }
+        if self.tx.send(item).is_err() {
+            // The background task is gone (after shutdown): nothing can be sent any more.
+            self.release(1, len);
+            self.shed(class, len);
+            return false;
+        }
+        true
+    }
+
+    fn release(&self, events: usize, bytes: usize) {
+        self.events.fetch_sub(events, Relaxed);
+        self.bytes.fetch_sub(bytes, Relaxed);
+    }
+}
+
+/// Publishes running counters of active connections every [`COUNTERS_INTERVAL`].
+async fn ticker(inner: Arc<Inner>, mut stop: watch::Receiver<Option<Instant>>) {
+    let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let states: Vec<Arc<ConnState>> = match inner.active.lock() {
+            Ok(a) => a.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for s in states {
+            if !inner.admit(Class::Counters, 0) {
+                break;
+            }
+            match s.counters_if_changed() {
+                Some(counters) => {
+                    let update = ConnectionUpdate {
+                        id: s.id,
+                        counters: Some(counters),
+                        ..Default::default()
+                    };
+                    if inner.tx.send(Item::Updated(Box::new(update))).is_err() {
+                        inner.release(1, 0);
+                        return;
+                    }
+                }
+                None => inner.release(1, 0),
+            }
+        }
+    }
+}
+
+/// The running background task; [`ReporterTask::flush`] ends it.
+pub struct ReporterTask {
+    join: JoinHandle<()>,
+    ticker: JoinHandle<()>,
+    stop: watch::Sender<Option<Instant>>,
+}
+
+impl ReporterTask {
+    /// Sends what is still queued and waits for its acknowledgement, for at most `wait`;
+    /// then stops. Returns the number of events left unacknowledged.
+    pub async fn flush(self, reporter: &Reporter, wait: Duration) -> usize {
+        let deadline = Instant::now() + wait;
+        let _ = self.stop.send(Some(deadline));
+        self.ticker.abort();
+        let mut join = self.join;
+        if tokio::time::timeout_at(deadline + Duration::from_millis(200), &mut join)
+            .await
+            .is_err()
+        {
+            join.abort();
+        }
+        reporter.buffered()
+    }
+}
+
+/// A batch sent (or to be sent) and not yet acknowledged.
+struct Batch {
+    seq: u64,
+    encoded: Bytes,
+    events: usize,
+    payload: usize,
+    packets: u64,
+}
+
+enum SessionEnd {
+    Stopped,
+    Failed { status: String, acked: bool },
+}
+
+struct Task {
+    inner: Arc<Inner>,
+    rx: mpsc::UnboundedReceiver<Item>,
+    grpc: tonic::client::Grpc<AuthChannel>,
+    node: String,
+    unacked: VecDeque<Batch>,
+    next_seq: u64,
+    pending: Vec<Item>,
+    stop: watch::Receiver<Option<Instant>>,
+    sent_losses: ProxyLosses,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut backoff = MIN_BACKOFF;
+        let mut failures = 0u64;
+        loop {
+            match self.session().await {
+                SessionEnd::Stopped => return,
+                SessionEnd::Failed { status, acked } => {
+                    if acked {
+                        backoff = MIN_BACKOFF;
+                        failures = 0;
+                    }
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(
+                            buffered = self.inner.events.load(Relaxed),
+                            "registry ingest stream down ({status}); relaying goes on, \
+                             events are buffered and will be replayed"
+                        );
+                    }
+                }
+            }
+            let deadline = *self.stop.borrow();
+            let wake = Instant::now() + backoff;
+            match deadline {
+                Some(d) if d <= wake => {
+                    sleep_until(d).await;
+                    self.give_up();
+                    return;
+                }
+                _ => {
+                    tokio::select! {
+                        () = sleep(backoff) => {}
+                        _ = self.stop.changed() => {}
+                    }
+                }
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn give_up(&self) {
+        let left = self.inner.events.load(Relaxed);
+        if left > 0 {
+            tracing::warn!(
+                events = left,
+                "shutting down with events the registry never acknowledged"
+            );
+        }
+    }
+
+    async fn session(&mut self) -> SessionEnd {
+        let (out_tx, out_rx) = mpsc::channel::<Bytes>(4);
+        let mut grpc = self.grpc.clone();
+        let call = async move {
+            grpc.ready()
+                .await
+                .map_err(|e| Status::unavailable(format!("registry not ready: {e}")))?;
+            grpc.streaming(
+                Request::new(ReceiverStream::new(out_rx)),
+                tonic::codegen::http::uri::PathAndQuery::from_static(INGEST_PATH),
+                RawCodec,
+            )
+            .await
+        };
+        tokio::pin!(call);
+        let mut acks: Option<Streaming<IngestAck>> = None;
+        let mut next_unsent = 0usize;
+        let mut acked = false;
+        let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let deadline = *self.stop.borrow();
+            if let Some(d) = deadline {
+                if self.rx.is_empty() && self.pending.is_empty() && self.unacked.is_empty() {
+                    return SessionEnd::Stopped;
+                }
+                if d <= Instant::now() {
+                    self.give_up();
+                    return SessionEnd::Stopped;
+                }
+            }
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                res = &mut call, if acks.is_none() => match res {
+                    Ok(resp) => acks = Some(resp.into_inner()),
+                    Err(status) => return self.failed(status, acked),
+                },
+                ack = next_ack(&mut acks) => match ack {
+                    Ok(Some(a)) => {
+                        acked = true;
+                        self.on_ack(a.batch_seq, &mut next_unsent);
+                    }
+                    Ok(None) => {
+                        return SessionEnd::Failed {
+                            status: "the registry ended the stream".into(),
+                            acked,
+                        };
+                    }
+                    Err(status) => return self.failed(status, acked),
+                },
+                permit = out_tx.reserve(), if next_unsent < self.unacked.len() => match permit {
+                    Ok(p) => {
+                        p.send(self.unacked[next_unsent].encoded.clone());
+                        next_unsent += 1;
+                    }
+                    Err(_) => {
+                        return SessionEnd::Failed { status: "request stream closed".into(), acked };
+                    }
+                },
+                _ = self.rx.recv_many(&mut self.pending, BATCH_EVENTS),
+                    if self.unacked.len() < MAX_UNACKED => {
+                    self.make_batches();
+                }
+                _ = tick.tick() => {
+                    if self.inner.losses() != self.sent_losses && self.unacked.len() < MAX_UNACKED {
+                        // An empty batch that only carries the latest loss totals.
+                        self.make_batches_force();
+                    }
+                }
+                _ = self.stop.changed() => {}
+                () = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {}
+            }
+        }
+    }
+
+    fn failed(&mut self, status: Status, acked: bool) -> SessionEnd {
+        if status.code() == tonic::Code::InvalidArgument {
+            // The registry rejected a batch: sending it again would fail forever. The first
+            // unacknowledged batch is the culprit (batches apply in order); count it as lost.
+            if let Some(b) = self.unacked.pop_front() {
+                tracing::error!(
+                    batch = b.seq,
+                    events = b.events,
+                    "registry rejected a batch: {status}"
+                );
+                self.inner.release(b.events, b.payload);
+                self.inner.packets_dropped.fetch_add(b.packets, Relaxed);
+                self.inner
+                    .events_dropped
+                    .fetch_add(b.events as u64 - b.packets, Relaxed);
+                self.inner
+                    .bytes_dropped
+                    .fetch_add(b.payload as u64, Relaxed);
+            }
+        }
+        SessionEnd::Failed {
+            status: status.to_string(),
+            acked,
+        }
+    }
+
+    fn on_ack(&mut self, seq: u64, next_unsent: &mut usize) {
+        while self.unacked.front().is_some_and(|b| b.seq <= seq) {
+            if let Some(b) = self.unacked.pop_front() {
+                self.inner.release(b.events, b.payload);
+                *next_unsent = next_unsent.saturating_sub(1);
+            }
+        }
+    }
+
+    fn make_batches(&mut self) {
+        let mut builder: Option<BatchBuilder> = None;
+        for item in self.pending.drain(..) {
+            let b = builder.get_or_insert_with(|| {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                BatchBuilder::new(&self.node, seq)
+            });
+            b.push(item);
+            let full = b.events >= BATCH_EVENTS || b.buf.len() >= BATCH_BYTES;
+            if let Some(b) = builder.take_if(|_| full) {
+                self.unacked
+                    .push_back(b.finish(&self.inner, &mut self.sent_losses));
+            }
+        }
+        if let Some(b) = builder.take() {
+            self.unacked
+                .push_back(b.finish(&self.inner, &mut self.sent_losses));
+        }
+    }
+
+    fn make_batches_force(&mut self) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let b = BatchBuilder::new(&self.node, seq);
+        self.unacked
+            .push_back(b.finish(&self.inner, &mut self.sent_losses));
+    }
+}
+
+async fn next_ack(acks: &mut Option<Streaming<IngestAck>>) -> Result<Option<IngestAck>, Status> {
+    match acks {
+        Some(s) => s.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Encodes one `IngestRequest` field by field.
+struct BatchBuilder {
+    buf: BytesMut,
+    seq: u64,
+    events: usize,
+    payload: usize,
+    packets: u64,
+}
+
+impl BatchBuilder {
+    fn new(node: &str, seq: u64) -> Self {
+        let mut buf = BytesMut::with_capacity(4096);
+        prost::encoding::string::encode(1, &node.to_string(), &mut buf);
+        prost::encoding::uint64::encode(2, &seq, &mut buf);
+        Self {
+            buf,
+            seq,
+            events: 0,
+            payload: 0,
+            packets: 0,
+        }
+    }
+
+    fn push(&mut self, item: Item) {
+        let ev = match item {
+            Item::Opened(c) => WireEvent {
+                opened: Some(*c),
+                ..Default::default()
+            },
+            Item::Updated(u) => WireEvent {
+                updated: Some(*u),
+                ..Default::default()
+            },
+            Item::Closed(c) => WireEvent {
+                closed: Some(*c),
+                ..Default::default()
+            },
+            Item::Packet(p) => {
+                self.payload += p.data.len();
+                self.packets += 1;
+                WireEvent {
+                    packet: Some(WirePacket {
+                        conn_id: p.conn_id,
+                        seq: p.seq,
+                        direction: p.dir as i32,
+                        ts: Some(p.ts),
+                        data: p.data,
+                        modified: false,
+                    }),
+                    ..Default::default()
+                }
+            }
+        };
+        self.buf.reserve(ev.encoded_len() + 8);
+        prost::encoding::message::encode(3, &ev, &mut self.buf);
+        self.events += 1;
+    }
+
+    fn finish(mut self, inner: &Inner, sent: &mut ProxyLosses) -> Batch {
+        let losses = inner.losses();
+        if losses != ProxyLosses::default() {
+            prost::encoding::message::encode(4, &losses, &mut self.buf);
+        }
+        *sent = losses;
+        Batch {
+            seq: self.seq,
+            encoded: self.buf.freeze(),
+            events: self.events,
+            payload: self.payload,
+            packets: self.packets,
+        }
+    }
+}
+
+/// Wire mirror of `interpose.registry.v1.Event` (a oneof: exactly one field is set).
+#[derive(Clone, PartialEq, prost::Message)]
+struct WireEvent {
+    #[prost(message, optional, tag = "1")]
+    opened: Option<Connection>,
+    #[prost(message, optional, tag = "2")]
+    updated: Option<ConnectionUpdate>,
+    #[prost(message, optional, tag = "3")]
+    closed: Option<ConnectionClosed>,
+    #[prost(message, optional, tag = "4")]
+    packet: Option<WirePacket>,
+}
+
+/// Wire mirror of `interpose.common.v1.Packet` with a `Bytes` payload.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WirePacket {
+    #[prost(uint64, tag = "1")]
+    conn_id: u64,
+    #[prost(uint64, tag = "2")]
+    seq: u64,
+    #[prost(int32, tag = "3")]
+    direction: i32,
+    #[prost(message, optional, tag = "4")]
+    ts: Option<Timestamp>,
+    #[prost(bytes = "bytes", tag = "5")]
+    data: Bytes,
+    #[prost(bool, tag = "6")]
+    modified: bool,
+}
+
+/// Sends pre-encoded `IngestRequest` bytes and decodes `IngestAck`s.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = IngestAck;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = IngestAck;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<IngestAck>, Status> {
+        IngestAck::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("decoding IngestAck: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::registry::{IngestRequest, event::Kind};
+
+    fn inner(bound: usize) -> (Arc<Inner>, mpsc::UnboundedReceiver<Item>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Inner {
+                tx,
+                history: true,
+                bound,
+                events: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                events_dropped: AtomicU64::new(0),
+                packets_dropped: AtomicU64::new(0),
+                bytes_dropped: AtomicU64::new(0),
+                active: Mutex::new(HashMap::new()),
+            }),
+            rx,
+        )
+    }
+
+    fn packet(seq: u64, data: &'static [u8]) -> Item {
+        Item::Packet(PacketItem {
+            conn_id: 9,
+            seq,
+            dir: Direction::S2c,
+            ts: Timestamp {
+                seconds: 5,
+                nanos: 6,
+            },
+            data: Bytes::from_static(data),
+        })
+    }
+
+    #[test]
+    fn hand_encoded_batch_decodes_as_ingest_request() {
+        let (inner, _rx) = inner(10);
+        let mut b = BatchBuilder::new("node-a", 42);
+        b.push(Item::Opened(Box::new(Connection {
+            id: 9,
+            dst_host: "example".into(),
+            ..Default::default()
+        })));
+        b.push(packet(1, b"hello"));
+        b.push(Item::Closed(Box::new(ConnectionClosed {
+            id: 9,
+            reason: "client sent FIN".into(),
+            ..Default::default()
+        })));
+        inner.packets_dropped.store(3, Relaxed);
+        let mut sent = ProxyLosses::default();
+        let batch = b.finish(&inner, &mut sent);
+        let req = IngestRequest::decode(batch.encoded.clone()).unwrap();
+        assert_eq!(req.node, "node-a");
+        assert_eq!(req.batch_seq, 42);
+        assert_eq!(req.events.len(), 3);
+        assert!(matches!(&req.events[0].kind, Some(Kind::Opened(c)) if c.dst_host == "example"));
+        match &req.events[1].kind {
+            Some(Kind::Packet(p)) => {
+                assert_eq!(
+                    (p.conn_id, p.seq, p.direction),
+                    (9, 1, Direction::S2c as i32)
+                );
+                assert_eq!(p.data, b"hello");
+                assert_eq!(
+                    p.ts,
+                    Some(Timestamp {
+                        seconds: 5,
+                        nanos: 6
+                    })
+                );
+            }
+            other => panic!("not a packet: {other:?}"),
+        }
+        assert!(
+            matches!(&req.events[2].kind, Some(Kind::Closed(c)) if c.reason == "client sent FIN")
+        );
+        assert_eq!(req.losses.map(|l| l.packets_dropped), Some(3));
+        assert_eq!((batch.events, batch.payload, batch.packets), (3, 5, 1));
+    }
+
+    #[test]
+    fn sheds_counters_then_packets_then_records() {
+        let (inner, _rx) = inner(8);
+        // Counters stop at half the bound.
+        for _ in 0..4 {
+            assert!(inner.admit(Class::Counters, 0));
+        }
+        assert!(!inner.admit(Class::Counters, 0));
+        // Packets fill up to the bound.
+        for i in 0..4 {
+            assert!(inner.push(packet(i, b"abc"), Class::Packet, 3));
+        }
+        assert!(!inner.push(packet(9, b"abc"), Class::Packet, 3));
+        assert_eq!(inner.losses().packets_dropped, 1);
+        assert_eq!(inner.losses().bytes_dropped, 3);
+        // Records still fit in the reserve above the bound.
+        for _ in 0..(8 / 4 + 64) {
+            assert!(inner.push(Item::Updated(Box::default()), Class::Record, 0));
+        }
+        assert!(!inner.push(Item::Updated(Box::default()), Class::Record, 0));
+        assert_eq!(inner.losses().events_dropped, 1);
+        inner.release(1, 3);
+        assert!(inner.admit(Class::Record, 0));
+    }
+}

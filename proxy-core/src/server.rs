@@ -1,0 +1,401 @@
+//! The SOCKS listener and the per-connection handler (the shape of mini-redis `server.rs`).
+//!
+//! [`Listener`] accepts with backoff on errors (e.g. out of file descriptors: the proxy keeps
+//! serving), bounds concurrent connections with a semaphore, and spawns one [`Handler`] per
+//! connection. Graceful shutdown: dropping the listener drops the broadcast sender every
+//! handler subscribed to, each handler records its connection as closed by the proxy and
+//! drops its clone of an mpsc sender; the receiver completing tells the caller all are done.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use proto::common::{CloseKind, ClosedBy, ConnStatus, Connection, Transport};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, broadcast, mpsc},
+};
+
+use crate::{
+    conn::{ConnState, End},
+    handshake::{self, Accepted},
+    ids::IdPool,
+    process::Resolver,
+    relay::{self, Ctx, TcpReader, TcpWriter},
+    report::Reporter,
+    socks5::{Addr, Command, Reply},
+    udp,
+};
+
+/// Most connections handled at once; further clients wait in the accept backlog.
+pub const MAX_CONNECTIONS: usize = 65_536;
+/// Longest a client may take to complete the SOCKS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a name resolution may take.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the upstream connect may take (all addresses of a name together).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every handler shares.
+pub struct Shared {
+    /// This proxy's node name.
+    pub node: String,
+    /// Required SOCKS credentials, if any.
+    pub auth: Option<(String, String)>,
+    /// Where events go.
+    pub reporter: Reporter,
+    /// Where connection IDs come from.
+    pub ids: IdPool,
+    /// Client process lookups.
+    pub resolver: Resolver,
+    /// Addresses CONNECT must never reach: the SOCKS listener itself and `Config::refuse`.
+    pub refuse: Vec<SocketAddr>,
+}
+
+/// Completes when the proxy shuts down (the broadcast sender was dropped or sent).
+pub struct Shutdown {
+    is_shutdown: bool,
+    notify: broadcast::Receiver<()>,
+}
+
+impl Shutdown {
+    /// A listener for `notify`.
+    pub fn new(notify: broadcast::Receiver<()>) -> Self {
+        Self {
+            is_shutdown: false,
+            notify,
+        }
+    }
+
+    /// Waits for the shutdown notice (returns at once after it came).
+    pub async fn recv(&mut self) {
+        if self.is_shutdown {
+            return;
+        }
+        let _ = self.notify.recv().await;
+        self.is_shutdown = true;
+    }
+}
+
+/// The accept loop.
+pub struct Listener {
+    /// The bound SOCKS listener.
+    pub listener: TcpListener,
+    /// Shared handler state.
+    pub shared: Arc<Shared>,
+    /// Connection limit.
+    pub limit: Arc<Semaphore>,
+    /// Dropped to tell handlers to shut down.
+    pub notify_shutdown: broadcast::Sender<()>,
+    /// Cloned into every handler; the receiver completes once all are gone.
+    pub shutdown_complete_tx: mpsc::Sender<()>,
+}
+
+impl Listener {
+    /// Accepts connections until the task running it is stopped.
+    pub async fn run(&mut self) {
+        loop {
+            let Ok(permit) = self.limit.clone().acquire_owned().await else {
+                return;
+            };
+            let (socket, peer) = self.accept().await;
+            let handler = Handler {
+                shared: self.shared.clone(),
+                shutdown: Shutdown::new(self.notify_shutdown.subscribe()),
+                _done: self.shutdown_complete_tx.clone(),
+            };
+            tokio::spawn(async move {
+                handler.run(socket, peer).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.listener.accept().await {
+                Ok(x) => return x,
+                Err(e) => {
+                    tracing::warn!(
+                        "accepting a SOCKS connection failed: {e}; retrying in {backoff:?}"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Serves one client connection.
+pub struct Handler {
+    shared: Arc<Shared>,
+    shutdown: Shutdown,
+    _done: mpsc::Sender<()>,
+}
+
+impl Handler {
+    async fn run(mut self, mut stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let local = match stream.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(%peer, "socket vanished before the handshake: {e}");
+                return;
+            }
+        };
+        let accepted = tokio::select! {
+            r = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake::accept(&mut stream, self.shared.auth.as_ref()),
+            ) => r,
+            () = self.shutdown.recv() => return,
+        };
+        let Accepted { request, leftover } = match accepted {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, "SOCKS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "SOCKS handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        };
+        let opened_at = proto::time::now();
+        let transport = match request.command {
+            Command::Connect => Transport::Tcp,
+            Command::UdpAssociate => Transport::Udp,
+            other => {
+                tracing::info!(%peer, "unsupported SOCKS command {other:?}");
+                let _ = handshake::reply(&mut stream, Reply::CommandNotSupported, None).await;
+                return;
+            }
+        };
+        let id = match self.shared.ids.next().await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(%peer, target = %request.addr, "refusing the connection: {e}");
+                let _ = handshake::reply(&mut stream, Reply::GeneralFailure, None).await;
+                return;
+            }
+        };
+        let state = Arc::new(ConnState::new(id));
+        let (dst_ip, dst_port) = match (&request.addr, transport) {
+            (Addr::Ip(a), Transport::Tcp) => (a.ip().to_string(), u32::from(a.port())),
+            (Addr::Domain(_, p), Transport::Tcp) => (String::new(), u32::from(*p)),
+            _ => (String::new(), 0),
+        };
+        let conn = Connection {
+            id,
+            node: self.shared.node.clone(),
+            src_ip: peer.ip().to_string(),
+            src_port: u32::from(peer.port()),
+            dst_host: if transport == Transport::Tcp {
+                request.addr.host()
+            } else {
+                String::new()
+            },
+            dst_ip,
+            dst_port,
+            status: ConnStatus::Active as i32,
+            opened_at: Some(opened_at),
+            transport: transport as i32,
+            ..Default::default()
+        };
+        self.shared.reporter.opened(conn, state.clone());
+        self.shared.resolver.request(id, peer, local);
+        let end = if transport == Transport::Udp {
+            udp::associate(
+                &self.shared,
+                stream,
+                peer,
+                local,
+                &request.addr,
+                &state,
+                &mut self.shutdown,
+            )
+            .await
+        } else {
+            self.connect(stream, local, &request.addr, leftover, &state)
+                .await
+        };
+        tracing::debug!(id, %peer, target = %request.addr, reason = %end.reason, "connection ended");
+        self.shared.reporter.closed(&state, &end);
+    }
+
+    /// CONNECT: resolve, refuse our own ports, connect, reply, relay.
+    async fn connect(
+        &mut self,
+        mut stream: TcpStream,
+        local: SocketAddr,
+        target: &Addr,
+        leftover: bytes::Bytes,
+        state: &ConnState,
+    ) -> End {
+        let established = tokio::select! {
+            r = establish(&self.shared.refuse, local, target) => r,
+            () = self.shutdown.recv() => Err((Reply::GeneralFailure, End::proxy(CloseKind::Fin, "proxy shut down"))),
+        };
+        let upstream = match established {
+            Ok(u) => u,
+            Err((code, end)) => {
+                let _ = handshake::reply(&mut stream, code, None).await;
+                return end;
+            }
+        };
+        if let (Addr::Domain(..), Ok(a)) = (target, upstream.peer_addr()) {
+            self.shared
+                .reporter
+                .updated(proto::registry::ConnectionUpdate {
+                    id: state.id,
+                    dst_ip: a.ip().to_string(),
+                    ..Default::default()
+                });
+        }
+        let _ = upstream.set_nodelay(true);
+        if let Err(e) =
+            handshake::reply(&mut stream, Reply::Succeeded, upstream.local_addr().ok()).await
+        {
+            return End::new(
+                ClosedBy::Client,
+                CloseKind::Error,
+                format!("writing the SOCKS reply: {e}"),
+            );
+        }
+        let (cr, cw) = stream.into_split();
+        let (sr, sw) = upstream.into_split();
+        let (mut cr, mut cw) = (TcpReader::new(cr, Some(leftover)), TcpWriter::new(cw));
+        let (mut sr, mut sw) = (TcpReader::new(sr, None), TcpWriter::new(sw));
+        let ctx = Ctx {
+            state,
+            reporter: &self.shared.reporter,
+        };
+        relay::relay(
+            (&mut cr, &mut cw),
+            (&mut sr, &mut sw),
+            &ctx,
+            self.shutdown.recv(),
+        )
+        .await
+    }
+}
+
+/// Whether connecting to `target` would reach the listener `own` (accepted on `local`).
+pub fn reaches(target: SocketAddr, own: SocketAddr, local: SocketAddr) -> bool {
+    if target.port() != own.port() {
+        return false;
+    }
+    let canon = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let (t, o) = (canon(target.ip()), canon(own.ip()));
+    t == o
+        || t.is_unspecified()
+        || (o.is_unspecified() && (t.is_loopback() || t == canon(local.ip())))
+}
+
+/// Resolves and connects, or says which reply and record end the failure deserves.
+async fn establish(
+    refuse: &[SocketAddr],
+    local: SocketAddr,
+    target: &Addr,
+) -> Result<TcpStream, (Reply, End)> {
+    let addrs: Vec<SocketAddr> = match target {
+        Addr::Ip(a) => vec![*a],
+        Addr::Domain(host, port) => {
+            let looked = tokio::time::timeout(
+                RESOLVE_TIMEOUT,
+                tokio::net::lookup_host((host.as_str(), *port)),
+            )
+            .await;
+            let failed = |why: String| {
+                Err((
+                    Reply::HostUnreachable,
+                    End::proxy(CloseKind::Error, format!("resolve {host}: {why}")),
+                ))
+            };
+            match looked {
+                Ok(Ok(it)) => {
+                    let v: Vec<SocketAddr> = it.collect();
+                    if v.is_empty() {
+                        return failed("no addresses".into());
+                    }
+                    v
+                }
+                Ok(Err(e)) => return failed(e.to_string()),
+                Err(_) => return failed(format!("timed out after {RESOLVE_TIMEOUT:?}")),
+            }
+        }
+    };
+    if let Some(a) = addrs
+        .iter()
+        .find(|a| refuse.iter().any(|own| reaches(**a, *own, local)))
+    {
+        return Err((
+            Reply::NotAllowed,
+            End::proxy(
+                CloseKind::Error,
+                format!("refused: {a} is the proxy's own SOCKS or management port"),
+            ),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut last: Option<(SocketAddr, std::io::Error)> = None;
+    for a in &addrs {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = Some((*a, e)),
+            Err(_) => {
+                last = Some((
+                    *a,
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("timed out after {CONNECT_TIMEOUT:?}"),
+                    ),
+                ));
+                break;
+            }
+        }
+    }
+    let (a, e) =
+        last.unwrap_or_else(|| (addrs[0], std::io::Error::other("no address to connect to")));
+    Err((
+        Reply::for_connect_error(&e),
+        End::proxy(CloseKind::Error, format!("connect to {a}: {e}")),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_ports_are_recognised() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let local = a("127.0.0.1:1080");
+        assert!(reaches(a("127.0.0.1:1080"), a("127.0.0.1:1080"), local));
+        assert!(reaches(a("0.0.0.0:1080"), a("127.0.0.1:1080"), local));
+        assert!(reaches(
+            a("[::ffff:127.0.0.1]:1080"),
+            a("127.0.0.1:1080"),
+            local
+        ));
+        assert!(!reaches(a("127.0.0.1:1081"), a("127.0.0.1:1080"), local));
+        assert!(!reaches(a("127.0.0.2:1080"), a("127.0.0.1:1080"), local));
+        assert!(reaches(a("127.0.0.2:1080"), a("0.0.0.0:1080"), local));
+        assert!(reaches(
+            a("10.1.2.3:1080"),
+            a("0.0.0.0:1080"),
+            a("10.1.2.3:1080")
+        ));
+        assert!(!reaches(a("10.9.9.9:1080"), a("0.0.0.0:1080"), local));
+    }
+}

@@ -1,0 +1,212 @@
+//! UDP ASSOCIATE: a UDP relay socket bound on the IP the client reached the proxy at.
+//!
+//! Datagrams from the client (only from its IP; its port is taken from the request, or from
+//! its first datagram when the request left it zero) carry a SOCKS header naming the target;
+//! the payload is sent there from one upstream socket (dual-stack, created on first use). Replies come back wrapped in a header naming their source. Every payload is
+//! a packet of the association's own connection record (transport UDP). Fragmented
+//! datagrams (FRAG != 0) are dropped, as RFC 1928 allows. The association ends when the TCP
+//! control connection closes (closed by the client) or on shutdown.
+//!
+//! Unlike TCP connections an association holds two 64 KiB receive buffers for its lifetime
+//! (associations are few); payloads are copied out of them into the history.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use bytes::Bytes;
+use proto::common::{CloseKind, ClosedBy, Direction};
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpStream, UdpSocket},
+};
+
+use crate::{
+    conn::{ConnState, End},
+    handshake,
+    server::{Shared, Shutdown},
+    socks5::{self, Addr, Reply, UdpHeader},
+};
+
+const DATAGRAM: usize = 65_536;
+
+async fn recv_opt(
+    sock: &Option<(UdpSocket, bool)>,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr)> {
+    match sock {
+        Some((s, _)) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One upstream socket for every target: dual-stack `[::]:0` when IPv6 is available (the
+/// flag says so: IPv4 targets are then addressed as IPv4-mapped), else `0.0.0.0:0`.
+async fn bind_upstream() -> Option<(UdpSocket, bool)> {
+    if let Ok(s) = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await {
+        return Some((s, true));
+    }
+    match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await {
+        Ok(s) => Some((s, false)),
+        Err(e) => {
+            tracing::warn!("binding an upstream UDP socket: {e}");
+            None
+        }
+    }
+}
+
+fn to_v6(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+        v6 => v6,
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
+}
+
+/// Runs one association on `control` until it ends; returns how.
+pub async fn associate(
+    shared: &Shared,
+    mut control: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    requested: &Addr,
+    state: &ConnState,
+    shutdown: &mut Shutdown,
+) -> End {
+    let relay = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = handshake::reply(&mut control, Reply::GeneralFailure, None).await;
+            return End::proxy(
+                CloseKind::Error,
+                format!("binding the UDP relay socket: {e}"),
+            );
+        }
+    };
+    let bound = relay.local_addr().ok();
+    if let Err(e) = handshake::reply(&mut control, Reply::Succeeded, bound).await {
+        return End::new(
+            ClosedBy::Client,
+            CloseKind::Error,
+            format!("writing the SOCKS reply: {e}"),
+        );
+    }
+    let mut client_addr = match requested {
+        Addr::Ip(a) if !a.ip().is_unspecified() && a.port() != 0 => Some(*a),
+        _ => None,
+    };
+    let mut upstream: Option<(UdpSocket, bool)> = None;
+    let mut cbuf = vec![0u8; DATAGRAM];
+    let mut ubuf = vec![0u8; DATAGRAM];
+    let mut ctl = [0u8; 64];
+    let mut resolved: Option<(String, u16, SocketAddr)> = None;
+    let reporter = &shared.reporter;
+    loop {
+        tokio::select! {
+            r = control.read(&mut ctl) => match r {
+                Ok(0) => return End::new(ClosedBy::Client, CloseKind::Fin, "client closed the UDP control connection (FIN)"),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return End::new(ClosedBy::Client, CloseKind::Rst, "client reset the UDP control connection (RST)");
+                }
+                Err(e) => return End::new(ClosedBy::Client, CloseKind::Error, format!("reading the UDP control connection: {e}")),
+            },
+            r = relay.recv_from(&mut cbuf) => {
+                let (n, from) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!("UDP relay receive: {e}");
+                        continue;
+                    }
+                };
+                if from.ip() != peer.ip() || client_addr.is_some_and(|c| c != from) {
+                    continue;
+                }
+                client_addr = Some(from);
+                let Ok((hdr, off)) = socks5::parse_udp(&cbuf[..n]) else {
+                    continue;
+                };
+                if hdr.frag != 0 {
+                    continue;
+                }
+                let target = match &hdr.addr {
+                    Addr::Ip(a) => *a,
+                    Addr::Domain(h, p) => match &resolved {
+                        Some((rh, rp, a)) if rh == h && rp == p => *a,
+                        _ => match tokio::net::lookup_host((h.as_str(), *p)).await.ok().and_then(|mut i| i.next()) {
+                            Some(a) => {
+                                resolved = Some((h.clone(), *p, a));
+                                a
+                            }
+                            None => continue,
+                        },
+                    },
+                };
+                if upstream.is_none() {
+                    upstream = bind_upstream().await;
+                }
+                let payload = &cbuf[off..n];
+                let ts = proto::time::now();
+                let seq = state.record(Direction::C2s, payload.len());
+                if reporter.history() {
+                    reporter.packet(state.id, seq, Direction::C2s, ts, Bytes::copy_from_slice(payload));
+                }
+                if let Some((s, v6)) = upstream.as_ref() {
+                    let to = if *v6 { SocketAddr::new(to_v6(target.ip()), target.port()) } else { target };
+                    if let Err(e) = s.send_to(payload, to).await {
+                        tracing::debug!(%target, "UDP send: {e}");
+                    }
+                }
+            }
+            r = recv_opt(&upstream, &mut ubuf) => forward_back(&relay, &ubuf, r, client_addr, state, shared).await,
+            () = shutdown.recv() => return End::proxy(CloseKind::Fin, "proxy shut down"),
+        }
+    }
+}
+
+async fn forward_back(
+    relay: &UdpSocket,
+    buf: &[u8],
+    r: io::Result<(usize, SocketAddr)>,
+    client: Option<SocketAddr>,
+    state: &ConnState,
+    shared: &Shared,
+) {
+    let (Ok((n, from)), Some(client)) = (r, client) else {
+        return;
+    };
+    let payload = &buf[..n];
+    let ts = proto::time::now();
+    let seq = state.record(Direction::S2c, n);
+    if shared.reporter.history() {
+        shared.reporter.packet(
+            state.id,
+            seq,
+            Direction::S2c,
+            ts,
+            Bytes::copy_from_slice(payload),
+        );
+    }
+    let mut out = Vec::with_capacity(n + 22);
+    socks5::encode_udp_header(
+        &UdpHeader {
+            frag: 0,
+            addr: Addr::Ip(canonical(from)),
+        },
+        &mut out,
+    );
+    out.extend_from_slice(payload);
+    if let Err(e) = relay.send_to(&out, client).await {
+        tracing::debug!(%client, "UDP send to client: {e}");
+    }
+}
