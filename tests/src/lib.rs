@@ -1,1 +1,383 @@
-//! placeholder
+//! Harness for the end-to-end tests: builds the workspace's binaries once, starts them as
+//! real processes on loopback with temporary data directories, waits for their ready lines,
+//! and kills them when dropped.
+
+pub mod proxy;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::OnceLock,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use proto::{client::AuthChannel, registry::registry_client::RegistryClient};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+/// How long any process gets to print its ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The bound on every other wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The folder holding the workspace's binaries for this test build's profile.
+fn bin_dir() -> PathBuf {
+    // The test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> folder")
+        .to_path_buf()
+}
+
+/// The path of a workspace binary, built (once per test process) if needed, so that
+/// `cargo test` alone is enough on a clean checkout.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        let dir = bin_dir();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().map_err(|e| format!("running cargo build: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "cargo build --workspace --bins failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    if let Err(e) = built {
+        panic!("{e}");
+    }
+    bin_dir().join(name)
+}
+
+/// A running child process, killed when dropped.
+pub struct Proc {
+    child: Child,
+    /// The ready line it printed.
+    pub ready: String,
+    /// Its stderr, captured to a file for failure messages.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` and waits for a stdout line beginning with `ready`.
+    pub async fn start(mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        let err = std::fs::File::create(&log)?;
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("spawning")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(READY_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if line.starts_with("ready") {
+                    return Ok(line);
+                }
+            }
+            bail!("exited without a ready line")
+        })
+        .await;
+        let ready = match ready {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => bail!("{e}; stderr: {}", std::fs::read_to_string(&log)?),
+            Err(_) => bail!("no ready line within {READY_TIMEOUT:?}"),
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, ready, log })
+    }
+
+    /// The value of `key=` in the ready line.
+    pub fn field(&self, key: &str) -> Option<String> {
+        self.ready
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+    }
+
+    /// SIGKILL, as a crash would: nothing gets a chance to flush.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns its success.
+    pub async fn terminate(mut self) -> anyhow::Result<bool> {
+        if let Some(pid) = self.child.id() {
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()?;
+        }
+        let st = tokio::time::timeout(WAIT, self.child.wait()).await??;
+        Ok(st.success())
+    }
+
+    /// The process's stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A standalone `registry-svc` on a loopback port.
+pub struct Registry {
+    pub proc: Proc,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+impl Registry {
+    /// Starts a registry keeping its store in `data_dir`.
+    pub async fn start(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, "127.0.0.1:0", &[]).await
+    }
+
+    /// Starts a registry on `listen` with extra arguments.
+    pub async fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin("registry-svc"));
+        cmd.args(["--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("INTERPOSE_TOKEN");
+        let proc = Proc::start(cmd, data_dir.with_extension("registry.log")).await?;
+        let listen = proc.field("listen").context("listen= in ready line")?;
+        Ok(Self {
+            url: format!("http://{listen}"),
+            proc,
+        })
+    }
+
+    /// A gRPC client of it.
+    pub async fn client(&self) -> anyhow::Result<RegistryClient<AuthChannel>> {
+        registry_client(&self.url, None).await
+    }
+}
+
+/// A registry client for `url`.
+pub async fn registry_client(
+    url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<RegistryClient<AuthChannel>> {
+    let ch = proto::client::connect(url, token).await?;
+    Ok(RegistryClient::new(ch).max_decoding_message_size(64 << 20))
+}
+
+/// `interpose up` with every service in one process.
+pub struct Up {
+    pub proc: Proc,
+    /// `http://127.0.0.1:PORT`
+    pub grpc: String,
+    pub data_dir: PathBuf,
+}
+
+impl Up {
+    /// Starts `interpose up` on free loopback ports with its data in `data_dir`.
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin("interpose"));
+        cmd.arg("up")
+            .args(["--socks", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("INTERPOSE_TOKEN");
+        let proc = Proc::start(cmd, data_dir.with_extension("up.log")).await?;
+        let grpc = proc.field("grpc").context("grpc= in ready line")?;
+        Ok(Self {
+            grpc,
+            proc,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+}
+
+/// What a finished CLI run printed.
+#[derive(Debug)]
+pub struct Output {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `interpose ARGS --server URL` to completion (bounded by [`WAIT`]).
+pub async fn interpose(server: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let mut cmd = Command::new(bin("interpose"));
+    cmd.args(args)
+        .args(["--server", server])
+        .env_remove("INTERPOSE_TOKEN")
+        .env_remove("INTERPOSE_SERVER")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .context("interpose did not finish in time")??;
+    Ok(Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Runs `interpose ARGS --json` and parses stdout as JSON.
+pub async fn interpose_json(server: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = interpose(server, args).await?;
+    if !out.ok {
+        bail!("interpose {args:?} failed: {}", out.stderr);
+    }
+    serde_json::from_str(&out.stdout).with_context(|| format!("parsing {:?}", out.stdout))
+}
+
+/// Polls `f` until it returns `Some`, at most [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A proxy-side ingest stream to a registry, for driving it the way proxy-core does.
+pub struct Ingest {
+    tx: tokio::sync::mpsc::Sender<proto::registry::IngestRequest>,
+    acks: tonic::Streaming<proto::registry::IngestAck>,
+    node: String,
+    seq: u64,
+    acked: u64,
+}
+
+impl Ingest {
+    /// Opens an ingest stream as proxy node `node`.
+    pub async fn open(
+        client: &mut RegistryClient<AuthChannel>,
+        node: &str,
+    ) -> anyhow::Result<Self> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let acks = client
+            .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self {
+            tx,
+            acks,
+            node: node.to_string(),
+            seq: 0,
+            acked: 0,
+        })
+    }
+
+    /// Sends a batch without waiting; returns its batch number.
+    pub async fn send(&mut self, events: Vec<proto::registry::Event>) -> anyhow::Result<u64> {
+        self.seq += 1;
+        self.tx
+            .send(proto::registry::IngestRequest {
+                node: self.node.clone(),
+                batch_seq: self.seq,
+                events,
+                losses: None,
+            })
+            .await
+            .context("ingest stream closed")?;
+        Ok(self.seq)
+    }
+
+    /// Waits until batch `seq` is acknowledged.
+    pub async fn wait_ack(&mut self, seq: u64) -> anyhow::Result<()> {
+        while self.acked < seq {
+            let ack = tokio::time::timeout(WAIT, self.acks.message())
+                .await
+                .context("no ack in time")??
+                .context("ingest stream ended")?;
+            self.acked = ack.batch_seq;
+        }
+        Ok(())
+    }
+
+    /// Sends a batch and waits until it is durable.
+    pub async fn send_durable(&mut self, events: Vec<proto::registry::Event>) -> anyhow::Result<()> {
+        let seq = self.send(events).await?;
+        self.wait_ack(seq).await
+    }
+
+    /// The acknowledgement stream's next error, if the server rejects the stream.
+    pub async fn next_error(&mut self) -> anyhow::Result<tonic::Status> {
+        loop {
+            match tokio::time::timeout(WAIT, self.acks.message()).await? {
+                Ok(Some(_)) => continue,
+                Ok(None) => bail!("stream ended without an error"),
+                Err(s) => return Ok(s),
+            }
+        }
+    }
+}
+
+/// Event builders matching what proxy-core sends.
+pub mod events {
+    use proto::{
+        common::{CloseKind, ClosedBy, ConnStatus, Connection, Direction, Packet},
+        registry::{ConnectionClosed, Counters, Event, event::Kind},
+    };
+
+    /// An open event for connection `id` from `127.0.0.1:src` to `host:dst`.
+    pub fn open(id: u64, src: u32, host: &str, dst: u32) -> Event {
+        Event {
+            kind: Some(Kind::Opened(Connection {
+                id,
+                src_ip: "127.0.0.1".into(),
+                src_port: src,
+                dst_host: host.into(),
+                dst_ip: "127.0.0.1".into(),
+                dst_port: dst,
+                status: ConnStatus::Active as i32,
+                opened_at: Some(proto::time::now()),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// A close event.
+    pub fn close(id: u64, by: ClosedBy, kind: CloseKind, reason: &str) -> Event {
+        Event {
+            kind: Some(Kind::Closed(ConnectionClosed {
+                id,
+                closed_at: Some(proto::time::now()),
+                closed_by: by as i32,
+                close_kind: kind as i32,
+                reason: reason.into(),
+                counters: Some(Counters::default()),
+            })),
+        }
+    }
+
+    /// A history packet.
+    pub fn packet(conn_id: u64, seq: u64, direction: Direction, data: &[u8]) -> Event {
+        Event {
+            kind: Some(Kind::Packet(Packet {
+                conn_id,
+                seq,
+                direction: direction as i32,
+                ts: Some(proto::time::now()),
+                data: data.to_vec(),
+                modified: false,
+            })),
+        }
+    }
+}

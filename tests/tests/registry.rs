@@ -1,0 +1,444 @@
+//! registry-svc end to end: a real server process on loopback, driven through gRPC the way
+//! proxies and users drive it.
+
+use std::collections::{HashMap, HashSet};
+
+use proto::{
+    common::{CloseKind, ClosedBy, ConnStatus, Direction},
+    registry::{
+        ClearAllRequest, ClearConnectionsRequest, ConnectionFilter, ConnectionStatsRequest,
+        Event, GetConnectionRequest, LeaseIdsRequest, ListConnectionsRequest,
+        SearchHistoryRequest, WatchConnectionsRequest, WatchEvent, watch_event::Kind,
+    },
+};
+use tests::{Ingest, Registry, WAIT, events, registry_client};
+use tonic::Code;
+
+async fn list_ids(
+    client: &mut proto::registry::registry_client::RegistryClient<proto::client::AuthChannel>,
+) -> anyhow::Result<Vec<u64>> {
+    let r = client
+        .list_connections(ListConnectionsRequest::default())
+        .await?
+        .into_inner();
+    Ok(r.connections.iter().map(|c| c.id).collect())
+}
+
+/// Reads watch events until `done` says the watcher has seen enough.
+async fn collect_watch(
+    mut stream: tonic::Streaming<WatchEvent>,
+    mut done: impl FnMut(&[WatchEvent]) -> bool,
+) -> anyhow::Result<Vec<WatchEvent>> {
+    let mut got = Vec::new();
+    while !done(&got) {
+        let ev = tokio::time::timeout(WAIT, stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+        got.push(ev);
+    }
+    Ok(got)
+}
+
+#[tokio::test]
+async fn watch_sees_every_change_once_with_no_gap_between_snapshot_and_live() -> anyhow::Result<()> {
+    const N: u64 = 300;
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(dir.path()).await?;
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "node-a").await?;
+
+    // Half the connections exist before the late watcher subscribes.
+    for id in 1..=N / 2 {
+        ingest.send(vec![events::open(id, 40000 + id as u32, "h", 80)]).await?;
+    }
+    let early = client
+        .watch_connections(WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+    // The late watcher subscribes while batches are still streaming in.
+    let mut client2 = reg.client().await?;
+    let writer = tokio::spawn(async move {
+        for id in N / 2 + 1..=N {
+            ingest.send(vec![events::open(id, 40000 + id as u32, "h", 80)]).await?;
+        }
+        let closes: Vec<Event> = (1..=N)
+            .map(|id| events::close(id, ClosedBy::Client, CloseKind::Fin, "client sent FIN"))
+            .collect();
+        ingest.send_durable(closes).await?;
+        anyhow::Ok(())
+    });
+    let late = client2
+        .watch_connections(WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+    writer.await??;
+
+    // Each watcher must end with all N records disconnected, having seen each ID's states
+    // in order and never the same state twice.
+    let closed = |evs: &[WatchEvent]| {
+        evs.iter()
+            .filter(|e| {
+                e.connection
+                    .as_ref()
+                    .is_some_and(|c| c.status == ConnStatus::Disconnected as i32)
+            })
+            .count()
+            == N as usize
+    };
+    for (name, stream) in [("early", early), ("late", late)] {
+        let evs = collect_watch(stream, closed).await?;
+        let snapshot_end = evs
+            .iter()
+            .position(|e| e.kind == Kind::SnapshotEnd as i32)
+            .ok_or_else(|| anyhow::anyhow!("{name}: no SNAPSHOT_END"))?;
+        let mut states: HashMap<u64, Vec<i32>> = HashMap::new();
+        for (i, e) in evs.iter().enumerate() {
+            if i == snapshot_end {
+                continue;
+            }
+            assert_eq!(e.kind, Kind::Upsert as i32, "{name}: unexpected {e:?}");
+            let c = e.connection.as_ref().expect("upsert carries the record");
+            states.entry(c.id).or_default().push(c.status);
+        }
+        assert_eq!(states.len(), N as usize, "{name}: every ID seen");
+        let active = ConnStatus::Active as i32;
+        let disc = ConnStatus::Disconnected as i32;
+        for (id, s) in &states {
+            assert!(
+                s == &vec![active, disc] || s == &vec![disc],
+                "{name}: ID {id} went through {s:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn clear_removes_records_but_keeps_history() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(dir.path()).await?;
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "n").await?;
+    let mut evs = Vec::new();
+    for id in 1..=4 {
+        evs.push(events::open(id, 1000 + id as u32, "example.test", 443));
+        evs.push(events::packet(id, 1, Direction::C2s, format!("hello {id}").as_bytes()));
+    }
+    ingest.send_durable(evs).await?;
+    let watch = client
+        .watch_connections(WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+
+    // Unknown IDs are refused and nothing is removed.
+    let err = client
+        .clear_connections(ClearConnectionsRequest { ids: vec![2, 999] })
+        .await
+        .expect_err("999 is unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("999"), "{}", err.message());
+    assert_eq!(list_ids(&mut client).await?, vec![1, 2, 3, 4]);
+
+    let r = client
+        .clear_connections(ClearConnectionsRequest { ids: vec![2, 3] })
+        .await?
+        .into_inner();
+    assert_eq!(r.cleared, 2);
+    assert_eq!(list_ids(&mut client).await?, vec![1, 4]);
+    let err = client
+        .get_connection(GetConnectionRequest { id: 2 })
+        .await
+        .expect_err("cleared");
+    assert_eq!(err.code(), Code::NotFound);
+
+    // A close arriving after the clear does not bring the record back.
+    ingest
+        .send_durable(vec![events::close(2, ClosedBy::Server, CloseKind::Fin, "server sent FIN")])
+        .await?;
+    assert_eq!(list_ids(&mut client).await?, vec![1, 4]);
+
+    // Packets of cleared records stay in the history.
+    let h = client
+        .search_history(SearchHistoryRequest { conn_id: 2, ..Default::default() })
+        .await?
+        .into_inner();
+    assert_eq!(h.packets.len(), 1);
+    assert_eq!(h.packets[0].data, b"hello 2");
+
+    let r = client.clear_all(ClearAllRequest {}).await?.into_inner();
+    assert_eq!(r.cleared, 2);
+    assert!(list_ids(&mut client).await?.is_empty());
+    let h = client
+        .search_history(SearchHistoryRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(h.packets.len(), 4);
+
+    // The watcher saw the snapshot, then exactly the four removals.
+    let evs = collect_watch(watch, |e| e.len() == 4 + 1 + 4).await?;
+    let removed: Vec<u64> = evs
+        .iter()
+        .filter(|e| e.kind == Kind::Removed as i32)
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(removed, vec![2, 3, 1, 4]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn acknowledged_data_survives_a_crash() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(dir.path()).await?;
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "n").await?;
+    let payload: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+    ingest
+        .send_durable(vec![
+            events::open(7, 5555, "db.internal", 5432),
+            events::packet(7, 1, Direction::C2s, &payload),
+            events::packet(7, 2, Direction::S2c, b"pong"),
+            events::close(7, ClosedBy::Server, CloseKind::Rst, "server reset the connection"),
+        ])
+        .await?;
+    drop(client);
+    reg.proc.kill().await; // SIGKILL: no graceful flush
+
+    let reg = Registry::start(dir.path()).await?;
+    let mut client = reg.client().await?;
+    let c = client
+        .get_connection(GetConnectionRequest { id: 7 })
+        .await?
+        .into_inner();
+    assert_eq!(c.src_port, 5555);
+    assert_eq!(c.dst_port, 5432);
+    assert_eq!(c.node, "n");
+    assert_eq!(c.status, ConnStatus::Disconnected as i32);
+    assert_eq!(c.closed_by, ClosedBy::Server as i32);
+    assert_eq!(c.close_kind, CloseKind::Rst as i32);
+    let h = client
+        .search_history(SearchHistoryRequest { conn_id: 7, ..Default::default() })
+        .await?
+        .into_inner();
+    let data: Vec<&[u8]> = h.packets.iter().map(|p| p.data.as_slice()).collect();
+    assert_eq!(data, vec![payload.as_slice(), b"pong".as_slice()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn leased_ids_are_unique_across_lessees_and_restarts() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut seen = HashSet::new();
+    let mut max_before = 0;
+    for round in 0..2 {
+        let reg = Registry::start(dir.path()).await?;
+        let lessees = (0..2).map(|i| {
+            let url = reg.url.clone();
+            tokio::spawn(async move {
+                let mut c = registry_client(&url, None).await?;
+                let mut got = Vec::new();
+                for _ in 0..50 {
+                    let r = c
+                        .lease_ids(LeaseIdsRequest { node: format!("p{i}"), count: 7 })
+                        .await?
+                        .into_inner();
+                    assert_eq!(r.last - r.first + 1, 7);
+                    got.extend(r.first..=r.last);
+                }
+                anyhow::Ok(got)
+            })
+        });
+        let mut min_this_round = u64::MAX;
+        for l in lessees.collect::<Vec<_>>() {
+            for id in l.await?? {
+                assert!(id > 0);
+                assert!(seen.insert(id), "ID {id} handed out twice (round {round})");
+                min_this_round = min_this_round.min(id);
+            }
+        }
+        assert!(min_this_round > max_before, "a restart reissued IDs");
+        max_before = *seen.iter().max().expect("ids");
+        reg.proc.kill().await;
+    }
+    assert_eq!(seen.len(), 2 * 2 * 50 * 7);
+    Ok(())
+}
+
+fn code<T>(r: Result<T, tonic::Status>) -> Result<(), Code> {
+    r.map(|_| ()).map_err(|s| s.code())
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_status_codes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(dir.path()).await?;
+    let mut client = reg.client().await?;
+
+    assert_eq!(
+        code(client.get_connection(GetConnectionRequest { id: 0 }).await),
+        Err(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(client.get_connection(GetConnectionRequest { id: 12345 }).await),
+        Err(Code::NotFound)
+    );
+    assert_eq!(
+        code(client.lease_ids(LeaseIdsRequest { node: "x".into(), count: 0 }).await),
+        Err(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(client.lease_ids(LeaseIdsRequest { node: "x".into(), count: 1 << 20 }).await),
+        Err(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(
+            client
+                .list_connections(ListConnectionsRequest {
+                    page_token: "not-a-number".into(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Err(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(
+            client
+                .search_history(SearchHistoryRequest {
+                    page_token: "x:y".into(),
+                    ..Default::default()
+                })
+                .await
+        ),
+        Err(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(client.clear_connections(ClearConnectionsRequest { ids: vec![] }).await),
+        Err(Code::InvalidArgument)
+    );
+    // An ingest batch with a zero connection ID is refused with a reason, and the server
+    // keeps serving.
+    let mut ingest = Ingest::open(&mut client, "n").await?;
+    ingest.send(vec![events::open(0, 1, "h", 1)]).await?;
+    let status = ingest.next_error().await?;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("ID 0"), "{}", status.message());
+    assert!(list_ids(&mut client).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn paging_filters_and_stats() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(dir.path()).await?;
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "lab1").await?;
+    let mut evs = Vec::new();
+    for id in 1..=25u64 {
+        let port = if id % 2 == 0 { 443 } else { 80 };
+        evs.push(events::open(id, 2000 + id as u32, "example.test", port));
+        if id % 5 == 0 {
+            evs.push(events::close(id, ClosedBy::Server, CloseKind::Fin, "server sent FIN"));
+        }
+        evs.push(events::packet(id, 1, Direction::C2s, b"GET / HTTP/1.1"));
+        evs.push(events::packet(id, 2, Direction::S2c, b"HTTP/1.1 200 OK"));
+    }
+    ingest.send_durable(evs).await?;
+
+    // Pages of 10 cover everything exactly once, in ID order.
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_connections(ListConnectionsRequest {
+                page_size: 10,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert!(page.connections.len() <= 10);
+        ids.extend(page.connections.iter().map(|c| c.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(ids, (1..=25).collect::<Vec<_>>());
+
+    let f = ConnectionFilter {
+        status: ConnStatus::Disconnected as i32,
+        ..Default::default()
+    };
+    let r = client
+        .list_connections(ListConnectionsRequest { filter: Some(f), ..Default::default() })
+        .await?
+        .into_inner();
+    assert_eq!(r.connections.iter().map(|c| c.id).collect::<Vec<_>>(), vec![5, 10, 15, 20, 25]);
+
+    let s = client
+        .connection_stats(ConnectionStatsRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(s.total, 25);
+    assert_eq!(s.history_packets, 50);
+    let by = |v: &[proto::registry::Count], k: &str| v.iter().find(|c| c.key == k).map(|c| c.count);
+    assert_eq!(by(&s.by_status, "active"), Some(20));
+    assert_eq!(by(&s.by_status, "disconnected"), Some(5));
+    assert_eq!(by(&s.by_closed_by, "server"), Some(5));
+    assert_eq!(by(&s.by_destination, "example.test:443"), Some(12));
+    assert_eq!(by(&s.by_destination, "example.test:80"), Some(13));
+    assert_eq!(by(&s.by_node, "lab1"), Some(25));
+
+    // History search by direction and content, paged one packet at a time.
+    let mut found = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .search_history(SearchHistoryRequest {
+                direction: Direction::S2c as i32,
+                contains: b"200 OK".to_vec(),
+                page_size: 1,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        found.extend(page.packets.iter().map(|p| (p.conn_id, p.seq)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(found, (1..=25).map(|id| (id, 2)).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_token_is_required_when_configured_and_exposure_without_one_is_refused(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start_with(dir.path(), "127.0.0.1:0", &["--token", "hunter2"]).await?;
+    let mut anon = registry_client(&reg.url, None).await?;
+    let err = anon
+        .list_connections(ListConnectionsRequest::default())
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut wrong = registry_client(&reg.url, Some("nope")).await?;
+    let err = wrong
+        .list_connections(ListConnectionsRequest::default())
+        .await
+        .expect_err("wrong token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut ok = registry_client(&reg.url, Some("hunter2")).await?;
+    ok.list_connections(ListConnectionsRequest::default()).await?;
+
+    // Beyond loopback without a token: refused before binding, with the reason.
+    let dir2 = tempfile::tempdir()?;
+    let err = Registry::start_with(dir2.path(), "0.0.0.0:0", &[])
+        .await
+        .err()
+        .expect("must refuse");
+    assert!(err.to_string().contains("without a token"), "{err}");
+    Ok(())
+}
