@@ -20,6 +20,7 @@ pub mod relay;
 pub mod report;
 pub mod server;
 pub mod socks5;
+pub mod tls;
 pub mod udp;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

@@ -1,0 +1,846 @@
+//! End-to-end tests of the interception facade with real rustls clients and servers (and
+//! `openssl s_client`) on 127.0.0.1: a minimal relay stands in for the SOCKS relay.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{AlertDescription, ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A throwaway CA for the "real" upstream servers, plus a server certificate for
+/// `localhost` and 127.0.0.1, all written as PEM files into a temp dir.
+struct TestPki {
+    dir: tempfile::TempDir,
+    ca_key: KeyPair,
+    ca_params: CertificateParams,
+    ca_der: CertificateDer<'static>,
+}
+
+impl TestPki {
+    fn new(cn: &str) -> TestPki {
+        install_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::default();
+        ca_params.distinguished_name.push(DnType::CommonName, cn);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write");
+        TestPki {
+            dir,
+            ca_der: ca.der().clone(),
+            ca_key,
+            ca_params,
+        }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Issues a certificate (server or client) for `names`; returns (chain, key) and also
+    /// writes them to `<stem>.pem` / `<stem>-key.pem`.
+    fn issue(
+        &self,
+        names: &[&str],
+        stem: &str,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().expect("key");
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(self.dir.path().join(format!("{stem}.pem")), cert.pem()).expect("write");
+        std::fs::write(
+            self.dir.path().join(format!("{stem}-key.pem")),
+            key.serialize_pem(),
+        )
+        .expect("write");
+        let key_der = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key");
+        (vec![cert.der().clone()], key_der)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Which server a test runs upstream.
+struct ServerSpec {
+    alpn: Vec<Vec<u8>>,
+    /// Require client certificates signed by this CA.
+    client_ca: Option<CertificateDer<'static>>,
+    tls12_only: bool,
+}
+
+impl Default for ServerSpec {
+    fn default() -> Self {
+        ServerSpec {
+            alpn: vec![b"http/1.1".to_vec()],
+            client_ca: None,
+            tls12_only: false,
+        }
+    }
+}
+
+/// A rustls echo server; it first writes one line naming its negotiated ALPN.
+async fn start_upstream(pki: &TestPki, spec: ServerSpec) -> SocketAddr {
+    let (chain, key) = pki.issue(&["localhost", "127.0.0.1"], "server");
+    let versions: &[&rustls::SupportedProtocolVersion] = if spec.tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        rustls::ALL_VERSIONS
+    };
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .expect("versions");
+    let mut cfg = match spec.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca).expect("root");
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .expect("verifier");
+            builder.with_client_cert_verifier(v)
+        }
+        None => builder.with_no_client_auth(),
+    }
+    .with_single_cert(chain, key)
+    .expect("server cert");
+    cfg.alpn_protocols = spec.alpn;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(mut tls)) = timeout(WAIT, acceptor.accept(tcp)).await else {
+                    return;
+                };
+                let alpn = tls
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .unwrap_or_else(|| "none".into());
+                let _ = tls.write_all(format!("alpn={alpn}\n").as_bytes()).await;
+                let mut buf = [0u8; 4096];
+                loop {
+                    match timeout(WAIT, tls.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            if tls.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => {
+                            let _ = tls.shutdown().await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A minimal stand-in for the relay: detect, intercept, pump. Each interception result is
+/// sent on the returned channel.
+async fn start_relay(
+    interceptor: Arc<Interceptor>,
+    upstream: SocketAddr,
+    target_host: Option<String>,
+) -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<Result<TlsSummary, InterceptError>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let interceptor = interceptor.clone();
+            let tx = tx.clone();
+            let target = Target {
+                host: target_host.clone(),
+                ip: upstream.ip(),
+                port: upstream.port(),
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let hello = loop {
+                    let mut chunk = [0u8; 1024];
+                    let n = match timeout(WAIT, client.read(&mut chunk)).await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => return,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    match detect(&buf) {
+                        Detection::NeedMore => continue,
+                        Detection::NotTls { .. } => return,
+                        Detection::ClientHello(info) => break info,
+                    }
+                };
+                let Ok(Ok(up)) = timeout(WAIT, TcpStream::connect(upstream)).await else {
+                    return;
+                };
+                match interceptor
+                    .intercept(client, Bytes::from(buf), &hello, up, &target)
+                    .await
+                {
+                    Ok(mut i) => {
+                        let _ = tx.send(Ok(i.summary.clone()));
+                        let _ = timeout(
+                            WAIT,
+                            tokio::io::copy_bidirectional(&mut i.client, &mut i.upstream),
+                        )
+                        .await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn roots_from(der: &CertificateDer<'static>) -> RootCertStore {
+    let mut roots = RootCertStore::empty();
+    roots.add(der.clone()).expect("root");
+    roots
+}
+
+/// Connects a rustls client through the relay.
+async fn client_connect(
+    relay: SocketAddr,
+    roots: RootCertStore,
+    name: ServerName<'static>,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(relay).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    timeout(WAIT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("client handshake timed out"))?
+}
+
+/// Reads the server's first line, then checks an echo round trip.
+async fn echo_check(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        let n = timeout(WAIT, tls.read(&mut b))
+            .await
+            .expect("no timeout")
+            .expect("read");
+        assert!(n > 0, "eof before the greeting line");
+        line.push(b[0]);
+    }
+    tls.write_all(b"ping through the proxy")
+        .await
+        .expect("write");
+    let mut echo = [0u8; 22];
+    timeout(WAIT, tls.read_exact(&mut echo))
+        .await
+        .expect("no timeout")
+        .expect("read");
+    assert_eq!(&echo, b"ping through the proxy");
+    String::from_utf8_lossy(&line).trim().to_owned()
+}
+
+async fn next_result(
+    rx: &mut mpsc::UnboundedReceiver<Result<TlsSummary, InterceptError>>,
+) -> Result<TlsSummary, InterceptError> {
+    timeout(WAIT, rx.recv())
+        .await
+        .expect("relay reported in time")
+        .expect("relay alive")
+}
+
+fn interceptor(
+    ca_dir: &Path,
+    upstream_ca: Option<PathBuf>,
+    f: impl FnOnce(&mut InterceptOptions),
+) -> Arc<Interceptor> {
+    let ca = Arc::new(Ca::load_or_create(ca_dir).expect("ca"));
+    let mut opts = InterceptOptions {
+        upstream: UpstreamOptions {
+            system_roots: false,
+            extra_roots: upstream_ca.into_iter().collect(),
+            ..UpstreamOptions::default()
+        },
+        handshake_timeout: WAIT,
+        ..InterceptOptions::default()
+    };
+    f(&mut opts);
+    Arc::new(Interceptor::new(ca, opts).expect("interceptor"))
+}
+
+/// Loads the CA as a client would: from the exported PEM file.
+fn exported_roots(i: &Interceptor, dir: &Path) -> RootCertStore {
+    let out = dir.join("exported-ca.pem");
+    i.ca().export(&out, false).expect("export");
+    let der = CertificateDer::from_pem_file(&out).expect("pem");
+    roots_from(&der)
+}
+
+#[tokio::test]
+async fn intercepts_with_exported_ca_and_reports_both_legs() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(&pki, ServerSpec::default()).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, Some("localhost".into())).await;
+    let roots = exported_roots(&icp, data.path());
+    let mut tls = client_connect(
+        relay,
+        roots,
+        ServerName::try_from("localhost").expect("name"),
+        &[b"h2", b"http/1.1"],
+    )
+    .await
+    .expect("client handshake through the proxy");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(echo_check(&mut tls).await, "alpn=http/1.1");
+    let s = next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(s.sni.as_deref(), Some("localhost"));
+    assert_eq!(s.leaf_name, "localhost");
+    assert_eq!(s.client.alpn.as_deref(), Some("http/1.1"));
+    assert_eq!(s.upstream.alpn.as_deref(), Some("http/1.1"));
+    assert_eq!(s.client.version, "TLSv1.3");
+    assert_eq!(s.upstream.version, "TLSv1.3");
+    assert!(
+        s.client.cipher_suite.starts_with("TLS_"),
+        "{}",
+        s.client.cipher_suite
+    );
+    assert!(!s.client.cipher_suite.starts_with("TLS13_"));
+    assert!(!s.insecure);
+    assert_eq!(s.client_cert, ClientCertStatus::NotRequested);
+}
+
+#[tokio::test]
+async fn h2_alpn_passes_through() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(
+        &pki,
+        ServerSpec {
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            ..ServerSpec::default()
+        },
+    )
+    .await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let mut tls = client_connect(
+        relay,
+        exported_roots(&icp, data.path()),
+        ServerName::try_from("localhost").expect("name"),
+        &[b"h2", b"http/1.1"],
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(echo_check(&mut tls).await, "alpn=h2");
+    let s = next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(s.client.alpn.as_deref(), Some("h2"));
+    assert_eq!(s.upstream.alpn.as_deref(), Some("h2"));
+
+    // A client offering no ALPN gets none, and the server saw none offered.
+    let mut tls = client_connect(
+        relay,
+        exported_roots(&icp, data.path()),
+        ServerName::try_from("localhost").expect("name"),
+        &[],
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    assert_eq!(echo_check(&mut tls).await, "alpn=none");
+}
+
+#[tokio::test]
+async fn client_without_sni_to_ip_target_validates_ip_san() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(&pki, ServerSpec::default()).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let mut tls = client_connect(
+        relay,
+        exported_roots(&icp, data.path()),
+        ServerName::IpAddress(server.ip().into()),
+        &[],
+    )
+    .await
+    .expect("client validated the IP SAN");
+    echo_check(&mut tls).await;
+    let s = next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(s.sni, None);
+    assert_eq!(s.leaf_name, "127.0.0.1");
+    // The leaf carries an IP SAN and no DNS SAN.
+    let chain = tls.get_ref().1.peer_certificates().expect("chain");
+    let (_, x) = x509_parser::parse_x509_certificate(&chain[0]).expect("parse");
+    let san = x.subject_alternative_name().expect("ok").expect("san");
+    assert!(
+        san.value
+            .general_names
+            .iter()
+            .all(|g| matches!(g, x509_parser::extensions::GeneralName::IPAddress(_)))
+    );
+}
+
+#[tokio::test]
+async fn client_that_does_not_trust_the_ca_is_recorded_as_rejecting() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(&pki, ServerSpec::default()).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    // The client trusts only some other CA.
+    let other = TestPki::new("Someone Else");
+    let err = client_connect(
+        relay,
+        roots_from(&other.ca_der),
+        ServerName::try_from("localhost").expect("name"),
+        &[],
+    )
+    .await
+    .expect_err("the client must reject our certificate");
+    assert!(
+        err.to_string().contains("UnknownIssuer") || err.to_string().contains("issuer"),
+        "{err}"
+    );
+    let e = next_result(&mut rx).await.expect_err("interception failed");
+    assert!(
+        matches!(
+            e,
+            InterceptError::ClientRejectedCertificate(AlertDescription::UnknownCA)
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.closed_by(), ClosedBy::Client);
+    assert_eq!(e.reason(), "client rejected certificate: unknown CA");
+}
+
+#[tokio::test]
+async fn untrusted_upstream_certificate_is_an_upstream_error_and_the_client_gets_an_alert() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(&pki, ServerSpec::default()).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    // The proxy trusts a different CA than the one that signed the server.
+    let other = TestPki::new("Unrelated CA");
+    let icp = interceptor(data.path(), Some(other.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let err = client_connect(
+        relay,
+        exported_roots(&icp, data.path()),
+        ServerName::try_from("localhost").expect("name"),
+        &[],
+    )
+    .await
+    .expect_err("upstream failure reaches the client");
+    let alert = rustls_error(&err).cloned();
+    assert_eq!(
+        alert,
+        Some(rustls::Error::AlertReceived(
+            AlertDescription::HandshakeFailure
+        )),
+        "{err}"
+    );
+    let e = next_result(&mut rx).await.expect_err("interception failed");
+    assert!(matches!(e, InterceptError::UpstreamCertificate(_)), "{e:?}");
+    assert_eq!(e.closed_by(), ClosedBy::Proxy);
+    assert!(e.reason().contains("unknown issuer"), "{}", e.reason());
+    assert!(e.is_upstream());
+}
+
+#[tokio::test]
+async fn insecure_mode_accepts_any_upstream_certificate_and_says_so() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(&pki, ServerSpec::default()).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), None, |o| o.upstream.insecure = true);
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let mut tls = client_connect(
+        relay,
+        exported_roots(&icp, data.path()),
+        ServerName::try_from("localhost").expect("name"),
+        &[],
+    )
+    .await
+    .expect("handshake");
+    echo_check(&mut tls).await;
+    let s = next_result(&mut rx).await.expect("intercepted");
+    assert!(s.insecure);
+}
+
+#[tokio::test]
+async fn keylog_gets_lines_for_both_legs() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(&pki, ServerSpec::default()).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let keylog = data.path().join("keys.log");
+    let kl = keylog.clone();
+    let icp = interceptor(data.path(), Some(pki.ca_file()), move |o| {
+        o.keylog = Some(kl)
+    });
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let mut tls = client_connect(
+        relay,
+        exported_roots(&icp, data.path()),
+        ServerName::try_from("localhost").expect("name"),
+        &[],
+    )
+    .await
+    .expect("handshake");
+    echo_check(&mut tls).await;
+    next_result(&mut rx).await.expect("intercepted");
+    let text = std::fs::read_to_string(&keylog).expect("keylog");
+    let randoms: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("CLIENT_TRAFFIC_SECRET_0 "))
+        .filter_map(|l| l.split(' ').nth(1))
+        .collect();
+    assert_eq!(randoms.len(), 2, "one per leg:\n{text}");
+    assert!(text.contains("SERVER_HANDSHAKE_TRAFFIC_SECRET "));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&keylog)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
+
+#[tokio::test]
+async fn server_demanding_a_client_certificate_is_recognised() {
+    let pki = TestPki::new("Upstream Test CA");
+    // TLS 1.2: the server rejects the empty certificate inside the handshake.
+    let server = start_upstream(
+        &pki,
+        ServerSpec {
+            client_ca: Some(pki.ca_der.clone()),
+            tls12_only: true,
+            ..ServerSpec::default()
+        },
+    )
+    .await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let _ = client_connect(
+        relay,
+        exported_roots(&icp, data.path()),
+        ServerName::try_from("localhost").expect("name"),
+        &[],
+    )
+    .await
+    .expect_err("no client certificate, no connection");
+    let e = next_result(&mut rx).await.expect_err("interception failed");
+    assert!(
+        matches!(e, InterceptError::ServerDemandedClientCert(_)),
+        "{e:?}"
+    );
+    assert!(
+        e.reason().contains("demanded a client certificate"),
+        "{}",
+        e.reason()
+    );
+}
+
+#[tokio::test]
+async fn tls13_server_demanding_a_client_certificate_shows_on_first_read() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(
+        &pki,
+        ServerSpec {
+            client_ca: Some(pki.ca_der.clone()),
+            ..ServerSpec::default()
+        },
+    )
+    .await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    // Drive the facade directly: the client side is a real rustls client over a duplex pipe.
+    let (client_side, proxy_side) = tokio::io::duplex(64 * 1024);
+    let roots = exported_roots(&icp, data.path());
+    let client_task = tokio::spawn(async move {
+        let cfg = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let c = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        timeout(
+            WAIT,
+            c.connect(
+                ServerName::try_from("localhost").expect("name"),
+                client_side,
+            ),
+        )
+        .await
+    });
+    // The facade gets the pipe; the client's real hello arrives through it (no prefix).
+    let up = TcpStream::connect(server).await.expect("connect");
+    let target = Target {
+        host: None,
+        ip: server.ip(),
+        port: server.port(),
+    };
+    // Read the real ClientHello off the pipe first, as the relay would.
+    let mut proxy_side = proxy_side;
+    let mut buf = Vec::new();
+    let real = loop {
+        let mut chunk = [0u8; 4096];
+        let n = timeout(WAIT, proxy_side.read(&mut chunk))
+            .await
+            .expect("no timeout")
+            .expect("read");
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Detection::ClientHello(i) = detect(&buf) {
+            break i;
+        }
+    };
+    let mut i = icp
+        .intercept(proxy_side, Bytes::from(buf), &real, up, &target)
+        .await
+        .expect("TLS 1.3 handshake completes before the server checks");
+    assert_eq!(
+        i.summary.client_cert,
+        ClientCertStatus::RequestedNoneAvailable
+    );
+    let _client = client_task
+        .await
+        .expect("join")
+        .expect("no timeout")
+        .expect("client ok");
+    let mut b = [0u8; 64];
+    let err = timeout(WAIT, i.upstream.read(&mut b))
+        .await
+        .expect("no timeout")
+        .expect_err("server alerts");
+    let reason = upstream_stream_error_reason(&err, &i.summary);
+    assert!(reason.contains("demanded a client certificate"), "{reason}");
+}
+
+#[tokio::test]
+async fn configured_client_certificate_is_sent_to_matching_host() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(
+        &pki,
+        ServerSpec {
+            client_ca: Some(pki.ca_der.clone()),
+            ..ServerSpec::default()
+        },
+    )
+    .await;
+    pki.issue(&["device-1"], "client");
+    let data = tempfile::tempdir().expect("tempdir");
+    let spec: ClientCertSpec = format!(
+        "localhost={},{}",
+        pki.path("client.pem").display(),
+        pki.path("client-key.pem").display()
+    )
+    .parse()
+    .expect("spec");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), move |o| {
+        o.upstream.client_certs = vec![spec];
+    });
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let mut tls = client_connect(
+        relay,
+        exported_roots(&icp, data.path()),
+        ServerName::try_from("localhost").expect("name"),
+        &[],
+    )
+    .await
+    .expect("handshake");
+    echo_check(&mut tls).await;
+    let s = next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(s.client_cert, ClientCertStatus::Sent);
+}
+
+#[tokio::test]
+async fn passthrough_patterns_match_sni_name_or_ip() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), None, |o| {
+        o.upstream.insecure = true;
+        o.passthrough = vec![
+            "*.bank.example".parse().expect("p"),
+            "192.0.2.7".parse().expect("p"),
+        ];
+    });
+    let t = |host: Option<&str>, ip: &str| Target {
+        host: host.map(str::to_owned),
+        ip: ip.parse().expect("ip"),
+        port: 443,
+    };
+    assert!(icp.passthrough(Some("www.bank.example"), &t(None, "10.0.0.1")));
+    assert!(icp.passthrough(None, &t(Some("login.bank.example"), "10.0.0.1")));
+    assert!(icp.passthrough(None, &t(None, "192.0.2.7")));
+    assert!(!icp.passthrough(Some("example.com"), &t(None, "10.0.0.1")));
+}
+
+#[tokio::test]
+async fn regenerated_ca_is_used_for_new_connections() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(&pki, ServerSpec::default()).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let old_roots = exported_roots(&icp, data.path());
+    let mut tls = client_connect(
+        relay,
+        old_roots.clone(),
+        ServerName::try_from("localhost").expect("name"),
+        &[],
+    )
+    .await
+    .expect("handshake");
+    echo_check(&mut tls).await;
+    next_result(&mut rx).await.expect("ok");
+    icp.replace_ca(Arc::new(Ca::regenerate(data.path()).expect("regen")));
+    // The old CA no longer works; the new one does.
+    assert!(
+        client_connect(
+            relay,
+            old_roots,
+            ServerName::try_from("localhost").expect("name"),
+            &[]
+        )
+        .await
+        .is_err()
+    );
+    let e = next_result(&mut rx).await.expect_err("rejected");
+    assert_eq!(e.closed_by(), ClosedBy::Client);
+    let mut tls = client_connect(
+        relay,
+        exported_roots(&icp, data.path()),
+        ServerName::try_from("localhost").expect("name"),
+        &[],
+    )
+    .await
+    .expect("handshake with the new CA");
+    echo_check(&mut tls).await;
+}
+
+#[tokio::test]
+async fn openssl_s_client_verifies_through_the_proxy() {
+    if !Path::new("/usr/bin/openssl").exists() {
+        eprintln!("openssl not installed; skipping");
+        return;
+    }
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(
+        &pki,
+        ServerSpec {
+            alpn: vec![b"h2".to_vec()],
+            ..ServerSpec::default()
+        },
+    )
+    .await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let ca_file = data.path().join("exported.pem");
+    icp.ca().export(&ca_file, false).expect("export");
+    let mut child = tokio::process::Command::new("/usr/bin/openssl")
+        .args(["s_client", "-connect"])
+        .arg(relay.to_string())
+        .args(["-servername", "www.example.test", "-alpn", "h2,http/1.1"])
+        .args([
+            "-verify_return_error",
+            "-verify_hostname",
+            "www.example.test",
+        ])
+        .arg("-CAfile")
+        .arg(&ca_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn openssl");
+    // Let it handshake, then close stdin so it exits.
+    let s = next_result(&mut rx).await;
+    drop(child.stdin.take());
+    let out = timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("openssl finished")
+        .expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Upstream verification uses the SNI; the test server is only valid for localhost.
+    assert!(s.is_err(), "www.example.test is not the upstream's name");
+    let _ = stdout;
+
+    // Now with a name the upstream server is valid for.
+    let mut child = tokio::process::Command::new("/usr/bin/openssl")
+        .args(["s_client", "-connect"])
+        .arg(relay.to_string())
+        .args(["-servername", "localhost", "-alpn", "h2,http/1.1"])
+        .args(["-verify_return_error", "-verify_hostname", "localhost"])
+        .arg("-CAfile")
+        .arg(&ca_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn openssl");
+    let s = next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(s.client.alpn.as_deref(), Some("h2"));
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"ping through the proxy\n").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(stdin);
+    }
+    let out = timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("openssl finished")
+        .expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("Verify return code: 0 (ok)"),
+        "openssl output:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ALPN protocol: h2"), "{stdout}");
+    assert!(stdout.contains("alpn=h2"), "{stdout}");
+}
