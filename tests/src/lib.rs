@@ -4,6 +4,8 @@
 
 pub mod proxy;
 
+pub mod tools;
+
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
@@ -31,6 +33,11 @@ fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile> folder")
         .to_path_buf()
+}
+
+/// The cargo target folder (`target/`).
+pub fn target_dir() -> PathBuf {
+    bin_dir().parent().map(Path::to_path_buf).unwrap_or_else(bin_dir)
 }
 
 /// The path of a workspace binary, built (once per test process) if needed, so that

@@ -1,0 +1,249 @@
+//! The `interpose` CLI and `interpose up` end to end, plus a generic gRPC client (grpcurl,
+//! which finds everything through server reflection).
+
+use base64::Engine;
+use proto::{
+    common::{CloseKind, ClosedBy, Direction},
+};
+use serde_json::{Value, json};
+use tests::{Ingest, Up, WAIT, events, interpose, interpose_json, registry_client};
+use tokio::io::AsyncBufReadExt;
+
+fn grpcurl() -> String {
+    tests::tools::grpcurl()
+}
+
+async fn run_grpcurl(args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(grpcurl())
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("running {}: {e}", grpcurl()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "grpcurl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn up_serves_the_api_to_the_cli_and_to_reflection_clients() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("data"), &[]).await?;
+    assert!(up.grpc.starts_with("http://127.0.0.1:"), "{}", up.proc.ready);
+
+    assert_eq!(interpose_json(&up.grpc, &["conns", "list", "--json"]).await?, json!([]));
+
+    let out = interpose(&up.grpc, &["conns", "clear", "999999"]).await?;
+    assert!(!out.ok);
+    assert_eq!(out.stderr.trim(), "interpose: no connection with ID 999999");
+
+    let out = interpose("http://127.0.0.1:1", &["conns", "list"]).await?;
+    assert!(!out.ok);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("cannot reach the Interpose server"), "{}", out.stderr);
+
+    // grpcurl (v1alpha reflection) lists the services and calls one.
+    let addr = up.grpc.trim_start_matches("http://");
+    let services = run_grpcurl(&["-plaintext", addr, "list"]).await?;
+    let services: Vec<&str> = services.lines().collect();
+    for s in ["interpose.registry.v1.Registry", "grpc.health.v1.Health"] {
+        assert!(services.contains(&s), "{s} missing from {services:?}");
+    }
+    let leased = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"node": "grpcurl", "count": 3}"#,
+        addr,
+        "interpose.registry.v1.Registry/LeaseIds",
+    ])
+    .await?;
+    let leased: Value = serde_json::from_str(&leased)?;
+    assert_eq!(leased["first"], "1");
+    assert_eq!(leased["last"], "3");
+
+    // Reflection v1 answers too, and health says the registry is serving.
+    let ch = proto::client::connect(&up.grpc, None).await?;
+    let mut refl =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await?
+        .into_inner();
+    let msg = resp.message().await?.ok_or_else(|| anyhow::anyhow!("no reflection reply"))?;
+    let names: Vec<String> = match msg.message_response {
+        Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => anyhow::bail!("unexpected reflection reply {other:?}"),
+    };
+    assert!(names.contains(&"interpose.registry.v1.Registry".to_string()), "{names:?}");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    let st = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "interpose.registry.v1.Registry".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(st.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    assert!(up.proc.terminate().await?, "up exits cleanly on SIGTERM");
+    Ok(())
+}
+
+async fn seed(url: &str) -> anyhow::Result<Ingest> {
+    let mut client = registry_client(url, None).await?;
+    let mut ingest = Ingest::open(&mut client, "lab1").await?;
+    ingest
+        .send_durable(vec![
+            events::open(1, 50001, "example.test", 443),
+            events::packet(1, 1, Direction::C2s, b"GET / HTTP/1.1\r\n\r\n"),
+            events::packet(1, 2, Direction::S2c, b"HTTP/1.1 200 OK\r\n\r\nhi"),
+            events::close(1, ClosedBy::Client, CloseKind::Fin, "client sent FIN"),
+            events::open(2, 50002, "db.test", 5432),
+            events::packet(2, 1, Direction::C2s, b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),
+        ])
+        .await?;
+    Ok(ingest)
+}
+
+#[tokio::test]
+async fn conns_and_history_commands_show_what_was_recorded() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("data"), &[]).await?;
+    let _ingest = seed(&up.grpc).await?;
+
+    let all = interpose_json(&up.grpc, &["conns", "list", "--json"]).await?;
+    let all = all.as_array().expect("array");
+    assert_eq!(all.len(), 2);
+    let c1 = &all[0];
+    let keys: Vec<&str> = c1.as_object().expect("object").keys().map(String::as_str).collect();
+    for k in [
+        "id", "node", "src_ip", "src_port", "dst_host", "dst_ip", "dst_port", "status",
+        "closed_by", "close_kind", "reason", "tls", "sni", "alpn", "opened_at", "closed_at",
+        "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c",
+    ] {
+        assert!(keys.contains(&k), "{k} missing from {keys:?}");
+    }
+    assert_eq!(c1["id"], 1);
+    assert_eq!(c1["src_port"], 50001);
+    assert_eq!(c1["dst_port"], 443);
+    assert_eq!(c1["status"], "disconnected");
+    assert_eq!(c1["closed_by"], "client");
+    assert_eq!(c1["close_kind"], "fin");
+    assert_eq!(c1["node"], "lab1");
+    assert!(c1["closed_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(all[1]["status"], "active");
+    assert_eq!(all[1]["closed_by"], Value::Null);
+
+    let active = interpose_json(&up.grpc, &["conns", "list", "--status", "active", "--json"]).await?;
+    assert_eq!(active.as_array().map(Vec::len), Some(1));
+    assert_eq!(active[0]["id"], 2);
+
+    let table = interpose(&up.grpc, &["conns", "list"]).await?;
+    assert!(table.ok);
+    assert!(table.stdout.contains("example.test:443"), "{}", table.stdout);
+    assert!(table.stdout.contains("2 connection(s)"), "{}", table.stdout);
+
+    let copy = interpose(&up.grpc, &["conns", "copy", "1", "2"]).await?;
+    assert!(copy.ok, "{}", copy.stderr);
+    let rows: Vec<Vec<&str>> = copy.stdout.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0][..4], ["id", "node", "src_ip", "src_port"]);
+    assert_eq!(rows[1][..4], ["1", "lab1", "127.0.0.1", "50001"]);
+    assert_eq!(rows[2][0], "2");
+    let bad = interpose(&up.grpc, &["conns", "copy", "1", "77"]).await?;
+    assert!(!bad.ok);
+    assert!(bad.stderr.contains("no connection with ID 77"), "{}", bad.stderr);
+
+    let stats = interpose_json(&up.grpc, &["conns", "stats", "--json"]).await?;
+    assert_eq!(stats["total"], 2);
+    assert_eq!(stats["by_status"]["active"], 1);
+    assert_eq!(stats["by_closed_by"]["client"], 1);
+    assert_eq!(stats["by_destination"]["db.test:5432"], 1);
+    assert_eq!(stats["history_packets"], 3);
+
+    let h = interpose_json(&up.grpc, &["history", "--conn", "1", "--json"]).await?;
+    let h = h.as_array().expect("array");
+    assert_eq!(h.len(), 2);
+    assert_eq!(h[0]["seq"], 1);
+    assert_eq!(h[0]["direction"], "c2s");
+    assert_eq!(h[1]["direction"], "s2c");
+    assert_eq!(h[1]["len"], 21);
+    let data = base64::engine::general_purpose::STANDARD.decode(h[1]["data_b64"].as_str().unwrap_or(""))?;
+    assert_eq!(data, b"HTTP/1.1 200 OK\r\n\r\nhi");
+    let h = interpose_json(&up.grpc, &["history", "--direction", "s2c", "--contains", "200 OK", "--json"]).await?;
+    assert_eq!(h.as_array().map(Vec::len), Some(1));
+    let none = interpose(&up.grpc, &["history", "--conn", "31337"]).await?;
+    assert!(!none.ok);
+    assert!(none.stderr.contains("31337"), "{}", none.stderr);
+
+    let cleared = interpose(&up.grpc, &["conns", "clear", "1"]).await?;
+    assert!(cleared.ok, "{}", cleared.stderr);
+    let ids = interpose_json(&up.grpc, &["conns", "list", "--json"]).await?;
+    assert_eq!(ids.as_array().map(|a| a.iter().map(|c| c["id"].clone()).collect::<Vec<_>>()), Some(vec![json!(2)]));
+    // The cleared connection's packets are still in the history.
+    let h = interpose_json(&up.grpc, &["history", "--conn", "1", "--json"]).await?;
+    assert_eq!(h.as_array().map(Vec::len), Some(2));
+    let cleared = interpose(&up.grpc, &["conns", "clear", "--all"]).await?;
+    assert!(cleared.ok, "{}", cleared.stderr);
+    assert_eq!(interpose_json(&up.grpc, &["conns", "list", "--json"]).await?, json!([]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn conns_watch_json_prints_each_event_as_it_happens() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("data"), &[]).await?;
+    let mut ingest = seed(&up.grpc).await?;
+
+    let mut watch = tokio::process::Command::new(tests::bin("interpose"))
+        .args(["conns", "watch", "--json", "--server", &up.grpc])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = watch.stdout.take().ok_or_else(|| anyhow::anyhow!("stdout"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut next = async || -> anyhow::Result<Value> {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+        Ok(serde_json::from_str(&line)?)
+    };
+    for id in [1, 2] {
+        let ev = next().await?;
+        assert_eq!(ev["event"], "snapshot");
+        assert_eq!(ev["connection"]["id"], id);
+    }
+    assert_eq!(next().await?["event"], "snapshot_end");
+
+    ingest
+        .send_durable(vec![events::open(3, 50003, "new.test", 80)])
+        .await?;
+    let ev = next().await?;
+    assert_eq!((ev["event"].as_str(), ev["connection"]["id"].as_u64()), (Some("opened"), Some(3)));
+    assert_eq!(ev["connection"]["status"], "active");
+    ingest
+        .send_durable(vec![events::close(3, ClosedBy::Server, CloseKind::Rst, "server reset the connection")])
+        .await?;
+    let ev = next().await?;
+    assert_eq!((ev["event"].as_str(), ev["connection"]["closed_by"].as_str()), (Some("closed"), Some("server")));
+    assert_eq!(ev["connection"]["close_kind"], "rst");
+    let out = interpose(&up.grpc, &["conns", "clear", "2"]).await?;
+    assert!(out.ok);
+    assert_eq!(next().await?, json!({"event": "cleared", "id": 2}));
+    Ok(())
+}
