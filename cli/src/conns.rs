@@ -12,8 +12,7 @@ use proto::{
     common::{CloseKind, ClosedBy, ConnStatus, Connection},
     registry::{
         ClearAllRequest, ClearConnectionsRequest, ConnectionFilter, ConnectionStatsRequest,
-        GetConnectionRequest, ListConnectionsRequest, WatchConnectionsRequest,
-        watch_event::Kind,
+        GetConnectionRequest, ListConnectionsRequest, WatchConnectionsRequest, watch_event::Kind,
     },
 };
 use serde_json::json;
@@ -244,7 +243,11 @@ async fn watch(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
                 let line = if json {
                     json!({"event": "snapshot_end"}).to_string()
                 } else {
-                    format!("{} -- {} record(s); watching for changes --", now(), seen.len())
+                    format!(
+                        "{} -- {} record(s); watching for changes --",
+                        now(),
+                        seen.len()
+                    )
                 };
                 ("snapshot_end", line)
             }
@@ -332,7 +335,9 @@ fn to_clipboard(text: &str) -> anyhow::Result<()> {
         }
         bail!("{tool} failed ({st}); run without --clipboard to print the TSV");
     }
-    bail!("no clipboard tool found (wl-copy, xclip, xsel, pbcopy); run without --clipboard to print the TSV")
+    bail!(
+        "no clipboard tool found (wl-copy, xclip, xsel, pbcopy); run without --clipboard to print the TSV"
+    )
 }
 
 async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> anyhow::Result<()> {

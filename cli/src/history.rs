@@ -70,7 +70,10 @@ pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
                 write!(out, "{sep}{}", packet_json(p))?;
             } else {
                 if count == 0 {
-                    writeln!(out, "  CONN     SEQ  DIR  TIME                            LEN  DATA")?;
+                    writeln!(
+                        out,
+                        "  CONN     SEQ  DIR  TIME                            LEN  DATA"
+                    )?;
                 }
                 writeln!(out, "{}", row(p))?;
             }

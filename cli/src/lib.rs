@@ -13,7 +13,12 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
     /// gRPC URL of the Interpose server.
-    #[arg(long, global = true, env = "INTERPOSE_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub server: String,
     /// Bearer token for a server that requires one.
     #[arg(long, global = true, env = "INTERPOSE_TOKEN", hide_env_values = true)]

@@ -41,7 +41,10 @@ pub fn conn_json(c: &Connection) -> Value {
         "packets_s2c": c.packets_s2c,
     });
     if let (Some(p), Some(obj)) = (&c.client_process, v.as_object_mut()) {
-        obj.insert("client_process".into(), json!({"pid": p.pid, "name": p.name}));
+        obj.insert(
+            "client_process".into(),
+            json!({"pid": p.pid, "name": p.name}),
+        );
     }
     v
 }

@@ -57,6 +57,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let serving = tokio::spawn(server.serve(listener, proto::serve::shutdown_signal()));
     println!("ready grpc=http://{grpc} data_dir={}", dir.display());
     serving.await.context("gRPC server task")??;
-    registry.flush().await.context("flushing the registry store")?;
+    registry
+        .flush()
+        .await
+        .context("flushing the registry store")?;
     Ok(())
 }

@@ -95,5 +95,8 @@ pub async fn connect(url: &str, token: Option<&str>) -> Result<AuthChannel, Clie
 /// clients (a proxy reporting to its registry) that must start before the server is up.
 pub fn connect_lazy(url: &str, token: Option<&str>) -> Result<AuthChannel, ClientError> {
     let injector = TokenInjector::new(token)?;
-    Ok(InterceptedService::new(endpoint(url)?.connect_lazy(), injector))
+    Ok(InterceptedService::new(
+        endpoint(url)?.connect_lazy(),
+        injector,
+    ))
 }

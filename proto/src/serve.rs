@@ -217,7 +217,10 @@ mod tests {
             call(&mut check, Some("Bearer s3cre")),
             Err(tonic::Code::Unauthenticated)
         );
-        assert_eq!(call(&mut check, Some("s3cret")), Err(tonic::Code::Unauthenticated));
+        assert_eq!(
+            call(&mut check, Some("s3cret")),
+            Err(tonic::Code::Unauthenticated)
+        );
         assert_eq!(call(&mut check, None), Err(tonic::Code::Unauthenticated));
     }
 

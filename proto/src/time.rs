@@ -47,7 +47,10 @@ mod tests {
 
     #[test]
     fn negative_and_out_of_range_clamp() {
-        let ts = Timestamp { seconds: -5, nanos: -1 };
+        let ts = Timestamp {
+            seconds: -5,
+            nanos: -1,
+        };
         assert_eq!(from_timestamp(&ts), UNIX_EPOCH);
         assert_eq!(unix_nanos(&ts), 0);
     }

@@ -38,11 +38,26 @@ mod tests {
         };
         assert!(matches(&f, &c));
         for f in [
-            ConnectionFilter { status: ConnStatus::Active as i32, ..Default::default() },
-            ConnectionFilter { closed_by: ClosedBy::Client as i32, ..Default::default() },
-            ConnectionFilter { dst_port: 80, ..Default::default() },
-            ConnectionFilter { node: "lab2".into(), ..Default::default() },
-            ConnectionFilter { dst_host: "other".into(), ..Default::default() },
+            ConnectionFilter {
+                status: ConnStatus::Active as i32,
+                ..Default::default()
+            },
+            ConnectionFilter {
+                closed_by: ClosedBy::Client as i32,
+                ..Default::default()
+            },
+            ConnectionFilter {
+                dst_port: 80,
+                ..Default::default()
+            },
+            ConnectionFilter {
+                node: "lab2".into(),
+                ..Default::default()
+            },
+            ConnectionFilter {
+                dst_host: "other".into(),
+                ..Default::default()
+            },
         ] {
             assert!(!matches(&f, &c), "{f:?}");
         }

@@ -42,7 +42,11 @@ pub fn grpc_service(state: Arc<State>) -> RegistryServer<RegistryService> {
 
 /// Command-line options of the standalone `registry-svc` binary.
 #[derive(Debug, clap::Parser)]
-#[command(name = "registry-svc", version, about = "Interpose registry: connection records and proxy history")]
+#[command(
+    name = "registry-svc",
+    version,
+    about = "Interpose registry: connection records and proxy history"
+)]
 pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:50051")]
@@ -66,7 +70,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut server = GrpcServer::new(args.token);
     server.add_service(grpc_service(state.clone()));
     println!("ready registry-svc listen={addr}");
-    server.serve(listener, proto::serve::shutdown_signal()).await?;
+    server
+        .serve(listener, proto::serve::shutdown_signal())
+        .await?;
     state.flush().await.context("flushing the registry store")?;
     Ok(())
 }

@@ -248,7 +248,11 @@ async fn watch(
                 return;
             }
         }
-        if tx.send(Ok(marker(WatchKind::SnapshotEnd, 0))).await.is_err() {
+        if tx
+            .send(Ok(marker(WatchKind::SnapshotEnd, 0)))
+            .await
+            .is_err()
+        {
             return;
         }
         loop {

@@ -6,9 +6,7 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 use proto::{
     common::{Connection, Direction, Packet},
     names::{Named, name_of},
-    registry::{
-        ConnectionFilter, ConnectionStatsResponse, Count, IngestRequest, event::Kind,
-    },
+    registry::{ConnectionFilter, ConnectionStatsResponse, Count, IngestRequest, event::Kind},
 };
 
 use crate::{
@@ -59,7 +57,9 @@ impl State {
     /// Applies one ingest batch (not yet durable: see [`State::flush`]).
     pub fn apply(&self, req: &IngestRequest) -> Result<(), StoreError> {
         if req.node.is_empty() {
-            return Err(StoreError::Invalid("ingest batch without a node name".into()));
+            return Err(StoreError::Invalid(
+                "ingest batch without a node name".into(),
+            ));
         }
         let mut packets: Vec<&Packet> = Vec::new();
         {
@@ -125,7 +125,11 @@ impl State {
         token: &str,
     ) -> Result<Page<Connection>, StoreError> {
         let from = parse_token(token, "page token")?.unwrap_or(0);
-        let limit = if page_size == 0 { CONN_PAGE } else { page_size.min(CONN_PAGE) };
+        let limit = if page_size == 0 {
+            CONN_PAGE
+        } else {
+            page_size.min(CONN_PAGE)
+        };
         let mut items = Vec::new();
         let mut bytes = 0usize;
         let mut next = None;
@@ -179,12 +183,23 @@ impl State {
                 parse_token(s, "page token")?.unwrap_or(0),
             ),
             None if q.page_token.is_empty() => (q.conn_id, 0),
-            None => return Err(StoreError::Invalid(format!("bad page token {:?}", q.page_token))),
+            None => {
+                return Err(StoreError::Invalid(format!(
+                    "bad page token {:?}",
+                    q.page_token
+                )));
+            }
         };
         if q.conn_id != 0 && start.0 != q.conn_id {
-            return Err(StoreError::Invalid("page token is for another connection".into()));
+            return Err(StoreError::Invalid(
+                "page token is for another connection".into(),
+            ));
         }
-        let limit = if q.page_size == 0 { HISTORY_PAGE } else { q.page_size };
+        let limit = if q.page_size == 0 {
+            HISTORY_PAGE
+        } else {
+            q.page_size
+        };
         let mut items = Vec::new();
         let mut bytes = 0usize;
         let mut next = None;
@@ -214,8 +229,11 @@ impl State {
                 *self.0.entry(k.into()).or_default() += 1;
             }
             fn into_counts(self) -> Vec<Count> {
-                let mut v: Vec<Count> =
-                    self.0.into_iter().map(|(key, count)| Count { key, count }).collect();
+                let mut v: Vec<Count> = self
+                    .0
+                    .into_iter()
+                    .map(|(key, count)| Count { key, count })
+                    .collect();
                 v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
                 v
             }

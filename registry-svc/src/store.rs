@@ -21,7 +21,7 @@ use std::{
 
 use prost::Message;
 use proto::{
-    common::{Connection, ConnStatus, Packet},
+    common::{ConnStatus, Connection, Packet},
     registry::{ConnectionClosed, ConnectionUpdate, Counters, ProxyLosses},
 };
 
@@ -387,7 +387,10 @@ mod tests {
         assert_eq!(s.lease(3).unwrap(), (1, 3));
         assert_eq!(s.lease(1).unwrap(), (4, 4));
         assert!(matches!(s.lease(0), Err(StoreError::Invalid(_))));
-        assert!(matches!(s.lease(MAX_LEASE + 1), Err(StoreError::Invalid(_))));
+        assert!(matches!(
+            s.lease(MAX_LEASE + 1),
+            Err(StoreError::Invalid(_))
+        ));
         assert_eq!(s.lease(MAX_LEASE).unwrap(), (5, 4 + u64::from(MAX_LEASE)));
     }
 
@@ -427,7 +430,10 @@ mod tests {
         };
         s.put_packets([&p]).unwrap();
         assert!(matches!(s.clear(&[1, 99]), Err(StoreError::NotFound(99))));
-        assert!(s.get_opt(1).unwrap().is_some(), "a failed clear removes nothing");
+        assert!(
+            s.get_opt(1).unwrap().is_some(),
+            "a failed clear removes nothing"
+        );
         assert_eq!(s.clear(&[1]).unwrap(), vec![1]);
         assert!(matches!(s.get(1), Err(StoreError::NotFound(1))));
         // A late close, or a replayed open, does not bring it back.

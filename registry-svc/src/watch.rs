@@ -52,7 +52,10 @@ impl Hub {
     }
 
     /// Subscribes and takes a snapshot atomically with respect to writers.
-    pub fn subscribe_with<T>(&self, snapshot: impl FnOnce() -> T) -> (broadcast::Receiver<Change>, T) {
+    pub fn subscribe_with<T>(
+        &self,
+        snapshot: impl FnOnce() -> T,
+    ) -> (broadcast::Receiver<Change>, T) {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let rx = self.tx.subscribe();
         (rx, snapshot())

@@ -37,7 +37,10 @@ fn bin_dir() -> PathBuf {
 
 /// The cargo target folder (`target/`).
 pub fn target_dir() -> PathBuf {
-    bin_dir().parent().map(Path::to_path_buf).unwrap_or_else(bin_dir)
+    bin_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(bin_dir)
 }
 
 /// The path of a workspace binary, built (once per test process) if needed, so that
@@ -53,7 +56,9 @@ pub fn bin(name: &str) -> PathBuf {
         if release {
             cmd.arg("--release");
         }
-        let out = cmd.output().map_err(|e| format!("running cargo build: {e}"))?;
+        let out = cmd
+            .output()
+            .map_err(|e| format!("running cargo build: {e}"))?;
         if out.status.success() {
             Ok(())
         } else {
@@ -194,7 +199,13 @@ impl Up {
     pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("interpose"));
         cmd.arg("up")
-            .args(["--socks", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--socks",
+                "127.0.0.1:0",
+                "--grpc",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args(extra)
             .env_remove("INTERPOSE_TOKEN");
@@ -319,7 +330,10 @@ impl Ingest {
     }
 
     /// Sends a batch and waits until it is durable.
-    pub async fn send_durable(&mut self, events: Vec<proto::registry::Event>) -> anyhow::Result<()> {
+    pub async fn send_durable(
+        &mut self,
+        events: Vec<proto::registry::Event>,
+    ) -> anyhow::Result<()> {
         let seq = self.send(events).await?;
         self.wait_ack(seq).await
     }

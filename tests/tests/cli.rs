@@ -2,9 +2,7 @@
 //! which finds everything through server reflection).
 
 use base64::Engine;
-use proto::{
-    common::{CloseKind, ClosedBy, Direction},
-};
+use proto::common::{CloseKind, ClosedBy, Direction};
 use serde_json::{Value, json};
 use tests::{Ingest, Up, WAIT, events, interpose, interpose_json, registry_client};
 use tokio::io::AsyncBufReadExt;
@@ -35,9 +33,16 @@ async fn run_grpcurl(args: &[&str]) -> anyhow::Result<String> {
 async fn up_serves_the_api_to_the_cli_and_to_reflection_clients() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("data"), &[]).await?;
-    assert!(up.grpc.starts_with("http://127.0.0.1:"), "{}", up.proc.ready);
+    assert!(
+        up.grpc.starts_with("http://127.0.0.1:"),
+        "{}",
+        up.proc.ready
+    );
 
-    assert_eq!(interpose_json(&up.grpc, &["conns", "list", "--json"]).await?, json!([]));
+    assert_eq!(
+        interpose_json(&up.grpc, &["conns", "list", "--json"]).await?,
+        json!([])
+    );
 
     let out = interpose(&up.grpc, &["conns", "clear", "999999"]).await?;
     assert!(!out.ok);
@@ -46,7 +51,11 @@ async fn up_serves_the_api_to_the_cli_and_to_reflection_clients() -> anyhow::Res
     let out = interpose("http://127.0.0.1:1", &["conns", "list"]).await?;
     assert!(!out.ok);
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
-    assert!(out.stderr.contains("cannot reach the Interpose server"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cannot reach the Interpose server"),
+        "{}",
+        out.stderr
+    );
 
     // grpcurl (v1alpha reflection) lists the services and calls one.
     let addr = up.grpc.trim_start_matches("http://");
@@ -83,14 +92,20 @@ async fn up_serves_the_api_to_the_cli_and_to_reflection_clients() -> anyhow::Res
         .server_reflection_info(tokio_stream::iter([req]))
         .await?
         .into_inner();
-    let msg = resp.message().await?.ok_or_else(|| anyhow::anyhow!("no reflection reply"))?;
+    let msg = resp
+        .message()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no reflection reply"))?;
     let names: Vec<String> = match msg.message_response {
         Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
             l.service.into_iter().map(|s| s.name).collect()
         }
         other => anyhow::bail!("unexpected reflection reply {other:?}"),
     };
-    assert!(names.contains(&"interpose.registry.v1.Registry".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"interpose.registry.v1.Registry".to_string()),
+        "{names:?}"
+    );
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
     let st = health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -98,7 +113,10 @@ async fn up_serves_the_api_to_the_cli_and_to_reflection_clients() -> anyhow::Res
         })
         .await?
         .into_inner();
-    assert_eq!(st.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        st.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     assert!(up.proc.terminate().await?, "up exits cleanly on SIGTERM");
     Ok(())
@@ -130,11 +148,33 @@ async fn conns_and_history_commands_show_what_was_recorded() -> anyhow::Result<(
     let all = all.as_array().expect("array");
     assert_eq!(all.len(), 2);
     let c1 = &all[0];
-    let keys: Vec<&str> = c1.as_object().expect("object").keys().map(String::as_str).collect();
+    let keys: Vec<&str> = c1
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
     for k in [
-        "id", "node", "src_ip", "src_port", "dst_host", "dst_ip", "dst_port", "status",
-        "closed_by", "close_kind", "reason", "tls", "sni", "alpn", "opened_at", "closed_at",
-        "bytes_c2s", "bytes_s2c", "packets_c2s", "packets_s2c",
+        "id",
+        "node",
+        "src_ip",
+        "src_port",
+        "dst_host",
+        "dst_ip",
+        "dst_port",
+        "status",
+        "closed_by",
+        "close_kind",
+        "reason",
+        "tls",
+        "sni",
+        "alpn",
+        "opened_at",
+        "closed_at",
+        "bytes_c2s",
+        "bytes_s2c",
+        "packets_c2s",
+        "packets_s2c",
     ] {
         assert!(keys.contains(&k), "{k} missing from {keys:?}");
     }
@@ -149,25 +189,38 @@ async fn conns_and_history_commands_show_what_was_recorded() -> anyhow::Result<(
     assert_eq!(all[1]["status"], "active");
     assert_eq!(all[1]["closed_by"], Value::Null);
 
-    let active = interpose_json(&up.grpc, &["conns", "list", "--status", "active", "--json"]).await?;
+    let active =
+        interpose_json(&up.grpc, &["conns", "list", "--status", "active", "--json"]).await?;
     assert_eq!(active.as_array().map(Vec::len), Some(1));
     assert_eq!(active[0]["id"], 2);
 
     let table = interpose(&up.grpc, &["conns", "list"]).await?;
     assert!(table.ok);
-    assert!(table.stdout.contains("example.test:443"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("example.test:443"),
+        "{}",
+        table.stdout
+    );
     assert!(table.stdout.contains("2 connection(s)"), "{}", table.stdout);
 
     let copy = interpose(&up.grpc, &["conns", "copy", "1", "2"]).await?;
     assert!(copy.ok, "{}", copy.stderr);
-    let rows: Vec<Vec<&str>> = copy.stdout.lines().map(|l| l.split('\t').collect()).collect();
+    let rows: Vec<Vec<&str>> = copy
+        .stdout
+        .lines()
+        .map(|l| l.split('\t').collect())
+        .collect();
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0][..4], ["id", "node", "src_ip", "src_port"]);
     assert_eq!(rows[1][..4], ["1", "lab1", "127.0.0.1", "50001"]);
     assert_eq!(rows[2][0], "2");
     let bad = interpose(&up.grpc, &["conns", "copy", "1", "77"]).await?;
     assert!(!bad.ok);
-    assert!(bad.stderr.contains("no connection with ID 77"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("no connection with ID 77"),
+        "{}",
+        bad.stderr
+    );
 
     let stats = interpose_json(&up.grpc, &["conns", "stats", "--json"]).await?;
     assert_eq!(stats["total"], 2);
@@ -183,9 +236,21 @@ async fn conns_and_history_commands_show_what_was_recorded() -> anyhow::Result<(
     assert_eq!(h[0]["direction"], "c2s");
     assert_eq!(h[1]["direction"], "s2c");
     assert_eq!(h[1]["len"], 21);
-    let data = base64::engine::general_purpose::STANDARD.decode(h[1]["data_b64"].as_str().unwrap_or(""))?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(h[1]["data_b64"].as_str().unwrap_or(""))?;
     assert_eq!(data, b"HTTP/1.1 200 OK\r\n\r\nhi");
-    let h = interpose_json(&up.grpc, &["history", "--direction", "s2c", "--contains", "200 OK", "--json"]).await?;
+    let h = interpose_json(
+        &up.grpc,
+        &[
+            "history",
+            "--direction",
+            "s2c",
+            "--contains",
+            "200 OK",
+            "--json",
+        ],
+    )
+    .await?;
     assert_eq!(h.as_array().map(Vec::len), Some(1));
     let none = interpose(&up.grpc, &["history", "--conn", "31337"]).await?;
     assert!(!none.ok);
@@ -194,13 +259,20 @@ async fn conns_and_history_commands_show_what_was_recorded() -> anyhow::Result<(
     let cleared = interpose(&up.grpc, &["conns", "clear", "1"]).await?;
     assert!(cleared.ok, "{}", cleared.stderr);
     let ids = interpose_json(&up.grpc, &["conns", "list", "--json"]).await?;
-    assert_eq!(ids.as_array().map(|a| a.iter().map(|c| c["id"].clone()).collect::<Vec<_>>()), Some(vec![json!(2)]));
+    assert_eq!(
+        ids.as_array()
+            .map(|a| a.iter().map(|c| c["id"].clone()).collect::<Vec<_>>()),
+        Some(vec![json!(2)])
+    );
     // The cleared connection's packets are still in the history.
     let h = interpose_json(&up.grpc, &["history", "--conn", "1", "--json"]).await?;
     assert_eq!(h.as_array().map(Vec::len), Some(2));
     let cleared = interpose(&up.grpc, &["conns", "clear", "--all"]).await?;
     assert!(cleared.ok, "{}", cleared.stderr);
-    assert_eq!(interpose_json(&up.grpc, &["conns", "list", "--json"]).await?, json!([]));
+    assert_eq!(
+        interpose_json(&up.grpc, &["conns", "list", "--json"]).await?,
+        json!([])
+    );
     Ok(())
 }
 
@@ -215,7 +287,10 @@ async fn conns_watch_json_prints_each_event_as_it_happens() -> anyhow::Result<()
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    let stdout = watch.stdout.take().ok_or_else(|| anyhow::anyhow!("stdout"))?;
+    let stdout = watch
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdout"))?;
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let mut next = async || -> anyhow::Result<Value> {
         let line = tokio::time::timeout(WAIT, lines.next_line())
@@ -234,13 +309,24 @@ async fn conns_watch_json_prints_each_event_as_it_happens() -> anyhow::Result<()
         .send_durable(vec![events::open(3, 50003, "new.test", 80)])
         .await?;
     let ev = next().await?;
-    assert_eq!((ev["event"].as_str(), ev["connection"]["id"].as_u64()), (Some("opened"), Some(3)));
+    assert_eq!(
+        (ev["event"].as_str(), ev["connection"]["id"].as_u64()),
+        (Some("opened"), Some(3))
+    );
     assert_eq!(ev["connection"]["status"], "active");
     ingest
-        .send_durable(vec![events::close(3, ClosedBy::Server, CloseKind::Rst, "server reset the connection")])
+        .send_durable(vec![events::close(
+            3,
+            ClosedBy::Server,
+            CloseKind::Rst,
+            "server reset the connection",
+        )])
         .await?;
     let ev = next().await?;
-    assert_eq!((ev["event"].as_str(), ev["connection"]["closed_by"].as_str()), (Some("closed"), Some("server")));
+    assert_eq!(
+        (ev["event"].as_str(), ev["connection"]["closed_by"].as_str()),
+        (Some("closed"), Some("server"))
+    );
     assert_eq!(ev["connection"]["close_kind"], "rst");
     let out = interpose(&up.grpc, &["conns", "clear", "2"]).await?;
     assert!(out.ok);

@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 use proto::{
     common::{CloseKind, ClosedBy, ConnStatus, Direction},
     registry::{
-        ClearAllRequest, ClearConnectionsRequest, ConnectionFilter, ConnectionStatsRequest,
-        Event, GetConnectionRequest, LeaseIdsRequest, ListConnectionsRequest,
-        SearchHistoryRequest, WatchConnectionsRequest, WatchEvent, watch_event::Kind,
+        ClearAllRequest, ClearConnectionsRequest, ConnectionFilter, ConnectionStatsRequest, Event,
+        GetConnectionRequest, LeaseIdsRequest, ListConnectionsRequest, SearchHistoryRequest,
+        WatchConnectionsRequest, WatchEvent, watch_event::Kind,
     },
 };
 use tests::{Ingest, Registry, WAIT, events, registry_client};
@@ -40,7 +40,8 @@ async fn collect_watch(
 }
 
 #[tokio::test]
-async fn watch_sees_every_change_once_with_no_gap_between_snapshot_and_live() -> anyhow::Result<()> {
+async fn watch_sees_every_change_once_with_no_gap_between_snapshot_and_live() -> anyhow::Result<()>
+{
     const N: u64 = 300;
     let dir = tempfile::tempdir()?;
     let reg = Registry::start(dir.path()).await?;
@@ -49,7 +50,9 @@ async fn watch_sees_every_change_once_with_no_gap_between_snapshot_and_live() ->
 
     // Half the connections exist before the late watcher subscribes.
     for id in 1..=N / 2 {
-        ingest.send(vec![events::open(id, 40000 + id as u32, "h", 80)]).await?;
+        ingest
+            .send(vec![events::open(id, 40000 + id as u32, "h", 80)])
+            .await?;
     }
     let early = client
         .watch_connections(WatchConnectionsRequest::default())
@@ -59,7 +62,9 @@ async fn watch_sees_every_change_once_with_no_gap_between_snapshot_and_live() ->
     let mut client2 = reg.client().await?;
     let writer = tokio::spawn(async move {
         for id in N / 2 + 1..=N {
-            ingest.send(vec![events::open(id, 40000 + id as u32, "h", 80)]).await?;
+            ingest
+                .send(vec![events::open(id, 40000 + id as u32, "h", 80)])
+                .await?;
         }
         let closes: Vec<Event> = (1..=N)
             .map(|id| events::close(id, ClosedBy::Client, CloseKind::Fin, "client sent FIN"))
@@ -122,7 +127,12 @@ async fn clear_removes_records_but_keeps_history() -> anyhow::Result<()> {
     let mut evs = Vec::new();
     for id in 1..=4 {
         evs.push(events::open(id, 1000 + id as u32, "example.test", 443));
-        evs.push(events::packet(id, 1, Direction::C2s, format!("hello {id}").as_bytes()));
+        evs.push(events::packet(
+            id,
+            1,
+            Direction::C2s,
+            format!("hello {id}").as_bytes(),
+        ));
     }
     ingest.send_durable(evs).await?;
     let watch = client
@@ -153,13 +163,21 @@ async fn clear_removes_records_but_keeps_history() -> anyhow::Result<()> {
 
     // A close arriving after the clear does not bring the record back.
     ingest
-        .send_durable(vec![events::close(2, ClosedBy::Server, CloseKind::Fin, "server sent FIN")])
+        .send_durable(vec![events::close(
+            2,
+            ClosedBy::Server,
+            CloseKind::Fin,
+            "server sent FIN",
+        )])
         .await?;
     assert_eq!(list_ids(&mut client).await?, vec![1, 4]);
 
     // Packets of cleared records stay in the history.
     let h = client
-        .search_history(SearchHistoryRequest { conn_id: 2, ..Default::default() })
+        .search_history(SearchHistoryRequest {
+            conn_id: 2,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     assert_eq!(h.packets.len(), 1);
@@ -197,7 +215,12 @@ async fn acknowledged_data_survives_a_crash() -> anyhow::Result<()> {
             events::open(7, 5555, "db.internal", 5432),
             events::packet(7, 1, Direction::C2s, &payload),
             events::packet(7, 2, Direction::S2c, b"pong"),
-            events::close(7, ClosedBy::Server, CloseKind::Rst, "server reset the connection"),
+            events::close(
+                7,
+                ClosedBy::Server,
+                CloseKind::Rst,
+                "server reset the connection",
+            ),
         ])
         .await?;
     drop(client);
@@ -216,7 +239,10 @@ async fn acknowledged_data_survives_a_crash() -> anyhow::Result<()> {
     assert_eq!(c.closed_by, ClosedBy::Server as i32);
     assert_eq!(c.close_kind, CloseKind::Rst as i32);
     let h = client
-        .search_history(SearchHistoryRequest { conn_id: 7, ..Default::default() })
+        .search_history(SearchHistoryRequest {
+            conn_id: 7,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let data: Vec<&[u8]> = h.packets.iter().map(|p| p.data.as_slice()).collect();
@@ -238,7 +264,10 @@ async fn leased_ids_are_unique_across_lessees_and_restarts() -> anyhow::Result<(
                 let mut got = Vec::new();
                 for _ in 0..50 {
                     let r = c
-                        .lease_ids(LeaseIdsRequest { node: format!("p{i}"), count: 7 })
+                        .lease_ids(LeaseIdsRequest {
+                            node: format!("p{i}"),
+                            count: 7,
+                        })
                         .await?
                         .into_inner();
                     assert_eq!(r.last - r.first + 1, 7);
@@ -278,15 +307,33 @@ async fn bad_requests_get_the_right_status_codes() -> anyhow::Result<()> {
         Err(Code::InvalidArgument)
     );
     assert_eq!(
-        code(client.get_connection(GetConnectionRequest { id: 12345 }).await),
+        code(
+            client
+                .get_connection(GetConnectionRequest { id: 12345 })
+                .await
+        ),
         Err(Code::NotFound)
     );
     assert_eq!(
-        code(client.lease_ids(LeaseIdsRequest { node: "x".into(), count: 0 }).await),
+        code(
+            client
+                .lease_ids(LeaseIdsRequest {
+                    node: "x".into(),
+                    count: 0
+                })
+                .await
+        ),
         Err(Code::InvalidArgument)
     );
     assert_eq!(
-        code(client.lease_ids(LeaseIdsRequest { node: "x".into(), count: 1 << 20 }).await),
+        code(
+            client
+                .lease_ids(LeaseIdsRequest {
+                    node: "x".into(),
+                    count: 1 << 20
+                })
+                .await
+        ),
         Err(Code::InvalidArgument)
     );
     assert_eq!(
@@ -312,7 +359,11 @@ async fn bad_requests_get_the_right_status_codes() -> anyhow::Result<()> {
         Err(Code::InvalidArgument)
     );
     assert_eq!(
-        code(client.clear_connections(ClearConnectionsRequest { ids: vec![] }).await),
+        code(
+            client
+                .clear_connections(ClearConnectionsRequest { ids: vec![] })
+                .await
+        ),
         Err(Code::InvalidArgument)
     );
     // An ingest batch with a zero connection ID is refused with a reason, and the server
@@ -337,7 +388,12 @@ async fn paging_filters_and_stats() -> anyhow::Result<()> {
         let port = if id % 2 == 0 { 443 } else { 80 };
         evs.push(events::open(id, 2000 + id as u32, "example.test", port));
         if id % 5 == 0 {
-            evs.push(events::close(id, ClosedBy::Server, CloseKind::Fin, "server sent FIN"));
+            evs.push(events::close(
+                id,
+                ClosedBy::Server,
+                CloseKind::Fin,
+                "server sent FIN",
+            ));
         }
         evs.push(events::packet(id, 1, Direction::C2s, b"GET / HTTP/1.1"));
         evs.push(events::packet(id, 2, Direction::S2c, b"HTTP/1.1 200 OK"));
@@ -370,10 +426,16 @@ async fn paging_filters_and_stats() -> anyhow::Result<()> {
         ..Default::default()
     };
     let r = client
-        .list_connections(ListConnectionsRequest { filter: Some(f), ..Default::default() })
+        .list_connections(ListConnectionsRequest {
+            filter: Some(f),
+            ..Default::default()
+        })
         .await?
         .into_inner();
-    assert_eq!(r.connections.iter().map(|c| c.id).collect::<Vec<_>>(), vec![5, 10, 15, 20, 25]);
+    assert_eq!(
+        r.connections.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![5, 10, 15, 20, 25]
+    );
 
     let s = client
         .connection_stats(ConnectionStatsRequest::default())
@@ -414,8 +476,8 @@ async fn paging_filters_and_stats() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn a_token_is_required_when_configured_and_exposure_without_one_is_refused(
-) -> anyhow::Result<()> {
+async fn a_token_is_required_when_configured_and_exposure_without_one_is_refused()
+-> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let reg = Registry::start_with(dir.path(), "127.0.0.1:0", &["--token", "hunter2"]).await?;
     let mut anon = registry_client(&reg.url, None).await?;
@@ -431,7 +493,8 @@ async fn a_token_is_required_when_configured_and_exposure_without_one_is_refused
         .expect_err("wrong token");
     assert_eq!(err.code(), Code::Unauthenticated);
     let mut ok = registry_client(&reg.url, Some("hunter2")).await?;
-    ok.list_connections(ListConnectionsRequest::default()).await?;
+    ok.list_connections(ListConnectionsRequest::default())
+        .await?;
 
     // Beyond loopback without a token: refused before binding, with the reason.
     let dir2 = tempfile::tempdir()?;
