@@ -396,6 +396,20 @@ impl Interceptor {
         self.leaves.replace_ca(ca);
     }
 
+    /// Re-reads the CA from its directory (e.g. after `interpose ca regenerate` in another
+    /// process) and switches to it if the certificate changed. Returns whether it did.
+    /// On error (say, a half-written CA) the current CA stays in use.
+    pub fn reload_ca_if_changed(&self) -> Result<bool, CaError> {
+        let current = self.leaves.ca();
+        let on_disk = Ca::load(current.dir())?;
+        if on_disk.cert_der() == current.cert_der() {
+            return Ok(false);
+        }
+        tracing::info!(subject = %on_disk.subject(), "switching to the regenerated CA");
+        self.leaves.replace_ca(Arc::new(on_disk));
+        Ok(true)
+    }
+
     /// Whether upstream verification is off.
     pub fn insecure(&self) -> bool {
         self.upstream.insecure()

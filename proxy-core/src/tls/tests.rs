@@ -133,6 +133,7 @@ async fn start_upstream(pki: &TestPki, spec: ServerSpec) -> SocketAddr {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(Ok(mut tls)) = timeout(WAIT, acceptor.accept(tcp)).await else {
@@ -183,6 +184,7 @@ async fn start_relay(
             let Ok((mut client, _)) = listener.accept().await else {
                 return;
             };
+            let _ = client.set_nodelay(true);
             let interceptor = interceptor.clone();
             let tx = tx.clone();
             let target = Target {
@@ -208,6 +210,7 @@ async fn start_relay(
                 let Ok(Ok(up)) = timeout(WAIT, TcpStream::connect(upstream)).await else {
                     return;
                 };
+                let _ = up.set_nodelay(true);
                 match interceptor
                     .intercept(client, Bytes::from(buf), &hello, up, &target)
                     .await
@@ -250,6 +253,7 @@ async fn client_connect(
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = TcpStream::connect(relay).await?;
+    tcp.set_nodelay(true)?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     timeout(WAIT, connector.connect(name, tcp))
         .await
@@ -736,7 +740,11 @@ async fn regenerated_ca_is_used_for_new_connections() {
     .expect("handshake");
     echo_check(&mut tls).await;
     next_result(&mut rx).await.expect("ok");
-    icp.replace_ca(Arc::new(Ca::regenerate(data.path()).expect("regen")));
+    assert!(!icp.reload_ca_if_changed().expect("reload"));
+    // Another process (the CLI) regenerates the files; the running proxy reloads them.
+    Ca::regenerate(data.path()).expect("regen");
+    assert!(icp.reload_ca_if_changed().expect("reload"));
+    assert!(icp.leaves().is_empty());
     // The old CA no longer works; the new one does.
     assert!(
         client_connect(
@@ -843,4 +851,109 @@ async fn openssl_s_client_verifies_through_the_proxy() {
     );
     assert!(stdout.contains("ALPN protocol: h2"), "{stdout}");
     assert!(stdout.contains("alpn=h2"), "{stdout}");
+}
+
+/// Micro-benchmark, not run by default:
+/// `cargo test -p proxy-core --release tls::tests::bench -- --ignored --nocapture`.
+/// Fresh TLS connections per second (each reads the server's greeting line) and echo
+/// throughput, direct versus through the interceptor, same client, same server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_intercepted_versus_direct() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(&pki, ServerSpec::default()).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let proxy_roots = exported_roots(&icp, data.path());
+    let direct_roots = roots_from(&pki.ca_der);
+    let name = || ServerName::try_from("localhost").expect("name");
+
+    async fn greet(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) {
+        let mut b = [0u8; 1];
+        loop {
+            let n = timeout(WAIT, tls.read(&mut b))
+                .await
+                .expect("no timeout")
+                .expect("read");
+            if n == 0 || b[0] == b'\n' {
+                return;
+            }
+        }
+    }
+
+    const CONNS: u32 = 300;
+    let mut rates = Vec::new();
+    for (label, addr, roots) in [
+        ("direct", server, direct_roots.clone()),
+        ("intercepted", relay, proxy_roots.clone()),
+    ] {
+        let start = std::time::Instant::now();
+        for _ in 0..CONNS {
+            let mut tls = client_connect(addr, roots.clone(), name(), &[])
+                .await
+                .expect("handshake");
+            greet(&mut tls).await;
+        }
+        let rate = f64::from(CONNS) / start.elapsed().as_secs_f64();
+        eprintln!("{label}: {rate:.0} fresh TLS connections/s");
+        rates.push(rate);
+    }
+    eprintln!(
+        "handshake ratio intercepted/direct: {:.2}",
+        rates[1] / rates[0]
+    );
+
+    const BYTES: usize = 64 << 20;
+    let mut tputs = Vec::new();
+    for (label, addr, roots) in [
+        ("direct", server, direct_roots),
+        ("intercepted", relay, proxy_roots),
+    ] {
+        let tls = client_connect(addr, roots, name(), &[])
+            .await
+            .expect("handshake");
+        let (mut r, mut w) = tokio::io::split(tls);
+        let start = std::time::Instant::now();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![0x5au8; 16 * 1024];
+            let mut sent = 0;
+            while sent < BYTES {
+                w.write_all(&chunk).await.expect("write");
+                sent += chunk.len();
+            }
+            w
+        });
+        // Greeting line plus the echo.
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut greeting_left = true;
+        while got < BYTES {
+            let n = timeout(WAIT, r.read(&mut buf))
+                .await
+                .expect("no timeout")
+                .expect("read");
+            assert!(n > 0, "eof");
+            let mut n = n;
+            if greeting_left {
+                if let Some(p) = buf[..n].iter().position(|&c| c == b'\n') {
+                    n -= p + 1;
+                    greeting_left = false;
+                } else {
+                    continue;
+                }
+            }
+            got += n;
+        }
+        let _ = writer.await;
+        let secs = start.elapsed().as_secs_f64();
+        let mbps = (BYTES as f64) / secs / 1e6;
+        eprintln!("{label}: {mbps:.0} MB/s echoed");
+        tputs.push(mbps);
+    }
+    eprintln!(
+        "throughput ratio intercepted/direct: {:.2}",
+        tputs[1] / tputs[0]
+    );
 }
