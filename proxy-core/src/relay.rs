@@ -108,30 +108,49 @@ impl PacketReader for TcpReader {
 
 /// Writes a TCP stream.
 pub struct TcpWriter {
-    half: OwnedWriteHalf,
+    /// `None` after [`PacketWriter::abort`].
+    half: Option<OwnedWriteHalf>,
 }
 
 impl TcpWriter {
     /// A writer over `half`.
     pub fn new(half: OwnedWriteHalf) -> Self {
-        Self { half }
+        Self { half: Some(half) }
     }
+}
+
+fn aborted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "connection aborted by the proxy",
+    )
 }
 
 impl PacketWriter for TcpWriter {
     async fn write_packet(&mut self, data: &[u8]) -> io::Result<()> {
-        self.half.write_all(data).await
+        match &mut self.half {
+            Some(h) => h.write_all(data).await,
+            None => Err(aborted()),
+        }
     }
 
     async fn shutdown_write(&mut self) -> io::Result<()> {
-        self.half.shutdown().await
+        match &mut self.half {
+            Some(h) => h.shutdown().await,
+            None => Err(aborted()),
+        }
     }
 
     fn abort(&mut self) {
-        // SO_LINGER 0 makes close() send RST. Tokio deprecates set_linger because a non-zero
-        // linger blocks on drop; zero never blocks.
-        #[allow(deprecated)]
-        let _ = self.half.as_ref().set_linger(Some(Duration::ZERO));
+        if let Some(h) = self.half.take() {
+            // SO_LINGER 0 makes close() send RST. Tokio deprecates set_linger because a
+            // non-zero linger blocks on drop; zero never blocks.
+            #[allow(deprecated)]
+            let _ = h.as_ref().set_linger(Some(Duration::ZERO));
+            // Dropping a write half would send FIN first; forget it so the close (when the
+            // read half goes) is the reset alone.
+            h.forget();
+        }
     }
 }
 

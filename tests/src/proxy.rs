@@ -40,10 +40,17 @@ impl ProxyProc {
         extra: &[&str],
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("proxy-core"));
-        cmd.args(["--socks", "127.0.0.1:0", "--registry", registry, "--node", node])
-            .args(extra)
-            .env_remove("INTERPOSE_TOKEN")
-            .env("RUST_LOG", "info,proxy_core=debug");
+        cmd.args([
+            "--socks",
+            "127.0.0.1:0",
+            "--registry",
+            registry,
+            "--node",
+            node,
+        ])
+        .args(extra)
+        .env_remove("INTERPOSE_TOKEN")
+        .env("RUST_LOG", "info,proxy_core=debug");
         let proc = Proc::start(cmd, dir.join(format!("proxy-{node}.log"))).await?;
         let socks = proc
             .field("listen")
@@ -241,14 +248,19 @@ pub async fn wait_conn_by_port(
     let mut last = None;
     loop {
         let conns = all_connections(client).await?;
-        if let Some(c) = conns.into_iter().find(|c| c.src_port == u32::from(src_port)) {
+        if let Some(c) = conns
+            .into_iter()
+            .find(|c| c.src_port == u32::from(src_port))
+        {
             if pred(&c) {
                 return Ok(c);
             }
             last = Some(c);
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for the record of port {src_port} to be {what}; last: {last:?}");
+            bail!(
+                "timed out waiting for the record of port {src_port} to be {what}; last: {last:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -13,8 +13,7 @@ use tests::{
     Registry, WAIT,
     proxy::{
         ProxyProc, Server, all_connections, payload, read_n, read_to_end, set_abortive,
-        socks_connect, socks_connected, socks_request, wait_conn, wait_conn_by_port,
-        wait_history,
+        socks_connect, socks_connected, socks_request, wait_conn, wait_conn_by_port, wait_history,
     },
 };
 use tokio::{
@@ -244,14 +243,19 @@ async fn history_holds_every_byte_in_order_across_half_close() -> R {
     // Half-close: client FIN, then the server keeps talking.
     client.shutdown().await?;
     assert!(read_to_end(&mut srv).await?.is_empty());
+    let mut tail = Vec::new();
     for i in 0..10u8 {
         let b = payload(1000 + usize::from(i), i);
         srv.write_all(&b).await?;
-        sent_s2c.extend_from_slice(&b);
+        tail.extend_from_slice(&b);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     srv.shutdown().await?;
-    assert_eq!(read_to_end(&mut client).await?, sent_s2c);
+    assert!(
+        read_to_end(&mut client).await? == tail,
+        "tail after half-close differs"
+    );
+    sent_s2c.extend_from_slice(&tail);
 
     let c = wait_conn_by_port(&mut rc, port, "closed", closed).await?;
     assert_eq!(c.closed_by, ClosedBy::Client as i32);
@@ -294,7 +298,10 @@ async fn two_proxies_one_registry_get_distinct_ids() -> R {
     for i in 0..6 {
         let p = if i % 2 == 0 { a.socks } else { b.socks };
         let s = socks_connected(p, server.addr).await?;
-        ports.push((s.local_addr()?.port(), if i % 2 == 0 { "alpha" } else { "beta" }));
+        ports.push((
+            s.local_addr()?.port(),
+            if i % 2 == 0 { "alpha" } else { "beta" },
+        ));
         keep.push((s, server.accept().await?));
     }
     let mut rc = reg.client().await?;
@@ -312,8 +319,15 @@ async fn two_proxies_one_registry_get_distinct_ids() -> R {
         .connection_stats(ConnectionStatsRequest::default())
         .await?
         .into_inner();
-    let nodes: Vec<_> = stats.by_node.iter().map(|c| (c.key.as_str(), c.count)).collect();
-    assert!(nodes.contains(&("alpha", 3)) && nodes.contains(&("beta", 3)), "{nodes:?}");
+    let nodes: Vec<_> = stats
+        .by_node
+        .iter()
+        .map(|c| (c.key.as_str(), c.count))
+        .collect();
+    assert!(
+        nodes.contains(&("alpha", 3)) && nodes.contains(&("beta", 3)),
+        "{nodes:?}"
+    );
     Ok(())
 }
 
@@ -323,7 +337,8 @@ async fn registry_killed_and_restarted_loses_nothing() -> R {
     let data = dir.path().join("reg");
     let reg = Registry::start(&data).await?;
     let listen = reg.url.trim_start_matches("http://").to_string();
-    let proxy = ProxyProc::start(dir.path(), &reg.url, "node-a", &["--queue-bound", "100000"]).await?;
+    let proxy =
+        ProxyProc::start(dir.path(), &reg.url, "node-a", &["--queue-bound", "100000"]).await?;
     let server = Server::bind().await?;
 
     struct Flow {
@@ -396,10 +411,7 @@ async fn registry_killed_and_restarted_loses_nothing() -> R {
     let reg = Registry::start_with(&data, &listen, &[]).await?;
     let mut rc = reg.client().await?;
     for (i, f) in flows.iter().enumerate() {
-        let c = wait_conn_by_port(&mut rc, f.port, "recorded", |c| {
-            i >= 2 || closed(c)
-        })
-        .await?;
+        let c = wait_conn_by_port(&mut rc, f.port, "recorded", |c| i >= 2 || closed(c)).await?;
         if i < 2 {
             assert_eq!(c.closed_by, ClosedBy::Client as i32);
         } else {
@@ -471,7 +483,10 @@ async fn curl_socks5_hostname_works() -> R {
         "curl failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello through interpose\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello through interpose\n"
+    );
 
     let mut rc = reg.client().await?;
     let conns = tests::eventually("curl's record closed", || {
@@ -488,7 +503,11 @@ async fn curl_socks5_hostname_works() -> R {
     assert_eq!(conns.closed_by, ClosedBy::Server as i32);
     let h = tests::proxy::history(&mut rc, conns.id).await?;
     let req = tests::proxy::direction_bytes(&h, Direction::C2s);
-    assert!(req.starts_with(b"GET /x HTTP/1.1\r\n"), "{:?}", String::from_utf8_lossy(&req));
+    assert!(
+        req.starts_with(b"GET /x HTTP/1.1\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&req)
+    );
     // Client process lookup names curl.
     let c = wait_conn(&mut rc, conns.id, "named", |c| c.client_process.is_some()).await;
     if let Ok(c) = c {
@@ -566,13 +585,23 @@ async fn socks_auth_is_enforced_when_configured() -> R {
     assert!(r.is_err());
     let s = TcpStream::connect(proxy.socks).await?;
     assert!(
-        socks_request(s, SocksCommand::Connect, Addr::Ip(server.addr), Some(("alice", "wrong")))
-            .await
-            .is_err()
+        socks_request(
+            s,
+            SocksCommand::Connect,
+            Addr::Ip(server.addr),
+            Some(("alice", "wrong"))
+        )
+        .await
+        .is_err()
     );
     let s = TcpStream::connect(proxy.socks).await?;
-    let r = socks_request(s, SocksCommand::Connect, Addr::Ip(server.addr), Some(("alice", "s3cret")))
-        .await?;
+    let r = socks_request(
+        s,
+        SocksCommand::Connect,
+        Addr::Ip(server.addr),
+        Some(("alice", "s3cret")),
+    )
+    .await?;
     assert_eq!(r.reply, Reply::Succeeded);
     let port = r.stream.local_addr()?.port();
     let mut rc = reg.client().await?;
@@ -585,7 +614,14 @@ async fn refuses_to_be_an_open_proxy_by_default() -> R {
     let out = tokio::time::timeout(
         WAIT,
         tokio::process::Command::new(tests::bin("proxy-core"))
-            .args(["--socks", "0.0.0.0:0", "--registry", "http://127.0.0.1:9", "--node", "x"])
+            .args([
+                "--socks",
+                "0.0.0.0:0",
+                "--registry",
+                "http://127.0.0.1:9",
+                "--node",
+                "x",
+            ])
             .output(),
     )
     .await??;
@@ -603,8 +639,14 @@ async fn graceful_shutdown_records_open_connections_as_closed_by_proxy() -> R {
     let mut client = socks_connected(proxy.socks, server.addr).await?;
     let _srv = server.accept().await?;
     let port = client.local_addr()?.port();
-    wait_conn_by_port(&mut rc, port, "active", |c| c.status == ConnStatus::Active as i32).await?;
-    assert!(proxy.proc.terminate().await?, "proxy-core did not exit cleanly");
+    wait_conn_by_port(&mut rc, port, "active", |c| {
+        c.status == ConnStatus::Active as i32
+    })
+    .await?;
+    assert!(
+        proxy.proc.terminate().await?,
+        "proxy-core did not exit cleanly"
+    );
     assert!(read_to_end(&mut client).await?.is_empty());
     let c = wait_conn_by_port(&mut rc, port, "closed", closed).await?;
     assert_eq!(c.closed_by, ClosedBy::Proxy as i32);
@@ -645,6 +687,9 @@ async fn watch_streams_opens_and_closes() -> R {
         }
     };
     drop(srv);
+    let mut client = client;
+    assert!(read_to_end(&mut client).await?.is_empty());
+    drop(client);
     loop {
         let ev = tokio::time::timeout(WAIT, watch.message())
             .await??
@@ -656,6 +701,5 @@ async fn watch_streams_opens_and_closes() -> R {
             }
         }
     }
-    drop(client);
     Ok(())
 }
