@@ -957,3 +957,229 @@ async fn bench_intercepted_versus_direct() {
         tputs[1] / tputs[0]
     );
 }
+
+/// A server that speaks a plaintext preamble, then upgrades to TLS: it sends `greeting`,
+/// reads exactly `request`, answers `reply`, then runs the TLS echo of `start_upstream`.
+async fn start_starttls_upstream(
+    pki: &TestPki,
+    greeting: &'static [u8],
+    request: &'static [u8],
+    reply: &'static [u8],
+) -> SocketAddr {
+    let (chain, key) = pki.issue(&["localhost", "127.0.0.1"], "server");
+    let cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server cert");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if tcp.write_all(greeting).await.is_err() {
+                    return;
+                }
+                let mut req = vec![0u8; request.len()];
+                if !matches!(timeout(WAIT, tcp.read_exact(&mut req)).await, Ok(Ok(_)))
+                    || req != request
+                {
+                    return;
+                }
+                if tcp.write_all(reply).await.is_err() {
+                    return;
+                }
+                let Ok(Ok(mut tls)) = timeout(WAIT, acceptor.accept(tcp)).await else {
+                    return;
+                };
+                let _ = tls.write_all(b"alpn=none\n").await;
+                let mut buf = [0u8; 4096];
+                while let Ok(Ok(n)) = timeout(WAIT, tls.read(&mut buf)).await {
+                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// How a relay handles a stream that may upgrade to TLS later: plain relaying in both
+/// directions, with every client-to-server read checked by `could_be_tls`; once it says
+/// yes, buffer until `detect` has the whole ClientHello and intercept on the same
+/// upstream socket.
+async fn start_upgrading_relay(
+    interceptor: Arc<Interceptor>,
+    upstream: SocketAddr,
+) -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<Result<TlsSummary, InterceptError>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let interceptor = interceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(mut up)) = timeout(WAIT, TcpStream::connect(upstream)).await else {
+                    return;
+                };
+                let _ = up.set_nodelay(true);
+                let mut cbuf = [0u8; 4096];
+                let mut sbuf = [0u8; 4096];
+                let mut pending = loop {
+                    tokio::select! {
+                        r = client.read(&mut cbuf) => {
+                            let Ok(n) = r else { return };
+                            if n == 0 { return; }
+                            if could_be_tls(&cbuf[..n]) {
+                                break cbuf[..n].to_vec();
+                            }
+                            if up.write_all(&cbuf[..n]).await.is_err() { return; }
+                        }
+                        r = up.read(&mut sbuf) => {
+                            let Ok(n) = r else { return };
+                            if n == 0 { return; }
+                            if client.write_all(&sbuf[..n]).await.is_err() { return; }
+                        }
+                        () = tokio::time::sleep(WAIT) => return,
+                    }
+                };
+                let hello = loop {
+                    match detect(&pending) {
+                        Detection::ClientHello(h) => break h,
+                        Detection::NotTls { .. } => return,
+                        Detection::NeedMore => {
+                            let n = match timeout(WAIT, client.read(&mut cbuf)).await {
+                                Ok(Ok(n)) if n > 0 => n,
+                                _ => return,
+                            };
+                            pending.extend_from_slice(&cbuf[..n]);
+                        }
+                    }
+                };
+                let target = Target {
+                    host: None,
+                    ip: upstream.ip(),
+                    port: upstream.port(),
+                };
+                match interceptor
+                    .intercept(client, Bytes::from(pending), &hello, up, &target)
+                    .await
+                {
+                    Ok(mut i) => {
+                        let _ = tx.send(Ok(i.summary.clone()));
+                        let _ = timeout(
+                            WAIT,
+                            tokio::io::copy_bidirectional(&mut i.client, &mut i.upstream),
+                        )
+                        .await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A client that speaks the plaintext preamble, then upgrades.
+async fn upgrading_client(
+    relay: SocketAddr,
+    roots: RootCertStore,
+    greeting: &[u8],
+    request: &[u8],
+    reply: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut tcp = TcpStream::connect(relay).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let mut g = vec![0u8; greeting.len()];
+    timeout(WAIT, tcp.read_exact(&mut g))
+        .await
+        .expect("no timeout")
+        .expect("greeting");
+    assert_eq!(g, greeting);
+    tcp.write_all(request).await.expect("request");
+    let mut r = vec![0u8; reply.len()];
+    timeout(WAIT, tcp.read_exact(&mut r))
+        .await
+        .expect("no timeout")
+        .expect("reply");
+    assert_eq!(r, reply);
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp),
+    )
+    .await
+    .expect("no timeout")
+    .expect("upgraded handshake through the proxy")
+}
+
+#[tokio::test]
+async fn starttls_upgrade_after_plaintext_preamble_is_intercepted() {
+    let pki = TestPki::new("Upstream Test CA");
+    let (greeting, request, reply): (&[u8], &[u8], &[u8]) = (
+        b"220 mail.example ESMTP\r\n",
+        b"STARTTLS\r\n",
+        b"220 2.0.0 Ready to start TLS\r\n",
+    );
+    let server = start_starttls_upstream(&pki, greeting, request, reply).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_upgrading_relay(icp.clone(), server).await;
+    let mut tls = upgrading_client(
+        relay,
+        exported_roots(&icp, data.path()),
+        greeting,
+        request,
+        reply,
+    )
+    .await;
+    assert_eq!(echo_check(&mut tls).await, "alpn=none");
+    let s = next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(s.sni.as_deref(), Some("localhost"));
+}
+
+#[tokio::test]
+async fn postgres_sslrequest_is_relayed_and_the_following_hello_intercepted() {
+    let pki = TestPki::new("Upstream Test CA");
+    let (greeting, request, reply): (&[u8], &[u8], &[u8]) =
+        (b"", b"\x00\x00\x00\x08\x04\xd2\x16\x2f", b"S");
+    let server = start_starttls_upstream(&pki, greeting, request, reply).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_upgrading_relay(icp.clone(), server).await;
+    let mut tls = upgrading_client(
+        relay,
+        exported_roots(&icp, data.path()),
+        greeting,
+        request,
+        reply,
+    )
+    .await;
+    echo_check(&mut tls).await;
+    next_result(&mut rx).await.expect("intercepted");
+}
