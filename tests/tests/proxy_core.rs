@@ -694,11 +694,12 @@ async fn watch_streams_opens_and_closes() -> R {
         let ev = tokio::time::timeout(WAIT, watch.message())
             .await??
             .context("watch ended")?;
-        if let Some(c) = ev.connection {
-            if c.src_port == port && closed(&c) {
-                assert_eq!(c.closed_by, ClosedBy::Server as i32);
-                break;
-            }
+        if let Some(c) = ev.connection
+            && c.src_port == port
+            && closed(&c)
+        {
+            assert_eq!(c.closed_by, ClosedBy::Server as i32);
+            break;
         }
     }
     Ok(())
