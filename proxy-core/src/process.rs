@@ -6,7 +6,8 @@
 //! [`lookup`] finds the socket inodes of the wanted addresses, then scans `/proc/*/fd` for
 //! `socket:[INODE]` links and reads `/proc/PID/comm`. A [`Resolver`] task batches requests
 //! so that one scan serves every connection accepted meanwhile, runs the scan on the
-//! blocking pool, at most every [`MIN_SCAN_INTERVAL`], and reports each hit as a
+//! blocking pool, at most every [`MIN_SCAN_INTERVAL`] and idle at least four times as long
+//! as the last scan took (so lookups never take more than a fifth of a core), and reports each hit as a
 //! `ConnectionUpdate`. Lookups are best effort: a client that already closed, a process of
 //! another user (without privileges), or a full request queue leaves `client_process` unset.
 
@@ -184,9 +185,11 @@ async fn run(mut rx: mpsc::Receiver<(u64, SocketAddr, SocketAddr)>, reporter: Re
             return;
         }
         let wanted = std::mem::take(&mut batch);
+        let started = std::time::Instant::now();
         let Ok(found) = tokio::task::spawn_blocking(move || lookup(&wanted)).await else {
             continue;
         };
+        let took = started.elapsed();
         for (id, p) in found {
             reporter.updated(ConnectionUpdate {
                 id,
@@ -194,7 +197,9 @@ async fn run(mut rx: mpsc::Receiver<(u64, SocketAddr, SocketAddr)>, reporter: Re
                 ..Default::default()
             });
         }
-        tokio::time::sleep(MIN_SCAN_INTERVAL).await;
+        // Scans cost more with many sockets (TIME_WAIT entries fill /proc/net/tcp under a
+        // high connection rate): keep them to at most a fifth of one core.
+        tokio::time::sleep(MIN_SCAN_INTERVAL.max(took * 4)).await;
     }
 }
 

@@ -366,3 +366,27 @@ pub async fn wait_history(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The PID of the running `proxy-core` started with `--node NODE` (from `/proc/*/cmdline`).
+pub fn proxy_pid(node: &str) -> Option<u32> {
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_proxy = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"/proxy-core") || *a == b"proxy-core");
+        if is_proxy
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--node" && w[1] == node.as_bytes())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}

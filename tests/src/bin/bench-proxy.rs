@@ -1,0 +1,515 @@
+//! proxy-core benchmark (issue 3): bulk throughput, fresh connections per second, small
+//! request latency on one kept-alive connection, open-to-watch latency, and RSS with many
+//! idle connections; every baseline (a direct connection, Debian's dante-server) measured in
+//! the same run on loopback. Run with
+//! `cargo run --release -p tests --bin bench-proxy` (needs `danted` on PATH for the dante
+//! baseline; it is skipped otherwise). Prints medians over several runs.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use proto::registry::{WatchConnectionsRequest, watch_event::Kind};
+use tests::{
+    Registry,
+    proxy::{ProxyProc, socks_connected},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const RUNS: usize = 5;
+const BULK: u64 = 1 << 30;
+const CPS_SECS: f64 = 3.0;
+const CPS_CLIENTS: usize = 32;
+const RTTS: usize = 20_000;
+const WATCH_CONNS: usize = 300;
+const IDLE_CONNS: usize = 9_900;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+/// How a client reaches the server.
+#[derive(Clone, Copy)]
+enum Path_ {
+    Direct,
+    Socks(SocketAddr),
+}
+
+async fn connect(path: Path_, target: SocketAddr) -> anyhow::Result<TcpStream> {
+    let s = match path {
+        Path_::Direct => TcpStream::connect(target).await?,
+        Path_::Socks(p) => socks_connected(p, target).await?,
+    };
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// One SOCKS CONNECT with greeting and request in a single write (as fast clients do).
+async fn socks_fast(proxy: SocketAddr, target: SocketAddr) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    let mut msg = vec![5, 1, 0, 5, 1, 0, 1];
+    match target {
+        SocketAddr::V4(a) => msg.extend_from_slice(&a.ip().octets()),
+        SocketAddr::V6(_) => bail!("IPv4 only"),
+    }
+    msg.extend_from_slice(&target.port().to_be_bytes());
+    s.write_all(&msg).await?;
+    let mut reply = [0u8; 12];
+    s.read_exact(&mut reply).await?;
+    if reply[3] != 0 {
+        bail!("SOCKS reply {:#04x}", reply[3]);
+    }
+    Ok(s)
+}
+
+/// A server that sends `BULK` bytes to each client, then closes.
+async fn bulk_server() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let buf = vec![0x5au8; 256 * 1024];
+                let mut left = BULK;
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// An echo server (reads, writes back what it read).
+async fn echo_server() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 16 * 1024];
+                loop {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if s.write_all(&b[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Bytes per second downloading `BULK` bytes.
+async fn bulk(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
+    let mut s = connect(path, server).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let start = Instant::now();
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if got != BULK {
+        bail!("got {got} of {BULK} bytes");
+    }
+    Ok(got as f64 / secs)
+}
+
+/// Fresh connections per second: each connects, sends one byte, reads it back, closes.
+async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..CPS_CLIENTS {
+        let (done, failed, stop) = (done.clone(), failed.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = async {
+                    let mut s = match path {
+                        Path_::Direct => {
+                            let s = TcpStream::connect(server).await?;
+                            s.set_nodelay(true)?;
+                            s
+                        }
+                        Path_::Socks(p) => socks_fast(p, server).await?,
+                    };
+                    s.write_all(b"x").await?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await?;
+                    anyhow::Ok(())
+                }
+                .await;
+                match r {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(CPS_SECS)).await;
+    let n = done.load(Ordering::Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let f = failed.load(Ordering::Relaxed);
+    if f > 0 {
+        eprintln!("  ({f} connections failed)");
+    }
+    // Let TIME_WAIT sockets of this run age a little before the next.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(n as f64 / secs)
+}
+
+/// Round-trip times (microseconds) of 64-byte requests on one kept-alive connection.
+async fn rtts(path: Path_, server: SocketAddr) -> anyhow::Result<Vec<f64>> {
+    let mut s = connect(path, server).await?;
+    let req = [0x42u8; 64];
+    let mut resp = [0u8; 64];
+    let mut out = Vec::with_capacity(RTTS);
+    for i in 0..RTTS + 1000 {
+        let t = Instant::now();
+        s.write_all(&req).await?;
+        s.read_exact(&mut resp).await?;
+        if i >= 1000 {
+            out.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(out)
+}
+
+/// Milliseconds from starting a connection through the proxy to its record's first watch
+/// event, for `WATCH_CONNS` connections opened one after another.
+async fn watch_latency(
+    reg: &Registry,
+    proxy: SocketAddr,
+    server: SocketAddr,
+) -> anyhow::Result<Vec<f64>> {
+    let mut rc = reg.client().await?;
+    let mut watch = rc
+        .watch_connections(WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+    let seen: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
+    loop {
+        let ev = watch.message().await?.context("watch ended")?;
+        if ev.kind == Kind::SnapshotEnd as i32 {
+            break;
+        }
+    }
+    let seen2 = seen.clone();
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(ev)) = watch.message().await {
+            if let Some(c) = ev.connection {
+                let now = Instant::now();
+                if let Ok(mut m) = seen2.lock() {
+                    m.entry(c.src_port).or_insert(now);
+                }
+            }
+        }
+    });
+    let mut starts = Vec::new();
+    let mut keep = Vec::new();
+    for _ in 0..WATCH_CONNS {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind("127.0.0.1:0".parse()?)?;
+        let port = sock.local_addr()?.port();
+        let t = Instant::now();
+        let s = sock.connect(proxy).await?;
+        let s = tests::proxy::socks_request(
+            s,
+            proxy_core::socks5::Command::Connect,
+            proxy_core::socks5::Addr::Ip(server),
+            None,
+        )
+        .await?;
+        starts.push((u32::from(port), t));
+        keep.push(s.stream);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    watcher.abort();
+    let seen = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut out = Vec::new();
+    for (port, t) in starts {
+        let at = seen
+            .get(&port)
+            .with_context(|| format!("port {port} never seen"))?;
+        out.push(at.saturating_duration_since(t).as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")
+}
+
+/// Dante on a loopback port; killed (with its children) when dropped.
+struct Dante {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+}
+
+impl Dante {
+    async fn start(dir: &Path) -> anyhow::Result<Option<Self>> {
+        if std::process::Command::new("danted")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            return Ok(None);
+        }
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let conf = dir.join("danted.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "logoutput: stderr\n\
+                 internal: 127.0.0.1 port = {port}\n\
+                 external: 127.0.0.1\n\
+                 socksmethod: none\n\
+                 clientmethod: none\n\
+                 user.privileged: root\n\
+                 user.unprivileged: nobody\n\
+                 client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n\
+                 socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n"
+            ),
+        )?;
+        let child = tokio::process::Command::new("danted")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.join("danted.pid"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("danted.log"))?)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        for _ in 0..100 {
+            if TcpStream::connect(addr).await.is_ok() {
+                return Ok(Some(Self { child, addr }));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "danted did not start: {}",
+            std::fs::read_to_string(dir.join("danted.log"))?
+        )
+    }
+}
+
+impl Drop for Dante {
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // The process group we created for dante and its worker processes.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", "--", &format!("-{pid}")])
+                .status();
+        }
+    }
+}
+
+fn gbps(v: f64) -> String {
+    format!("{:.2} GB/s", v / 1e9)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(&dir.path().join("reg")).await?;
+    let on = ProxyProc::start(dir.path(), &reg.url, "bench-on", &[]).await?;
+    let off = ProxyProc::start(dir.path(), &reg.url, "bench-off", &["--history", "off"]).await?;
+    let dante = Dante::start(dir.path()).await?;
+    if dante.is_none() {
+        println!("(danted not found: dante baseline skipped)");
+    }
+    let mut paths = vec![
+        ("direct", Path_::Direct),
+        ("proxy-core history off", Path_::Socks(off.socks)),
+        ("proxy-core history on", Path_::Socks(on.socks)),
+    ];
+    if let Some(d) = &dante {
+        paths.push(("dante", Path_::Socks(d.addr)));
+    }
+
+    if want("bulk") {
+        let server = bulk_server().await?;
+        let mut res: HashMap<&str, Vec<f64>> = HashMap::new();
+        for _ in 0..RUNS {
+            for (name, p) in &paths {
+                res.entry(name).or_default().push(bulk(*p, server).await?);
+            }
+        }
+        println!("bulk download of 1 GiB, median of {RUNS} runs (interleaved):");
+        let direct = median(res["direct"].clone());
+        let dante_v = res.get("dante").map(|v| median(v.clone()));
+        for (name, _) in &paths {
+            let m = median(res[name].clone());
+            let vs_dante = dante_v
+                .map(|d| format!(", {:.2}x dante", m / d))
+                .unwrap_or_default();
+            println!(
+                "  {name:<24} {}  ({:.2}x direct{vs_dante})",
+                gbps(m),
+                m / direct
+            );
+        }
+    }
+
+    if want("cps") {
+        let server = echo_server().await?;
+        let mut res: HashMap<&str, Vec<f64>> = HashMap::new();
+        for _ in 0..3 {
+            for (name, p) in &paths {
+                res.entry(name).or_default().push(cps(*p, server).await?);
+            }
+        }
+        println!(
+            "fresh connections per second ({CPS_CLIENTS} concurrent clients, connect + 1-byte echo + close, {CPS_SECS} s), median of 3:"
+        );
+        for (name, _) in &paths {
+            println!("  {name:<24} {:>8.0}/s", median(res[name].clone()));
+        }
+    }
+
+    if want("latency") {
+        let server = echo_server().await?;
+        let mut p50: HashMap<&str, Vec<f64>> = HashMap::new();
+        let mut p99: HashMap<&str, Vec<f64>> = HashMap::new();
+        for _ in 0..RUNS {
+            for (name, p) in &paths {
+                let mut v = rtts(*p, server).await?;
+                p50.entry(name).or_default().push(percentile(&mut v, 0.5));
+                p99.entry(name).or_default().push(percentile(&mut v, 0.99));
+            }
+        }
+        println!(
+            "64-byte request/response on one kept-alive connection ({RTTS} round trips), median of {RUNS} runs:"
+        );
+        let d50 = median(p50["direct"].clone());
+        for (name, _) in &paths {
+            let m50 = median(p50[name].clone());
+            println!(
+                "  {name:<24} p50 {:>6.1} us ({:.2}x direct)  p99 {:>6.1} us",
+                m50,
+                m50 / d50,
+                median(p99[name].clone())
+            );
+        }
+    }
+
+    if want("watch") {
+        let server = echo_server().await?;
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        let mut maxs = Vec::new();
+        for _ in 0..3 {
+            let mut v = watch_latency(&reg, on.socks, server).await?;
+            p50s.push(percentile(&mut v, 0.5));
+            p99s.push(percentile(&mut v, 0.99));
+            maxs.push(percentile(&mut v, 1.0));
+        }
+        println!(
+            "open -> watch event ({WATCH_CONNS} connections 10 ms apart, history on), median of 3 runs: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            median(p50s),
+            median(p99s),
+            median(maxs)
+        );
+    }
+
+    if want("rss") {
+        let server = TcpListener::bind("127.0.0.1:0").await?;
+        let saddr = server.local_addr()?;
+        let accepted = tokio::spawn(async move {
+            let mut v = Vec::with_capacity(IDLE_CONNS);
+            while v.len() < IDLE_CONNS {
+                match server.accept().await {
+                    Ok((s, _)) => v.push(s),
+                    Err(e) => {
+                        eprintln!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            v
+        });
+        let pid = tests::proxy::proxy_pid("bench-on").context("proxy pid")?;
+        let before = rss_kib(pid)?;
+        let mut clients = Vec::with_capacity(IDLE_CONNS);
+        let mut batch = Vec::new();
+        for _ in 0..IDLE_CONNS {
+            batch.push(tokio::spawn(socks_fast(on.socks, saddr)));
+            if batch.len() == 64 {
+                for t in batch.drain(..) {
+                    clients.push(t.await??);
+                }
+            }
+        }
+        for t in batch.drain(..) {
+            clients.push(t.await??);
+        }
+        let servers = tokio::time::timeout(Duration::from_secs(60), accepted).await??;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = rss_kib(pid)?;
+        println!(
+            "proxy-core RSS (history on): {:.1} MiB idle with no connection, {:.1} MiB with {} idle connections ({:.1} KiB per connection; {:.1} MiB extrapolated to 10,000)",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            clients.len(),
+            (after - before) as f64 / clients.len() as f64,
+            (before as f64 + (after - before) as f64 * 10_000.0 / clients.len() as f64) / 1024.0
+        );
+        drop(servers);
+        drop(clients);
+    }
+    Ok(())
+}
