@@ -18,6 +18,7 @@
 //! Everything uses rustls with the ring provider only; [`install_provider`] makes it the
 //! process default once.
 
+pub mod args;
 pub mod ca;
 pub mod detect;
 pub mod leaf;
@@ -40,6 +41,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{AlertDescription, CommonState, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+pub use args::TlsArgs;
 pub use ca::{Ca, CaError};
 pub use detect::{ClientHelloInfo, Detection, could_be_tls, detect};
 pub use leaf::{LeafError, LeafIssuer, LeafName, LeafOptions};

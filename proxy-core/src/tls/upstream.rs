@@ -540,6 +540,15 @@ mod tests {
     }
 
     #[test]
+    fn system_roots_load_or_say_clearly_that_there_are_none() {
+        crate::tls::install_provider();
+        match Upstream::new(&UpstreamOptions::default(), crate::tls::provider(), None) {
+            Ok(up) => assert!(up.roots_len() > 0),
+            Err(e) => assert!(e.to_string().contains("system trust store"), "{e}"),
+        }
+    }
+
+    #[test]
     fn no_roots_is_a_clear_error() {
         crate::tls::install_provider();
         let opts = UpstreamOptions {
