@@ -1183,3 +1183,114 @@ async fn postgres_sslrequest_is_relayed_and_the_following_hello_intercepted() {
     echo_check(&mut tls).await;
     next_result(&mut rx).await.expect("intercepted");
 }
+
+#[tokio::test]
+async fn tls12_client_and_server_legs_are_reported_and_key_logged() {
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(
+        &pki,
+        ServerSpec {
+            tls12_only: true,
+            ..ServerSpec::default()
+        },
+    )
+    .await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let keylog = data.path().join("keys.log");
+    let kl = keylog.clone();
+    let icp = interceptor(data.path(), Some(pki.ca_file()), move |o| {
+        o.keylog = Some(kl)
+    });
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("versions")
+        .with_root_certificates(exported_roots(&icp, data.path()))
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(relay).await.expect("connect");
+    let mut tls = timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp),
+    )
+    .await
+    .expect("no timeout")
+    .expect("TLS 1.2 handshake");
+    echo_check(&mut tls).await;
+    let s = next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(s.client.version, "TLSv1.2");
+    assert_eq!(s.upstream.version, "TLSv1.2");
+    assert!(
+        s.client.cipher_suite.starts_with("TLS_ECDHE_ECDSA_WITH_"),
+        "{}",
+        s.client.cipher_suite
+    );
+    let text = std::fs::read_to_string(&keylog).expect("keylog");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("CLIENT_RANDOM "))
+            .count(),
+        2,
+        "one master secret per leg:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn openssl_s_client_without_sni_validates_the_ip_leaf() {
+    if !Path::new("/usr/bin/openssl").exists() {
+        eprintln!("openssl not installed; skipping");
+        return;
+    }
+    let pki = TestPki::new("Upstream Test CA");
+    let server = start_upstream(&pki, ServerSpec::default()).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
+    let ca_file = data.path().join("exported.der");
+    icp.ca().export(&ca_file, true).expect("export DER");
+    let pem_file = data.path().join("exported-from-der.pem");
+    // openssl reads the DER export, proving it is a valid certificate.
+    let conv = tokio::process::Command::new("/usr/bin/openssl")
+        .args(["x509", "-inform", "DER", "-in"])
+        .arg(&ca_file)
+        .arg("-out")
+        .arg(&pem_file)
+        .output();
+    let conv = timeout(WAIT, conv).await.expect("no timeout").expect("run");
+    assert!(conv.status.success(), "{conv:?}");
+    let mut child = tokio::process::Command::new("/usr/bin/openssl")
+        .args(["s_client", "-connect"])
+        .arg(relay.to_string())
+        .args([
+            "-noservername",
+            "-verify_return_error",
+            "-verify_ip",
+            "127.0.0.1",
+        ])
+        .arg("-CAfile")
+        .arg(&pem_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn openssl");
+    let s = next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(s.sni, None);
+    assert_eq!(s.leaf_name, "127.0.0.1");
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"ping through the proxy\n").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(stdin);
+    }
+    let out = timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("openssl finished")
+        .expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("Verify return code: 0 (ok)"),
+        "openssl output:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
