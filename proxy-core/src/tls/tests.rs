@@ -1294,3 +1294,25 @@ async fn openssl_s_client_without_sni_validates_the_ip_leaf() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn ca_watcher_picks_up_a_regenerated_ca() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let icp = interceptor(data.path(), None, |o| o.upstream.insecure = true);
+    let before = icp.ca().cert_der().clone();
+    let task = icp.watch_ca(Duration::from_millis(20));
+    Ca::regenerate(data.path()).expect("regen");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while icp.ca().cert_der() == &before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watcher did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(icp);
+    timeout(WAIT, task)
+        .await
+        .expect("watcher ends with the interceptor")
+        .expect("join");
+}
