@@ -613,6 +613,26 @@ pub(crate) mod tests {
         }
 
         #[test]
+        fn cheap_check_never_misses_a_hello(
+            sizes in proptest::collection::vec(1usize..300, 1..8),
+            cut in 1usize..16,
+        ) {
+            // Whatever detect() accepts, could_be_tls() accepts from its first bytes on.
+            let multi = refragment(sample(), &sizes);
+            prop_assert!(matches!(detect(&multi), Detection::ClientHello(_)));
+            prop_assert!(could_be_tls(&multi[..cut.min(multi.len())]));
+        }
+
+        #[test]
+        fn detect_implies_could_be_tls(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            if matches!(detect(&bytes), Detection::ClientHello(_) | Detection::NeedMore)
+                && !bytes.is_empty()
+            {
+                prop_assert!(could_be_tls(&bytes));
+            }
+        }
+
+        #[test]
         fn any_fragmentation_parses(sizes in proptest::collection::vec(1usize..300, 1..8)) {
             let multi = refragment(sample(), &sizes);
             match detect(&multi) {

@@ -378,6 +378,15 @@ mod tests {
             .collect()
     }
 
+    proptest::proptest! {
+        #[test]
+        fn name_parsing_never_panics(s in ".{0,300}") {
+            if let Ok(LeafName::Dns(n)) = LeafName::parse(&s) {
+                proptest::prop_assert!(rcgen::string::Ia5String::try_from(n.as_str()).is_ok());
+            }
+        }
+    }
+
     #[test]
     fn names_parse() {
         assert_eq!(
