@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::{
     ServerArgs,
     client::{registry, status},
-    output::{TABLE_HEADER, TSV_HEADER, conn_json, conn_row, conn_tsv, now},
+    output::{ConnJson, TABLE_HEADER, TSV_HEADER, conn_json, conn_row, conn_tsv, now},
 };
 
 #[derive(Debug, Subcommand)]
@@ -178,9 +178,9 @@ pub async fn fetch_all(
 
 async fn list(server: &ServerArgs, filter: &ConnectionFilter, json: bool) -> anyhow::Result<()> {
     let conns = fetch_all(server, filter).await?;
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
-        let arr: Vec<_> = conns.iter().map(conn_json).collect();
+        let arr: Vec<ConnJson> = conns.iter().map(ConnJson::from).collect();
         serde_json::to_writer_pretty(&mut out, &arr)?;
         writeln!(out)?;
     } else {
@@ -190,6 +190,7 @@ async fn list(server: &ServerArgs, filter: &ConnectionFilter, json: bool) -> any
         }
         writeln!(out, "{} connection(s)", conns.len())?;
     }
+    out.flush()?;
     Ok(())
 }
 
@@ -381,7 +382,7 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     writeln!(out, "total connections: {}", s.total)?;
     writeln!(out, "history packets:   {}", s.history_packets)?;
     for (title, v) in [
@@ -404,6 +405,7 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
             l.events_dropped, l.packets_dropped, l.bytes_dropped
         )?;
     }
+    out.flush()?;
     Ok(())
 }
 

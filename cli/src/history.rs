@@ -46,7 +46,7 @@ pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
         Some(DirectionArg::C2s) => Direction::C2s,
         Some(DirectionArg::S2c) => Direction::S2c,
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut token = String::new();
     let mut count = 0u64;
     if args.json {
@@ -101,6 +101,7 @@ pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
     if !args.json && count == 0 {
         writeln!(out, "no packets match")?;
     }
+    out.flush()?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use proto::{
     names::name_of,
     time::from_timestamp,
 };
+use serde::Serialize;
 use serde_json::{Value, json};
 
 /// RFC 3339 with microseconds, UTC.
@@ -16,37 +17,74 @@ pub fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
     ts.map(|t| humantime::format_rfc3339_micros(from_timestamp(t)).to_string())
 }
 
-/// A connection as its stable JSON object.
-pub fn conn_json(c: &Connection) -> Value {
-    let mut v = json!({
-        "id": c.id,
-        "node": c.node,
-        "src_ip": c.src_ip,
-        "src_port": c.src_port,
-        "dst_host": c.dst_host,
-        "dst_ip": c.dst_ip,
-        "dst_port": c.dst_port,
-        "status": name_of::<ConnStatus>(c.status),
-        "closed_by": name_of::<ClosedBy>(c.closed_by),
-        "close_kind": name_of::<CloseKind>(c.close_kind),
-        "reason": c.reason,
-        "tls": c.tls,
-        "sni": c.sni,
-        "alpn": c.alpn,
-        "opened_at": rfc3339(c.opened_at.as_ref()),
-        "closed_at": rfc3339(c.closed_at.as_ref()),
-        "bytes_c2s": c.bytes_c2s,
-        "bytes_s2c": c.bytes_s2c,
-        "packets_c2s": c.packets_c2s,
-        "packets_s2c": c.packets_s2c,
-    });
-    if let (Some(p), Some(obj)) = (&c.client_process, v.as_object_mut()) {
-        obj.insert(
-            "client_process".into(),
-            json!({"pid": p.pid, "name": p.name}),
-        );
+/// The client process of a connection in JSON.
+#[derive(Serialize)]
+pub struct ProcessJson<'a> {
+    pub pid: u32,
+    pub name: &'a str,
+}
+
+/// A connection as its stable JSON object (field names from DESIGN.md).
+#[derive(Serialize)]
+pub struct ConnJson<'a> {
+    pub id: u64,
+    pub node: &'a str,
+    pub src_ip: &'a str,
+    pub src_port: u32,
+    pub dst_host: &'a str,
+    pub dst_ip: &'a str,
+    pub dst_port: u32,
+    pub status: Option<&'static str>,
+    pub closed_by: Option<&'static str>,
+    pub close_kind: Option<&'static str>,
+    pub reason: &'a str,
+    pub tls: bool,
+    pub sni: &'a str,
+    pub alpn: &'a str,
+    pub opened_at: Option<String>,
+    pub closed_at: Option<String>,
+    pub bytes_c2s: u64,
+    pub bytes_s2c: u64,
+    pub packets_c2s: u64,
+    pub packets_s2c: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_process: Option<ProcessJson<'a>>,
+}
+
+impl<'a> From<&'a Connection> for ConnJson<'a> {
+    fn from(c: &'a Connection) -> Self {
+        Self {
+            id: c.id,
+            node: &c.node,
+            src_ip: &c.src_ip,
+            src_port: c.src_port,
+            dst_host: &c.dst_host,
+            dst_ip: &c.dst_ip,
+            dst_port: c.dst_port,
+            status: name_of::<ConnStatus>(c.status),
+            closed_by: name_of::<ClosedBy>(c.closed_by),
+            close_kind: name_of::<CloseKind>(c.close_kind),
+            reason: &c.reason,
+            tls: c.tls,
+            sni: &c.sni,
+            alpn: &c.alpn,
+            opened_at: rfc3339(c.opened_at.as_ref()),
+            closed_at: rfc3339(c.closed_at.as_ref()),
+            bytes_c2s: c.bytes_c2s,
+            bytes_s2c: c.bytes_s2c,
+            packets_c2s: c.packets_c2s,
+            packets_s2c: c.packets_s2c,
+            client_process: c.client_process.as_ref().map(|p| ProcessJson {
+                pid: p.pid,
+                name: &p.name,
+            }),
+        }
     }
-    v
+}
+
+/// A connection as a JSON value.
+pub fn conn_json(c: &Connection) -> Value {
+    serde_json::to_value(ConnJson::from(c)).unwrap_or(Value::Null)
 }
 
 /// A history packet as its stable JSON object.

@@ -3,7 +3,10 @@
 //!
 //! Layout (all integers big-endian, so sled's key order is numeric order):
 //! - `conns`:   conn ID (8 bytes) -> `common.Connection` (protobuf)
-//! - `history`: conn ID (8) + seq (8) -> `common.Packet` (protobuf)
+//! - `history`: conn ID (8) + first seq (8) -> a [`Run`] of packets with consecutive
+//!   sequence numbers. Storing runs rather than single packets cuts sled inserts (which
+//!   copy a whole node each) by the run length. Runs never share a sequence number, so key
+//!   order is sequence order; a replayed batch yields the same runs and overwrites them.
 //! - `cleared`: conn ID (8) -> empty; events for a cleared ID are ignored, so a late close or
 //!   a replayed batch never brings a cleared record back
 //! - `meta`:    `next_id` -> u64, `history_count` -> u64, `losses/NODE` -> `ProxyLosses`
@@ -78,7 +81,35 @@ fn u64_value(v: Option<sled::IVec>) -> u64 {
         .unwrap_or(0)
 }
 
-/// The history key of a packet.
+/// Packets of one connection with consecutive sequence numbers, stored under the first.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Run {
+    #[prost(message, repeated, tag = "1")]
+    pub packets: Vec<Packet>,
+}
+
+/// Splits packets into runs of one connection with consecutive sequence numbers, dropping
+/// repeats of a (connection, seq) within the input.
+pub fn into_runs(mut packets: Vec<&Packet>) -> Vec<Vec<&Packet>> {
+    packets.sort_by_key(|p| (p.conn_id, p.seq));
+    packets.dedup_by_key(|p| (p.conn_id, p.seq));
+    let mut runs: Vec<Vec<&Packet>> = Vec::new();
+    for p in packets {
+        match runs.last_mut() {
+            Some(run)
+                if run
+                    .last()
+                    .is_some_and(|l| l.conn_id == p.conn_id && l.seq + 1 == p.seq) =>
+            {
+                run.push(p);
+            }
+            _ => runs.push(vec![p]),
+        }
+    }
+    runs
+}
+
+/// The history key of a run (or of a packet position).
 pub fn history_key(conn_id: u64, seq: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
     k[..8].copy_from_slice(&conn_id.to_be_bytes());
@@ -149,21 +180,24 @@ impl Store {
         Ok((first, next - 1))
     }
 
-    /// Stores history packets (idempotent: the same conn ID and seq overwrite).
-    pub fn put_packets<'a>(
-        &self,
-        packets: impl IntoIterator<Item = &'a Packet>,
-    ) -> Result<(), StoreError> {
+    /// Stores history packets (idempotent: a replayed batch rewrites the same runs).
+    pub fn put_packets(&self, packets: Vec<&Packet>) -> Result<(), StoreError> {
         let mut buf = Vec::new();
         let mut fresh = 0u64;
-        for p in packets {
+        for run in into_runs(packets) {
+            let first = run[0];
+            let run = Run {
+                packets: run.into_iter().cloned().collect(),
+            };
             buf.clear();
-            p.encode(&mut buf)
-                .map_err(|_| StoreError::Invalid("packet too large to encode".to_string()))?;
+            run.encode(&mut buf)
+                .map_err(|_| StoreError::Invalid("packet run too large to encode".to_string()))?;
             let old = self
                 .history
-                .insert(history_key(p.conn_id, p.seq), buf.as_slice())?;
-            fresh += u64::from(old.is_none());
+                .insert(history_key(first.conn_id, first.seq), buf.as_slice())?;
+            if old.is_none() {
+                fresh += run.packets.len() as u64;
+            }
         }
         self.history_count.fetch_add(fresh, Ordering::Relaxed);
         Ok(())
@@ -281,8 +315,8 @@ impl Store {
         Ok(removed)
     }
 
-    /// History packets from key `(conn_id, seq)` onwards (only that connection's when
-    /// `only_conn`), each passed to `f` until it returns false.
+    /// History packets from position `(conn_id, seq)` onwards in (connection, seq) order
+    /// (only that connection's when `only_conn`), each passed to `f` until it returns false.
     pub fn scan_history(
         &self,
         start: (u64, u64),
@@ -290,15 +324,38 @@ impl Store {
         mut f: impl FnMut(Packet) -> bool,
     ) -> Result<(), StoreError> {
         let from = history_key(start.0, start.1);
-        let iter = if only_conn {
-            self.history.range(from..=history_key(start.0, u64::MAX))
-        } else {
-            self.history.range(from..)
+        // The run holding `start` may begin before it.
+        let from = match self.history.range(..=from).next_back() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                match split_history_key(&k) {
+                    Some((conn, _)) if conn == start.0 => k.to_vec(),
+                    _ => from.to_vec(),
+                }
+            }
+            None => from.to_vec(),
         };
+        let iter = if only_conn {
+            self.history
+                .range(from.as_slice()..=&history_key(start.0, u64::MAX)[..])
+        } else {
+            self.history.range(from.as_slice()..)
+        };
+        // The last position passed on: anything at or before it (the start, or an
+        // overlapping replay) is skipped, so each packet is passed once and in order.
+        let mut last: Option<(u64, u64)> = start.1.checked_sub(1).map(|s| (start.0, s));
         for kv in iter {
             let (_, v) = kv?;
-            if !f(decode("history packet", &v)?) {
-                break;
+            let run: Run = decode("history run", &v)?;
+            for p in run.packets {
+                let pos = (p.conn_id, p.seq);
+                if last.is_some_and(|l| pos <= l) {
+                    continue;
+                }
+                last = Some(pos);
+                if !f(p) {
+                    return Ok(());
+                }
             }
         }
         Ok(())
@@ -428,7 +485,7 @@ mod tests {
             data: b"hi".to_vec(),
             ..Default::default()
         };
-        s.put_packets([&p]).unwrap();
+        s.put_packets(vec![&p]).unwrap();
         assert!(matches!(s.clear(&[1, 99]), Err(StoreError::NotFound(99))));
         assert!(
             s.get_opt(1).unwrap().is_some(),
@@ -462,9 +519,68 @@ mod tests {
             seq: 9,
             ..Default::default()
         };
-        s.put_packets([&p, &p]).unwrap();
-        s.put_packets([&p]).unwrap();
+        s.put_packets(vec![&p, &p]).unwrap();
+        s.put_packets(vec![&p]).unwrap();
         assert_eq!(s.history_len(), 1);
+    }
+
+    fn pkt(conn_id: u64, seq: u64) -> Packet {
+        Packet {
+            conn_id,
+            seq,
+            data: format!("{conn_id}/{seq}").into_bytes(),
+            ..Default::default()
+        }
+    }
+
+    fn scan_all(s: &Store, start: (u64, u64), only_conn: bool) -> Vec<(u64, u64)> {
+        let mut got = Vec::new();
+        s.scan_history(start, only_conn, |p| {
+            got.push((p.conn_id, p.seq));
+            true
+        })
+        .unwrap();
+        got
+    }
+
+    #[test]
+    fn runs_split_on_gaps_and_connections() {
+        let ps = [pkt(2, 1), pkt(1, 2), pkt(1, 1), pkt(1, 4), pkt(1, 2)];
+        let runs = into_runs(ps.iter().collect());
+        let shape: Vec<Vec<(u64, u64)>> = runs
+            .iter()
+            .map(|r| r.iter().map(|p| (p.conn_id, p.seq)).collect())
+            .collect();
+        assert_eq!(shape, vec![vec![(1, 1), (1, 2)], vec![(1, 4)], vec![(2, 1)]]);
+    }
+
+    #[test]
+    fn late_packets_fill_gaps_in_order_and_scans_start_mid_run() {
+        let (_d, s) = store();
+        // Batch 1 has seqs 1, 2, 4 of conn 1; seq 3 arrives in the next batch.
+        s.put_packets(vec![&pkt(1, 1), &pkt(1, 2), &pkt(1, 4), &pkt(2, 1)])
+            .unwrap();
+        s.put_packets(vec![&pkt(1, 3), &pkt(1, 5), &pkt(2, 2)]).unwrap();
+        assert_eq!(
+            scan_all(&s, (1, 0), true),
+            vec![(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+        );
+        assert_eq!(scan_all(&s, (1, 2), true), vec![(1, 2), (1, 3), (1, 4), (1, 5)]);
+        assert_eq!(
+            scan_all(&s, (1, 5), false),
+            vec![(1, 5), (2, 1), (2, 2)]
+        );
+        assert_eq!(s.history_len(), 7);
+        // A replay of the same batch changes nothing.
+        s.put_packets(vec![&pkt(1, 3), &pkt(1, 5), &pkt(2, 2)]).unwrap();
+        assert_eq!(scan_all(&s, (0, 0), false).len(), 7);
+        assert_eq!(s.history_len(), 7);
+        // A replay cut differently overlaps stored runs: scans still pass each packet once.
+        s.put_packets(vec![&pkt(1, 2), &pkt(1, 3)]).unwrap();
+        assert_eq!(
+            scan_all(&s, (1, 0), true),
+            vec![(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+        );
     }
 
     #[test]

@@ -9,7 +9,6 @@ pub mod tools;
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
-    sync::OnceLock,
     time::Duration,
 };
 
@@ -25,14 +24,16 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The bound on every other wait in the tests.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// The folder holding the workspace's binaries for this test build's profile.
+/// The folder holding the workspace's binaries for this build's profile.
 fn bin_dir() -> PathBuf {
-    // The test executable lives in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile> folder")
-        .to_path_buf()
+    // Test executables live in target/<profile>/deps/, bench binaries in target/<profile>/.
+    let exe = std::env::current_exe().expect("own executable path");
+    let dir = exe.parent().expect("executable folder");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile> folder").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The cargo target folder (`target/`).
@@ -43,33 +44,31 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(bin_dir)
 }
 
-/// The path of a workspace binary, built (once per test process) if needed, so that
-/// `cargo test` alone is enough on a clean checkout.
+/// The path of a workspace binary, built (once per test process and binary) if needed, so
+/// that `cargo test` alone is enough on a clean checkout.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let dir = bin_dir();
-        let release = dir.file_name().is_some_and(|n| n == "release");
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let package = match name {
+            "interpose" => "cli",
+            other => other,
+        };
+        let release = bin_dir().file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        cmd.args(["build", "--quiet", "-p", package, "--bin", name])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         if release {
             cmd.arg("--release");
         }
-        let out = cmd
-            .output()
-            .map_err(|e| format!("running cargo build: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "cargo build --workspace --bins failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    });
-    if let Err(e) = built {
-        panic!("{e}");
+        let out = cmd.output().expect("running cargo build");
+        assert!(
+            out.status.success(),
+            "cargo build -p {package} --bin {name} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        built.push(name.to_string());
     }
     bin_dir().join(name)
 }

@@ -11,7 +11,7 @@ use tests::{Ingest, Registry, events};
 const RUNS: usize = 5;
 const PACKETS: u64 = 1_000_000;
 const BATCH: u64 = 1_000;
-const WINDOW: u64 = 8;
+const WINDOW: u64 = 32;
 const PAYLOAD: usize = 64;
 const RECORDS: u64 = 100_000;
 
