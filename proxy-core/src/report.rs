@@ -11,8 +11,10 @@
 //! above it). Everything shed is counted and sent to the registry as `IngestRequest.losses`.
 //!
 //! A background task drains the queue into batches (up to [`BATCH_EVENTS`] events or
-//! [`BATCH_BYTES`] of encoded size, sent as soon as they are formed: no timer, the
-//! registry's group commit does the coalescing), numbers them with an increasing
+//! [`BATCH_BYTES`] of payload). Batching is Nagle-like, with no timer: a batch goes out at
+//! once while fewer than two are awaiting acknowledgement, otherwise events gather until
+//! an acknowledgement arrives or a batch is full; so an idle proxy reports each event
+//! immediately and a busy one sends few large batches. The task numbers them with an increasing
 //! `batch_seq`, keeps every batch until its acknowledgement arrives, and after a broken
 //! stream reconnects with backoff and sends the unacknowledged batches again, in order,
 //! before any new one. The registry applies replays idempotently.
@@ -82,6 +84,15 @@ struct PacketItem {
     data: Bytes,
 }
 
+impl Item {
+    fn payload_len(&self) -> usize {
+        match self {
+            Item::Packet(p) => p.data.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Shedding priority of an event.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Class {
@@ -141,6 +152,7 @@ impl Reporter {
             unacked: VecDeque::new(),
             next_seq: 1,
             pending: Vec::with_capacity(BATCH_EVENTS),
+            pending_bytes: 0,
             stop: stop_rx.clone(),
             sent_losses: ProxyLosses::default(),
         };
@@ -376,6 +388,8 @@ struct Task {
     unacked: VecDeque<Batch>,
     next_seq: u64,
     pending: Vec<Item>,
+    /// Payload bytes of the packets in `pending`.
+    pending_bytes: usize,
     stop: watch::Receiver<Option<Instant>>,
     sent_losses: ProxyLosses,
 }
@@ -462,6 +476,18 @@ impl Task {
                     return SessionEnd::Stopped;
                 }
             }
+            // Nagle for batches: a small batch goes out at once when at most one other is
+            // awaiting its acknowledgement; otherwise events gather until one is acknowledged
+            // or a full batch is ready. Idle: no added latency; busy: few, large batches.
+            let full = self.pending.len() >= BATCH_EVENTS || self.pending_bytes >= BATCH_BYTES;
+            if !self.pending.is_empty()
+                && self.unacked.len() < MAX_UNACKED
+                && (full || self.unacked.len() < 2 || deadline.is_some())
+            {
+                self.make_batches();
+                self.pending_bytes = 0;
+            }
+            let room = BATCH_EVENTS.saturating_sub(self.pending.len()).max(1);
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 res = &mut call, if acks.is_none() => match res {
@@ -490,9 +516,9 @@ impl Task {
                         return SessionEnd::Failed { status: "request stream closed".into(), acked };
                     }
                 },
-                _ = self.rx.recv_many(&mut self.pending, BATCH_EVENTS),
-                    if self.unacked.len() < MAX_UNACKED => {
-                    self.make_batches();
+                _ = self.rx.recv_many(&mut self.pending, room),
+                    if self.pending.len() < BATCH_EVENTS && self.pending_bytes < BATCH_BYTES => {
+                    self.pending_bytes = self.pending.iter().map(Item::payload_len).sum();
                 }
                 _ = tick.tick() => {
                     if self.inner.losses() != self.sent_losses && self.unacked.len() < MAX_UNACKED {

@@ -432,7 +432,7 @@ async fn registry_killed_and_restarted_loses_nothing() -> R {
     Ok(())
 }
 
-/// A tiny HTTP/1.0 server answering every request with `body`.
+/// A tiny HTTP/1.0 server answering every request with `body`, then closing.
 async fn http_server(body: &'static str) -> anyhow::Result<SocketAddr> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
@@ -447,10 +447,9 @@ async fn http_server(body: &'static str) -> anyhow::Result<SocketAddr> {
                         Ok(n) => req.extend_from_slice(&b[..n]),
                     }
                 }
-                let resp = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
+                // No Content-Length: the body ends with the server's FIN, so the server
+                // closes first and the record says so deterministically.
+                let resp = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}");
                 let _ = s.write_all(resp.as_bytes()).await;
                 let _ = s.shutdown().await;
             });
