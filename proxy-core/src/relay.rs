@@ -32,7 +32,7 @@ use crate::{conn::ConnState, conn::End, report::Reporter};
 /// Smallest read block.
 pub const MIN_READ: usize = 4 * 1024;
 /// Largest read block.
-pub const MAX_READ: usize = 64 * 1024;
+pub const MAX_READ: usize = 256 * 1024;
 /// History packets up to this size are copied out of the read block, so that a small packet
 /// waiting in the report queue does not pin a whole block.
 pub const SMALL_PACKET: usize = 2 * 1024;

@@ -71,6 +71,8 @@ pub struct SocksReply {
     pub stream: TcpStream,
 }
 
+/// Reads one message a byte at a time, so that nothing after it (data the server sent right
+/// after the reply) is consumed.
 async fn read_until<T>(
     s: &mut TcpStream,
     buf: &mut Vec<u8>,
@@ -81,14 +83,14 @@ async fn read_until<T>(
             buf.drain(..n);
             return Ok(m);
         }
-        let mut chunk = [0u8; 512];
-        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, s.read(&mut byte))
             .await
             .context("SOCKS reply timed out")??;
         if n == 0 {
             bail!("proxy closed during the SOCKS handshake");
         }
-        buf.extend_from_slice(&chunk[..n]);
+        buf.push(byte[0]);
     }
 }
 

@@ -386,7 +386,10 @@ async fn main() -> anyhow::Result<()> {
         let mut res: HashMap<&str, Vec<f64>> = HashMap::new();
         for _ in 0..RUNS {
             for (name, p) in &paths {
-                res.entry(name).or_default().push(bulk(*p, server).await?);
+                let v = bulk(*p, server)
+                    .await
+                    .with_context(|| format!("bulk via {name}"))?;
+                res.entry(name).or_default().push(v);
             }
         }
         println!("bulk download of 1 GiB, median of {RUNS} runs (interleaved):");
