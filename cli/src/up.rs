@@ -1,11 +1,13 @@
-//! `interpose up`: every service in one process on one loopback gRPC port, with a default
-//! data directory: the embedded default.
+//! `interpose up`: every service in one process with a default data directory, the embedded
+//! default. The registry serves on one loopback gRPC port; the proxy reports to it over that
+//! same port, exactly as a remote proxy-core would.
 
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context, anyhow};
 use clap::Args;
 use proto::serve::GrpcServer;
+use proxy_core::{Config, DEFAULT_QUEUE_BOUND, Proxy, cli::OnOff, tls};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -19,15 +21,17 @@ pub struct UpArgs {
     /// gRPC listen address for every service; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub grpc: SocketAddr,
-    /// Extra PEM roots to trust for upstream TLS servers.
+    /// This proxy's node name in every record (default: the host name).
     #[arg(long)]
-    pub upstream_ca: Option<PathBuf>,
-    /// Do not verify upstream TLS certificates (logged, and recorded on every connection).
-    #[arg(long)]
-    pub upstream_insecure: bool,
+    pub node: Option<String>,
+    /// Record packet payloads in the history (records are kept either way).
+    #[arg(long, value_enum, default_value = "on")]
+    pub history: OnOff,
     /// Bearer token the gRPC API requires (needed to listen beyond loopback).
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: tls::args::TlsArgs,
 }
 
 /// The data directory to use: the given one, or `interpose` under the user's data home.
@@ -40,13 +44,20 @@ pub fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Runs every service until SIGINT or SIGTERM.
+/// Runs every service until SIGINT or SIGTERM, then shuts down in order: the proxy first
+/// (so open connections are recorded as ended), then the API, then the store's last flush.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     proto::serve::init_tracing();
+    tls::install_provider();
     proto::serve::check_exposure(args.grpc, args.token.as_deref())?;
     let dir = data_dir(args.data_dir)?;
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating data directory {}", dir.display()))?;
+    let ca = std::sync::Arc::new(tls::ca::Ca::load_or_create(&dir.join("ca"))?);
+    let ca_path = ca.cert_path();
+    // Checks the TLS options now (an unreadable --upstream-ca fails here, not later).
+    let _interceptor = tls::Interceptor::new(ca, args.tls.to_options())?;
+
     let registry = registry_svc::open(&dir)?;
     let listener = tokio::net::TcpListener::bind(args.grpc)
         .await
@@ -54,9 +65,40 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let grpc = listener.local_addr()?;
     let mut server = GrpcServer::new(args.token.clone());
     server.add_service(registry_svc::grpc_service(registry.clone()));
-    let serving = tokio::spawn(server.serve(listener, proto::serve::shutdown_signal()));
-    println!("ready grpc=http://{grpc} data_dir={}", dir.display());
-    serving.await.context("gRPC server task")??;
+    let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut serving = tokio::spawn(server.serve(listener, async {
+        let _ = grpc_stopped.await;
+    }));
+
+    let proxy = Proxy::start(Config {
+        socks: args.socks,
+        registry_url: format!("http://{grpc}"),
+        token: args.token,
+        node: args.node.unwrap_or_else(proxy_core::cli::hostname),
+        history: args.history == OnOff::On,
+        auth: None,
+        open_proxy: false,
+        queue_bound: DEFAULT_QUEUE_BOUND,
+        refuse: vec![grpc],
+    })
+    .await?;
+    println!(
+        "ready socks={} grpc=http://{grpc} ca={}",
+        proxy.socks_addr(),
+        ca_path.display()
+    );
+
+    let served = tokio::select! {
+        () = proto::serve::shutdown_signal() => None,
+        r = &mut serving => Some(r),
+    };
+    proxy.shutdown().await;
+    let _ = stop_grpc.send(());
+    let served = match served {
+        Some(r) => r,
+        None => serving.await,
+    };
+    served.context("gRPC server task")??;
     registry
         .flush()
         .await
