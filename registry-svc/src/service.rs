@@ -173,10 +173,11 @@ async fn ingest(
     loop {
         let mut last = match inbound.message().await {
             Ok(Some(batch)) => {
-                if let Err(e) = state.apply(&batch) {
+                let seq = batch.batch_seq;
+                if let Err(e) = state.apply(batch) {
                     return fail(e.into()).await;
                 }
-                batch.batch_seq
+                seq
             }
             Ok(None) => return,
             Err(status) => {
@@ -186,10 +187,10 @@ async fn ingest(
         };
         // Take every batch already received without waiting, then flush once for all.
         while let Some(Ok(Some(batch))) = inbound.message().now_or_never() {
-            if let Err(e) = state.apply(&batch) {
+            last = batch.batch_seq;
+            if let Err(e) = state.apply(batch) {
                 return fail(e.into()).await;
             }
-            last = batch.batch_seq;
         }
         if let Err(e) = state.flush().await {
             return fail(e.into()).await;

@@ -55,26 +55,25 @@ impl State {
     }
 
     /// Applies one ingest batch (not yet durable: see [`State::flush`]).
-    pub fn apply(&self, req: &IngestRequest) -> Result<(), StoreError> {
+    pub fn apply(&self, req: IngestRequest) -> Result<(), StoreError> {
         if req.node.is_empty() {
             return Err(StoreError::Invalid(
                 "ingest batch without a node name".into(),
             ));
         }
-        let mut packets: Vec<&Packet> = Vec::new();
+        let mut packets: Vec<Packet> = Vec::new();
         {
             let w = self.hub.write();
-            for ev in &req.events {
-                let changed = match &ev.kind {
-                    Some(Kind::Opened(c)) => {
-                        let mut c = c.clone();
+            for ev in req.events {
+                let changed = match ev.kind {
+                    Some(Kind::Opened(mut c)) => {
                         if c.node.is_empty() {
                             c.node.clone_from(&req.node);
                         }
                         self.store.open_conn(c)?
                     }
-                    Some(Kind::Updated(u)) => self.store.update_conn(u)?,
-                    Some(Kind::Closed(e)) => self.store.close_conn(e)?,
+                    Some(Kind::Updated(u)) => self.store.update_conn(&u)?,
+                    Some(Kind::Closed(e)) => self.store.close_conn(&e)?,
                     Some(Kind::Packet(p)) => {
                         if p.conn_id == 0 || p.seq == 0 {
                             return Err(StoreError::Invalid(format!(

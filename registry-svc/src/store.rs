@@ -90,10 +90,10 @@ pub struct Run {
 
 /// Splits packets into runs of one connection with consecutive sequence numbers, dropping
 /// repeats of a (connection, seq) within the input.
-pub fn into_runs(mut packets: Vec<&Packet>) -> Vec<Vec<&Packet>> {
+pub fn into_runs(mut packets: Vec<Packet>) -> Vec<Vec<Packet>> {
     packets.sort_by_key(|p| (p.conn_id, p.seq));
     packets.dedup_by_key(|p| (p.conn_id, p.seq));
-    let mut runs: Vec<Vec<&Packet>> = Vec::new();
+    let mut runs: Vec<Vec<Packet>> = Vec::new();
     for p in packets {
         match runs.last_mut() {
             Some(run)
@@ -181,20 +181,16 @@ impl Store {
     }
 
     /// Stores history packets (idempotent: a replayed batch rewrites the same runs).
-    pub fn put_packets(&self, packets: Vec<&Packet>) -> Result<(), StoreError> {
+    pub fn put_packets(&self, packets: Vec<Packet>) -> Result<(), StoreError> {
         let mut buf = Vec::new();
         let mut fresh = 0u64;
-        for run in into_runs(packets) {
-            let first = run[0];
-            let run = Run {
-                packets: run.into_iter().cloned().collect(),
-            };
+        for packets in into_runs(packets) {
+            let key = history_key(packets[0].conn_id, packets[0].seq);
+            let run = Run { packets };
             buf.clear();
             run.encode(&mut buf)
                 .map_err(|_| StoreError::Invalid("packet run too large to encode".to_string()))?;
-            let old = self
-                .history
-                .insert(history_key(first.conn_id, first.seq), buf.as_slice())?;
+            let old = self.history.insert(key, buf.as_slice())?;
             if old.is_none() {
                 fresh += run.packets.len() as u64;
             }
@@ -485,7 +481,7 @@ mod tests {
             data: b"hi".to_vec(),
             ..Default::default()
         };
-        s.put_packets(vec![&p]).unwrap();
+        s.put_packets(vec![p.clone()]).unwrap();
         assert!(matches!(s.clear(&[1, 99]), Err(StoreError::NotFound(99))));
         assert!(
             s.get_opt(1).unwrap().is_some(),
@@ -519,8 +515,8 @@ mod tests {
             seq: 9,
             ..Default::default()
         };
-        s.put_packets(vec![&p, &p]).unwrap();
-        s.put_packets(vec![&p]).unwrap();
+        s.put_packets(vec![p.clone(), p.clone()]).unwrap();
+        s.put_packets(vec![p.clone()]).unwrap();
         assert_eq!(s.history_len(), 1);
     }
 
@@ -546,37 +542,42 @@ mod tests {
     #[test]
     fn runs_split_on_gaps_and_connections() {
         let ps = [pkt(2, 1), pkt(1, 2), pkt(1, 1), pkt(1, 4), pkt(1, 2)];
-        let runs = into_runs(ps.iter().collect());
+        let runs = into_runs(ps.to_vec());
         let shape: Vec<Vec<(u64, u64)>> = runs
             .iter()
             .map(|r| r.iter().map(|p| (p.conn_id, p.seq)).collect())
             .collect();
-        assert_eq!(shape, vec![vec![(1, 1), (1, 2)], vec![(1, 4)], vec![(2, 1)]]);
+        assert_eq!(
+            shape,
+            vec![vec![(1, 1), (1, 2)], vec![(1, 4)], vec![(2, 1)]]
+        );
     }
 
     #[test]
     fn late_packets_fill_gaps_in_order_and_scans_start_mid_run() {
         let (_d, s) = store();
         // Batch 1 has seqs 1, 2, 4 of conn 1; seq 3 arrives in the next batch.
-        s.put_packets(vec![&pkt(1, 1), &pkt(1, 2), &pkt(1, 4), &pkt(2, 1)])
+        s.put_packets(vec![pkt(1, 1), pkt(1, 2), pkt(1, 4), pkt(2, 1)])
             .unwrap();
-        s.put_packets(vec![&pkt(1, 3), &pkt(1, 5), &pkt(2, 2)]).unwrap();
+        s.put_packets(vec![pkt(1, 3), pkt(1, 5), pkt(2, 2)])
+            .unwrap();
         assert_eq!(
             scan_all(&s, (1, 0), true),
             vec![(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
         );
-        assert_eq!(scan_all(&s, (1, 2), true), vec![(1, 2), (1, 3), (1, 4), (1, 5)]);
         assert_eq!(
-            scan_all(&s, (1, 5), false),
-            vec![(1, 5), (2, 1), (2, 2)]
+            scan_all(&s, (1, 2), true),
+            vec![(1, 2), (1, 3), (1, 4), (1, 5)]
         );
+        assert_eq!(scan_all(&s, (1, 5), false), vec![(1, 5), (2, 1), (2, 2)]);
         assert_eq!(s.history_len(), 7);
         // A replay of the same batch changes nothing.
-        s.put_packets(vec![&pkt(1, 3), &pkt(1, 5), &pkt(2, 2)]).unwrap();
+        s.put_packets(vec![pkt(1, 3), pkt(1, 5), pkt(2, 2)])
+            .unwrap();
         assert_eq!(scan_all(&s, (0, 0), false).len(), 7);
         assert_eq!(s.history_len(), 7);
         // A replay cut differently overlaps stored runs: scans still pass each packet once.
-        s.put_packets(vec![&pkt(1, 2), &pkt(1, 3)]).unwrap();
+        s.put_packets(vec![pkt(1, 2), pkt(1, 3)]).unwrap();
         assert_eq!(
             scan_all(&s, (1, 0), true),
             vec![(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
