@@ -10,6 +10,7 @@ const FILES: &[&str] = &[
     "interpose/registry/v1/registry.proto",
     "interpose/intercept/v1/intercept.proto",
     "interpose/export/v1/export.proto",
+    "interpose/ca/v1/ca.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,6 +1,7 @@
 //! The `interpose` command: `up` runs every service in one process; every other subcommand
 //! is a gRPC client of the same API any other language would use.
 
+pub mod ca;
 pub mod client;
 pub mod conns;
 pub mod history;
@@ -44,6 +45,9 @@ pub enum Command {
     Conns(conns::ConnsCommand),
     /// Search the proxy history (every packet relayed).
     History(history::HistoryArgs),
+    /// The CA certificate that intercepted TLS connections chain to.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
 }
 
 /// Runs one command.
@@ -52,6 +56,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => up::run(args).await,
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
+        Command::Ca(cmd) => ca::run(&cli.server, cmd).await,
     }
 }
 

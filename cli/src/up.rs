@@ -56,7 +56,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ca = std::sync::Arc::new(tls::ca::Ca::load_or_create(&dir.join("ca"))?);
     let ca_path = ca.cert_path();
     // Checks the TLS options now (an unreadable --upstream-ca fails here, not later).
-    let _interceptor = tls::Interceptor::new(ca, args.tls.to_options())?;
+    let interceptor = std::sync::Arc::new(tls::Interceptor::new(ca, args.tls.to_options())?);
 
     let registry = registry_svc::open(&dir)?;
     let listener = tokio::net::TcpListener::bind(args.grpc)
@@ -65,6 +65,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let grpc = listener.local_addr()?;
     let mut server = GrpcServer::new(args.token.clone());
     server.add_service(registry_svc::grpc_service(registry.clone()));
+    server.add_service(tls::service::CaService::server(interceptor.clone()));
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut serving = tokio::spawn(server.serve(listener, async {
         let _ = grpc_stopped.await;

@@ -33,8 +33,14 @@ pub mod interpose {
             tonic::include_proto!("interpose.export.v1");
         }
     }
+    pub mod ca {
+        pub mod v1 {
+            tonic::include_proto!("interpose.ca.v1");
+        }
+    }
 }
 
+pub use interpose::ca::v1 as ca;
 pub use interpose::common::v1 as common;
 pub use interpose::export::v1 as export;
 pub use interpose::intercept::v1 as intercept;

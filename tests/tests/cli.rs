@@ -418,3 +418,48 @@ async fn curl_through_up_is_recorded_with_its_history() -> anyhow::Result<()> {
     assert_eq!(h[0]["direction"], "c2s");
     Ok(())
 }
+
+#[tokio::test]
+async fn ca_export_and_regenerate_over_grpc() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("data"), &[]).await?;
+    let ca_path = std::path::PathBuf::from(up.proc.field("ca").unwrap_or_default());
+    let pem_out = dir.path().join("ca.pem");
+    let der_out = dir.path().join("ca.der");
+    let out = interpose(
+        &up.grpc,
+        &["ca", "export", "--out", pem_out.to_str().unwrap_or("")],
+    )
+    .await?;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("sha256"), "{}", out.stdout);
+    let original = std::fs::read_to_string(&ca_path)?;
+    assert_eq!(std::fs::read_to_string(&pem_out)?, original);
+    let out = interpose(
+        &up.grpc,
+        &[
+            "ca",
+            "export",
+            "--der",
+            "--out",
+            der_out.to_str().unwrap_or(""),
+        ],
+    )
+    .await?;
+    assert!(out.ok, "{}", out.stderr);
+    let der = std::fs::read(&der_out)?;
+    assert_eq!(der.first(), Some(&0x30), "DER starts with a SEQUENCE");
+
+    let out = interpose(&up.grpc, &["ca", "regenerate"]).await?;
+    assert!(out.ok, "{}", out.stderr);
+    let renewed = std::fs::read_to_string(&ca_path)?;
+    assert_ne!(renewed, original);
+    let out = interpose(
+        &up.grpc,
+        &["ca", "export", "--out", pem_out.to_str().unwrap_or("")],
+    )
+    .await?;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(std::fs::read_to_string(&pem_out)?, renewed);
+    Ok(())
+}

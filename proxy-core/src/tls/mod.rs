@@ -35,6 +35,7 @@ pub mod detect;
 pub mod leaf;
 pub mod pattern;
 pub mod prefixed;
+pub mod service;
 pub mod upstream;
 
 #[cfg(test)]

@@ -1,0 +1,74 @@
+//! The `interpose.ca.v1.CertificateAuthority` gRPC service: hands out the CA certificate
+//! (never the key) and regenerates the CA for a running proxy.
+
+use std::{fmt::Write, sync::Arc};
+
+use proto::ca::{
+    CaCertificate, GetCaCertificateRequest, RegenerateCaRequest,
+    certificate_authority_server::{CertificateAuthority, CertificateAuthorityServer},
+};
+use tonic::{Request, Response, Status};
+
+use super::{Interceptor, ca::Ca};
+
+/// Serves the CA of one [`Interceptor`].
+#[derive(Clone)]
+pub struct CaService {
+    interceptor: Arc<Interceptor>,
+}
+
+impl CaService {
+    /// The service, ready to add to a gRPC server.
+    pub fn server(interceptor: Arc<Interceptor>) -> CertificateAuthorityServer<Self> {
+        CertificateAuthorityServer::new(Self { interceptor })
+    }
+}
+
+/// What a client learns about a CA.
+pub fn describe(ca: &Ca) -> CaCertificate {
+    let der = ca.cert_der().as_ref();
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let sha256 = digest
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        });
+    let not_after = ca.not_after();
+    CaCertificate {
+        pem: ca.cert_pem().to_string(),
+        der: der.to_vec(),
+        subject: ca.subject().to_string(),
+        not_after: Some(prost_types::Timestamp {
+            seconds: not_after.unix_timestamp(),
+            nanos: 0,
+        }),
+        sha256,
+        path: ca.cert_path().display().to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl CertificateAuthority for CaService {
+    async fn get_ca_certificate(
+        &self,
+        _req: Request<GetCaCertificateRequest>,
+    ) -> Result<Response<CaCertificate>, Status> {
+        Ok(Response::new(describe(&self.interceptor.ca())))
+    }
+
+    async fn regenerate_ca(
+        &self,
+        _req: Request<RegenerateCaRequest>,
+    ) -> Result<Response<CaCertificate>, Status> {
+        let dir = self.interceptor.ca().dir().to_path_buf();
+        let ca = tokio::task::spawn_blocking(move || Ca::regenerate(&dir))
+            .await
+            .map_err(|e| Status::internal(format!("regenerating the CA: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let ca = Arc::new(ca);
+        self.interceptor.replace_ca(ca.clone());
+        Ok(Response::new(describe(&ca)))
+    }
+}
