@@ -32,12 +32,23 @@ pub struct ProxyProc {
 
 impl ProxyProc {
     /// Starts `proxy-core` on a free loopback port reporting to `registry` as `node`, with
-    /// extra arguments; its log goes next to `dir`.
+    /// extra arguments and debug logging; its log goes next to `dir`.
     pub async fn start(
         dir: &Path,
         registry: &str,
         node: &str,
         extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_logging(dir, registry, node, extra, "info,proxy_core=debug").await
+    }
+
+    /// Like [`ProxyProc::start`] with the `RUST_LOG` filter `log` (benchmarks use `warn`).
+    pub async fn start_logging(
+        dir: &Path,
+        registry: &str,
+        node: &str,
+        extra: &[&str],
+        log: &str,
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("proxy-core"));
         cmd.args([
@@ -50,7 +61,7 @@ impl ProxyProc {
         ])
         .args(extra)
         .env_remove("INTERPOSE_TOKEN")
-        .env("RUST_LOG", "info,proxy_core=debug");
+        .env("RUST_LOG", log);
         let proc = Proc::start(cmd, dir.join(format!("proxy-{node}.log"))).await?;
         let socks = proc
             .field("listen")

@@ -29,7 +29,7 @@ use tokio::{
 
 const RUNS: usize = 5;
 const BULK: u64 = 1 << 30;
-const CPS_SECS: f64 = 3.0;
+const CPS_SECS: f64 = 2.0;
 const CPS_CLIENTS: usize = 32;
 const RTTS: usize = 20_000;
 const WATCH_CONNS: usize = 300;
@@ -129,6 +129,26 @@ async fn echo_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// A server that answers one byte with one byte, then closes first (as an HTTP/1.0 server
+/// does), so TIME_WAIT stays on the server side and the client's ephemeral ports are not
+/// exhausted by a fast connection loop.
+async fn oneshot_server() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).await.is_ok() {
+                    let _ = s.write_all(&b).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
 /// Bytes per second downloading `BULK` bytes.
 async fn bulk(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
     let mut s = connect(path, server).await?;
@@ -149,7 +169,8 @@ async fn bulk(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
     Ok(got as f64 / secs)
 }
 
-/// Fresh connections per second: each connects, sends one byte, reads it back, closes.
+/// Fresh connections per second: each connects, sends one byte, reads it back and the
+/// server's close, closes.
 async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -169,15 +190,24 @@ async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
                         Path_::Socks(p) => socks_fast(p, server).await?,
                     };
                     s.write_all(b"x").await?;
-                    let mut b = [0u8; 1];
-                    s.read_exact(&mut b).await?;
+                    let mut b = [0u8; 2];
+                    s.read_exact(&mut b[..1]).await?;
+                    if s.read(&mut b).await? != 0 {
+                        bail!("expected the server's close");
+                    }
                     anyhow::Ok(())
                 }
                 .await;
                 match r {
-                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
+                    Ok(()) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("  (first failure: {e:#})");
+                        }
+                    }
+                }
             }
         }));
     }
@@ -366,8 +396,15 @@ async fn main() -> anyhow::Result<()> {
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let dir = tempfile::tempdir()?;
     let reg = Registry::start(&dir.path().join("reg")).await?;
-    let on = ProxyProc::start(dir.path(), &reg.url, "bench-on", &[]).await?;
-    let off = ProxyProc::start(dir.path(), &reg.url, "bench-off", &["--history", "off"]).await?;
+    let on = ProxyProc::start_logging(dir.path(), &reg.url, "bench-on", &[], "warn").await?;
+    let off = ProxyProc::start_logging(
+        dir.path(),
+        &reg.url,
+        "bench-off",
+        &["--history", "off"],
+        "warn",
+    )
+    .await?;
     let dante = Dante::start(dir.path()).await?;
     if dante.is_none() {
         println!("(danted not found: dante baseline skipped)");
@@ -409,7 +446,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if want("cps") {
-        let server = echo_server().await?;
+        let server = oneshot_server().await?;
         let mut res: HashMap<&str, Vec<f64>> = HashMap::new();
         for _ in 0..3 {
             for (name, p) in &paths {
