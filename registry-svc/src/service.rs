@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     filter::matches,
-    state::{HistoryQuery, State},
+    state::{HistoryQuery, Rejected, State},
     store::{Change, StoreError},
 };
 
@@ -171,10 +171,11 @@ async fn ingest(
         }
     };
     loop {
+        let mut rejected = Rejected::default();
         let mut last = match inbound.message().await {
             Ok(Some(batch)) => {
                 let seq = batch.batch_seq;
-                if let Err(e) = state.apply(batch) {
+                if let Err(e) = state.apply(batch, &mut rejected) {
                     return fail(e.into()).await;
                 }
                 seq
@@ -188,14 +189,19 @@ async fn ingest(
         // Take every batch already received without waiting, then flush once for all.
         while let Some(Ok(Some(batch))) = inbound.message().now_or_never() {
             last = batch.batch_seq;
-            if let Err(e) = state.apply(batch) {
+            if let Err(e) = state.apply(batch, &mut rejected) {
                 return fail(e.into()).await;
             }
         }
         if let Err(e) = state.flush().await {
             return fail(e.into()).await;
         }
-        if tx.send(Ok(IngestAck { batch_seq: last })).await.is_err() {
+        let ack = IngestAck {
+            batch_seq: last,
+            rejected_events: rejected.count,
+            rejection: rejected.first.unwrap_or_default(),
+        };
+        if tx.send(Ok(ack)).await.is_err() {
             return;
         }
     }

@@ -28,6 +28,23 @@ pub struct State {
     pub(crate) hub: Hub,
 }
 
+/// Malformed ingest events skipped since the last acknowledgement.
+#[derive(Debug, Default)]
+pub struct Rejected {
+    /// How many.
+    pub count: u64,
+    /// Why the first was skipped.
+    pub first: Option<String>,
+}
+
+impl Rejected {
+    fn add(&mut self, why: String) {
+        tracing::warn!(%why, "skipped a malformed ingest event");
+        self.count += 1;
+        self.first.get_or_insert(why);
+    }
+}
+
 /// One page of records or packets.
 pub struct Page<T> {
     pub items: Vec<T>,
@@ -54,8 +71,10 @@ impl State {
         }))
     }
 
-    /// Applies one ingest batch (not yet durable: see [`State::flush`]).
-    pub fn apply(&self, req: IngestRequest) -> Result<(), StoreError> {
+    /// Applies one ingest batch (not yet durable: see [`State::flush`]). Malformed events are
+    /// skipped and counted in `rejected`; only a missing node name or a store failure fails
+    /// the whole batch.
+    pub fn apply(&self, req: IngestRequest, rejected: &mut Rejected) -> Result<(), StoreError> {
         if req.node.is_empty() {
             return Err(StoreError::Invalid(
                 "ingest batch without a node name".into(),
@@ -70,24 +89,27 @@ impl State {
                         if c.node.is_empty() {
                             c.node.clone_from(&req.node);
                         }
-                        self.store.open_conn(c)?
+                        self.store.open_conn(c)
                     }
-                    Some(Kind::Updated(u)) => self.store.update_conn(&u)?,
-                    Some(Kind::Closed(e)) => self.store.close_conn(&e)?,
+                    Some(Kind::Updated(u)) => self.store.update_conn(&u),
+                    Some(Kind::Closed(e)) => self.store.close_conn(&e),
+                    Some(Kind::Packet(p)) if p.conn_id == 0 || p.seq == 0 => {
+                        Err(StoreError::Invalid(format!(
+                            "packet with conn_id {} and seq {}: both must be non-zero",
+                            p.conn_id, p.seq
+                        )))
+                    }
                     Some(Kind::Packet(p)) => {
-                        if p.conn_id == 0 || p.seq == 0 {
-                            return Err(StoreError::Invalid(format!(
-                                "packet with conn_id {} and seq {}: both must be non-zero",
-                                p.conn_id, p.seq
-                            )));
-                        }
                         packets.push(p);
-                        None
+                        Ok(None)
                     }
-                    None => return Err(StoreError::Invalid("event with no kind".into())),
+                    None => Err(StoreError::Invalid("event with no kind".into())),
                 };
-                if let Some(c) = changed {
-                    w.publish(Change::Upsert(Arc::new(c)));
+                match changed {
+                    Ok(Some(c)) => w.publish(Change::Upsert(Arc::new(c))),
+                    Ok(None) => {}
+                    Err(StoreError::Invalid(why)) => rejected.add(why),
+                    Err(e) => return Err(e),
                 }
             }
         }

@@ -279,6 +279,8 @@ pub struct Ingest {
     node: String,
     seq: u64,
     acked: u64,
+    /// Malformed events the registry reported skipping, and its first reason.
+    pub rejected: (u64, String),
 }
 
 impl Ingest {
@@ -298,6 +300,7 @@ impl Ingest {
             node: node.to_string(),
             seq: 0,
             acked: 0,
+            rejected: (0, String::new()),
         })
     }
 
@@ -324,6 +327,12 @@ impl Ingest {
                 .context("no ack in time")??
                 .context("ingest stream ended")?;
             self.acked = ack.batch_seq;
+            if ack.rejected_events > 0 {
+                if self.rejected.0 == 0 {
+                    self.rejected.1 = ack.rejection;
+                }
+                self.rejected.0 += ack.rejected_events;
+            }
         }
         Ok(())
     }

@@ -366,14 +366,33 @@ async fn bad_requests_get_the_right_status_codes() -> anyhow::Result<()> {
         ),
         Err(Code::InvalidArgument)
     );
-    // An ingest batch with a zero connection ID is refused with a reason, and the server
-    // keeps serving.
+    // A malformed event is skipped and reported in the ack; the rest of its batch is kept
+    // and the stream goes on.
     let mut ingest = Ingest::open(&mut client, "n").await?;
-    ingest.send(vec![events::open(0, 1, "h", 1)]).await?;
-    let status = ingest.next_error().await?;
+    ingest
+        .send_durable(vec![events::open(0, 1, "h", 1), events::open(5, 2, "h", 1)])
+        .await?;
+    assert_eq!(ingest.rejected.0, 1);
+    assert!(ingest.rejected.1.contains("ID 0"), "{}", ingest.rejected.1);
+    ingest
+        .send_durable(vec![
+            events::packet(5, 0, Direction::C2s, b"x"),
+            events::open(6, 3, "h", 1),
+        ])
+        .await?;
+    assert_eq!(ingest.rejected.0, 2);
+    assert_eq!(list_ids(&mut client).await?, vec![5, 6]);
+    // A batch without a node name fails the stream with the reason.
+    let mut anonymous = Ingest::open(&mut client, "").await?;
+    anonymous.send(vec![events::open(7, 1, "h", 1)]).await?;
+    let status = anonymous.next_error().await?;
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("ID 0"), "{}", status.message());
-    assert!(list_ids(&mut client).await?.is_empty());
+    assert!(
+        status.message().contains("node name"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(list_ids(&mut client).await?, vec![5, 6]);
     Ok(())
 }
 
