@@ -81,6 +81,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         open_proxy: false,
         queue_bound: DEFAULT_QUEUE_BOUND,
         refuse: vec![grpc],
+        interceptor: Some(interceptor.clone()),
     })
     .await?;
     println!(

@@ -6,6 +6,7 @@
 //! - [`socks5`]: the SOCKS5 wire format, sans I/O; [`handshake`]: its async shell.
 //! - [`server`]: listener, per-connection handler, graceful shutdown.
 //! - [`relay`]: the two pumps with half-close; [`udp`]: UDP ASSOCIATE.
+//! - [`intercept`]: the relay with TLS detection and interception (uses [`tls`]).
 //! - [`report`]: the bounded, replaying event stream to the registry; [`ids`]: leased
 //!   connection IDs; [`process`]: which local process a client is; [`conn`]: per-connection
 //!   counters.
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod conn;
 pub mod handshake;
 pub mod ids;
+pub mod intercept;
 pub mod process;
 pub mod relay;
 pub mod report;
@@ -60,6 +62,8 @@ pub struct Config {
     /// Addresses CONNECT must refuse besides the SOCKS port itself (the management gRPC
     /// port, ...): reply 0x02 and a record closed by the proxy.
     pub refuse: Vec<SocketAddr>,
+    /// TLS interception ([`tls::Interceptor`]); `None` relays every stream as plain TCP.
+    pub interceptor: Option<Arc<tls::Interceptor>>,
 }
 
 /// Why a proxy could not start.
@@ -126,6 +130,9 @@ impl Proxy {
         );
         let ids = ids::IdPool::new(channel, cfg.node.clone());
         let resolver = process::Resolver::start(reporter.clone());
+        if cfg.interceptor.is_some() {
+            tls::install_provider();
+        }
         let mut refuse = vec![socks_addr];
         refuse.extend(cfg.refuse.iter().copied());
         let shared = Arc::new(server::Shared {
@@ -135,6 +142,7 @@ impl Proxy {
             ids,
             resolver,
             refuse,
+            interceptor: cfg.interceptor.clone(),
         });
         let (notify_shutdown, _) = broadcast::channel(1);
         let (shutdown_complete_tx, shutdown_complete_rx) = mpsc::channel(1);

@@ -72,6 +72,11 @@ impl TcpReader {
             pending: pending.filter(|p| !p.is_empty()),
         }
     }
+
+    /// The read half back, and any pending bytes not yet returned.
+    pub fn into_inner(self) -> (OwnedReadHalf, Option<Bytes>) {
+        (self.half, self.pending)
+    }
 }
 
 impl PacketReader for TcpReader {
@@ -117,6 +122,11 @@ impl TcpWriter {
     pub fn new(half: OwnedWriteHalf) -> Self {
         Self { half: Some(half) }
     }
+
+    /// The write half back; `None` after [`PacketWriter::abort`].
+    pub fn into_inner(self) -> Option<OwnedWriteHalf> {
+        self.half
+    }
 }
 
 fn aborted() -> io::Error {
@@ -156,7 +166,7 @@ impl PacketWriter for TcpWriter {
 
 /// How one pump ended.
 #[derive(Debug)]
-enum PumpEnd {
+pub(crate) enum PumpEnd {
     /// The reading side sent FIN; it was passed on.
     Eof,
     /// Reading failed.
@@ -223,7 +233,7 @@ fn is_reset(e: &io::Error) -> bool {
 }
 
 /// Classifies a pump's end: (end, fatal). `from`/`to` are the reading and writing sides.
-fn classify(end: PumpEnd, from: ClosedBy, to: ClosedBy) -> (End, bool) {
+pub(crate) fn classify(end: PumpEnd, from: ClosedBy, to: ClosedBy) -> (End, bool) {
     let name = |s: ClosedBy| {
         if s == ClosedBy::Client {
             "client"

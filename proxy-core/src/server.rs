@@ -52,6 +52,8 @@ pub struct Shared {
     pub resolver: Resolver,
     /// Addresses CONNECT must never reach: the SOCKS listener itself and `Config::refuse`.
     pub refuse: Vec<SocketAddr>,
+    /// TLS interception; `None` relays everything as plain TCP.
+    pub interceptor: Option<Arc<crate::tls::Interceptor>>,
 }
 
 /// Completes when the proxy shuts down (the broadcast sender was dropped or sent).
@@ -266,14 +268,41 @@ impl Handler {
                 format!("writing the SOCKS reply: {e}"),
             );
         }
-        let (cr, cw) = stream.into_split();
-        let (sr, sw) = upstream.into_split();
-        let (mut cr, mut cw) = (TcpReader::new(cr, Some(leftover)), TcpWriter::new(cw));
-        let (mut sr, mut sw) = (TcpReader::new(sr, None), TcpWriter::new(sw));
         let ctx = Ctx {
             state,
             reporter: &self.shared.reporter,
         };
+        if let Some(interceptor) = self.shared.interceptor.clone() {
+            let peer = upstream.peer_addr();
+            let target = crate::tls::Target {
+                host: match target {
+                    Addr::Domain(h, _) => Some(h.clone()),
+                    Addr::Ip(_) => None,
+                },
+                ip: match (&peer, target) {
+                    (Ok(a), _) | (Err(_), Addr::Ip(a)) => a.ip(),
+                    (Err(_), Addr::Domain(..)) => IpAddr::from([0, 0, 0, 0]),
+                },
+                port: match target {
+                    Addr::Ip(a) => a.port(),
+                    Addr::Domain(_, p) => *p,
+                },
+            };
+            return crate::intercept::relay(
+                stream,
+                leftover,
+                upstream,
+                target,
+                &interceptor,
+                &ctx,
+                &mut self.shutdown,
+            )
+            .await;
+        }
+        let (cr, cw) = stream.into_split();
+        let (sr, sw) = upstream.into_split();
+        let (mut cr, mut cw) = (TcpReader::new(cr, Some(leftover)), TcpWriter::new(cw));
+        let (mut sr, mut sw) = (TcpReader::new(sr, None), TcpWriter::new(sw));
         relay::relay(
             (&mut cr, &mut cw),
             (&mut sr, &mut sw),

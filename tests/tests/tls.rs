@@ -1,0 +1,574 @@
+//! End-to-end tests of TLS interception (issue 4): `interpose up` as a real process, real
+//! TLS servers (tokio-rustls, h2) with certificates from a test CA, and real TLS clients
+//! (curl, rustls) going through its SOCKS port.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use proto::common::{CloseKind, ClosedBy, ConnStatus, Connection, Direction};
+use proxy_core::socks5::Addr;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+};
+use tests::{
+    Up, WAIT, interpose_json,
+    proxy::{all_connections, direction_bytes, history, socks_connect},
+    registry_client,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// A test CA and a server certificate for `localhost` and 127.0.0.1.
+struct Pki {
+    dir: tempfile::TempDir,
+    chain: Vec<CertificateDer<'static>>,
+    key_pem: String,
+}
+
+impl Pki {
+    fn new(cn: &str) -> anyhow::Result<Pki> {
+        proxy_core::tls::install_provider();
+        let dir = tempfile::tempdir()?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::default();
+        ca_params.distinguished_name.push(DnType::CommonName, cn);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key)?;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+        let key = KeyPair::generate()?;
+        let params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Pki {
+            dir,
+            chain: vec![cert.der().clone()],
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn ca_arg(&self) -> String {
+        self.ca_file().display().to_string()
+    }
+
+    /// A TLS acceptor with this PKI's server certificate and the given ALPN protocols.
+    fn acceptor(&self, alpn: &[&[u8]]) -> anyhow::Result<TlsAcceptor> {
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())?;
+        let mut cfg = ServerConfig::builder_with_provider(proxy_core::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), key)?;
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(TlsAcceptor::from(Arc::new(cfg)))
+    }
+}
+
+/// Root store holding the certificates of a PEM file.
+fn roots(pem_file: &std::path::Path) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pem_file)? {
+        roots.add(c?)?;
+    }
+    Ok(roots)
+}
+
+/// The interpose CA file of a running `up`.
+fn proxy_ca(up: &Up) -> anyhow::Result<PathBuf> {
+    Ok(PathBuf::from(
+        up.proc.field("ca").context("ca= in the ready line")?,
+    ))
+}
+
+fn socks(up: &Up) -> anyhow::Result<SocketAddr> {
+    up.proc
+        .field("socks")
+        .context("socks= in the ready line")?
+        .parse()
+        .context("socks address")
+}
+
+/// Runs a loopback server: every accepted connection goes to `handle` in its own task.
+async fn serve<F, Fut>(handle: F) -> anyhow::Result<SocketAddr>
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let handle = Arc::new(handle);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            let h = handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = tokio::time::timeout(WAIT, h(s)).await {
+                    eprintln!("test server connection: {e}");
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A TLS server speaking HTTP/1.1 or HTTP/2 (whichever ALPN picked); answers every
+/// request with `hello from PATH`.
+async fn http_server(pki: &Pki) -> anyhow::Result<SocketAddr> {
+    let acceptor = pki.acceptor(&[b"h2", b"http/1.1"])?;
+    serve(move |s| {
+        let acceptor = acceptor.clone();
+        async move {
+            let tls = acceptor.accept(s).await?;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let mut conn = h2::server::handshake(tls).await?;
+                while let Some(req) = conn.accept().await {
+                    let (req, mut respond) = req?;
+                    let body = format!("hello from {}", req.uri().path());
+                    let resp = http::Response::builder().status(200).body(())?;
+                    let mut send = respond.send_response(resp, false)?;
+                    send.send_data(bytes::Bytes::from(body), true)?;
+                }
+                return Ok(());
+            }
+            let mut r = BufReader::new(tls);
+            let mut request_line = String::new();
+            r.read_line(&mut request_line).await?;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).await? == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("?");
+            let body = format!("hello from {path}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let mut tls = r.into_inner();
+            tls.write_all(resp.as_bytes()).await?;
+            tls.shutdown().await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Echoes everything back over TLS (no ALPN): a non-HTTP protocol.
+async fn echo_server(pki: &Pki) -> anyhow::Result<SocketAddr> {
+    let acceptor = pki.acceptor(&[])?;
+    serve(move |s| {
+        let acceptor = acceptor.clone();
+        async move {
+            let mut tls = acceptor.accept(s).await?;
+            echo(&mut tls).await
+        }
+    })
+    .await
+}
+
+async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+) -> anyhow::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            // A client that closes TCP without close_notify.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        s.write_all(&buf[..n]).await?;
+        s.flush().await?;
+    }
+}
+
+/// A plaintext SMTP-like greeting, `STARTTLS`, then TLS and an echo.
+async fn starttls_server(pki: &Pki) -> anyhow::Result<SocketAddr> {
+    let acceptor = pki.acceptor(&[])?;
+    serve(move |mut s| {
+        let acceptor = acceptor.clone();
+        async move {
+            s.write_all(b"220 test ESMTP ready\r\n").await?;
+            let mut cmd = [0u8; 10];
+            s.read_exact(&mut cmd).await?;
+            if &cmd != b"STARTTLS\r\n" {
+                bail!("unexpected command {cmd:?}");
+            }
+            s.write_all(b"220 2.0.0 go ahead\r\n").await?;
+            let mut tls = acceptor.accept(s).await?;
+            echo(&mut tls).await
+        }
+    })
+    .await
+}
+
+fn client_config(roots: RootCertStore) -> Arc<ClientConfig> {
+    Arc::new(
+        ClientConfig::builder_with_provider(proxy_core::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// Opens a SOCKS CONNECT to `target` through `up`; returns the stream and its local port.
+async fn through(up: &Up, target: Addr) -> anyhow::Result<(TcpStream, u16)> {
+    let r = socks_connect(socks(up)?, target).await?;
+    if r.reply != proxy_core::socks5::Reply::Succeeded {
+        bail!("SOCKS reply {:?}", r.reply);
+    }
+    let port = r.stream.local_addr()?.port();
+    r.stream.set_nodelay(true)?;
+    Ok((r.stream, port))
+}
+
+/// Writes `msg` and reads the same number of bytes back.
+async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    msg: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    s.write_all(msg).await?;
+    s.flush().await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back))
+        .await
+        .context("echo timed out")??;
+    Ok(back)
+}
+
+/// Waits for a record matching `pred` (the last one seen is in the error).
+async fn wait_record(
+    up: &Up,
+    what: &str,
+    pred: impl Fn(&Connection) -> bool,
+) -> anyhow::Result<Connection> {
+    let mut client = registry_client(&up.grpc, None).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let all = all_connections(&mut client).await?;
+        if let Some(c) = all.iter().find(|c| pred(c)) {
+            return Ok(c.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for a record {what}; records: {all:#?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn disconnected(c: &Connection) -> bool {
+    c.status == ConnStatus::Disconnected as i32
+}
+
+/// The decrypted bytes of one direction, via `interpose history --conn ID --json`.
+async fn cli_history(up: &Up, id: u64, dir: &str) -> anyhow::Result<Vec<u8>> {
+    let v = interpose_json(&up.grpc, &["history", "--conn", &id.to_string(), "--json"]).await?;
+    let packets = v.as_array().context("history JSON is an array")?;
+    let mut out = Vec::new();
+    for p in packets {
+        if p["direction"] == dir {
+            let b64 = p["data_b64"].as_str().context("data_b64")?;
+            out.extend(base64::engine::general_purpose::STANDARD.decode(b64)?);
+        }
+    }
+    Ok(out)
+}
+
+async fn curl(up: &Up, ca: &std::path::Path, url: &str, extra: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "15", "--cacert"])
+            .arg(ca)
+            .args(["--socks5-hostname", &socks(up)?.to_string()])
+            .args(extra)
+            .arg(url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("curl timed out")??;
+    if !out.status.success() {
+        bail!(
+            "curl {url} failed: {}\nproxy log: {}",
+            String::from_utf8_lossy(&out.stderr),
+            up.proc.stderr()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn curl_case(http2: bool) -> anyhow::Result<()> {
+    let pki = Pki::new("Upstream Test CA")?;
+    let server = http_server(&pki).await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
+    let ca = proxy_ca(&up)?;
+    let (path, flag, alpn) = if http2 {
+        ("/page-over-h2", "--http2", "h2")
+    } else {
+        ("/page-over-h1", "--http1.1", "http/1.1")
+    };
+    let url = format!("https://localhost:{}{path}", server.port());
+    let body = curl(&up, &ca, &url, &[flag]).await?;
+    assert_eq!(body, format!("hello from {path}"));
+    let rec = wait_record(&up, "for the curl connection, closed", |c| {
+        c.dst_port == u32::from(server.port()) && disconnected(c)
+    })
+    .await?;
+    assert!(rec.tls, "{rec:?}");
+    assert_eq!(rec.sni, "localhost");
+    assert_eq!(rec.alpn, alpn);
+    let client_tls = rec.client_tls.clone().context("client_tls")?;
+    let upstream_tls = rec.upstream_tls.clone().context("upstream_tls")?;
+    assert_eq!(client_tls.alpn, alpn);
+    assert_eq!(upstream_tls.alpn, alpn);
+    assert!(client_tls.version.starts_with("TLSv1."), "{client_tls:?}");
+    assert!(!upstream_tls.cipher.is_empty());
+    assert!(!rec.upstream_insecure);
+    let c2s = cli_history(&up, rec.id, "c2s").await?;
+    let s2c = cli_history(&up, rec.id, "s2c").await?;
+    let c2s_text = String::from_utf8_lossy(&c2s);
+    if http2 {
+        assert!(
+            c2s.starts_with(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            "decrypted HTTP/2 preface: {c2s_text:?}"
+        );
+    } else {
+        assert!(
+            c2s_text.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
+            "decrypted request: {c2s_text:?}"
+        );
+        assert!(c2s_text.contains("Host: localhost"), "{c2s_text:?}");
+    }
+    let body = format!("hello from {path}");
+    assert!(
+        s2c.windows(body.len()).any(|w| w == body.as_bytes()),
+        "decrypted response holds the body: {:?}",
+        String::from_utf8_lossy(&s2c)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_fetches_a_page_over_http1_and_history_shows_the_decrypted_request()
+-> anyhow::Result<()> {
+    curl_case(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_fetches_a_page_over_http2_and_the_record_shows_alpn_h2() -> anyhow::Result<()> {
+    curl_case(true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tls_echo_protocol_is_intercepted_and_recorded() -> anyhow::Result<()> {
+    let pki = Pki::new("Upstream Test CA")?;
+    let server = echo_server(&pki).await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
+    let (tcp, port) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
+    let mut tls = tokio::time::timeout(
+        WAIT,
+        TlsConnector::from(client_config(roots(&proxy_ca(&up)?)?))
+            .connect(ServerName::try_from("localhost")?, tcp),
+    )
+    .await
+    .context("handshake timed out")??;
+    for i in 0..5 {
+        let msg = format!("echo protocol message {i}\n");
+        assert_eq!(round_trip(&mut tls, msg.as_bytes()).await?, msg.as_bytes());
+    }
+    tls.shutdown().await?;
+    let rec = wait_record(&up, "for the echo connection, closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    assert!(rec.tls);
+    assert_eq!(rec.sni, "localhost");
+    assert_eq!(rec.alpn, "");
+    assert_eq!(rec.closed_by, ClosedBy::Client as i32, "{rec:?}");
+    let mut client = registry_client(&up.grpc, None).await?;
+    let packets = history(&mut client, rec.id).await?;
+    let expected: String = (0..5)
+        .map(|i| format!("echo protocol message {i}\n"))
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&direction_bytes(&packets, Direction::C2s)),
+        expected
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&direction_bytes(&packets, Direction::S2c)),
+        expected
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_upgrade_after_a_plaintext_greeting_is_decrypted() -> anyhow::Result<()> {
+    let pki = Pki::new("Upstream Test CA")?;
+    let server = starttls_server(&pki).await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
+    let (mut tcp, port) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
+    // The server speaks first: the greeting must arrive without the client sending anything.
+    let mut greeting = vec![0u8; b"220 test ESMTP ready\r\n".len()];
+    tokio::time::timeout(WAIT, tcp.read_exact(&mut greeting))
+        .await
+        .context("greeting timed out")??;
+    assert_eq!(greeting, b"220 test ESMTP ready\r\n");
+    tcp.write_all(b"STARTTLS\r\n").await?;
+    let mut go = vec![0u8; b"220 2.0.0 go ahead\r\n".len()];
+    tokio::time::timeout(WAIT, tcp.read_exact(&mut go))
+        .await
+        .context("reply timed out")??;
+    assert_eq!(go, b"220 2.0.0 go ahead\r\n");
+    let mut tls = tokio::time::timeout(
+        WAIT,
+        TlsConnector::from(client_config(roots(&proxy_ca(&up)?)?))
+            .connect(ServerName::try_from("localhost")?, tcp),
+    )
+    .await
+    .context("upgraded handshake timed out")??;
+    let secret = b"MAIL FROM:<secret-after-upgrade@example.com>\r\n";
+    assert_eq!(round_trip(&mut tls, secret).await?, secret);
+    tls.shutdown().await?;
+    let rec = wait_record(&up, "for the STARTTLS connection, closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    assert!(rec.tls, "{rec:?}");
+    assert_eq!(rec.sni, "localhost");
+    let mut client = registry_client(&up.grpc, None).await?;
+    let packets = history(&mut client, rec.id).await?;
+    let c2s = direction_bytes(&packets, Direction::C2s);
+    let mut expected = b"STARTTLS\r\n".to_vec();
+    expected.extend_from_slice(secret);
+    assert_eq!(
+        String::from_utf8_lossy(&c2s),
+        String::from_utf8_lossy(&expected)
+    );
+    let s2c = direction_bytes(&packets, Direction::S2c);
+    let mut expected = b"220 test ESMTP ready\r\n220 2.0.0 go ahead\r\n".to_vec();
+    expected.extend_from_slice(secret);
+    assert_eq!(
+        String::from_utf8_lossy(&s2c),
+        String::from_utf8_lossy(&expected)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_without_sni_to_an_ip_target_validates_against_an_ip_san() -> anyhow::Result<()> {
+    let pki = Pki::new("Upstream Test CA")?;
+    let server = echo_server(&pki).await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
+    let (tcp, port) = through(&up, Addr::Ip(server)).await?;
+    // rustls sends no SNI for an IP address and verifies the certificate's IP SAN.
+    let ip = ServerName::IpAddress(server.ip().into());
+    let mut tls = tokio::time::timeout(
+        WAIT,
+        TlsConnector::from(client_config(roots(&proxy_ca(&up)?)?)).connect(ip, tcp),
+    )
+    .await
+    .context("handshake timed out")??;
+    assert_eq!(round_trip(&mut tls, b"no sni here").await?, b"no sni here");
+    tls.shutdown().await?;
+    let rec = wait_record(&up, "for the IP connection, closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    assert!(rec.tls, "{rec:?}");
+    assert_eq!(rec.sni, "");
+    assert_eq!(rec.dst_host, "127.0.0.1");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_does_not_trust_the_ca_is_recorded_as_rejecting_the_certificate()
+-> anyhow::Result<()> {
+    let pki = Pki::new("Upstream Test CA")?;
+    let server = echo_server(&pki).await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
+    let (tcp, port) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
+    // Trusts the real server's CA, not the proxy's.
+    let r = tokio::time::timeout(
+        WAIT,
+        TlsConnector::from(client_config(roots(&pki.ca_file())?))
+            .connect(ServerName::try_from("localhost")?, tcp),
+    )
+    .await
+    .context("handshake timed out")?;
+    let Err(e) = r else {
+        bail!("the client accepted the proxy's certificate without trusting its CA")
+    };
+    assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+    let rec = wait_record(&up, "for the rejecting client, closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    assert_eq!(rec.closed_by, ClosedBy::Client as i32, "{rec:?}");
+    assert!(
+        rec.reason
+            .contains("client rejected certificate: unknown CA"),
+        "{rec:?}"
+    );
+    assert!(!rec.tls);
+    assert_eq!(rec.sni, "localhost");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_with_an_untrusted_certificate_gets_an_alert_and_a_proxy_record()
+-> anyhow::Result<()> {
+    let pki = Pki::new("Untrusted Upstream CA")?;
+    let server = echo_server(&pki).await?;
+    let data = tempfile::tempdir()?;
+    // No --upstream-ca: the server's CA is unknown to the proxy.
+    let up = Up::start(data.path(), &[]).await?;
+    let (tcp, port) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
+    let r = tokio::time::timeout(
+        WAIT,
+        TlsConnector::from(client_config(roots(&proxy_ca(&up)?)?))
+            .connect(ServerName::try_from("localhost")?, tcp),
+    )
+    .await
+    .context("handshake timed out")?;
+    let Err(e) = r else {
+        bail!("the handshake succeeded although the upstream is untrusted")
+    };
+    let alert = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .cloned();
+    assert!(
+        matches!(alert, Some(rustls::Error::AlertReceived(_))),
+        "the client gets a TLS alert, got {e}"
+    );
+    let rec = wait_record(&up, "for the untrusted upstream, closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    assert_eq!(rec.closed_by, ClosedBy::Proxy as i32, "{rec:?}");
+    assert_eq!(rec.close_kind, CloseKind::Error as i32, "{rec:?}");
+    assert!(
+        rec.reason.contains("upstream certificate rejected")
+            && rec.reason.contains("unknown issuer"),
+        "{rec:?}"
+    );
+    Ok(())
+}
