@@ -12,9 +12,10 @@
 //!
 //! A background task drains the queue into batches (up to [`BATCH_EVENTS`] events or
 //! [`BATCH_BYTES`] of payload). Batching is Nagle-like, with no timer: a batch goes out at
-//! once while fewer than two are awaiting acknowledgement, otherwise events gather until
-//! an acknowledgement arrives or a batch is full; so an idle proxy reports each event
-//! immediately and a busy one sends few large batches. The task numbers them with an increasing
+//! once when none is awaiting acknowledgement, otherwise events gather until the
+//! acknowledgement arrives or a batch is full (heavy traffic keeps several full batches in
+//! flight); so an idle proxy reports each event immediately and a busy one sends few large
+//! batches. The task numbers them with an increasing
 //! `batch_seq`, keeps every batch until its acknowledgement arrives, and after a broken
 //! stream reconnects with backoff and sends the unacknowledged batches again, in order,
 //! before any new one. The registry applies replays idempotently.
@@ -153,6 +154,7 @@ impl Reporter {
             next_seq: 1,
             pending: Vec::with_capacity(BATCH_EVENTS),
             pending_bytes: 0,
+            last_full: false,
             stop: stop_rx.clone(),
             sent_losses: ProxyLosses::default(),
         };
@@ -390,6 +392,8 @@ struct Task {
     pending: Vec<Item>,
     /// Payload bytes of the packets in `pending`.
     pending_bytes: usize,
+    /// The last batch formed was full: traffic is heavy, keep several in flight.
+    last_full: bool,
     stop: watch::Receiver<Option<Instant>>,
     sent_losses: ProxyLosses,
 }
@@ -476,17 +480,24 @@ impl Task {
                     return SessionEnd::Stopped;
                 }
             }
-            // Nagle for batches: a small batch goes out at once when at most one other is
-            // awaiting its acknowledgement; otherwise events gather until one is acknowledged
-            // or a full batch is ready. Idle: no added latency; busy: few, large batches.
+            // Nagle for batches: a batch goes out at once when none is awaiting its
+            // acknowledgement; otherwise events wait (in the channel, without waking this task)
+            // until the acknowledgement, unless a full batch is ready (bulk traffic keeps up to
+            // MAX_UNACKED full batches in flight). Idle: no added latency; busy: few, large
+            // batches and one wake-up per acknowledgement instead of one per event.
             let full = self.pending.len() >= BATCH_EVENTS || self.pending_bytes >= BATCH_BYTES;
             if !self.pending.is_empty()
                 && self.unacked.len() < MAX_UNACKED
-                && (full || self.unacked.len() < 2 || deadline.is_some())
+                && (full || self.unacked.is_empty() || deadline.is_some())
             {
+                self.last_full = full;
                 self.make_batches();
                 self.pending_bytes = 0;
             }
+            let receive = self.pending.len() < BATCH_EVENTS
+                && self.pending_bytes < BATCH_BYTES
+                && self.unacked.len() < MAX_UNACKED
+                && (self.unacked.is_empty() || self.last_full || deadline.is_some());
             let room = BATCH_EVENTS.saturating_sub(self.pending.len()).max(1);
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
@@ -516,8 +527,7 @@ impl Task {
                         return SessionEnd::Failed { status: "request stream closed".into(), acked };
                     }
                 },
-                _ = self.rx.recv_many(&mut self.pending, room),
-                    if self.pending.len() < BATCH_EVENTS && self.pending_bytes < BATCH_BYTES => {
+                _ = self.rx.recv_many(&mut self.pending, room), if receive => {
                     self.pending_bytes = self.pending.iter().map(Item::payload_len).sum();
                 }
                 _ = tick.tick() => {

@@ -703,3 +703,49 @@ async fn watch_streams_opens_and_closes() -> R {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn cli_clear_selected_and_all_keep_history() -> R {
+    let (_dir, reg, proxy) = setup(&[]).await?;
+    let mut rc = reg.client().await?;
+    let server = Server::bind().await?;
+    let mut ids = Vec::new();
+    for i in 0..3u8 {
+        let mut client = socks_connected(proxy.socks, server.addr).await?;
+        let mut srv = server.accept().await?;
+        let port = client.local_addr()?.port();
+        client.write_all(&[b'a' + i]).await?;
+        assert_eq!(read_n(&mut srv, 1).await?, [b'a' + i]);
+        drop(client);
+        drop(srv);
+        let c = wait_conn_by_port(&mut rc, port, "closed", closed).await?;
+        wait_history(&mut rc, c.id, &[b'a' + i], &[]).await?;
+        ids.push(c.id);
+    }
+    // Clear selected: only that record goes; its packets stay.
+    let out = tests::interpose(&reg.url, &["conns", "clear", &ids[0].to_string()]).await?;
+    assert!(out.ok, "{}", out.stderr);
+    let left: Vec<u64> = all_connections(&mut rc)
+        .await?
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(left, ids[1..].to_vec());
+    assert_eq!(
+        tests::proxy::history(&mut rc, ids[0]).await?.len(),
+        1,
+        "history of a cleared record is kept"
+    );
+    // An unknown ID fails with a clear error and removes nothing.
+    let out = tests::interpose(&reg.url, &["conns", "clear", &ids[0].to_string()]).await?;
+    assert!(!out.ok);
+    assert_eq!(all_connections(&mut rc).await?.len(), 2);
+    // Clear all.
+    let out = tests::interpose(&reg.url, &["conns", "clear", "--all"]).await?;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(all_connections(&mut rc).await?.is_empty());
+    for id in &ids {
+        assert_eq!(tests::proxy::history(&mut rc, *id).await?.len(), 1);
+    }
+    Ok(())
+}

@@ -522,12 +522,15 @@ async fn main() -> anyhow::Result<()> {
             }
             v
         });
-        let pid = tests::proxy::proxy_pid("bench-on").context("proxy pid")?;
+        // A fresh proxy: the others' heaps still hold what the bulk runs buffered.
+        let fresh =
+            ProxyProc::start_logging(dir.path(), &reg.url, "bench-rss", &[], "warn").await?;
+        let pid = tests::proxy::proxy_pid("bench-rss").context("proxy pid")?;
         let before = rss_kib(pid)?;
         let mut clients = Vec::with_capacity(IDLE_CONNS);
         let mut batch = Vec::new();
         for _ in 0..IDLE_CONNS {
-            batch.push(tokio::spawn(socks_fast(on.socks, saddr)));
+            batch.push(tokio::spawn(socks_fast(fresh.socks, saddr)));
             if batch.len() == 64 {
                 for t in batch.drain(..) {
                     clients.push(t.await??);
@@ -550,6 +553,7 @@ async fn main() -> anyhow::Result<()> {
         );
         drop(servers);
         drop(clients);
+        drop(fresh);
     }
     Ok(())
 }
