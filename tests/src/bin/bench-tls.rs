@@ -1,0 +1,347 @@
+//! TLS interception benchmark (issue 4): intercepted bulk throughput (history on and off),
+//! fresh intercepted TLS connections per second with a warm leaf cache, and small-request
+//! latency on one kept-alive intercepted connection, each against a direct TLS connection
+//! to the same rustls server from the same client in the same run, on loopback. Run with
+//! `cargo run --release -p tests --bin bench-tls`. Prints medians over several runs.
+//!
+//! Client session resumption is off on both paths, so every fresh connection is a full
+//! handshake (through the proxy: two full handshakes, client leg and upstream leg).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    client::Resumption,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+};
+use tests::{
+    Registry,
+    proxy::{ProxyProc, socks_connected},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
+
+const RUNS: usize = 5;
+const BULK: u64 = 256 << 20;
+const CPS_SECS: f64 = 2.0;
+const CPS_CLIENTS: usize = 8;
+const RTTS: usize = 5_000;
+const MSG: usize = 64;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+/// The TLS server: after the handshake the client sends one command byte:
+/// `B` (the server writes [`BULK`] bytes and closes), `E` (echo until EOF), `C` (the server
+/// writes one byte and closes: a fresh-connection round).
+async fn server(acceptor: TlsAcceptor) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut cmd = [0u8; 1];
+                if tls.read_exact(&mut cmd).await.is_err() {
+                    return;
+                }
+                match cmd[0] {
+                    b'B' => {
+                        let block = vec![0x5au8; 64 * 1024];
+                        let mut left = BULK;
+                        while left > 0 {
+                            let n = left.min(block.len() as u64) as usize;
+                            if tls.write_all(&block[..n]).await.is_err() {
+                                return;
+                            }
+                            left -= n as u64;
+                        }
+                        let _ = tls.shutdown().await;
+                    }
+                    b'E' => {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            match tls.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if tls.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        let _ = tls.write_all(b"k").await;
+                        let _ = tls.shutdown().await;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[derive(Clone, Copy)]
+enum Route {
+    Direct,
+    Socks(SocketAddr),
+}
+
+async fn open(
+    route: Route,
+    server: SocketAddr,
+    connector: &TlsConnector,
+) -> anyhow::Result<TlsStream<TcpStream>> {
+    let tcp = match route {
+        Route::Direct => TcpStream::connect(server).await?,
+        Route::Socks(p) => socks_connected(p, server).await?,
+    };
+    tcp.set_nodelay(true)?;
+    Ok(connector
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?)
+}
+
+/// Bytes per second of one bulk download.
+async fn bulk(route: Route, server: SocketAddr, c: &TlsConnector) -> anyhow::Result<f64> {
+    let mut tls = open(route, server, c).await?;
+    let start = Instant::now();
+    tls.write_all(b"B").await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        match tls.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if got != BULK {
+        bail!("bulk: got {got} of {BULK} bytes");
+    }
+    Ok(got as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Fresh TLS connections (handshake, one byte each way) per second.
+async fn cps(route: Route, server: SocketAddr, c: &TlsConnector) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CPS_CLIENTS {
+        let (stop, done, c) = (stop.clone(), done.clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut tls = open(route, server, &c).await?;
+                tls.write_all(b"C").await?;
+                let mut b = [0u8; 1];
+                tls.read_exact(&mut b).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(CPS_SECS)).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = done.load(Ordering::Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(n as f64 / secs)
+}
+
+/// Round-trip times (µs) of small messages on one kept-alive connection.
+async fn rtts(route: Route, server: SocketAddr, c: &TlsConnector) -> anyhow::Result<Vec<f64>> {
+    let mut tls = open(route, server, c).await?;
+    tls.write_all(b"E").await?;
+    let msg = [7u8; MSG];
+    let mut back = [0u8; MSG];
+    let mut v = Vec::with_capacity(RTTS);
+    for i in 0..RTTS + 200 {
+        let t = Instant::now();
+        tls.write_all(&msg).await?;
+        tls.read_exact(&mut back).await?;
+        if i >= 200 {
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(v)
+}
+
+fn mbps(v: f64) -> String {
+    format!("{:.0} MiB/s", v / (1 << 20) as f64)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    proxy_core::tls::install_provider();
+    let dir = tempfile::tempdir()?;
+    // Test PKI: a CA and a server certificate for localhost.
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "bench upstream CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let upstream_ca = dir.path().join("upstream-ca.pem");
+    std::fs::write(&upstream_ca, ca.pem())?;
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["localhost".to_string()])?
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))?;
+    let server_cfg = ServerConfig::builder_with_provider(proxy_core::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?,
+        )?;
+    let server = server(TlsAcceptor::from(Arc::new(server_cfg))).await?;
+
+    let registry = Registry::start(&dir.path().join("registry")).await?;
+    let data = dir.path().join("proxy-data");
+    let ca_arg = upstream_ca.display().to_string();
+    let data_arg = data.display().to_string();
+    let mut proxies = Vec::new();
+    for (node, history) in [("tls-on", "on"), ("tls-off", "off")] {
+        proxies.push(
+            ProxyProc::start_logging(
+                dir.path(),
+                &registry.url,
+                node,
+                &[
+                    "--history",
+                    history,
+                    "--data-dir",
+                    &data_arg,
+                    "--upstream-ca",
+                    &ca_arg,
+                ],
+                "warn",
+            )
+            .await?,
+        );
+    }
+    let (on, off) = (
+        Route::Socks(proxies[0].socks),
+        Route::Socks(proxies[1].socks),
+    );
+
+    // The client trusts both the server's CA and the proxy's CA; no session resumption.
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.der().clone())?;
+    for c in CertificateDer::pem_file_iter(data.join("ca").join("ca-cert.pem"))? {
+        roots.add(c?)?;
+    }
+    let mut client_cfg = ClientConfig::builder_with_provider(proxy_core::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client_cfg.resumption = Resumption::disabled();
+    let c = TlsConnector::from(Arc::new(client_cfg));
+
+    // Warm up: the leaf cache, the connection pools, the registry.
+    for route in [Route::Direct, on, off] {
+        let mut tls = open(route, server, &c).await.context("warm-up")?;
+        tls.write_all(b"C").await?;
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await?;
+    }
+
+    println!(
+        "bulk: {} MiB per run from one TLS server, {RUNS} runs",
+        BULK >> 20
+    );
+    let mut res = Vec::new();
+    for (name, route) in [
+        ("direct TLS", Route::Direct),
+        ("intercepted, history off", off),
+        ("intercepted, history on", on),
+    ] {
+        let mut v = Vec::new();
+        for _ in 0..RUNS {
+            v.push(bulk(route, server, &c).await.context(name)?);
+        }
+        let runs: Vec<String> = v.iter().map(|x| mbps(*x)).collect();
+        let m = median(v);
+        println!("  {name}: {}; median {}", runs.join(", "), mbps(m));
+        res.push(m);
+    }
+    println!(
+        "  ratio to direct: history off {:.2}x, history on {:.2}x",
+        res[1] / res[0],
+        res[2] / res[0]
+    );
+
+    println!(
+        "fresh TLS connections: {CPS_CLIENTS} concurrent clients, {CPS_SECS} s per run, {RUNS} runs"
+    );
+    let mut cres = Vec::new();
+    for (name, route) in [
+        ("direct TLS", Route::Direct),
+        ("intercepted, history on", on),
+    ] {
+        let mut v = Vec::new();
+        for _ in 0..RUNS {
+            v.push(cps(route, server, &c).await.context(name)?);
+        }
+        let runs: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+        let m = median(v);
+        println!("  {name} (conn/s): {}; median {m:.0}/s", runs.join(", "));
+        cres.push(m);
+    }
+    println!("  ratio to direct: {:.2}x", cres[1] / cres[0]);
+
+    println!(
+        "small requests: {MSG} B echo on one kept-alive connection, {RTTS} round trips, {RUNS} runs"
+    );
+    let mut lres = Vec::new();
+    for (name, route) in [
+        ("direct TLS", Route::Direct),
+        ("intercepted, history on", on),
+    ] {
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        for _ in 0..RUNS {
+            let mut v = rtts(route, server, &c).await.context(name)?;
+            p50s.push(percentile(&mut v, 0.5));
+            p99s.push(percentile(&mut v, 0.99));
+        }
+        let runs: Vec<String> = p50s.iter().map(|x| format!("{x:.0}")).collect();
+        let (p50, p99) = (median(p50s), median(p99s));
+        println!(
+            "  {name}: p50 per run (µs) {}; median p50 {p50:.0} µs, median p99 {p99:.0} µs",
+            runs.join(", ")
+        );
+        lres.push(p50);
+    }
+    println!("  p50 ratio to direct: {:.2}x", lres[1] / lres[0]);
+    Ok(())
+}
