@@ -572,3 +572,40 @@ async fn upstream_with_an_untrusted_certificate_gets_an_alert_and_a_proxy_record
     );
     Ok(())
 }
+
+/// A plain TCP echo server.
+async fn plain_echo_server() -> anyhow::Result<SocketAddr> {
+    serve(|mut s| async move { echo(&mut s).await }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_only_look_like_tls_are_relayed_intact() -> anyhow::Result<()> {
+    let server = plain_echo_server().await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &[]).await?;
+    // A record header that could start a ClientHello, then an impossible handshake length.
+    let (mut tcp, port) = through(&up, Addr::Ip(server)).await?;
+    let fake = b"\x16\x03\x01\x00\x05\x01\xff\xff\xffbinary protocol";
+    assert_eq!(round_trip(&mut tcp, fake).await?, fake);
+    assert_eq!(round_trip(&mut tcp, b"and more").await?, b"and more");
+    drop(tcp);
+    let rec = wait_record(&up, "for the look-alike connection, closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    assert!(!rec.tls, "{rec:?}");
+    let mut client = registry_client(&up.grpc, None).await?;
+    let packets = history(&mut client, rec.id).await?;
+    let mut expected = fake.to_vec();
+    expected.extend_from_slice(b"and more");
+    assert_eq!(direction_bytes(&packets, Direction::C2s), expected);
+
+    // The start of a ClientHello, then FIN: the bytes and the FIN are passed on.
+    let (mut tcp, _) = through(&up, Addr::Ip(server)).await?;
+    let partial = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+    tcp.write_all(partial).await?;
+    tcp.shutdown().await?;
+    let back = tests::proxy::read_to_end(&mut tcp).await?;
+    assert_eq!(back, partial);
+    Ok(())
+}
