@@ -24,6 +24,24 @@ pub struct ProcessJson<'a> {
     pub name: &'a str,
 }
 
+/// One TLS leg of a connection in JSON.
+#[derive(Serialize)]
+pub struct TlsLegJson<'a> {
+    pub version: &'a str,
+    pub cipher: &'a str,
+    pub alpn: &'a str,
+}
+
+impl<'a> From<&'a proto::common::TlsLeg> for TlsLegJson<'a> {
+    fn from(l: &'a proto::common::TlsLeg) -> Self {
+        Self {
+            version: &l.version,
+            cipher: &l.cipher,
+            alpn: &l.alpn,
+        }
+    }
+}
+
 /// A connection as its stable JSON object (field names from DESIGN.md).
 #[derive(Serialize)]
 pub struct ConnJson<'a> {
@@ -49,6 +67,14 @@ pub struct ConnJson<'a> {
     pub packets_s2c: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_process: Option<ProcessJson<'a>>,
+    /// What the client-facing TLS leg negotiated (absent for plain connections).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<TlsLegJson<'a>>,
+    /// What the upstream TLS leg negotiated (absent for plain connections).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_tls: Option<TlsLegJson<'a>>,
+    /// Upstream certificate verification was off (`--upstream-insecure`).
+    pub upstream_insecure: bool,
 }
 
 impl<'a> From<&'a Connection> for ConnJson<'a> {
@@ -78,6 +104,9 @@ impl<'a> From<&'a Connection> for ConnJson<'a> {
                 pid: p.pid,
                 name: &p.name,
             }),
+            client_tls: c.client_tls.as_ref().map(TlsLegJson::from),
+            upstream_tls: c.upstream_tls.as_ref().map(TlsLegJson::from),
+            upstream_insecure: c.upstream_insecure,
         }
     }
 }

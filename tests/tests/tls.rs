@@ -336,8 +336,24 @@ async fn curl_case(http2: bool) -> anyhow::Result<()> {
     assert_eq!(client_tls.alpn, alpn);
     assert_eq!(upstream_tls.alpn, alpn);
     assert!(client_tls.version.starts_with("TLSv1."), "{client_tls:?}");
-    assert!(!upstream_tls.cipher.is_empty());
+    assert!(client_tls.cipher.starts_with("TLS_"), "{client_tls:?}");
+    assert!(upstream_tls.cipher.starts_with("TLS_"), "{upstream_tls:?}");
     assert!(!rec.upstream_insecure);
+    // The CLI's JSON shows the same record.
+    let listed = interpose_json(&up.grpc, &["conns", "list", "--json"]).await?;
+    let row = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["id"] == rec.id))
+        .context("the record in conns list --json")?;
+    assert_eq!(row["tls"], true);
+    assert_eq!(row["sni"], "localhost");
+    assert_eq!(row["alpn"], alpn);
+    assert_eq!(row["client_tls"]["alpn"], alpn);
+    assert_eq!(
+        row["upstream_tls"]["version"],
+        upstream_tls.version.as_str()
+    );
+    assert_eq!(row["upstream_insecure"], false);
     let c2s = cli_history(&up, rec.id, "c2s").await?;
     let s2c = cli_history(&up, rec.id, "s2c").await?;
     let c2s_text = String::from_utf8_lossy(&c2s);
