@@ -44,31 +44,38 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(bin_dir)
 }
 
-/// The path of a workspace binary, built (once per test process and binary) if needed, so
-/// that `cargo test` alone is enough on a clean checkout.
+/// The path of a workspace binary, built (once per process) if needed, so that `cargo test`
+/// alone is enough on a clean checkout.
+///
+/// Tests build with `--workspace --all-targets`: the same packages and targets, hence the
+/// same feature unification, as `cargo test --workspace`, so after that command's own build
+/// this finds everything fresh instead of rebuilding dependencies with other features.
+/// Release benchmark binaries build the release binaries.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == name) {
-        let package = match name {
-            "interpose" => "cli",
-            other => other,
-        };
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let built = BUILT.get_or_init(|| {
         let release = bin_dir().file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", package, "--bin", name])
+        cmd.args(["build", "--quiet", "--workspace"])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         if release {
-            cmd.arg("--release");
+            cmd.args(["--bins", "--release"]);
+        } else {
+            cmd.arg("--all-targets");
         }
-        let out = cmd.output().expect("running cargo build");
-        assert!(
-            out.status.success(),
-            "cargo build -p {package} --bin {name} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        built.push(name.to_string());
+        let out = cmd.output().map_err(|e| format!("running cargo build: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "cargo build of the workspace binaries failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    if let Err(e) = built {
+        panic!("{e}");
     }
     bin_dir().join(name)
 }
