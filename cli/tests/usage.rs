@@ -36,5 +36,8 @@ fn bad_filter_values_name_the_choices() {
     let out = interpose(&["conns", "list", "--status", "sleeping"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("active") && err.contains("disconnected"), "{err}");
+    assert!(
+        err.contains("active") && err.contains("disconnected"),
+        "{err}"
+    );
 }

@@ -8,7 +8,13 @@ use std::process::Command;
 fn socks_beyond_loopback_without_auth_is_refused() {
     let dir = std::env::temp_dir().join(format!("proxy-open-{}", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_proxy-core"))
-        .args(["--socks", "0.0.0.0:0", "--registry", "http://127.0.0.1:1", "--data-dir"])
+        .args([
+            "--socks",
+            "0.0.0.0:0",
+            "--registry",
+            "http://127.0.0.1:1",
+            "--data-dir",
+        ])
         .arg(&dir)
         .env_remove("INTERPOSE_TOKEN")
         .output()

@@ -64,7 +64,9 @@ pub fn bin(name: &str) -> PathBuf {
         } else {
             cmd.arg("--all-targets");
         }
-        let out = cmd.output().map_err(|e| format!("running cargo build: {e}"))?;
+        let out = cmd
+            .output()
+            .map_err(|e| format!("running cargo build: {e}"))?;
         if out.status.success() {
             Ok(())
         } else {
