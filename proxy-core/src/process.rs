@@ -98,15 +98,30 @@ pub fn lookup<K: Clone + Eq + std::hash::Hash>(
         .map(|(k, client, proxy)| ((canonical(*client), canonical(*proxy)), k.clone()))
         .collect();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
+        // Line by line through a small buffer: with tens of thousands of sockets the table
+        // is megabytes, which should not become resident memory of the proxy.
+        let Ok(f) = std::fs::File::open(table) else {
             continue;
         };
-        for e in text.lines().skip(1).filter_map(parse_tcp_line) {
+        let mut r = std::io::BufReader::with_capacity(32 * 1024, f);
+        let mut line = String::with_capacity(256);
+        loop {
+            line.clear();
+            match std::io::BufRead::read_line(&mut r, &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let Some(e) = parse_tcp_line(&line) else {
+                continue;
+            };
             if e.inode == 0 {
                 continue;
             }
             if let Some(k) = want.remove(&(canonical(e.local), canonical(e.remote))) {
                 by_inode.entry(e.inode).or_default().push(k);
+            }
+            if want.is_empty() {
+                break;
             }
         }
     }
