@@ -551,7 +551,10 @@ async fn main() -> anyhow::Result<()> {
             (after - before) as f64 / clients.len() as f64,
             (before as f64 + (after - before) as f64 * 10_000.0 / clients.len() as f64) / 1024.0
         );
-        if let Some(secs) = std::env::var("BENCH_HOLD").ok().and_then(|v| v.parse().ok()) {
+        if let Some(secs) = std::env::var("BENCH_HOLD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
             println!("holding the connections for {secs} s (proxy pid {pid})");
             tokio::time::sleep(Duration::from_secs(secs)).await;
         }
