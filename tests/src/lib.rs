@@ -4,6 +4,7 @@
 
 pub mod proxy;
 
+pub mod stats;
 pub mod tools;
 
 use std::{

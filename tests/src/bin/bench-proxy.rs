@@ -27,6 +27,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+use tests::stats::{median, percentile};
+
 const RUNS: usize = 5;
 const BULK: u64 = 1 << 30;
 const CPS_SECS: f64 = 2.0;
@@ -34,17 +36,6 @@ const CPS_CLIENTS: usize = 32;
 const RTTS: usize = 20_000;
 const WATCH_CONNS: usize = 300;
 const IDLE_CONNS: usize = 9_900;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
 
 /// How a client reaches the server.
 #[derive(Clone, Copy)]

@@ -8,17 +8,14 @@ use std::time::{Duration, Instant};
 use proto::{common::Direction, registry::ListConnectionsRequest};
 use tests::{Ingest, Registry, events};
 
+use tests::stats::median;
+
 const RUNS: usize = 5;
 const PACKETS: u64 = 1_000_000;
 const BATCH: u64 = 1_000;
 const WINDOW: u64 = 32;
 const PAYLOAD: usize = 64;
 const RECORDS: u64 = 100_000;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Packets per second for one run on a fresh store.
 async fn ingest_run() -> anyhow::Result<f64> {

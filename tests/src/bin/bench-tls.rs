@@ -33,23 +33,14 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 
+use tests::stats::{median, percentile};
+
 const RUNS: usize = 5;
 const BULK: u64 = 256 << 20;
 const CPS_SECS: f64 = 2.0;
 const CPS_CLIENTS: usize = 8;
 const RTTS: usize = 5_000;
 const MSG: usize = 64;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
 
 /// The TLS server: after the handshake the client sends one command byte:
 /// `B` (the server writes [`BULK`] bytes and closes), `E` (echo until EOF), `C` (the server
