@@ -168,6 +168,35 @@ async fn start_upstream(pki: &TestPki, spec: ServerSpec) -> SocketAddr {
 
 /// A minimal stand-in for the relay: detect, intercept, pump. Each interception result is
 /// sent on the returned channel.
+/// Intercepts one connection, reports the outcome on `tx`, then splices the decrypted legs
+/// until either side ends (bounded by [`WAIT`]): the tail shared by the test relays.
+async fn intercept_and_splice(
+    interceptor: &Interceptor,
+    client: TcpStream,
+    prefix: Bytes,
+    hello: &ClientHelloInfo,
+    up: TcpStream,
+    target: &Target,
+    tx: &mpsc::UnboundedSender<Result<TlsSummary, InterceptError>>,
+) {
+    match interceptor
+        .intercept(client, prefix, hello, up, target)
+        .await
+    {
+        Ok(mut i) => {
+            let _ = tx.send(Ok(i.summary.clone()));
+            let _ = timeout(
+                WAIT,
+                tokio::io::copy_bidirectional(&mut i.client, &mut i.upstream),
+            )
+            .await;
+        }
+        Err(e) => {
+            let _ = tx.send(Err(e));
+        }
+    }
+}
+
 async fn start_relay(
     interceptor: Arc<Interceptor>,
     upstream: SocketAddr,
@@ -211,22 +240,16 @@ async fn start_relay(
                     return;
                 };
                 let _ = up.set_nodelay(true);
-                match interceptor
-                    .intercept(client, Bytes::from(buf), &hello, up, &target)
-                    .await
-                {
-                    Ok(mut i) => {
-                        let _ = tx.send(Ok(i.summary.clone()));
-                        let _ = timeout(
-                            WAIT,
-                            tokio::io::copy_bidirectional(&mut i.client, &mut i.upstream),
-                        )
-                        .await;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
+                intercept_and_splice(
+                    &interceptor,
+                    client,
+                    Bytes::from(buf),
+                    &hello,
+                    up,
+                    &target,
+                    &tx,
+                )
+                .await;
             });
         }
     });
@@ -1078,22 +1101,16 @@ async fn start_upgrading_relay(
                     ip: upstream.ip(),
                     port: upstream.port(),
                 };
-                match interceptor
-                    .intercept(client, Bytes::from(pending), &hello, up, &target)
-                    .await
-                {
-                    Ok(mut i) => {
-                        let _ = tx.send(Ok(i.summary.clone()));
-                        let _ = timeout(
-                            WAIT,
-                            tokio::io::copy_bidirectional(&mut i.client, &mut i.upstream),
-                        )
-                        .await;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
+                intercept_and_splice(
+                    &interceptor,
+                    client,
+                    Bytes::from(pending),
+                    &hello,
+                    up,
+                    &target,
+                    &tx,
+                )
+                .await;
             });
         }
     });
