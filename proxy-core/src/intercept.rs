@@ -129,7 +129,10 @@ pub async fn relay(
                 let (Some(client), Some(upstream)) = (reunite(cr, cw), reunite(sr, sw)) else {
                     return End::proxy(CloseKind::Error, "internal error: stream halves lost");
                 };
-                return intercept(
+                // Boxed: the TLS state (two handshakes, two TLS sessions) is large, and
+                // an unboxed future would make every connection's task that large, TLS
+                // or not, idle or not.
+                return Box::pin(intercept(
                     client,
                     buf,
                     &hello,
@@ -138,7 +141,7 @@ pub async fn relay(
                     interceptor,
                     ctx,
                     shutdown,
-                )
+                ))
                 .await;
             }
         }
