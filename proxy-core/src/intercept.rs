@@ -36,7 +36,7 @@ use crate::{
     conn::End,
     relay::{
         self, Ctx, MAX_READ, MIN_READ, PacketReader, PacketWriter, PumpEnd, TcpReader, TcpWriter,
-        classify, record_copy,
+        classify, forward,
     },
     server::Shutdown,
     tls::{
@@ -188,22 +188,6 @@ enum C2s {
 enum S2c {
     End(PumpEnd),
     Paused,
-}
-
-/// Records and writes one packet.
-async fn forward<W: PacketWriter>(
-    w: &mut W,
-    data: Bytes,
-    dir: Direction,
-    ctx: &Ctx<'_>,
-) -> io::Result<()> {
-    let ts = proto::time::now();
-    let seq = ctx.state.record(dir, data.len());
-    if ctx.reporter.history() {
-        ctx.reporter
-            .packet(ctx.state.id, seq, dir, ts, record_copy(&data));
-    }
-    w.write_packet(&data).await
 }
 
 async fn c2s_pump(

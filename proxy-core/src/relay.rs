@@ -21,9 +21,10 @@
 use std::{future::Future, io, time::Duration};
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use proto::common::{CloseKind, ClosedBy, Direction};
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::tcp::{OwnedReadHalf, OwnedWriteHalf},
 };
 
@@ -88,24 +89,31 @@ impl PacketReader for TcpReader {
             if self.buf.capacity() == 0 {
                 // Idle: no buffer held while waiting.
                 self.half.readable().await?;
-            }
-            if self.buf.capacity() - self.buf.len() < MIN_READ / 2 {
                 self.buf = BytesMut::with_capacity(self.size);
             }
             let spare = self.buf.capacity() - self.buf.len();
-            match self.half.try_read_buf(&mut self.buf) {
-                Ok(0) => return Ok(None),
-                Ok(n) => {
+            // tokio's own read path (polled once, never left waiting with the block held)
+            // marks the socket drained after a short read, which saves the read that would
+            // only say WouldBlock: one system call less per packet.
+            match self.half.read_buf(&mut self.buf).now_or_never() {
+                None => {
+                    // Readiness was stale: wait again without the block.
+                    self.buf = BytesMut::new();
+                }
+                Some(Ok(0)) => return Ok(None),
+                Some(Ok(n)) => {
                     if n == spare && self.size < MAX_READ {
                         self.size *= 2;
                     }
-                    return Ok(Some(self.buf.split_to(n).freeze()));
+                    let packet = self.buf.split_to(n).freeze();
+                    if n < spare || self.buf.capacity() < MIN_READ / 2 {
+                        // Drained (or the block is used up): packets keep their bytes,
+                        // the next wait holds none.
+                        self.buf = BytesMut::new();
+                    }
+                    return Ok(Some(packet));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Going idle: drop our reference to the block (packets keep theirs).
-                    self.buf = BytesMut::new();
-                }
-                Err(e) => return Err(e),
+                Some(Err(e)) => return Err(e),
             }
         }
     }
@@ -198,7 +206,6 @@ async fn pump<R: PacketReader, W: PacketWriter>(
     dir: Direction,
     ctx: &Ctx<'_>,
 ) -> PumpEnd {
-    let history = ctx.reporter.history();
     loop {
         let data = match r.read_packet().await {
             Ok(Some(d)) => d,
@@ -210,17 +217,30 @@ async fn pump<R: PacketReader, W: PacketWriter>(
             }
             Err(e) => return PumpEnd::Read(e),
         };
-        let ts = proto::time::now();
-        let seq = ctx.state.record(dir, data.len());
-        if history {
-            ctx.reporter
-                .packet(ctx.state.id, seq, dir, ts, record_copy(&data));
-        }
         // Future hook: an intercept hold waits here for a verdict (forward, edit, drop).
-        if let Err(e) = w.write_packet(&data).await {
+        if let Err(e) = forward(w, data, dir, ctx).await {
             return PumpEnd::Write(e);
         }
     }
+}
+
+/// Counts one packet, writes it on and queues its history copy. The timestamp and sequence
+/// number are taken at the read; the copy is queued only after the write, so waking the
+/// reporter never delays the data.
+pub(crate) async fn forward<W: PacketWriter>(
+    w: &mut W,
+    data: Bytes,
+    dir: Direction,
+    ctx: &Ctx<'_>,
+) -> io::Result<()> {
+    let ts = proto::time::now();
+    let seq = ctx.state.record(dir, data.len());
+    let written = w.write_packet(&data).await;
+    if ctx.reporter.history() {
+        ctx.reporter
+            .packet(ctx.state.id, seq, dir, ts, record_copy(&data));
+    }
+    written
 }
 
 fn is_reset(e: &io::Error) -> bool {

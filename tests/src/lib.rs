@@ -2,6 +2,7 @@
 //! real processes on loopback with temporary data directories, waits for their ready lines,
 //! and kills them when dropped.
 
+pub mod bench_server;
 pub mod proxy;
 
 pub mod stats;

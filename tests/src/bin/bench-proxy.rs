@@ -20,6 +20,7 @@ use anyhow::{Context, bail};
 use proto::registry::{WatchConnectionsRequest, watch_event::Kind};
 use tests::{
     Registry,
+    bench_server::BenchServer,
     proxy::{ProxyProc, socks_connected},
 };
 use tokio::{
@@ -72,79 +73,12 @@ async fn socks_fast(proxy: SocketAddr, target: SocketAddr) -> anyhow::Result<Tcp
     Ok(s)
 }
 
-/// A server that sends `BULK` bytes to each client, then closes.
-async fn bulk_server() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let buf = vec![0x5au8; 256 * 1024];
-                let mut left = BULK;
-                while left > 0 {
-                    let n = left.min(buf.len() as u64) as usize;
-                    if s.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                    left -= n as u64;
-                }
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-/// An echo server (reads, writes back what it read).
-async fn echo_server() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut b = vec![0u8; 16 * 1024];
-                loop {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if s.write_all(&b[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
-
-/// A server that answers one byte with one byte, then closes first (as an HTTP/1.0 server
-/// does), so TIME_WAIT stays on the server side and the client's ephemeral ports are not
-/// exhausted by a fast connection loop.
-async fn oneshot_server() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut b = [0u8; 1];
-                if s.read_exact(&mut b).await.is_ok() {
-                    let _ = s.write_all(&b).await;
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
-
 /// Bytes per second downloading `BULK` bytes.
 async fn bulk(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
     let mut s = connect(path, server).await?;
     let mut buf = vec![0u8; 256 * 1024];
     let start = Instant::now();
+    s.write_all(b"B").await?;
     let mut got = 0u64;
     loop {
         let n = s.read(&mut buf).await?;
@@ -222,6 +156,7 @@ async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
 /// Round-trip times (microseconds) of 64-byte requests on one kept-alive connection.
 async fn rtts(path: Path_, server: SocketAddr) -> anyhow::Result<Vec<f64>> {
     let mut s = connect(path, server).await?;
+    s.write_all(b"E").await?;
     let req = [0x42u8; 64];
     let mut resp = [0u8; 64];
     let mut out = Vec::with_capacity(RTTS);
@@ -409,8 +344,10 @@ async fn main() -> anyhow::Result<()> {
         paths.push(("dante", Path_::Socks(d.addr)));
     }
 
+    // The server runs as its own process, as a real one does.
+    let bench_server = BenchServer::start(dir.path(), BULK, None).await?;
+    let server = bench_server.addr;
     if want("bulk") {
-        let server = bulk_server().await?;
         let mut res: HashMap<&str, Vec<f64>> = HashMap::new();
         for _ in 0..RUNS {
             for (name, p) in &paths {
@@ -437,7 +374,6 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if want("cps") {
-        let server = oneshot_server().await?;
         let mut res: HashMap<&str, Vec<f64>> = HashMap::new();
         for _ in 0..3 {
             for (name, p) in &paths {
@@ -453,7 +389,6 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if want("latency") {
-        let server = echo_server().await?;
         let mut p50: HashMap<&str, Vec<f64>> = HashMap::new();
         let mut p99: HashMap<&str, Vec<f64>> = HashMap::new();
         for _ in 0..RUNS {
@@ -479,7 +414,6 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if want("watch") {
-        let server = echo_server().await?;
         let mut p50s = Vec::new();
         let mut p99s = Vec::new();
         let mut maxs = Vec::new();
