@@ -21,6 +21,7 @@ pub mod process;
 pub mod relay;
 pub mod report;
 pub mod server;
+pub mod sock_diag;
 pub mod socks5;
 pub mod tls;
 pub mod udp;

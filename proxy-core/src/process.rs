@@ -3,8 +3,9 @@
 //!
 //! The client's socket has as its *local* address the address the proxy sees as the peer.
 //! [`parse_tcp_line`] reads one line of `/proc/net/tcp` or `/proc/net/tcp6` (pure, tested);
-//! [`lookup`] finds the socket inodes of the wanted addresses, then scans `/proc/*/fd` for
-//! `socket:[INODE]` links and reads `/proc/PID/comm`. A [`Resolver`] task batches requests
+//! [`Scanner::lookup`] finds the socket inodes of the wanted addresses (by sock_diag, else
+//! from `/proc/net/tcp`), then looks for `socket:[INODE]` links in `/proc/PID/fd` (recent
+//! client processes first, then every process) and reads `/proc/PID/comm`. A [`Resolver`] task batches requests
 //! so that one scan serves every connection accepted meanwhile, runs the scan on the
 //! blocking pool, at most every [`MIN_SCAN_INTERVAL`] and idle at least four times as long
 //! as the last scan took (so lookups never take more than a fifth of a core), and reports each hit as a
@@ -12,7 +13,7 @@
 //! another user (without privileges), or a full request queue leaves `client_process` unset.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
@@ -20,7 +21,7 @@ use std::{
 use proto::{common::ClientProcess, registry::ConnectionUpdate};
 use tokio::sync::mpsc;
 
-use crate::report::Reporter;
+use crate::{report::Reporter, sock_diag::SockDiag};
 
 /// Lookups waiting beyond this many are dropped (`client_process` stays unset).
 pub const QUEUE: usize = 4096;
@@ -87,11 +88,120 @@ fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Finds the owning process of each client socket: `wanted` maps a key to (client address,
-/// proxy address) as the proxy saw them. Blocking: run it on the blocking pool.
-pub fn lookup<K: Clone + Eq + std::hash::Hash>(
-    wanted: &[(K, SocketAddr, SocketAddr)],
-) -> HashMap<K, ClientProcess> {
+/// How many recent client processes are looked at before all of `/proc`.
+const RECENT: usize = 8;
+
+/// Finds client processes. Keeps a sock_diag socket (see [`crate::sock_diag`]) and the
+/// processes that owned recent clients: most connections come from a few applications, so
+/// their descriptors are looked at first and the scan of every process is usually skipped.
+pub struct Scanner {
+    diag: Option<SockDiag>,
+    recent: VecDeque<u32>,
+}
+
+impl Default for Scanner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scanner {
+    /// A scanner; without sock_diag (not Linux, or refused) it reads `/proc/net/tcp*`.
+    pub fn new() -> Self {
+        let diag = match SockDiag::open() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::debug!("sock_diag unavailable ({e}); reading /proc/net/tcp instead");
+                None
+            }
+        };
+        Self {
+            diag,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// Finds the owning process of each client socket: `wanted` maps a key to (client
+    /// address, proxy address) as the proxy saw them. Blocking: run it on the blocking pool.
+    pub fn lookup<K: Clone + Eq + std::hash::Hash>(
+        &mut self,
+        wanted: &[(K, SocketAddr, SocketAddr)],
+    ) -> HashMap<K, ClientProcess> {
+        let mut by_inode = self.inodes(wanted);
+        let mut found = HashMap::new();
+        if by_inode.is_empty() {
+            return found;
+        }
+        let mut hits = Vec::new();
+        for &pid in &self.recent {
+            if scan_pid(pid, &mut by_inode, &mut found) {
+                hits.push(pid);
+            }
+            if by_inode.is_empty() {
+                break;
+            }
+        }
+        let all = if by_inode.is_empty() {
+            None
+        } else {
+            std::fs::read_dir("/proc").ok()
+        };
+        for p in all.into_iter().flatten().flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !self.recent.contains(&pid) && scan_pid(pid, &mut by_inode, &mut found) {
+                hits.push(pid);
+            }
+            if by_inode.is_empty() {
+                break;
+            }
+        }
+        for pid in hits {
+            self.recent.retain(|p| *p != pid);
+            self.recent.push_front(pid);
+            self.recent.truncate(RECENT);
+        }
+        found
+    }
+
+    /// The socket inode of each wanted client socket still open.
+    fn inodes<K: Clone>(&mut self, wanted: &[(K, SocketAddr, SocketAddr)]) -> HashMap<u64, Vec<K>> {
+        let mut by_inode: HashMap<u64, Vec<K>> = HashMap::new();
+        let mut rest = Vec::new();
+        for (k, client, proxy) in wanted {
+            let Some(diag) = self.diag.as_mut() else {
+                rest.push((k.clone(), *client, *proxy));
+                continue;
+            };
+            let (c, p) = (canonical(*client), canonical(*proxy));
+            let mut answer = diag.inode(c, p);
+            if matches!(answer, Ok(None)) && c != *client {
+                // A client with an IPv6 socket that reached us over a mapped address.
+                answer = diag.inode(*client, *proxy);
+            }
+            match answer {
+                Ok(Some(inode)) => by_inode.entry(inode).or_default().push(k.clone()),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!("sock_diag failed ({e}); reading /proc/net/tcp instead");
+                    self.diag = None;
+                    rest.push((k.clone(), *client, *proxy));
+                }
+            }
+        }
+        if !rest.is_empty() {
+            for (inode, keys) in inodes_from_proc_net(&rest) {
+                by_inode.entry(inode).or_default().extend(keys);
+            }
+        }
+        by_inode
+    }
+}
+
+/// The socket inodes of the wanted client sockets, from `/proc/net/tcp{,6}`: slow with many
+/// sockets (the kernel prints its whole table), the fallback when sock_diag is unavailable.
+fn inodes_from_proc_net<K: Clone>(wanted: &[(K, SocketAddr, SocketAddr)]) -> HashMap<u64, Vec<K>> {
     let mut by_inode: HashMap<u64, Vec<K>> = HashMap::new();
     let mut want: HashMap<(SocketAddr, SocketAddr), K> = wanted
         .iter()
@@ -121,53 +231,56 @@ pub fn lookup<K: Clone + Eq + std::hash::Hash>(
                 by_inode.entry(e.inode).or_default().push(k);
             }
             if want.is_empty() {
+                return by_inode;
+            }
+        }
+    }
+    by_inode
+}
+
+/// Looks through the descriptors of process `pid` for the wanted socket inodes, moving each
+/// hit from `by_inode` to `found`. Returns whether it had any.
+fn scan_pid<K>(
+    pid: u32,
+    by_inode: &mut HashMap<u64, Vec<K>>,
+    found: &mut HashMap<K, ClientProcess>,
+) -> bool
+where
+    K: Eq + std::hash::Hash,
+{
+    let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+    let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+        return false;
+    };
+    let mut hit = false;
+    for fd in fds.flatten() {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if let Some(keys) = by_inode.remove(&inode) {
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let p = ClientProcess {
+                pid,
+                name: comm.trim_end().to_string(),
+            };
+            for k in keys {
+                found.insert(k, p.clone());
+            }
+            hit = true;
+            if by_inode.is_empty() {
                 break;
             }
         }
     }
-    let mut found = HashMap::new();
-    if by_inode.is_empty() {
-        return found;
-    }
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for p in procs.flatten() {
-        let name = p.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let Some(inode) = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
-                .and_then(|t| t.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if let Some(keys) = by_inode.remove(&inode) {
-                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-                let proc_ = ClientProcess {
-                    pid,
-                    name: comm.trim_end().to_string(),
-                };
-                for k in keys {
-                    found.insert(k, proc_.clone());
-                }
-            }
-        }
-        if by_inode.is_empty() {
-            break;
-        }
-    }
-    found
+    hit
 }
 
 /// Handle for requesting lookups; cheap to clone.
@@ -195,15 +308,23 @@ impl Resolver {
 
 async fn run(mut rx: mpsc::Receiver<(u64, SocketAddr, SocketAddr)>, reporter: Reporter) {
     let mut batch = Vec::new();
+    let mut scanner = Some(Scanner::new());
     loop {
         if rx.recv_many(&mut batch, QUEUE).await == 0 {
             return;
         }
         let wanted = std::mem::take(&mut batch);
         let started = std::time::Instant::now();
-        let Ok(found) = tokio::task::spawn_blocking(move || lookup(&wanted)).await else {
+        let mut s = scanner.take().unwrap_or_default();
+        let Ok((found, s)) = tokio::task::spawn_blocking(move || {
+            let found = s.lookup(&wanted);
+            (found, s)
+        })
+        .await
+        else {
             continue;
         };
+        scanner = Some(s);
         let took = started.elapsed();
         for (id, p) in found {
             reporter.updated(ConnectionUpdate {
@@ -256,9 +377,27 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (_s, peer) = l.accept().unwrap();
-        let found = lookup(&[(1u8, peer, l.local_addr().unwrap())]);
-        let p = found.get(&1).expect("own process found");
+        let wanted = [(1u8, peer, l.local_addr().unwrap())];
+        let mut s = Scanner::new();
+        assert!(s.diag.is_some(), "sock_diag works here");
+        let p = s
+            .lookup(&wanted)
+            .get(&1)
+            .cloned()
+            .expect("own process found");
         assert_eq!(p.pid, std::process::id());
+        // Now a recent process: found again, first place looked at.
+        assert_eq!(s.recent.front(), Some(&std::process::id()));
+        assert_eq!(s.lookup(&wanted).get(&1), Some(&p));
+        // The /proc/net/tcp fallback agrees.
+        let mut fallback = Scanner {
+            diag: None,
+            recent: VecDeque::new(),
+        };
+        assert_eq!(fallback.lookup(&wanted).get(&1), Some(&p));
+        // A closed client is not found.
+        let peer_closed = (2u8, "127.0.0.1:1".parse().unwrap(), l.local_addr().unwrap());
+        assert!(s.lookup(&[peer_closed]).is_empty());
         drop(c);
     }
 }

@@ -343,6 +343,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(d) = &dante {
         paths.push(("dante", Path_::Socks(d.addr)));
     }
+    if let Ok(keep) = std::env::var("BENCH_PATHS") {
+        paths.retain(|(n, _)| keep.split(',').any(|k| *n == k));
+    }
 
     // The server runs as its own process, as a real one does.
     let bench_server = BenchServer::start(dir.path(), BULK, None).await?;

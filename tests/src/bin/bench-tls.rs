@@ -19,19 +19,20 @@ use std::{
 use anyhow::{Context, bail};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::{
-    ClientConfig, RootCertStore, ServerConfig,
+    ClientConfig, RootCertStore,
     client::Resumption,
-    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+    pki_types::{CertificateDer, ServerName, pem::PemObject},
 };
 use tests::{
     Registry,
+    bench_server::BenchServer,
     proxy::{ProxyProc, socks_connected},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
-use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
+use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use tests::stats::{median, percentile};
 
@@ -41,61 +42,6 @@ const CPS_SECS: f64 = 2.0;
 const CPS_CLIENTS: usize = 8;
 const RTTS: usize = 5_000;
 const MSG: usize = 64;
-
-/// The TLS server: after the handshake the client sends one command byte:
-/// `B` (the server writes [`BULK`] bytes and closes), `E` (echo until EOF), `C` (the server
-/// writes one byte and closes: a fresh-connection round).
-async fn server(acceptor: TlsAcceptor) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let _ = s.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(s).await else {
-                    return;
-                };
-                let mut cmd = [0u8; 1];
-                if tls.read_exact(&mut cmd).await.is_err() {
-                    return;
-                }
-                match cmd[0] {
-                    b'B' => {
-                        let block = vec![0x5au8; 64 * 1024];
-                        let mut left = BULK;
-                        while left > 0 {
-                            let n = left.min(block.len() as u64) as usize;
-                            if tls.write_all(&block[..n]).await.is_err() {
-                                return;
-                            }
-                            left -= n as u64;
-                        }
-                        let _ = tls.shutdown().await;
-                    }
-                    b'E' => {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            match tls.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => {
-                                    if tls.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    _ => {
-                        let _ = tls.write_all(b"k").await;
-                        let _ = tls.shutdown().await;
-                    }
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
 
 #[derive(Clone, Copy)]
 enum Route {
@@ -207,14 +153,12 @@ async fn main() -> anyhow::Result<()> {
     let key = KeyPair::generate()?;
     let cert = CertificateParams::new(vec!["localhost".to_string()])?
         .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))?;
-    let server_cfg = ServerConfig::builder_with_provider(proxy_core::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?,
-        )?;
-    let server = server(TlsAcceptor::from(Arc::new(server_cfg))).await?;
+    let (cert_pem, key_pem) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    std::fs::write(&cert_pem, cert.pem())?;
+    std::fs::write(&key_pem, key.serialize_pem())?;
+    // The server runs as its own process, as a real one does.
+    let bench_server = BenchServer::start(dir.path(), BULK, Some((&cert_pem, &key_pem))).await?;
+    let server = bench_server.addr;
 
     let registry = Registry::start(&dir.path().join("registry")).await?;
     let data = dir.path().join("proxy-data");
