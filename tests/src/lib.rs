@@ -123,6 +123,11 @@ impl Proc {
         Ok(Self { child, ready, log })
     }
 
+    /// The process ID (`None` once it was reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The value of `key=` in the ready line.
     pub fn field(&self, key: &str) -> Option<String> {
         self.ready

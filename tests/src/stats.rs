@@ -1,4 +1,6 @@
-//! Summary statistics the benchmark binaries report.
+//! Summary statistics the benchmark binaries report, and the CPU time processes spent, so
+//! a benchmark can show where the cycles of a run went (on a machine with few cores every
+//! process of a path competes for the same CPUs).
 
 /// The median (upper median for an even count); `NaN` for no samples.
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -13,8 +15,66 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.get(i).copied().unwrap_or(f64::NAN)
 }
 
+/// CPU time (user + system, seconds) process `pid` has used so far, from `/proc/PID/stat`.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_cpu(&stat)
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in seconds (Linux counts in USER_HZ = 100).
+fn parse_stat_cpu(stat: &str) -> Option<f64> {
+    // The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] is field 3 (state); utime and stime are fields 14 and 15.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// CPU time used by named processes between [`CpuMeter::start`] and [`CpuMeter::stop`].
+pub struct CpuMeter {
+    start: Vec<(&'static str, u32, f64)>,
+}
+
+impl CpuMeter {
+    /// Starts measuring `procs` (name, pid).
+    pub fn start(procs: &[(&'static str, u32)]) -> Self {
+        Self {
+            start: procs
+                .iter()
+                .map(|&(n, pid)| (n, pid, cpu_secs(pid).unwrap_or(f64::NAN)))
+                .collect(),
+        }
+    }
+
+    /// CPU seconds each process used since the start.
+    pub fn stop(&self) -> Vec<(&'static str, f64)> {
+        self.start
+            .iter()
+            .map(|&(n, pid, t0)| (n, cpu_secs(pid).unwrap_or(f64::NAN) - t0))
+            .collect()
+    }
+}
+
+/// `name 0.52 s, name 0.48 s, ...`: CPU seconds per unit of work.
+pub fn cpu_line(used: &[(&'static str, f64)], per: f64) -> String {
+    used.iter()
+        .map(|(n, s)| format!("{n} {:.2}", s / per))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stat_lines_with_odd_names_parse() {
+        let line = "4242 (tokio (rt) worker) S 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 4 0 99";
+        assert_eq!(super::parse_stat_cpu(line), Some(1.75));
+        assert_eq!(super::parse_stat_cpu("1 (x) S 1"), None);
+        let own = super::cpu_secs(std::process::id()).expect("own stat");
+        assert!(own >= 0.0);
+    }
+
     use super::*;
 
     #[test]

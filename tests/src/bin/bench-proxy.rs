@@ -28,7 +28,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use tests::stats::{median, percentile};
+use tests::stats::{CpuMeter, cpu_line, median, percentile};
 
 const RUNS: usize = 5;
 const BULK: u64 = 1 << 30;
@@ -94,9 +94,9 @@ async fn bulk(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
     Ok(got as f64 / secs)
 }
 
-/// Fresh connections per second: each connects, sends one byte, reads it back and the
-/// server's close, closes.
-async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
+/// Fresh connections per second (each connects, sends one byte, reads it back and the
+/// server's close, closes), and how many were made in all.
+async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<(f64, u64)> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -148,9 +148,10 @@ async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
     if f > 0 {
         eprintln!("  ({f} connections failed)");
     }
+    let total = done.load(Ordering::Relaxed);
     // Let TIME_WAIT sockets of this run age a little before the next.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(n as f64 / secs)
+    Ok((n as f64 / secs, total))
 }
 
 /// Round-trip times (microseconds) of 64-byte requests on one kept-alive connection.
@@ -312,6 +313,35 @@ impl Drop for Dante {
     }
 }
 
+/// Adds CPU seconds `used` to `path`'s totals.
+fn add_cpu<'a>(
+    cpu: &mut HashMap<&'a str, HashMap<&'static str, f64>>,
+    path: &'a str,
+    used: Vec<(&'static str, f64)>,
+) {
+    let e = cpu.entry(path).or_default();
+    for (n, s) in used {
+        *e.entry(n).or_default() += s;
+    }
+}
+
+/// One path's CPU line (`per`: units of work it did), if it had processes measured.
+fn print_cpu(
+    name: &str,
+    procs: &[(&'static str, u32)],
+    used: Option<&HashMap<&str, f64>>,
+    per: f64,
+) {
+    if name == "dante" {
+        return;
+    }
+    let used: Vec<(&'static str, f64)> = procs
+        .iter()
+        .map(|(n, _)| (*n, used.and_then(|u| u.get(n)).copied().unwrap_or(f64::NAN)))
+        .collect();
+    println!("    {name:<24} {}", cpu_line(&used, per));
+}
+
 fn gbps(v: f64) -> String {
     format!("{:.2} GB/s", v / 1e9)
 }
@@ -350,13 +380,33 @@ async fn main() -> anyhow::Result<()> {
     // The server runs as its own process, as a real one does.
     let bench_server = BenchServer::start(dir.path(), BULK, None).await?;
     let server = bench_server.addr;
+    // The processes each path keeps busy, for the CPU accounting (dante's forked workers
+    // are not tracked).
+    let pid = |p: &tests::Proc| p.pid().context("process already gone");
+    let ends = [
+        ("client", std::process::id()),
+        ("server", pid(&bench_server.proc)?),
+    ];
+    let (reg_pid, on_pid, off_pid) = (pid(&reg.proc)?, pid(&on.proc)?, pid(&off.proc)?);
+    let procs = |name: &str| -> Vec<(&'static str, u32)> {
+        let mut v = ends.to_vec();
+        match name {
+            "proxy-core history on" => v.extend([("proxy", on_pid), ("registry", reg_pid)]),
+            "proxy-core history off" => v.extend([("proxy", off_pid), ("registry", reg_pid)]),
+            _ => {}
+        }
+        v
+    };
+    let mut cpu: HashMap<&str, HashMap<&str, f64>> = HashMap::new();
     if want("bulk") {
         let mut res: HashMap<&str, Vec<f64>> = HashMap::new();
         for _ in 0..RUNS {
             for (name, p) in &paths {
+                let meter = CpuMeter::start(&procs(name));
                 let v = bulk(*p, server)
                     .await
                     .with_context(|| format!("bulk via {name}"))?;
+                add_cpu(&mut cpu, name, meter.stop());
                 res.entry(name).or_default().push(v);
             }
         }
@@ -374,13 +424,23 @@ async fn main() -> anyhow::Result<()> {
                 m / direct
             );
         }
+        println!("  CPU seconds per GiB:");
+        for (name, _) in &paths {
+            print_cpu(name, &procs(name), cpu.get(name), RUNS as f64);
+        }
     }
 
     if want("cps") {
         let mut res: HashMap<&str, Vec<f64>> = HashMap::new();
+        let mut conns: HashMap<&str, f64> = HashMap::new();
+        cpu.clear();
         for _ in 0..3 {
             for (name, p) in &paths {
-                res.entry(name).or_default().push(cps(*p, server).await?);
+                let meter = CpuMeter::start(&procs(name));
+                let (rate, n) = cps(*p, server).await?;
+                add_cpu(&mut cpu, name, meter.stop());
+                res.entry(name).or_default().push(rate);
+                *conns.entry(name).or_default() += n as f64;
             }
         }
         println!(
@@ -388,6 +448,11 @@ async fn main() -> anyhow::Result<()> {
         );
         for (name, _) in &paths {
             println!("  {name:<24} {:>8.0}/s", median(res[name].clone()));
+        }
+        println!("  CPU milliseconds per connection:");
+        for (name, _) in &paths {
+            let k = conns.get(name).copied().unwrap_or(f64::NAN) / 1000.0;
+            print_cpu(name, &procs(name), cpu.get(name), k);
         }
     }
 

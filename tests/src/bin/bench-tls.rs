@@ -2,7 +2,8 @@
 //! fresh intercepted TLS connections per second with a warm leaf cache, and small-request
 //! latency on one kept-alive intercepted connection, each against a direct TLS connection
 //! to the same rustls server from the same client in the same run, on loopback. Run with
-//! `cargo run --release -p tests --bin bench-tls`. Prints medians over several runs.
+//! `cargo run --release -p tests --bin bench-tls [bulk|cps|latency]`. Prints medians over
+//! several runs.
 //!
 //! Client session resumption is off on both paths, so every fresh connection is a full
 //! handshake (through the proxy: two full handshakes, client leg and upstream leg).
@@ -34,7 +35,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use tests::stats::{median, percentile};
+use tests::stats::{CpuMeter, cpu_line, median, percentile};
 
 const RUNS: usize = 5;
 const BULK: u64 = 256 << 20;
@@ -85,8 +86,9 @@ async fn bulk(route: Route, server: SocketAddr, c: &TlsConnector) -> anyhow::Res
     Ok(got as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Fresh TLS connections (handshake, one byte each way) per second.
-async fn cps(route: Route, server: SocketAddr, c: &TlsConnector) -> anyhow::Result<f64> {
+/// Fresh TLS connections (handshake, one byte each way) per second, and how many were made
+/// in all (the clients finish the round they are in after the measured time).
+async fn cps(route: Route, server: SocketAddr, c: &TlsConnector) -> anyhow::Result<(f64, u64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -111,7 +113,7 @@ async fn cps(route: Route, server: SocketAddr, c: &TlsConnector) -> anyhow::Resu
     for t in tasks {
         t.await??;
     }
-    Ok(n as f64 / secs)
+    Ok((n as f64 / secs, done.load(Ordering::Relaxed)))
 }
 
 /// Round-trip times (µs) of small messages on one kept-alive connection.
@@ -139,6 +141,8 @@ fn mbps(v: f64) -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     proxy_core::tls::install_provider();
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let dir = tempfile::tempdir()?;
     // Test PKI: a CA and a server certificate for localhost.
     let ca_key = KeyPair::generate()?;
@@ -188,6 +192,35 @@ async fn main() -> anyhow::Result<()> {
         Route::Socks(proxies[0].socks),
         Route::Socks(proxies[1].socks),
     );
+    // The processes each path keeps busy, for the CPU accounting.
+    let pid = |p: &tests::Proc| p.pid().context("process already gone");
+    let ends = [
+        ("client", std::process::id()),
+        ("server", pid(&bench_server.proc)?),
+    ];
+    let (reg_pid, on_pid, off_pid) = (
+        pid(&registry.proc)?,
+        pid(&proxies[0].proc)?,
+        pid(&proxies[1].proc)?,
+    );
+    let procs = |route: Route| -> Vec<(&'static str, u32)> {
+        let mut v = ends.to_vec();
+        match route {
+            Route::Direct => {}
+            Route::Socks(a) => {
+                v.push((
+                    "proxy",
+                    if a == proxies[0].socks {
+                        on_pid
+                    } else {
+                        off_pid
+                    },
+                ));
+                v.push(("registry", reg_pid));
+            }
+        }
+        v
+    };
 
     // The client trusts both the server's CA and the proxy's CA; no session resumption.
     let mut roots = RootCertStore::empty();
@@ -210,73 +243,90 @@ async fn main() -> anyhow::Result<()> {
         tls.read_exact(&mut b).await?;
     }
 
-    println!(
-        "bulk: {} MiB per run from one TLS server, {RUNS} runs",
-        BULK >> 20
-    );
-    let mut res = Vec::new();
-    for (name, route) in [
-        ("direct TLS", Route::Direct),
-        ("intercepted, history off", off),
-        ("intercepted, history on", on),
-    ] {
-        let mut v = Vec::new();
-        for _ in 0..RUNS {
-            v.push(bulk(route, server, &c).await.context(name)?);
-        }
-        let runs: Vec<String> = v.iter().map(|x| mbps(*x)).collect();
-        let m = median(v);
-        println!("  {name}: {}; median {}", runs.join(", "), mbps(m));
-        res.push(m);
-    }
-    println!(
-        "  ratio to direct: history off {:.2}x, history on {:.2}x",
-        res[1] / res[0],
-        res[2] / res[0]
-    );
-
-    println!(
-        "fresh TLS connections: {CPS_CLIENTS} concurrent clients, {CPS_SECS} s per run, {RUNS} runs"
-    );
-    let mut cres = Vec::new();
-    for (name, route) in [
-        ("direct TLS", Route::Direct),
-        ("intercepted, history on", on),
-    ] {
-        let mut v = Vec::new();
-        for _ in 0..RUNS {
-            v.push(cps(route, server, &c).await.context(name)?);
-        }
-        let runs: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
-        let m = median(v);
-        println!("  {name} (conn/s): {}; median {m:.0}/s", runs.join(", "));
-        cres.push(m);
-    }
-    println!("  ratio to direct: {:.2}x", cres[1] / cres[0]);
-
-    println!(
-        "small requests: {MSG} B echo on one kept-alive connection, {RTTS} round trips, {RUNS} runs"
-    );
-    let mut lres = Vec::new();
-    for (name, route) in [
-        ("direct TLS", Route::Direct),
-        ("intercepted, history on", on),
-    ] {
-        let mut p50s = Vec::new();
-        let mut p99s = Vec::new();
-        for _ in 0..RUNS {
-            let mut v = rtts(route, server, &c).await.context(name)?;
-            p50s.push(percentile(&mut v, 0.5));
-            p99s.push(percentile(&mut v, 0.99));
-        }
-        let runs: Vec<String> = p50s.iter().map(|x| format!("{x:.0}")).collect();
-        let (p50, p99) = (median(p50s), median(p99s));
+    if want("bulk") {
         println!(
-            "  {name}: p50 per run (µs) {}; median p50 {p50:.0} µs, median p99 {p99:.0} µs",
-            runs.join(", ")
+            "bulk: {} MiB per run from one TLS server, {RUNS} runs",
+            BULK >> 20
         );
-        lres.push(p50);
+        let mut res = Vec::new();
+        for (name, route) in [
+            ("direct TLS", Route::Direct),
+            ("intercepted, history off", off),
+            ("intercepted, history on", on),
+        ] {
+            let mut v = Vec::new();
+            let meter = CpuMeter::start(&procs(route));
+            for _ in 0..RUNS {
+                v.push(bulk(route, server, &c).await.context(name)?);
+            }
+            let cpu = meter.stop();
+            let runs: Vec<String> = v.iter().map(|x| mbps(*x)).collect();
+            let m = median(v);
+            println!("  {name}: {}; median {}", runs.join(", "), mbps(m));
+            let gib = (RUNS as u64 * BULK) as f64 / (1u64 << 30) as f64;
+            println!("    CPU seconds per GiB: {}", cpu_line(&cpu, gib));
+            res.push(m);
+        }
+        println!(
+            "  ratio to direct: history off {:.2}x, history on {:.2}x",
+            res[1] / res[0],
+            res[2] / res[0]
+        );
     }
-    println!("  p50 ratio to direct: {:.2}x", lres[1] / lres[0]);
+    if want("cps") {
+        println!(
+            "fresh TLS connections: {CPS_CLIENTS} concurrent clients, {CPS_SECS} s per run, {RUNS} runs"
+        );
+        let mut cres = Vec::new();
+        for (name, route) in [
+            ("direct TLS", Route::Direct),
+            ("intercepted, history on", on),
+        ] {
+            let mut v = Vec::new();
+            let mut conns = 0;
+            let meter = CpuMeter::start(&procs(route));
+            for _ in 0..RUNS {
+                let (rate, n) = cps(route, server, &c).await.context(name)?;
+                v.push(rate);
+                conns += n;
+            }
+            let cpu = meter.stop();
+            let runs: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+            let m = median(v);
+            println!("  {name} (conn/s): {}; median {m:.0}/s", runs.join(", "));
+            println!(
+                "    CPU milliseconds per connection: {}",
+                cpu_line(&cpu, conns as f64 / 1000.0)
+            );
+            cres.push(m);
+        }
+        println!("  ratio to direct: {:.2}x", cres[1] / cres[0]);
+    }
+    if want("latency") {
+        println!(
+            "small requests: {MSG} B echo on one kept-alive connection, {RTTS} round trips, {RUNS} runs"
+        );
+        let mut lres = Vec::new();
+        for (name, route) in [
+            ("direct TLS", Route::Direct),
+            ("intercepted, history on", on),
+        ] {
+            let mut p50s = Vec::new();
+            let mut p99s = Vec::new();
+            for _ in 0..RUNS {
+                let mut v = rtts(route, server, &c).await.context(name)?;
+                p50s.push(percentile(&mut v, 0.5));
+                p99s.push(percentile(&mut v, 0.99));
+            }
+            let runs: Vec<String> = p50s.iter().map(|x| format!("{x:.0}")).collect();
+            let (p50, p99) = (median(p50s), median(p99s));
+            println!(
+                "  {name}: p50 per run (µs) {}; median p50 {p50:.0} µs, median p99 {p99:.0} µs",
+                runs.join(", ")
+            );
+            lres.push(p50);
+        }
+        println!("  p50 ratio to direct: {:.2}x", lres[1] / lres[0]);
+    }
     Ok(())
 }
