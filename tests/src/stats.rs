@@ -56,6 +56,21 @@ impl CpuMeter {
     }
 }
 
+/// Waits (at most a minute) until processes `pids` together use under 5% of a core, so
+/// that work one run left behind (a registry still storing a history backlog) is charged
+/// to that run and does not slow the next.
+pub async fn settle(pids: &[u32]) {
+    let total = || pids.iter().filter_map(|p| cpu_secs(*p)).sum::<f64>();
+    let step = std::time::Duration::from_millis(250);
+    for _ in 0..240 {
+        let before = total();
+        tokio::time::sleep(step).await;
+        if total() - before < 0.05 * step.as_secs_f64() {
+            return;
+        }
+    }
+}
+
 /// `name 0.52 s, name 0.48 s, ...`: CPU seconds per unit of work.
 pub fn cpu_line(used: &[(&'static str, f64)], per: f64) -> String {
     used.iter()

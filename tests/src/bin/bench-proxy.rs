@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use proto::registry::{WatchConnectionsRequest, watch_event::Kind};
+use proto::registry::{ConnectionStatsRequest, WatchConnectionsRequest, watch_event::Kind};
 use tests::{
     Registry,
     bench_server::BenchServer,
@@ -28,7 +28,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use tests::stats::{CpuMeter, cpu_line, median, percentile};
+use tests::stats::{CpuMeter, cpu_line, median, percentile, settle};
 
 const RUNS: usize = 5;
 const BULK: u64 = 1 << 30;
@@ -406,6 +406,7 @@ async fn main() -> anyhow::Result<()> {
                 let v = bulk(*p, server)
                     .await
                     .with_context(|| format!("bulk via {name}"))?;
+                settle(&[reg_pid, on_pid, off_pid]).await;
                 add_cpu(&mut cpu, name, meter.stop());
                 res.entry(name).or_default().push(v);
             }
@@ -424,9 +425,23 @@ async fn main() -> anyhow::Result<()> {
                 m / direct
             );
         }
-        println!("  CPU seconds per GiB:");
+        println!("  CPU seconds per GiB (each run's leftover work included):");
         for (name, _) in &paths {
             print_cpu(name, &procs(name), cpu.get(name), RUNS as f64);
+        }
+        if paths.iter().any(|(n, _)| *n == "proxy-core history on") {
+            let stats = reg
+                .client()
+                .await?
+                .connection_stats(ConnectionStatsRequest::default())
+                .await?
+                .into_inner();
+            let lost = stats.losses.get("bench-on").cloned().unwrap_or_default();
+            println!(
+                "  history on: {:.2} of {RUNS} GiB not recorded ({} packets shed when the registry fell behind, counted as losses)",
+                lost.bytes_dropped as f64 / (1u64 << 30) as f64,
+                lost.packets_dropped
+            );
         }
     }
 
@@ -438,6 +453,7 @@ async fn main() -> anyhow::Result<()> {
             for (name, p) in &paths {
                 let meter = CpuMeter::start(&procs(name));
                 let (rate, n) = cps(*p, server).await?;
+                settle(&[reg_pid, on_pid, off_pid]).await;
                 add_cpu(&mut cpu, name, meter.stop());
                 res.entry(name).or_default().push(rate);
                 *conns.entry(name).or_default() += n as f64;

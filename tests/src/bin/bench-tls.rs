@@ -35,7 +35,7 @@ use tokio::{
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use tests::stats::{CpuMeter, cpu_line, median, percentile};
+use tests::stats::{CpuMeter, cpu_line, median, percentile, settle};
 
 const RUNS: usize = 5;
 const BULK: u64 = 256 << 20;
@@ -258,6 +258,7 @@ async fn main() -> anyhow::Result<()> {
             let meter = CpuMeter::start(&procs(route));
             for _ in 0..RUNS {
                 v.push(bulk(route, server, &c).await.context(name)?);
+                settle(&[reg_pid, on_pid, off_pid]).await;
             }
             let cpu = meter.stop();
             let runs: Vec<String> = v.iter().map(|x| mbps(*x)).collect();
@@ -287,6 +288,7 @@ async fn main() -> anyhow::Result<()> {
             let meter = CpuMeter::start(&procs(route));
             for _ in 0..RUNS {
                 let (rate, n) = cps(route, server, &c).await.context(name)?;
+                settle(&[reg_pid, on_pid, off_pid]).await;
                 v.push(rate);
                 conns += n;
             }
