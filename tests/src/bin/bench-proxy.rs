@@ -96,13 +96,14 @@ async fn bulk(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
 
 /// Fresh connections per second (each connects, sends one byte, reads it back and the
 /// server's close, closes), and how many were made in all.
-async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<(f64, u64)> {
+async fn cps(name: &str, path: Path_, server: SocketAddr) -> anyhow::Result<(f64, u64)> {
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..CPS_CLIENTS {
         let (done, failed, stop) = (done.clone(), failed.clone(), stop.clone());
+        let name = name.to_string();
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let r = async {
@@ -129,7 +130,7 @@ async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<(f64, u64)> {
                     }
                     Err(e) => {
                         if failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                            eprintln!("  (first failure: {e:#})");
+                            eprintln!("  ({name}: first failure: {e:#})");
                         }
                     }
                 }
@@ -146,7 +147,7 @@ async fn cps(path: Path_, server: SocketAddr) -> anyhow::Result<(f64, u64)> {
     }
     let f = failed.load(Ordering::Relaxed);
     if f > 0 {
-        eprintln!("  ({f} connections failed)");
+        eprintln!("  ({name}: {f} connections failed)");
     }
     let total = done.load(Ordering::Relaxed);
     // Let TIME_WAIT sockets of this run age a little before the next.
@@ -452,7 +453,7 @@ async fn main() -> anyhow::Result<()> {
         for _ in 0..3 {
             for (name, p) in &paths {
                 let meter = CpuMeter::start(&procs(name));
-                let (rate, n) = cps(*p, server).await?;
+                let (rate, n) = cps(name, *p, server).await?;
                 settle(&[reg_pid, on_pid, off_pid]).await;
                 add_cpu(&mut cpu, name, meter.stop());
                 res.entry(name).or_default().push(rate);
