@@ -26,7 +26,9 @@ impl From<StoreError> for Status {
         match e {
             StoreError::NotFound(_) => Status::not_found(e.to_string()),
             StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
-            StoreError::Sled(_) | StoreError::Corrupt { .. } => Status::internal(e.to_string()),
+            StoreError::Sled(_) | StoreError::Payload(_) | StoreError::Corrupt { .. } => {
+                Status::internal(e.to_string())
+            }
         }
     }
 }

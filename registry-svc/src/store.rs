@@ -6,7 +6,9 @@
 //! - `history`: conn ID (8) + first seq (8) -> a [`Run`] of packets with consecutive
 //!   sequence numbers. Storing runs rather than single packets cuts sled inserts (which
 //!   copy a whole node each) by the run length. Runs never share a sequence number, so key
-//!   order is sequence order; a replayed batch yields the same runs and overwrites them.
+//!   order is sequence order; a replayed batch yields the same runs and is merged into
+//!   them. The payload bytes are not in sled but in the [`PayloadLog`] file `history.log`
+//!   (runs hold offsets); runs written before the log existed hold their bytes inline.
 //! - `cleared`: conn ID (8) -> empty; events for a cleared ID are ignored, so a late close or
 //!   a replayed batch never brings a cleared record back
 //! - `meta`:    `next_id` -> u64, `history_count` -> u64, `losses/NODE` -> `ProxyLosses`
@@ -28,6 +30,8 @@ use proto::{
     registry::{ConnectionClosed, ConnectionUpdate, Counters, ProxyLosses},
 };
 
+use crate::payload::PayloadLog;
+
 /// Largest block of IDs one lease may take.
 pub const MAX_LEASE: u32 = 65_536;
 
@@ -37,6 +41,9 @@ pub enum StoreError {
     /// sled failed (I/O error, corruption detected by sled).
     #[error("registry store: {0}")]
     Sled(#[from] sled::Error),
+    /// The payload log failed.
+    #[error("registry history payloads: {0}")]
+    Payload(#[from] std::io::Error),
     /// A stored value does not decode.
     #[error("corrupt {what} in the registry store: {source}")]
     Corrupt {
@@ -67,6 +74,7 @@ pub struct Store {
     history: sled::Tree,
     cleared: sled::Tree,
     meta: sled::Tree,
+    payloads: std::sync::Arc<PayloadLog>,
     history_count: AtomicU64,
     lease_lock: Mutex<()>,
 }
@@ -85,7 +93,30 @@ fn u64_value(v: Option<sled::IVec>) -> u64 {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Run {
     #[prost(message, repeated, tag = "1")]
-    pub packets: Vec<Packet>,
+    pub packets: Vec<StoredPacket>,
+}
+
+/// A history packet as a [`Run`] holds it: the fields (and tags) of `common.Packet`, with
+/// the payload in the payload log at `log_offset` when `log_len` is not 0, else in `data`
+/// (runs written before the log existed decode that way unchanged).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredPacket {
+    #[prost(uint64, tag = "1")]
+    pub conn_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    #[prost(int32, tag = "3")]
+    pub direction: i32,
+    #[prost(message, optional, tag = "4")]
+    pub ts: Option<prost_types::Timestamp>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub data: Vec<u8>,
+    #[prost(bool, tag = "6")]
+    pub modified: bool,
+    #[prost(uint64, tag = "7")]
+    pub log_offset: u64,
+    #[prost(uint64, tag = "8")]
+    pub log_len: u64,
 }
 
 /// Splits packets into runs of one connection with consecutive sequence numbers, dropping
@@ -140,6 +171,7 @@ impl Store {
         let history = db.open_tree("history")?;
         let cleared = db.open_tree("cleared")?;
         let meta = db.open_tree("meta")?;
+        let payloads = std::sync::Arc::new(PayloadLog::open(&dir.join("history.log"))?);
         let history_count = match meta.get(HISTORY_COUNT)? {
             Some(v) => u64_value(Some(v)),
             None => history.len() as u64,
@@ -150,13 +182,19 @@ impl Store {
             history,
             cleared,
             meta,
+            payloads,
             history_count: AtomicU64::new(history_count),
             lease_lock: Mutex::new(()),
         })
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable: the payload log first, so that no durable
+    /// history entry points past its durable end.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let payloads = self.payloads.clone();
+        tokio::task::spawn_blocking(move || payloads.sync())
+            .await
+            .map_err(|e| std::io::Error::other(format!("payload log sync task: {e}")))??;
         self.meta.insert(
             HISTORY_COUNT,
             &self.history_count.load(Ordering::Relaxed).to_be_bytes(),
@@ -180,27 +218,61 @@ impl Store {
         Ok((first, next - 1))
     }
 
-    /// Stores history packets (idempotent: a replayed batch rewrites the same runs).
+    /// Stores history packets, idempotently: packets a run already holds (a replayed batch)
+    /// are skipped, the rest merged in. Callers serialise writes (the watch hub's lock).
     pub fn put_packets(&self, packets: Vec<Packet>) -> Result<(), StoreError> {
-        let mut buf = Vec::new();
-        let mut fresh = 0u64;
-        for packets in into_runs(packets) {
+        // What each run adds, and the run it joins.
+        let mut todo: Vec<([u8; 16], Vec<Packet>, Option<Run>)> = Vec::new();
+        for mut packets in into_runs(packets) {
             let key = history_key(packets[0].conn_id, packets[0].seq);
-            let mut run = Run { packets };
-            buf.clear();
-            run.encode(&mut buf)
-                .map_err(|_| StoreError::Invalid("packet run too large to encode".to_string()))?;
-            let Some(old) = self.history.insert(key, buf.as_slice())? else {
-                fresh += run.packets.len() as u64;
-                continue;
+            let old: Option<Run> = match self.history.get(key)? {
+                Some(v) => Some(decode("history run", &v)?),
+                None => None,
             };
-            // A replay cut differently: keep the union, so overwriting never loses a packet.
-            let old: Run = decode("history run", &old)?;
-            let before = old.packets.len();
-            run.packets.extend(old.packets);
-            run.packets.sort_by_key(|p| p.seq);
-            run.packets.dedup_by_key(|p| p.seq);
-            fresh += (run.packets.len() - before) as u64;
+            if let Some(old) = &old {
+                packets.retain(|p| !old.packets.iter().any(|o| o.seq == p.seq));
+            }
+            if !packets.is_empty() {
+                todo.push((key, packets, old));
+            }
+        }
+        let parts: Vec<&[u8]> = todo
+            .iter()
+            .flat_map(|(_, ps, _)| ps.iter().map(|p| p.data.as_slice()))
+            .collect();
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let mut offset = self.payloads.append(&parts)?;
+        let mut fresh = 0u64;
+        let mut buf = Vec::new();
+        for (key, packets, old) in todo {
+            fresh += packets.len() as u64;
+            let mut run = Run {
+                packets: packets
+                    .into_iter()
+                    .map(|p| {
+                        let len = p.data.len() as u64;
+                        let stored = StoredPacket {
+                            conn_id: p.conn_id,
+                            seq: p.seq,
+                            direction: p.direction,
+                            ts: p.ts,
+                            data: Vec::new(),
+                            modified: p.modified,
+                            log_offset: offset,
+                            log_len: len,
+                        };
+                        offset += len;
+                        stored
+                    })
+                    .collect(),
+            };
+            if let Some(old) = old {
+                // A replay cut differently: keep the union, so no packet is ever lost.
+                run.packets.extend(old.packets);
+                run.packets.sort_by_key(|p| p.seq);
+            }
             buf.clear();
             run.encode(&mut buf)
                 .map_err(|_| StoreError::Invalid("packet run too large to encode".to_string()))?;
@@ -208,6 +280,23 @@ impl Store {
         }
         self.history_count.fetch_add(fresh, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A stored packet with its payload read back.
+    fn load(&self, p: StoredPacket) -> Result<Packet, StoreError> {
+        let data = if p.log_len > 0 {
+            self.payloads.read(p.log_offset, p.log_len)?
+        } else {
+            p.data
+        };
+        Ok(Packet {
+            conn_id: p.conn_id,
+            seq: p.seq,
+            direction: p.direction,
+            ts: p.ts,
+            data,
+            modified: p.modified,
+        })
     }
 
     fn is_cleared(&self, id: u64) -> Result<bool, StoreError> {
@@ -360,7 +449,7 @@ impl Store {
                     continue;
                 }
                 last = Some(pos);
-                if !f(p) {
+                if !f(self.load(p)?) {
                     return Ok(());
                 }
             }
@@ -529,6 +618,51 @@ mod tests {
         s.put_packets(vec![p.clone(), p.clone()]).unwrap();
         s.put_packets(vec![p.clone()]).unwrap();
         assert_eq!(s.history_len(), 1);
+    }
+
+    #[test]
+    fn payloads_live_in_the_log_and_inline_runs_still_read() {
+        let (d, s) = store();
+        let log = d.path().join("db").join("history.log");
+        let big = Packet {
+            conn_id: 4,
+            seq: 1,
+            data: vec![9u8; 200_000],
+            ..Default::default()
+        };
+        s.put_packets(vec![big.clone()]).unwrap();
+        // The bytes went to the log, not into sled's run.
+        let run: Run = decode("run", &s.history.get(history_key(4, 1)).unwrap().unwrap()).unwrap();
+        assert_eq!(run.packets[0].log_len, 200_000);
+        assert!(run.packets[0].data.is_empty());
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 200_000);
+        // A replay appends nothing more.
+        s.put_packets(vec![big.clone()]).unwrap();
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 200_000);
+        // A run as a store from before the log wrote it: a `common.Packet` with its bytes inline.
+        let old = Packet {
+            conn_id: 4,
+            seq: 2,
+            data: b"inline".to_vec(),
+            ..Default::default()
+        };
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct OldRun {
+            #[prost(message, repeated, tag = "1")]
+            packets: Vec<Packet>,
+        }
+        let enc = OldRun {
+            packets: vec![old.clone()],
+        }
+        .encode_to_vec();
+        s.history.insert(history_key(4, 2), enc).unwrap();
+        let mut got = Vec::new();
+        s.scan_history((4, 1), true, |p| {
+            got.push(p);
+            true
+        })
+        .unwrap();
+        assert_eq!(got, vec![big, old]);
     }
 
     fn pkt(conn_id: u64, seq: u64) -> Packet {
