@@ -371,7 +371,7 @@ impl ReporterTask {
 /// A batch sent (or to be sent) and not yet acknowledged.
 struct Batch {
     seq: u64,
-    encoded: Bytes,
+    encoded: Encoded,
     events: usize,
     payload: usize,
     packets: u64,
@@ -450,7 +450,7 @@ impl Task {
     }
 
     async fn session(&mut self) -> SessionEnd {
-        let (out_tx, out_rx) = mpsc::channel::<Bytes>(4);
+        let (out_tx, out_rx) = mpsc::channel::<Encoded>(4);
         let mut grpc = self.grpc.clone();
         let call = async move {
             grpc.ready()
@@ -586,7 +586,7 @@ impl Task {
                 BatchBuilder::new(&self.node, seq)
             });
             b.push(item);
-            let full = b.events >= BATCH_EVENTS || b.buf.len() >= BATCH_BYTES;
+            let full = b.events >= BATCH_EVENTS || b.len >= BATCH_BYTES;
             if let Some(b) = builder.take_if(|_| full) {
                 self.unacked
                     .push_back(b.finish(&self.inner, &mut self.sent_losses));
@@ -614,9 +614,31 @@ async fn next_ack(acks: &mut Option<Streaming<IngestAck>>) -> Result<Option<Inge
     }
 }
 
+/// Packets at least this large are referenced by the encoded batch rather than copied in.
+const SHARED_PAYLOAD: usize = 4096;
+
+/// An encoded `IngestRequest` as consecutive segments: fields encoded together, with large
+/// payloads referenced as they are, so that sending copies each payload once (into the gRPC
+/// frame) and a replay copies nothing more.
+#[derive(Clone)]
+struct Encoded(Arc<[Bytes]>);
+
+impl Encoded {
+    /// Total length.
+    #[cfg(test)]
+    fn to_bytes(&self) -> Bytes {
+        self.0.concat().into()
+    }
+}
+
 /// Encodes one `IngestRequest` field by field.
 struct BatchBuilder {
+    /// Fields not yet closed into a segment.
     buf: BytesMut,
+    /// Finished segments.
+    parts: Vec<Bytes>,
+    /// Encoded length so far (segments and `buf`).
+    len: usize,
     seq: u64,
     events: usize,
     payload: usize,
@@ -629,7 +651,9 @@ impl BatchBuilder {
         prost::encoding::string::encode(1, &node.to_string(), &mut buf);
         prost::encoding::uint64::encode(2, &seq, &mut buf);
         Self {
+            len: buf.len(),
             buf,
+            parts: Vec::new(),
             seq,
             events: 0,
             payload: 0,
@@ -638,6 +662,7 @@ impl BatchBuilder {
     }
 
     fn push(&mut self, item: Item) {
+        self.events += 1;
         let ev = match item {
             Item::Opened(c) => WireEvent {
                 opened: Some(*c),
@@ -654,22 +679,52 @@ impl BatchBuilder {
             Item::Packet(p) => {
                 self.payload += p.data.len();
                 self.packets += 1;
+                let packet = WirePacket {
+                    conn_id: p.conn_id,
+                    seq: p.seq,
+                    direction: p.dir as i32,
+                    ts: Some(p.ts),
+                    data: p.data,
+                    modified: false,
+                };
+                if packet.data.len() >= SHARED_PAYLOAD {
+                    self.push_shared(packet);
+                    return;
+                }
                 WireEvent {
-                    packet: Some(WirePacket {
-                        conn_id: p.conn_id,
-                        seq: p.seq,
-                        direction: p.dir as i32,
-                        ts: Some(p.ts),
-                        data: p.data,
-                        modified: false,
-                    }),
+                    packet: Some(packet),
                     ..Default::default()
                 }
             }
         };
+        let before = self.buf.len();
         self.buf.reserve(ev.encoded_len() + 8);
         prost::encoding::message::encode(3, &ev, &mut self.buf);
-        self.events += 1;
+        self.len += self.buf.len() - before;
+    }
+
+    /// A packet event whose payload becomes a segment of its own: the event's framing and
+    /// other fields are encoded into `buf`, with the payload field last (protobuf fields may
+    /// come in any order), then `buf` and the payload are closed as segments.
+    fn push_shared(&mut self, p: WirePacket) {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        let mut head = p;
+        let data = std::mem::take(&mut head.data);
+        let data_len = data.len();
+        let data_field = key_len(5) + encoded_len_varint(data_len as u64) + data_len;
+        let packet_len = head.encoded_len() + data_field;
+        let event_len = key_len(4) + encoded_len_varint(packet_len as u64) + packet_len;
+        let before = self.buf.len();
+        encode_key(3, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(event_len as u64, &mut self.buf);
+        encode_key(4, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(packet_len as u64, &mut self.buf);
+        head.encode_raw(&mut self.buf);
+        encode_key(5, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(data_len as u64, &mut self.buf);
+        self.len += self.buf.len() - before + data_len;
+        self.parts.push(self.buf.split().freeze());
+        self.parts.push(data);
     }
 
     fn finish(mut self, inner: &Inner, sent: &mut ProxyLosses) -> Batch {
@@ -678,9 +733,12 @@ impl BatchBuilder {
             prost::encoding::message::encode(4, &losses, &mut self.buf);
         }
         *sent = losses;
+        if !self.buf.is_empty() {
+            self.parts.push(self.buf.freeze());
+        }
         Batch {
             seq: self.seq,
-            encoded: self.buf.freeze(),
+            encoded: Encoded(self.parts.into()),
             events: self.events,
             payload: self.payload,
             packets: self.packets,
@@ -718,12 +776,12 @@ struct WirePacket {
     modified: bool,
 }
 
-/// Sends pre-encoded `IngestRequest` bytes and decodes `IngestAck`s.
+/// Sends pre-encoded `IngestRequest`s and decodes `IngestAck`s.
 #[derive(Clone, Copy, Default)]
 struct RawCodec;
 
 impl Codec for RawCodec {
-    type Encode = Bytes;
+    type Encode = Encoded;
     type Decode = IngestAck;
     type Encoder = RawCodec;
     type Decoder = RawCodec;
@@ -738,11 +796,13 @@ impl Codec for RawCodec {
 }
 
 impl Encoder for RawCodec {
-    type Item = Bytes;
+    type Item = Encoded;
     type Error = Status;
 
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
+    fn encode(&mut self, item: Encoded, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        for part in item.0.iter() {
+            dst.put_slice(part);
+        }
         Ok(())
     }
 }
@@ -795,6 +855,44 @@ mod tests {
     }
 
     #[test]
+    fn large_payloads_are_referenced_not_copied_and_decode_in_place() {
+        let (inner, _rx) = inner(10);
+        let big = Bytes::from(vec![0xabu8; SHARED_PAYLOAD + 1]);
+        let mut b = BatchBuilder::new("n", 1);
+        b.push(packet(1, b"small"));
+        b.push(Item::Packet(PacketItem {
+            conn_id: 9,
+            seq: 2,
+            dir: Direction::C2s,
+            ts: Timestamp::default(),
+            data: big.clone(),
+        }));
+        b.push(packet(3, b"after"));
+        let len = b.len;
+        let batch = b.finish(&inner, &mut ProxyLosses::default());
+        assert!(batch.encoded.0.iter().any(|p| p.as_ptr() == big.as_ptr()));
+        let bytes = batch.encoded.to_bytes();
+        assert_eq!(bytes.len(), len);
+        let req = IngestRequest::decode(bytes).unwrap();
+        let seqs_and_data: Vec<(u64, Vec<u8>)> = req
+            .events
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                Some(Kind::Packet(p)) => Some((p.seq, p.data)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            seqs_and_data,
+            vec![
+                (1, b"small".to_vec()),
+                (2, big.to_vec()),
+                (3, b"after".to_vec())
+            ]
+        );
+    }
+
+    #[test]
     fn hand_encoded_batch_decodes_as_ingest_request() {
         let (inner, _rx) = inner(10);
         let mut b = BatchBuilder::new("node-a", 42);
@@ -812,7 +910,7 @@ mod tests {
         inner.packets_dropped.store(3, Relaxed);
         let mut sent = ProxyLosses::default();
         let batch = b.finish(&inner, &mut sent);
-        let req = IngestRequest::decode(batch.encoded.clone()).unwrap();
+        let req = IngestRequest::decode(batch.encoded.to_bytes()).unwrap();
         assert_eq!(req.node, "node-a");
         assert_eq!(req.batch_seq, 42);
         assert_eq!(req.events.len(), 3);
