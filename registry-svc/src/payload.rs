@@ -16,7 +16,10 @@ use std::{
     io::{self, IoSlice, Write},
     os::unix::fs::FileExt,
     path::Path,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 /// An append-only file of payload bytes.
@@ -25,6 +28,8 @@ pub struct PayloadLog {
     writer: Mutex<(File, u64)>,
     /// A second handle for positioned reads, so readers never wait for the writer's lock.
     reader: File,
+    /// Appended to since the last sync.
+    dirty: AtomicBool,
 }
 
 impl PayloadLog {
@@ -40,6 +45,7 @@ impl PayloadLog {
         Ok(Self {
             writer: Mutex::new((file, end)),
             reader,
+            dirty: AtomicBool::new(false),
         })
     }
 
@@ -70,6 +76,9 @@ impl PayloadLog {
             }
         }
         *end = start + total;
+        // Marked after the write: a sync that clears the mark before this point does not
+        // cover these bytes, so the next one must run.
+        self.dirty.store(true, Ordering::Release);
         Ok(start)
     }
 
@@ -82,9 +91,20 @@ impl PayloadLog {
         Ok(buf)
     }
 
+    /// Whether there are appends a [`PayloadLog::sync`] would make durable.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
     /// Makes every append so far durable.
     pub fn sync(&self) -> io::Result<()> {
-        self.reader.sync_data()
+        if self.dirty.swap(false, Ordering::AcqRel)
+            && let Err(e) = self.reader.sync_data()
+        {
+            self.dirty.store(true, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
     }
 }
 
@@ -105,7 +125,9 @@ mod tests {
         assert_eq!(log.read(300_005, 1).unwrap(), b"!");
         let next = log.append(&[b"more"]).unwrap();
         assert_eq!(next, 300_006);
+        assert!(log.is_dirty());
         log.sync().unwrap();
+        assert!(!log.is_dirty());
         drop(log);
         let log = PayloadLog::open(&path).unwrap();
         assert_eq!(log.read(next, 4).unwrap(), b"more");

@@ -191,10 +191,12 @@ impl Store {
     /// Makes everything written so far durable: the payload log first, so that no durable
     /// history entry points past its durable end.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let payloads = self.payloads.clone();
-        tokio::task::spawn_blocking(move || payloads.sync())
-            .await
-            .map_err(|e| std::io::Error::other(format!("payload log sync task: {e}")))??;
+        if self.payloads.is_dirty() {
+            let payloads = self.payloads.clone();
+            tokio::task::spawn_blocking(move || payloads.sync())
+                .await
+                .map_err(|e| std::io::Error::other(format!("payload log sync task: {e}")))??;
+        }
         self.meta.insert(
             HISTORY_COUNT,
             &self.history_count.load(Ordering::Relaxed).to_be_bytes(),
