@@ -1,11 +1,12 @@
 //! The bidirectional relay: two pumps, one per direction, over a pair of byte streams.
 //!
-//! Each pump loops: read one *packet* (whatever one read returned) -> record it (sequence
+//! Each pump loops: read one *packet* (whatever one read returned) -> number it (sequence
 //! number from the connection's shared counter, direction, timestamp taken at the read) ->
-//! write it to the other side. The packet is a `bytes::Bytes`: the buffer the read filled,
-//! handed on without copying (history copies only small packets, see [`record_copy`]).
-//! An intercept hold slots in between record and write: one direction then simply waits
-//! for a verdict while the other keeps flowing.
+//! write it to the other side -> queue its history copy (after the write, so the reporter's
+//! wake-up never delays the data). The packet is a `bytes::Bytes`: the buffer the read
+//! filled, handed on without copying (history copies only small packets, see
+//! [`record_copy`]). An intercept hold slots in between numbering and writing: one direction
+//! then simply waits for a verdict while the other keeps flowing.
 //!
 //! Half-close: when a side sends FIN, its pump ends by shutting down the *write* side of the
 //! other stream, and the other pump keeps flowing until its side ends too. There is no idle
