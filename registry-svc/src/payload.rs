@@ -6,10 +6,12 @@
 //! meant creating (and later deleting) a file per node write, at several CPU seconds per
 //! GiB. Appending to one file costs one copy into the page cache.
 //!
-//! Crash safety comes from the order of writes: bytes are appended before the tree entry
-//! that references them is inserted, and [`PayloadLog::sync`] runs before sled's flush, so
-//! a durable entry never points past the durable end of the log. Bytes appended but never
-//! referenced (a crash in between, a failed insert) are unreachable and harmless.
+//! Crash safety: bytes are appended before the tree entry that references them is inserted,
+//! and [`PayloadLog::sync`] runs before the registry's flush and acknowledgement, so every
+//! acknowledged packet's bytes are durable. sled also flushes on its own schedule, so after
+//! a power failure an unacknowledged entry can point past the durable end of the log: such
+//! a packet counts as not held ([`PayloadLog::holds`]) and the proxy's replay of its batch
+//! stores it again. Bytes appended but never referenced are unreachable and harmless.
 
 use std::{
     fs::{File, OpenOptions},
@@ -91,6 +93,13 @@ impl PayloadLog {
         Ok(buf)
     }
 
+    /// Whether the log holds `len` bytes at `offset` (an entry whose bytes were lost with
+    /// the end of the log in a power failure does not; 0 bytes are always held).
+    pub fn holds(&self, offset: u64, len: u64) -> bool {
+        let end = self.writer.lock().unwrap_or_else(|e| e.into_inner()).1;
+        len == 0 || offset.checked_add(len).is_some_and(|e| e <= end)
+    }
+
     /// Whether there are appends a [`PayloadLog::sync`] would make durable.
     pub fn is_dirty(&self) -> bool {
         self.dirty.load(Ordering::Acquire)
@@ -134,5 +143,7 @@ mod tests {
         assert_eq!(log.append(&[b"x"]).unwrap(), 300_010);
         // Reading past the end is an error, not zeros.
         assert!(log.read(300_010, 2).is_err());
+        assert!(log.holds(300_010, 1) && !log.holds(300_010, 2) && !log.holds(u64::MAX, 2));
+        assert!(log.holds(u64::MAX, 0));
     }
 }

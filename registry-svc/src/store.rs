@@ -232,7 +232,13 @@ impl Store {
                 None => None,
             };
             if let Some(old) = &old {
-                packets.retain(|p| !old.packets.iter().any(|o| o.seq == p.seq));
+                // A packet is held if its bytes are: after a power loss sled's entry can
+                // outlive the end of the payload log, and the proxy's replay then restores it.
+                packets.retain(|p| {
+                    !old.packets
+                        .iter()
+                        .any(|o| o.seq == p.seq && self.payloads.holds(o.log_offset, o.log_len))
+                });
             }
             if !packets.is_empty() {
                 todo.push((key, packets, old));
@@ -271,8 +277,12 @@ impl Store {
                     .collect(),
             };
             if let Some(old) = old {
-                // A replay cut differently: keep the union, so no packet is ever lost.
-                run.packets.extend(old.packets);
+                // A replay cut differently: keep the union, so no packet is ever lost (a
+                // packet stored again replaces an old entry whose bytes were missing).
+                let new: std::collections::HashSet<u64> =
+                    run.packets.iter().map(|p| p.seq).collect();
+                run.packets
+                    .extend(old.packets.into_iter().filter(|o| !new.contains(&o.seq)));
                 run.packets.sort_by_key(|p| p.seq);
             }
             buf.clear();
@@ -641,6 +651,34 @@ mod tests {
         // A replay appends nothing more.
         s.put_packets(vec![big.clone()]).unwrap();
         assert_eq!(std::fs::metadata(&log).unwrap().len(), 200_000);
+        // An entry whose bytes the log lost (a power failure after sled's own flush): the
+        // proxy's replay stores the packet again.
+        let lost = Packet {
+            conn_id: 5,
+            seq: 1,
+            data: b"replayed".to_vec(),
+            ..Default::default()
+        };
+        let dangling = Run {
+            packets: vec![StoredPacket {
+                conn_id: 5,
+                seq: 1,
+                log_offset: 1 << 40,
+                log_len: 8,
+                ..Default::default()
+            }],
+        };
+        s.history
+            .insert(history_key(5, 1), dangling.encode_to_vec())
+            .unwrap();
+        s.put_packets(vec![lost.clone()]).unwrap();
+        let mut again = Vec::new();
+        s.scan_history((5, 1), true, |p| {
+            again.push(p);
+            true
+        })
+        .unwrap();
+        assert_eq!(again, vec![lost]);
         // A run as a store from before the log wrote it: a `common.Packet` with its bytes inline.
         let old = Packet {
             conn_id: 4,
