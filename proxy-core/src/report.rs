@@ -624,7 +624,7 @@ const SHARED_PAYLOAD: usize = 4096;
 struct Encoded(Arc<[Bytes]>);
 
 impl Encoded {
-    /// Total length.
+    /// The segments joined into one buffer (what the gRPC frame carries).
     #[cfg(test)]
     fn to_bytes(&self) -> Bytes {
         self.0.concat().into()

@@ -113,11 +113,7 @@ impl BenchServer {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
         let proc = Proc::start(cmd, dir.join("bench-server.log")).await?;
-        let addr = proc
-            .field("listen")
-            .context("listen= in the ready line")?
-            .parse()
-            .context("bench-server address")?;
+        let addr = proc.addr("listen")?;
         Ok(Self { proc, addr })
     }
 }

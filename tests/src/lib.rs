@@ -128,6 +128,14 @@ impl Proc {
         self.child.id()
     }
 
+    /// The socket address in `key=` of the ready line.
+    pub fn addr(&self, key: &str) -> anyhow::Result<std::net::SocketAddr> {
+        self.field(key)
+            .with_context(|| format!("{key}= in the ready line"))?
+            .parse()
+            .with_context(|| format!("{key}= is not a socket address"))
+    }
+
     /// The value of `key=` in the ready line.
     pub fn field(&self, key: &str) -> Option<String> {
         self.ready

@@ -63,11 +63,7 @@ impl ProxyProc {
         .env_remove("INTERPOSE_TOKEN")
         .env("RUST_LOG", log);
         let proc = Proc::start(cmd, dir.join(format!("proxy-{node}.log"))).await?;
-        let socks = proc
-            .field("listen")
-            .context("listen= in ready line")?
-            .parse()
-            .context("SOCKS address")?;
+        let socks = proc.addr("listen")?;
         Ok(Self { proc, socks })
     }
 }

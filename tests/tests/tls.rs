@@ -90,11 +90,7 @@ fn proxy_ca(up: &Up) -> anyhow::Result<PathBuf> {
 }
 
 fn socks(up: &Up) -> anyhow::Result<SocketAddr> {
-    up.proc
-        .field("socks")
-        .context("socks= in the ready line")?
-        .parse()
-        .context("socks address")
+    up.proc.addr("socks")
 }
 
 /// Runs a loopback server: every accepted connection goes to `handle` in its own task.
@@ -221,6 +217,21 @@ fn client_config(roots: RootCertStore) -> Arc<ClientConfig> {
             .with_root_certificates(roots)
             .with_no_client_auth(),
     )
+}
+
+/// A TLS handshake over `tcp` as a client that trusts the CA in `ca`, bounded by [`WAIT`]:
+/// the outer error is the timeout, the inner one the handshake's own.
+async fn tls_connect(
+    ca: &std::path::Path,
+    name: ServerName<'static>,
+    tcp: TcpStream,
+) -> anyhow::Result<std::io::Result<tokio_rustls::client::TlsStream<TcpStream>>> {
+    tokio::time::timeout(
+        WAIT,
+        TlsConnector::from(client_config(roots(ca)?)).connect(name, tcp),
+    )
+    .await
+    .context("TLS handshake timed out")
 }
 
 /// Opens a SOCKS CONNECT to `target` through `up`; returns the stream and its local port.
@@ -396,13 +407,7 @@ async fn raw_tls_echo_protocol_is_intercepted_and_recorded() -> anyhow::Result<(
     let data = tempfile::tempdir()?;
     let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
     let (tcp, port) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
-    let mut tls = tokio::time::timeout(
-        WAIT,
-        TlsConnector::from(client_config(roots(&proxy_ca(&up)?)?))
-            .connect(ServerName::try_from("localhost")?, tcp),
-    )
-    .await
-    .context("handshake timed out")??;
+    let mut tls = tls_connect(&proxy_ca(&up)?, ServerName::try_from("localhost")?, tcp).await??;
     for i in 0..5 {
         let msg = format!("echo protocol message {i}\n");
         assert_eq!(round_trip(&mut tls, msg.as_bytes()).await?, msg.as_bytes());
@@ -451,13 +456,7 @@ async fn starttls_upgrade_after_a_plaintext_greeting_is_decrypted() -> anyhow::R
         .await
         .context("reply timed out")??;
     assert_eq!(go, b"220 2.0.0 go ahead\r\n");
-    let mut tls = tokio::time::timeout(
-        WAIT,
-        TlsConnector::from(client_config(roots(&proxy_ca(&up)?)?))
-            .connect(ServerName::try_from("localhost")?, tcp),
-    )
-    .await
-    .context("upgraded handshake timed out")??;
+    let mut tls = tls_connect(&proxy_ca(&up)?, ServerName::try_from("localhost")?, tcp).await??;
     let secret = b"MAIL FROM:<secret-after-upgrade@example.com>\r\n";
     assert_eq!(round_trip(&mut tls, secret).await?, secret);
     tls.shutdown().await?;
@@ -495,12 +494,7 @@ async fn client_without_sni_to_an_ip_target_validates_against_an_ip_san() -> any
     let (tcp, port) = through(&up, Addr::Ip(server)).await?;
     // rustls sends no SNI for an IP address and verifies the certificate's IP SAN.
     let ip = ServerName::IpAddress(server.ip().into());
-    let mut tls = tokio::time::timeout(
-        WAIT,
-        TlsConnector::from(client_config(roots(&proxy_ca(&up)?)?)).connect(ip, tcp),
-    )
-    .await
-    .context("handshake timed out")??;
+    let mut tls = tls_connect(&proxy_ca(&up)?, ip, tcp).await??;
     assert_eq!(round_trip(&mut tls, b"no sni here").await?, b"no sni here");
     tls.shutdown().await?;
     let rec = wait_record(&up, "for the IP connection, closed", |c| {
@@ -522,13 +516,7 @@ async fn client_that_does_not_trust_the_ca_is_recorded_as_rejecting_the_certific
     let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
     let (tcp, port) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
     // Trusts the real server's CA, not the proxy's.
-    let r = tokio::time::timeout(
-        WAIT,
-        TlsConnector::from(client_config(roots(&pki.ca_file())?))
-            .connect(ServerName::try_from("localhost")?, tcp),
-    )
-    .await
-    .context("handshake timed out")?;
+    let r = tls_connect(&pki.ca_file(), ServerName::try_from("localhost")?, tcp).await?;
     let Err(e) = r else {
         bail!("the client accepted the proxy's certificate without trusting its CA")
     };
@@ -557,13 +545,7 @@ async fn upstream_with_an_untrusted_certificate_gets_an_alert_and_a_proxy_record
     // No --upstream-ca: the server's CA is unknown to the proxy.
     let up = Up::start(data.path(), &[]).await?;
     let (tcp, port) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
-    let r = tokio::time::timeout(
-        WAIT,
-        TlsConnector::from(client_config(roots(&proxy_ca(&up)?)?))
-            .connect(ServerName::try_from("localhost")?, tcp),
-    )
-    .await
-    .context("handshake timed out")?;
+    let r = tls_connect(&proxy_ca(&up)?, ServerName::try_from("localhost")?, tcp).await?;
     let Err(e) = r else {
         bail!("the handshake succeeded although the upstream is untrusted")
     };

@@ -792,6 +792,43 @@ async fn regenerated_ca_is_used_for_new_connections() {
     echo_check(&mut tls).await;
 }
 
+/// Starts `openssl s_client` through `relay` with `args`, trusting the CA in `ca_file`.
+fn s_client(relay: SocketAddr, args: &[&str], ca_file: &Path) -> tokio::process::Child {
+    tokio::process::Command::new("/usr/bin/openssl")
+        .args(["s_client", "-connect"])
+        .arg(relay.to_string())
+        .args(args)
+        .arg("-CAfile")
+        .arg(ca_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn openssl")
+}
+
+/// Sends a line through a running `s_client`, lets it exit, asserts that it verified the
+/// proxy's certificate, and returns its stdout.
+async fn s_client_ping_verified(mut child: tokio::process::Child) -> String {
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"ping through the proxy\n").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(stdin);
+    }
+    let out = timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("openssl finished")
+        .expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains("Verify return code: 0 (ok)"),
+        "openssl output:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[tokio::test]
 async fn openssl_s_client_verifies_through_the_proxy() {
     if !Path::new("/usr/bin/openssl").exists() {
@@ -812,66 +849,46 @@ async fn openssl_s_client_verifies_through_the_proxy() {
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     let ca_file = data.path().join("exported.pem");
     icp.ca().export(&ca_file, false).expect("export");
-    let mut child = tokio::process::Command::new("/usr/bin/openssl")
-        .args(["s_client", "-connect"])
-        .arg(relay.to_string())
-        .args(["-servername", "www.example.test", "-alpn", "h2,http/1.1"])
-        .args([
+    let mut child = s_client(
+        relay,
+        &[
+            "-servername",
+            "www.example.test",
+            "-alpn",
+            "h2,http/1.1",
             "-verify_return_error",
             "-verify_hostname",
             "www.example.test",
-        ])
-        .arg("-CAfile")
-        .arg(&ca_file)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn openssl");
+        ],
+        &ca_file,
+    );
     // Let it handshake, then close stdin so it exits.
     let s = next_result(&mut rx).await;
     drop(child.stdin.take());
-    let out = timeout(WAIT, child.wait_with_output())
+    timeout(WAIT, child.wait_with_output())
         .await
         .expect("openssl finished")
         .expect("output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
     // Upstream verification uses the SNI; the test server is only valid for localhost.
     assert!(s.is_err(), "www.example.test is not the upstream's name");
-    let _ = stdout;
 
     // Now with a name the upstream server is valid for.
-    let mut child = tokio::process::Command::new("/usr/bin/openssl")
-        .args(["s_client", "-connect"])
-        .arg(relay.to_string())
-        .args(["-servername", "localhost", "-alpn", "h2,http/1.1"])
-        .args(["-verify_return_error", "-verify_hostname", "localhost"])
-        .arg("-CAfile")
-        .arg(&ca_file)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn openssl");
+    let child = s_client(
+        relay,
+        &[
+            "-servername",
+            "localhost",
+            "-alpn",
+            "h2,http/1.1",
+            "-verify_return_error",
+            "-verify_hostname",
+            "localhost",
+        ],
+        &ca_file,
+    );
     let s = next_result(&mut rx).await.expect("intercepted");
     assert_eq!(s.client.alpn.as_deref(), Some("h2"));
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(b"ping through the proxy\n").await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        drop(stdin);
-    }
-    let out = timeout(WAIT, child.wait_with_output())
-        .await
-        .expect("openssl finished")
-        .expect("output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("Verify return code: 0 (ok)"),
-        "openssl output:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = s_client_ping_verified(child).await;
     assert!(stdout.contains("ALPN protocol: h2"), "{stdout}");
     assert!(stdout.contains("alpn=h2"), "{stdout}");
 }
@@ -1275,41 +1292,20 @@ async fn openssl_s_client_without_sni_validates_the_ip_leaf() {
         .output();
     let conv = timeout(WAIT, conv).await.expect("no timeout").expect("run");
     assert!(conv.status.success(), "{conv:?}");
-    let mut child = tokio::process::Command::new("/usr/bin/openssl")
-        .args(["s_client", "-connect"])
-        .arg(relay.to_string())
-        .args([
+    let child = s_client(
+        relay,
+        &[
             "-noservername",
             "-verify_return_error",
             "-verify_ip",
             "127.0.0.1",
-        ])
-        .arg("-CAfile")
-        .arg(&pem_file)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn openssl");
+        ],
+        &pem_file,
+    );
     let s = next_result(&mut rx).await.expect("intercepted");
     assert_eq!(s.sni, None);
     assert_eq!(s.leaf_name, "127.0.0.1");
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(b"ping through the proxy\n").await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        drop(stdin);
-    }
-    let out = timeout(WAIT, child.wait_with_output())
-        .await
-        .expect("openssl finished")
-        .expect("output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("Verify return code: 0 (ok)"),
-        "openssl output:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s_client_ping_verified(child).await;
 }
 
 #[tokio::test]
