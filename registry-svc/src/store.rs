@@ -117,6 +117,11 @@ pub struct StoredPacket {
     pub log_offset: u64,
     #[prost(uint64, tag = "8")]
     pub log_len: u64,
+    /// `Packet::original`, inline: only edited packets have it, and they are few.
+    #[prost(bytes = "vec", tag = "9")]
+    pub original: Vec<u8>,
+    #[prost(bool, tag = "10")]
+    pub dropped: bool,
 }
 
 /// Splits packets into runs of one connection with consecutive sequence numbers, dropping
@@ -270,6 +275,8 @@ impl Store {
                             modified: p.modified,
                             log_offset: offset,
                             log_len: len,
+                            original: p.original,
+                            dropped: p.dropped,
                         };
                         offset += len;
                         stored
@@ -308,6 +315,8 @@ impl Store {
             ts: p.ts,
             data,
             modified: p.modified,
+            original: p.original,
+            dropped: p.dropped,
         })
     }
 

@@ -429,7 +429,7 @@ pub mod events {
                 direction: direction as i32,
                 ts: Some(proto::time::now()),
                 data: data.to_vec(),
-                modified: false,
+                ..Default::default()
             })),
         }
     }
