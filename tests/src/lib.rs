@@ -61,6 +61,14 @@ pub fn bin(name: &str) -> PathBuf {
         let mut cmd = std::process::Command::new(cargo);
         cmd.args(["build", "--quiet", "--workspace"])
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        // `cargo test` gives the test process the variables of the package under test; some
+        // build scripts (ring's) rerun when they change, so the nested build would rebuild
+        // them. The build sees the environment a plain `cargo build` in a shell would.
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(is_package_variable) {
+                cmd.env_remove(key);
+            }
+        }
         if release {
             cmd.args(["--bins", "--release"]);
         } else {
@@ -82,6 +90,23 @@ pub fn bin(name: &str) -> PathBuf {
         panic!("{e}");
     }
     bin_dir().join(name)
+}
+
+/// Whether `key` is one of the variables cargo sets for a package's own build or run (as
+/// opposed to the configuration variables a user sets, such as `CARGO_TARGET_DIR`).
+fn is_package_variable(key: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    EXACT.contains(&key) || key.starts_with("CARGO_PKG_") || key.starts_with("CARGO_BIN_EXE_")
 }
 
 /// A running child process, killed when dropped.
