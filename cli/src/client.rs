@@ -36,6 +36,7 @@ pub fn status(s: Status) -> anyhow::Error {
     match s.code() {
         Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => anyhow!("{msg}"),
         Code::Unauthenticated => anyhow!("not authorised: {msg}"),
+        Code::Unavailable if msg == proto::serve::SHUTTING_DOWN => anyhow!("the server shut down"),
         Code::Unavailable => anyhow!("server unavailable: {msg}"),
         Code::Unimplemented => anyhow!("the server does not offer this service: {msg}"),
         code => anyhow!("{code:?}: {msg}"),

@@ -287,6 +287,7 @@ async fn conns_watch_json_prints_each_event_as_it_happens() -> anyhow::Result<()
     let mut watch = tokio::process::Command::new(tests::bin("interpose"))
         .args(["conns", "watch", "--json", "--server", &up.grpc])
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     let stdout = watch
@@ -333,6 +334,23 @@ async fn conns_watch_json_prints_each_event_as_it_happens() -> anyhow::Result<()
     let out = interpose(&up.grpc, &["conns", "clear", "2"]).await?;
     assert!(out.ok);
     assert_eq!(next().await?, json!({"event": "cleared", "id": 2}));
+
+    // Ctrl-C on `up` with the watch (and the test's ingest stream) still open: both streams
+    // are told, the watch says so and fails, and `up` exits cleanly without waiting for them.
+    let started = std::time::Instant::now();
+    assert!(up.proc.signal("INT").await?, "up exits cleanly on SIGINT");
+    let took = started.elapsed();
+    assert!(
+        took < proto::serve::SHUTDOWN_GRACE,
+        "up took {took:?} to exit: the open streams held it up"
+    );
+    let out = tokio::time::timeout(WAIT, watch.wait_with_output()).await??;
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "interpose: the server shut down"
+    );
+    drop(ingest);
     Ok(())
 }
 
