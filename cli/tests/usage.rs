@@ -41,3 +41,57 @@ fn bad_filter_values_name_the_choices() {
         "{err}"
     );
 }
+
+#[test]
+fn server_without_a_scheme_means_http_with_a_note() {
+    let out = interpose(&["conns", "list", "--server", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert_eq!(
+        lines[0],
+        "interpose: note: --server \"127.0.0.1:1\" has no scheme; using http://127.0.0.1:1"
+    );
+    assert!(
+        lines[1].starts_with("interpose: cannot reach the Interpose server at http://127.0.0.1:1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn server_schemes_other_than_http_are_refused_by_name() {
+    for (url, says) in [
+        ("https://127.0.0.1:1", "(https://) is not supported yet"),
+        ("ftp://127.0.0.1:1", "unsupported scheme ftp://"),
+    ] {
+        let out = interpose(&["conns", "list", "--server", url]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{url}: {err}");
+    }
+}
+
+#[test]
+fn a_port_that_does_not_speak_grpc_is_named_as_such() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let _ = s.read(&mut [0u8; 1024]);
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let out = interpose(&["conns", "list", "--server", &format!("http://{addr}")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("is --server an Interpose gRPC address?"),
+        "{err}"
+    );
+}
