@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod client;
+pub mod completions;
 pub mod conns;
 pub mod history;
 pub mod output;
@@ -48,6 +49,10 @@ pub enum Command {
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// A shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(completions::CompletionsArgs),
+    /// The man page (roff) on stdout, or every page into a folder.
+    Man(completions::ManArgs),
 }
 
 /// Runs one command.
@@ -57,6 +62,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
         Command::Ca(cmd) => ca::run(&cli.server, cmd).await,
+        Command::Completions(args) => {
+            completions::completions(&args);
+            Ok(())
+        }
+        Command::Man(args) => completions::man(&args),
     }
 }
 

@@ -95,3 +95,41 @@ fn a_port_that_does_not_speak_grpc_is_named_as_such() {
         "{err}"
     );
 }
+
+#[test]
+fn completions_are_scripts_the_shell_accepts() {
+    let out = interpose(&["completions", "bash"]);
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("conns") && script.contains("--status"),
+        "{script}"
+    );
+    let dir = std::env::temp_dir().join(format!("interpose-completion-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("interpose.bash");
+    std::fs::write(&file, &out.stdout).expect("write script");
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(&file)
+        .output()
+        .expect("bash -n");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn man_page_documents_the_subcommands() {
+    let out = interpose(&["man"]);
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH interpose"),
+        "{page}"
+    );
+    assert!(page.contains("conns") && page.contains("history"), "{page}");
+}
