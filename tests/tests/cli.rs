@@ -481,3 +481,37 @@ async fn ca_export_and_regenerate_over_grpc() -> anyhow::Result<()> {
     assert_eq!(std::fs::read_to_string(&pem_out)?, renewed);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_second_up_on_the_same_data_dir_says_so_in_words() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let _first = Up::start(&data, &[]).await?;
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(tests::bin("interpose"))
+            .args([
+                "up",
+                "--socks",
+                "127.0.0.1:0",
+                "--grpc",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("the data directory is in use by another Interpose process"),
+        "{err}"
+    );
+    for debug in ["Os {", "kind:", "Other("] {
+        assert!(!err.contains(debug), "debug text {debug:?} in: {err}");
+    }
+    Ok(())
+}
