@@ -3,10 +3,12 @@
 
 pub mod ca;
 pub mod client;
+pub mod columns;
 pub mod completions;
 pub mod conns;
 pub mod history;
 pub mod output;
+pub mod table;
 pub mod up;
 
 use clap::{Parser, Subcommand};
