@@ -4,9 +4,12 @@
 //!
 //! Modules, from the wire up:
 //! - [`socks5`]: the SOCKS5 wire format, sans I/O; [`handshake`]: its async shell.
-//! - [`server`]: listener, per-connection handler, graceful shutdown.
-//! - [`relay`]: the two pumps with half-close; [`udp`]: UDP ASSOCIATE.
-//! - [`intercept`]: the relay with TLS detection and interception (uses [`tls`]).
+//! - [`server`]: listener and per-connection handler; [`shared`]: what handlers share;
+//!   [`shutdown`]: graceful shutdown.
+//! - [`relay`]: the one relay (a pump per direction with half-close, resets, and the hold
+//!   point, for plain and TLS legs alike); [`udp`]: UDP ASSOCIATE.
+//! - [`tls`]: TLS detection, the CA, leaves, the upstream client and the TLS splice
+//!   ([`tls::splice`]) that terminates TLS found on a stream.
 //! - [`report`]: the bounded, replaying event stream to the registry; [`ids`]: leased
 //!   connection IDs; [`process`]: which local process a client is; [`conn`]: per-connection
 //!   counters.
@@ -16,11 +19,12 @@ pub mod cli;
 pub mod conn;
 pub mod handshake;
 pub mod ids;
-pub mod intercept;
 pub mod process;
 pub mod relay;
 pub mod report;
 pub mod server;
+pub mod shared;
+pub mod shutdown;
 pub mod sock_diag;
 pub mod socks5;
 pub mod tls;
@@ -136,7 +140,7 @@ impl Proxy {
         }
         let mut refuse = vec![socks_addr];
         refuse.extend(cfg.refuse.iter().copied());
-        let shared = Arc::new(server::Shared {
+        let shared = Arc::new(shared::Shared {
             node: cfg.node.clone(),
             auth: cfg.auth.clone(),
             reporter: reporter.clone(),

@@ -36,6 +36,7 @@ pub mod leaf;
 pub mod pattern;
 pub mod prefixed;
 pub mod service;
+pub mod splice;
 pub mod upstream;
 
 #[cfg(test)]
@@ -93,17 +94,6 @@ pub struct Target {
     pub ip: IpAddr,
     /// The port.
     pub port: u16,
-}
-
-/// Who ended a connection, as the record shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClosedBy {
-    /// The application under test.
-    Client,
-    /// The real server.
-    Server,
-    /// The proxy itself.
-    Proxy,
 }
 
 /// Facts about one leg of an intercepted connection.
@@ -182,7 +172,8 @@ pub enum InterceptError {
 
 impl InterceptError {
     /// Which side the record should name as having ended the connection.
-    pub fn closed_by(&self) -> ClosedBy {
+    pub fn closed_by(&self) -> proto::common::ClosedBy {
+        use proto::common::ClosedBy;
         match self {
             InterceptError::ClientRejectedCertificate(_)
             | InterceptError::ClientAlert(_)

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use super::*;
+use proto::common::ClosedBy;
 
 const WAIT: Duration = Duration::from_secs(10);
 
