@@ -27,44 +27,20 @@ pub enum OnOff {
     Off,
 }
 
-/// Command-line options of the standalone `proxy-core` binary.
-#[derive(Debug, clap::Parser)]
-#[command(
-    name = "proxy-core",
-    version,
-    about = "Interpose proxy: SOCKS5 relay that reports every connection to a registry"
-)]
-pub struct Args {
+/// The proxy's own options: both the `proxy-core` binary and `interpose up` flatten this
+/// group, so the two cannot drift apart.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
     /// SOCKS5 listen address (port 0 picks a free port). Beyond loopback it needs
     /// --socks-user/--socks-pass or --open-proxy.
     #[arg(long, default_value = "127.0.0.1:1080")]
     pub socks: SocketAddr,
-    /// The registry's gRPC URL.
-    #[arg(
-        long,
-        env = "INTERPOSE_REGISTRY",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub registry: String,
     /// This proxy's node name in every record (default: the host name).
     #[arg(long)]
     pub node: Option<String>,
-    /// Optional gRPC listen address serving health, reflection and the CA service
-    /// (`interpose ca export --server`); CONNECT to it is refused like CONNECT to the SOCKS
-    /// port.
-    #[arg(long)]
-    pub listen: Option<SocketAddr>,
-    /// Data directory: the CA is kept (and created on first start) in its `ca` folder.
-    /// Default: the user's data home, e.g. ~/.local/share/interpose, the same CA as
-    /// `interpose up`.
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Record packet payloads in the history.
+    /// Record packet payloads in the history (records are kept either way).
     #[arg(long, value_enum, default_value = "on")]
     pub history: OnOff,
-    /// Bearer token for the registry (and for --listen).
-    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
     /// Require this SOCKS username (with --socks-pass).
     #[arg(long, requires = "socks_pass")]
     pub socks_user: Option<String>,
@@ -82,9 +58,80 @@ pub struct Args {
     /// Events buffered while the registry is unreachable.
     #[arg(long, default_value_t = DEFAULT_QUEUE_BOUND)]
     pub queue_bound: usize,
-    /// TLS interception options.
+    /// TLS splice options.
     #[command(flatten)]
     pub tls: TlsArgs,
+}
+
+impl ProxyArgs {
+    /// The TLS splice these options ask for, with the CA kept in `data_dir`'s `ca` folder
+    /// (created on first start). Checks the TLS options now: an unreadable --upstream-ca
+    /// fails here, not on the first connection.
+    pub fn tls_splice(&self, data_dir: &Path) -> anyhow::Result<Arc<Interceptor>> {
+        crate::tls::install_provider();
+        let ca = Arc::new(load_or_create_ca(&data_dir.join("ca"))?);
+        let interceptor = Arc::new(Interceptor::new(ca, self.tls.to_options())?);
+        if interceptor.insecure() {
+            tracing::warn!("--upstream-insecure: upstream certificates are not verified");
+        }
+        Ok(interceptor)
+    }
+
+    /// The proxy's configuration: reporting to `registry_url` with `token`, refusing
+    /// CONNECT to `refuse` (besides its own SOCKS port), splicing TLS with `tls`.
+    pub fn config(
+        &self,
+        registry_url: String,
+        token: Option<String>,
+        refuse: Vec<SocketAddr>,
+        tls: Arc<Interceptor>,
+    ) -> Config {
+        Config {
+            socks: self.socks,
+            registry_url,
+            token,
+            node: self.node.clone().unwrap_or_else(node_name),
+            history: self.history == OnOff::On,
+            auth: self.socks_user.clone().zip(self.socks_pass.clone()),
+            open_proxy: self.open_proxy,
+            queue_bound: self.queue_bound,
+            refuse,
+            interceptor: Some(tls),
+        }
+    }
+}
+
+/// Command-line options of the standalone `proxy-core` binary.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "proxy-core",
+    version,
+    about = "Interpose proxy: SOCKS5 relay that reports every connection to a registry"
+)]
+pub struct Args {
+    /// The registry's gRPC URL.
+    #[arg(
+        long,
+        env = "INTERPOSE_REGISTRY",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub registry: String,
+    /// Optional gRPC listen address serving health, reflection and the CA service
+    /// (`interpose ca export --server`); CONNECT to it is refused like CONNECT to the SOCKS
+    /// port.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Data directory: the CA is kept (and created on first start) in its `ca` folder.
+    /// Default: the user's data home, e.g. ~/.local/share/interpose, the same CA as
+    /// `interpose up`.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Bearer token for the registry (and for --listen).
+    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The proxy's options.
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
 }
 
 /// The data directory to use: the given one, or `interpose` under the user's data home.
@@ -115,29 +162,18 @@ pub fn load_or_create_ca(dir: &Path) -> Result<Ca, CaError> {
     }
 }
 
-/// The host name, for the default node name.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "proxy".to_string())
+/// The default node name: the host name, or `proxy` when it cannot be found.
+pub fn node_name() -> String {
+    crate::tls::ca::host_name().unwrap_or_else(|| "proxy".to_string())
 }
 
 /// Runs the proxy until SIGINT or SIGTERM; prints `ready proxy-core listen=ADDR` once
 /// serving.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    crate::tls::install_provider();
     let dir = data_dir(args.data_dir.clone())?;
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating data directory {}", dir.display()))?;
-    let ca = Arc::new(load_or_create_ca(&dir.join("ca"))?);
-    // Checks the TLS options now (an unreadable --upstream-ca fails here, not later).
-    let interceptor = Arc::new(Interceptor::new(ca, args.tls.to_options())?);
-    if interceptor.insecure() {
-        tracing::warn!("--upstream-insecure: upstream certificates are not verified");
-    }
+    let interceptor = args.proxy.tls_splice(&dir)?;
     let _ca_watch = interceptor.watch_ca(CA_WATCH_EVERY);
     let mut refuse = Vec::new();
     let mut health = None;
@@ -149,18 +185,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         refuse.push(l.local_addr()?);
         health = Some(l);
     }
-    let cfg = Config {
-        socks: args.socks,
-        registry_url: args.registry.clone(),
-        token: args.token.clone(),
-        node: args.node.clone().unwrap_or_else(hostname),
-        history: args.history == OnOff::On,
-        auth: args.socks_user.clone().zip(args.socks_pass.clone()),
-        open_proxy: args.open_proxy,
-        queue_bound: args.queue_bound,
+    let cfg = args.proxy.config(
+        args.registry.clone(),
+        args.token.clone(),
         refuse,
-        interceptor: Some(interceptor.clone()),
-    };
+        interceptor.clone(),
+    );
     let proxy = Proxy::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let health_task = health.map(|l| {
