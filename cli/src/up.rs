@@ -38,8 +38,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let dir = data_dir(args.data_dir)?;
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating data directory {}", dir.display()))?;
-    let interceptor = args.proxy.tls_splice(&dir)?;
-    let ca_path = interceptor.ca().cert_path();
+    let splicer = args.proxy.tls_splice(&dir)?;
+    let ca_path = splicer.ca().cert_path();
 
     let registry = registry_svc::open(&dir)?;
     let listener = tokio::net::TcpListener::bind(args.grpc)
@@ -48,7 +48,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let grpc = listener.local_addr()?;
     let mut server = GrpcServer::new(args.token.clone());
     server.add_service(registry_svc::grpc_service(registry.clone()));
-    server.add_service(tls::service::CaService::server(interceptor.clone()));
+    server.add_service(tls::service::CaService::server(splicer.clone()));
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut serving = tokio::spawn(server.serve(listener, async {
         let _ = grpc_stopped.await;
@@ -58,7 +58,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         format!("http://{grpc}"),
         args.token,
         vec![grpc],
-        interceptor.clone(),
+        splicer.clone(),
     ))
     .await?;
     println!(

@@ -67,8 +67,8 @@ pub struct Config {
     /// Addresses CONNECT must refuse besides the SOCKS port itself (the management gRPC
     /// port, ...): reply 0x02 and a record closed by the proxy.
     pub refuse: Vec<SocketAddr>,
-    /// TLS interception ([`tls::Interceptor`]); `None` relays every stream as plain TCP.
-    pub interceptor: Option<Arc<tls::Interceptor>>,
+    /// The TLS splice ([`tls::Splicer`]); `None` relays every stream as plain TCP.
+    pub splicer: Option<Arc<tls::Splicer>>,
 }
 
 /// Why a proxy could not start.
@@ -135,7 +135,7 @@ impl Proxy {
         );
         let ids = ids::IdPool::new(channel, cfg.node.clone());
         let resolver = process::Resolver::start(reporter.clone());
-        if cfg.interceptor.is_some() {
+        if cfg.splicer.is_some() {
             tls::install_provider();
         }
         let mut refuse = vec![socks_addr];
@@ -147,7 +147,7 @@ impl Proxy {
             ids,
             resolver,
             refuse,
-            interceptor: cfg.interceptor.clone(),
+            splicer: cfg.splicer.clone(),
         });
         let (notify_shutdown, _) = broadcast::channel(1);
         let (shutdown_complete_tx, shutdown_complete_rx) = mpsc::channel(1);

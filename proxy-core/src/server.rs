@@ -225,7 +225,7 @@ impl Handler {
             );
         }
         let tap = Tap::new(state, &self.shared.reporter);
-        if let Some(interceptor) = self.shared.interceptor.clone() {
+        if let Some(splicer) = self.shared.splicer.clone() {
             let peer = upstream.peer_addr();
             let target = tls::Target {
                 host: match target {
@@ -246,7 +246,7 @@ impl Handler {
                 leftover,
                 upstream,
                 target,
-                &interceptor,
+                &splicer,
                 &tap,
                 &mut self.shutdown,
             )

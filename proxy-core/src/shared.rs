@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use crate::{ids::IdPool, process::Resolver, report::Reporter, tls::Interceptor};
+use crate::{ids::IdPool, process::Resolver, report::Reporter, tls::Splicer};
 
 /// What every handler shares.
 pub struct Shared {
@@ -19,6 +19,6 @@ pub struct Shared {
     pub resolver: Resolver,
     /// Addresses CONNECT must never reach: the SOCKS listener itself and `Config::refuse`.
     pub refuse: Vec<SocketAddr>,
-    /// TLS interception; `None` relays everything as plain TCP.
-    pub interceptor: Option<Arc<Interceptor>>,
+    /// The TLS splice; `None` relays everything as plain TCP.
+    pub splicer: Option<Arc<Splicer>>,
 }

@@ -2,7 +2,7 @@
 //! is checked with [`tls::could_be_tls`]; the first one that could start a ClientHello (the
 //! very first read, or one after a plaintext preamble such as SMTP `STARTTLS` or PostgreSQL
 //! `SSLRequest`) stops both directions at a packet boundary, the hello is accumulated until
-//! [`tls::detect`] decides, and a ClientHello is terminated with [`Interceptor::intercept`]
+//! [`tls::detect`] decides, and a ClientHello is terminated with [`Splicer::terminate`]
 //! (a leaf for the client, a real rustls client upstream). From there the one relay
 //! ([`relay::relay`]) relays the decrypted legs ([`TlsLeg`]), so history packets are
 //! decrypted application data.
@@ -37,7 +37,7 @@ use crate::{
     },
     shutdown::Shutdown,
     tls::{
-        self, ClientHelloInfo, ClientTlsStream, Detection, InterceptError, Interceptor, LegSummary,
+        self, ClientHelloInfo, ClientTlsStream, Detection, LegSummary, SpliceError, Splicer,
         Target, TlsSummary, UpstreamTlsStream,
     },
 };
@@ -58,7 +58,7 @@ pub async fn splice(
     leftover: Bytes,
     mut upstream: TcpStream,
     target: Target,
-    tls: &Interceptor,
+    tls: &Splicer,
     tap: &Tap<'_>,
     shutdown: &mut Shutdown,
 ) -> End {
@@ -107,7 +107,7 @@ pub async fn splice(
                 // Boxed: the TLS state (two handshakes, two TLS sessions) is large, and
                 // an unboxed future would make every connection's task that large, TLS
                 // or not, idle or not.
-                return Box::pin(terminate(
+                return Box::pin(terminate_and_relay(
                     client, prefix, &hello, upstream, &target, tls, tap, shutdown,
                 ))
                 .await;
@@ -325,12 +325,10 @@ pub fn tls_update(id: u64, s: &TlsSummary) -> ConnectionUpdate {
 }
 
 /// The record end for a failed TLS handshake.
-pub fn handshake_end(e: &InterceptError) -> End {
+pub fn handshake_end(e: &SpliceError) -> End {
     let kind = match e {
-        InterceptError::ClientClosed => CloseKind::Fin,
-        InterceptError::ClientIo(io) if io.kind() == io::ErrorKind::ConnectionReset => {
-            CloseKind::Rst
-        }
+        SpliceError::ClientClosed => CloseKind::Fin,
+        SpliceError::ClientIo(io) if io.kind() == io::ErrorKind::ConnectionReset => CloseKind::Rst,
         _ => CloseKind::Error,
     };
     End::new(e.closed_by(), kind, e.reason())
@@ -356,18 +354,18 @@ impl TcpBacked for UpstreamTlsStream<TcpStream> {
 
 /// Terminates TLS on both legs, then relays the decrypted legs with the one relay.
 #[allow(clippy::too_many_arguments)]
-async fn terminate(
+async fn terminate_and_relay(
     client: TcpStream,
     prefix: Bytes,
     hello: &ClientHelloInfo,
     upstream: TcpStream,
     target: &Target,
-    tls: &Interceptor,
+    tls: &Splicer,
     tap: &Tap<'_>,
     shutdown: &mut Shutdown,
 ) -> End {
     let spliced = tokio::select! {
-        r = tls.intercept(client, prefix, hello, upstream, target) => r,
+        r = tls.terminate(client, prefix, hello, upstream, target) => r,
         () = shutdown.recv() => return End::proxy(CloseKind::Fin, "proxy shut down"),
     };
     let spliced = match spliced {
