@@ -42,7 +42,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run every service in one process on one loopback gRPC port.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Connection records: list, watch, clear, copy, stats.
     #[command(subcommand)]
     Conns(conns::ConnsCommand),
@@ -60,7 +60,7 @@ pub enum Command {
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Up(args) => up::run(args).await,
+        Command::Up(args) => up::run(*args).await,
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
         Command::Ca(cmd) => ca::run(&cli.server, cmd).await,

@@ -25,7 +25,8 @@ use tokio::{
 use crate::{
     conn::{ConnState, End},
     handshake,
-    server::{Shared, Shutdown},
+    shared::Shared,
+    shutdown::Shutdown,
     socks5::{self, Addr, Reply, UdpHeader},
 };
 

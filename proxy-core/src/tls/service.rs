@@ -9,18 +9,18 @@ use proto::ca::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Interceptor, ca::Ca};
+use super::{Splicer, ca::Ca};
 
-/// Serves the CA of one [`Interceptor`].
+/// Serves the CA of one [`Splicer`].
 #[derive(Clone)]
 pub struct CaService {
-    interceptor: Arc<Interceptor>,
+    splicer: Arc<Splicer>,
 }
 
 impl CaService {
     /// The service, ready to add to a gRPC server.
-    pub fn server(interceptor: Arc<Interceptor>) -> CertificateAuthorityServer<Self> {
-        CertificateAuthorityServer::new(Self { interceptor })
+    pub fn server(splicer: Arc<Splicer>) -> CertificateAuthorityServer<Self> {
+        CertificateAuthorityServer::new(Self { splicer })
     }
 }
 
@@ -55,20 +55,20 @@ impl CertificateAuthority for CaService {
         &self,
         _req: Request<GetCaCertificateRequest>,
     ) -> Result<Response<CaCertificate>, Status> {
-        Ok(Response::new(describe(&self.interceptor.ca())))
+        Ok(Response::new(describe(&self.splicer.ca())))
     }
 
     async fn regenerate_ca(
         &self,
         _req: Request<RegenerateCaRequest>,
     ) -> Result<Response<CaCertificate>, Status> {
-        let dir = self.interceptor.ca().dir().to_path_buf();
+        let dir = self.splicer.ca().dir().to_path_buf();
         let ca = tokio::task::spawn_blocking(move || Ca::regenerate(&dir))
             .await
             .map_err(|e| Status::internal(format!("regenerating the CA: {e}")))?
             .map_err(|e| Status::internal(e.to_string()))?;
         let ca = Arc::new(ca);
-        self.interceptor.replace_ca(ca.clone());
+        self.splicer.replace_ca(ca.clone());
         Ok(Response::new(describe(&ca)))
     }
 }
