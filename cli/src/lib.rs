@@ -21,11 +21,19 @@ pub struct ServerArgs {
         long,
         global = true,
         env = "INTERPOSE_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        hide_env_values = true,
+        default_value = "http://127.0.0.1:50051",
+        help_heading = "Server"
     )]
     pub server: String,
     /// Bearer token for a server that requires one.
-    #[arg(long, global = true, env = "INTERPOSE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_TOKEN",
+        hide_env_values = true,
+        help_heading = "Server"
+    )]
     pub token: Option<String>,
 }
 

@@ -184,3 +184,20 @@ fn man_page_documents_the_subcommands() {
     assert!(page.contains(".TH interpose 1"), "{page}");
     assert!(page.contains("conns") && page.contains("history"), "{page}");
 }
+
+#[test]
+fn client_help_groups_the_server_options_and_hides_unset_env_values() {
+    let out = interpose(&["conns", "list", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let (own, server) = help.split_once("\nServer:\n").expect("a Server: section");
+    assert!(
+        !own.contains("--server") && !own.contains("--token"),
+        "{help}"
+    );
+    assert!(
+        server.contains("--server") && server.contains("--token"),
+        "{help}"
+    );
+    assert!(!help.contains("INTERPOSE_SERVER="), "{help}");
+}
