@@ -269,17 +269,10 @@ pub fn reaches(target: SocketAddr, own: SocketAddr, local: SocketAddr) -> bool {
     if target.port() != own.port() {
         return false;
     }
-    let canon = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    let (t, o) = (canon(target.ip()), canon(own.ip()));
+    let (t, o) = (target.ip().to_canonical(), own.ip().to_canonical());
     t == o
         || t.is_unspecified()
-        || (o.is_unspecified() && (t.is_loopback() || t == canon(local.ip())))
+        || (o.is_unspecified() && (t.is_loopback() || t == local.ip().to_canonical()))
 }
 
 /// Resolves and connects, or says which reply and record end the failure deserves.
