@@ -281,4 +281,4 @@ pub async fn relay<C: Leg, S: Leg>(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -142,28 +142,7 @@ impl Handler {
             }
         };
         let state = Arc::new(ConnState::new(id));
-        let (dst_ip, dst_port) = match (&request.addr, transport) {
-            (Addr::Ip(a), Transport::Tcp) => (a.ip().to_string(), u32::from(a.port())),
-            (Addr::Domain(_, p), Transport::Tcp) => (String::new(), u32::from(*p)),
-            _ => (String::new(), 0),
-        };
-        let conn = Connection {
-            id,
-            node: self.shared.node.clone(),
-            src_ip: peer.ip().to_string(),
-            src_port: u32::from(peer.port()),
-            dst_host: if transport == Transport::Tcp {
-                request.addr.host()
-            } else {
-                String::new()
-            },
-            dst_ip,
-            dst_port,
-            status: ConnStatus::Active as i32,
-            opened_at: Some(opened_at),
-            transport: transport as i32,
-            ..Default::default()
-        };
+        let conn = self.record(id, peer, &request.addr, transport, opened_at);
         self.shared.reporter.opened(conn, state.clone());
         self.shared.resolver.request(id, peer, local);
         let end = if transport == Transport::Udp {
@@ -183,6 +162,36 @@ impl Handler {
         };
         tracing::debug!(id, %peer, target = %request.addr, reason = %end.reason, "connection ended");
         self.shared.reporter.closed(&state, &end);
+    }
+
+    /// The new connection's record: who connected, where to, when.
+    fn record(
+        &self,
+        id: u64,
+        peer: SocketAddr,
+        target: &Addr,
+        transport: Transport,
+        opened_at: prost_types::Timestamp,
+    ) -> Connection {
+        let tcp = transport == Transport::Tcp;
+        let (dst_ip, dst_port) = match target {
+            Addr::Ip(a) if tcp => (a.ip().to_string(), u32::from(a.port())),
+            Addr::Domain(_, p) if tcp => (String::new(), u32::from(*p)),
+            _ => (String::new(), 0),
+        };
+        Connection {
+            id,
+            node: self.shared.node.clone(),
+            src_ip: peer.ip().to_string(),
+            src_port: u32::from(peer.port()),
+            dst_host: if tcp { target.host() } else { String::new() },
+            dst_ip,
+            dst_port,
+            status: ConnStatus::Active as i32,
+            opened_at: Some(opened_at),
+            transport: transport as i32,
+            ..Default::default()
+        }
     }
 
     /// CONNECT: resolve, refuse our own ports, connect, reply, relay.
@@ -269,17 +278,10 @@ pub fn reaches(target: SocketAddr, own: SocketAddr, local: SocketAddr) -> bool {
     if target.port() != own.port() {
         return false;
     }
-    let canon = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    let (t, o) = (canon(target.ip()), canon(own.ip()));
+    let (t, o) = (target.ip().to_canonical(), own.ip().to_canonical());
     t == o
         || t.is_unspecified()
-        || (o.is_unspecified() && (t.is_loopback() || t == canon(local.ip())))
+        || (o.is_unspecified() && (t.is_loopback() || t == local.ip().to_canonical()))
 }
 
 /// Resolves and connects, or says which reply and record end the failure deserves.

@@ -56,7 +56,8 @@ async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
     (pair().await, pair().await)
 }
 
-fn reporter() -> Reporter {
+/// A reporter for tests: history off, its registry never answers.
+pub(crate) fn reporter() -> Reporter {
     let channel = proto::client::connect_lazy("http://127.0.0.1:1", None).expect("channel");
     Reporter::start(channel, "test".into(), false, 16).0
 }

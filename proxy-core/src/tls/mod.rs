@@ -477,44 +477,9 @@ impl Splicer {
         U: AsyncRead + AsyncWrite + Unpin,
     {
         let sni = hello.sni.as_deref();
-        // The name to verify the server against: SNI, else the SOCKS name, else the IP.
-        let server_name: ServerName<'static> = sni
-            .and_then(|s| ServerName::try_from(s.to_owned()).ok())
-            .or_else(|| {
-                target
-                    .host
-                    .as_ref()
-                    .and_then(|h| ServerName::try_from(h.clone()).ok())
-            })
-            .unwrap_or_else(|| ServerName::IpAddress(target.ip.into()));
-        let (cfg, probe) = self.upstream.connection_config(
-            &[sni, target.host.as_deref()],
-            Some(target.ip),
-            hello.alpn.clone(),
-            sni.is_some(),
-        );
-        let connector = tokio_rustls::TlsConnector::from(cfg);
-        let upstream = match tokio::time::timeout(
-            self.handshake_timeout,
-            connector.connect(server_name, upstream_io),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let err = classify_upstream(e, probe.status());
-                let alert = match err {
-                    SpliceError::UpstreamIo(_) => AlertDescription::InternalError,
-                    _ => AlertDescription::HandshakeFailure,
-                };
-                send_alert(&mut client_io, alert).await;
-                return Err(err);
-            }
-            Err(_) => {
-                send_alert(&mut client_io, AlertDescription::InternalError).await;
-                return Err(SpliceError::UpstreamTimeout(self.handshake_timeout));
-            }
-        };
+        let (upstream, probe) = self
+            .connect_upstream(&mut client_io, hello, upstream_io, target)
+            .await?;
         let chosen_alpn: Option<Vec<u8>> = upstream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
 
         let leaf_name = sni
@@ -563,6 +528,60 @@ impl Splicer {
             upstream,
             summary,
         })
+    }
+
+    /// The upstream half of [`Splicer::terminate`]: a rustls client handshake with the
+    /// client's SNI and ALPN offer. On failure the client gets an alert first.
+    async fn connect_upstream<C, U>(
+        &self,
+        client_io: &mut C,
+        hello: &ClientHelloInfo,
+        upstream_io: U,
+        target: &Target,
+    ) -> Result<(UpstreamTlsStream<U>, upstream::ClientCertProbe), SpliceError>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let sni = hello.sni.as_deref();
+        // The name to verify the server against: SNI, else the SOCKS name, else the IP.
+        let server_name: ServerName<'static> = sni
+            .and_then(|s| ServerName::try_from(s.to_owned()).ok())
+            .or_else(|| {
+                target
+                    .host
+                    .as_ref()
+                    .and_then(|h| ServerName::try_from(h.clone()).ok())
+            })
+            .unwrap_or_else(|| ServerName::IpAddress(target.ip.into()));
+        let (cfg, probe) = self.upstream.connection_config(
+            &[sni, target.host.as_deref()],
+            Some(target.ip),
+            hello.alpn.clone(),
+            sni.is_some(),
+        );
+        let connector = tokio_rustls::TlsConnector::from(cfg);
+        match tokio::time::timeout(
+            self.handshake_timeout,
+            connector.connect(server_name, upstream_io),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Ok((s, probe)),
+            Ok(Err(e)) => {
+                let err = classify_upstream(e, probe.status());
+                let alert = match err {
+                    SpliceError::UpstreamIo(_) => AlertDescription::InternalError,
+                    _ => AlertDescription::HandshakeFailure,
+                };
+                send_alert(client_io, alert).await;
+                Err(err)
+            }
+            Err(_) => {
+                send_alert(client_io, AlertDescription::InternalError).await;
+                Err(SpliceError::UpstreamTimeout(self.handshake_timeout))
+            }
+        }
     }
 }
 

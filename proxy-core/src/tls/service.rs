@@ -1,7 +1,7 @@
 //! The `interpose.ca.v1.CertificateAuthority` gRPC service: hands out the CA certificate
 //! (never the key) and regenerates the CA for a running proxy.
 
-use std::{fmt::Write, sync::Arc};
+use std::sync::Arc;
 
 use proto::ca::{
     CaCertificate, GetCaCertificateRequest, RegenerateCaRequest,
@@ -28,13 +28,8 @@ impl CaService {
 pub fn describe(ca: &Ca) -> CaCertificate {
     let der = ca.cert_der().as_ref();
     let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    let sha256 = digest
-        .as_ref()
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        });
+    let mut sha256 = String::with_capacity(64);
+    super::upstream::hex_into(&mut sha256, digest.as_ref());
     let not_after = ca.not_after();
     CaCertificate {
         pem: ca.cert_pem().to_string(),

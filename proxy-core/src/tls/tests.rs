@@ -1043,85 +1043,83 @@ async fn start_starttls_upstream(
     addr
 }
 
-/// How a relay handles a stream that may upgrade to TLS later: plain relaying in both
-/// directions, with every client-to-server read checked by `could_be_tls`; once it says
-/// yes, buffer until `detect` has the whole ClientHello and intercept on the same
-/// upstream socket.
-async fn start_upgrading_relay(
+/// Runs the product's relay for a CONNECT stream ([`splice::splice`]: plain relaying with
+/// ClientHello detection, then the TLS splice over the one relay) on every accepted
+/// connection, without the SOCKS handshake in front. Sends how each connection ended and
+/// its counters.
+async fn start_product_relay(
     splicer: Arc<Splicer>,
     upstream: SocketAddr,
 ) -> (
     SocketAddr,
-    mpsc::UnboundedReceiver<Result<TlsSummary, SpliceError>>,
+    mpsc::UnboundedReceiver<(crate::conn::End, proto::registry::Counters)>,
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            let Ok((mut client, _)) = listener.accept().await else {
+            let Ok((client, _)) = listener.accept().await else {
                 return;
             };
-            let _ = client.set_nodelay(true);
             let splicer = splicer.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let Ok(Ok(mut up)) = timeout(WAIT, TcpStream::connect(upstream)).await else {
+                let Ok(Ok(up)) = timeout(WAIT, TcpStream::connect(upstream)).await else {
                     return;
                 };
+                let _ = client.set_nodelay(true);
                 let _ = up.set_nodelay(true);
-                let mut cbuf = [0u8; 4096];
-                let mut sbuf = [0u8; 4096];
-                let mut pending = loop {
-                    tokio::select! {
-                        r = client.read(&mut cbuf) => {
-                            let Ok(n) = r else { return };
-                            if n == 0 { return; }
-                            if could_be_tls(&cbuf[..n]) {
-                                break cbuf[..n].to_vec();
-                            }
-                            if up.write_all(&cbuf[..n]).await.is_err() { return; }
-                        }
-                        r = up.read(&mut sbuf) => {
-                            let Ok(n) = r else { return };
-                            if n == 0 { return; }
-                            if client.write_all(&sbuf[..n]).await.is_err() { return; }
-                        }
-                        () = tokio::time::sleep(WAIT) => return,
-                    }
-                };
-                let hello = loop {
-                    match detect(&pending) {
-                        Detection::ClientHello(h) => break h,
-                        Detection::NotTls { .. } => return,
-                        Detection::NeedMore => {
-                            let n = match timeout(WAIT, client.read(&mut cbuf)).await {
-                                Ok(Ok(n)) if n > 0 => n,
-                                _ => return,
-                            };
-                            pending.extend_from_slice(&cbuf[..n]);
-                        }
-                    }
-                };
                 let target = Target {
                     host: None,
                     ip: upstream.ip(),
                     port: upstream.port(),
                 };
-                terminate_and_splice(
-                    &splicer,
+                let state = crate::conn::ConnState::new(1);
+                let reporter = crate::relay::tests::reporter();
+                let tap = crate::relay::Tap::new(&state, &reporter);
+                let (_keep_open, notify) = tokio::sync::broadcast::channel(1);
+                let mut shutdown = crate::shutdown::Shutdown::new(notify);
+                let end = splice::splice(
                     client,
-                    Bytes::from(pending),
-                    &hello,
+                    Bytes::new(),
                     up,
-                    &target,
-                    &tx,
+                    target,
+                    &splicer,
+                    &tap,
+                    &mut shutdown,
                 )
                 .await;
+                let _ = tx.send((end, state.counters()));
             });
         }
     });
     (addr, rx)
+}
+
+/// The client closes the upgraded stream; the product's relay then records a client FIN and
+/// has counted exactly the plaintext preamble and the decrypted application data (the
+/// handshake itself is not application data).
+async fn close_and_check_counts(
+    mut tls: tokio_rustls::client::TlsStream<TcpStream>,
+    rx: &mut mpsc::UnboundedReceiver<(crate::conn::End, proto::registry::Counters)>,
+    c2s: u64,
+    s2c: u64,
+) {
+    tls.shutdown().await.expect("close_notify and FIN");
+    let (end, counters) = timeout(WAIT, rx.recv())
+        .await
+        .expect("relay ended in time")
+        .expect("relay alive");
+    assert_eq!(
+        end,
+        crate::conn::End::new(
+            ClosedBy::Client,
+            proto::common::CloseKind::Fin,
+            "client sent FIN"
+        )
+    );
+    assert_eq!((counters.bytes_c2s, counters.bytes_s2c), (c2s, s2c));
 }
 
 /// A client that speaks the plaintext preamble, then upgrades.
@@ -1173,7 +1171,8 @@ async fn starttls_upgrade_after_plaintext_preamble_is_intercepted() {
     let server = start_starttls_upstream(&pki, greeting, request, reply).await;
     let data = tempfile::tempdir().expect("tempdir");
     let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
-    let (relay, mut rx) = start_upgrading_relay(icp.clone(), server).await;
+    let (relay, mut rx) = start_product_relay(icp.clone(), server).await;
+    // Trusting only the proxy's CA: the handshake succeeds only if the proxy terminated it.
     let mut tls = upgrading_client(
         relay,
         exported_roots(&icp, data.path()),
@@ -1183,8 +1182,9 @@ async fn starttls_upgrade_after_plaintext_preamble_is_intercepted() {
     )
     .await;
     assert_eq!(echo_check(&mut tls).await, "alpn=none");
-    let s = next_result(&mut rx).await.expect("intercepted");
-    assert_eq!(s.sni.as_deref(), Some("localhost"));
+    let c2s = request.len() + 22;
+    let s2c = greeting.len() + reply.len() + "alpn=none\n".len() + 22;
+    close_and_check_counts(tls, &mut rx, c2s as u64, s2c as u64).await;
 }
 
 #[tokio::test]
@@ -1195,7 +1195,7 @@ async fn postgres_sslrequest_is_relayed_and_the_following_hello_intercepted() {
     let server = start_starttls_upstream(&pki, greeting, request, reply).await;
     let data = tempfile::tempdir().expect("tempdir");
     let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
-    let (relay, mut rx) = start_upgrading_relay(icp.clone(), server).await;
+    let (relay, mut rx) = start_product_relay(icp.clone(), server).await;
     let mut tls = upgrading_client(
         relay,
         exported_roots(&icp, data.path()),
@@ -1204,8 +1204,10 @@ async fn postgres_sslrequest_is_relayed_and_the_following_hello_intercepted() {
         reply,
     )
     .await;
-    echo_check(&mut tls).await;
-    next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(echo_check(&mut tls).await, "alpn=none");
+    let c2s = request.len() + 22;
+    let s2c = reply.len() + "alpn=none\n".len() + 22;
+    close_and_check_counts(tls, &mut rx, c2s as u64, s2c as u64).await;
 }
 
 #[tokio::test]
