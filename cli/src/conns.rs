@@ -113,7 +113,7 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    fn to_proto(&self) -> ConnectionFilter {
+    pub fn to_proto(&self) -> ConnectionFilter {
         let status = self.status.map(|s| match s {
             StatusArg::Active => ConnStatus::Active,
             StatusArg::Disconnected => ConnStatus::Disconnected,

@@ -4,6 +4,7 @@
 pub mod ca;
 pub mod client;
 pub mod conns;
+pub mod export;
 pub mod history;
 pub mod output;
 pub mod up;
@@ -45,6 +46,8 @@ pub enum Command {
     Conns(conns::ConnsCommand),
     /// Search the proxy history (every packet relayed).
     History(history::HistoryArgs),
+    /// The decrypted sessions as a PCAP or pcapng file for Wireshark.
+    Export(export::ExportArgs),
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -57,6 +60,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
         Command::Ca(cmd) => ca::run(&cli.server, cmd).await,
+        Command::Export(args) => export::run(&cli.server, args).await,
     }
 }
 
