@@ -832,3 +832,101 @@ async fn edited_packets_export_as_sent_and_with_original_as_received() -> anyhow
     }
     Ok(())
 }
+
+/// The UDP payloads of a capture, each with its ports, checksums verified.
+fn udp_datagrams(cap: &Capture) -> anyhow::Result<Vec<(u16, u16, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for (n, f) in cap.frames.iter().enumerate() {
+        let ip = &f.data[14..];
+        ensure!(ip[0] == 0x45 && ip[9] == 17, "frame {n}: not IPv4/UDP");
+        ensure!(
+            checksum(&[&ip[..20]]) == 0,
+            "frame {n}: IPv4 header checksum"
+        );
+        let udp = &ip[20..];
+        let mut pseudo = ip[12..20].to_vec();
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+        ensure!(checksum(&[&pseudo, udp]) == 0, "frame {n}: UDP checksum");
+        let port = |i: usize| u16::from_be_bytes([udp[i], udp[i + 1]]);
+        ensure!(usize::from(port(4)) == udp.len(), "frame {n}: UDP length");
+        out.push((port(0), port(2), udp[8..].to_vec()));
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_time_range_and_udp_associations_select_and_frame_what_was_asked()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let svc = Standalone::start(dir.path()).await?;
+    let mut ingest = Ingest::open(&mut svc.registry.client().await?, "node-a").await?;
+    let mut udp = events::open(4, 40004, "dns.example", 53);
+    if let Some(Kind::Opened(c)) = &mut udp.kind {
+        c.transport = proto::common::Transport::Udp as i32;
+    }
+    ingest
+        .send_durable(vec![
+            events::open(3, 40003, "a.example", 23456),
+            events::packet(3, 1, Direction::C2s, b"to a"),
+            udp,
+            events::packet(4, 1, Direction::C2s, b"query"),
+            events::packet(4, 2, Direction::S2c, b"answer"),
+            events::open(5, 40005, "b.example", 23456),
+            events::packet(5, 1, Direction::C2s, b"to b"),
+        ])
+        .await?;
+
+    let (file, summary) =
+        export(&svc.url, dir.path(), "a.pcap", &["--dst-host", "a.example"]).await?;
+    assert!(summary.contains("exported 1 connections"), "{summary}");
+    let streams = reassemble(&read_capture(&file)?)?;
+    assert_eq!(streams.len(), 1);
+    assert_eq!(streams[0].c2s, b"to a");
+    assert_eq!(
+        streams[0].fin,
+        [false, false],
+        "an active connection does not end"
+    );
+
+    let (file, _) = export(&svc.url, dir.path(), "udp.pcap", &["--conn", "4"]).await?;
+    let datagrams = udp_datagrams(&read_capture(&file)?)?;
+    assert_eq!(
+        datagrams,
+        vec![
+            (40004, 53, b"query".to_vec()),
+            (53, 40004, b"answer".to_vec())
+        ]
+    );
+
+    let (_, summary) = export(
+        &svc.url,
+        dir.path(),
+        "later.pcap",
+        &["--since", "2999-01-01T00:00:00Z"],
+    )
+    .await?;
+    assert!(summary.contains("exported 0 connections"), "{summary}");
+    let (_, summary) = export(
+        &svc.url,
+        dir.path(),
+        "all.pcap",
+        &["--until", "2999-01-01T00:00:00Z"],
+    )
+    .await?;
+    assert!(
+        summary.contains("exported 3 connections, 4 packets"),
+        "{summary}"
+    );
+    let bad = interpose(
+        &svc.url,
+        &["export", "--out", "x.pcap", "--since", "yesterday"],
+    )
+    .await?;
+    assert!(
+        !bad.ok && bad.stderr.contains("not an RFC 3339 time"),
+        "{}",
+        bad.stderr
+    );
+    Ok(())
+}
