@@ -93,29 +93,48 @@ pub async fn run(server: &ServerArgs, args: ExportArgs) -> anyhow::Result<()> {
         .into_inner();
     let mut out: Option<Box<dyn Write>> = None;
     let mut progress = Progress::new(&args.out);
-    let summary = loop {
+    let written = receive(&mut stream, &mut out, &mut progress, &args.out).await;
+    progress.done();
+    let summary = match written {
+        Ok(summary) => summary,
+        Err(e) => {
+            // A capture cut short is not left behind looking complete.
+            if out.is_some() && args.out != "-" {
+                drop(out);
+                let _ = std::fs::remove_file(&args.out);
+            }
+            return Err(e);
+        }
+    };
+    eprintln!("{}", summary_line(&summary, &args.out));
+    Ok(())
+}
+
+/// Writes every chunk to `out` (opened on the first), returning the final summary.
+async fn receive(
+    stream: &mut tonic::Streaming<proto::export::ExportChunk>,
+    out: &mut Option<Box<dyn Write>>,
+    progress: &mut Progress,
+    dest: &str,
+) -> anyhow::Result<ExportSummary> {
+    loop {
         let chunk = stream
             .message()
             .await
             .map_err(status)?
             .ok_or_else(|| anyhow!("the export service ended the stream without a summary"))?;
-        let w = match &mut out {
+        let w = match out {
             Some(w) => w,
-            None => out.insert(open(&args.out)?),
+            None => out.insert(open(dest)?),
         };
         w.write_all(&chunk.data)
-            .with_context(|| format!("writing {}", args.out))?;
+            .with_context(|| format!("writing {dest}"))?;
         progress.add(chunk.data.len());
         if let Some(summary) = chunk.summary {
-            break summary;
+            w.flush().with_context(|| format!("writing {dest}"))?;
+            return Ok(summary);
         }
-    };
-    if let Some(mut w) = out {
-        w.flush().with_context(|| format!("writing {}", args.out))?;
     }
-    progress.done();
-    eprintln!("{}", summary_line(&summary, &args.out));
-    Ok(())
 }
 
 fn open(out: &str) -> anyhow::Result<Box<dyn Write>> {
