@@ -125,7 +125,7 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    fn to_proto(&self) -> ConnectionFilter {
+    pub fn to_proto(&self) -> ConnectionFilter {
         ConnectionFilter {
             status: self.status.map_or(0, |s| s as i32),
             closed_by: self.closed_by.map_or(0, |c| c as i32),

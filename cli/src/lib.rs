@@ -6,6 +6,7 @@ pub mod client;
 pub mod columns;
 pub mod completions;
 pub mod conns;
+pub mod export;
 pub mod history;
 pub mod output;
 pub mod table;
@@ -56,6 +57,8 @@ pub enum Command {
     Conns(conns::ConnsCommand),
     /// Search the proxy history (every packet relayed).
     History(history::HistoryArgs),
+    /// The decrypted sessions as a PCAP or pcapng file for Wireshark.
+    Export(export::ExportArgs),
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -77,6 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man(args) => completions::man(&args),
+        Command::Export(args) => export::run(&cli.server, args).await,
     }
 }
 
