@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod conn;
 pub mod handshake;
+pub mod hold;
 pub mod ids;
 pub mod intercept;
 pub mod process;
