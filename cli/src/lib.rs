@@ -4,7 +4,10 @@
 pub mod ca;
 pub mod client;
 pub mod conns;
+pub mod held;
+pub mod hexdump;
 pub mod history;
+pub mod intercept;
 pub mod output;
 pub mod up;
 
@@ -45,6 +48,12 @@ pub enum Command {
     Conns(conns::ConnsCommand),
     /// Search the proxy history (every packet relayed).
     History(history::HistoryArgs),
+    /// Hold packets for a verdict: on (with filters), off, status, replace rules.
+    #[command(subcommand)]
+    Intercept(intercept::InterceptCommand),
+    /// Held packets: list, watch, show, forward, drop, edit.
+    #[command(subcommand)]
+    Held(held::HeldCommand),
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -57,6 +66,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
         Command::Ca(cmd) => ca::run(&cli.server, cmd).await,
+        Command::Intercept(cmd) => intercept::run(&cli.server, cmd).await,
+        Command::Held(cmd) => held::run(&cli.server, cmd).await,
     }
 }
 
