@@ -95,14 +95,29 @@ pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One packet; a modified one shows what was sent (or `[dropped]`) and, on a second line,
+/// what was received.
 fn row(p: &Packet) -> String {
-    format!(
+    let data = match (p.dropped, p.modified) {
+        (true, _) => "[dropped]".to_string(),
+        (false, true) => format!("[modified] {}", preview(&p.data, 80)),
+        (false, false) => preview(&p.data, 80),
+    };
+    let mut line = format!(
         "{:>6} {:>7}  {:<4} {:<30} {:>5}  {}",
         p.conn_id,
         p.seq,
         name_of::<Direction>(p.direction).unwrap_or("-"),
         rfc3339(p.ts.as_ref()).unwrap_or_default(),
         p.data.len(),
-        preview(&p.data, 80)
-    )
+        data
+    );
+    if p.modified {
+        line.push_str(&format!(
+            "\n{:>57}  original: {}",
+            p.original.len(),
+            preview(&p.original, 80)
+        ));
+    }
+    line
 }

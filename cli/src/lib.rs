@@ -7,7 +7,10 @@ pub mod columns;
 pub mod completions;
 pub mod conns;
 pub mod export;
+pub mod held;
+pub mod hexdump;
 pub mod history;
+pub mod intercept;
 pub mod output;
 pub mod table;
 pub mod up;
@@ -59,6 +62,12 @@ pub enum Command {
     History(history::HistoryArgs),
     /// The decrypted sessions as a PCAP or pcapng file for Wireshark.
     Export(export::ExportArgs),
+    /// Hold packets for a verdict: on (with filters), off, status, replace rules.
+    #[command(subcommand)]
+    Intercept(intercept::InterceptCommand),
+    /// Held packets: list, watch, show, forward, drop, edit.
+    #[command(subcommand)]
+    Held(held::HeldCommand),
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -81,6 +90,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Man(args) => completions::man(&args),
         Command::Export(args) => export::run(&cli.server, args).await,
+        Command::Intercept(cmd) => intercept::run(&cli.server, cmd).await,
+        Command::Held(cmd) => held::run(&cli.server, cmd).await,
     }
 }
 

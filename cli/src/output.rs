@@ -116,9 +116,10 @@ pub fn conn_json(c: &Connection) -> Value {
     serde_json::to_value(ConnJson::from(c)).unwrap_or(Value::Null)
 }
 
-/// A history packet as its stable JSON object.
+/// A history packet as its stable JSON object; a modified packet also has `original_b64`
+/// (the bytes received; `data_b64` holds the ones sent).
 pub fn packet_json(p: &Packet) -> Value {
-    json!({
+    let mut v = json!({
         "conn_id": p.conn_id,
         "seq": p.seq,
         "direction": name_of::<Direction>(p.direction),
@@ -126,7 +127,12 @@ pub fn packet_json(p: &Packet) -> Value {
         "len": p.data.len(),
         "data_b64": base64::engine::general_purpose::STANDARD.encode(&p.data),
         "modified": p.modified,
-    })
+        "dropped": p.dropped,
+    });
+    if p.modified {
+        v["original_b64"] = json!(base64::engine::general_purpose::STANDARD.encode(&p.original));
+    }
+    v
 }
 
 /// The TSV header matching [`conn_tsv`].
@@ -286,6 +292,25 @@ mod tests {
         let row = conn_tsv(&c);
         assert_eq!(row.split('\t').count(), TSV_HEADER.split('\t').count());
         assert!(row.contains("a b c"));
+    }
+
+    #[test]
+    fn modified_packets_carry_the_original_bytes() {
+        let plain = packet_json(&Packet {
+            data: b"a".to_vec(),
+            ..Default::default()
+        });
+        assert!(plain.get("original_b64").is_none());
+        assert_eq!(plain["dropped"], false);
+        let dropped = packet_json(&Packet {
+            modified: true,
+            dropped: true,
+            original: b"hi".to_vec(),
+            ..Default::default()
+        });
+        assert_eq!(dropped["original_b64"], "aGk=");
+        assert_eq!(dropped["dropped"], true);
+        assert_eq!(dropped["len"], 0);
     }
 
     #[test]

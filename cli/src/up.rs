@@ -54,6 +54,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         &format!("http://{grpc}"),
         args.token.as_deref(),
     )?);
+    // The intercept queue follows the registry over this same port, as a remote one would.
+    let intercept = intercept_svc::Intercept::start(
+        &format!("http://{grpc}"),
+        args.token.as_deref(),
+        intercept_svc::DEFAULT_MAX_HELD,
+    )?;
+    server.add_service(intercept.grpc_service());
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut serving = tokio::spawn(server.serve(listener, async {
         let _ = grpc_stopped.await;

@@ -1,1 +1,96 @@
-//! placeholder
+//! intercept-svc: the held-packet queue. Proxies follow its configuration and hold the
+//! packets it selects until a user forwards (optionally edited) or drops them.
+//!
+//! [`queue`] is the state machine (no I/O), [`service`] serves it as
+//! `interpose.intercept.v1.Intercept`, and [`follow`] keeps each held packet's connection
+//! status current from the registry.
+
+pub mod follow;
+pub mod queue;
+pub mod service;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use proto::{intercept::intercept_server::InterceptServer, serve::GrpcServer};
+
+pub use queue::{DEFAULT_MAX_HELD, MAX_REPLACEMENT};
+pub use service::{InterceptService, Shared};
+
+/// Largest gRPC message the service accepts: a replacement at the limit plus framing, so
+/// that one just beyond the limit gets INVALID_ARGUMENT naming the limit.
+pub const MAX_MESSAGE: usize = 2 * MAX_REPLACEMENT;
+
+/// A running intercept queue: its gRPC service and the task following the registry.
+pub struct Intercept {
+    shared: Arc<Shared>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Intercept {
+    /// Starts following the registry at `registry_url` (lazily: it need not be up yet).
+    pub fn start(
+        registry_url: &str,
+        token: Option<&str>,
+        max_held: usize,
+    ) -> Result<Self, proto::client::ClientError> {
+        let shared = Shared::new(max_held);
+        let channel = proto::client::connect_lazy(registry_url, token)?;
+        let follower = tokio::spawn(follow::follow_registry(shared.clone(), channel));
+        Ok(Self { shared, follower })
+    }
+
+    /// The gRPC service, ready to add to a server.
+    pub fn grpc_service(&self) -> InterceptServer<InterceptService> {
+        InterceptServer::new(InterceptService::new(self.shared.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+}
+
+impl Drop for Intercept {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+/// Command-line options of the standalone `intercept-svc` binary.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "intercept-svc",
+    version,
+    about = "Interpose intercept queue: held packets waiting for a verdict"
+)]
+pub struct Args {
+    /// gRPC listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    pub listen: SocketAddr,
+    /// gRPC URL of the registry, for the live status of held packets' connections.
+    #[arg(long)]
+    pub registry: String,
+    /// Bearer token every call must carry (required to listen beyond loopback); also sent to
+    /// the registry.
+    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The most packets that may wait at once; a packet beyond it is forwarded without
+    /// holding, and counted.
+    #[arg(long, default_value_t = DEFAULT_MAX_HELD)]
+    pub max_held: usize,
+}
+
+/// Runs the standalone service until SIGINT or SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    proto::serve::check_exposure(args.listen, args.token.as_deref())?;
+    let intercept = Intercept::start(&args.registry, args.token.as_deref(), args.max_held)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding gRPC on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let mut server = GrpcServer::new(args.token);
+    server.add_service(intercept.grpc_service());
+    println!("ready intercept-svc listen={addr}");
+    server
+        .serve(listener, proto::serve::shutdown_signal())
+        .await?;
+    Ok(())
+}

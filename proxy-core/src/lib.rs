@@ -18,6 +18,7 @@
 pub mod cli;
 pub mod conn;
 pub mod handshake;
+pub mod hold;
 pub mod ids;
 pub mod process;
 pub mod relay;

@@ -83,12 +83,21 @@ struct PacketItem {
     dir: Direction,
     ts: Timestamp,
     data: Bytes,
+    /// Set when the relayed bytes differ from the received ones (an intercept verdict or a
+    /// replace rule).
+    edit: Option<Box<Edit>>,
+}
+
+/// How a modified packet was received, and whether it was dropped.
+struct Edit {
+    original: Bytes,
+    dropped: bool,
 }
 
 impl Item {
     fn payload_len(&self) -> usize {
         match self {
-            Item::Packet(p) => p.data.len(),
+            Item::Packet(p) => p.data.len() + p.edit.as_ref().map_or(0, |e| e.original.len()),
             _ => 0,
         }
     }
@@ -222,6 +231,39 @@ impl Reporter {
                 dir,
                 ts,
                 data,
+                edit: None,
+            }),
+            Class::Packet,
+            len,
+        );
+    }
+
+    /// A history packet whose relayed bytes `sent` differ from the `original` ones received
+    /// (an intercept edit or a replace rule), or that was `dropped` (then `sent` is empty).
+    #[allow(clippy::too_many_arguments)]
+    pub fn modified_packet(
+        &self,
+        conn_id: u64,
+        seq: u64,
+        dir: Direction,
+        ts: Timestamp,
+        sent: Bytes,
+        original: Bytes,
+        dropped: bool,
+    ) {
+        if !self.inner.history {
+            return;
+        }
+        let len = sent.len() + original.len();
+        let edit = Some(Box::new(Edit { original, dropped }));
+        self.inner.push(
+            Item::Packet(PacketItem {
+                conn_id,
+                seq,
+                dir,
+                ts,
+                data: sent,
+                edit,
             }),
             Class::Packet,
             len,
@@ -687,13 +729,19 @@ impl BatchBuilder {
             Item::Packet(p) => {
                 self.payload += p.data.len();
                 self.packets += 1;
+                let modified = p.edit.is_some();
+                let (original, dropped) = p
+                    .edit
+                    .map_or((Bytes::new(), false), |e| (e.original, e.dropped));
                 let packet = WirePacket {
                     conn_id: p.conn_id,
                     seq: p.seq,
                     direction: p.dir as i32,
                     ts: Some(p.ts),
                     data: p.data,
-                    modified: false,
+                    modified,
+                    original,
+                    dropped,
                 };
                 if packet.data.len() >= SHARED_PAYLOAD {
                     self.push_shared(packet);
@@ -782,6 +830,12 @@ struct WirePacket {
     data: Bytes,
     #[prost(bool, tag = "6")]
     modified: bool,
+    /// The received bytes of a modified packet (`data` holds the sent ones).
+    #[prost(bytes = "bytes", tag = "7")]
+    original: Bytes,
+    /// Dropped at an intercept hold: nothing was relayed.
+    #[prost(bool, tag = "8")]
+    dropped: bool,
 }
 
 /// Sends pre-encoded `IngestRequest`s and decodes `IngestAck`s.
@@ -845,6 +899,7 @@ mod tests {
                 nanos: 6,
             },
             data: Bytes::from_static(data),
+            edit: None,
         })
     }
 
@@ -860,6 +915,7 @@ mod tests {
             dir: Direction::C2s,
             ts: Timestamp::default(),
             data: big.clone(),
+            edit: None,
         }));
         b.push(packet(3, b"after"));
         let len = b.len;
@@ -882,6 +938,53 @@ mod tests {
                 (1, b"small".to_vec()),
                 (2, big.to_vec()),
                 (3, b"after".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn modified_and_dropped_packets_carry_both_versions() {
+        let (inner, _rx) = inner(10);
+        let big = Bytes::from(vec![1u8; SHARED_PAYLOAD]);
+        let mut b = BatchBuilder::new("n", 1);
+        for (seq, sent, dropped) in [
+            (1, Bytes::from_static(b"new"), false),
+            (2, Bytes::new(), true),
+            (3, big.clone(), false),
+        ] {
+            b.push(Item::Packet(PacketItem {
+                conn_id: 9,
+                seq,
+                dir: Direction::C2s,
+                ts: Timestamp::default(),
+                data: sent,
+                edit: Some(Box::new(Edit {
+                    original: Bytes::from_static(b"old\0"),
+                    dropped,
+                })),
+            }));
+        }
+        let req = IngestRequest::decode(
+            b.finish(&inner, &mut ProxyLosses::default())
+                .encoded
+                .to_bytes(),
+        )
+        .unwrap();
+        let got: Vec<_> = req
+            .events
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                Some(Kind::Packet(p)) => Some((p.data, p.modified, p.original, p.dropped)),
+                _ => None,
+            })
+            .collect();
+        let old = b"old\0".to_vec();
+        assert_eq!(
+            got,
+            vec![
+                (b"new".to_vec(), true, old.clone(), false),
+                (Vec::new(), true, old.clone(), true),
+                (big.to_vec(), true, old, false),
             ]
         );
     }

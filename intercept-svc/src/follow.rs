@@ -1,0 +1,83 @@
+//! Following the registry's connection records with one `WatchConnections` stream, so every
+//! held packet shows whether its connection is still open and, if not, who closed it. The
+//! stream is reopened with backoff whenever the registry goes away.
+
+use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use proto::{
+    client::AuthChannel,
+    common::{ClosedBy, ConnStatus, Connection},
+    registry::{WatchConnectionsRequest, registry_client::RegistryClient, watch_event::Kind},
+};
+
+use crate::{queue::Ended, service::Shared};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Follows the registry at `channel` for as long as the task runs.
+pub async fn follow_registry(shared: Arc<Shared>, channel: AuthChannel) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match follow_once(&shared, channel.clone(), &mut backoff).await {
+            Ok(()) => tracing::warn!("registry ended its connection watch; reopening"),
+            Err(s) => {
+                tracing::warn!(code = ?s.code(), "registry connection watch: {}", s.message())
+            }
+        }
+        shared.registry_connected.store(false, Ordering::Relaxed);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn ended(c: &Connection) -> Option<Ended> {
+    (c.status == ConnStatus::Disconnected as i32).then(|| Ended {
+        closed_by: ClosedBy::try_from(c.closed_by).unwrap_or(ClosedBy::Unspecified),
+        reason: c.reason.clone(),
+    })
+}
+
+/// One watch stream: a snapshot (collected, then applied at once) and live changes.
+async fn follow_once(
+    shared: &Shared,
+    channel: AuthChannel,
+    backoff: &mut Duration,
+) -> Result<(), tonic::Status> {
+    let mut stream = RegistryClient::new(channel)
+        .watch_connections(WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+    *backoff = MIN_BACKOFF;
+    let mut snapshot = Some(HashMap::new());
+    while let Some(ev) = stream.message().await? {
+        match ev.kind() {
+            Kind::Upsert => {
+                let Some(end) = ev.connection.as_ref().and_then(ended) else {
+                    continue;
+                };
+                match &mut snapshot {
+                    Some(m) => {
+                        m.insert(ev.id, end);
+                    }
+                    None => shared.conn_ended(ev.id, end),
+                }
+            }
+            Kind::Removed => match &mut snapshot {
+                Some(m) => {
+                    m.remove(&ev.id);
+                }
+                None => shared.apply(|q| q.conn_forgotten(ev.id)),
+            },
+            Kind::SnapshotEnd => {
+                if let Some(m) = snapshot.take() {
+                    shared.apply(|q| q.replace_ended(m));
+                    shared.registry_connected.store(true, Ordering::Relaxed);
+                }
+            }
+            Kind::Reset => snapshot = Some(HashMap::new()),
+            Kind::Unspecified => {}
+        }
+    }
+    Ok(())
+}

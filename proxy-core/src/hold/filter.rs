@@ -1,0 +1,349 @@
+//! The intercept configuration compiled for one proxy node, without I/O: which packets to
+//! hold, and the replace rules the proxy applies itself. Matching allocates nothing; only a
+//! rule that matches builds new bytes.
+
+use proto::{
+    common::Direction,
+    intercept::{InterceptConfig, ReplaceRule},
+};
+
+/// The connection a packet belongs to, as the filters see it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnMeta<'a> {
+    /// The connection ID.
+    pub id: u64,
+    /// Target host as the client named it (DNS name or IP literal).
+    pub dst_host: &'a str,
+    /// Target port.
+    pub dst_port: u16,
+}
+
+/// A target-host filter: `example.com` (exact) or `*.example.com` (any subdomain, not the
+/// domain itself). Case-insensitive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// The suffix with its leading dot, e.g. `.example.com`.
+    Suffix(String),
+}
+
+impl HostPattern {
+    /// Parses one pattern.
+    pub fn new(s: &str) -> Self {
+        match s.strip_prefix('*') {
+            Some(suffix) if suffix.starts_with('.') => Self::Suffix(suffix.to_ascii_lowercase()),
+            _ => Self::Exact(s.to_ascii_lowercase()),
+        }
+    }
+
+    /// Whether `host` matches.
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.as_bytes();
+        match self {
+            Self::Exact(h) => host.eq_ignore_ascii_case(h.as_bytes()),
+            Self::Suffix(s) => {
+                host.len() > s.len()
+                    && host[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+            }
+        }
+    }
+}
+
+/// Target filters shared by the hold filter and the rules: empty lists match anything.
+#[derive(Debug, Clone, Default)]
+struct Target {
+    direction: Option<Direction>,
+    hosts: Vec<HostPattern>,
+    ports: Vec<u32>,
+}
+
+impl Target {
+    fn new(direction: i32, hosts: &[String], ports: &[u32]) -> Self {
+        Self {
+            direction: match Direction::try_from(direction) {
+                Ok(Direction::C2s) => Some(Direction::C2s),
+                Ok(Direction::S2c) => Some(Direction::S2c),
+                _ => None,
+            },
+            hosts: hosts.iter().map(|h| HostPattern::new(h)).collect(),
+            ports: ports.to_vec(),
+        }
+    }
+
+    fn matches(&self, conn: &ConnMeta<'_>, dir: Direction) -> bool {
+        self.direction.is_none_or(|d| d == dir)
+            && (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(conn.dst_host)))
+            && (self.ports.is_empty() || self.ports.contains(&u32::from(conn.dst_port)))
+    }
+}
+
+/// Which packets to hold.
+#[derive(Debug, Clone)]
+struct HoldFilter {
+    target: Target,
+    conn_ids: Vec<u64>,
+    contains: Vec<u8>,
+}
+
+/// One replace rule.
+#[derive(Debug, Clone)]
+struct Rule {
+    target: Target,
+    pattern: Vec<u8>,
+    replacement: Vec<u8>,
+}
+
+/// The configuration as this node applies it.
+#[derive(Debug, Clone, Default)]
+pub struct Compiled {
+    hold: Option<HoldFilter>,
+    rules: Vec<Rule>,
+}
+
+impl Compiled {
+    /// Compiles `config` for the proxy named `node`: hold filters apply only when intercept
+    /// is on and the node filter (if any) names this node.
+    pub fn new(config: &InterceptConfig, node: &str) -> Self {
+        let for_us = config.nodes.is_empty() || config.nodes.iter().any(|n| n == node);
+        let hold = (config.enabled && for_us).then(|| HoldFilter {
+            target: Target::new(config.direction, &config.hosts, &config.ports),
+            conn_ids: config.conn_ids.clone(),
+            contains: config.contains.clone(),
+        });
+        let mut rules: Vec<&ReplaceRule> = config
+            .rules
+            .iter()
+            .filter(|r| !r.pattern.is_empty())
+            .collect();
+        rules.sort_by_key(|r| r.id);
+        Self {
+            hold,
+            rules: rules
+                .into_iter()
+                .map(|r| Rule {
+                    target: Target::new(r.direction, &r.hosts, &r.ports),
+                    pattern: r.pattern.clone(),
+                    replacement: r.replacement.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The same configuration without holding (the service is unreachable): rules stay.
+    pub fn without_hold(&self) -> Self {
+        Self {
+            hold: None,
+            rules: self.rules.clone(),
+        }
+    }
+
+    /// Whether any packet could need attention (a hold filter or a rule): when not, the
+    /// relay skips every check.
+    pub fn is_active(&self) -> bool {
+        self.hold.is_some() || !self.rules.is_empty()
+    }
+
+    /// Applies the rules for this connection and direction in order; `None` when none
+    /// changed the bytes.
+    pub fn rewrite(&self, conn: &ConnMeta<'_>, dir: Direction, data: &[u8]) -> Option<Vec<u8>> {
+        let mut out: Option<Vec<u8>> = None;
+        for r in &self.rules {
+            if !r.target.matches(conn, dir) {
+                continue;
+            }
+            let current = out.as_deref().unwrap_or(data);
+            if let Some(next) = replace_all(current, &r.pattern, &r.replacement) {
+                out = Some(next);
+            }
+        }
+        out.filter(|o| o.as_slice() != data)
+    }
+
+    /// Whether a packet (after the rules) should be held.
+    pub fn holds(&self, conn: &ConnMeta<'_>, dir: Direction, data: &[u8]) -> bool {
+        self.hold.as_ref().is_some_and(|f| {
+            f.target.matches(conn, dir)
+                && (f.conn_ids.is_empty() || f.conn_ids.contains(&conn.id))
+                && (f.contains.is_empty() || find(data, &f.contains, 0).is_some())
+        })
+    }
+}
+
+/// The first position at or after `from` where `needle` (non-empty) occurs in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    let first = *needle.first()?;
+    let last_start = haystack.len().checked_sub(needle.len())?;
+    (from..=last_start).find(|&i| haystack[i] == first && haystack[i..i + needle.len()] == *needle)
+}
+
+/// Replaces each non-overlapping occurrence of `pattern` (non-empty), left to right, with
+/// `replacement`; `None` when `pattern` does not occur.
+pub fn replace_all(data: &[u8], pattern: &[u8], replacement: &[u8]) -> Option<Vec<u8>> {
+    let mut at = find(data, pattern, 0)?;
+    let mut out = Vec::with_capacity(data.len() + replacement.len());
+    let mut copied = 0;
+    loop {
+        out.extend_from_slice(&data[copied..at]);
+        out.extend_from_slice(replacement);
+        copied = at + pattern.len();
+        match find(data, pattern, copied) {
+            Some(next) => at = next,
+            None => break,
+        }
+    }
+    out.extend_from_slice(&data[copied..]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CONN: ConnMeta<'static> = ConnMeta {
+        id: 7,
+        dst_host: "Api.Example.com",
+        dst_port: 443,
+    };
+
+    fn on() -> InterceptConfig {
+        InterceptConfig {
+            enabled: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert!(HostPattern::new("api.example.COM").matches("API.example.com"));
+        assert!(!HostPattern::new("example.com").matches("api.example.com"));
+        let wild = HostPattern::new("*.example.com");
+        assert!(wild.matches("api.example.com"));
+        assert!(wild.matches("a.b.Example.com"));
+        assert!(!wild.matches("example.com"));
+        assert!(!wild.matches("badexample.com"));
+        // Multi-byte host names do not split a character.
+        assert!(!wild.matches("é"));
+    }
+
+    #[test]
+    fn off_holds_nothing_and_is_inactive() {
+        let c = Compiled::new(&InterceptConfig::default(), "n");
+        assert!(!c.is_active());
+        assert!(!c.holds(&CONN, Direction::C2s, b"x"));
+        let c = Compiled::new(&on(), "n");
+        assert!(c.is_active());
+        assert!(c.holds(&CONN, Direction::S2c, b""));
+        assert!(!c.without_hold().is_active());
+    }
+
+    #[test]
+    fn every_filter_must_match() {
+        let cfg = InterceptConfig {
+            direction: Direction::C2s as i32,
+            hosts: vec!["*.example.com".into()],
+            ports: vec![443],
+            nodes: vec!["lab1".into()],
+            conn_ids: vec![7],
+            contains: b"\0key".to_vec(),
+            ..on()
+        };
+        let c = Compiled::new(&cfg, "lab1");
+        assert!(c.holds(&CONN, Direction::C2s, b"a\0key=1"));
+        assert!(!c.holds(&CONN, Direction::S2c, b"a\0key=1"));
+        assert!(!c.holds(&CONN, Direction::C2s, b"a key=1"));
+        let other_port = ConnMeta {
+            dst_port: 80,
+            ..CONN
+        };
+        assert!(!c.holds(&other_port, Direction::C2s, b"\0key"));
+        let other_host = ConnMeta {
+            dst_host: "example.org",
+            ..CONN
+        };
+        assert!(!c.holds(&other_host, Direction::C2s, b"\0key"));
+        let other_conn = ConnMeta { id: 8, ..CONN };
+        assert!(!c.holds(&other_conn, Direction::C2s, b"\0key"));
+        // Another node: nothing held, and nothing to check at all.
+        assert!(!Compiled::new(&cfg, "lab2").is_active());
+    }
+
+    #[test]
+    fn rules_apply_in_id_order_and_by_target() {
+        let cfg = InterceptConfig {
+            rules: vec![
+                ReplaceRule {
+                    id: 2,
+                    pattern: b"bb".to_vec(),
+                    replacement: b"C".to_vec(),
+                    ..Default::default()
+                },
+                ReplaceRule {
+                    id: 1,
+                    direction: Direction::C2s as i32,
+                    pattern: b"a".to_vec(),
+                    replacement: b"bb".to_vec(),
+                    ports: vec![443],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let c = Compiled::new(&cfg, "n");
+        assert!(c.is_active());
+        assert_eq!(
+            c.rewrite(&CONN, Direction::C2s, b"xax"),
+            Some(b"xCx".to_vec())
+        );
+        assert_eq!(c.rewrite(&CONN, Direction::S2c, b"xax"), None);
+        assert_eq!(c.rewrite(&CONN, Direction::S2c, b"bb"), Some(b"C".to_vec()));
+        assert_eq!(c.rewrite(&CONN, Direction::C2s, b"zzz"), None);
+        // Rules survive the service going away; holding does not.
+        assert!(
+            c.without_hold()
+                .rewrite(&CONN, Direction::S2c, b"bb")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn replace_all_edges() {
+        assert_eq!(replace_all(b"aaa", b"aa", b"b"), Some(b"ba".to_vec()));
+        assert_eq!(replace_all(b"abc", b"abc", b""), Some(Vec::new()));
+        assert_eq!(replace_all(b"ab", b"abc", b"x"), None);
+        assert_eq!(replace_all(b"", b"a", b"x"), None);
+        assert_eq!(
+            replace_all(b"a\0b", b"\0", b"\0\0"),
+            Some(b"a\0\0b".to_vec())
+        );
+    }
+
+    /// The reference: the standard library's string replace over bytes mapped one-to-one
+    /// to chars (Latin-1).
+    fn reference(data: &[u8], pattern: &[u8], replacement: &[u8]) -> Vec<u8> {
+        let s = |b: &[u8]| b.iter().map(|&c| char::from(c)).collect::<String>();
+        s(data)
+            .replace(&s(pattern), &s(replacement))
+            .chars()
+            .map(|c| u8::try_from(u32::from(c)).unwrap_or(0))
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn replace_all_matches_the_reference(
+            data in proptest::collection::vec(0u8..4, 0..64),
+            pattern in proptest::collection::vec(0u8..4, 1..4),
+            replacement in proptest::collection::vec(any::<u8>(), 0..6),
+        ) {
+            let want = reference(&data, &pattern, &replacement);
+            match replace_all(&data, &pattern, &replacement) {
+                Some(got) => prop_assert_eq!(got, want),
+                None => {
+                    prop_assert!(find(&data, &pattern, 0).is_none());
+                    prop_assert_eq!(data, want);
+                }
+            }
+        }
+    }
+}
