@@ -71,6 +71,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         args.token,
         vec![grpc],
         splicer.clone(),
+        Some(format!("http://{grpc}")),
     ))
     .await?;
     println!(

@@ -27,7 +27,18 @@ fn help_lists_every_subcommand() {
         .collect();
     assert_eq!(
         listed,
-        ["up", "conns", "history", "export", "intercept", "held", "ca", "completions", "man", "help"],
+        [
+            "up",
+            "conns",
+            "history",
+            "export",
+            "intercept",
+            "held",
+            "ca",
+            "completions",
+            "man",
+            "help"
+        ],
         "subcommands in:\n{help}"
     );
 }

@@ -11,7 +11,8 @@ use std::{
 use anyhow::Context;
 
 use crate::{
-    Config, DEFAULT_QUEUE_BOUND, Proxy,
+    Config, DEFAULT_QUEUE_BOUND, InterceptLink, Proxy,
+    hold::FaultPolicy,
     tls::{Ca, CaError, Splicer, TlsArgs, service::CaService},
 };
 
@@ -58,9 +59,22 @@ pub struct ProxyArgs {
     /// Events buffered while the registry is unreachable.
     #[arg(long, default_value_t = DEFAULT_QUEUE_BOUND)]
     pub queue_bound: usize,
+    /// What happens to a packet intercept selects but cannot hold (the intercept service is
+    /// unreachable or dies while it waits): forward it (counted and logged) or drop it.
+    #[arg(long, value_enum, default_value = "forward")]
+    pub intercept_fault: InterceptFault,
     /// TLS splice options.
     #[command(flatten)]
     pub tls: TlsArgs,
+}
+
+/// `--intercept-fault`: see [`crate::hold::FaultPolicy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InterceptFault {
+    /// Relay the packet as it is.
+    Forward,
+    /// Never relay it.
+    Drop,
 }
 
 impl ProxyArgs {
@@ -78,14 +92,20 @@ impl ProxyArgs {
     }
 
     /// The proxy's configuration: reporting to `registry_url` with `token`, refusing
-    /// CONNECT to `refuse` (besides its own SOCKS port), splicing TLS with `tls`.
+    /// CONNECT to `refuse` (besides its own SOCKS port), splicing TLS with `tls`, following
+    /// the intercept service at `intercept` when given.
     pub fn config(
         &self,
         registry_url: String,
         token: Option<String>,
         refuse: Vec<SocketAddr>,
         tls: Arc<Splicer>,
+        intercept: Option<String>,
     ) -> Config {
+        let fault = match self.intercept_fault {
+            InterceptFault::Forward => FaultPolicy::Forward,
+            InterceptFault::Drop => FaultPolicy::Drop,
+        };
         Config {
             socks: self.socks,
             registry_url,
@@ -97,6 +117,7 @@ impl ProxyArgs {
             queue_bound: self.queue_bound,
             refuse,
             splicer: Some(tls),
+            intercept: intercept.map(|url| InterceptLink { url, fault }),
         }
     }
 }
@@ -126,6 +147,10 @@ pub struct Args {
     /// `interpose up`.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// gRPC URL of the intercept service (intercept-svc, or `interpose up`'s port) whose
+    /// settings this proxy follows to hold and rewrite packets; without it nothing is held.
+    #[arg(long, env = "INTERPOSE_INTERCEPT")]
+    pub intercept: Option<String>,
     /// Bearer token for the registry (and for --listen).
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -190,6 +215,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.token.clone(),
         refuse,
         splicer.clone(),
+        args.intercept.clone(),
     );
     let proxy = Proxy::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

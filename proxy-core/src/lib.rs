@@ -70,6 +70,19 @@ pub struct Config {
     pub refuse: Vec<SocketAddr>,
     /// The TLS splice ([`tls::Splicer`]); `None` relays every stream as plain TCP.
     pub splicer: Option<Arc<tls::Splicer>>,
+    /// The intercept service whose configuration the proxy follows to hold and rewrite
+    /// packets; `None` holds nothing.
+    pub intercept: Option<InterceptLink>,
+}
+
+/// Where a proxy finds its intercept service, and what it does with a packet that service
+/// cannot hold.
+#[derive(Debug, Clone)]
+pub struct InterceptLink {
+    /// intercept-svc's gRPC URL (the proxy's own token is sent).
+    pub url: String,
+    /// What happens to a packet whose hold fails.
+    pub fault: hold::FaultPolicy,
 }
 
 /// Why a proxy could not start.
@@ -139,6 +152,15 @@ impl Proxy {
         if cfg.splicer.is_some() {
             tls::install_provider();
         }
+        let holder = match &cfg.intercept {
+            Some(link) => Some(Arc::new(hold::Holder::start(
+                &link.url,
+                cfg.token.as_deref(),
+                &cfg.node,
+                link.fault,
+            )?)),
+            None => None,
+        };
         let mut refuse = vec![socks_addr];
         refuse.extend(cfg.refuse.iter().copied());
         let shared = Arc::new(shared::Shared {
@@ -149,6 +171,7 @@ impl Proxy {
             resolver,
             refuse,
             splicer: cfg.splicer.clone(),
+            holder,
         });
         let (notify_shutdown, _) = broadcast::channel(1);
         let (shutdown_complete_tx, shutdown_complete_rx) = mpsc::channel(1);

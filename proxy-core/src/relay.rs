@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 
 pub use self::{
     io::{Leg, MAX_READ, MIN_READ, PacketReader, PacketWriter, StreamWriter, TcpReader},
-    tap::{Hold, Passage, Tap, Verdict},
+    tap::{HeldPacket, Hold, Passage, Tap, Verdict, VerdictFuture},
 };
 use crate::conn::End;
 

@@ -21,6 +21,7 @@ use tokio::{
 use crate::{
     conn::{ConnState, End},
     handshake::{self, Accepted},
+    hold::ConnHold,
     relay::{self, Tap},
     shared::Shared,
     shutdown::Shutdown,
@@ -233,7 +234,14 @@ impl Handler {
                 format!("writing the SOCKS reply: {e}"),
             );
         }
-        let tap = Tap::new(state, &self.shared.reporter);
+        let mut tap = Tap::new(state, &self.shared.reporter);
+        if let Some(holder) = &self.shared.holder {
+            let (host, port) = match target {
+                Addr::Domain(h, p) => (h.clone(), *p),
+                Addr::Ip(a) => (a.ip().to_string(), a.port()),
+            };
+            tap.hold = Some(Arc::new(ConnHold::new(holder.clone(), &host, port)));
+        }
         if let Some(splicer) = self.shared.splicer.clone() {
             let peer = upstream.peer_addr();
             let target = tls::Target {

@@ -1,9 +1,10 @@
 //! What every connection handler shares: the node name, SOCKS credentials, the reporter,
-//! the ID pool, the process resolver, the refused addresses and the TLS splice.
+//! the ID pool, the process resolver, the refused addresses, the TLS splice and the intercept
+//! holder.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use crate::{ids::IdPool, process::Resolver, report::Reporter, tls::Splicer};
+use crate::{hold::Holder, ids::IdPool, process::Resolver, report::Reporter, tls::Splicer};
 
 /// What every handler shares.
 pub struct Shared {
@@ -21,4 +22,6 @@ pub struct Shared {
     pub refuse: Vec<SocketAddr>,
     /// The TLS splice; `None` relays everything as plain TCP.
     pub splicer: Option<Arc<Splicer>>,
+    /// Follows the intercept service; `None` holds nothing.
+    pub holder: Option<Arc<Holder>>,
 }

@@ -310,3 +310,59 @@ async fn follow_once(inner: &Inner, backoff: &mut Duration) -> Result<(), tonic:
     }
     Ok(())
 }
+
+/// The hold point's view of one connection: the [`Holder`] with the connection's target, as
+/// the relay's [`crate::relay::Hold`].
+pub struct ConnHold {
+    holder: Arc<Holder>,
+    dst_host: Arc<str>,
+    dst_port: u16,
+}
+
+impl ConnHold {
+    /// The hold for a connection to `dst_host:dst_port`.
+    pub fn new(holder: Arc<Holder>, dst_host: &str, dst_port: u16) -> Self {
+        Self {
+            holder,
+            dst_host: Arc::from(dst_host),
+            dst_port,
+        }
+    }
+
+    fn meta(&self, id: u64) -> ConnMeta<'_> {
+        ConnMeta {
+            id,
+            dst_host: &self.dst_host,
+            dst_port: self.dst_port,
+        }
+    }
+}
+
+impl crate::relay::Hold for ConnHold {
+    fn check(&self, conn_id: u64, dir: Direction, data: &Bytes) -> Check {
+        self.holder.wants(&self.meta(conn_id), dir, data)
+    }
+
+    fn hold(&self, packet: crate::relay::HeldPacket) -> crate::relay::VerdictFuture {
+        let holder = self.holder.clone();
+        let dst_host = self.dst_host.clone();
+        let dst_port = self.dst_port;
+        Box::pin(async move {
+            let meta = ConnMeta {
+                id: packet.conn_id,
+                dst_host: &dst_host,
+                dst_port,
+            };
+            match holder
+                .hold(&meta, packet.seq, packet.dir, packet.data)
+                .await
+            {
+                // Forwarded as held, or not held at all (counted in the holder's stats and
+                // logged): either way the held bytes go on.
+                Decision::Forward(_) | Decision::NotHeld(_) => crate::relay::Verdict::Forward,
+                Decision::ForwardReplaced(b) => crate::relay::Verdict::Replace(b),
+                Decision::Drop => crate::relay::Verdict::Drop,
+            }
+        })
+    }
+}

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use prost_types::Timestamp;
 use proto::common::Direction;
 
-use crate::{conn::ConnState, report::Reporter};
+use crate::{conn::ConnState, hold::Check, report::Reporter};
 
 /// History packets up to this size are copied out of the read block, so that a small packet
 /// waiting in the report queue does not pin a whole block.
@@ -58,14 +58,15 @@ pub struct HeldPacket {
 /// The future a [`Hold`] returns for one held packet.
 pub type VerdictFuture = Pin<Box<dyn Future<Output = Verdict> + Send + 'static>>;
 
-/// Holds packets until someone decides about them: the packet-intercept client implements
-/// this. The pump of the packet's direction waits for the verdict; the other direction keeps
-/// flowing. If the connection ends meanwhile the future is dropped.
+/// Rewrites and holds packets: the packet-intercept client ([`crate::hold::ConnHold`])
+/// implements this. The pump of the packet's direction waits for the verdict; the other
+/// direction keeps flowing. If the connection ends meanwhile the future is dropped.
 pub trait Hold: Send + Sync {
-    /// Whether this packet must be held. Called for every packet while the hold is
-    /// installed, so it must be cheap and must not block.
-    fn wants(&self, conn_id: u64, dir: Direction, data: &Bytes) -> bool;
-    /// Waits for the verdict on `packet`.
+    /// What to do with this packet: pass it, pass rewritten bytes (replace rules), or hold
+    /// it. Called for every packet while the hold is installed, so it must be cheap and must
+    /// not block.
+    fn check(&self, conn_id: u64, dir: Direction, data: &Bytes) -> Check;
+    /// Waits for the verdict on `packet`; [`Verdict::Forward`] writes `packet.data`.
     fn hold(&self, packet: HeldPacket) -> VerdictFuture;
 }
 
@@ -127,16 +128,25 @@ impl<'a> Tap<'a> {
         let ts = proto::time::now();
         let seq = self.state.record(dir, received.len());
         let verdict = match &self.hold {
-            Some(hold) if hold.wants(self.state.id, dir, &received) => {
-                hold.hold(HeldPacket {
-                    conn_id: self.state.id,
-                    seq,
-                    dir,
-                    data: received.clone(),
-                })
-                .await
-            }
-            _ => Verdict::Forward,
+            None => Verdict::Forward,
+            Some(hold) => match hold.check(self.state.id, dir, &received) {
+                Check::Pass => Verdict::Forward,
+                Check::Rewritten(b) => Verdict::Replace(b),
+                Check::Hold { rewritten } => {
+                    let data = rewritten.clone().unwrap_or_else(|| received.clone());
+                    let held = HeldPacket {
+                        conn_id: self.state.id,
+                        seq,
+                        dir,
+                        data,
+                    };
+                    match (hold.hold(held).await, rewritten) {
+                        // Forwarded as held: the held bytes were the rewritten ones.
+                        (Verdict::Forward, Some(r)) => Verdict::Replace(r),
+                        (v, _) => v,
+                    }
+                }
+            },
         };
         Passage {
             seq,
@@ -148,18 +158,39 @@ impl<'a> Tap<'a> {
     }
 
     /// After the write: queues the history copy of `p` (when history is on). An edited or
-    /// dropped packet's record is the bytes sent.
+    /// dropped packet's record holds the bytes sent and, as `original`, those received.
     pub fn passed(&self, p: Passage) {
         if !self.reporter.history() {
             return;
         }
-        let sent = match p.verdict {
-            Verdict::Forward => p.received,
-            Verdict::Replace(b) => b,
-            Verdict::Drop => Bytes::new(),
-        };
-        self.reporter
-            .packet(self.state.id, p.seq, p.dir, p.ts, record_copy(&sent));
+        let (id, seq, dir, ts) = (self.state.id, p.seq, p.dir, p.ts);
+        match p.verdict {
+            Verdict::Forward => self
+                .reporter
+                .packet(id, seq, dir, ts, record_copy(&p.received)),
+            Verdict::Replace(b) if b == p.received => {
+                self.reporter
+                    .packet(id, seq, dir, ts, record_copy(&p.received));
+            }
+            Verdict::Replace(b) => self.reporter.modified_packet(
+                id,
+                seq,
+                dir,
+                ts,
+                record_copy(&b),
+                record_copy(&p.received),
+                false,
+            ),
+            Verdict::Drop => self.reporter.modified_packet(
+                id,
+                seq,
+                dir,
+                ts,
+                Bytes::new(),
+                record_copy(&p.received),
+                true,
+            ),
+        }
     }
 }
 

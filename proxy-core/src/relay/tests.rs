@@ -67,8 +67,12 @@ pub(crate) fn reporter() -> Reporter {
 struct Editor(tokio::sync::mpsc::UnboundedSender<Verdict>);
 
 impl Hold for Editor {
-    fn wants(&self, _: u64, dir: Direction, _: &Bytes) -> bool {
-        dir == Direction::C2s
+    fn check(&self, _: u64, dir: Direction, _: &Bytes) -> crate::hold::Check {
+        if dir == Direction::C2s {
+            crate::hold::Check::Hold { rewritten: None }
+        } else {
+            crate::hold::Check::Pass
+        }
     }
 
     fn hold(&self, p: HeldPacket) -> VerdictFuture {
