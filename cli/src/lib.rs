@@ -3,10 +3,13 @@
 
 pub mod ca;
 pub mod client;
+pub mod columns;
+pub mod completions;
 pub mod conns;
 pub mod export;
 pub mod history;
 pub mod output;
+pub mod table;
 pub mod up;
 
 use clap::{Parser, Subcommand};
@@ -19,11 +22,19 @@ pub struct ServerArgs {
         long,
         global = true,
         env = "INTERPOSE_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        hide_env_values = true,
+        default_value = "http://127.0.0.1:50051",
+        help_heading = "Server"
     )]
     pub server: String,
     /// Bearer token for a server that requires one.
-    #[arg(long, global = true, env = "INTERPOSE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_TOKEN",
+        hide_env_values = true,
+        help_heading = "Server"
+    )]
     pub token: Option<String>,
 }
 
@@ -40,7 +51,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run every service in one process on one loopback gRPC port.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Connection records: list, watch, clear, copy, stats.
     #[command(subcommand)]
     Conns(conns::ConnsCommand),
@@ -51,15 +62,24 @@ pub enum Command {
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// A shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(completions::CompletionsArgs),
+    /// The man page (roff) on stdout, or every page into a folder.
+    Man(completions::ManArgs),
 }
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Up(args) => up::run(args).await,
+        Command::Up(args) => up::run(*args).await,
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
         Command::Ca(cmd) => ca::run(&cli.server, cmd).await,
+        Command::Completions(args) => {
+            completions::completions(&args);
+            Ok(())
+        }
+        Command::Man(args) => completions::man(&args),
         Command::Export(args) => export::run(&cli.server, args).await,
     }
 }
