@@ -27,7 +27,16 @@ fn help_lists_every_subcommand() {
         .collect();
     assert_eq!(
         listed,
-        ["up", "conns", "history", "ca", "completions", "man", "help"],
+        [
+            "up",
+            "conns",
+            "history",
+            "export",
+            "ca",
+            "completions",
+            "man",
+            "help"
+        ],
         "subcommands in:\n{help}"
     );
 }
