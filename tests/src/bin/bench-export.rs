@@ -30,6 +30,14 @@ fn total_bytes() -> u64 {
 async fn ingest(reg: &Registry) -> anyhow::Result<()> {
     let mut client = reg.client().await?;
     let mut ingest = Ingest::open(&mut client, "bench").await?;
+    if let Err(e) = ingest_all(&mut ingest).await {
+        let why = ingest.next_error().await.map(|s| s.to_string());
+        return Err(e.context(format!("the registry ended the ingest stream: {why:?}")));
+    }
+    Ok(())
+}
+
+async fn ingest_all(ingest: &mut Ingest) -> anyhow::Result<()> {
     let payload = tests::proxy::payload(PACKET, 7);
     let mut last = 0;
     for id in 1..=CONNECTIONS {
