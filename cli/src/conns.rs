@@ -24,7 +24,9 @@ use serde_json::json;
 use crate::{
     ServerArgs,
     client::{registry, status},
-    output::{ConnJson, TABLE_HEADER, TSV_HEADER, conn_json, conn_row, conn_tsv, now},
+    columns,
+    output::{ConnJson, TSV_HEADER, conn_json, conn_row, conn_tsv, now},
+    table,
 };
 
 #[derive(Debug, Subcommand)]
@@ -36,6 +38,8 @@ pub enum ConnsCommand {
         /// Print a JSON array of connection objects.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        table: TableArgs,
     },
     /// Show every record, then each open, change, close and clear as it happens.
     Watch {
@@ -82,6 +86,21 @@ pub fn named<T: Named + Clone + Send + Sync>() -> impl TypedValueParser<Value = 
     })
 }
 
+/// How a table is drawn.
+#[derive(Debug, Clone, Args)]
+pub struct TableArgs {
+    /// Never cut long values to fit the terminal.
+    #[arg(long)]
+    pub wide: bool,
+    /// Comma-separated columns, in order: id, client, target, sni, tls, status, closed_by,
+    /// kind, c2s, s2c, duration, opened, reason (the default set), node, alpn, packets.
+    #[arg(long, value_name = "COLUMNS")]
+    pub columns: Option<String>,
+    /// Times in the local time zone (default UTC).
+    #[arg(long)]
+    pub local_time: bool,
+}
+
 /// Filters shared by list, watch and stats.
 #[derive(Debug, Clone, Args)]
 pub struct FilterArgs {
@@ -121,7 +140,11 @@ impl FilterArgs {
 /// Runs one `conns` subcommand.
 pub async fn run(server: &ServerArgs, cmd: ConnsCommand) -> anyhow::Result<()> {
     match cmd {
-        ConnsCommand::List { filter, json } => list(server, &filter.to_proto(), json).await,
+        ConnsCommand::List {
+            filter,
+            json,
+            table,
+        } => list(server, &filter.to_proto(), json, &table).await,
         ConnsCommand::Watch { filter, json } => watch(server, filter.to_proto(), json).await,
         ConnsCommand::Clear { ids, all } => clear(server, &ids, all).await,
         ConnsCommand::Copy { ids, clipboard } => copy(server, &ids, clipboard).await,
@@ -155,7 +178,14 @@ pub async fn fetch_all(
     }
 }
 
-async fn list(server: &ServerArgs, filter: &ConnectionFilter, json: bool) -> anyhow::Result<()> {
+async fn list(
+    server: &ServerArgs,
+    filter: &ConnectionFilter,
+    json: bool,
+    how: &TableArgs,
+) -> anyhow::Result<()> {
+    // A bad --columns fails before any network I/O.
+    let columns = table::select(columns::CONNECTION, how.columns.as_deref())?;
     let conns = fetch_all(server, filter).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
@@ -163,10 +193,9 @@ async fn list(server: &ServerArgs, filter: &ConnectionFilter, json: bool) -> any
         serde_json::to_writer_pretty(&mut out, &arr)?;
         writeln!(out)?;
     } else {
-        writeln!(out, "{TABLE_HEADER}")?;
-        for c in &conns {
-            writeln!(out, "{}", conn_row(c))?;
-        }
+        let view = table::View::new(how.local_time);
+        let width = table::target_width(how.wide);
+        writeln!(out, "{}", table::render(&columns, &conns, &view, width))?;
         writeln!(out, "{} connection(s)", conns.len())?;
     }
     out.flush()?;

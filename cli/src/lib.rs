@@ -3,9 +3,12 @@
 
 pub mod ca;
 pub mod client;
+pub mod columns;
+pub mod completions;
 pub mod conns;
 pub mod history;
 pub mod output;
+pub mod table;
 pub mod up;
 
 use clap::{Parser, Subcommand};
@@ -18,11 +21,19 @@ pub struct ServerArgs {
         long,
         global = true,
         env = "INTERPOSE_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        hide_env_values = true,
+        default_value = "http://127.0.0.1:50051",
+        help_heading = "Server"
     )]
     pub server: String,
     /// Bearer token for a server that requires one.
-    #[arg(long, global = true, env = "INTERPOSE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_TOKEN",
+        hide_env_values = true,
+        help_heading = "Server"
+    )]
     pub token: Option<String>,
 }
 
@@ -48,6 +59,10 @@ pub enum Command {
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// A shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(completions::CompletionsArgs),
+    /// The man page (roff) on stdout, or every page into a folder.
+    Man(completions::ManArgs),
 }
 
 /// Runs one command.
@@ -57,6 +72,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
         Command::Ca(cmd) => ca::run(&cli.server, cmd).await,
+        Command::Completions(args) => {
+            completions::completions(&args);
+            Ok(())
+        }
+        Command::Man(args) => completions::man(&args),
     }
 }
 
