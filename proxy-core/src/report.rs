@@ -499,6 +499,45 @@ impl Task {
         }
     }
 
+    /// Whether the session should end for shutdown: everything was sent and acknowledged,
+    /// or the shutdown deadline passed (what is left is then given up, and counted).
+    fn stopping(&mut self, deadline: Option<Instant>) -> bool {
+        let Some(d) = deadline else {
+            return false;
+        };
+        if self.rx.is_empty() && self.pending.is_empty() && self.unacked.is_empty() {
+            return true;
+        }
+        if d <= Instant::now() {
+            self.give_up();
+            return true;
+        }
+        false
+    }
+
+    /// Makes batches of pending events when it is time to (at once while shutting down);
+    /// returns whether to receive more events from the queue now.
+    fn batch(&mut self, shutting_down: bool) -> bool {
+        // Nagle for batches: a batch goes out at once when none is awaiting its
+        // acknowledgement; otherwise events wait (in the channel, without waking this task)
+        // until the acknowledgement, unless a full batch is ready (bulk traffic keeps up to
+        // MAX_UNACKED full batches in flight). Idle: no added latency; busy: few, large
+        // batches and one wake-up per acknowledgement instead of one per event.
+        let full = self.pending.len() >= BATCH_EVENTS || self.pending_bytes >= BATCH_BYTES;
+        if !self.pending.is_empty()
+            && self.unacked.len() < MAX_UNACKED
+            && (full || self.unacked.is_empty() || shutting_down)
+        {
+            self.last_full = full;
+            self.make_batches();
+            self.pending_bytes = 0;
+        }
+        self.pending.len() < BATCH_EVENTS
+            && self.pending_bytes < BATCH_BYTES
+            && self.unacked.len() < MAX_UNACKED
+            && (self.unacked.is_empty() || self.last_full || shutting_down)
+    }
+
     async fn session(&mut self) -> SessionEnd {
         let (out_tx, out_rx) = mpsc::channel::<Encoded>(4);
         let mut grpc = self.grpc.clone();
@@ -521,33 +560,10 @@ impl Task {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let deadline = *self.stop.borrow();
-            if let Some(d) = deadline {
-                if self.rx.is_empty() && self.pending.is_empty() && self.unacked.is_empty() {
-                    return SessionEnd::Stopped;
-                }
-                if d <= Instant::now() {
-                    self.give_up();
-                    return SessionEnd::Stopped;
-                }
+            if self.stopping(deadline) {
+                return SessionEnd::Stopped;
             }
-            // Nagle for batches: a batch goes out at once when none is awaiting its
-            // acknowledgement; otherwise events wait (in the channel, without waking this task)
-            // until the acknowledgement, unless a full batch is ready (bulk traffic keeps up to
-            // MAX_UNACKED full batches in flight). Idle: no added latency; busy: few, large
-            // batches and one wake-up per acknowledgement instead of one per event.
-            let full = self.pending.len() >= BATCH_EVENTS || self.pending_bytes >= BATCH_BYTES;
-            if !self.pending.is_empty()
-                && self.unacked.len() < MAX_UNACKED
-                && (full || self.unacked.is_empty() || deadline.is_some())
-            {
-                self.last_full = full;
-                self.make_batches();
-                self.pending_bytes = 0;
-            }
-            let receive = self.pending.len() < BATCH_EVENTS
-                && self.pending_bytes < BATCH_BYTES
-                && self.unacked.len() < MAX_UNACKED
-                && (self.unacked.is_empty() || self.last_full || deadline.is_some());
+            let receive = self.batch(deadline.is_some());
             let room = BATCH_EVENTS.saturating_sub(self.pending.len()).max(1);
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
