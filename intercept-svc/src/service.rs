@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio_stream::{StreamExt, wrappers::WatchStream};
 use tonic::{Request, Response, Status};
 
-use crate::queue::{Ended, HoldOutcome, Queue, QueueError};
+use crate::queue::{Ended, HoldOutcome, Queue, QueueError, Refused};
 
 /// How many held-queue events a slow watcher may fall behind before its stream ends.
 const WATCH_BACKLOG: usize = 4096;
@@ -142,6 +142,12 @@ fn status_of(e: QueueError) -> Status {
     }
 }
 
+/// Releases what a refusal removed, and reports the refusal.
+fn refused(r: Refused<Waiter>) -> Status {
+    release(r.release);
+    status_of(r.error)
+}
+
 #[tonic::async_trait]
 impl Intercept for InterceptService {
     async fn get_config(
@@ -237,7 +243,7 @@ impl Intercept for InterceptService {
         let decided = self
             .shared
             .apply(|q| q.forward(r.held_id, replacement))
-            .map_err(status_of)?;
+            .map_err(refused)?;
         release([decided]);
         Ok(Response::new(pb::ForwardResponse {}))
     }
@@ -247,10 +253,7 @@ impl Intercept for InterceptService {
         req: Request<pb::DropRequest>,
     ) -> Result<Response<pb::DropResponse>, Status> {
         let id = req.into_inner().held_id;
-        let decided = self
-            .shared
-            .apply(|q| q.drop_packet(id))
-            .map_err(status_of)?;
+        let decided = self.shared.apply(|q| q.drop_packet(id)).map_err(refused)?;
         release([decided]);
         Ok(Response::new(pb::DropResponse {}))
     }
