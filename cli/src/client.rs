@@ -12,7 +12,14 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Connects to the server's channel.
 pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
-    proto::client::connect(&args.server, args.token.as_deref())
+    let server = proto::client::server_url(&args.server)?;
+    if server.scheme_added {
+        eprintln!(
+            "interpose: note: --server {:?} has no scheme; using {}",
+            args.server, server.url
+        );
+    }
+    proto::client::connect(&server.url, args.token.as_deref())
         .await
         .map_err(|e| match e {
             proto::client::ClientError::Unreachable { url, .. } => anyhow!(
@@ -30,14 +37,26 @@ pub async fn registry(args: &ServerArgs) -> anyhow::Result<RegistryClient<AuthCh
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
+/// What a user sees when `--server` points at something that is not a gRPC server.
+const NOT_GRPC: &str =
+    "the server does not speak gRPC (HTTP/2): is --server an Interpose gRPC address?";
+
 /// A gRPC failure as the one line a user should see.
 pub fn status(s: Status) -> anyhow::Error {
     let msg = s.message();
     match s.code() {
         Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => anyhow!("{msg}"),
         Code::Unauthenticated => anyhow!("not authorised: {msg}"),
+        Code::Unavailable if msg == proto::serve::SHUTTING_DOWN => anyhow!("the server shut down"),
         Code::Unavailable => anyhow!("server unavailable: {msg}"),
         Code::Unimplemented => anyhow!("the server does not offer this service: {msg}"),
+        // What tonic reports when the peer is not an HTTP/2 gRPC server at all.
+        Code::Internal if msg.starts_with("h2 protocol error") => anyhow!(NOT_GRPC),
+        Code::Unknown if msg.contains("transport error") => anyhow!(NOT_GRPC),
+        Code::Cancelled => anyhow!(
+            "the server closed the connection without answering: is --server an Interpose \
+             gRPC address?"
+        ),
         code => anyhow!("{code:?}: {msg}"),
     }
 }

@@ -7,9 +7,13 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{
+    Args, Subcommand,
+    builder::{PossibleValuesParser, TypedValueParser},
+};
 use proto::{
     common::{CloseKind, ClosedBy, ConnStatus, Connection},
+    names::Named,
     registry::{
         ClearAllRequest, ClearConnectionsRequest, ConnectionFilter, ConnectionStatsRequest,
         GetConnectionRequest, ListConnectionsRequest, WatchConnectionsRequest, watch_event::Kind,
@@ -20,7 +24,9 @@ use serde_json::json;
 use crate::{
     ServerArgs,
     client::{registry, status},
-    output::{ConnJson, TABLE_HEADER, TSV_HEADER, conn_json, conn_row, conn_tsv, now},
+    columns,
+    output::{ConnJson, TSV_HEADER, conn_json, conn_row, conn_tsv, now},
+    table,
 };
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +38,8 @@ pub enum ConnsCommand {
         /// Print a JSON array of connection objects.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        table: TableArgs,
     },
     /// Show every record, then each open, change, close and clear as it happens.
     Watch {
@@ -69,38 +77,42 @@ pub enum ConnsCommand {
     },
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum StatusArg {
-    Active,
-    Disconnected,
+/// Parses a contract enum by its stable name ([`Named`]): the CLI accepts exactly the
+/// names the JSON output prints, and help and errors list them.
+pub fn named<T: Named + Clone + Send + Sync>() -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(T::ALL.iter().filter_map(|v| v.name())).map(|name| {
+        // The possible-values parser let only listed names through.
+        T::from_name(&name).unwrap_or(T::ALL[0])
+    })
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ClosedByArg {
-    Client,
-    Server,
-    Proxy,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum CloseKindArg {
-    Fin,
-    Rst,
-    Error,
+/// How a table is drawn.
+#[derive(Debug, Clone, Args)]
+pub struct TableArgs {
+    /// Never cut long values to fit the terminal.
+    #[arg(long)]
+    pub wide: bool,
+    /// Comma-separated columns, in order: id, client, target, sni, tls, status, closed_by,
+    /// kind, c2s, s2c, duration, opened, reason (the default set), node, alpn, packets.
+    #[arg(long, value_name = "COLUMNS")]
+    pub columns: Option<String>,
+    /// Times in the local time zone (default UTC).
+    #[arg(long)]
+    pub local_time: bool,
 }
 
 /// Filters shared by list, watch and stats.
 #[derive(Debug, Clone, Args)]
 pub struct FilterArgs {
     /// Only active or only disconnected connections.
-    #[arg(long, value_enum)]
-    pub status: Option<StatusArg>,
+    #[arg(long, value_parser = named::<ConnStatus>())]
+    pub status: Option<ConnStatus>,
     /// Only connections ended by this side.
-    #[arg(long, value_enum)]
-    pub closed_by: Option<ClosedByArg>,
+    #[arg(long, value_parser = named::<ClosedBy>())]
+    pub closed_by: Option<ClosedBy>,
     /// Only connections that ended this way.
-    #[arg(long, value_enum)]
-    pub close_kind: Option<CloseKindArg>,
+    #[arg(long, value_parser = named::<CloseKind>())]
+    pub close_kind: Option<CloseKind>,
     /// Only this target host.
     #[arg(long)]
     pub dst_host: Option<String>,
@@ -113,25 +125,11 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    fn to_proto(&self) -> ConnectionFilter {
-        let status = self.status.map(|s| match s {
-            StatusArg::Active => ConnStatus::Active,
-            StatusArg::Disconnected => ConnStatus::Disconnected,
-        });
-        let closed_by = self.closed_by.map(|c| match c {
-            ClosedByArg::Client => ClosedBy::Client,
-            ClosedByArg::Server => ClosedBy::Server,
-            ClosedByArg::Proxy => ClosedBy::Proxy,
-        });
-        let close_kind = self.close_kind.map(|k| match k {
-            CloseKindArg::Fin => CloseKind::Fin,
-            CloseKindArg::Rst => CloseKind::Rst,
-            CloseKindArg::Error => CloseKind::Error,
-        });
+    pub fn to_proto(&self) -> ConnectionFilter {
         ConnectionFilter {
-            status: status.map_or(0, |s| s as i32),
-            closed_by: closed_by.map_or(0, |c| c as i32),
-            close_kind: close_kind.map_or(0, |k| k as i32),
+            status: self.status.map_or(0, |s| s as i32),
+            closed_by: self.closed_by.map_or(0, |c| c as i32),
+            close_kind: self.close_kind.map_or(0, |k| k as i32),
             dst_host: self.dst_host.clone().unwrap_or_default(),
             dst_port: self.dst_port.map_or(0, u32::from),
             node: self.node.clone().unwrap_or_default(),
@@ -142,7 +140,11 @@ impl FilterArgs {
 /// Runs one `conns` subcommand.
 pub async fn run(server: &ServerArgs, cmd: ConnsCommand) -> anyhow::Result<()> {
     match cmd {
-        ConnsCommand::List { filter, json } => list(server, &filter.to_proto(), json).await,
+        ConnsCommand::List {
+            filter,
+            json,
+            table,
+        } => list(server, &filter.to_proto(), json, &table).await,
         ConnsCommand::Watch { filter, json } => watch(server, filter.to_proto(), json).await,
         ConnsCommand::Clear { ids, all } => clear(server, &ids, all).await,
         ConnsCommand::Copy { ids, clipboard } => copy(server, &ids, clipboard).await,
@@ -176,7 +178,14 @@ pub async fn fetch_all(
     }
 }
 
-async fn list(server: &ServerArgs, filter: &ConnectionFilter, json: bool) -> anyhow::Result<()> {
+async fn list(
+    server: &ServerArgs,
+    filter: &ConnectionFilter,
+    json: bool,
+    how: &TableArgs,
+) -> anyhow::Result<()> {
+    // A bad --columns fails before any network I/O.
+    let columns = table::select(columns::CONNECTION, how.columns.as_deref())?;
     let conns = fetch_all(server, filter).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
@@ -184,10 +193,9 @@ async fn list(server: &ServerArgs, filter: &ConnectionFilter, json: bool) -> any
         serde_json::to_writer_pretty(&mut out, &arr)?;
         writeln!(out)?;
     } else {
-        writeln!(out, "{TABLE_HEADER}")?;
-        for c in &conns {
-            writeln!(out, "{}", conn_row(c))?;
-        }
+        let view = table::View::new(how.local_time);
+        let width = table::target_width(how.wide);
+        writeln!(out, "{}", table::render(&columns, &conns, &view, width))?;
         writeln!(out, "{} connection(s)", conns.len())?;
     }
     out.flush()?;
@@ -409,28 +417,39 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
     Ok(())
 }
 
-/// Keeps the names the CLI accepts in step with the contract's names.
+/// The names the CLI accepts are the contract's names.
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::names::Named;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Filters {
+        #[command(flatten)]
+        filter: FilterArgs,
+    }
 
     #[test]
-    fn value_enums_use_the_contract_names() {
-        for (arg, status) in [
-            (StatusArg::Active, ConnStatus::Active),
-            (StatusArg::Disconnected, ConnStatus::Disconnected),
-        ] {
-            let name = arg.to_possible_value().map(|v| v.get_name().to_string());
-            assert_eq!(name.as_deref(), status.name());
-        }
-        for (arg, by) in [
-            (ClosedByArg::Client, ClosedBy::Client),
-            (ClosedByArg::Server, ClosedBy::Server),
-            (ClosedByArg::Proxy, ClosedBy::Proxy),
-        ] {
-            let name = arg.to_possible_value().map(|v| v.get_name().to_string());
-            assert_eq!(name.as_deref(), by.name());
-        }
+    fn filters_take_the_contract_names_and_only_those() {
+        let f = Filters::try_parse_from([
+            "t",
+            "--status",
+            "disconnected",
+            "--closed-by",
+            "server",
+            "--close-kind",
+            "rst",
+        ])
+        .expect("valid names");
+        assert_eq!(f.filter.status, Some(ConnStatus::Disconnected));
+        assert_eq!(f.filter.closed_by, Some(ClosedBy::Server));
+        assert_eq!(f.filter.close_kind, Some(CloseKind::Rst));
+        let err = Filters::try_parse_from(["t", "--closed-by", "nobody"])
+            .expect_err("unknown name")
+            .to_string();
+        assert!(
+            err.contains("client") && err.contains("server") && err.contains("proxy"),
+            "{err}"
+        );
     }
 }

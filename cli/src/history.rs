@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::bail;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use proto::{
     common::{Direction, Packet},
     names::name_of,
@@ -16,20 +16,14 @@ use crate::{
     output::{packet_json, preview, rfc3339},
 };
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DirectionArg {
-    C2s,
-    S2c,
-}
-
 #[derive(Debug, Args)]
 pub struct HistoryArgs {
     /// Only this connection's packets.
     #[arg(long)]
     pub conn: Option<u64>,
     /// Only client-to-server or server-to-client packets.
-    #[arg(long, value_enum)]
-    pub direction: Option<DirectionArg>,
+    #[arg(long, value_parser = crate::conns::named::<Direction>())]
+    pub direction: Option<Direction>,
     /// Only packets whose bytes contain this text.
     #[arg(long)]
     pub contains: Option<String>,
@@ -41,11 +35,7 @@ pub struct HistoryArgs {
 /// Runs `interpose history`, streaming pages to stdout as they arrive.
 pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
     let mut client = registry(server).await?;
-    let direction = match args.direction {
-        None => Direction::Unspecified,
-        Some(DirectionArg::C2s) => Direction::C2s,
-        Some(DirectionArg::S2c) => Direction::S2c,
-    };
+    let direction = args.direction.unwrap_or(Direction::Unspecified);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut token = String::new();
     let mut count = 0u64;

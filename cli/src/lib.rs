@@ -3,12 +3,16 @@
 
 pub mod ca;
 pub mod client;
+pub mod columns;
+pub mod completions;
 pub mod conns;
+pub mod export;
 pub mod held;
 pub mod hexdump;
 pub mod history;
 pub mod intercept;
 pub mod output;
+pub mod table;
 pub mod up;
 
 use clap::{Parser, Subcommand};
@@ -21,11 +25,19 @@ pub struct ServerArgs {
         long,
         global = true,
         env = "INTERPOSE_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        hide_env_values = true,
+        default_value = "http://127.0.0.1:50051",
+        help_heading = "Server"
     )]
     pub server: String,
     /// Bearer token for a server that requires one.
-    #[arg(long, global = true, env = "INTERPOSE_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_TOKEN",
+        hide_env_values = true,
+        help_heading = "Server"
+    )]
     pub token: Option<String>,
 }
 
@@ -42,7 +54,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run every service in one process on one loopback gRPC port.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Connection records: list, watch, clear, copy, stats.
     #[command(subcommand)]
     Conns(conns::ConnsCommand),
@@ -54,20 +66,32 @@ pub enum Command {
     /// Held packets: list, watch, show, forward, drop, edit.
     #[command(subcommand)]
     Held(held::HeldCommand),
+    /// The decrypted sessions as a PCAP or pcapng file for Wireshark.
+    Export(export::ExportArgs),
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// A shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(completions::CompletionsArgs),
+    /// The man page (roff) on stdout, or every page into a folder.
+    Man(completions::ManArgs),
 }
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Up(args) => up::run(args).await,
+        Command::Up(args) => up::run(*args).await,
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
         Command::Ca(cmd) => ca::run(&cli.server, cmd).await,
         Command::Intercept(cmd) => intercept::run(&cli.server, cmd).await,
         Command::Held(cmd) => held::run(&cli.server, cmd).await,
+        Command::Completions(args) => {
+            completions::completions(&args);
+            Ok(())
+        }
+        Command::Man(args) => completions::man(&args),
+        Command::Export(args) => export::run(&cli.server, args).await,
     }
 }
 

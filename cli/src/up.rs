@@ -4,10 +4,14 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use clap::Args;
 use proto::serve::GrpcServer;
-use proxy_core::{Config, DEFAULT_QUEUE_BOUND, Proxy, cli::OnOff, tls};
+use proxy_core::{
+    Proxy,
+    cli::{ProxyArgs, data_dir},
+    tls,
+};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -15,48 +19,27 @@ pub struct UpArgs {
     /// ~/.local/share/interpose.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// SOCKS5 listen address; port 0 picks a free port.
-    #[arg(long, default_value = "127.0.0.1:1080")]
-    pub socks: SocketAddr,
     /// gRPC listen address for every service; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub grpc: SocketAddr,
-    /// This proxy's node name in every record (default: the host name).
-    #[arg(long)]
-    pub node: Option<String>,
-    /// Record packet payloads in the history (records are kept either way).
-    #[arg(long, value_enum, default_value = "on")]
-    pub history: OnOff,
     /// Bearer token the gRPC API requires (needed to listen beyond loopback).
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The proxy's options (the same as the `proxy-core` binary's).
     #[command(flatten)]
-    pub tls: tls::args::TlsArgs,
-}
-
-/// The data directory to use: the given one, or `interpose` under the user's data home.
-pub fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match given {
-        Some(d) => Ok(d),
-        None => dirs::data_dir()
-            .map(|d| d.join("interpose"))
-            .ok_or_else(|| anyhow!("no data home found for this user: pass --data-dir")),
-    }
+    pub proxy: ProxyArgs,
 }
 
 /// Runs every service until SIGINT or SIGTERM, then shuts down in order: the proxy first
 /// (so open connections are recorded as ended), then the API, then the store's last flush.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     proto::serve::init_tracing();
-    tls::install_provider();
     proto::serve::check_exposure(args.grpc, args.token.as_deref())?;
     let dir = data_dir(args.data_dir)?;
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating data directory {}", dir.display()))?;
-    let ca = std::sync::Arc::new(tls::ca::Ca::load_or_create(&dir.join("ca"))?);
-    let ca_path = ca.cert_path();
-    // Checks the TLS options now (an unreadable --upstream-ca fails here, not later).
-    let interceptor = std::sync::Arc::new(tls::Interceptor::new(ca, args.tls.to_options())?);
+    let splicer = args.proxy.tls_splice(&dir)?;
+    let ca_path = splicer.ca().cert_path();
 
     let registry = registry_svc::open(&dir)?;
     let listener = tokio::net::TcpListener::bind(args.grpc)
@@ -64,32 +47,31 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let grpc = listener.local_addr()?;
     let mut server = GrpcServer::new(args.token.clone());
-    server.add_service(registry_svc::grpc_service(registry.clone()));
-    server.add_service(tls::service::CaService::server(interceptor.clone()));
+    server.add_service(registry_svc::grpc_service(registry.clone(), server.drain()));
+    server.add_service(tls::service::CaService::server(splicer.clone()));
     // The intercept queue follows the registry over this same port, as a remote one would.
     let intercept = intercept_svc::Intercept::start(
         &format!("http://{grpc}"),
         args.token.as_deref(),
         intercept_svc::DEFAULT_MAX_HELD,
     )?;
-    server.add_service(intercept.grpc_service());
+    server.add_service(intercept.grpc_service(server.drain()));
+    // The exporter reads the registry over this same port, as a remote export-svc would.
+    server.add_service(export_svc::grpc_service(
+        &format!("http://{grpc}"),
+        args.token.as_deref(),
+    )?);
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut serving = tokio::spawn(server.serve(listener, async {
         let _ = grpc_stopped.await;
     }));
 
-    let proxy = Proxy::start(Config {
-        socks: args.socks,
-        registry_url: format!("http://{grpc}"),
-        token: args.token,
-        node: args.node.unwrap_or_else(proxy_core::cli::hostname),
-        history: args.history == OnOff::On,
-        auth: None,
-        open_proxy: false,
-        queue_bound: DEFAULT_QUEUE_BOUND,
-        refuse: vec![grpc],
-        interceptor: Some(interceptor.clone()),
-    })
+    let proxy = Proxy::start(args.proxy.config(
+        format!("http://{grpc}"),
+        args.token,
+        vec![grpc],
+        splicer.clone(),
+    ))
     .await?;
     println!(
         "ready socks={} grpc=http://{grpc} ca={}",

@@ -17,9 +17,72 @@ fn help_lists_every_subcommand() {
     let out = interpose(&["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["up", "conns", "history", "ca"] {
-        assert!(help.contains(cmd), "{cmd} missing from:\n{help}");
+    // The names in the "Commands:" section, one per line, up to the blank line after it.
+    let listed: Vec<&str> = help
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "up",
+            "conns",
+            "history",
+            "export",
+            "ca",
+            "completions",
+            "man",
+            "help"
+        ],
+        "subcommands in:\n{help}"
+    );
+}
+
+#[test]
+fn up_takes_every_proxy_flag() {
+    let out = interpose(&["up", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--socks ",
+        "--node ",
+        "--history ",
+        "--socks-user ",
+        "--socks-pass ",
+        "--open-proxy",
+        "--queue-bound ",
+        "--upstream-ca ",
+        "--upstream-insecure",
+        "--passthrough ",
+        "--client-cert ",
+        "--keylog ",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
+}
+
+#[test]
+fn up_refuses_an_open_proxy_and_names_the_flags_that_allow_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = interpose(&[
+        "up",
+        "--data-dir",
+        &dir.path().to_string_lossy(),
+        "--grpc",
+        "127.0.0.1:0",
+        "--socks",
+        "0.0.0.0:0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to serve SOCKS on 0.0.0.0:0 without authentication")
+            && err.contains("--socks-user/--socks-pass, pass --open-proxy"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -40,4 +103,110 @@ fn bad_filter_values_name_the_choices() {
         err.contains("active") && err.contains("disconnected"),
         "{err}"
     );
+}
+
+#[test]
+fn server_without_a_scheme_means_http_with_a_note() {
+    let out = interpose(&["conns", "list", "--server", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert_eq!(
+        lines[0],
+        "interpose: note: --server \"127.0.0.1:1\" has no scheme; using http://127.0.0.1:1"
+    );
+    assert!(
+        lines[1].starts_with("interpose: cannot reach the Interpose server at http://127.0.0.1:1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn server_schemes_other_than_http_are_refused_by_name() {
+    for (url, says) in [
+        ("https://127.0.0.1:1", "(https://) is not supported yet"),
+        ("ftp://127.0.0.1:1", "unsupported scheme ftp://"),
+    ] {
+        let out = interpose(&["conns", "list", "--server", url]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{url}: {err}");
+    }
+}
+
+#[test]
+fn a_port_that_does_not_speak_grpc_is_named_as_such() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let _ = s.read(&mut [0u8; 1024]);
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let out = interpose(&["conns", "list", "--server", &format!("http://{addr}")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("is --server an Interpose gRPC address?"),
+        "{err}"
+    );
+}
+
+#[test]
+fn completions_are_scripts_the_shell_accepts() {
+    let out = interpose(&["completions", "bash"]);
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("conns") && script.contains("--status"),
+        "{script}"
+    );
+    let dir = std::env::temp_dir().join(format!("interpose-completion-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("interpose.bash");
+    std::fs::write(&file, &out.stdout).expect("write script");
+    let check = Command::new("bash")
+        .arg("-n")
+        .arg(&file)
+        .output()
+        .expect("bash -n");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn man_page_documents_the_subcommands() {
+    let out = interpose(&["man"]);
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH interpose 1"), "{page}");
+    assert!(page.contains("conns") && page.contains("history"), "{page}");
+}
+
+#[test]
+fn client_help_groups_the_server_options_and_hides_unset_env_values() {
+    let out = interpose(&["conns", "list", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let (own, server) = help.split_once("\nServer:\n").expect("a Server: section");
+    assert!(
+        !own.contains("--server") && !own.contains("--token"),
+        "{help}"
+    );
+    assert!(
+        server.contains("--server") && server.contains("--token"),
+        "{help}"
+    );
+    assert!(!help.contains("INTERPOSE_SERVER="), "{help}");
 }

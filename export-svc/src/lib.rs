@@ -1,1 +1,79 @@
-//! placeholder
+//! export-svc: the decrypted sessions as PCAP and pcapng, built from the registry's
+//! connection records and proxy history, which it reads over gRPC (so it runs on any host).
+//!
+//! The framing is sans-I/O: [`wire`] writes Ethernet/IP/TCP/UDP headers, [`endpoints`]
+//! picks a stream's addresses, [`session`] turns one connection into frames and
+//! [`capture`] frames them as a capture file. [`plan`] checks a request, [`job`] runs it
+//! page by page against the registry and [`service`] serves it.
+
+pub mod capture;
+pub mod endpoints;
+pub mod job;
+pub mod plan;
+pub mod service;
+pub mod session;
+pub mod wire;
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use proto::{
+    export::export_server::ExportServer, registry::registry_client::RegistryClient,
+    serve::GrpcServer,
+};
+
+pub use service::ExportService;
+
+/// Largest registry reply read (a history page holding one very large packet).
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// The gRPC service reading from the registry at `registry_url` (connecting on first use,
+/// so it can start before the registry), ready to add to a server.
+pub fn grpc_service(
+    registry_url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<ExportServer<ExportService>> {
+    let channel = proto::client::connect_lazy(registry_url, token)
+        .with_context(|| format!("registry URL {registry_url}"))?;
+    let registry = RegistryClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    Ok(ExportServer::new(ExportService::new(registry)))
+}
+
+/// Command-line options of the standalone `export-svc` binary.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "export-svc",
+    version,
+    about = "Interpose exporter: decrypted sessions as PCAP and pcapng"
+)]
+pub struct Args {
+    /// gRPC listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:50053")]
+    pub listen: SocketAddr,
+    /// gRPC URL of the registry to read records and history from.
+    #[arg(long)]
+    pub registry: String,
+    /// Bearer token every call must carry (required to listen beyond loopback); also sent
+    /// to the registry.
+    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Runs the standalone exporter until SIGINT or SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    proto::serve::check_exposure(args.listen, args.token.as_deref())?;
+    let service = grpc_service(&args.registry, args.token.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding gRPC on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let mut server = GrpcServer::new(args.token);
+    server.add_service(service);
+    println!("ready export-svc listen={addr}");
+    server
+        .serve(listener, proto::serve::shutdown_signal())
+        .await?;
+    Ok(())
+}

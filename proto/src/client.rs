@@ -22,12 +22,56 @@ pub enum ClientError {
     /// The token cannot be sent as a header.
     #[error("the token must be printable ASCII")]
     BadToken,
+    /// The URL names a scheme other than `http` (or `https`, not served yet).
+    #[error(
+        "unsupported scheme {scheme}:// in server URL {url:?}: Interpose gRPC servers speak \
+         http://HOST:PORT"
+    )]
+    UnsupportedScheme { url: String, scheme: String },
+    /// `https://`: the management API does not serve TLS yet.
+    #[error(
+        "server URL {0:?}: TLS to the management API (https://) is not supported yet; use \
+         http://HOST:PORT (with a token beyond loopback)"
+    )]
+    TlsNotSupported(String),
     /// Nothing answered at the URL.
     #[error("cannot reach {url}: {source}")]
     Unreachable {
         url: String,
         source: tonic::transport::Error,
     },
+}
+
+/// A server address as a user typed it, made into the URL a client connects to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    /// The URL to connect to, always `http://...`.
+    pub url: String,
+    /// True when the user gave no scheme and `http://` was assumed.
+    pub scheme_added: bool,
+}
+
+/// Checks the scheme of a server address: none means `http://`, `http://` is kept, `https://`
+/// and every other scheme are refused with an error that says why.
+pub fn server_url(given: &str) -> Result<ServerUrl, ClientError> {
+    let given = given.trim();
+    match given.split_once("://") {
+        None => Ok(ServerUrl {
+            url: format!("http://{given}"),
+            scheme_added: true,
+        }),
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") => Ok(ServerUrl {
+            url: given.to_string(),
+            scheme_added: false,
+        }),
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
+            Err(ClientError::TlsNotSupported(given.to_string()))
+        }
+        Some((scheme, _)) => Err(ClientError::UnsupportedScheme {
+            url: given.to_string(),
+            scheme: scheme.to_string(),
+        }),
+    }
 }
 
 /// Adds `authorization: Bearer TOKEN` to each call.
@@ -99,4 +143,37 @@ pub fn connect_lazy(url: &str, token: Option<&str>) -> Result<AuthChannel, Clien
         endpoint(url)?.connect_lazy(),
         injector,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_url_assumes_http_and_refuses_other_schemes() {
+        assert_eq!(
+            server_url("127.0.0.1:50051").ok(),
+            Some(ServerUrl {
+                url: "http://127.0.0.1:50051".into(),
+                scheme_added: true
+            })
+        );
+        assert_eq!(
+            server_url("HTTP://[::1]:1").ok(),
+            Some(ServerUrl {
+                url: "HTTP://[::1]:1".into(),
+                scheme_added: false
+            })
+        );
+        assert!(matches!(
+            server_url("https://h:1"),
+            Err(ClientError::TlsNotSupported(_))
+        ));
+        match server_url("ftp://h:1") {
+            Err(e @ ClientError::UnsupportedScheme { .. }) => {
+                assert!(e.to_string().contains("ftp://"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

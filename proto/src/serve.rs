@@ -3,9 +3,9 @@
 //! v1alpha), a bearer-token check when a token is configured, and a refusal to expose the
 //! management API beyond loopback without one.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tonic::{
     Request, Status,
     body::Body,
@@ -69,7 +69,7 @@ impl Interceptor for TokenCheck {
 
 /// Compares without an early exit, so the time taken does not reveal a matching prefix.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// Refuses a listen address beyond loopback unless a token is set.
@@ -114,11 +114,49 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// How long calls still open at shutdown may take to finish before their connections are
+/// closed under them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Tells long-lived streams (watches, ingest) that their server is shutting down, so they end
+/// with [`Drain::status`] instead of holding the shutdown up until their clients go.
+#[derive(Clone, Debug)]
+pub struct Drain {
+    rx: watch::Receiver<bool>,
+}
+
+impl Drain {
+    /// A drain that never fires, for a service served outside [`GrpcServer`].
+    pub fn never() -> Self {
+        let (tx, rx) = watch::channel(false);
+        // The receiver sees a closed channel with `false`: `wait` then pends for ever.
+        drop(tx);
+        Self { rx }
+    }
+
+    /// Completes once the server has begun shutting down.
+    pub async fn wait(&self) {
+        let mut rx = self.rx.clone();
+        if rx.wait_for(|draining| *draining).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// The status a stream ends with when the server shuts down.
+    pub fn status() -> Status {
+        Status::unavailable(SHUTTING_DOWN)
+    }
+}
+
+/// The message of [`Drain::status`]; clients match on it to say the server shut down.
+pub const SHUTTING_DOWN: &str = "the server is shutting down";
+
 /// The services of one gRPC server, to which health and reflection are added on `serve`.
 pub struct GrpcServer {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     token: TokenCheck,
+    drain: watch::Sender<bool>,
 }
 
 impl GrpcServer {
@@ -128,6 +166,14 @@ impl GrpcServer {
             routes: RoutesBuilder::default(),
             names: Vec::new(),
             token: TokenCheck::new(token),
+            drain: watch::channel(false).0,
+        }
+    }
+
+    /// The drain signal of this server, for services with long-lived streams.
+    pub fn drain(&self) -> Drain {
+        Drain {
+            rx: self.drain.subscribe(),
         }
     }
 
@@ -166,7 +212,8 @@ impl GrpcServer {
         b
     }
 
-    /// Serves on `listener` until `shutdown` completes, then finishes in-flight calls.
+    /// Serves on `listener` until `shutdown` completes, then lets in-flight calls finish
+    /// (streams see [`Drain`]) for at most [`SHUTDOWN_GRACE`] before closing what is left.
     pub async fn serve(
         mut self,
         listener: TcpListener,
@@ -185,11 +232,27 @@ impl GrpcServer {
             .add_service(v1)
             .add_service(v1alpha);
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        Server::builder()
+        let drain = self.drain;
+        let draining = drain.subscribe();
+        let signal = async move {
+            shutdown.await;
+            let _ = drain.send(true);
+        };
+        let serving = Server::builder()
             .layer(InterceptorLayer::new(self.token))
             .add_routes(self.routes.routes())
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
+            .serve_with_incoming_shutdown(incoming, signal);
+        let overdue = async move {
+            Drain { rx: draining }.wait().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            served = serving => served?,
+            () = overdue => tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "calls still open after the shutdown grace period; closing their connections"
+            ),
+        }
         Ok(())
     }
 }

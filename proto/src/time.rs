@@ -1,16 +1,13 @@
-//! Conversions between `std::time::SystemTime` and `google.protobuf.Timestamp`.
+//! Conversions between `std::time::SystemTime` and `google.protobuf.Timestamp`: prost-types'
+//! own, clamped to the epoch (records never predate 1970, and a bad value must not panic).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost_types::Timestamp;
 
 /// The timestamp of `t`; times before 1970 clamp to the epoch.
 pub fn to_timestamp(t: SystemTime) -> Timestamp {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timestamp {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
+    Timestamp::from(t.max(UNIX_EPOCH))
 }
 
 /// The current time as a timestamp.
@@ -20,9 +17,10 @@ pub fn now() -> Timestamp {
 
 /// The `SystemTime` of a timestamp; out-of-range values clamp to the epoch.
 pub fn from_timestamp(ts: &Timestamp) -> SystemTime {
-    let secs = u64::try_from(ts.seconds).unwrap_or(0);
-    let nanos = u32::try_from(ts.nanos).unwrap_or(0).min(999_999_999);
-    UNIX_EPOCH + Duration::new(secs, nanos)
+    SystemTime::try_from(*ts)
+        .ok()
+        .filter(|t| *t >= UNIX_EPOCH)
+        .unwrap_or(UNIX_EPOCH)
 }
 
 /// Nanoseconds since the epoch (saturating), a compact key for ordering.
@@ -34,6 +32,8 @@ pub fn unix_nanos(ts: &Timestamp) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

@@ -4,9 +4,12 @@
 //!
 //! Modules, from the wire up:
 //! - [`socks5`]: the SOCKS5 wire format, sans I/O; [`handshake`]: its async shell.
-//! - [`server`]: listener, per-connection handler, graceful shutdown.
-//! - [`relay`]: the two pumps with half-close; [`udp`]: UDP ASSOCIATE.
-//! - [`intercept`]: the relay with TLS detection and interception (uses [`tls`]).
+//! - [`server`]: listener and per-connection handler; [`shared`]: what handlers share;
+//!   [`shutdown`]: graceful shutdown.
+//! - [`relay`]: the one relay (a pump per direction with half-close, resets, and the hold
+//!   point, for plain and TLS legs alike); [`udp`]: UDP ASSOCIATE.
+//! - [`tls`]: TLS detection, the CA, leaves, the upstream client and the TLS splice
+//!   ([`tls::splice`]) that terminates TLS found on a stream.
 //! - [`report`]: the bounded, replaying event stream to the registry; [`ids`]: leased
 //!   connection IDs; [`process`]: which local process a client is; [`conn`]: per-connection
 //!   counters.
@@ -17,11 +20,12 @@ pub mod conn;
 pub mod handshake;
 pub mod hold;
 pub mod ids;
-pub mod intercept;
 pub mod process;
 pub mod relay;
 pub mod report;
 pub mod server;
+pub mod shared;
+pub mod shutdown;
 pub mod sock_diag;
 pub mod socks5;
 pub mod tls;
@@ -64,8 +68,8 @@ pub struct Config {
     /// Addresses CONNECT must refuse besides the SOCKS port itself (the management gRPC
     /// port, ...): reply 0x02 and a record closed by the proxy.
     pub refuse: Vec<SocketAddr>,
-    /// TLS interception ([`tls::Interceptor`]); `None` relays every stream as plain TCP.
-    pub interceptor: Option<Arc<tls::Interceptor>>,
+    /// The TLS splice ([`tls::Splicer`]); `None` relays every stream as plain TCP.
+    pub splicer: Option<Arc<tls::Splicer>>,
 }
 
 /// Why a proxy could not start.
@@ -132,19 +136,19 @@ impl Proxy {
         );
         let ids = ids::IdPool::new(channel, cfg.node.clone());
         let resolver = process::Resolver::start(reporter.clone());
-        if cfg.interceptor.is_some() {
+        if cfg.splicer.is_some() {
             tls::install_provider();
         }
         let mut refuse = vec![socks_addr];
         refuse.extend(cfg.refuse.iter().copied());
-        let shared = Arc::new(server::Shared {
+        let shared = Arc::new(shared::Shared {
             node: cfg.node.clone(),
             auth: cfg.auth.clone(),
             reporter: reporter.clone(),
             ids,
             resolver,
             refuse,
-            interceptor: cfg.interceptor.clone(),
+            splicer: cfg.splicer.clone(),
         });
         let (notify_shutdown, _) = broadcast::channel(1);
         let (shutdown_complete_tx, shutdown_complete_rx) = mpsc::channel(1);

@@ -77,15 +77,9 @@ pub fn parse_tcp_line(line: &str) -> Option<TcpEntry> {
     })
 }
 
-/// Maps IPv4-mapped IPv6 addresses to plain IPv4, so both tables compare alike.
+/// Maps IPv4-mapped IPv6 addresses to plain IPv4, so addresses compare alike.
 fn canonical(a: SocketAddr) -> SocketAddr {
-    match a.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
-            None => a,
-        },
-        IpAddr::V4(_) => a,
-    }
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 /// How many recent client processes are looked at before all of `/proc`.

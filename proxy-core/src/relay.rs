@@ -1,214 +1,128 @@
-//! The bidirectional relay: two pumps, one per direction, over a pair of byte streams.
+//! The one relay: two pumps, one per direction, over two [`Leg`]s, for plain TCP and for
+//! the decrypted TLS legs alike.
 //!
-//! Each pump loops: read one *packet* (whatever one read returned) -> number it (sequence
-//! number from the connection's shared counter, direction, timestamp taken at the read) ->
-//! write it to the other side -> queue its history copy (after the write, so the reporter's
-//! wake-up never delays the data). The packet is a `bytes::Bytes`: the buffer the read
+//! Each [`pump`] loops: read one *packet* (whatever one read returned) -> pass it through the
+//! [`Tap`], the hold point (numbering, counting, an intercept hold) -> write what the tap
+//! says -> queue its history copy. The packet is a `bytes::Bytes`: the buffer the read
 //! filled, handed on without copying (history copies only small packets, see
-//! [`record_copy`]). An intercept hold slots in between numbering and writing: one direction
-//! then simply waits for a verdict while the other keeps flowing.
+//! [`tap::record_copy`]).
 //!
 //! Half-close: when a side sends FIN, its pump ends by shutting down the *write* side of the
 //! other stream, and the other pump keeps flowing until its side ends too. There is no idle
 //! cut-off. A reset (RST) or any other error ends both directions at once; a reset is passed
-//! on as a reset (SO_LINGER 0 on the other socket).
+//! on as a reset ([`pass_reset`]).
 //!
-//! Buffers are allocated on readiness: [`TcpReader`] awaits `readable()` with no buffer
-//! held, then reads into a block; an idle connection holds no buffer at all.
-//!
-//! The streams are abstracted by [`PacketReader`] and [`PacketWriter`], so a TLS layer can
-//! provide its own (decrypted) reader and writer and reuse the pumps unchanged.
+//! A pump can also stop early at a packet boundary ([`Boundary`]): the TLS splice uses it
+//! to hand a ClientHello that shows up mid-stream to the TLS layer with both directions
+//! paused. The plain relay sets no boundary.
 
-use std::{future::Future, io, time::Duration};
+pub mod io;
+pub mod tap;
 
-use bytes::{Bytes, BytesMut};
-use futures::FutureExt;
-use proto::common::{CloseKind, ClosedBy, Direction};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
+use std::{
+    future::Future,
+    io as stdio,
+    sync::atomic::{AtomicBool, Ordering},
 };
 
-use crate::{conn::ConnState, conn::End, report::Reporter};
+use bytes::Bytes;
+use proto::common::{CloseKind, ClosedBy, Direction};
+use tokio::sync::Notify;
 
-/// Smallest read block.
-pub const MIN_READ: usize = 4 * 1024;
-/// Largest read block.
-pub const MAX_READ: usize = 256 * 1024;
-/// History packets up to this size are copied out of the read block, so that a small packet
-/// waiting in the report queue does not pin a whole block.
-pub const SMALL_PACKET: usize = 2 * 1024;
-
-/// The reading side of one stream, one packet per read.
-pub trait PacketReader: Send {
-    /// The next packet; `None` at end of stream (FIN).
-    fn read_packet(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
-}
-
-/// The writing side of one stream.
-pub trait PacketWriter: Send {
-    /// Writes a whole packet.
-    fn write_packet(&mut self, data: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
-    /// Sends FIN (half-close): no more data in this direction.
-    fn shutdown_write(&mut self) -> impl Future<Output = io::Result<()>> + Send;
-    /// Makes the coming close abortive (RST), to pass on a reset.
-    fn abort(&mut self);
-}
-
-/// Reads a TCP stream, allocating a block only once data is ready.
-pub struct TcpReader {
-    half: OwnedReadHalf,
-    buf: BytesMut,
-    size: usize,
-    pending: Option<Bytes>,
-}
-
-impl TcpReader {
-    /// A reader over `half`; `pending` (bytes already received, e.g. after the SOCKS
-    /// request) comes out first.
-    pub fn new(half: OwnedReadHalf, pending: Option<Bytes>) -> Self {
-        Self {
-            half,
-            buf: BytesMut::new(),
-            size: MIN_READ,
-            pending: pending.filter(|p| !p.is_empty()),
-        }
-    }
-
-    /// The read half back, and any pending bytes not yet returned.
-    pub fn into_inner(self) -> (OwnedReadHalf, Option<Bytes>) {
-        (self.half, self.pending)
-    }
-}
-
-impl PacketReader for TcpReader {
-    async fn read_packet(&mut self) -> io::Result<Option<Bytes>> {
-        if let Some(p) = self.pending.take() {
-            return Ok(Some(p));
-        }
-        loop {
-            if self.buf.capacity() == 0 {
-                // Idle: no buffer held while waiting.
-                self.half.readable().await?;
-                self.buf = BytesMut::with_capacity(self.size);
-            }
-            let spare = self.buf.capacity() - self.buf.len();
-            // tokio's own read path (polled once, never left waiting with the block held)
-            // marks the socket drained after a short read, which saves the read that would
-            // only say WouldBlock: one system call less per packet.
-            match self.half.read_buf(&mut self.buf).now_or_never() {
-                None => {
-                    // Readiness was stale: wait again without the block.
-                    self.buf = BytesMut::new();
-                }
-                Some(Ok(0)) => return Ok(None),
-                Some(Ok(n)) => {
-                    if n == spare && self.size < MAX_READ {
-                        self.size *= 2;
-                    }
-                    let packet = self.buf.split_to(n).freeze();
-                    if n < spare || self.buf.capacity() < MIN_READ / 2 {
-                        // Drained (or the block is used up): packets keep their bytes,
-                        // the next wait holds none.
-                        self.buf = BytesMut::new();
-                    }
-                    return Ok(Some(packet));
-                }
-                Some(Err(e)) => return Err(e),
-            }
-        }
-    }
-}
-
-/// Writes a TCP stream.
-pub struct TcpWriter {
-    /// `None` after [`PacketWriter::abort`].
-    half: Option<OwnedWriteHalf>,
-}
-
-impl TcpWriter {
-    /// A writer over `half`.
-    pub fn new(half: OwnedWriteHalf) -> Self {
-        Self { half: Some(half) }
-    }
-
-    /// The write half back; `None` after [`PacketWriter::abort`].
-    pub fn into_inner(self) -> Option<OwnedWriteHalf> {
-        self.half
-    }
-}
-
-fn aborted() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotConnected,
-        "connection aborted by the proxy",
-    )
-}
-
-impl PacketWriter for TcpWriter {
-    async fn write_packet(&mut self, data: &[u8]) -> io::Result<()> {
-        match &mut self.half {
-            Some(h) => h.write_all(data).await,
-            None => Err(aborted()),
-        }
-    }
-
-    async fn shutdown_write(&mut self) -> io::Result<()> {
-        match &mut self.half {
-            Some(h) => h.shutdown().await,
-            None => Err(aborted()),
-        }
-    }
-
-    fn abort(&mut self) {
-        if let Some(h) = self.half.take() {
-            // SO_LINGER 0 makes close() send RST. Tokio deprecates set_linger because a
-            // non-zero linger blocks on drop; zero never blocks.
-            #[allow(deprecated)]
-            let _ = h.as_ref().set_linger(Some(Duration::ZERO));
-            // Dropping a write half would send FIN first; forget it so the close (when the
-            // read half goes) is the reset alone.
-            h.forget();
-        }
-    }
-}
+pub use self::{
+    io::{Leg, MAX_READ, MIN_READ, PacketReader, PacketWriter, StreamWriter, TcpReader},
+    tap::{Hold, Passage, Tap, Verdict},
+};
+use crate::conn::End;
 
 /// How one pump ended.
 #[derive(Debug)]
-pub(crate) enum PumpEnd {
+pub enum PumpEnd {
     /// The reading side sent FIN; it was passed on.
     Eof,
     /// Reading failed.
-    Read(io::Error),
+    Read(stdio::Error),
     /// Writing to the other side failed.
-    Write(io::Error),
+    Write(stdio::Error),
+    /// Stopped at a [`Boundary`], with the packet it stopped before (unwritten, not yet
+    /// through the tap), if any.
+    Stopped(Option<Bytes>),
 }
 
-/// The bytes to record for a packet: small packets are copied (see [`SMALL_PACKET`]).
-pub fn record_copy(data: &Bytes) -> Bytes {
-    if data.len() <= SMALL_PACKET {
-        Bytes::copy_from_slice(data)
-    } else {
-        data.clone()
+/// A check of a packet's bytes, e.g. "could this start a TLS ClientHello?".
+pub type PacketCheck = fn(&[u8]) -> bool;
+
+/// Where a pump may stop early, at a packet boundary. The default stops nowhere.
+#[derive(Clone, Copy, Default)]
+pub struct Boundary<'a> {
+    /// Stop before a packet `check` accepts while `armed` is set (the splice checks
+    /// client reads for a ClientHello while the server side is open).
+    pub before: Option<(PacketCheck, &'a AtomicBool)>,
+    /// Stop between packets once this is notified (a packet is never half written).
+    pub pause: Option<&'a Notify>,
+}
+
+impl Boundary<'_> {
+    fn stops_before(&self, data: &[u8]) -> bool {
+        self.before
+            .is_some_and(|(check, armed)| armed.load(Ordering::Acquire) && check(data))
     }
 }
 
-/// What the pumps need to know about their connection.
-pub struct Ctx<'a> {
-    /// Shared counters and sequence.
-    pub state: &'a ConnState,
-    /// Where packets go.
-    pub reporter: &'a Reporter,
+/// What a pump starts with besides its reader (the splice resumes a direction with them).
+#[derive(Debug, Default)]
+pub struct Start {
+    /// Bytes already received, relayed first.
+    pub pending: Option<Bytes>,
+    /// `pending` was already checked against the boundary: relay it as it is.
+    pub checked: bool,
+    /// The reading side already ended (after `pending`).
+    pub ended: Option<PumpEnd>,
 }
 
-async fn pump<R: PacketReader, W: PacketWriter>(
+impl Start {
+    /// Starts with `pending` (empty counts as none), unchecked.
+    pub fn with(pending: Bytes) -> Self {
+        Self {
+            pending: Some(pending).filter(|p| !p.is_empty()),
+            ..Self::default()
+        }
+    }
+}
+
+/// Relays one direction until its reading side ends, a write fails, or a boundary stops it.
+pub async fn pump<R: PacketReader, W: PacketWriter>(
     r: &mut R,
     w: &mut W,
     dir: Direction,
-    ctx: &Ctx<'_>,
+    tap: &Tap<'_>,
+    at: Boundary<'_>,
+    start: Start,
 ) -> PumpEnd {
+    if let Some(data) = start.pending {
+        if !start.checked && at.stops_before(&data) {
+            return PumpEnd::Stopped(Some(data));
+        }
+        if let Err(e) = pass(w, dir, tap, data).await {
+            return PumpEnd::Write(e);
+        }
+    }
+    if let Some(end) = start.ended {
+        if matches!(end, PumpEnd::Eof) {
+            let _ = w.shutdown_write().await;
+        }
+        return end;
+    }
     loop {
-        let data = match r.read_packet().await {
+        let read = match at.pause {
+            Some(pause) => tokio::select! {
+                biased;
+                () = pause.notified() => return PumpEnd::Stopped(None),
+                r = r.read_packet() => r,
+            },
+            None => r.read_packet().await,
+        };
+        let data = match read {
             Ok(Some(d)) => d,
             Ok(None) => {
                 // Pass the FIN on; a failure here means the other side is gone already,
@@ -218,109 +132,123 @@ async fn pump<R: PacketReader, W: PacketWriter>(
             }
             Err(e) => return PumpEnd::Read(e),
         };
-        // Future hook: an intercept hold waits here for a verdict (forward, edit, drop).
-        if let Err(e) = forward(w, data, dir, ctx).await {
+        if at.stops_before(&data) {
+            return PumpEnd::Stopped(Some(data));
+        }
+        if let Err(e) = pass(w, dir, tap, data).await {
             return PumpEnd::Write(e);
         }
     }
 }
 
-/// Counts one packet, writes it on and queues its history copy. The timestamp and sequence
-/// number are taken at the read; the copy is queued only after the write, so waking the
-/// reporter never delays the data.
-pub(crate) async fn forward<W: PacketWriter>(
+/// One packet through the hold point and on to `w`; the history copy is queued after the
+/// write, so waking the reporter never delays the data.
+async fn pass<W: PacketWriter>(
     w: &mut W,
-    data: Bytes,
     dir: Direction,
-    ctx: &Ctx<'_>,
-) -> io::Result<()> {
-    let ts = proto::time::now();
-    let seq = ctx.state.record(dir, data.len());
-    let written = w.write_packet(&data).await;
-    if ctx.reporter.history() {
-        ctx.reporter
-            .packet(ctx.state.id, seq, dir, ts, record_copy(&data));
-    }
+    tap: &Tap<'_>,
+    data: Bytes,
+) -> stdio::Result<()> {
+    let passage = tap.packet(dir, data).await;
+    let written = w.write_packet(passage.to_send()).await;
+    tap.passed(passage);
     written
 }
 
-fn is_reset(e: &io::Error) -> bool {
+fn is_reset(e: &stdio::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
+        stdio::ErrorKind::ConnectionReset
+            | stdio::ErrorKind::BrokenPipe
+            | stdio::ErrorKind::ConnectionAborted
     )
 }
 
+fn side(s: ClosedBy) -> &'static str {
+    if s == ClosedBy::Client {
+        "client"
+    } else {
+        "server"
+    }
+}
+
 /// Classifies a pump's end: (end, fatal). `from`/`to` are the reading and writing sides.
-pub(crate) fn classify(end: PumpEnd, from: ClosedBy, to: ClosedBy) -> (End, bool) {
-    let name = |s: ClosedBy| {
-        if s == ClosedBy::Client {
-            "client"
-        } else {
-            "server"
-        }
+pub fn classify(end: PumpEnd, from: ClosedBy, to: ClosedBy) -> (End, bool) {
+    let reset = |s| {
+        End::new(
+            s,
+            CloseKind::Rst,
+            format!("{} reset the connection (RST)", side(s)),
+        )
     };
     match end {
         PumpEnd::Eof => (
-            End::new(from, CloseKind::Fin, format!("{} sent FIN", name(from))),
+            End::new(from, CloseKind::Fin, format!("{} sent FIN", side(from))),
             false,
         ),
-        PumpEnd::Read(e) if is_reset(&e) => (
-            End::new(
-                from,
-                CloseKind::Rst,
-                format!("{} reset the connection (RST)", name(from)),
-            ),
-            true,
-        ),
+        PumpEnd::Read(e) if is_reset(&e) => (reset(from), true),
         PumpEnd::Read(e) => (
             End::new(
                 from,
                 CloseKind::Error,
-                format!("reading from {}: {e}", name(from)),
+                format!("reading from {}: {e}", side(from)),
             ),
             true,
         ),
-        PumpEnd::Write(e) if is_reset(&e) => (
-            End::new(
-                to,
-                CloseKind::Rst,
-                format!("{} reset the connection (RST)", name(to)),
-            ),
-            true,
-        ),
+        PumpEnd::Write(e) if is_reset(&e) => (reset(to), true),
         PumpEnd::Write(e) => (
             End::new(
                 to,
                 CloseKind::Error,
-                format!("writing to {}: {e}", name(to)),
+                format!("writing to {}: {e}", side(to)),
             ),
             true,
         ),
+        PumpEnd::Stopped(_) => (End::proxy(CloseKind::Error, "relay stopped early"), true),
     }
 }
 
-/// Relays between client and server until both directions ended, one side reset, or
-/// `shutdown` completes. Returns how the connection ended (the first side's end).
-pub async fn relay<CR, CW, SR, SW>(
-    client: (&mut CR, &mut CW),
-    server: (&mut SR, &mut SW),
-    ctx: &Ctx<'_>,
+/// Passes a reset on as a reset: when the connection ended abruptly by one side's RST, the
+/// side that did not reset gets one too. Call once the pumps are gone.
+pub fn pass_reset(first: &End, fatal: bool, client: &impl Leg, server: &impl Leg) {
+    if fatal && first.kind == CloseKind::Rst {
+        match first.closed_by {
+            ClosedBy::Client => server.reset(),
+            ClosedBy::Server => client.reset(),
+            _ => {}
+        }
+    }
+}
+
+/// Relays between `client` and `server` until both directions ended, one side reset, or
+/// `shutdown` completes. `pending` is client data already received. Returns how the
+/// connection ended (the first side's end).
+pub async fn relay<C: Leg, S: Leg>(
+    client: &mut C,
+    server: &mut S,
+    pending: Bytes,
+    tap: &Tap<'_>,
     shutdown: impl Future<Output = ()>,
-) -> End
-where
-    CR: PacketReader,
-    CW: PacketWriter,
-    SR: PacketReader,
-    SW: PacketWriter,
-{
-    let (cr, cw) = client;
-    let (sr, sw) = server;
+) -> End {
     let (first, fatal) = {
-        let c2s = pump(cr, sw, Direction::C2s, ctx);
-        let s2c = pump(sr, cw, Direction::S2c, ctx);
+        let (mut cr, mut cw) = client.split();
+        let (mut sr, mut sw) = server.split();
+        let c2s = pump(
+            &mut cr,
+            &mut sw,
+            Direction::C2s,
+            tap,
+            Boundary::default(),
+            Start::with(pending),
+        );
+        let s2c = pump(
+            &mut sr,
+            &mut cw,
+            Direction::S2c,
+            tap,
+            Boundary::default(),
+            Start::default(),
+        );
         tokio::pin!(c2s, s2c, shutdown);
         let (mut c2s_done, mut s2c_done) = (false, false);
         let mut first: Option<End> = None;
@@ -339,69 +267,18 @@ where
                     (End::proxy(CloseKind::Fin, "proxy shut down"), true)
                 }
             };
-            if first.is_none() {
-                first = Some(end);
-            }
+            first.get_or_insert(end);
             if is_fatal {
-                fatal = is_fatal;
+                fatal = true;
                 break;
             }
         }
         (first, fatal)
     };
     let first = first.unwrap_or_else(|| End::proxy(CloseKind::Error, "relay ended"));
-    if fatal && first.kind == CloseKind::Rst {
-        // Pass a reset on as a reset: the side that did not reset gets one too.
-        match first.closed_by {
-            ClosedBy::Client => sw.abort(),
-            ClosedBy::Server => cw.abort(),
-            _ => {}
-        }
-    }
+    pass_reset(&first, fatal, client, server);
     first
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classification_names_the_right_side() {
-        let (e, fatal) = classify(PumpEnd::Eof, ClosedBy::Client, ClosedBy::Server);
-        assert_eq!(
-            e,
-            End::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
-        );
-        assert!(!fatal);
-        let (e, fatal) = classify(
-            PumpEnd::Read(io::Error::from(io::ErrorKind::ConnectionReset)),
-            ClosedBy::Server,
-            ClosedBy::Client,
-        );
-        assert_eq!(
-            e,
-            End::new(
-                ClosedBy::Server,
-                CloseKind::Rst,
-                "server reset the connection (RST)"
-            )
-        );
-        assert!(fatal);
-        let (e, _) = classify(
-            PumpEnd::Write(io::Error::from(io::ErrorKind::BrokenPipe)),
-            ClosedBy::Client,
-            ClosedBy::Server,
-        );
-        assert_eq!(e.closed_by, ClosedBy::Server);
-        assert_eq!(e.kind, CloseKind::Rst);
-    }
-
-    #[test]
-    fn small_packets_are_copied_large_ones_shared() {
-        let big = Bytes::from(vec![7u8; SMALL_PACKET + 1]);
-        assert_eq!(record_copy(&big).as_ptr(), big.as_ptr());
-        let small = Bytes::from(vec![7u8; 10]);
-        assert_ne!(record_copy(&small).as_ptr(), small.as_ptr());
-        assert_eq!(record_copy(&small), small);
-    }
-}
+pub(crate) mod tests;

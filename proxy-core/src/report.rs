@@ -132,6 +132,25 @@ pub struct Reporter {
     inner: Arc<Inner>,
 }
 
+impl Inner {
+    /// Empty queue state and the receiving end of its queue.
+    fn new(history: bool, bound: usize) -> (Arc<Inner>, mpsc::UnboundedReceiver<Item>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Inner {
+            tx,
+            history,
+            bound,
+            events: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            events_dropped: AtomicU64::new(0),
+            packets_dropped: AtomicU64::new(0),
+            bytes_dropped: AtomicU64::new(0),
+            active: Mutex::new(HashMap::new()),
+        };
+        (Arc::new(inner), rx)
+    }
+}
+
 impl Reporter {
     /// Starts the background task that streams to the registry over `channel` as `node`.
     /// `queue_bound` is the number of events buffered while the registry is slow or down.
@@ -141,18 +160,7 @@ impl Reporter {
         history: bool,
         queue_bound: usize,
     ) -> (Reporter, ReporterTask) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            tx,
-            history,
-            bound: queue_bound.max(1),
-            events: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
-            events_dropped: AtomicU64::new(0),
-            packets_dropped: AtomicU64::new(0),
-            bytes_dropped: AtomicU64::new(0),
-            active: Mutex::new(HashMap::new()),
-        });
+        let (inner, rx) = Inner::new(history, queue_bound.max(1));
         let (stop_tx, stop_rx) = watch::channel(None);
         let task = Task {
             inner: inner.clone(),
@@ -878,21 +886,7 @@ mod tests {
     use proto::registry::{IngestRequest, event::Kind};
 
     fn inner(bound: usize) -> (Arc<Inner>, mpsc::UnboundedReceiver<Item>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Arc::new(Inner {
-                tx,
-                history: true,
-                bound,
-                events: AtomicUsize::new(0),
-                bytes: AtomicUsize::new(0),
-                events_dropped: AtomicU64::new(0),
-                packets_dropped: AtomicU64::new(0),
-                bytes_dropped: AtomicU64::new(0),
-                active: Mutex::new(HashMap::new()),
-            }),
-            rx,
-        )
+        Inner::new(true, bound)
     }
 
     fn packet(seq: u64, data: &'static [u8]) -> Item {

@@ -21,12 +21,11 @@ use tokio::{
 use crate::{
     conn::{ConnState, End},
     handshake::{self, Accepted},
-    ids::IdPool,
-    process::Resolver,
-    relay::{self, Ctx, TcpReader, TcpWriter},
-    report::Reporter,
+    relay::{self, Tap},
+    shared::Shared,
+    shutdown::Shutdown,
     socks5::{Addr, Command, Reply},
-    udp,
+    tls, udp,
 };
 
 /// Most connections handled at once; further clients wait in the accept backlog.
@@ -37,49 +36,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the upstream connect may take (all addresses of a name together).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What every handler shares.
-pub struct Shared {
-    /// This proxy's node name.
-    pub node: String,
-    /// Required SOCKS credentials, if any.
-    pub auth: Option<(String, String)>,
-    /// Where events go.
-    pub reporter: Reporter,
-    /// Where connection IDs come from.
-    pub ids: IdPool,
-    /// Client process lookups.
-    pub resolver: Resolver,
-    /// Addresses CONNECT must never reach: the SOCKS listener itself and `Config::refuse`.
-    pub refuse: Vec<SocketAddr>,
-    /// TLS interception; `None` relays everything as plain TCP.
-    pub interceptor: Option<Arc<crate::tls::Interceptor>>,
-}
-
-/// Completes when the proxy shuts down (the broadcast sender was dropped or sent).
-pub struct Shutdown {
-    is_shutdown: bool,
-    notify: broadcast::Receiver<()>,
-}
-
-impl Shutdown {
-    /// A listener for `notify`.
-    pub fn new(notify: broadcast::Receiver<()>) -> Self {
-        Self {
-            is_shutdown: false,
-            notify,
-        }
-    }
-
-    /// Waits for the shutdown notice (returns at once after it came).
-    pub async fn recv(&mut self) {
-        if self.is_shutdown {
-            return;
-        }
-        let _ = self.notify.recv().await;
-        self.is_shutdown = true;
-    }
-}
 
 /// The accept loop.
 pub struct Listener {
@@ -186,28 +142,7 @@ impl Handler {
             }
         };
         let state = Arc::new(ConnState::new(id));
-        let (dst_ip, dst_port) = match (&request.addr, transport) {
-            (Addr::Ip(a), Transport::Tcp) => (a.ip().to_string(), u32::from(a.port())),
-            (Addr::Domain(_, p), Transport::Tcp) => (String::new(), u32::from(*p)),
-            _ => (String::new(), 0),
-        };
-        let conn = Connection {
-            id,
-            node: self.shared.node.clone(),
-            src_ip: peer.ip().to_string(),
-            src_port: u32::from(peer.port()),
-            dst_host: if transport == Transport::Tcp {
-                request.addr.host()
-            } else {
-                String::new()
-            },
-            dst_ip,
-            dst_port,
-            status: ConnStatus::Active as i32,
-            opened_at: Some(opened_at),
-            transport: transport as i32,
-            ..Default::default()
-        };
+        let conn = self.record(id, peer, &request.addr, transport, opened_at);
         self.shared.reporter.opened(conn, state.clone());
         self.shared.resolver.request(id, peer, local);
         let end = if transport == Transport::Udp {
@@ -227,6 +162,36 @@ impl Handler {
         };
         tracing::debug!(id, %peer, target = %request.addr, reason = %end.reason, "connection ended");
         self.shared.reporter.closed(&state, &end);
+    }
+
+    /// The new connection's record: who connected, where to, when.
+    fn record(
+        &self,
+        id: u64,
+        peer: SocketAddr,
+        target: &Addr,
+        transport: Transport,
+        opened_at: prost_types::Timestamp,
+    ) -> Connection {
+        let tcp = transport == Transport::Tcp;
+        let (dst_ip, dst_port) = match target {
+            Addr::Ip(a) if tcp => (a.ip().to_string(), u32::from(a.port())),
+            Addr::Domain(_, p) if tcp => (String::new(), u32::from(*p)),
+            _ => (String::new(), 0),
+        };
+        Connection {
+            id,
+            node: self.shared.node.clone(),
+            src_ip: peer.ip().to_string(),
+            src_port: u32::from(peer.port()),
+            dst_host: if tcp { target.host() } else { String::new() },
+            dst_ip,
+            dst_port,
+            status: ConnStatus::Active as i32,
+            opened_at: Some(opened_at),
+            transport: transport as i32,
+            ..Default::default()
+        }
     }
 
     /// CONNECT: resolve, refuse our own ports, connect, reply, relay.
@@ -268,13 +233,10 @@ impl Handler {
                 format!("writing the SOCKS reply: {e}"),
             );
         }
-        let ctx = Ctx {
-            state,
-            reporter: &self.shared.reporter,
-        };
-        if let Some(interceptor) = self.shared.interceptor.clone() {
+        let tap = Tap::new(state, &self.shared.reporter);
+        if let Some(splicer) = self.shared.splicer.clone() {
             let peer = upstream.peer_addr();
-            let target = crate::tls::Target {
+            let target = tls::Target {
                 host: match target {
                     Addr::Domain(h, _) => Some(h.clone()),
                     Addr::Ip(_) => None,
@@ -288,25 +250,23 @@ impl Handler {
                     Addr::Domain(_, p) => *p,
                 },
             };
-            return crate::intercept::relay(
+            return tls::splice::splice(
                 stream,
                 leftover,
                 upstream,
                 target,
-                &interceptor,
-                &ctx,
+                &splicer,
+                &tap,
                 &mut self.shutdown,
             )
             .await;
         }
-        let (cr, cw) = stream.into_split();
-        let (sr, sw) = upstream.into_split();
-        let (mut cr, mut cw) = (TcpReader::new(cr, Some(leftover)), TcpWriter::new(cw));
-        let (mut sr, mut sw) = (TcpReader::new(sr, None), TcpWriter::new(sw));
+        let (mut client, mut upstream) = (stream, upstream);
         relay::relay(
-            (&mut cr, &mut cw),
-            (&mut sr, &mut sw),
-            &ctx,
+            &mut client,
+            &mut upstream,
+            leftover,
+            &tap,
             self.shutdown.recv(),
         )
         .await
@@ -318,17 +278,10 @@ pub fn reaches(target: SocketAddr, own: SocketAddr, local: SocketAddr) -> bool {
     if target.port() != own.port() {
         return false;
     }
-    let canon = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    let (t, o) = (canon(target.ip()), canon(own.ip()));
+    let (t, o) = (target.ip().to_canonical(), own.ip().to_canonical());
     t == o
         || t.is_unspecified()
-        || (o.is_unspecified() && (t.is_loopback() || t == canon(local.ip())))
+        || (o.is_unspecified() && (t.is_loopback() || t == local.ip().to_canonical()))
 }
 
 /// Resolves and connects, or says which reply and record end the failure deserves.

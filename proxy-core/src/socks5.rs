@@ -309,6 +309,15 @@ impl Socks5Error {
 /// Parses a request. The reserved byte is not checked (RFC 1928 says it must be zero; being
 /// lenient costs nothing).
 pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Socks5Error> {
+    Ok(parse_message(buf)?.map(|(cmd, addr, n)| {
+        let command = Command::from_byte(cmd);
+        (Request { command, addr }, n)
+    }))
+}
+
+/// Parses the shape requests and replies share: VER, a command or reply code, RSV, an
+/// address. Returns the code, the address and the length.
+fn parse_message(buf: &[u8]) -> Result<Option<(u8, Addr, usize)>, Socks5Error> {
     let Some(&ver) = buf.first() else {
         return Ok(None);
     };
@@ -318,11 +327,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, Socks5Error
     if buf.len() < 4 {
         return Ok(None);
     }
-    let command = Command::from_byte(buf[1]);
-    match parse_addr(&buf[3..])? {
-        None => Ok(None),
-        Some((addr, n)) => Ok(Some((Request { command, addr }, 3 + n))),
-    }
+    Ok(parse_addr(&buf[3..])?.map(|(addr, n)| (buf[1], addr, 3 + n)))
 }
 
 /// Encodes a request (client side).
@@ -424,20 +429,10 @@ pub fn encode_reply(r: &ReplyMsg, out: &mut Vec<u8>) {
 
 /// Parses a reply (client side).
 pub fn parse_reply(buf: &[u8]) -> Result<Option<(ReplyMsg, usize)>, Socks5Error> {
-    let Some(&ver) = buf.first() else {
-        return Ok(None);
-    };
-    if ver != VERSION {
-        return Err(Socks5Error::BadVersion(ver, VERSION));
-    }
-    if buf.len() < 4 {
-        return Ok(None);
-    }
-    let reply = Reply::from_code(buf[1]);
-    match parse_addr(&buf[3..])? {
-        None => Ok(None),
-        Some((bound, n)) => Ok(Some((ReplyMsg { reply, bound }, 3 + n))),
-    }
+    Ok(parse_message(buf)?.map(|(code, bound, n)| {
+        let reply = Reply::from_code(code);
+        (ReplyMsg { reply, bound }, n)
+    }))
 }
 
 /// The header of a UDP ASSOCIATE datagram `RSV(2) FRAG ATYP DST.ADDR DST.PORT`.

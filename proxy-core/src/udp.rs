@@ -25,7 +25,9 @@ use tokio::{
 use crate::{
     conn::{ConnState, End},
     handshake,
-    server::{Shared, Shutdown},
+    report::Reporter,
+    shared::Shared,
+    shutdown::Shutdown,
     socks5::{self, Addr, Reply, UdpHeader},
 };
 
@@ -63,14 +65,9 @@ fn to_v6(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Maps IPv4-mapped IPv6 addresses to plain IPv4, so addresses compare alike.
 fn canonical(a: SocketAddr) -> SocketAddr {
-    match a.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
-            None => a,
-        },
-        IpAddr::V4(_) => a,
-    }
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 /// Runs one association on `control` until it ends; returns how.
@@ -101,15 +98,17 @@ pub async fn associate(
             format!("writing the SOCKS reply: {e}"),
         );
     }
-    let mut client_addr = match requested {
-        Addr::Ip(a) if !a.ip().is_unspecified() && a.port() != 0 => Some(*a),
-        _ => None,
+    let mut out = Outbound {
+        client: match requested {
+            Addr::Ip(a) if !a.ip().is_unspecified() && a.port() != 0 => Some(*a),
+            _ => None,
+        },
+        upstream: None,
+        resolved: None,
     };
-    let mut upstream: Option<(UdpSocket, bool)> = None;
     let mut cbuf = vec![0u8; DATAGRAM];
     let mut ubuf = vec![0u8; DATAGRAM];
     let mut ctl = [0u8; 64];
-    let mut resolved: Option<(String, u16, SocketAddr)> = None;
     let reporter = &shared.reporter;
     loop {
         tokio::select! {
@@ -122,54 +121,87 @@ pub async fn associate(
                 Err(e) => return End::new(ClosedBy::Client, CloseKind::Error, format!("reading the UDP control connection: {e}")),
             },
             r = relay.recv_from(&mut cbuf) => {
-                let (n, from) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::debug!("UDP relay receive: {e}");
-                        continue;
-                    }
-                };
-                if from.ip() != peer.ip() || client_addr.is_some_and(|c| c != from) {
-                    continue;
-                }
-                client_addr = Some(from);
-                let Ok((hdr, off)) = socks5::parse_udp(&cbuf[..n]) else {
-                    continue;
-                };
-                if hdr.frag != 0 {
-                    continue;
-                }
-                let target = match &hdr.addr {
-                    Addr::Ip(a) => *a,
-                    Addr::Domain(h, p) => match &resolved {
-                        Some((rh, rp, a)) if rh == h && rp == p => *a,
-                        _ => match tokio::net::lookup_host((h.as_str(), *p)).await.ok().and_then(|mut i| i.next()) {
-                            Some(a) => {
-                                resolved = Some((h.clone(), *p, a));
-                                a
-                            }
-                            None => continue,
-                        },
-                    },
-                };
-                if upstream.is_none() {
-                    upstream = bind_upstream().await;
-                }
-                let payload = &cbuf[off..n];
-                let ts = proto::time::now();
-                let seq = state.record(Direction::C2s, payload.len());
-                if reporter.history() {
-                    reporter.packet(state.id, seq, Direction::C2s, ts, Bytes::copy_from_slice(payload));
-                }
-                if let Some((s, v6)) = upstream.as_ref() {
-                    let to = if *v6 { SocketAddr::new(to_v6(target.ip()), target.port()) } else { target };
-                    if let Err(e) = s.send_to(payload, to).await {
-                        tracing::debug!(%target, "UDP send: {e}");
-                    }
+                match r {
+                    Ok((n, from)) => out.send(&cbuf[..n], from, peer, state, reporter).await,
+                    Err(e) => tracing::debug!("UDP relay receive: {e}"),
                 }
             }
-            r = recv_opt(&upstream, &mut ubuf) => forward_back(&relay, &ubuf, r, client_addr, state, shared).await,
+            r = recv_opt(&out.upstream, &mut ubuf) => forward_back(&relay, &ubuf, r, out.client, state, shared).await,
             () = shutdown.recv() => return End::proxy(CloseKind::Fin, "proxy shut down"),
+        }
+    }
+}
+
+/// Where client datagrams go: the client's address once known, the upstream socket (bound
+/// on first use) and the last name resolved.
+struct Outbound {
+    client: Option<SocketAddr>,
+    upstream: Option<(UdpSocket, bool)>,
+    resolved: Option<(String, u16, SocketAddr)>,
+}
+
+impl Outbound {
+    /// A datagram from `from`: only the client's (IP `peer`, and its port once known) are
+    /// taken; the SOCKS header names the target, the payload is recorded and sent there.
+    async fn send(
+        &mut self,
+        datagram: &[u8],
+        from: SocketAddr,
+        peer: SocketAddr,
+        state: &ConnState,
+        reporter: &Reporter,
+    ) {
+        if from.ip() != peer.ip() || self.client.is_some_and(|c| c != from) {
+            return;
+        }
+        self.client = Some(from);
+        let Ok((hdr, off)) = socks5::parse_udp(datagram) else {
+            return;
+        };
+        if hdr.frag != 0 {
+            return;
+        }
+        let target = match &hdr.addr {
+            Addr::Ip(a) => *a,
+            Addr::Domain(h, p) => match &self.resolved {
+                Some((rh, rp, a)) if rh == h && rp == p => *a,
+                _ => match tokio::net::lookup_host((h.as_str(), *p))
+                    .await
+                    .ok()
+                    .and_then(|mut i| i.next())
+                {
+                    Some(a) => {
+                        self.resolved = Some((h.clone(), *p, a));
+                        a
+                    }
+                    None => return,
+                },
+            },
+        };
+        if self.upstream.is_none() {
+            self.upstream = bind_upstream().await;
+        }
+        let payload = &datagram[off..];
+        let ts = proto::time::now();
+        let seq = state.record(Direction::C2s, payload.len());
+        if reporter.history() {
+            reporter.packet(
+                state.id,
+                seq,
+                Direction::C2s,
+                ts,
+                Bytes::copy_from_slice(payload),
+            );
+        }
+        if let Some((s, v6)) = self.upstream.as_ref() {
+            let to = if *v6 {
+                SocketAddr::new(to_v6(target.ip()), target.port())
+            } else {
+                target
+            };
+            if let Err(e) = s.send_to(payload, to).await {
+                tracing::debug!(%target, "UDP send: {e}");
+            }
         }
     }
 }

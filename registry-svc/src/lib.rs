@@ -13,7 +13,10 @@ pub mod watch;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
-use proto::{registry::registry_server::RegistryServer, serve::GrpcServer};
+use proto::{
+    registry::registry_server::RegistryServer,
+    serve::{Drain, GrpcServer},
+};
 
 pub use service::RegistryService;
 pub use state::State;
@@ -34,9 +37,10 @@ pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Arc<State>> {
     State::open(&path).with_context(|| format!("opening registry store {}", path.display()))
 }
 
-/// The gRPC service over `state`, ready to add to a server.
-pub fn grpc_service(state: Arc<State>) -> RegistryServer<RegistryService> {
-    RegistryServer::new(RegistryService::new(state))
+/// The gRPC service over `state`, ready to add to a server; its watch and ingest streams end
+/// when `drain` fires.
+pub fn grpc_service(state: Arc<State>, drain: Drain) -> RegistryServer<RegistryService> {
+    RegistryServer::new(RegistryService::new(state, drain))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE)
 }
@@ -69,7 +73,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(args.token);
-    server.add_service(grpc_service(state.clone()));
+    server.add_service(grpc_service(state.clone(), server.drain()));
     println!("ready registry-svc listen={addr}");
     server
         .serve(listener, proto::serve::shutdown_signal())

@@ -10,6 +10,7 @@ use proto::{
         self as pb, IngestAck, IngestRequest, WatchEvent, registry_server::Registry,
         watch_event::Kind as WatchKind,
     },
+    serve::Drain,
 };
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,12 +38,13 @@ impl From<StoreError> for Status {
 #[derive(Clone)]
 pub struct RegistryService {
     state: Arc<State>,
+    drain: Drain,
 }
 
 impl RegistryService {
-    /// A service over `state`.
-    pub fn new(state: Arc<State>) -> Self {
-        Self { state }
+    /// A service over `state` whose streams end when `drain` fires.
+    pub fn new(state: Arc<State>, drain: Drain) -> Self {
+        Self { state, drain }
     }
 }
 
@@ -57,7 +59,12 @@ impl Registry for RegistryService {
         req: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(ingest(self.state.clone(), req.into_inner(), tx));
+        tokio::spawn(ingest(
+            self.state.clone(),
+            req.into_inner(),
+            tx,
+            self.drain.clone(),
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -102,7 +109,7 @@ impl Registry for RegistryService {
     ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
         let (tx, rx) = mpsc::channel(256);
         let filter = req.into_inner().filter.unwrap_or_default();
-        tokio::spawn(watch(self.state.clone(), filter, tx));
+        tokio::spawn(watch(self.state.clone(), filter, tx, self.drain.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -165,6 +172,7 @@ async fn ingest(
     state: Arc<State>,
     mut inbound: Streaming<IngestRequest>,
     tx: mpsc::Sender<Result<IngestAck, Status>>,
+    drain: Drain,
 ) {
     let fail = |status: Status| {
         let tx = tx.clone();
@@ -174,7 +182,13 @@ async fn ingest(
     };
     loop {
         let mut rejected = Rejected::default();
-        let mut last = match inbound.message().await {
+        // At shutdown the proxy is told to go: what it sent after its last acknowledgement
+        // it replays to the next registry it reaches.
+        let next = tokio::select! {
+            next = inbound.message() => next,
+            () = drain.wait() => return fail(Drain::status()).await,
+        };
+        let mut last = match next {
             Ok(Some(batch)) => {
                 let seq = batch.batch_seq;
                 if let Err(e) = state.apply(batch, &mut rejected) {
@@ -230,6 +244,7 @@ async fn watch(
     state: Arc<State>,
     filter: pb::ConnectionFilter,
     tx: mpsc::Sender<Result<WatchEvent, Status>>,
+    drain: Drain,
 ) {
     loop {
         let (mut rx, snapshot) = state.hub.subscribe_with(|| {
@@ -268,6 +283,10 @@ async fn watch(
             let change = tokio::select! {
                 change = rx.recv() => change,
                 () = tx.closed() => return,
+                () = drain.wait() => {
+                    let _ = tx.send(Err(Drain::status())).await;
+                    return;
+                }
             };
             let event = match change {
                 Ok(Change::Upsert(c)) if matches(&filter, &c) => {

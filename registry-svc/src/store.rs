@@ -39,8 +39,9 @@ pub const MAX_LEASE: u32 = 65_536;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// sled failed (I/O error, corruption detected by sled).
-    #[error("registry store: {0}")]
-    Sled(#[from] sled::Error),
+    // Not a `#[source]`: the cause chain would print sled's debug text after the sentence.
+    #[error("registry store: {}", describe_sled(.0))]
+    Sled(sled::Error),
     /// The payload log failed.
     #[error("registry history payloads: {0}")]
     Payload(#[from] std::io::Error),
@@ -56,6 +57,38 @@ pub enum StoreError {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        Self::Sled(e)
+    }
+}
+
+/// A sled error as a sentence: sled's own messages embed Rust debug text (`Os { code: 11,
+/// kind: WouldBlock, .. }`), which users should never see.
+fn describe_sled(e: &sled::Error) -> String {
+    match e {
+        // sled reports a held lock as an `Other` error with this text.
+        sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock") => {
+            "the data directory is in use by another Interpose process (another `interpose \
+             up` or registry-svc holds its lock)"
+                .to_string()
+        }
+        sled::Error::Io(io) => match io.raw_os_error() {
+            // The OS's words for the error, without sled's debug-formatted wrapping.
+            Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
+            None if io.get_ref().is_some() => io.to_string(),
+            None => format!("I/O error ({})", io.kind()),
+        },
+        sled::Error::Corruption { at, .. } => match at {
+            Some(at) => format!("the store is corrupt (at {at})"),
+            None => "the store is corrupt".to_string(),
+        },
+        sled::Error::CollectionNotFound(_) => "a store collection is missing".to_string(),
+        sled::Error::Unsupported(what) => format!("unsupported: {what}"),
+        sled::Error::ReportableBug(what) => format!("internal sled error: {what}"),
+    }
 }
 
 /// A change to the connection records, as watchers see it.

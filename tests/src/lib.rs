@@ -175,13 +175,21 @@ impl Proc {
     }
 
     /// SIGTERM, then wait for a clean exit; returns its success.
-    pub async fn terminate(mut self) -> anyhow::Result<bool> {
+    pub async fn terminate(self) -> anyhow::Result<bool> {
+        self.signal("TERM").await
+    }
+
+    /// Sends signal `name` (e.g. "INT"), then waits at most [`WAIT`] for the process to
+    /// exit; returns its success.
+    pub async fn signal(mut self, name: &str) -> anyhow::Result<bool> {
         if let Some(pid) = self.child.id() {
             std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
+                .args([&format!("-{name}"), &pid.to_string()])
                 .status()?;
         }
-        let st = tokio::time::timeout(WAIT, self.child.wait()).await??;
+        let st = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .with_context(|| format!("still running {WAIT:?} after SIG{name}"))??;
         Ok(st.success())
     }
 

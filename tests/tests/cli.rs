@@ -287,6 +287,7 @@ async fn conns_watch_json_prints_each_event_as_it_happens() -> anyhow::Result<()
     let mut watch = tokio::process::Command::new(tests::bin("interpose"))
         .args(["conns", "watch", "--json", "--server", &up.grpc])
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     let stdout = watch
@@ -333,6 +334,23 @@ async fn conns_watch_json_prints_each_event_as_it_happens() -> anyhow::Result<()
     let out = interpose(&up.grpc, &["conns", "clear", "2"]).await?;
     assert!(out.ok);
     assert_eq!(next().await?, json!({"event": "cleared", "id": 2}));
+
+    // Ctrl-C on `up` with the watch (and the test's ingest stream) still open: both streams
+    // are told, the watch says so and fails, and `up` exits cleanly without waiting for them.
+    let started = std::time::Instant::now();
+    assert!(up.proc.signal("INT").await?, "up exits cleanly on SIGINT");
+    let took = started.elapsed();
+    assert!(
+        took < proto::serve::SHUTDOWN_GRACE,
+        "up took {took:?} to exit: the open streams held it up"
+    );
+    let out = tokio::time::timeout(WAIT, watch.wait_with_output()).await??;
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "interpose: the server shut down"
+    );
+    drop(ingest);
     Ok(())
 }
 
@@ -461,5 +479,139 @@ async fn ca_export_and_regenerate_over_grpc() -> anyhow::Result<()> {
     .await?;
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(std::fs::read_to_string(&pem_out)?, renewed);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_up_on_the_same_data_dir_says_so_in_words() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let _first = Up::start(&data, &[]).await?;
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(tests::bin("interpose"))
+            .args([
+                "up",
+                "--socks",
+                "127.0.0.1:0",
+                "--grpc",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("the data directory is in use by another Interpose process"),
+        "{err}"
+    );
+    for debug in ["Os {", "kind:", "Other("] {
+        assert!(!err.contains(debug), "debug text {debug:?} in: {err}");
+    }
+    Ok(())
+}
+
+/// Runs `interpose conns list ...` with `COLUMNS` set (or, with `tty`, inside a pseudo
+/// terminal of that width made by `script`), returning stdout.
+async fn conns_list_at(
+    server: &str,
+    width: u16,
+    tty: bool,
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    let bin = tests::bin("interpose");
+    let mut cmd = if tty {
+        let line = format!(
+            "stty cols {width} rows 50; {} conns list --server {server} {}",
+            bin.display(),
+            extra.join(" ")
+        );
+        let mut c = tokio::process::Command::new("script");
+        c.args(["-qec", &line, "/dev/null"]).env_remove("COLUMNS");
+        c
+    } else {
+        let mut c = tokio::process::Command::new(bin);
+        c.args(["conns", "list", "--server", server])
+            .args(extra)
+            .env("COLUMNS", width.to_string());
+        c
+    };
+    let out = tokio::time::timeout(WAIT, cmd.kill_on_drop(true).output()).await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "conns list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).replace('\r', ""))
+}
+
+#[tokio::test]
+async fn conns_list_fits_the_terminal_and_cuts_long_values() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("data"), &[]).await?;
+    let long_host = "a-rather-long-host-name-for-a-table.service.internal.example.test";
+    let mut client = registry_client(&up.grpc, None).await?;
+    let mut ingest = Ingest::open(&mut client, "lab1").await?;
+    ingest
+        .send_durable(vec![
+            events::open(1, 50001, long_host, 443),
+            events::close(
+                1,
+                ClosedBy::Server,
+                CloseKind::Rst,
+                "server reset the connection while the client was still sending its request body",
+            ),
+            events::open(2, 50002, "db.test", 5432),
+        ])
+        .await?;
+
+    for (width, tty) in [(80, false), (200, false), (80, true)] {
+        let text = conns_list_at(&up.grpc, width, tty, &[]).await?;
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= usize::from(width),
+                "{width} cols (tty {tty}): {line:?} is {} wide in\n{text}",
+                line.chars().count()
+            );
+        }
+        // The columns a tester scans for first survive at 80 columns; at 200 all do.
+        let header = text.lines().next().unwrap_or_default();
+        let mut want = vec!["ID", "CLIENT", "TARGET", "STATUS", "CLOSED BY", "REASON"];
+        if width == 200 {
+            want.extend(["SNI", "TLS", "KIND", "C2S", "S2C", "DURATION", "OPENED"]);
+        }
+        for col in want {
+            assert!(header.contains(col), "{col} missing from {header:?}");
+        }
+        assert!(text.contains("db.test:5432"), "{text}");
+        assert!(text.ends_with("2 connection(s)\n"), "{text}");
+        if width == 80 {
+            assert!(text.contains('…'), "nothing cut at 80 columns:\n{text}");
+        }
+    }
+
+    // --wide and --json keep the full values; --columns chooses and orders.
+    let wide = conns_list_at(&up.grpc, 80, false, &["--wide"]).await?;
+    assert!(wide.contains(&format!("{long_host}:443")), "{wide}");
+    let picked = conns_list_at(&up.grpc, 80, false, &["--columns", "target,id"]).await?;
+    let header: Vec<&str> = picked
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(header, ["TARGET", "ID"]);
+    let out = interpose(&up.grpc, &["conns", "list", "--columns", "id,nope"]).await?;
+    assert!(!out.ok);
+    assert!(
+        out.stderr.starts_with("interpose: unknown column \"nope\""),
+        "{}",
+        out.stderr
+    );
     Ok(())
 }

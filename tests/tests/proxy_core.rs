@@ -670,37 +670,65 @@ async fn watch_streams_opens_and_closes() -> R {
         }
     }
     let server = Server::bind().await?;
-    let client = socks_connected(proxy.socks, server.addr).await?;
-    let srv = server.accept().await?;
+    let mut client = socks_connected(proxy.socks, server.addr).await?;
+    let mut srv = server.accept().await?;
     let port = u32::from(client.local_addr()?.port());
-    let srv = loop {
-        let ev = tokio::time::timeout(WAIT, watch.message())
-            .await??
-            .context("watch ended")?;
-        let Some(c) = ev.connection else { continue };
-        if c.src_port != port {
-            continue;
-        }
-        if c.status == ConnStatus::Active as i32 {
-            break srv;
-        }
-    };
+    client.write_all(b"ping").await?;
+    let mut buf = [0u8; 4];
+    srv.read_exact(&mut buf).await?;
+    srv.write_all(b"pong!").await?;
+    let mut buf = [0u8; 5];
+    client.read_exact(&mut buf).await?;
+    // The server ends first; the client sees the FIN, then closes too.
     drop(srv);
-    let mut client = client;
     assert!(read_to_end(&mut client).await?.is_empty());
     drop(client);
-    loop {
+    // Every live event is an upsert of this one connection: first the opened record, then
+    // active updates (destination, counters, process), then the closed record, last.
+    let mut seen = Vec::new();
+    let last = loop {
         let ev = tokio::time::timeout(WAIT, watch.message())
             .await??
             .context("watch ended")?;
-        if let Some(c) = ev.connection
-            && c.src_port == port
-            && closed(&c)
-        {
-            assert_eq!(c.closed_by, ClosedBy::Server as i32);
-            break;
+        assert_eq!(ev.kind, Kind::Upsert as i32, "{ev:?}");
+        let c = ev.connection.context("an upsert carries the record")?;
+        assert_eq!(ev.id, c.id);
+        if closed(&c) {
+            break c;
         }
+        seen.push(c);
+    };
+    let first = seen
+        .first()
+        .context("the opened record came before the closed one")?;
+    assert_eq!(first.src_port, port);
+    assert_eq!(first.src_ip, "127.0.0.1");
+    assert_eq!(first.dst_ip, server.addr.ip().to_string());
+    assert_eq!(first.dst_port, u32::from(server.addr.port()));
+    assert_eq!(first.transport, Transport::Tcp as i32);
+    assert!(first.opened_at.is_some());
+    for c in &seen {
+        assert_eq!(c.id, first.id);
+        assert_eq!(c.status, ConnStatus::Active as i32, "{c:?}");
+        assert_eq!(c.closed_by, ClosedBy::Unspecified as i32, "{c:?}");
+        assert!(c.closed_at.is_none(), "{c:?}");
     }
+    assert_eq!(last.id, first.id);
+    assert_eq!(last.src_port, port);
+    assert_eq!(last.status, ConnStatus::Disconnected as i32);
+    assert_eq!(last.closed_by, ClosedBy::Server as i32);
+    assert_eq!(last.close_kind, CloseKind::Fin as i32);
+    assert_eq!(last.reason, "server sent FIN");
+    assert!(last.closed_at.is_some());
+    assert_eq!(
+        (
+            last.bytes_c2s,
+            last.bytes_s2c,
+            last.packets_c2s,
+            last.packets_s2c
+        ),
+        (4, 5, 1, 1)
+    );
     Ok(())
 }
 

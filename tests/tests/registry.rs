@@ -79,16 +79,19 @@ async fn watch_sees_every_change_once_with_no_gap_between_snapshot_and_live() ->
     writer.await??;
 
     // Each watcher must end with all N records disconnected, having seen each ID's states
-    // in order and never the same state twice.
+    // in order and never the same state twice. A late watcher's snapshot can already hold
+    // all N closed records, so its SNAPSHOT_END is awaited too.
     let closed = |evs: &[WatchEvent]| {
-        evs.iter()
-            .filter(|e| {
-                e.connection
-                    .as_ref()
-                    .is_some_and(|c| c.status == ConnStatus::Disconnected as i32)
-            })
-            .count()
-            == N as usize
+        evs.iter().any(|e| e.kind == Kind::SnapshotEnd as i32)
+            && evs
+                .iter()
+                .filter(|e| {
+                    e.connection
+                        .as_ref()
+                        .is_some_and(|c| c.status == ConnStatus::Disconnected as i32)
+                })
+                .count()
+                == N as usize
     };
     for (name, stream) in [("early", early), ("late", late)] {
         let evs = collect_watch(stream, closed).await?;

@@ -1,13 +1,13 @@
-//! Command-line options of TLS interception, for `proxy-core` and `interpose up` to
+//! Command-line options of the TLS splice, for `proxy-core` and `interpose up` to
 //! flatten into their own clap parsers (`#[command(flatten)] tls: TlsArgs`).
 
 use std::path::PathBuf;
 
 use super::pattern::HostPattern;
 use super::upstream::{ClientCertSpec, UpstreamOptions};
-use super::{InterceptOptions, LeafOptions};
+use super::{LeafOptions, SpliceOptions};
 
-/// TLS interception flags.
+/// TLS splice flags.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsArgs {
     /// Extra PEM root certificates to trust for upstream servers (repeatable), besides the
@@ -17,7 +17,7 @@ pub struct TlsArgs {
     /// Accept any upstream certificate (logged, and marked in every record).
     #[arg(long = "upstream-insecure")]
     pub upstream_insecure: bool,
-    /// Relay connections to this host without interception (repeatable; `*.example.com`
+    /// Relay connections to this host without terminating TLS (repeatable; `*.example.com`
     /// matches every name below example.com; IP addresses allowed).
     #[arg(long = "passthrough", value_name = "HOST", value_parser = parse_pattern)]
     pub passthrough: Vec<HostPattern>,
@@ -42,10 +42,10 @@ fn parse_client_cert(s: &str) -> Result<ClientCertSpec, String> {
 }
 
 impl TlsArgs {
-    /// The [`InterceptOptions`] these flags describe (default leaf cache bounds and
+    /// The [`SpliceOptions`] these flags describe (default leaf cache bounds and
     /// handshake timeout, system roots on).
-    pub fn to_options(&self) -> InterceptOptions {
-        InterceptOptions {
+    pub fn to_options(&self) -> SpliceOptions {
+        SpliceOptions {
             upstream: UpstreamOptions {
                 system_roots: true,
                 extra_roots: self.upstream_ca.clone(),

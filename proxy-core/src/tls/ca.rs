@@ -100,8 +100,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CaError + '_ {
     }
 }
 
-/// This host's name for the CA subject ("unknown-host" when it cannot be found).
-pub fn host_name() -> String {
+/// This host's name (for the CA subject and the default node name), if it can be found.
+pub fn host_name() -> Option<String> {
     let from_file = |p: &str| {
         fs::read_to_string(p)
             .ok()
@@ -111,7 +111,6 @@ pub fn host_name() -> String {
     from_file("/proc/sys/kernel/hostname")
         .or_else(|| from_file("/etc/hostname"))
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| "unknown-host".to_owned())
 }
 
 /// A random positive serial number of 16 bytes.
@@ -217,7 +216,10 @@ impl Ca {
         let mut dn = DistinguishedName::new();
         dn.push(
             DnType::CommonName,
-            format!("Interpose CA ({})", host_name()),
+            format!(
+                "Interpose CA ({})",
+                host_name().unwrap_or_else(|| "unknown-host".to_owned())
+            ),
         );
         dn.push(DnType::OrganizationName, "Interpose");
         params.distinguished_name = dn;

@@ -1,7 +1,7 @@
 //! The `interpose.ca.v1.CertificateAuthority` gRPC service: hands out the CA certificate
 //! (never the key) and regenerates the CA for a running proxy.
 
-use std::{fmt::Write, sync::Arc};
+use std::sync::Arc;
 
 use proto::ca::{
     CaCertificate, GetCaCertificateRequest, RegenerateCaRequest,
@@ -9,18 +9,18 @@ use proto::ca::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Interceptor, ca::Ca};
+use super::{Splicer, ca::Ca};
 
-/// Serves the CA of one [`Interceptor`].
+/// Serves the CA of one [`Splicer`].
 #[derive(Clone)]
 pub struct CaService {
-    interceptor: Arc<Interceptor>,
+    splicer: Arc<Splicer>,
 }
 
 impl CaService {
     /// The service, ready to add to a gRPC server.
-    pub fn server(interceptor: Arc<Interceptor>) -> CertificateAuthorityServer<Self> {
-        CertificateAuthorityServer::new(Self { interceptor })
+    pub fn server(splicer: Arc<Splicer>) -> CertificateAuthorityServer<Self> {
+        CertificateAuthorityServer::new(Self { splicer })
     }
 }
 
@@ -28,13 +28,8 @@ impl CaService {
 pub fn describe(ca: &Ca) -> CaCertificate {
     let der = ca.cert_der().as_ref();
     let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    let sha256 = digest
-        .as_ref()
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        });
+    let mut sha256 = String::with_capacity(64);
+    super::upstream::hex_into(&mut sha256, digest.as_ref());
     let not_after = ca.not_after();
     CaCertificate {
         pem: ca.cert_pem().to_string(),
@@ -55,20 +50,20 @@ impl CertificateAuthority for CaService {
         &self,
         _req: Request<GetCaCertificateRequest>,
     ) -> Result<Response<CaCertificate>, Status> {
-        Ok(Response::new(describe(&self.interceptor.ca())))
+        Ok(Response::new(describe(&self.splicer.ca())))
     }
 
     async fn regenerate_ca(
         &self,
         _req: Request<RegenerateCaRequest>,
     ) -> Result<Response<CaCertificate>, Status> {
-        let dir = self.interceptor.ca().dir().to_path_buf();
+        let dir = self.splicer.ca().dir().to_path_buf();
         let ca = tokio::task::spawn_blocking(move || Ca::regenerate(&dir))
             .await
             .map_err(|e| Status::internal(format!("regenerating the CA: {e}")))?
             .map_err(|e| Status::internal(e.to_string()))?;
         let ca = Arc::new(ca);
-        self.interceptor.replace_ca(ca.clone());
+        self.splicer.replace_ca(ca.clone());
         Ok(Response::new(describe(&ca)))
     }
 }

@@ -1,4 +1,4 @@
-//! End-to-end tests of the interception facade with real rustls clients and servers (and
+//! End-to-end tests of the TLS splice facade with real rustls clients and servers (and
 //! `openssl s_client`) on 127.0.0.1: a minimal relay stands in for the SOCKS relay.
 
 use std::net::SocketAddr;
@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use super::*;
+use proto::common::ClosedBy;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -170,19 +171,16 @@ async fn start_upstream(pki: &TestPki, spec: ServerSpec) -> SocketAddr {
 /// sent on the returned channel.
 /// Intercepts one connection, reports the outcome on `tx`, then splices the decrypted legs
 /// until either side ends (bounded by [`WAIT`]): the tail shared by the test relays.
-async fn intercept_and_splice(
-    interceptor: &Interceptor,
+async fn terminate_and_splice(
+    splicer: &Splicer,
     client: TcpStream,
     prefix: Bytes,
     hello: &ClientHelloInfo,
     up: TcpStream,
     target: &Target,
-    tx: &mpsc::UnboundedSender<Result<TlsSummary, InterceptError>>,
+    tx: &mpsc::UnboundedSender<Result<TlsSummary, SpliceError>>,
 ) {
-    match interceptor
-        .intercept(client, prefix, hello, up, target)
-        .await
-    {
+    match splicer.terminate(client, prefix, hello, up, target).await {
         Ok(mut i) => {
             let _ = tx.send(Ok(i.summary.clone()));
             let _ = timeout(
@@ -198,12 +196,12 @@ async fn intercept_and_splice(
 }
 
 async fn start_relay(
-    interceptor: Arc<Interceptor>,
+    splicer: Arc<Splicer>,
     upstream: SocketAddr,
     target_host: Option<String>,
 ) -> (
     SocketAddr,
-    mpsc::UnboundedReceiver<Result<TlsSummary, InterceptError>>,
+    mpsc::UnboundedReceiver<Result<TlsSummary, SpliceError>>,
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -214,7 +212,7 @@ async fn start_relay(
                 return;
             };
             let _ = client.set_nodelay(true);
-            let interceptor = interceptor.clone();
+            let splicer = splicer.clone();
             let tx = tx.clone();
             let target = Target {
                 host: target_host.clone(),
@@ -240,16 +238,8 @@ async fn start_relay(
                     return;
                 };
                 let _ = up.set_nodelay(true);
-                intercept_and_splice(
-                    &interceptor,
-                    client,
-                    Bytes::from(buf),
-                    &hello,
-                    up,
-                    &target,
-                    &tx,
-                )
-                .await;
+                terminate_and_splice(&splicer, client, Bytes::from(buf), &hello, up, &target, &tx)
+                    .await;
             });
         }
     });
@@ -308,35 +298,35 @@ async fn echo_check(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> Str
 }
 
 async fn next_result(
-    rx: &mut mpsc::UnboundedReceiver<Result<TlsSummary, InterceptError>>,
-) -> Result<TlsSummary, InterceptError> {
+    rx: &mut mpsc::UnboundedReceiver<Result<TlsSummary, SpliceError>>,
+) -> Result<TlsSummary, SpliceError> {
     timeout(WAIT, rx.recv())
         .await
         .expect("relay reported in time")
         .expect("relay alive")
 }
 
-fn interceptor(
+fn splicer(
     ca_dir: &Path,
     upstream_ca: Option<PathBuf>,
-    f: impl FnOnce(&mut InterceptOptions),
-) -> Arc<Interceptor> {
+    f: impl FnOnce(&mut SpliceOptions),
+) -> Arc<Splicer> {
     let ca = Arc::new(Ca::load_or_create(ca_dir).expect("ca"));
-    let mut opts = InterceptOptions {
+    let mut opts = SpliceOptions {
         upstream: UpstreamOptions {
             system_roots: false,
             extra_roots: upstream_ca.into_iter().collect(),
             ..UpstreamOptions::default()
         },
         handshake_timeout: WAIT,
-        ..InterceptOptions::default()
+        ..SpliceOptions::default()
     };
     f(&mut opts);
-    Arc::new(Interceptor::new(ca, opts).expect("interceptor"))
+    Arc::new(Splicer::new(ca, opts).expect("splicer"))
 }
 
 /// Loads the CA as a client would: from the exported PEM file.
-fn exported_roots(i: &Interceptor, dir: &Path) -> RootCertStore {
+fn exported_roots(i: &Splicer, dir: &Path) -> RootCertStore {
     let out = dir.join("exported-ca.pem");
     i.ca().export(&out, false).expect("export");
     let der = CertificateDer::from_pem_file(&out).expect("pem");
@@ -348,7 +338,7 @@ async fn intercepts_with_exported_ca_and_reports_both_legs() {
     let pki = TestPki::new("Upstream Test CA");
     let server = start_upstream(&pki, ServerSpec::default()).await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, Some("localhost".into())).await;
     let roots = exported_roots(&icp, data.path());
     let mut tls = client_connect(
@@ -390,7 +380,7 @@ async fn h2_alpn_passes_through() {
     )
     .await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     let mut tls = client_connect(
         relay,
@@ -424,7 +414,7 @@ async fn client_without_sni_to_ip_target_validates_ip_san() {
     let pki = TestPki::new("Upstream Test CA");
     let server = start_upstream(&pki, ServerSpec::default()).await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     let mut tls = client_connect(
         relay,
@@ -455,7 +445,7 @@ async fn client_that_does_not_trust_the_ca_is_recorded_as_rejecting() {
     let pki = TestPki::new("Upstream Test CA");
     let server = start_upstream(&pki, ServerSpec::default()).await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     // The client trusts only some other CA.
     let other = TestPki::new("Someone Else");
@@ -475,7 +465,7 @@ async fn client_that_does_not_trust_the_ca_is_recorded_as_rejecting() {
     assert!(
         matches!(
             e,
-            InterceptError::ClientRejectedCertificate(AlertDescription::UnknownCA)
+            SpliceError::ClientRejectedCertificate(AlertDescription::UnknownCA)
         ),
         "{e:?}"
     );
@@ -490,7 +480,7 @@ async fn untrusted_upstream_certificate_is_an_upstream_error_and_the_client_gets
     let data = tempfile::tempdir().expect("tempdir");
     // The proxy trusts a different CA than the one that signed the server.
     let other = TestPki::new("Unrelated CA");
-    let icp = interceptor(data.path(), Some(other.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(other.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     let err = client_connect(
         relay,
@@ -509,7 +499,7 @@ async fn untrusted_upstream_certificate_is_an_upstream_error_and_the_client_gets
         "{err}"
     );
     let e = next_result(&mut rx).await.expect_err("interception failed");
-    assert!(matches!(e, InterceptError::UpstreamCertificate(_)), "{e:?}");
+    assert!(matches!(e, SpliceError::UpstreamCertificate(_)), "{e:?}");
     assert_eq!(e.closed_by(), ClosedBy::Proxy);
     assert!(e.reason().contains("unknown issuer"), "{}", e.reason());
     assert!(e.is_upstream());
@@ -520,7 +510,7 @@ async fn insecure_mode_accepts_any_upstream_certificate_and_says_so() {
     let pki = TestPki::new("Upstream Test CA");
     let server = start_upstream(&pki, ServerSpec::default()).await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), None, |o| o.upstream.insecure = true);
+    let icp = splicer(data.path(), None, |o| o.upstream.insecure = true);
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     let mut tls = client_connect(
         relay,
@@ -542,7 +532,7 @@ async fn keylog_gets_lines_for_both_legs() {
     let data = tempfile::tempdir().expect("tempdir");
     let keylog = data.path().join("keys.log");
     let kl = keylog.clone();
-    let icp = interceptor(data.path(), Some(pki.ca_file()), move |o| {
+    let icp = splicer(data.path(), Some(pki.ca_file()), move |o| {
         o.keylog = Some(kl)
     });
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
@@ -589,7 +579,7 @@ async fn server_demanding_a_client_certificate_is_recognised() {
     )
     .await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     let _ = client_connect(
         relay,
@@ -601,7 +591,7 @@ async fn server_demanding_a_client_certificate_is_recognised() {
     .expect_err("no client certificate, no connection");
     let e = next_result(&mut rx).await.expect_err("interception failed");
     assert!(
-        matches!(e, InterceptError::ServerDemandedClientCert(_)),
+        matches!(e, SpliceError::ServerDemandedClientCert(_)),
         "{e:?}"
     );
     assert!(
@@ -623,7 +613,7 @@ async fn tls13_server_demanding_a_client_certificate_shows_on_first_read() {
     )
     .await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     // Drive the facade directly: the client side is a real rustls client over a duplex pipe.
     let (client_side, proxy_side) = tokio::io::duplex(64 * 1024);
     let roots = exported_roots(&icp, data.path());
@@ -666,7 +656,7 @@ async fn tls13_server_demanding_a_client_certificate_shows_on_first_read() {
         }
     };
     let mut i = icp
-        .intercept(proxy_side, Bytes::from(buf), &real, up, &target)
+        .terminate(proxy_side, Bytes::from(buf), &real, up, &target)
         .await
         .expect("TLS 1.3 handshake completes before the server checks");
     assert_eq!(
@@ -707,7 +697,7 @@ async fn configured_client_certificate_is_sent_to_matching_host() {
     )
     .parse()
     .expect("spec");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), move |o| {
+    let icp = splicer(data.path(), Some(pki.ca_file()), move |o| {
         o.upstream.client_certs = vec![spec];
     });
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
@@ -727,7 +717,7 @@ async fn configured_client_certificate_is_sent_to_matching_host() {
 #[tokio::test]
 async fn passthrough_patterns_match_sni_name_or_ip() {
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), None, |o| {
+    let icp = splicer(data.path(), None, |o| {
         o.upstream.insecure = true;
         o.passthrough = vec![
             "*.bank.example".parse().expect("p"),
@@ -750,7 +740,7 @@ async fn regenerated_ca_is_used_for_new_connections() {
     let pki = TestPki::new("Upstream Test CA");
     let server = start_upstream(&pki, ServerSpec::default()).await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     let old_roots = exported_roots(&icp, data.path());
     let mut tls = client_connect(
@@ -845,7 +835,7 @@ async fn openssl_s_client_verifies_through_the_proxy() {
     )
     .await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     let ca_file = data.path().join("exported.pem");
     icp.ca().export(&ca_file, false).expect("export");
@@ -896,14 +886,14 @@ async fn openssl_s_client_verifies_through_the_proxy() {
 /// Micro-benchmark, not run by default:
 /// `cargo test -p proxy-core --release tls::tests::bench -- --ignored --nocapture`.
 /// Fresh TLS connections per second (each reads the server's greeting line) and echo
-/// throughput, direct versus through the interceptor, same client, same server.
+/// throughput, direct versus through the splicer, same client, same server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn bench_intercepted_versus_direct() {
     let pki = TestPki::new("Upstream Test CA");
     let server = start_upstream(&pki, ServerSpec::default()).await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     let proxy_roots = exported_roots(&icp, data.path());
@@ -1053,85 +1043,83 @@ async fn start_starttls_upstream(
     addr
 }
 
-/// How a relay handles a stream that may upgrade to TLS later: plain relaying in both
-/// directions, with every client-to-server read checked by `could_be_tls`; once it says
-/// yes, buffer until `detect` has the whole ClientHello and intercept on the same
-/// upstream socket.
-async fn start_upgrading_relay(
-    interceptor: Arc<Interceptor>,
+/// Runs the product's relay for a CONNECT stream ([`splice::splice`]: plain relaying with
+/// ClientHello detection, then the TLS splice over the one relay) on every accepted
+/// connection, without the SOCKS handshake in front. Sends how each connection ended and
+/// its counters.
+async fn start_product_relay(
+    splicer: Arc<Splicer>,
     upstream: SocketAddr,
 ) -> (
     SocketAddr,
-    mpsc::UnboundedReceiver<Result<TlsSummary, InterceptError>>,
+    mpsc::UnboundedReceiver<(crate::conn::End, proto::registry::Counters)>,
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            let Ok((mut client, _)) = listener.accept().await else {
+            let Ok((client, _)) = listener.accept().await else {
                 return;
             };
-            let _ = client.set_nodelay(true);
-            let interceptor = interceptor.clone();
+            let splicer = splicer.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let Ok(Ok(mut up)) = timeout(WAIT, TcpStream::connect(upstream)).await else {
+                let Ok(Ok(up)) = timeout(WAIT, TcpStream::connect(upstream)).await else {
                     return;
                 };
+                let _ = client.set_nodelay(true);
                 let _ = up.set_nodelay(true);
-                let mut cbuf = [0u8; 4096];
-                let mut sbuf = [0u8; 4096];
-                let mut pending = loop {
-                    tokio::select! {
-                        r = client.read(&mut cbuf) => {
-                            let Ok(n) = r else { return };
-                            if n == 0 { return; }
-                            if could_be_tls(&cbuf[..n]) {
-                                break cbuf[..n].to_vec();
-                            }
-                            if up.write_all(&cbuf[..n]).await.is_err() { return; }
-                        }
-                        r = up.read(&mut sbuf) => {
-                            let Ok(n) = r else { return };
-                            if n == 0 { return; }
-                            if client.write_all(&sbuf[..n]).await.is_err() { return; }
-                        }
-                        () = tokio::time::sleep(WAIT) => return,
-                    }
-                };
-                let hello = loop {
-                    match detect(&pending) {
-                        Detection::ClientHello(h) => break h,
-                        Detection::NotTls { .. } => return,
-                        Detection::NeedMore => {
-                            let n = match timeout(WAIT, client.read(&mut cbuf)).await {
-                                Ok(Ok(n)) if n > 0 => n,
-                                _ => return,
-                            };
-                            pending.extend_from_slice(&cbuf[..n]);
-                        }
-                    }
-                };
                 let target = Target {
                     host: None,
                     ip: upstream.ip(),
                     port: upstream.port(),
                 };
-                intercept_and_splice(
-                    &interceptor,
+                let state = crate::conn::ConnState::new(1);
+                let reporter = crate::relay::tests::reporter();
+                let tap = crate::relay::Tap::new(&state, &reporter);
+                let (_keep_open, notify) = tokio::sync::broadcast::channel(1);
+                let mut shutdown = crate::shutdown::Shutdown::new(notify);
+                let end = splice::splice(
                     client,
-                    Bytes::from(pending),
-                    &hello,
+                    Bytes::new(),
                     up,
-                    &target,
-                    &tx,
+                    target,
+                    &splicer,
+                    &tap,
+                    &mut shutdown,
                 )
                 .await;
+                let _ = tx.send((end, state.counters()));
             });
         }
     });
     (addr, rx)
+}
+
+/// The client closes the upgraded stream; the product's relay then records a client FIN and
+/// has counted exactly the plaintext preamble and the decrypted application data (the
+/// handshake itself is not application data).
+async fn close_and_check_counts(
+    mut tls: tokio_rustls::client::TlsStream<TcpStream>,
+    rx: &mut mpsc::UnboundedReceiver<(crate::conn::End, proto::registry::Counters)>,
+    c2s: u64,
+    s2c: u64,
+) {
+    tls.shutdown().await.expect("close_notify and FIN");
+    let (end, counters) = timeout(WAIT, rx.recv())
+        .await
+        .expect("relay ended in time")
+        .expect("relay alive");
+    assert_eq!(
+        end,
+        crate::conn::End::new(
+            ClosedBy::Client,
+            proto::common::CloseKind::Fin,
+            "client sent FIN"
+        )
+    );
+    assert_eq!((counters.bytes_c2s, counters.bytes_s2c), (c2s, s2c));
 }
 
 /// A client that speaks the plaintext preamble, then upgrades.
@@ -1182,8 +1170,9 @@ async fn starttls_upgrade_after_plaintext_preamble_is_intercepted() {
     );
     let server = start_starttls_upstream(&pki, greeting, request, reply).await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
-    let (relay, mut rx) = start_upgrading_relay(icp.clone(), server).await;
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_product_relay(icp.clone(), server).await;
+    // Trusting only the proxy's CA: the handshake succeeds only if the proxy terminated it.
     let mut tls = upgrading_client(
         relay,
         exported_roots(&icp, data.path()),
@@ -1193,8 +1182,9 @@ async fn starttls_upgrade_after_plaintext_preamble_is_intercepted() {
     )
     .await;
     assert_eq!(echo_check(&mut tls).await, "alpn=none");
-    let s = next_result(&mut rx).await.expect("intercepted");
-    assert_eq!(s.sni.as_deref(), Some("localhost"));
+    let c2s = request.len() + 22;
+    let s2c = greeting.len() + reply.len() + "alpn=none\n".len() + 22;
+    close_and_check_counts(tls, &mut rx, c2s as u64, s2c as u64).await;
 }
 
 #[tokio::test]
@@ -1204,8 +1194,8 @@ async fn postgres_sslrequest_is_relayed_and_the_following_hello_intercepted() {
         (b"", b"\x00\x00\x00\x08\x04\xd2\x16\x2f", b"S");
     let server = start_starttls_upstream(&pki, greeting, request, reply).await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
-    let (relay, mut rx) = start_upgrading_relay(icp.clone(), server).await;
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
+    let (relay, mut rx) = start_product_relay(icp.clone(), server).await;
     let mut tls = upgrading_client(
         relay,
         exported_roots(&icp, data.path()),
@@ -1214,8 +1204,10 @@ async fn postgres_sslrequest_is_relayed_and_the_following_hello_intercepted() {
         reply,
     )
     .await;
-    echo_check(&mut tls).await;
-    next_result(&mut rx).await.expect("intercepted");
+    assert_eq!(echo_check(&mut tls).await, "alpn=none");
+    let c2s = request.len() + 22;
+    let s2c = reply.len() + "alpn=none\n".len() + 22;
+    close_and_check_counts(tls, &mut rx, c2s as u64, s2c as u64).await;
 }
 
 #[tokio::test]
@@ -1232,7 +1224,7 @@ async fn tls12_client_and_server_legs_are_reported_and_key_logged() {
     let data = tempfile::tempdir().expect("tempdir");
     let keylog = data.path().join("keys.log");
     let kl = keylog.clone();
-    let icp = interceptor(data.path(), Some(pki.ca_file()), move |o| {
+    let icp = splicer(data.path(), Some(pki.ca_file()), move |o| {
         o.keylog = Some(kl)
     });
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
@@ -1278,7 +1270,7 @@ async fn openssl_s_client_without_sni_validates_the_ip_leaf() {
     let pki = TestPki::new("Upstream Test CA");
     let server = start_upstream(&pki, ServerSpec::default()).await;
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), Some(pki.ca_file()), |_| {});
+    let icp = splicer(data.path(), Some(pki.ca_file()), |_| {});
     let (relay, mut rx) = start_relay(icp.clone(), server, None).await;
     let ca_file = data.path().join("exported.der");
     icp.ca().export(&ca_file, true).expect("export DER");
@@ -1311,7 +1303,7 @@ async fn openssl_s_client_without_sni_validates_the_ip_leaf() {
 #[tokio::test]
 async fn ca_watcher_picks_up_a_regenerated_ca() {
     let data = tempfile::tempdir().expect("tempdir");
-    let icp = interceptor(data.path(), None, |o| o.upstream.insecure = true);
+    let icp = splicer(data.path(), None, |o| o.upstream.insecure = true);
     let before = icp.ca().cert_der().clone();
     let task = icp.watch_ca(Duration::from_millis(20));
     Ca::regenerate(data.path()).expect("regen");
@@ -1326,6 +1318,6 @@ async fn ca_watcher_picks_up_a_regenerated_ca() {
     drop(icp);
     timeout(WAIT, task)
         .await
-        .expect("watcher ends with the interceptor")
+        .expect("watcher ends with the splicer")
         .expect("join");
 }

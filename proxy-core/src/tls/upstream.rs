@@ -482,7 +482,8 @@ impl NssKeyLog {
     }
 }
 
-fn hex_into(out: &mut String, bytes: &[u8]) {
+/// Appends `bytes` as lower-case hex.
+pub fn hex_into(out: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         out.push(char::from(HEX[usize::from(b >> 4)]));

@@ -1,0 +1,212 @@
+//! `interpose export`: the decrypted sessions as a PCAP or pcapng file, streamed from the
+//! export service chunk by chunk to a file or stdout.
+
+use std::{
+    io::{IsTerminal, Write},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use proto::export::{ExportRequest, ExportSummary, Format, PortMap, export_client::ExportClient};
+
+use crate::{
+    ServerArgs,
+    client::{channel, status},
+    conns::FilterArgs,
+};
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Where to write the capture: a file path, or `-` for stdout.
+    #[arg(long)]
+    pub out: String,
+    /// Only these connections (repeatable); default: every connection in the history.
+    #[arg(long = "conn", value_name = "ID")]
+    pub conns: Vec<u64>,
+    /// Write pcapng (nanosecond timestamps, per-connection comments, host names) instead of
+    /// classic PCAP.
+    #[arg(long)]
+    pub pcapng: bool,
+    /// Export the bytes as received (before intercept edits, dropped packets included)
+    /// instead of as relayed.
+    #[arg(long)]
+    pub original: bool,
+    /// Show intercepted TLS connections on server port Q instead of P, so Wireshark
+    /// dissects the decrypted protocol (e.g. 443=80); repeatable.
+    #[arg(long = "decrypted-port", value_name = "P=Q", value_parser = parse_port_map)]
+    pub decrypted_ports: Vec<PortMap>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Only connections opened at or after this time (RFC 3339, e.g. 2026-11-29T10:00:00Z).
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<prost_types::Timestamp>,
+    /// Only connections opened before this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<prost_types::Timestamp>,
+    /// Start every TCP stream at this initial sequence number (for testing readers with
+    /// sequence numbers that wrap around 2^32).
+    #[arg(long, hide = true)]
+    pub initial_seq: Option<u32>,
+}
+
+fn parse_port_map(s: &str) -> Result<PortMap, String> {
+    let bad = || format!("expected P=Q with ports 1 to 65535, got {s:?}");
+    let (from, to) = s.split_once('=').ok_or_else(bad)?;
+    let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad);
+    Ok(PortMap {
+        from: u32::from(port(from)?),
+        to: u32::from(port(to)?),
+    })
+}
+
+fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map(proto::time::to_timestamp)
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))
+}
+
+/// Runs `interpose export`: the file is created only once the first chunk arrives, so a
+/// refused request leaves nothing behind.
+pub async fn run(server: &ServerArgs, args: ExportArgs) -> anyhow::Result<()> {
+    let mut client = ExportClient::new(channel(server).await?).max_decoding_message_size(64 << 20);
+    let format = if args.pcapng {
+        Format::Pcapng
+    } else {
+        Format::Pcap
+    };
+    let filter = args.filter.to_proto();
+    let mut stream = client
+        .export_capture(ExportRequest {
+            conn_ids: args.conns.clone(),
+            format: format as i32,
+            filter: Some(filter),
+            since: args.since,
+            until: args.until,
+            decrypted_ports: args.decrypted_ports.clone(),
+            original: args.original,
+            initial_seq: args.initial_seq,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out: Option<Box<dyn Write>> = None;
+    let mut progress = Progress::new(&args.out);
+    let written = receive(&mut stream, &mut out, &mut progress, &args.out).await;
+    progress.done();
+    let summary = match written {
+        Ok(summary) => summary,
+        Err(e) => {
+            // A capture cut short is not left behind looking complete.
+            if out.is_some() && args.out != "-" {
+                drop(out);
+                let _ = std::fs::remove_file(&args.out);
+            }
+            return Err(e);
+        }
+    };
+    eprintln!("{}", summary_line(&summary, &args.out));
+    Ok(())
+}
+
+/// Writes every chunk to `out` (opened on the first), returning the final summary.
+async fn receive(
+    stream: &mut tonic::Streaming<proto::export::ExportChunk>,
+    out: &mut Option<Box<dyn Write>>,
+    progress: &mut Progress,
+    dest: &str,
+) -> anyhow::Result<ExportSummary> {
+    loop {
+        let chunk = stream
+            .message()
+            .await
+            .map_err(status)?
+            .ok_or_else(|| anyhow!("the export service ended the stream without a summary"))?;
+        let w = match out {
+            Some(w) => w,
+            None => out.insert(open(dest)?),
+        };
+        w.write_all(&chunk.data)
+            .with_context(|| format!("writing {dest}"))?;
+        progress.add(chunk.data.len());
+        if let Some(summary) = chunk.summary {
+            w.flush().with_context(|| format!("writing {dest}"))?;
+            return Ok(summary);
+        }
+    }
+}
+
+fn open(out: &str) -> anyhow::Result<Box<dyn Write>> {
+    if out == "-" {
+        return Ok(Box::new(std::io::stdout().lock()));
+    }
+    let path = PathBuf::from(out);
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, file)))
+}
+
+/// The one line printed at the end.
+fn summary_line(s: &ExportSummary, out: &str) -> String {
+    let dest = if out == "-" { "stdout" } else { out };
+    let mut line = format!(
+        "exported {} connections, {} packets, {} payload bytes ({} file bytes) to {dest}",
+        s.connections, s.packets, s.bytes, s.file_bytes
+    );
+    if s.placeholder_connections > 0 {
+        let ids: Vec<String> = s.placeholder_ids.iter().map(u64::to_string).collect();
+        line.push_str(&format!(
+            "; {} with placeholder addresses (record cleared): {}",
+            s.placeholder_connections,
+            ids.join(" ")
+        ));
+    }
+    line
+}
+
+/// A progress line on stderr, only when stderr is a terminal.
+struct Progress {
+    shown: bool,
+    bytes: u64,
+    last: Instant,
+    dest: String,
+}
+
+impl Progress {
+    fn new(out: &str) -> Self {
+        Self {
+            shown: std::io::stderr().is_terminal(),
+            bytes: 0,
+            last: Instant::now(),
+            dest: out.to_string(),
+        }
+    }
+
+    fn add(&mut self, n: usize) {
+        self.bytes += n as u64;
+        if self.shown && self.last.elapsed() >= Duration::from_millis(200) {
+            self.last = Instant::now();
+            eprint!("\rexporting to {}: {} MiB", self.dest, self.bytes >> 20);
+        }
+    }
+
+    fn done(&self) {
+        if self.shown {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_maps_parse_and_refuse_by_name() {
+        assert_eq!(parse_port_map("443=80"), Ok(PortMap { from: 443, to: 80 }));
+        assert!(parse_port_map("443").unwrap_err().contains("\"443\""));
+        assert!(parse_port_map("0=80").is_err());
+        assert!(parse_port_map("443=70000").is_err());
+    }
+}

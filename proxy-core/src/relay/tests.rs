@@ -1,0 +1,173 @@
+//! The relay over real loopback sockets: half-close, reset propagation and the hold point.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::{tap::HeldPacket, tap::VerdictFuture, *};
+use crate::{conn::ConnState, report::Reporter};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[test]
+fn classification_names_the_right_side() {
+    let (e, fatal) = classify(PumpEnd::Eof, ClosedBy::Client, ClosedBy::Server);
+    assert_eq!(
+        e,
+        End::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
+    );
+    assert!(!fatal);
+    let (e, fatal) = classify(
+        PumpEnd::Read(stdio::Error::from(stdio::ErrorKind::ConnectionReset)),
+        ClosedBy::Server,
+        ClosedBy::Client,
+    );
+    assert_eq!(
+        e,
+        End::new(
+            ClosedBy::Server,
+            CloseKind::Rst,
+            "server reset the connection (RST)"
+        )
+    );
+    assert!(fatal);
+    let (e, _) = classify(
+        PumpEnd::Write(stdio::Error::from(stdio::ErrorKind::BrokenPipe)),
+        ClosedBy::Client,
+        ClosedBy::Server,
+    );
+    assert_eq!(e.closed_by, ClosedBy::Server);
+    assert_eq!(e.kind, CloseKind::Rst);
+}
+
+/// Two connected loopback pairs: (app, proxy's client leg) and (proxy's server leg, server).
+async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let a = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (b, _) = l.accept().await.expect("accept");
+        (a, b)
+    }
+    (pair().await, pair().await)
+}
+
+/// A reporter for tests: history off, its registry never answers.
+pub(crate) fn reporter() -> Reporter {
+    let channel = proto::client::connect_lazy("http://127.0.0.1:1", None).expect("channel");
+    Reporter::start(channel, "test".into(), false, 16).0
+}
+
+/// Replaces `edit` with `EDITED`, drops `drop`, forwards everything else; c2s only. Every
+/// verdict is also sent on the channel.
+struct Editor(tokio::sync::mpsc::UnboundedSender<Verdict>);
+
+impl Hold for Editor {
+    fn wants(&self, _: u64, dir: Direction, _: &Bytes) -> bool {
+        dir == Direction::C2s
+    }
+
+    fn hold(&self, p: HeldPacket) -> VerdictFuture {
+        let told = self.0.clone();
+        Box::pin(async move {
+            // A real hold waits for a user; this one yields once to prove the pump waits.
+            tokio::task::yield_now().await;
+            let v = match &p.data[..] {
+                b"edit" => Verdict::Replace(Bytes::from_static(b"EDITED")),
+                b"drop" => Verdict::Drop,
+                _ => Verdict::Forward,
+            };
+            let _ = told.send(v.clone());
+            v
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_hold_point_forwards_replaces_and_drops_and_counts_what_was_received() {
+    let ((mut app, mut c), (mut s, mut server)) = pairs().await;
+    let state = ConnState::new(1);
+    let reporter = reporter();
+    let mut tap = Tap::new(&state, &reporter);
+    let (told, mut verdicts) = tokio::sync::mpsc::unbounded_channel();
+    tap.hold = Some(Arc::new(Editor(told)));
+    let relay = relay(&mut c, &mut s, Bytes::new(), &tap, std::future::pending());
+    let drive = async {
+        let mut buf = [0u8; 64];
+        for (send, verdict, expect) in [
+            (
+                &b"edit"[..],
+                Verdict::Replace(Bytes::from_static(b"EDITED")),
+                &b"EDITED"[..],
+            ),
+            (b"drop", Verdict::Drop, b""),
+            (b"keep", Verdict::Forward, b"keep"),
+        ] {
+            app.write_all(send).await.expect("write");
+            // One packet at a time: the next write waits for this verdict.
+            assert_eq!(verdicts.recv().await, Some(verdict));
+            if !expect.is_empty() {
+                let n = server.read(&mut buf).await.expect("read");
+                assert_eq!(&buf[..n], expect);
+            }
+        }
+        // Not held: the other direction.
+        server.write_all(b"reply").await.expect("write");
+        let n = app.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"reply");
+        app.shutdown().await.expect("fin");
+        assert_eq!(server.read(&mut buf).await.expect("read"), 0);
+        server.shutdown().await.expect("fin");
+    };
+    let (end, ()) = tokio::time::timeout(WAIT, async { tokio::join!(relay, drive) })
+        .await
+        .expect("relay ended in time");
+    assert_eq!(
+        end,
+        End::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
+    );
+    let c = state.counters();
+    // Counters count what was received.
+    assert_eq!(
+        (c.bytes_c2s, c.packets_c2s, c.bytes_s2c, c.packets_s2c),
+        (12, 3, 5, 1)
+    );
+}
+
+#[tokio::test]
+async fn a_reset_is_passed_on_as_a_reset() {
+    let ((app, mut c), (mut s, mut server)) = pairs().await;
+    let state = ConnState::new(1);
+    let reporter = reporter();
+    let tap = Tap::new(&state, &reporter);
+    #[allow(deprecated)]
+    app.set_linger(Some(Duration::ZERO)).expect("linger");
+    drop(app);
+    let end = tokio::time::timeout(
+        WAIT,
+        relay(&mut c, &mut s, Bytes::new(), &tap, std::future::pending()),
+    )
+    .await
+    .expect("relay ended in time");
+    assert_eq!(
+        end,
+        End::new(
+            ClosedBy::Client,
+            CloseKind::Rst,
+            "client reset the connection (RST)"
+        )
+    );
+    drop((c, s));
+    let mut buf = [0u8; 8];
+    let r = tokio::time::timeout(WAIT, server.read(&mut buf))
+        .await
+        .expect("read in time");
+    assert_eq!(
+        r.expect_err("server sees a reset").kind(),
+        stdio::ErrorKind::ConnectionReset
+    );
+}

@@ -1,0 +1,165 @@
+//! Export benchmark: a history of 1 GiB (ingested through the registry's gRPC API, as a
+//! proxy would send it) exported as PCAP by a separate release `export-svc` process through
+//! `interpose export`, against copying the same payload bytes to a file in the same run.
+//! Reports the throughput ratio (target >= 0.3x) and export-svc's peak RSS (target
+//! <= 64 MiB). Run with `cargo run --release -p tests --bin bench-export`.
+
+use std::{
+    io::Write,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, ensure};
+use proto::common::{CloseKind, ClosedBy, Direction};
+use tests::{Ingest, Proc, Registry, bin, events, stats::median};
+
+const RUNS: usize = 3;
+const CONNECTIONS: u64 = 64;
+/// Payload per connection: 16 MiB, so 64 connections hold 1 GiB.
+const PER_CONNECTION: usize = 16 << 20;
+const PACKET: usize = 16 << 10;
+/// Packets per ingest batch (1 MiB) and batches in flight.
+const BATCH: usize = 64;
+const WINDOW: u64 = 8;
+
+fn total_bytes() -> u64 {
+    CONNECTIONS * PER_CONNECTION as u64
+}
+
+/// Ingests every connection: alternating 16 KiB packets each way, then a FIN close.
+async fn ingest(reg: &Registry) -> anyhow::Result<()> {
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "bench").await?;
+    let payload = tests::proxy::payload(PACKET, 7);
+    let mut last = 0;
+    for id in 1..=CONNECTIONS {
+        ingest
+            .send_durable(vec![events::open(id, 40000, "bench.example", 80)])
+            .await?;
+        let packets = (PER_CONNECTION / PACKET) as u64;
+        for first in (0..packets).step_by(BATCH) {
+            let evs = (first..(first + BATCH as u64).min(packets))
+                .map(|i| {
+                    let dir = if i % 2 == 0 {
+                        Direction::C2s
+                    } else {
+                        Direction::S2c
+                    };
+                    events::packet(id, i + 1, dir, &payload)
+                })
+                .collect();
+            last = ingest.send(evs).await?;
+            if last > WINDOW {
+                ingest.wait_ack(last - WINDOW).await?;
+            }
+        }
+        ingest
+            .send(vec![events::close(
+                id,
+                ClosedBy::Client,
+                CloseKind::Fin,
+                "bench",
+            )])
+            .await?;
+    }
+    ingest.wait_ack(last).await?;
+    Ok(())
+}
+
+/// Seconds to write the payload bytes to a file (the baseline).
+fn copy_run(path: &std::path::Path) -> anyhow::Result<f64> {
+    let payload = tests::proxy::payload(PACKET, 7);
+    let start = Instant::now();
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    for _ in 0..total_bytes() / PACKET as u64 {
+        f.write_all(&payload)?;
+    }
+    f.into_inner()?.sync_all()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Seconds for `interpose export` to write the whole capture (synced) through export-svc.
+async fn export_run(url: &str, path: &std::path::Path) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let out = tokio::process::Command::new(bin("interpose"))
+        .args(["export", "--server", url, "--out"])
+        .arg(path)
+        .env_remove("INTERPOSE_TOKEN")
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "interpose export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::File::open(path)?.sync_all()?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("  {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(secs)
+}
+
+/// Peak resident set of a process (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmHWM in /proc/PID/status")?;
+    Ok(kib / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(&dir.path().join("registry")).await?;
+    let t = Instant::now();
+    ingest(&reg).await?;
+    println!(
+        "ingested {} MiB in {} connections ({} KiB packets) in {:.1} s",
+        total_bytes() >> 20,
+        CONNECTIONS,
+        PACKET >> 10,
+        t.elapsed().as_secs_f64()
+    );
+    let mut cmd = tokio::process::Command::new(bin("export-svc"));
+    cmd.args(["--listen", "127.0.0.1:0", "--registry", &reg.url])
+        .env_remove("INTERPOSE_TOKEN");
+    let export = Proc::start(cmd, dir.path().join("export.log")).await?;
+    let url = format!("http://{}", export.field("listen").context("listen=")?);
+    let pid = export.pid().context("export-svc pid")?;
+
+    let (mut copies, mut exports) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let copy = dir.path().join("copy.bin");
+        copies.push(copy_run(&copy)?);
+        std::fs::remove_file(&copy)?;
+        let file = dir.path().join("export.pcap");
+        exports.push(export_run(&url, &file).await?);
+        let size = std::fs::metadata(&file)?.len();
+        std::fs::remove_file(&file)?;
+        println!(
+            "run {run}: copy {:.2} s, export {:.2} s ({} MiB file)",
+            copies[run],
+            exports[run],
+            size >> 20
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gib = total_bytes() as f64 / f64::from(1 << 30);
+    let (copy, exp) = (median(copies), median(exports));
+    println!(
+        "median: copy {:.0} MiB/s, export {:.0} MiB/s of payload: ratio {:.2}x (target >= 0.3x)",
+        gib * 1024.0 / copy,
+        gib * 1024.0 / exp,
+        copy / exp
+    );
+    println!(
+        "export-svc peak RSS {:.1} MiB (target <= 64 MiB)",
+        peak_rss_mib(pid)?
+    );
+    export.kill().await;
+    reg.proc.kill().await;
+    Ok(())
+}
