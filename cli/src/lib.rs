@@ -60,14 +60,14 @@ pub enum Command {
     Conns(conns::ConnsCommand),
     /// Search the proxy history (every packet relayed).
     History(history::HistoryArgs),
+    /// The decrypted sessions as a PCAP or pcapng file for Wireshark.
+    Export(export::ExportArgs),
     /// Hold packets for a verdict: on (with filters), off, status, replace rules.
     #[command(subcommand)]
     Intercept(intercept::InterceptCommand),
     /// Held packets: list, watch, show, forward, drop, edit.
     #[command(subcommand)]
     Held(held::HeldCommand),
-    /// The decrypted sessions as a PCAP or pcapng file for Wireshark.
-    Export(export::ExportArgs),
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -84,14 +84,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
         Command::Ca(cmd) => ca::run(&cli.server, cmd).await,
-        Command::Intercept(cmd) => intercept::run(&cli.server, cmd).await,
-        Command::Held(cmd) => held::run(&cli.server, cmd).await,
         Command::Completions(args) => {
             completions::completions(&args);
             Ok(())
         }
         Command::Man(args) => completions::man(&args),
         Command::Export(args) => export::run(&cli.server, args).await,
+        Command::Intercept(cmd) => intercept::run(&cli.server, cmd).await,
+        Command::Held(cmd) => held::run(&cli.server, cmd).await,
     }
 }
 

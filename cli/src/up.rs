@@ -49,6 +49,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut server = GrpcServer::new(args.token.clone());
     server.add_service(registry_svc::grpc_service(registry.clone(), server.drain()));
     server.add_service(tls::service::CaService::server(splicer.clone()));
+    // The exporter reads the registry over this same port, as a remote export-svc would.
+    server.add_service(export_svc::grpc_service(
+        &format!("http://{grpc}"),
+        args.token.as_deref(),
+    )?);
     // The intercept queue follows the registry over this same port, as a remote one would.
     let intercept = intercept_svc::Intercept::start(
         &format!("http://{grpc}"),
@@ -56,11 +61,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         intercept_svc::DEFAULT_MAX_HELD,
     )?;
     server.add_service(intercept.grpc_service(server.drain()));
-    // The exporter reads the registry over this same port, as a remote export-svc would.
-    server.add_service(export_svc::grpc_service(
-        &format!("http://{grpc}"),
-        args.token.as_deref(),
-    )?);
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut serving = tokio::spawn(server.serve(listener, async {
         let _ = grpc_stopped.await;

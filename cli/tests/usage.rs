@@ -27,16 +27,7 @@ fn help_lists_every_subcommand() {
         .collect();
     assert_eq!(
         listed,
-        [
-            "up",
-            "conns",
-            "history",
-            "export",
-            "ca",
-            "completions",
-            "man",
-            "help"
-        ],
+        ["up", "conns", "history", "export", "intercept", "held", "ca", "completions", "man", "help"],
         "subcommands in:\n{help}"
     );
 }
