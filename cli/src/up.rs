@@ -60,7 +60,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         args.token.as_deref(),
         intercept_svc::DEFAULT_MAX_HELD,
     )?;
-    server.add_service(intercept.grpc_service());
+    server.add_service(intercept.grpc_service(server.drain()));
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut serving = tokio::spawn(server.serve(listener, async {
         let _ = grpc_stopped.await;

@@ -40,9 +40,9 @@ impl Intercept {
         Ok(Self { shared, follower })
     }
 
-    /// The gRPC service, ready to add to a server.
-    pub fn grpc_service(&self) -> InterceptServer<InterceptService> {
-        InterceptServer::new(InterceptService::new(self.shared.clone()))
+    /// The gRPC service, ready to add to a server; its streams end when `drain` fires.
+    pub fn grpc_service(&self, drain: proto::serve::Drain) -> InterceptServer<InterceptService> {
+        InterceptServer::new(InterceptService::new(self.shared.clone(), drain))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
@@ -87,7 +87,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(args.token);
-    server.add_service(intercept.grpc_service());
+    server.add_service(intercept.grpc_service(server.drain()));
     println!("ready intercept-svc listen={addr}");
     server
         .serve(listener, proto::serve::shutdown_signal())

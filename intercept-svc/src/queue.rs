@@ -52,6 +52,23 @@ pub enum QueueError {
     NoRule(u64),
 }
 
+/// A refused user action, with the packet to release when the refusal removed it (its
+/// connection has closed: the proxy is told not to relay it).
+#[derive(Debug)]
+pub struct Refused<W> {
+    pub error: QueueError,
+    pub release: Option<(W, Verdict)>,
+}
+
+impl<W> From<QueueError> for Refused<W> {
+    fn from(error: QueueError) -> Self {
+        Self {
+            error,
+            release: None,
+        }
+    }
+}
+
 /// How a registry record ended, as far as held packets care.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ended {
@@ -207,11 +224,11 @@ impl<W> Queue<W> {
         &mut self,
         held_id: u64,
         replacement: Option<Vec<u8>>,
-    ) -> Result<(W, Verdict), QueueError> {
+    ) -> Result<(W, Verdict), Refused<W>> {
         if let Some(r) = &replacement
             && r.len() > MAX_REPLACEMENT
         {
-            return Err(QueueError::TooLarge(r.len()));
+            return Err(QueueError::TooLarge(r.len()).into());
         }
         let waiter = self.take_open(held_id)?;
         let verdict = match replacement {
@@ -227,7 +244,7 @@ impl<W> Queue<W> {
     }
 
     /// A user drops a held packet.
-    pub fn drop_packet(&mut self, held_id: u64) -> Result<(W, Verdict), QueueError> {
+    pub fn drop_packet(&mut self, held_id: u64) -> Result<(W, Verdict), Refused<W>> {
         let waiter = self.take_open(held_id)?;
         Ok((waiter, verdict(Action::Drop, "user")))
     }
@@ -297,9 +314,9 @@ impl<W> Queue<W> {
 
     /// Removes a packet a user acts on, unless its connection has ended (then it is removed
     /// all the same, and the error names who closed the connection).
-    fn take_open(&mut self, held_id: u64) -> Result<W, QueueError> {
+    fn take_open(&mut self, held_id: u64) -> Result<W, Refused<W>> {
         if held_id == 0 {
-            return Err(QueueError::ZeroId);
+            return Err(QueueError::ZeroId.into());
         }
         let entry = self
             .held
@@ -315,10 +332,16 @@ impl<W> Queue<W> {
                     r => format!(" ({r})"),
                 },
             };
-            self.remove(held_id);
-            return Err(err);
+            let release = self
+                .remove(held_id)
+                .map(|w| (w, verdict(Action::Drop, "connection_closed")));
+            return Err(Refused {
+                error: err,
+                release,
+            });
         }
-        self.remove(held_id).ok_or(QueueError::NotFound(held_id))
+        self.remove(held_id)
+            .ok_or(QueueError::NotFound(held_id).into())
     }
 
     fn remove(&mut self, held_id: u64) -> Option<W> {
@@ -421,11 +444,14 @@ mod tests {
         q.set_config(on());
         hold(&mut q, 1, 1);
         hold(&mut q, 1, 2);
-        assert_eq!(q.forward(0, None).unwrap_err(), QueueError::ZeroId);
-        assert_eq!(q.forward(9, None).unwrap_err(), QueueError::NotFound(9));
+        assert_eq!(q.forward(0, None).unwrap_err().error, QueueError::ZeroId);
+        assert_eq!(
+            q.forward(9, None).unwrap_err().error,
+            QueueError::NotFound(9)
+        );
         let big = vec![0; MAX_REPLACEMENT + 1];
         assert_eq!(
-            q.forward(1, Some(big)).unwrap_err(),
+            q.forward(1, Some(big)).unwrap_err().error,
             QueueError::TooLarge(MAX_REPLACEMENT + 1)
         );
         let (_, v) = q.forward(1, Some(b"a\0b".to_vec())).unwrap();
@@ -433,7 +459,7 @@ mod tests {
         assert_eq!(v.data, b"a\0b");
         let (_, v) = q.drop_packet(2).unwrap();
         assert_eq!(v.action(), Action::Drop);
-        assert_eq!(q.drop_packet(2).unwrap_err(), QueueError::NotFound(2));
+        assert_eq!(q.drop_packet(2).unwrap_err().error, QueueError::NotFound(2));
     }
 
     #[test]
@@ -494,8 +520,17 @@ mod tests {
         assert_eq!(l[0].conn_status(), ConnStatus::Disconnected);
         assert_eq!(l[0].closed_by(), ClosedBy::Server);
         assert_eq!(l[1].conn_status(), ConnStatus::Active);
-        let err = q.forward(1, None).unwrap_err();
-        assert!(err.to_string().contains("closed by the server"), "{err}");
+        let refused = q.forward(1, None).unwrap_err();
+        let err = refused.error.to_string();
+        assert!(
+            err.contains("connection 5 was closed by the server (server sent FIN)"),
+            "{err}"
+        );
+        let (w, v) = refused.release.unwrap();
+        assert_eq!(
+            (w, v.action(), v.reason.as_str()),
+            (1, Action::Drop, "connection_closed")
+        );
         assert_eq!(kinds(&mut q), [(Kind::Removed, 1)]);
         assert_eq!(q.list().len(), 1);
         // A packet held after the close is known shows it at once.
@@ -504,7 +539,7 @@ mod tests {
             panic!("not held")
         };
         assert!(matches!(
-            q.drop_packet(id).unwrap_err(),
+            q.drop_packet(id).unwrap_err().error,
             QueueError::Closed { .. }
         ));
     }

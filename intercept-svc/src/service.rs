@@ -14,11 +14,12 @@ use futures::Stream;
 use proto::intercept::{
     self as pb, HeldEvent, InterceptConfig, Verdict, held_event::Kind, intercept_server::Intercept,
 };
+use proto::serve::Drain;
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio_stream::{StreamExt, wrappers::WatchStream};
 use tonic::{Request, Response, Status};
 
-use crate::queue::{Ended, HoldOutcome, Queue, QueueError};
+use crate::queue::{Ended, HoldOutcome, Queue, QueueError, Refused};
 
 /// How many held-queue events a slow watcher may fall behind before its stream ends.
 const WATCH_BACKLOG: usize = 4096;
@@ -98,12 +99,27 @@ impl Drop for CancelOnDrop {
 #[derive(Clone)]
 pub struct InterceptService {
     shared: Arc<Shared>,
+    drain: Drain,
 }
 
 impl InterceptService {
-    /// A service over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    /// A service over `shared` whose streams and pending holds end when `drain` fires (so a
+    /// graceful shutdown is not held up by them; a proxy then follows its fault policy).
+    pub fn new(shared: Arc<Shared>, drain: Drain) -> Self {
+        Self { shared, drain }
+    }
+
+    /// `stream`, ended with [`Drain::status`] once the server shuts down.
+    fn until_drained<T: Send + 'static>(
+        &self,
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    ) -> BoxStream<T> {
+        let drain = self.drain.clone();
+        let end = futures::stream::once(async move {
+            drain.wait().await;
+            Err(Drain::status())
+        });
+        Box::pin(futures::stream::select(stream, end))
     }
 
     async fn wait_verdict(
@@ -142,6 +158,12 @@ fn status_of(e: QueueError) -> Status {
     }
 }
 
+/// Releases what a refusal removed, and reports the refusal.
+fn refused(r: Refused<Waiter>) -> Status {
+    release(r.release);
+    status_of(r.error)
+}
+
 #[tonic::async_trait]
 impl Intercept for InterceptService {
     async fn get_config(
@@ -170,7 +192,7 @@ impl Intercept for InterceptService {
         _req: Request<pb::WatchConfigRequest>,
     ) -> Result<Response<Self::WatchConfigStream>, Status> {
         let stream = WatchStream::new(self.shared.config.subscribe()).map(Ok);
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.until_drained(stream)))
     }
 
     async fn hold(&self, req: Request<pb::HoldRequest>) -> Result<Response<Verdict>, Status> {
@@ -188,7 +210,10 @@ impl Intercept for InterceptService {
         });
         let verdict = match outcome {
             HoldOutcome::Immediate(v) => v,
-            HoldOutcome::Held(id) => self.wait_verdict(id, rx, timeout).await,
+            HoldOutcome::Held(id) => tokio::select! {
+                v = self.wait_verdict(id, rx, timeout) => v,
+                () = self.drain.wait() => return Err(Drain::status()),
+            },
         };
         Ok(Response::new(verdict))
     }
@@ -225,7 +250,7 @@ impl Intercept for InterceptService {
             })
         });
         let stream = tokio_stream::iter(snapshot).chain(live);
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.until_drained(stream)))
     }
 
     async fn forward(
@@ -237,7 +262,7 @@ impl Intercept for InterceptService {
         let decided = self
             .shared
             .apply(|q| q.forward(r.held_id, replacement))
-            .map_err(status_of)?;
+            .map_err(refused)?;
         release([decided]);
         Ok(Response::new(pb::ForwardResponse {}))
     }
@@ -247,10 +272,7 @@ impl Intercept for InterceptService {
         req: Request<pb::DropRequest>,
     ) -> Result<Response<pb::DropResponse>, Status> {
         let id = req.into_inner().held_id;
-        let decided = self
-            .shared
-            .apply(|q| q.drop_packet(id))
-            .map_err(status_of)?;
+        let decided = self.shared.apply(|q| q.drop_packet(id)).map_err(refused)?;
         release([decided]);
         Ok(Response::new(pb::DropResponse {}))
     }

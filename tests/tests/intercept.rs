@@ -1,0 +1,673 @@
+//! intercept-svc end to end: real `interpose up` and `intercept-svc` processes, the CLI as a
+//! user runs it, and the proxy side either as a gRPC client calling `Hold` exactly as a proxy
+//! does or as proxy-core's own [`Holder`]. (The relay's hold point is wired separately; these
+//! tests cover the service, the CLI and the proxy-side module.)
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use proto::{
+    client::AuthChannel,
+    common::{CloseKind, ClosedBy, Direction, Packet},
+    intercept::{
+        ForwardRequest, GetStatusRequest, HoldRequest, InterceptConfig, SetConfigRequest, Verdict,
+        WatchHeldRequest, held_event::Kind, intercept_client::InterceptClient, verdict::Action,
+    },
+};
+use proxy_core::hold::{Check, ConnMeta, Decision, FaultPolicy, Holder};
+use serde_json::Value;
+use tests::{Ingest, Proc, Registry, Up, WAIT, bin, events, eventually, interpose, interpose_json};
+use tokio::{process::Command, task::JoinHandle};
+
+type Client = InterceptClient<AuthChannel>;
+
+/// The documented limit on a replacement (intercept.proto): 4 MiB.
+const MAX_REPLACEMENT: usize = 4 * 1024 * 1024;
+
+async fn client(url: &str) -> anyhow::Result<Client> {
+    let ch = proto::client::connect(url, None).await?;
+    Ok(InterceptClient::new(ch)
+        .max_encoding_message_size(16 << 20)
+        .max_decoding_message_size(16 << 20))
+}
+
+/// Calls `Hold` as a proxy does, in the background.
+fn hold(c: &Client, conn_id: u64, seq: u64, data: &[u8]) -> JoinHandle<anyhow::Result<Verdict>> {
+    let mut c = c.clone();
+    let req = HoldRequest {
+        node: "lab1".into(),
+        packet: Some(Packet {
+            conn_id,
+            seq,
+            direction: Direction::C2s as i32,
+            ts: Some(proto::time::now()),
+            data: data.to_vec(),
+            ..Default::default()
+        }),
+        dst_host: "example.test".into(),
+        dst_port: 80,
+    };
+    tokio::spawn(async move { Ok(c.hold(req).await?.into_inner()) })
+}
+
+async fn verdict(h: JoinHandle<anyhow::Result<Verdict>>) -> anyhow::Result<Verdict> {
+    tokio::time::timeout(WAIT, h)
+        .await
+        .context("no verdict in time")??
+}
+
+/// `held list --json` once it shows `n` packets.
+async fn held(server: &str, n: usize) -> anyhow::Result<Vec<Value>> {
+    eventually(&format!("{n} held packets"), || async {
+        let v = interpose_json(server, &["held", "list", "--json"]).await?;
+        let list = v.as_array().cloned().unwrap_or_default();
+        Ok((list.len() == n).then_some(list))
+    })
+    .await
+}
+
+fn id_of(v: &Value) -> String {
+    v["held_id"].to_string()
+}
+
+async fn ok(server: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = interpose(server, args).await?;
+    if !out.ok {
+        bail!("interpose {args:?} failed: {}", out.stderr);
+    }
+    Ok(out.stdout)
+}
+
+/// A standalone intercept-svc.
+async fn intercept_svc(
+    dir: &Path,
+    listen: &str,
+    registry: &str,
+    extra: &[&str],
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let mut cmd = Command::new(bin("intercept-svc"));
+    cmd.args(["--listen", listen, "--registry", registry])
+        .args(extra)
+        .env_remove("INTERPOSE_TOKEN");
+    let proc = Proc::start(cmd, dir.join("intercept.log")).await?;
+    let addr = proc.addr("listen")?;
+    Ok((proc, addr))
+}
+
+#[tokio::test]
+async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("d"), &[]).await?;
+    let s = up.grpc.as_str();
+    let out = ok(s, &["intercept", "on", "--direction", "c2s"]).await?;
+    assert!(out.contains("intercept on: direction c2s"), "{out}");
+    let c = client(s).await?;
+    let cases: Vec<(Vec<&str>, Action, bool, Vec<u8>)> = vec![
+        (vec![], Action::Forward, false, vec![]),
+        (
+            vec!["--replace-text", "a much longer packet than before"],
+            Action::Forward,
+            true,
+            b"a much longer packet than before".to_vec(),
+        ),
+        (
+            vec!["--replace-text", "x"],
+            Action::Forward,
+            true,
+            b"x".to_vec(),
+        ),
+        (vec!["--replace-text", ""], Action::Forward, true, vec![]),
+        (
+            vec!["--replace-hex", "00ff0041 00"],
+            Action::Forward,
+            true,
+            vec![0, 0xff, 0, 0x41, 0],
+        ),
+    ];
+    for (i, (args, action, replaced, data)) in cases.into_iter().enumerate() {
+        let pending = hold(&c, 1, i as u64 + 1, b"hello world");
+        let list = held(s, 1).await?;
+        assert_eq!(list[0]["conn_id"], 1);
+        assert_eq!(list[0]["direction"], "c2s");
+        assert_eq!(list[0]["len"], 11);
+        assert_eq!(list[0]["conn_status"], "active");
+        assert_eq!(list[0]["closed_by"], Value::Null);
+        assert_eq!(
+            list[0]["data_b64"],
+            base64::engine::general_purpose::STANDARD.encode("hello world")
+        );
+        let id = id_of(&list[0]);
+        let mut cmd = vec!["held", "forward", id.as_str()];
+        cmd.extend(args);
+        ok(s, &cmd).await?;
+        let v = verdict(pending).await?;
+        assert_eq!(
+            (v.action(), v.replaced, v.data, v.reason.as_str()),
+            (action, replaced, data, "user")
+        );
+    }
+    // A replacement file of binary bytes.
+    let file = dir.path().join("r.bin");
+    std::fs::write(&file, b"\0\x01\x02\0")?;
+    let pending = hold(&c, 1, 10, b"abc");
+    let id = id_of(&held(s, 1).await?[0]);
+    ok(
+        s,
+        &[
+            "held",
+            "forward",
+            &id,
+            "--replace-file",
+            file.to_str().context("path")?,
+        ],
+    )
+    .await?;
+    assert_eq!(verdict(pending).await?.data, b"\0\x01\x02\0");
+    // Drop.
+    let pending = hold(&c, 1, 11, b"secret");
+    let id = id_of(&held(s, 1).await?[0]);
+    assert_eq!(
+        ok(s, &["held", "drop", &id]).await?.trim(),
+        format!("dropped held packet {id}")
+    );
+    let v = verdict(pending).await?;
+    assert_eq!(v.action(), Action::Drop);
+    // The ID is gone now: a clear error, non-zero exit.
+    let again = interpose(s, &["held", "drop", &id]).await?;
+    assert!(!again.ok);
+    assert!(
+        again
+            .stderr
+            .contains(&format!("no held packet with ID {id}")),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(again.stderr.trim().lines().count(), 1, "{}", again.stderr);
+    // A replacement beyond 4 MiB is refused and the packet stays held.
+    let pending = hold(&c, 1, 12, b"big");
+    let id: u64 = held(s, 1).await?[0]["held_id"].as_u64().context("id")?;
+    let err = c
+        .clone()
+        .forward(ForwardRequest {
+            held_id: id,
+            replace: true,
+            data: vec![b'a'; MAX_REPLACEMENT + 1],
+        })
+        .await
+        .expect_err("oversized replacement");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("4194304"), "{}", err.message());
+    let big = vec![b'b'; MAX_REPLACEMENT];
+    c.clone()
+        .forward(ForwardRequest {
+            held_id: id,
+            replace: true,
+            data: big.clone(),
+        })
+        .await?;
+    assert_eq!(verdict(pending).await?.data, big);
+    Ok(())
+}
+
+#[tokio::test]
+async fn turning_off_releases_every_held_packet_in_order() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("d"), &[]).await?;
+    let s = up.grpc.as_str();
+    ok(s, &["intercept", "on"]).await?;
+    let c = client(s).await?;
+    let mut watch = c
+        .clone()
+        .watch_held(WatchHeldRequest {})
+        .await?
+        .into_inner();
+    let mut pending = Vec::new();
+    for seq in 1..=3 {
+        pending.push(hold(&c, 7, seq, format!("p{seq}").as_bytes()));
+        held(s, seq as usize).await?;
+    }
+    let out = ok(s, &["intercept", "off"]).await?;
+    assert!(out.contains("intercept off"), "{out}");
+    for p in pending {
+        let v = verdict(p).await?;
+        assert_eq!(
+            (v.action(), v.replaced, v.reason.as_str()),
+            (Action::Forward, false, "intercept_off")
+        );
+    }
+    let mut removed = Vec::new();
+    while removed.len() < 3 {
+        let ev = tokio::time::timeout(WAIT, watch.message())
+            .await??
+            .context("watch ended")?;
+        if ev.kind() == Kind::Removed {
+            removed.push(ev.held_id);
+        }
+    }
+    assert_eq!(removed, [1, 2, 3]);
+    assert!(held(s, 0).await?.is_empty());
+    let status = interpose_json(s, &["intercept", "status", "--json"]).await?;
+    assert_eq!(status["enabled"], false);
+    assert_eq!(status["released_by_off"], 3);
+    // Off: a Hold is answered at once.
+    let v = verdict(hold(&c, 7, 9, b"x")).await?;
+    assert_eq!(v.reason, "intercept_off");
+    Ok(())
+}
+
+#[tokio::test]
+async fn beyond_max_held_packets_are_forwarded_and_counted() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(&dir.path().join("reg")).await?;
+    let (_svc, addr) =
+        intercept_svc(dir.path(), "127.0.0.1:0", &reg.url, &["--max-held", "2"]).await?;
+    let s = format!("http://{addr}");
+    ok(&s, &["intercept", "on"]).await?;
+    let c = client(&s).await?;
+    let a = hold(&c, 1, 1, b"a");
+    let b = hold(&c, 1, 2, b"b");
+    held(&s, 2).await?;
+    let v = verdict(hold(&c, 1, 3, b"c")).await?;
+    assert_eq!(
+        (v.action(), v.reason.as_str()),
+        (Action::Forward, "queue_full")
+    );
+    let status = interpose_json(&s, &["intercept", "status", "--json"]).await?;
+    assert_eq!(
+        (
+            status["held"].as_u64(),
+            status["max_held"].as_u64(),
+            status["overflow_forwarded"].as_u64()
+        ),
+        (Some(2), Some(2), Some(1))
+    );
+    ok(&s, &["intercept", "off"]).await?;
+    verdict(a).await?;
+    verdict(b).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hold_timeout_forwards_unmodified() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("d"), &[]).await?;
+    let s = up.grpc.as_str();
+    ok(s, &["intercept", "on", "--timeout", "1"]).await?;
+    let c = client(s).await?;
+    let started = std::time::Instant::now();
+    let v = verdict(hold(&c, 3, 1, b"wait")).await?;
+    let took = started.elapsed();
+    assert_eq!(
+        (v.action(), v.replaced, v.reason.as_str()),
+        (Action::Forward, false, "timeout")
+    );
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    let status = interpose_json(s, &["intercept", "status", "--json"]).await?;
+    assert_eq!(status["timed_out"], 1);
+    assert_eq!(status["held"], 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_packet_whose_connection_the_server_closed_cannot_be_forwarded() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("d"), &[]).await?;
+    let s = up.grpc.as_str();
+    let mut reg = tests::registry_client(s, None).await?;
+    let mut ingest = Ingest::open(&mut reg, "lab1").await?;
+    ingest
+        .send_durable(vec![events::open(5, 50005, "example.test", 80)])
+        .await?;
+    ok(s, &["intercept", "on"]).await?;
+    let c = client(s).await?;
+    let mut watch = c
+        .clone()
+        .watch_held(WatchHeldRequest {})
+        .await?
+        .into_inner();
+    let pending = hold(&c, 5, 2, b"too late");
+    let list = held(s, 1).await?;
+    assert_eq!(list[0]["conn_status"], "active");
+    let id = id_of(&list[0]);
+    ingest
+        .send_durable(vec![events::close(
+            5,
+            ClosedBy::Server,
+            CloseKind::Fin,
+            "server sent FIN",
+        )])
+        .await?;
+    // The watcher sees the change ...
+    loop {
+        let ev = tokio::time::timeout(WAIT, watch.message())
+            .await??
+            .context("watch ended")?;
+        if ev.kind() == Kind::Updated {
+            let h = ev.held.context("held")?;
+            assert_eq!(h.conn_status(), proto::common::ConnStatus::Disconnected);
+            assert_eq!(h.closed_by(), ClosedBy::Server);
+            break;
+        }
+    }
+    // ... and so does the list.
+    let list = held(s, 1).await?;
+    assert_eq!(
+        (
+            list[0]["conn_status"].as_str(),
+            list[0]["closed_by"].as_str()
+        ),
+        (Some("disconnected"), Some("server"))
+    );
+    let out = interpose(s, &["held", "forward", &id]).await?;
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("connection 5 was closed by the server (server sent FIN)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    // The entry left the queue instead of staying stuck; the proxy is told not to relay it.
+    assert!(held(s, 0).await?.is_empty());
+    let v = verdict(pending).await?;
+    assert_eq!(v.action(), Action::Drop);
+    assert_eq!(v.reason, "connection_closed");
+    Ok(())
+}
+
+/// Runs `interpose held edit ID` with `EDITOR` set to a shell script.
+async fn edit_with(server: &str, id: &str, script: &Path) -> anyhow::Result<tests::Output> {
+    let mut cmd = Command::new(bin("interpose"));
+    cmd.args(["held", "edit", id, "--server", server])
+        .env("EDITOR", script)
+        .env_remove("VISUAL")
+        .env_remove("INTERPOSE_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(WAIT, cmd.output()).await??;
+    Ok(tests::Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn script(dir: &Path, name: &str, body: &str) -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\nset -e\n{body}\n"))?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+    Ok(p)
+}
+
+#[tokio::test]
+async fn held_edit_opens_the_editor_on_text_or_a_hex_dump() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("d"), &[]).await?;
+    let s = up.grpc.as_str();
+    ok(s, &["intercept", "on"]).await?;
+    let c = client(s).await?;
+    // Text: the editor (like most) ends the file with a newline; the packet had none.
+    let text = script(
+        dir.path(),
+        "text.sh",
+        r#"printf 'GET /admin HTTP/1.1\n' > "$1""#,
+    )?;
+    let pending = hold(&c, 1, 1, b"GET / HTTP/1.1");
+    let id = id_of(&held(s, 1).await?[0]);
+    let out = edit_with(s, &id, &text).await?;
+    assert!(out.ok, "{}", out.stderr);
+    let v = verdict(pending).await?;
+    assert!(v.replaced);
+    assert_eq!(v.data, b"GET /admin HTTP/1.1");
+    // Binary: a hex dump; the script turns the second byte into 41 and appends 00 42.
+    let hex = script(
+        dir.path(),
+        "hex.sh",
+        r#"grep -q '^# held packet' "$1"
+sed -i 's/^00000000: 00 ff/00000000: 00 41/' "$1"
+echo '00 42' >> "$1""#,
+    )?;
+    let pending = hold(&c, 1, 2, b"\0\xff\x01");
+    let id = id_of(&held(s, 1).await?[0]);
+    let out = edit_with(s, &id, &hex).await?;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(verdict(pending).await?.data, b"\0\x41\x01\0\x42");
+    // A failing editor leaves the packet held.
+    let fail = script(dir.path(), "fail.sh", "exit 3")?;
+    let pending = hold(&c, 1, 3, b"keep");
+    let id = id_of(&held(s, 1).await?[0]);
+    let out = edit_with(s, &id, &fail).await?;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("still held"), "{}", out.stderr);
+    assert_eq!(held(s, 1).await?.len(), 1);
+    ok(s, &["held", "forward", &id]).await?;
+    assert!(!verdict(pending).await?.replaced);
+    Ok(())
+}
+
+const META: ConnMeta<'static> = ConnMeta {
+    id: 42,
+    dst_host: "api.example.test",
+    dst_port: 443,
+};
+
+/// Waits until the holder has received `n` configurations.
+async fn configs(h: &Holder, n: u64) -> anyhow::Result<()> {
+    eventually(&format!("{n} configs"), || async {
+        Ok((h.stats().configs >= n).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn holder_makes_no_hold_call_when_nothing_matches_and_holds_what_does() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("d"), &[]).await?;
+    let s = up.grpc.as_str();
+    let holder = Holder::start(s, None, "lab1", FaultPolicy::Forward)?;
+    configs(&holder, 1).await?;
+    assert_eq!(holder.wants(&META, Direction::C2s, b"x"), Check::Pass);
+    ok(
+        s,
+        &[
+            "intercept",
+            "on",
+            "--host",
+            "*.nowhere.test",
+            "--contains",
+            "never",
+        ],
+    )
+    .await?;
+    configs(&holder, 2).await?;
+    for i in 0..1000u32 {
+        let data = format!("packet {i}");
+        assert_eq!(
+            holder.wants(&META, Direction::C2s, data.as_bytes()),
+            Check::Pass
+        );
+    }
+    assert_eq!(holder.stats().hold_calls, 0);
+    // A matching packet is held through the real service, and the user's edit comes back.
+    ok(
+        s,
+        &[
+            "intercept",
+            "on",
+            "--host",
+            "*.example.test",
+            "--port",
+            "443",
+            "--direction",
+            "c2s",
+        ],
+    )
+    .await?;
+    configs(&holder, 3).await?;
+    assert_eq!(holder.wants(&META, Direction::S2c, b"x"), Check::Pass);
+    assert_eq!(
+        holder.wants(&META, Direction::C2s, b"x"),
+        Check::Hold { rewritten: None }
+    );
+    let h = &holder;
+    let decision = tokio::time::timeout(
+        WAIT,
+        h.hold(&META, 1, Direction::C2s, bytes::Bytes::from_static(b"x")),
+    );
+    let user = async {
+        let id = id_of(&held(s, 1).await?[0]);
+        ok(s, &["held", "forward", &id, "--replace-hex", "7900"]).await
+    };
+    let (decision, user) = tokio::join!(decision, user);
+    user?;
+    assert_eq!(
+        decision.context("no decision")?,
+        Decision::ForwardReplaced(bytes::Bytes::from_static(b"y\0"))
+    );
+    assert_eq!(holder.stats().hold_calls, 1);
+    // Replace rules apply in the proxy, without a call.
+    ok(s, &["intercept", "off"]).await?;
+    let out = ok(
+        s,
+        &[
+            "intercept",
+            "rule",
+            "add",
+            "--direction",
+            "c2s",
+            "--match",
+            "token=abc",
+            "--replace-hex",
+            "746f6b656e3d00",
+        ],
+    )
+    .await?;
+    assert_eq!(out.trim(), "added rule 1");
+    configs(&holder, 5).await?;
+    assert_eq!(
+        holder.wants(&META, Direction::C2s, b"a token=abc!"),
+        Check::Rewritten(bytes::Bytes::from_static(b"a token=\0!"))
+    );
+    assert_eq!(
+        holder.wants(&META, Direction::S2c, b"a token=abc!"),
+        Check::Pass
+    );
+    let rules = interpose_json(s, &["intercept", "rule", "list", "--json"]).await?;
+    assert_eq!(rules[0]["direction"], "c2s");
+    assert_eq!(
+        rules[0]["match_b64"],
+        base64::engine::general_purpose::STANDARD.encode("token=abc")
+    );
+    ok(s, &["intercept", "rule", "remove", "1"]).await?;
+    let gone = interpose(s, &["intercept", "rule", "remove", "1"]).await?;
+    assert!(
+        !gone.ok && gone.stderr.contains("no replace rule with ID 1"),
+        "{}",
+        gone.stderr
+    );
+    assert_eq!(holder.stats().hold_calls, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_after_restart()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(&dir.path().join("reg")).await?;
+    let (svc, addr) = intercept_svc(dir.path(), "127.0.0.1:0", &reg.url, &[]).await?;
+    let url = format!("http://{addr}");
+    let holder = Holder::start(&url, None, "lab1", FaultPolicy::Forward)?;
+    let on = SetConfigRequest {
+        config: Some(InterceptConfig {
+            enabled: true,
+            ..Default::default()
+        }),
+    };
+    client(&url).await?.set_config(on.clone()).await?;
+    eventually("the holder holds", || async {
+        Ok((holder.wants(&META, Direction::C2s, b"x") != Check::Pass).then_some(()))
+    })
+    .await
+    .with_context(|| format!("{:?}", holder.stats()))?;
+    let h = &holder;
+    let pending = tokio::time::timeout(
+        WAIT,
+        h.hold(&META, 1, Direction::C2s, bytes::Bytes::from_static(b"held")),
+    );
+    let kill = async {
+        held(&url, 1).await?;
+        let killed = std::time::Instant::now();
+        svc.kill().await;
+        anyhow::Ok(killed)
+    };
+    let (decision, killed) = tokio::join!(pending, kill);
+    let took = killed?.elapsed();
+    assert_eq!(
+        decision.context("no decision")?,
+        Decision::NotHeld(bytes::Bytes::from_static(b"held"))
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "policy applied after {took:?}"
+    );
+    assert_eq!(holder.stats().not_held, 1);
+    // Unreachable: nothing is held, and a hold that races the config follows the policy in
+    // the connect timeout.
+    eventually("holding stops", || async {
+        Ok((holder.wants(&META, Direction::C2s, b"x") == Check::Pass).then_some(()))
+    })
+    .await?;
+    let started = std::time::Instant::now();
+    assert_eq!(
+        holder
+            .hold(&META, 2, Direction::C2s, bytes::Bytes::from_static(b"z"))
+            .await,
+        Decision::NotHeld(bytes::Bytes::from_static(b"z"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // A restarted service (intercept off until told otherwise) is picked up again.
+    let (_svc2, _) = intercept_svc(dir.path(), &addr.to_string(), &reg.url, &[]).await?;
+    let before = holder.stats().configs;
+    client(&url).await?.set_config(on).await?;
+    eventually("holding again", || async {
+        Ok((holder.stats().configs > before
+            && holder.wants(&META, Direction::C2s, b"x") != Check::Pass)
+            .then_some(()))
+    })
+    .await?;
+    let calls = holder.stats().hold_calls;
+    let pending = tokio::time::timeout(
+        WAIT,
+        h.hold(
+            &META,
+            3,
+            Direction::C2s,
+            bytes::Bytes::from_static(b"again"),
+        ),
+    );
+    let user = async {
+        let id = id_of(&held(&url, 1).await?[0]);
+        ok(&url, &["held", "forward", &id]).await
+    };
+    let (decision, user) = tokio::join!(pending, user);
+    user?;
+    assert_eq!(
+        decision.context("no decision")?,
+        Decision::Forward(bytes::Bytes::from_static(b"again"))
+    );
+    assert_eq!(holder.stats().hold_calls, calls + 1);
+    let status = client(&url)
+        .await?
+        .get_status(GetStatusRequest {})
+        .await?
+        .into_inner();
+    assert!(status.registry_connected);
+    Ok(())
+}
