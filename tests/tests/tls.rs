@@ -607,3 +607,152 @@ async fn bytes_that_only_look_like_tls_are_relayed_intact() -> anyhow::Result<()
     assert_eq!(back, partial);
     Ok(())
 }
+
+/// `interpose held list --json` once it holds exactly `n` packets, bounded by [`WAIT`].
+async fn held_now(up: &Up, n: usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    let start = std::time::Instant::now();
+    loop {
+        let v = interpose_json(&up.grpc, &["held", "list", "--json"]).await?;
+        let list = v.as_array().cloned().unwrap_or_default();
+        if list.len() == n {
+            return Ok(list);
+        }
+        if start.elapsed() > WAIT {
+            bail!("expected {n} held packets, have {}: {v}", list.len());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `interpose ARGS` against `up` and fails on a non-zero exit.
+async fn cli_ok(up: &Up, args: &[&str]) -> anyhow::Result<()> {
+    let out = tests::interpose(&up.grpc, args).await?;
+    anyhow::ensure!(out.ok, "interpose {args:?}: {}", out.stderr);
+    Ok(())
+}
+
+/// Holds client packets at the relay's hold point of a live connection (`s`, echoed by the
+/// server) and checks that the server receives exactly what each verdict says: an edit of
+/// another length, a drop (the next packet's echo shows nothing of the dropped one), a
+/// forward as is; then intercept off lets packets through again.
+async fn hold_case<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    up: &Up,
+    s: &mut S,
+) -> anyhow::Result<()> {
+    cli_ok(up, &["intercept", "on", "--direction", "c2s"]).await?;
+    // The proxy follows the setting over a stream: until it has it, a packet passes (and
+    // is echoed); from then on the first packet is held.
+    let start = std::time::Instant::now();
+    loop {
+        s.write_all(b"first").await?;
+        s.flush().await?;
+        let mut back = [0u8; 5];
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            s.read_exact(&mut back),
+        )
+        .await
+        {
+            Ok(r) => {
+                r?;
+                assert_eq!(&back, b"first");
+            }
+            Err(_) => break,
+        }
+        anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
+    }
+    let held = held_now(up, 1).await?;
+    assert_eq!(held[0]["direction"], "c2s");
+    assert_eq!(held[0]["conn_status"], "active");
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(held[0]["data_b64"].as_str().unwrap_or_default())?;
+    assert_eq!(data, b"first");
+    let id = held[0]["held_id"].to_string();
+    // Longer, and binary with a NUL: given as hex, as a NUL cannot be in an argument.
+    let hex: String = b"FIRST, EDITED\0LONGER"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    cli_ok(up, &["held", "forward", &id, "--replace-hex", &hex]).await?;
+    let mut back = vec![0u8; "FIRST, EDITED\0LONGER".len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back)).await??;
+    assert_eq!(back, b"FIRST, EDITED\0LONGER");
+
+    s.write_all(b"dropme").await?;
+    s.flush().await?;
+    let held = held_now(up, 1).await?;
+    cli_ok(up, &["held", "drop", &held[0]["held_id"].to_string()]).await?;
+    s.write_all(b"third").await?;
+    s.flush().await?;
+    let held = held_now(up, 1).await?;
+    cli_ok(up, &["held", "forward", &held[0]["held_id"].to_string()]).await?;
+    let mut back = [0u8; 5];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back)).await??;
+    assert_eq!(&back, b"third", "the dropped packet reached the server");
+
+    cli_ok(up, &["intercept", "off"]).await?;
+    assert_eq!(round_trip(s, b"free").await?, b"free");
+    Ok(())
+}
+
+/// The history of a held connection: the edited packet with what was received and sent, the
+/// dropped one with what was received and nothing sent.
+async fn check_held_history(up: &Up, port: u16) -> anyhow::Result<()> {
+    let rec = wait_record(up, "for the held connection, closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    let mut client = registry_client(&up.grpc, None).await?;
+    let packets = history(&mut client, rec.id).await?;
+    let c2s: Vec<_> = packets
+        .iter()
+        .filter(|p| p.direction == Direction::C2s as i32)
+        .collect();
+    let edited = c2s
+        .iter()
+        .find(|p| p.modified && !p.dropped)
+        .context("an edited packet in the history")?;
+    assert_eq!(edited.original, b"first");
+    assert_eq!(edited.data, b"FIRST, EDITED\0LONGER");
+    let dropped = c2s
+        .iter()
+        .find(|p| p.dropped)
+        .context("a dropped packet in the history")?;
+    assert!(dropped.modified);
+    assert_eq!(dropped.original, b"dropme");
+    assert!(dropped.data.is_empty());
+    // What the server received, in order, is what the history says was sent.
+    let sent: Vec<u8> = c2s.iter().flat_map(|p| p.data.clone()).collect();
+    assert!(
+        String::from_utf8_lossy(&sent).ends_with("FIRST, EDITED\0LONGERthirdfree"),
+        "{}",
+        String::from_utf8_lossy(&sent)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_plain_packets_are_forwarded_edited_and_dropped_at_the_relay() -> anyhow::Result<()> {
+    let server = plain_echo_server().await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &[]).await?;
+    let (mut tcp, port) = through(&up, Addr::Ip(server)).await?;
+    hold_case(&up, &mut tcp).await?;
+    drop(tcp);
+    check_held_history(&up, port).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_packets_inside_tls_are_forwarded_edited_and_dropped_at_the_relay()
+-> anyhow::Result<()> {
+    let pki = Pki::new("Upstream Test CA")?;
+    let server = echo_server(&pki).await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
+    let (tcp, port) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
+    let mut tls = tls_connect(&proxy_ca(&up)?, ServerName::try_from("localhost")?, tcp).await??;
+    hold_case(&up, &mut tls).await?;
+    tls.shutdown().await?;
+    drop(tls);
+    check_held_history(&up, port).await
+}
