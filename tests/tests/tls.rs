@@ -756,3 +756,34 @@ async fn held_packets_inside_tls_are_forwarded_edited_and_dropped_at_the_relay()
     drop(tls);
     check_held_history(&up, port).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_speaks_first_is_not_stalled_by_intercept_on_the_client_direction()
+-> anyhow::Result<()> {
+    let pki = Pki::new("Upstream Test CA")?;
+    let server = starttls_server(&pki).await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
+    cli_ok(&up, &["intercept", "on", "--direction", "c2s"]).await?;
+    // Let the proxy pick the setting up before connecting: a probe of the config stream is
+    // what the CLI's status shows; a short wait is enough and the assertion below does not
+    // depend on it (holding c2s must never hold the server's greeting).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (tcp, _) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
+    let mut lines = BufReader::new(tcp);
+    let mut greeting = String::new();
+    tokio::time::timeout(WAIT, lines.read_line(&mut greeting))
+        .await
+        .context("the server's greeting was stalled")??;
+    assert_eq!(greeting, "220 test ESMTP ready\r\n");
+    // The client's command is held, as asked.
+    let mut tcp = lines.into_inner();
+    tcp.write_all(b"STARTTLS\r\n").await?;
+    let held = held_now(&up, 1).await?;
+    assert_eq!(held[0]["direction"], "c2s");
+    cli_ok(&up, &["intercept", "off"]).await?;
+    let mut reply = [0u8; 20];
+    tokio::time::timeout(WAIT, tcp.read_exact(&mut reply)).await??;
+    assert_eq!(&reply, b"220 2.0.0 go ahead\r\n");
+    Ok(())
+}
