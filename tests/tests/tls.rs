@@ -787,3 +787,53 @@ async fn a_server_that_speaks_first_is_not_stalled_by_intercept_on_the_client_di
     assert_eq!(&reply, b"220 2.0.0 go ahead\r\n");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_rules_rewrite_any_protocol_in_the_proxy_and_are_recorded() -> anyhow::Result<()> {
+    let server = plain_echo_server().await?;
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &[]).await?;
+    let rule = [
+        "intercept",
+        "rule",
+        "add",
+        "--direction",
+        "c2s",
+        "--match",
+        "hello",
+        "--replace",
+        "HOWDY-LONGER",
+    ];
+    cli_ok(&up, &rule).await?;
+    let (mut tcp, port) = through(&up, Addr::Ip(server)).await?;
+    // Until the proxy has the rule, the bytes pass as they are.
+    let start = std::time::Instant::now();
+    loop {
+        tcp.write_all(b"say hello").await?;
+        let mut back = vec![0u8; 9];
+        tokio::time::timeout(WAIT, tcp.read_exact(&mut back)).await??;
+        if back == b"say HOWDY" {
+            let mut rest = [0u8; 7];
+            tokio::time::timeout(WAIT, tcp.read_exact(&mut rest)).await??;
+            assert_eq!(&rest, b"-LONGER");
+            break;
+        }
+        assert_eq!(back, b"say hello");
+        anyhow::ensure!(start.elapsed() < WAIT, "the rule never applied");
+    }
+    drop(tcp);
+    let rec = wait_record(&up, "for the rewritten connection, closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    let mut client = registry_client(&up.grpc, None).await?;
+    let packets = history(&mut client, rec.id).await?;
+    let rewritten = packets
+        .iter()
+        .find(|p| p.modified)
+        .context("a rewritten packet in the history")?;
+    assert_eq!(rewritten.original, b"say hello");
+    assert_eq!(rewritten.data, b"say HOWDY-LONGER");
+    assert!(!rewritten.dropped);
+    Ok(())
+}
