@@ -21,9 +21,13 @@ pub struct ServerArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
-    /// Bearer token for a server that requires one.
+    /// Bearer token for the server. Default: the token file of the default data directory,
+    /// sent only to the default server or to the URL `interpose up` recorded there.
     #[arg(long, global = true, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the bearer token from this file (e.g. the `token=` path of `up`'s ready line).
+    #[arg(long, global = true, env = "INTERPOSE_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Interpose: a TLS-intercepting SOCKS5 proxy for any TCP protocol.
@@ -37,6 +41,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per run: the size of `up`'s options does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run every service in one process on one loopback gRPC port.
     Up(up::UpArgs),

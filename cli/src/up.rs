@@ -27,9 +27,16 @@ pub struct UpArgs {
     /// Record packet payloads in the history (records are kept either way).
     #[arg(long, value_enum, default_value = "on")]
     pub history: OnOff,
-    /// Bearer token the gRPC API requires (needed to listen beyond loopback).
+    /// Bearer token the gRPC API requires. Default: the one in DATA_DIR/token, generated on
+    /// first start (the ready line names the file).
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the token from this file instead.
+    #[arg(long, env = "INTERPOSE_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Serve the gRPC API without a token (loopback only; every local user can then call it).
+    #[arg(long, conflicts_with_all = ["token", "token_file"])]
+    pub no_auth: bool,
     #[command(flatten)]
     pub tls: tls::args::TlsArgs,
 }
@@ -48,11 +55,18 @@ pub fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// (so open connections are recorded as ended), then the API, then the store's last flush.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     proto::serve::init_tracing();
+    proto::limits::raise_open_files();
     tls::install_provider();
-    proto::serve::check_exposure(args.grpc, args.token.as_deref())?;
     let dir = data_dir(args.data_dir)?;
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    proto::private::prepare_data_dir(&dir)
+        .with_context(|| format!("preparing data directory {}", dir.display()))?;
+    let auth = proto::token::AuthOptions {
+        token: args.token,
+        token_file: args.token_file,
+        no_auth: args.no_auth,
+    }
+    .resolve(args.grpc, &dir)?;
+    proto::serve::check_exposure(args.grpc, auth.token.as_deref())?;
     let ca = std::sync::Arc::new(tls::ca::Ca::load_or_create(&dir.join("ca"))?);
     let ca_path = ca.cert_path();
     // Checks the TLS options now (an unreadable --upstream-ca fails here, not later).
@@ -63,7 +77,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let grpc = listener.local_addr()?;
-    let mut server = GrpcServer::new(args.token.clone());
+    let mut server = GrpcServer::new(auth.token.clone());
     server.add_service(registry_svc::grpc_service(registry.clone()));
     server.add_service(tls::service::CaService::server(interceptor.clone()));
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -74,7 +88,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let proxy = Proxy::start(Config {
         socks: args.socks,
         registry_url: format!("http://{grpc}"),
-        token: args.token,
+        token: auth.token.clone(),
         node: args.node.unwrap_or_else(proxy_core::cli::hostname),
         history: args.history == OnOff::On,
         auth: None,
@@ -84,10 +98,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         interceptor: Some(interceptor.clone()),
     })
     .await?;
+    proto::token::record_server(&dir, &format!("http://{grpc}"))
+        .with_context(|| format!("recording the server URL in {}", dir.display()))?;
     println!(
-        "ready socks={} grpc=http://{grpc} ca={}",
+        "ready socks={} grpc=http://{grpc} ca={}{}",
         proxy.socks_addr(),
-        ca_path.display()
+        ca_path.display(),
+        auth.ready_field()
     );
 
     let served = tokio::select! {

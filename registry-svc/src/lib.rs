@@ -26,10 +26,13 @@ pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("registry")
 }
 
-/// Opens the registry state kept in `data_dir`, with an error that names the path.
+/// Opens the registry state kept in `data_dir`, with an error that names the path. The data
+/// directory is made private first (umask 077, modes 0700/0600 fixed where looser).
 pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Arc<State>> {
+    proto::private::prepare_data_dir(data_dir)
+        .with_context(|| format!("preparing data directory {}", data_dir.display()))?;
     let path = store_path(data_dir);
-    std::fs::create_dir_all(&path)
+    proto::private::create_dir(&path)
         .with_context(|| format!("creating registry store {}", path.display()))?;
     State::open(&path).with_context(|| format!("opening registry store {}", path.display()))
 }
@@ -55,22 +58,36 @@ pub struct Args {
     /// Directory for the registry's sled store.
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// Bearer token every call must carry (required to listen beyond loopback).
+    /// Bearer token every call must carry. Default: the one in DATA_DIR/token, generated
+    /// on first start.
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the token from this file instead.
+    #[arg(long, env = "INTERPOSE_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Serve without a token (loopback only; every local user can then call the API).
+    #[arg(long, conflicts_with_all = ["token", "token_file"])]
+    pub no_auth: bool,
 }
 
 /// Runs the standalone registry until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    proto::serve::check_exposure(args.listen, args.token.as_deref())?;
+    proto::limits::raise_open_files();
     let state = open(&args.data_dir)?;
+    let auth = proto::token::AuthOptions {
+        token: args.token,
+        token_file: args.token_file,
+        no_auth: args.no_auth,
+    }
+    .resolve(args.listen, &args.data_dir)?;
+    proto::serve::check_exposure(args.listen, auth.token.as_deref())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let mut server = GrpcServer::new(args.token);
+    let mut server = GrpcServer::new(auth.token.clone());
     server.add_service(grpc_service(state.clone()));
-    println!("ready registry-svc listen={addr}");
+    println!("ready registry-svc listen={addr}{}", auth.ready_field());
     server
         .serve(listener, proto::serve::shutdown_signal())
         .await?;
