@@ -7,6 +7,7 @@
 //! data directories ([`private`]) and the open-files limit ([`limits`]).
 
 pub mod client;
+pub mod codec;
 pub mod limits;
 pub mod names;
 pub mod private;

@@ -258,3 +258,69 @@ async fn the_cli_finds_the_default_data_dirs_token_by_itself() -> R {
     assert!(out.stderr.contains("requires a token"), "{}", out.stderr);
     Ok(())
 }
+
+/// `ListConnectionsRequest` with `page_token` (field 3) as raw bytes, to send invalid UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawListRequest {
+    #[prost(bytes = "vec", tag = "3")]
+    page_token: Vec<u8>,
+}
+
+#[tokio::test]
+async fn bad_page_tokens_are_invalid_arguments_and_are_not_echoed_whole() -> R {
+    let tmp = tempfile::tempdir()?;
+    let reg = Registry::start(&tmp.path().join("reg")).await?;
+    let mut client = reg.client().await?;
+    let huge = "9x".repeat(512 * 1024);
+    let err = client
+        .list_connections(ListConnectionsRequest {
+            page_token: huge.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("1 MiB token");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().len() < 200, "{}", err.message().len());
+    assert!(
+        err.message().starts_with("bad page token \"9x9x"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().ends_with("(1048576 bytes)"),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .search_history(proto::registry::SearchHistoryRequest {
+            page_token: huge,
+            ..Default::default()
+        })
+        .await
+        .expect_err("1 MiB token");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().len() < 200, "{}", err.message().len());
+
+    // Invalid UTF-8 in a string field: the caller's fault, not the server's.
+    let mut grpc = tonic::client::Grpc::new(tests::channel(&reg.url, None).await?);
+    grpc.ready().await?;
+    let path =
+        http::uri::PathAndQuery::from_static("/interpose.registry.v1.Registry/ListConnections");
+    let res: Result<tonic::Response<proto::registry::ListConnectionsResponse>, _> = grpc
+        .unary(
+            tonic::Request::new(RawListRequest {
+                page_token: vec![b'1', 0xff, 0xfe],
+            }),
+            path,
+            proto::codec::ProstCodec::default(),
+        )
+        .await;
+    let err = res.expect_err("invalid UTF-8");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("malformed"), "{}", err.message());
+    // And it keeps serving.
+    client
+        .list_connections(ListConnectionsRequest::default())
+        .await?;
+    Ok(())
+}
