@@ -78,7 +78,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let grpc = listener.local_addr()?;
     let mut server = GrpcServer::new(auth.token.clone());
-    server.add_service(registry_svc::grpc_service(registry.clone()));
+    server.add_service(registry_svc::grpc_service(
+        registry.clone(),
+        registry_svc::liveness::DEFAULT_GRACE,
+    )?);
     server.add_service(tls::service::CaService::server(interceptor.clone()));
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut serving = tokio::spawn(server.serve(listener, async {

@@ -4,6 +4,7 @@
 //! the operations and [`service`] serves them as `interpose.registry.v1.Registry`.
 
 pub mod filter;
+pub mod liveness;
 pub mod payload;
 pub mod service;
 pub mod state;
@@ -37,11 +38,17 @@ pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Arc<State>> {
     State::open(&path).with_context(|| format!("opening registry store {}", path.display()))
 }
 
-/// The gRPC service over `state`, ready to add to a server.
-pub fn grpc_service(state: Arc<State>) -> RegistryServer<RegistryService> {
-    RegistryServer::new(RegistryService::new(state))
+/// The gRPC service over `state`, ready to add to a server; the records of a proxy node
+/// that restarts or stays away past `node_grace` are closed (see [`liveness`]).
+pub fn grpc_service(
+    state: Arc<State>,
+    node_grace: std::time::Duration,
+) -> anyhow::Result<RegistryServer<RegistryService>> {
+    let liveness = liveness::Liveness::start(state.clone(), node_grace)
+        .context("scanning the records of the reporting nodes")?;
+    Ok(RegistryServer::new(RegistryService::new(state, liveness))
         .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
 }
 
 /// Command-line options of the standalone `registry-svc` binary.
@@ -65,6 +72,11 @@ pub struct Args {
     /// Read the token from this file instead.
     #[arg(long, env = "INTERPOSE_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
+    /// How long a proxy node may have no ingest stream before its records still active are
+    /// closed (closed by proxy, reason naming the node). A node that comes back as a new
+    /// session (a restarted proxy) has them closed at once.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub node_grace: std::time::Duration,
     /// Serve without a token (loopback only; every local user can then call the API).
     #[arg(long, conflicts_with_all = ["token", "token_file"])]
     pub no_auth: bool,
@@ -86,7 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(auth.token.clone());
-    server.add_service(grpc_service(state.clone()));
+    server.add_service(grpc_service(state.clone(), args.node_grace)?);
     println!("ready registry-svc listen={addr}{}", auth.ready_field());
     server
         .serve(listener, proto::serve::shutdown_signal())

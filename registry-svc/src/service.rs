@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     filter::matches,
+    liveness::Liveness,
     state::{HistoryQuery, Rejected, State},
     store::{Change, StoreError},
 };
@@ -37,12 +38,13 @@ impl From<StoreError> for Status {
 #[derive(Clone)]
 pub struct RegistryService {
     state: Arc<State>,
+    liveness: Arc<Liveness>,
 }
 
 impl RegistryService {
-    /// A service over `state`.
-    pub fn new(state: Arc<State>) -> Self {
-        Self { state }
+    /// A service over `state`, tracking the reporting nodes with `liveness`.
+    pub fn new(state: Arc<State>, liveness: Arc<Liveness>) -> Self {
+        Self { state, liveness }
     }
 }
 
@@ -57,7 +59,12 @@ impl Registry for RegistryService {
         req: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(ingest(self.state.clone(), req.into_inner(), tx));
+        tokio::spawn(ingest(
+            self.state.clone(),
+            self.liveness.clone(),
+            req.into_inner(),
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -160,9 +167,11 @@ impl Registry for RegistryService {
 }
 
 /// Applies batches as they arrive; after each flush, acknowledges the last batch applied.
-/// Batches that arrive during a flush share the next one (group commit).
+/// Batches that arrive during a flush share the next one (group commit). The stream counts
+/// as its node's ingest session (see [`Liveness`]) from its first batch to its end.
 async fn ingest(
     state: Arc<State>,
+    liveness: Arc<Liveness>,
     mut inbound: Streaming<IngestRequest>,
     tx: mpsc::Sender<Result<IngestAck, Status>>,
 ) {
@@ -172,10 +181,14 @@ async fn ingest(
             let _ = tx.send(Err(status)).await;
         }
     };
+    let mut attached = None;
     loop {
         let mut rejected = Rejected::default();
         let mut last = match inbound.message().await {
             Ok(Some(batch)) => {
+                if attached.is_none() && !batch.node.is_empty() {
+                    attached = Some(liveness.attach(&batch.node, &batch.session));
+                }
                 let seq = batch.batch_seq;
                 if let Err(e) = state.apply(batch, &mut rejected) {
                     return fail(e.into()).await;

@@ -403,6 +403,7 @@ impl Ingest {
                 batch_seq: self.seq,
                 events,
                 losses: None,
+                session: String::new(),
             })
             .await
             .context("ingest stream closed")?;
