@@ -10,8 +10,8 @@
 //!   restart after which a proxy never comes back)
 //!
 //! is closed as `closed_by: proxy`, `close_kind: error`, with a reason naming the node.
-//! Sessions are kept in memory: after a registry restart, the first session a node reports
-//! is taken as its current one.
+//! Each node's last session is kept in the store, so a proxy that restarted while the
+//! registry was down too (`interpose up` killed and started again) is still recognised.
 
 use std::{
     collections::HashMap,
@@ -65,6 +65,9 @@ impl Liveness {
             }
             true
         })?;
+        for (name, node) in &mut nodes {
+            node.session = state.store.node_session(name)?.unwrap_or_default();
+        }
         let me = Arc::new(Self {
             state,
             grace,
@@ -81,17 +84,25 @@ impl Liveness {
     /// An ingest stream of `node` with `session` began; the returned guard marks its end.
     /// A new session of a known node closes the old session's active records.
     pub fn attach(self: &Arc<Self>, node: &str, session: &str) -> Attached {
-        let replaced = {
+        let (changed, replaced) = {
             let mut nodes = self.nodes();
             let n = nodes.entry(node.to_string()).or_default();
+            if n.streams == 0 && n.gone_since.is_none() && n.session.is_empty() {
+                // A node with no active records at start: its last session is in the store.
+                n.session = self.stored_session(node);
+            }
             n.streams += 1;
             n.gone_since = None;
-            let replaced = !n.session.is_empty() && !session.is_empty() && n.session != session;
-            if !session.is_empty() {
+            let changed = !session.is_empty() && n.session != session;
+            let replaced = changed && !n.session.is_empty();
+            if changed {
                 n.session = session.to_string();
             }
-            replaced
+            (changed, replaced)
         };
+        if changed && let Err(e) = self.state.store.set_node_session(node, session) {
+            tracing::error!(node, "recording the node's ingest session: {e}");
+        }
         if replaced {
             self.close_node(
                 node,
@@ -102,6 +113,15 @@ impl Liveness {
             liveness: self.clone(),
             node: node.to_string(),
         }
+    }
+
+    fn stored_session(&self, node: &str) -> String {
+        self.state
+            .store
+            .node_session(node)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
     }
 
     fn detach(&self, node: &str) {

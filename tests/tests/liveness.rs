@@ -161,3 +161,38 @@ async fn after_a_registry_restart_records_of_absent_nodes_are_closed() -> R {
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn interpose_up_killed_and_restarted_closes_its_old_records() -> R {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let server = Server::bind().await?;
+    let up = tests::Up::start(&data, &["--node", "box"]).await?;
+    let socks = up.proc.addr("socks")?;
+    let _client = socks_connected(socks, server.addr).await?;
+    let _srv = server.accept().await?;
+    let mut rc = tests::registry_client(&up.grpc, None).await?;
+    let old = tests::eventually("an active record", || {
+        let mut rc = rc.clone();
+        async move {
+            let page = rc
+                .list_connections(proto::registry::ListConnectionsRequest::default())
+                .await?
+                .into_inner();
+            Ok(page.connections.into_iter().find(active).map(|c| c.id))
+        }
+    })
+    .await?;
+    up.proc.kill().await;
+
+    let up = tests::Up::start(&data, &["--node", "box"]).await?;
+    let socks = up.proc.addr("socks")?;
+    let _client2 = socks_connected(socks, server.addr).await?;
+    let _srv2 = server.accept().await?;
+    rc = tests::registry_client(&up.grpc, None).await?;
+    wait_conn(&mut rc, old, "closed as lost", |c| {
+        closed_as_lost(c, "box", "restarted")
+    })
+    .await?;
+    Ok(())
+}
