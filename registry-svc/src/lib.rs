@@ -77,6 +77,10 @@ pub struct Args {
     /// session (a restarted proxy) has them closed at once.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub node_grace: std::time::Duration,
+    /// Age at which a gRPC connection is sent GOAWAY: idle connections (and ones that never
+    /// sent a request) close then, busy ones when their calls in progress end.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub grpc_max_age: std::time::Duration,
     /// Serve without a token (loopback only; every local user can then call the API).
     #[arg(long, conflicts_with_all = ["token", "token_file"])]
     pub no_auth: bool,
@@ -98,6 +102,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(auth.token.clone());
+    server.max_connection_age(args.grpc_max_age);
     server.add_service(grpc_service(state.clone(), args.node_grace)?);
     println!("ready registry-svc listen={addr}{}", auth.ready_field());
     server

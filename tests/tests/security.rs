@@ -324,3 +324,50 @@ async fn bad_page_tokens_are_invalid_arguments_and_are_not_echoed_whole() -> R {
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn idle_grpc_connections_are_closed_and_streams_are_not_cut() -> R {
+    let tmp = tempfile::tempdir()?;
+    let reg = Registry::start_with(
+        &tmp.path().join("reg"),
+        "127.0.0.1:0",
+        &["--grpc-max-age", "1s"],
+    )
+    .await?;
+    let addr = reg.proc.addr("listen")?;
+    // A watch opened now outlives the bound.
+    let mut client = reg.client().await?;
+    let mut watch = client
+        .watch_connections(proto::registry::WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+
+    // An HTTP/2 client (it answers pings) that makes no call is closed at the bound. (A
+    // connection that never sends the HTTP/2 preface is not: see SECURITY.md.)
+    let h2_idle = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let start = std::time::Instant::now();
+        let (_send, conn) = h2::client::handshake(tcp).await?;
+        tokio::time::timeout(WAIT, conn).await?.ok();
+        anyhow::Ok(start.elapsed())
+    };
+    let t = h2_idle.await?;
+    assert!(t >= std::time::Duration::from_millis(800), "{t:?}");
+    assert!(t < std::time::Duration::from_secs(5), "{t:?}");
+
+    // The watch, older than the bound, still delivers.
+    let mut rc = reg.client().await?;
+    let mut ingest = tests::Ingest::open(&mut rc, "n").await?;
+    ingest
+        .send_durable(vec![tests::events::open(5, 1, "h", 2)])
+        .await?;
+    loop {
+        let ev = tokio::time::timeout(WAIT, watch.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+        if ev.id == 5 {
+            break;
+        }
+    }
+    Ok(())
+}
