@@ -89,6 +89,10 @@ pub struct Args {
 /// Runs the standalone registry until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     proto::limits::raise_open_files();
+    // Refused before the data directory is touched.
+    if args.no_auth {
+        proto::serve::check_exposure(args.listen, None)?;
+    }
     let state = open(&args.data_dir)?;
     let auth = proto::token::AuthOptions {
         token: args.token,
