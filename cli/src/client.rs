@@ -10,6 +10,18 @@ use crate::ServerArgs;
 /// Largest response a client subcommand accepts.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// The token to send: see [`proto::token::for_client`]; the default data directory is the
+/// one `interpose up` uses without `--data-dir`.
+pub fn token(args: &ServerArgs) -> anyhow::Result<Option<String>> {
+    let default_dir = proxy_core::cli::data_dir(None).ok();
+    Ok(proto::token::for_client(
+        args.token.clone(),
+        args.token_file.as_deref(),
+        &args.server,
+        default_dir.as_deref(),
+    )?)
+}
+
 /// Connects to the server's channel.
 pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
     let server = proto::client::server_url(&args.server)?;
@@ -19,7 +31,8 @@ pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
             args.server, server.url
         );
     }
-    proto::client::connect(&server.url, args.token.as_deref())
+    let token = token(args)?;
+    proto::client::connect(&server.url, token.as_deref())
         .await
         .map_err(|e| match e {
             proto::client::ClientError::Unreachable { url, .. } => anyhow!(
@@ -46,7 +59,10 @@ pub fn status(s: Status) -> anyhow::Error {
     let msg = s.message();
     match s.code() {
         Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => anyhow!("{msg}"),
-        Code::Unauthenticated => anyhow!("not authorised: {msg}"),
+        Code::Unauthenticated => anyhow!(
+            "not authorised: {msg} (pass --token-file with the token= file of the server's \
+             ready line, or --token)"
+        ),
         Code::Unavailable if msg == proto::serve::SHUTTING_DOWN => anyhow!("the server shut down"),
         Code::Unavailable => anyhow!("server unavailable: {msg}"),
         Code::Unimplemented => anyhow!("the server does not offer this service: {msg}"),

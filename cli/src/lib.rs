@@ -30,7 +30,8 @@ pub struct ServerArgs {
         help_heading = "Server"
     )]
     pub server: String,
-    /// Bearer token for a server that requires one.
+    /// Bearer token for the server. Default: the token file of the default data directory,
+    /// sent only to the default server or to the URL `interpose up` recorded there.
     #[arg(
         long,
         global = true,
@@ -39,6 +40,9 @@ pub struct ServerArgs {
         help_heading = "Server"
     )]
     pub token: Option<String>,
+    /// Read the bearer token from this file (e.g. the `token=` path of `up`'s ready line).
+    #[arg(long, global = true, env = "INTERPOSE_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Interpose: a TLS-intercepting SOCKS5 proxy for any TCP protocol.
@@ -52,6 +56,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per run: the size of `up`'s options does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run every service in one process on one loopback gRPC port.
     Up(Box<up::UpArgs>),

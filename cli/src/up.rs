@@ -22,9 +22,16 @@ pub struct UpArgs {
     /// gRPC listen address for every service; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub grpc: SocketAddr,
-    /// Bearer token the gRPC API requires (needed to listen beyond loopback).
+    /// Bearer token the gRPC API requires. Default: the one in DATA_DIR/token, generated on
+    /// first start (the ready line names the file).
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the token from this file instead.
+    #[arg(long, env = "INTERPOSE_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Serve the gRPC API without a token (loopback only; every local user can then call it).
+    #[arg(long, conflicts_with_all = ["token", "token_file"])]
+    pub no_auth: bool,
     /// The proxy's options (the same as the `proxy-core` binary's).
     #[command(flatten)]
     pub proxy: ProxyArgs,
@@ -34,10 +41,17 @@ pub struct UpArgs {
 /// (so open connections are recorded as ended), then the API, then the store's last flush.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     proto::serve::init_tracing();
-    proto::serve::check_exposure(args.grpc, args.token.as_deref())?;
+    proto::limits::raise_open_files();
     let dir = data_dir(args.data_dir)?;
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    proto::private::prepare_data_dir(&dir)
+        .with_context(|| format!("preparing data directory {}", dir.display()))?;
+    let auth = proto::token::AuthOptions {
+        token: args.token,
+        token_file: args.token_file,
+        no_auth: args.no_auth,
+    }
+    .resolve(args.grpc, &dir)?;
+    proto::serve::check_exposure(args.grpc, auth.token.as_deref())?;
     let splicer = args.proxy.tls_splice(&dir)?;
     let ca_path = splicer.ca().cert_path();
 
@@ -46,18 +60,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let grpc = listener.local_addr()?;
-    let mut server = GrpcServer::new(args.token.clone());
-    server.add_service(registry_svc::grpc_service(registry.clone(), server.drain()));
+    let mut server = GrpcServer::new(auth.token.clone());
+    server.add_service(registry_svc::grpc_service(
+        registry.clone(),
+        registry_svc::liveness::DEFAULT_GRACE,
+        server.drain(),
+    )?);
     server.add_service(tls::service::CaService::server(splicer.clone()));
     // The exporter reads the registry over this same port, as a remote export-svc would.
     server.add_service(export_svc::grpc_service(
         &format!("http://{grpc}"),
-        args.token.as_deref(),
+        auth.token.as_deref(),
     )?);
     // The intercept queue follows the registry over this same port, as a remote one would.
     let intercept = intercept_svc::Intercept::start(
         &format!("http://{grpc}"),
-        args.token.as_deref(),
+        auth.token.as_deref(),
         intercept_svc::DEFAULT_MAX_HELD,
     )?;
     server.add_service(intercept.grpc_service(server.drain()));
@@ -68,16 +86,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let proxy = Proxy::start(args.proxy.config(
         format!("http://{grpc}"),
-        args.token,
+        auth.token.clone(),
         vec![grpc],
         splicer.clone(),
         Some(format!("http://{grpc}")),
     ))
     .await?;
+    proto::token::record_server(&dir, &format!("http://{grpc}"))
+        .with_context(|| format!("recording the server URL in {}", dir.display()))?;
     println!(
-        "ready socks={} grpc=http://{grpc} ca={}",
+        "ready socks={} grpc=http://{grpc} ca={}{}",
         proxy.socks_addr(),
-        ca_path.display()
+        ca_path.display(),
+        auth.ready_field()
     );
 
     let served = tokio::select! {

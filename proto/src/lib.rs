@@ -3,12 +3,17 @@
 //! Generated code for the four services lives here and only here, with the small pieces every
 //! server and client of the project shares: the JSON/CLI names of the enums ([`names`]),
 //! timestamp conversion ([`time`]), serving with health, reflection and token checks
-//! ([`serve`]) and connecting as a client ([`client`]).
+//! ([`serve`]), connecting as a client ([`client`]), the API token ([`token`]), private
+//! data directories ([`private`]) and the open-files limit ([`limits`]).
 
 pub mod client;
+pub mod codec;
+pub mod limits;
 pub mod names;
+pub mod private;
 pub mod serve;
 pub mod time;
+pub mod token;
 
 /// Generated code, nested as the protobuf packages are so that cross-package paths resolve.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -151,12 +151,24 @@ impl Drain {
 /// The message of [`Drain::status`]; clients match on it to say the server shut down.
 pub const SHUTTING_DOWN: &str = "the server is shutting down";
 
+/// Default bound on how long a gRPC connection is kept without a call in progress: at this
+/// age the server sends GOAWAY, so an idle connection (or one that never sent a request)
+/// closes then, and a busy one as soon as its calls in progress end (a long watch or a
+/// proxy's ingest stream is never cut). Clients reconnect for their next call.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// HTTP/2 keepalive: a PING after this much silence...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and the connection is closed when its acknowledgement takes longer than this (a peer
+/// that vanished without a FIN or RST).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The services of one gRPC server, to which health and reflection are added on `serve`.
 pub struct GrpcServer {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     token: TokenCheck,
     drain: watch::Sender<bool>,
+    max_connection_age: Duration,
 }
 
 impl GrpcServer {
@@ -167,6 +179,7 @@ impl GrpcServer {
             names: Vec::new(),
             token: TokenCheck::new(token),
             drain: watch::channel(false).0,
+            max_connection_age: MAX_CONNECTION_AGE,
         }
     }
 
@@ -175,6 +188,12 @@ impl GrpcServer {
         Drain {
             rx: self.drain.subscribe(),
         }
+    }
+
+    /// Sets the connection age at which the server sends GOAWAY (see [`MAX_CONNECTION_AGE`]).
+    pub fn max_connection_age(&mut self, age: Duration) -> &mut Self {
+        self.max_connection_age = age;
+        self
     }
 
     /// Adds a service; health reports it as serving.
@@ -238,7 +257,12 @@ impl GrpcServer {
             shutdown.await;
             let _ = drain.send(true);
         };
+        // No `max_connection_age_grace`: with it, tonic 0.14 skips the graceful GOAWAY and
+        // cuts every connection, streams in progress included, at age + grace.
         let serving = Server::builder()
+            .max_connection_age(self.max_connection_age)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .layer(InterceptorLayer::new(self.token))
             .add_routes(self.routes.routes())
             .serve_with_incoming_shutdown(incoming, signal);

@@ -711,11 +711,24 @@ struct BatchBuilder {
     packets: u64,
 }
 
+/// This process's ingest session (`IngestRequest.session`): random, picked once, so the
+/// registry tells a restarted proxy from a reconnecting one.
+fn session() -> &'static str {
+    static SESSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SESSION.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        proto::token::generate().unwrap_or_else(|_| format!("{}-{nanos}", std::process::id()))
+    })
+}
+
 impl BatchBuilder {
     fn new(node: &str, seq: u64) -> Self {
         let mut buf = BytesMut::with_capacity(4096);
         prost::encoding::string::encode(1, &node.to_string(), &mut buf);
         prost::encoding::uint64::encode(2, &seq, &mut buf);
+        prost::encoding::string::encode(5, &session().to_string(), &mut buf);
         Self {
             len: buf.len(),
             buf,

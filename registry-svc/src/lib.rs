@@ -4,6 +4,7 @@
 //! the operations and [`service`] serves them as `interpose.registry.v1.Registry`.
 
 pub mod filter;
+pub mod liveness;
 pub mod payload;
 pub mod service;
 pub mod state;
@@ -29,20 +30,30 @@ pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("registry")
 }
 
-/// Opens the registry state kept in `data_dir`, with an error that names the path.
+/// Opens the registry state kept in `data_dir`, with an error that names the path. The data
+/// directory is made private first (umask 077, modes 0700/0600 fixed where looser).
 pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Arc<State>> {
+    proto::private::prepare_data_dir(data_dir)
+        .with_context(|| format!("preparing data directory {}", data_dir.display()))?;
     let path = store_path(data_dir);
-    std::fs::create_dir_all(&path)
+    proto::private::create_dir(&path)
         .with_context(|| format!("creating registry store {}", path.display()))?;
     State::open(&path).with_context(|| format!("opening registry store {}", path.display()))
 }
 
 /// The gRPC service over `state`, ready to add to a server; its watch and ingest streams end
-/// when `drain` fires.
-pub fn grpc_service(state: Arc<State>, drain: Drain) -> RegistryServer<RegistryService> {
-    RegistryServer::new(RegistryService::new(state, drain))
+/// when `drain` fires, and the records of a proxy node that restarts or stays away past
+/// `node_grace` are closed (see [`liveness`]).
+pub fn grpc_service(
+    state: Arc<State>,
+    node_grace: std::time::Duration,
+    drain: Drain,
+) -> anyhow::Result<RegistryServer<RegistryService>> {
+    let liveness = liveness::Liveness::start(state.clone(), node_grace)
+        .context("scanning the records of the reporting nodes")?;
+    Ok(RegistryServer::new(RegistryService::new(state, liveness, drain))
         .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
 }
 
 /// Command-line options of the standalone `registry-svc` binary.
@@ -59,22 +70,50 @@ pub struct Args {
     /// Directory for the registry's sled store.
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// Bearer token every call must carry (required to listen beyond loopback).
+    /// Bearer token every call must carry. Default: the one in DATA_DIR/token, generated
+    /// on first start.
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the token from this file instead.
+    #[arg(long, env = "INTERPOSE_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// How long a proxy node may have no ingest stream before its records still active are
+    /// closed (closed by proxy, reason naming the node). A node that comes back as a new
+    /// session (a restarted proxy) has them closed at once.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub node_grace: std::time::Duration,
+    /// Age at which a gRPC connection is sent GOAWAY: idle connections (and ones that never
+    /// sent a request) close then, busy ones when their calls in progress end.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub grpc_max_age: std::time::Duration,
+    /// Serve without a token (loopback only; every local user can then call the API).
+    #[arg(long, conflicts_with_all = ["token", "token_file"])]
+    pub no_auth: bool,
 }
 
 /// Runs the standalone registry until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    proto::serve::check_exposure(args.listen, args.token.as_deref())?;
+    proto::limits::raise_open_files();
+    // Refused before the data directory is touched.
+    if args.no_auth {
+        proto::serve::check_exposure(args.listen, None)?;
+    }
     let state = open(&args.data_dir)?;
+    let auth = proto::token::AuthOptions {
+        token: args.token,
+        token_file: args.token_file,
+        no_auth: args.no_auth,
+    }
+    .resolve(args.listen, &args.data_dir)?;
+    proto::serve::check_exposure(args.listen, auth.token.as_deref())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let mut server = GrpcServer::new(args.token);
-    server.add_service(grpc_service(state.clone(), server.drain()));
-    println!("ready registry-svc listen={addr}");
+    let mut server = GrpcServer::new(auth.token.clone());
+    server.max_connection_age(args.grpc_max_age);
+    server.add_service(grpc_service(state.clone(), args.node_grace, server.drain())?);
+    println!("ready registry-svc listen={addr}{}", auth.ready_field());
     server
         .serve(listener, proto::serve::shutdown_signal())
         .await?;

@@ -14,7 +14,7 @@
 //! stores it again. Bytes appended but never referenced are unreachable and harmless.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::{self, IoSlice, Write},
     os::unix::fs::FileExt,
     path::Path,
@@ -37,7 +37,7 @@ pub struct PayloadLog {
 impl PayloadLog {
     /// Opens (or creates) the log at `path`; appends go after whatever it holds.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new()
+        let file = proto::private::open_options()
             .create(true)
             .append(true)
             .read(true)

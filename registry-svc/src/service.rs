@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     filter::matches,
+    liveness::Liveness,
     state::{HistoryQuery, Rejected, State},
     store::{Change, StoreError},
 };
@@ -38,13 +39,19 @@ impl From<StoreError> for Status {
 #[derive(Clone)]
 pub struct RegistryService {
     state: Arc<State>,
+    liveness: Arc<Liveness>,
     drain: Drain,
 }
 
 impl RegistryService {
-    /// A service over `state` whose streams end when `drain` fires.
-    pub fn new(state: Arc<State>, drain: Drain) -> Self {
-        Self { state, drain }
+    /// A service over `state`, tracking the reporting nodes with `liveness`, whose streams
+    /// end when `drain` fires.
+    pub fn new(state: Arc<State>, liveness: Arc<Liveness>, drain: Drain) -> Self {
+        Self {
+            state,
+            liveness,
+            drain,
+        }
     }
 }
 
@@ -61,6 +68,7 @@ impl Registry for RegistryService {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(ingest(
             self.state.clone(),
+            self.liveness.clone(),
             req.into_inner(),
             tx,
             self.drain.clone(),
@@ -167,9 +175,11 @@ impl Registry for RegistryService {
 }
 
 /// Applies batches as they arrive; after each flush, acknowledges the last batch applied.
-/// Batches that arrive during a flush share the next one (group commit).
+/// Batches that arrive during a flush share the next one (group commit). The stream counts
+/// as its node's ingest session (see [`Liveness`]) from its first batch to its end.
 async fn ingest(
     state: Arc<State>,
+    liveness: Arc<Liveness>,
     mut inbound: Streaming<IngestRequest>,
     tx: mpsc::Sender<Result<IngestAck, Status>>,
     drain: Drain,
@@ -180,6 +190,7 @@ async fn ingest(
             let _ = tx.send(Err(status)).await;
         }
     };
+    let mut attached = None;
     loop {
         let mut rejected = Rejected::default();
         // At shutdown the proxy is told to go: what it sent after its last acknowledgement
@@ -190,6 +201,9 @@ async fn ingest(
         };
         let mut last = match next {
             Ok(Some(batch)) => {
+                if attached.is_none() && !batch.node.is_empty() {
+                    attached = Some(liveness.attach(&batch.node, &batch.session));
+                }
                 let seq = batch.batch_seq;
                 if let Err(e) = state.apply(batch, &mut rejected) {
                     return fail(e.into()).await;

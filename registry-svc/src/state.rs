@@ -206,8 +206,8 @@ impl State {
             None if q.page_token.is_empty() => (q.conn_id, 0),
             None => {
                 return Err(StoreError::Invalid(format!(
-                    "bad page token {:?}",
-                    q.page_token
+                    "bad page token {}",
+                    shown(&q.page_token)
                 )));
             }
         };
@@ -296,7 +296,17 @@ fn parse_token(s: &str, what: &str) -> Result<Option<u64>, StoreError> {
     }
     s.parse()
         .map(Some)
-        .map_err(|_| StoreError::Invalid(format!("bad {what} {s:?}")))
+        .map_err(|_| StoreError::Invalid(format!("bad {what} {}", shown(s))))
+}
+
+/// Client input quoted in an error, cut to its first 64 characters: an error must not echo
+/// a megabyte token back (that turned INVALID_ARGUMENT into RESOURCE_EXHAUSTED).
+fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+    }
 }
 
 /// True when `needle` occurs in `hay` (an empty needle always does).

@@ -115,6 +115,7 @@ pub struct Store {
 const NEXT_ID: &[u8] = b"next_id";
 const HISTORY_COUNT: &[u8] = b"history_count";
 const LOSSES_PREFIX: &[u8] = b"losses/";
+const SESSION_PREFIX: &[u8] = b"session/";
 
 fn u64_value(v: Option<sled::IVec>) -> u64 {
     v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
@@ -403,6 +404,22 @@ impl Store {
         }
         self.put_conn(&c)?;
         Ok(Some(c))
+    }
+
+    /// The ingest session `node` last reported (see `liveness`), if known.
+    pub fn node_session(&self, node: &str) -> Result<Option<String>, StoreError> {
+        let key = [SESSION_PREFIX, node.as_bytes()].concat();
+        Ok(self
+            .meta
+            .get(key)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records the ingest session `node` reports now.
+    pub fn set_node_session(&self, node: &str, session: &str) -> Result<(), StoreError> {
+        let key = [SESSION_PREFIX, node.as_bytes()].concat();
+        self.meta.insert(key, session.as_bytes())?;
+        Ok(())
     }
 
     /// The record with `id`, if there is one.

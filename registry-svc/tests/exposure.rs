@@ -1,5 +1,5 @@
 //! The standalone binary refuses to expose the management API beyond loopback without a
-//! token, before touching its data directory. (Having an integration test also makes
+//! token (`--no-auth`), before touching its data directory. (Having an integration test also makes
 //! `cargo test` build this binary for the end-to-end tests in tests/.)
 
 use std::process::Command;
@@ -8,7 +8,7 @@ use std::process::Command;
 fn listening_beyond_loopback_needs_a_token() {
     let dir = std::env::temp_dir().join(format!("registry-exposure-{}", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_registry-svc"))
-        .args(["--listen", "0.0.0.0:0", "--data-dir"])
+        .args(["--listen", "0.0.0.0:0", "--no-auth", "--data-dir"])
         .arg(&dir)
         .env_remove("INTERPOSE_TOKEN")
         .output()

@@ -199,6 +199,36 @@ impl Proc {
     }
 }
 
+/// The token files of the servers the tests started, by gRPC URL: servers require a token by
+/// default, and the harness passes it on to every client it starts or builds for that URL
+/// (so tests need not handle tokens unless they are about them).
+fn token_files() -> &'static std::sync::Mutex<std::collections::HashMap<String, PathBuf>> {
+    static FILES: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, PathBuf>>,
+    > = std::sync::OnceLock::new();
+    FILES.get_or_init(Default::default)
+}
+
+/// Remembers the `token=` file of `proc`'s ready line for `url`.
+fn remember_token(url: &str, proc: &Proc) {
+    let mut files = token_files().lock().unwrap_or_else(|e| e.into_inner());
+    match proc.field("token") {
+        Some(file) => files.insert(url.to_string(), PathBuf::from(file)),
+        None => files.remove(url),
+    };
+}
+
+/// The token file of the server at `url` (from its ready line), if it has one.
+pub fn token_file(url: &str) -> Option<PathBuf> {
+    let files = token_files().lock().unwrap_or_else(|e| e.into_inner());
+    files.get(url).cloned()
+}
+
+/// The token of the server at `url`, if it has a token file.
+pub fn token(url: &str) -> Option<String> {
+    proto::token::read_file(&token_file(url)?).ok()
+}
+
 /// A standalone `registry-svc` on a loopback port.
 pub struct Registry {
     pub proc: Proc,
@@ -221,10 +251,9 @@ impl Registry {
             .env_remove("INTERPOSE_TOKEN");
         let proc = Proc::start(cmd, data_dir.with_extension("registry.log")).await?;
         let listen = proc.field("listen").context("listen= in ready line")?;
-        Ok(Self {
-            url: format!("http://{listen}"),
-            proc,
-        })
+        let url = format!("http://{listen}");
+        remember_token(&url, &proc);
+        Ok(Self { url, proc })
     }
 
     /// A gRPC client of it.
@@ -233,13 +262,20 @@ impl Registry {
     }
 }
 
-/// A registry client for `url`.
+/// A registry client for `url` sending `token`, or (`None`) the token of the server the
+/// harness started at `url`, if any.
 pub async fn registry_client(
     url: &str,
     token: Option<&str>,
 ) -> anyhow::Result<RegistryClient<AuthChannel>> {
-    let ch = proto::client::connect(url, token).await?;
-    Ok(RegistryClient::new(ch).max_decoding_message_size(64 << 20))
+    Ok(RegistryClient::new(channel(url, token).await?).max_decoding_message_size(64 << 20))
+}
+
+/// A channel to `url` sending `token`, or (`None`) the token of the server the harness
+/// started at `url`, if any.
+pub async fn channel(url: &str, token: Option<&str>) -> anyhow::Result<AuthChannel> {
+    let known = self::token(url);
+    Ok(proto::client::connect(url, token.or(known.as_deref())).await?)
 }
 
 /// `interpose up` with every service in one process.
@@ -267,6 +303,7 @@ impl Up {
             .env_remove("INTERPOSE_TOKEN");
         let proc = Proc::start(cmd, data_dir.with_extension("up.log")).await?;
         let grpc = proc.field("grpc").context("grpc= in ready line")?;
+        remember_token(&grpc, &proc);
         Ok(Self {
             grpc,
             proc,
@@ -283,15 +320,19 @@ pub struct Output {
     pub stderr: String,
 }
 
-/// Runs `interpose ARGS --server URL` to completion (bounded by [`WAIT`]).
+/// Runs `interpose ARGS --server URL` to completion (bounded by [`WAIT`]), with the token
+/// file of the server the harness started at `server` (if any) in `INTERPOSE_TOKEN_FILE`.
 pub async fn interpose(server: &str, args: &[&str]) -> anyhow::Result<Output> {
     let mut cmd = Command::new(bin("interpose"));
     cmd.args(args)
         .args(["--server", server])
         .env_remove("INTERPOSE_TOKEN")
-        .env_remove("INTERPOSE_SERVER")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .env_remove("INTERPOSE_TOKEN_FILE")
+        .env_remove("INTERPOSE_SERVER");
+    if let Some(file) = token_file(server) {
+        cmd.env("INTERPOSE_TOKEN_FILE", file);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
     let out = tokio::time::timeout(WAIT, cmd.output())
         .await
         .context("interpose did not finish in time")??;
@@ -370,6 +411,7 @@ impl Ingest {
                 batch_seq: self.seq,
                 events,
                 losses: None,
+                session: String::new(),
             })
             .await
             .context("ingest stream closed")?;

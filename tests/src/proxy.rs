@@ -62,6 +62,10 @@ impl ProxyProc {
         .args(extra)
         .env_remove("INTERPOSE_TOKEN")
         .env("RUST_LOG", log);
+        // The registry's token, as an operator would pass it (not on the command line).
+        if let Some(token) = crate::token(registry) {
+            cmd.env("INTERPOSE_TOKEN", token);
+        }
         let proc = Proc::start(cmd, dir.join(format!("proxy-{node}.log"))).await?;
         let socks = proc.addr("listen")?;
         Ok(Self { proc, socks })

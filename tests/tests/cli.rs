@@ -11,10 +11,18 @@ fn grpcurl() -> String {
     tests::tools::grpcurl()
 }
 
+/// Runs grpcurl with `args`, adding the bearer token of the server among them (as
+/// `-H 'authorization: Bearer TOKEN'`) when the harness started it with one.
 async fn run_grpcurl(args: &[&str]) -> anyhow::Result<String> {
+    let auth: Vec<String> = args
+        .iter()
+        .find_map(|a| tests::token(&format!("http://{a}")))
+        .map(|t| vec!["-H".into(), format!("authorization: Bearer {t}")])
+        .unwrap_or_default();
     let out = tokio::time::timeout(
         WAIT,
         tokio::process::Command::new(grpcurl())
+            .args(&auth)
             .args(args)
             .kill_on_drop(true)
             .output(),
@@ -79,7 +87,7 @@ async fn up_serves_the_api_to_the_cli_and_to_reflection_clients() -> anyhow::Res
     assert!(first >= 1 && last == first + 2, "{leased}");
 
     // Reflection v1 answers too, and health says the registry is serving.
-    let ch = proto::client::connect(&up.grpc, None).await?;
+    let ch = tests::channel(&up.grpc, None).await?;
     let mut refl =
         tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
     let req = tonic_reflection::pb::v1::ServerReflectionRequest {
@@ -286,6 +294,10 @@ async fn conns_watch_json_prints_each_event_as_it_happens() -> anyhow::Result<()
 
     let mut watch = tokio::process::Command::new(tests::bin("interpose"))
         .args(["conns", "watch", "--json", "--server", &up.grpc])
+        .env(
+            "INTERPOSE_TOKEN_FILE",
+            tests::token_file(&up.grpc).expect("token file"),
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
