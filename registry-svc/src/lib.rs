@@ -51,9 +51,11 @@ pub fn grpc_service(
 ) -> anyhow::Result<RegistryServer<RegistryService>> {
     let liveness = liveness::Liveness::start(state.clone(), node_grace)
         .context("scanning the records of the reporting nodes")?;
-    Ok(RegistryServer::new(RegistryService::new(state, liveness, drain))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
+    Ok(
+        RegistryServer::new(RegistryService::new(state, liveness, drain))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    )
 }
 
 /// Command-line options of the standalone `registry-svc` binary.
@@ -112,7 +114,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(auth.token.clone());
     server.max_connection_age(args.grpc_max_age);
-    server.add_service(grpc_service(state.clone(), args.node_grace, server.drain())?);
+    server.add_service(grpc_service(
+        state.clone(),
+        args.node_grace,
+        server.drain(),
+    )?);
     println!("ready registry-svc listen={addr}{}", auth.ready_field());
     server
         .serve(listener, proto::serve::shutdown_signal())
