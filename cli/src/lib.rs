@@ -41,7 +41,12 @@ pub struct ServerArgs {
     )]
     pub token: Option<String>,
     /// Read the bearer token from this file (e.g. the `token=` path of `up`'s ready line).
-    #[arg(long, global = true, env = "INTERPOSE_TOKEN_FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_TOKEN_FILE",
+        help_heading = "Server"
+    )]
     pub token_file: Option<std::path::PathBuf>,
 }
 

@@ -218,6 +218,16 @@ fn remember_token(url: &str, proc: &Proc) {
     };
 }
 
+/// Records that the server at `url` takes the token in `file` (for servers whose ready line
+/// does not name one, e.g. an export-svc or intercept-svc given a registry's token).
+pub fn set_token_file(url: &str, file: Option<PathBuf>) {
+    let mut files = token_files().lock().unwrap_or_else(|e| e.into_inner());
+    match file {
+        Some(file) => files.insert(url.to_string(), file),
+        None => files.remove(url),
+    };
+}
+
 /// The token file of the server at `url` (from its ready line), if it has one.
 pub fn token_file(url: &str) -> Option<PathBuf> {
     let files = token_files().lock().unwrap_or_else(|e| e.into_inner());

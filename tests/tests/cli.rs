@@ -545,12 +545,18 @@ async fn conns_list_at(
         );
         let mut c = tokio::process::Command::new("script");
         c.args(["-qec", &line, "/dev/null"]).env_remove("COLUMNS");
+        if let Some(file) = tests::token_file(server) {
+            c.env("INTERPOSE_TOKEN_FILE", file);
+        }
         c
     } else {
         let mut c = tokio::process::Command::new(bin);
         c.args(["conns", "list", "--server", server])
             .args(extra)
             .env("COLUMNS", width.to_string());
+        if let Some(file) = tests::token_file(server) {
+            c.env("INTERPOSE_TOKEN_FILE", file);
+        }
         c
     };
     let out = tokio::time::timeout(WAIT, cmd.kill_on_drop(true).output()).await??;

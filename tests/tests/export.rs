@@ -681,8 +681,13 @@ impl Standalone {
         let mut cmd = tokio::process::Command::new(bin("export-svc"));
         cmd.args(["--listen", "127.0.0.1:0", "--registry", &registry.url])
             .env_remove("INTERPOSE_TOKEN");
+        // export-svc takes the registry's token, and wants it from its own clients too.
+        if let Some(token) = tests::token(&registry.url) {
+            cmd.args(["--token", &token]);
+        }
         let export = tests::Proc::start(cmd, dir.join("export.log")).await?;
         let url = format!("http://{}", export.field("listen").context("listen=")?);
+        tests::set_token_file(&url, tests::token_file(&registry.url));
         Ok(Self {
             registry,
             export,

@@ -26,7 +26,7 @@ type Client = InterceptClient<AuthChannel>;
 const MAX_REPLACEMENT: usize = 4 * 1024 * 1024;
 
 async fn client(url: &str) -> anyhow::Result<Client> {
-    let ch = proto::client::connect(url, None).await?;
+    let ch = tests::channel(url, None).await?;
     Ok(InterceptClient::new(ch)
         .max_encoding_message_size(16 << 20)
         .max_decoding_message_size(16 << 20))
@@ -90,8 +90,13 @@ async fn intercept_svc(
     cmd.args(["--listen", listen, "--registry", registry])
         .args(extra)
         .env_remove("INTERPOSE_TOKEN");
+    // intercept-svc takes the registry's token, and wants it from its own clients too.
+    if let Some(token) = tests::token(registry) {
+        cmd.args(["--token", &token]);
+    }
     let proc = Proc::start(cmd, dir.join("intercept.log")).await?;
     let addr = proc.addr("listen")?;
+    tests::set_token_file(&format!("http://{addr}"), tests::token_file(registry));
     Ok((proc, addr))
 }
 
@@ -383,8 +388,11 @@ async fn edit_with(server: &str, id: &str, script: &Path) -> anyhow::Result<test
         .env("EDITOR", script)
         .env_remove("VISUAL")
         .env_remove("INTERPOSE_TOKEN")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
+        .env_remove("INTERPOSE_TOKEN_FILE");
+    if let Some(file) = tests::token_file(server) {
+        cmd.env("INTERPOSE_TOKEN_FILE", file);
+    }
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
     let out = tokio::time::timeout(WAIT, cmd.output()).await??;
     Ok(tests::Output {
         ok: out.status.success(),
@@ -467,7 +475,7 @@ async fn holder_makes_no_hold_call_when_nothing_matches_and_holds_what_does() ->
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    let holder = Holder::start(s, None, "lab1", FaultPolicy::Forward)?;
+    let holder = Holder::start(s, tests::token(s).as_deref(), "lab1", FaultPolicy::Forward)?;
     configs(&holder, 1).await?;
     assert_eq!(holder.wants(&META, Direction::C2s, b"x"), Check::Pass);
     ok(
@@ -579,7 +587,12 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
     let reg = Registry::start(&dir.path().join("reg")).await?;
     let (svc, addr) = intercept_svc(dir.path(), "127.0.0.1:0", &reg.url, &[]).await?;
     let url = format!("http://{addr}");
-    let holder = Holder::start(&url, None, "lab1", FaultPolicy::Forward)?;
+    let holder = Holder::start(
+        &url,
+        tests::token(&url).as_deref(),
+        "lab1",
+        FaultPolicy::Forward,
+    )?;
     let on = SetConfigRequest {
         config: Some(InterceptConfig {
             enabled: true,
