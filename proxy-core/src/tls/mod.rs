@@ -621,11 +621,55 @@ fn certificate_error_text(c: &rustls::CertificateError) -> String {
         E::BadSignature => "bad signature".into(),
         E::Revoked => "revoked".into(),
         E::BadEncoding => "malformed certificate".into(),
+        // webpki's errors reach us wrapped in `Other`, and print as Rust debug text
+        // (`Other(OtherError(CaUsedAsEndEntity))`): name them in words instead.
+        E::Other(o) => webpki_words(&o.to_string()),
         other => rustls::Error::InvalidCertificate(other.clone())
             .to_string()
             .trim_start_matches("invalid peer certificate: ")
             .to_owned(),
     }
+}
+
+/// A certificate verifier's error name (`CaUsedAsEndEntity`, possibly wrapped as
+/// `Other(OtherError(..))`) as words a user reads.
+fn webpki_words(text: &str) -> String {
+    // The innermost name: the last identifier that opens no further parenthesis.
+    let name = text
+        .split(['(', ')', ' ', '{', '}', ','])
+        .filter(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric()))
+        .rfind(|w| !matches!(*w, "Other" | "OtherError"))
+        .unwrap_or(text);
+    let known = match name {
+        "CaUsedAsEndEntity" => {
+            "the server's certificate is a CA certificate used as an end-entity certificate"
+        }
+        "EndEntityUsedAsCa" => "an end-entity certificate is used as a CA in the chain",
+        "RequiredEkuNotFound" => "the certificate is not valid for server authentication",
+        "UnsupportedSignatureAlgorithm" | "UnsupportedSignatureAlgorithmForPublicKey" => {
+            "the certificate is signed with an unsupported algorithm"
+        }
+        "UnknownIssuer" => "unknown issuer (not signed by a trusted CA)",
+        "PathLenConstraintViolated" => "the chain is longer than a CA allows (path length)",
+        "NameConstraintViolation" => "the certificate breaks a CA's name constraints",
+        "MaximumPathDepthExceeded" | "MaximumPathBuildCallsExceeded" => {
+            "the certificate chain is too long"
+        }
+        "InvalidCertValidity" => "the certificate's validity period is malformed",
+        _ => "",
+    };
+    if !known.is_empty() {
+        return known.to_string();
+    }
+    // Unknown names: split the CamelCase into lower-case words.
+    let mut words = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            words.push(' ');
+        }
+        words.push(c.to_ascii_lowercase());
+    }
+    words
 }
 
 fn classify_client(e: io::Error) -> SpliceError {
@@ -639,5 +683,53 @@ fn classify_client(e: io::Error) -> SpliceError {
             io::ErrorKind::UnexpectedEof => SpliceError::ClientClosed,
             _ => SpliceError::ClientIo(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod certificate_words {
+    use std::sync::Arc;
+
+    /// An error that prints its name as webpki's do (Display is Debug).
+    #[derive(Debug)]
+    struct Named(&'static str);
+
+    impl std::fmt::Display for Named {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Named {}
+
+    fn text(name: &'static str) -> String {
+        super::certificate_error_text(&rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(Named(name)),
+        )))
+    }
+
+    #[test]
+    fn verifier_errors_read_as_sentences_never_debug_text() {
+        assert_eq!(
+            text("CaUsedAsEndEntity"),
+            "the server's certificate is a CA certificate used as an end-entity certificate"
+        );
+        assert_eq!(text("SomeFutureProblem"), "some future problem");
+        for name in [
+            "CaUsedAsEndEntity",
+            "RequiredEkuNotFound",
+            "SomeFutureProblem",
+        ] {
+            let t = text(name);
+            for debug in ["Other(", "OtherError", "kind:", "Os {"] {
+                assert!(!t.contains(debug), "{t}");
+            }
+        }
+        let e = super::SpliceError::UpstreamCertificate(text("CaUsedAsEndEntity"));
+        assert_eq!(
+            e.to_string(),
+            "upstream certificate rejected: the server's certificate is a CA certificate used \
+             as an end-entity certificate"
+        );
     }
 }
