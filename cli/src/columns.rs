@@ -87,7 +87,12 @@ pub const CONNECTION: &[Column<Connection>] = &[
     Column {
         key: "tls",
         header: "TLS",
-        cell: |c, _| if c.tls { "tls" } else { "-" }.into(),
+        // ✗: the client spoke TLS but nothing was decrypted (passthrough, failed handshake).
+        cell: |c, _| match (c.tls, c.client_tls.is_some()) {
+            (true, true) => "tls".into(),
+            (true, false) => "tls✗".into(),
+            (false, _) => "-".into(),
+        },
         shrinks: false,
         right: false,
         default: true,

@@ -58,7 +58,9 @@ impl Endpoints {
         let record_port = u16::try_from(c.dst_port).unwrap_or(0);
         let mapped = ports
             .iter()
-            .find(|m| c.tls && m.from == record_port)
+            // Only decrypted streams: a TLS connection that was not spliced (passthrough, a
+            // failed handshake) holds TLS records, which Wireshark must still see as TLS.
+            .find(|m| c.client_tls.is_some() && m.from == record_port)
             .map(|m| m.to);
         Self {
             client: SocketAddr::new(client_ip, u16::try_from(c.src_port).unwrap_or(0)),

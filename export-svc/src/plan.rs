@@ -142,7 +142,11 @@ pub fn comment(id: u64, record: Option<&Connection>, ends: &Endpoints) -> String
         or_dash(&c.node),
         c.dst_host,
         c.dst_port,
-        if c.tls { "yes" } else { "no" },
+        match (c.tls, c.client_tls.is_some()) {
+            (true, true) => "decrypted",
+            (true, false) => "not decrypted",
+            (false, _) => "no",
+        },
         or_dash(&c.sni),
         or_dash(&c.alpn),
     );

@@ -531,7 +531,9 @@ async fn client_that_does_not_trust_the_ca_is_recorded_as_rejecting_the_certific
             .contains("client rejected certificate: unknown CA"),
         "{rec:?}"
     );
-    assert!(!rec.tls);
+    // The client spoke TLS, although nothing was decrypted.
+    assert!(rec.tls, "{rec:?}");
+    assert!(rec.client_tls.is_none(), "{rec:?}");
     assert_eq!(rec.sni, "localhost");
     Ok(())
 }
@@ -568,6 +570,7 @@ async fn upstream_with_an_untrusted_certificate_gets_an_alert_and_a_proxy_record
             && rec.reason.contains("unknown issuer"),
         "{rec:?}"
     );
+    assert!(rec.tls && rec.upstream_tls.is_none(), "{rec:?}");
     Ok(())
 }
 

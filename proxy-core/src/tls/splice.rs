@@ -91,13 +91,13 @@ pub async fn splice(
                 let hello;
                 (st.c2s, hello) = read_hello(&mut client, first_bytes).await;
                 let Some(hello) = hello else { continue };
-                if let Some(sni) = &hello.sni {
-                    tap.reporter.updated(ConnectionUpdate {
-                        id: tap.conn_id(),
-                        sni: sni.clone(),
-                        ..Default::default()
-                    });
-                }
+                // The record says the client spoke TLS from now on, whatever the outcome.
+                tap.reporter.updated(ConnectionUpdate {
+                    id: tap.conn_id(),
+                    tls: true,
+                    sni: hello.sni.clone().unwrap_or_default(),
+                    ..Default::default()
+                });
                 if tls.passthrough(hello.sni.as_deref(), &target) {
                     tracing::debug!(id = tap.conn_id(), sni = ?hello.sni, "passthrough: relaying TLS as it is");
                     st.detect = false;
