@@ -243,6 +243,49 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// The roots upstream certificates are checked against: the system's (unless turned off
+/// or `--upstream-insecure`) and every `--upstream-ca` file; with a note on the system roots
+/// for error messages and logs.
+fn trust_roots(options: &UpstreamOptions) -> Result<(RootCertStore, String), UpstreamError> {
+    let mut roots = RootCertStore::empty();
+    let mut system_note = "system roots not used".to_owned();
+    if options.system_roots && !options.insecure {
+        let found = rustls_native_certs::load_native_certs();
+        let (added, ignored) = roots.add_parsable_certificates(found.certs);
+        let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+        system_note = if added == 0 {
+            let mut note =
+                "the system trust store has no usable roots (install ca-certificates)".to_owned();
+            if !errors.is_empty() {
+                note.push_str(&format!(": {}", errors.join("; ")));
+            }
+            tracing::warn!("{note}");
+            note
+        } else {
+            let mut note = format!("{added} system roots loaded");
+            if ignored > 0 {
+                note.push_str(&format!(", {ignored} unparsable skipped"));
+            }
+            if !errors.is_empty() {
+                note.push_str(&format!(" (errors: {})", errors.join("; ")));
+            }
+            note
+        };
+    }
+    for path in &options.extra_roots {
+        let certs = load_pem_certs(path, "upstream CA file")?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(UpstreamError::Invalid {
+                what: "upstream CA file",
+                path: path.clone(),
+                detail: "no certificate in it is usable as a trust anchor".into(),
+            });
+        }
+    }
+    Ok((roots, system_note))
+}
+
 /// Reads every PEM certificate of `path`; an error names the file.
 pub fn load_pem_certs(
     path: &Path,
@@ -316,50 +359,7 @@ impl Upstream {
     ) -> Result<Upstream, UpstreamError> {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(rustls::ALL_VERSIONS)?;
-        let mut roots = RootCertStore::empty();
-        let mut system_note = "system roots not used".to_owned();
-        if options.system_roots && !options.insecure {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, ignored) = roots.add_parsable_certificates(found.certs);
-            system_note = format!("{added} system roots loaded");
-            if ignored > 0 {
-                system_note.push_str(&format!(", {ignored} unparsable skipped"));
-            }
-            if !found.errors.is_empty() {
-                let errs: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
-                system_note.push_str(&format!(" (errors: {})", errs.join("; ")));
-            }
-            if added == 0 {
-                system_note = format!(
-                    "the system trust store has no usable roots (install ca-certificates){}",
-                    if found.errors.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            ": {}",
-                            found
-                                .errors
-                                .iter()
-                                .map(|e| e.to_string())
-                                .collect::<Vec<_>>()
-                                .join("; ")
-                        )
-                    }
-                );
-                tracing::warn!("{system_note}");
-            }
-        }
-        for path in &options.extra_roots {
-            let certs = load_pem_certs(path, "upstream CA file")?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(UpstreamError::Invalid {
-                    what: "upstream CA file",
-                    path: path.clone(),
-                    detail: "no certificate in it is usable as a trust anchor".into(),
-                });
-            }
-        }
+        let (roots, system_note) = trust_roots(options)?;
         let roots_len = roots.len();
         let mut template = if options.insecure {
             tracing::warn!(
