@@ -220,22 +220,14 @@ impl Reporter {
 
     /// A history packet (ignored with history off).
     pub fn packet(&self, conn_id: u64, seq: u64, dir: Direction, ts: Timestamp, data: Bytes) {
-        if !self.inner.history {
-            return;
-        }
-        let len = data.len();
-        self.inner.push(
-            Item::Packet(PacketItem {
-                conn_id,
-                seq,
-                dir,
-                ts,
-                data,
-                edit: None,
-            }),
-            Class::Packet,
-            len,
-        );
+        self.push_packet(PacketItem {
+            conn_id,
+            seq,
+            dir,
+            ts,
+            data,
+            edit: None,
+        });
     }
 
     /// A history packet whose relayed bytes `sent` differ from the `original` ones received
@@ -251,23 +243,24 @@ impl Reporter {
         original: Bytes,
         dropped: bool,
     ) {
+        self.push_packet(PacketItem {
+            conn_id,
+            seq,
+            dir,
+            ts,
+            data: sent,
+            edit: Some(Box::new(Edit { original, dropped })),
+        });
+    }
+
+    /// Queues a history packet, unless history is off.
+    fn push_packet(&self, p: PacketItem) {
         if !self.inner.history {
             return;
         }
-        let len = sent.len() + original.len();
-        let edit = Some(Box::new(Edit { original, dropped }));
-        self.inner.push(
-            Item::Packet(PacketItem {
-                conn_id,
-                seq,
-                dir,
-                ts,
-                data: sent,
-                edit,
-            }),
-            Class::Packet,
-            len,
-        );
+        let item = Item::Packet(p);
+        let len = item.payload_len();
+        self.inner.push(item, Class::Packet, len);
     }
 
     /// A connection ended, with its final counters.
