@@ -88,8 +88,12 @@ pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
             bail!("no connection with ID {id} and no history for it");
         }
     }
-    if !args.json && count == 0 {
-        writeln!(out, "no packets match")?;
+    if !args.json {
+        match count {
+            0 => writeln!(out, "no packets match")?,
+            1 => writeln!(out, "1 packet")?,
+            n => writeln!(out, "{n} packets")?,
+        }
     }
     out.flush()?;
     Ok(())

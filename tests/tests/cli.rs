@@ -262,6 +262,15 @@ async fn conns_and_history_commands_show_what_was_recorded() -> anyhow::Result<(
     )
     .await?;
     assert_eq!(h.as_array().map(Vec::len), Some(1));
+    // The table ends with a count.
+    let table = interpose(&up.grpc, &["history", "--conn", "1"]).await?;
+    assert!(table.ok, "{}", table.stderr);
+    assert_eq!(
+        table.stdout.lines().last(),
+        Some("2 packets"),
+        "{}",
+        table.stdout
+    );
     let none = interpose(&up.grpc, &["history", "--conn", "31337"]).await?;
     assert!(!none.ok);
     assert!(none.stderr.contains("31337"), "{}", none.stderr);
