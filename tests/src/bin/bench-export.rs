@@ -89,12 +89,14 @@ fn copy_run(path: &std::path::Path) -> anyhow::Result<f64> {
 /// Seconds for `interpose export` to write the whole capture (synced) through export-svc.
 async fn export_run(url: &str, path: &std::path::Path) -> anyhow::Result<f64> {
     let start = Instant::now();
-    let out = tokio::process::Command::new(bin("interpose"))
-        .args(["export", "--server", url, "--out"])
+    let mut cmd = tokio::process::Command::new(bin("interpose"));
+    cmd.args(["export", "--server", url, "--out"])
         .arg(path)
-        .env_remove("INTERPOSE_TOKEN")
-        .output()
-        .await?;
+        .env_remove("INTERPOSE_TOKEN");
+    if let Some(file) = tests::token_file(url) {
+        cmd.env("INTERPOSE_TOKEN_FILE", file);
+    }
+    let out = cmd.output().await?;
     ensure!(
         out.status.success(),
         "interpose export: {}",
@@ -134,8 +136,13 @@ async fn main() -> anyhow::Result<()> {
     let mut cmd = tokio::process::Command::new(bin("export-svc"));
     cmd.args(["--listen", "127.0.0.1:0", "--registry", &reg.url])
         .env_remove("INTERPOSE_TOKEN");
+    // export-svc reads the registry with its token and wants the same from its clients.
+    if let Some(token) = tests::token(&reg.url) {
+        cmd.args(["--token", &token]);
+    }
     let export = Proc::start(cmd, dir.path().join("export.log")).await?;
     let url = format!("http://{}", export.field("listen").context("listen=")?);
+    tests::set_token_file(&url, tests::token_file(&reg.url));
     let pid = export.pid().context("export-svc pid")?;
 
     let (mut copies, mut exports) = (Vec::new(), Vec::new());
