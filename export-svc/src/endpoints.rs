@@ -134,11 +134,17 @@ mod tests {
     }
 
     #[test]
-    fn decrypted_port_map_applies_to_tls_only() {
+    fn decrypted_port_map_applies_to_decrypted_tls_only() {
         let map = [PortMap { from: 443, to: 80 }];
-        let tls = Endpoints::from_record(&record("127.0.0.1", "127.0.0.2", "h", 443, true), &map);
+        let mut decrypted = record("127.0.0.1", "127.0.0.2", "h", 443, true);
+        decrypted.client_tls = Some(Default::default());
+        let tls = Endpoints::from_record(&decrypted, &map);
         assert_eq!(tls.server.port(), 80);
         assert_eq!(tls.original_port, Some(443));
+        // TLS that was not decrypted (passthrough, a failed handshake) keeps its port.
+        let raw = Endpoints::from_record(&record("127.0.0.1", "127.0.0.2", "h", 443, true), &map);
+        assert_eq!(raw.server.port(), 443);
+        assert_eq!(raw.original_port, None);
         let plain =
             Endpoints::from_record(&record("127.0.0.1", "127.0.0.2", "h", 443, false), &map);
         assert_eq!(plain.server.port(), 443);
