@@ -132,19 +132,10 @@ impl<'a> Tap<'a> {
             Some(hold) => match hold.check(self.state.id, dir, &received) {
                 Check::Pass => Verdict::Forward,
                 Check::Rewritten(b) => Verdict::Replace(b),
+                // Boxed: the wait's state would otherwise be part of every pump's future,
+                // and so of every idle connection's memory.
                 Check::Hold { rewritten } => {
-                    let data = rewritten.clone().unwrap_or_else(|| received.clone());
-                    let held = HeldPacket {
-                        conn_id: self.state.id,
-                        seq,
-                        dir,
-                        data,
-                    };
-                    match (hold.hold(held).await, rewritten) {
-                        // Forwarded as held: the held bytes were the rewritten ones.
-                        (Verdict::Forward, Some(r)) => Verdict::Replace(r),
-                        (v, _) => v,
-                    }
+                    Box::pin(self.verdict(hold.as_ref(), seq, dir, &received, rewritten)).await
                 }
             },
         };
@@ -154,6 +145,30 @@ impl<'a> Tap<'a> {
             dir,
             received,
             verdict,
+        }
+    }
+
+    /// Holds packet `seq` (the `rewritten` bytes if rules changed it) until its verdict,
+    /// which is relative to the bytes `received`.
+    async fn verdict(
+        &self,
+        hold: &dyn Hold,
+        seq: u64,
+        dir: Direction,
+        received: &Bytes,
+        rewritten: Option<Bytes>,
+    ) -> Verdict {
+        let data = rewritten.clone().unwrap_or_else(|| received.clone());
+        let held = HeldPacket {
+            conn_id: self.state.id,
+            seq,
+            dir,
+            data,
+        };
+        match (hold.hold(held).await, rewritten) {
+            // Forwarded as held: the held bytes were the rewritten ones.
+            (Verdict::Forward, Some(r)) => Verdict::Replace(r),
+            (v, _) => v,
         }
     }
 
