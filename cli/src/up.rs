@@ -84,13 +84,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = grpc_stopped.await;
     }));
 
-    let proxy = Proxy::start(args.proxy.config(
-        format!("http://{grpc}"),
-        auth.token.clone(),
-        vec![grpc],
-        splicer.clone(),
-        Some(format!("http://{grpc}")),
-    ))
+    let proxy = Proxy::start(
+        args.proxy.config(
+            format!("http://{grpc}"),
+            auth.token.clone(),
+            std::iter::once(grpc)
+                .chain(args.proxy.denied().await?)
+                .collect(),
+            splicer.clone(),
+            Some(format!("http://{grpc}")),
+        ),
+    )
     .await?;
     proto::token::record_server(&dir, &format!("http://{grpc}"))
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;

@@ -59,6 +59,10 @@ pub struct ProxyArgs {
     /// Events buffered while the registry is unreachable.
     #[arg(long, default_value_t = DEFAULT_QUEUE_BOUND)]
     pub queue_bound: usize,
+    /// Refuse CONNECT to this HOST:PORT (repeatable), as to the proxy's own ports: e.g. the
+    /// management endpoints of a lab.
+    #[arg(long = "deny", value_name = "HOST:PORT")]
+    pub deny: Vec<String>,
     /// What happens to a packet intercept selects but cannot hold (the intercept service is
     /// unreachable or dies while it waits): forward it (counted and logged) or drop it.
     #[arg(long, value_enum, default_value = "forward")]
@@ -89,6 +93,20 @@ impl ProxyArgs {
             tracing::warn!("--upstream-insecure: upstream certificates are not verified");
         }
         Ok(splicer)
+    }
+
+    /// The addresses `--deny` names, resolved now; a name that does not resolve is an error.
+    pub async fn denied(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        let mut out = Vec::new();
+        for spec in &self.deny {
+            let found = endpoint_addrs(spec).await;
+            anyhow::ensure!(
+                !found.is_empty(),
+                "--deny {spec}: not a HOST:PORT that resolves to an address"
+            );
+            out.extend(found);
+        }
+        Ok(out)
     }
 
     /// The proxy's configuration: reporting to `registry_url` with `token`, refusing
@@ -159,6 +177,28 @@ pub struct Args {
     pub proxy: ProxyArgs,
 }
 
+/// The socket addresses of an endpoint given as `HOST:PORT` or as a URL
+/// (`http://HOST:PORT/...`, port 80 or 443 by its scheme when absent), resolved now; none
+/// when it does not parse or resolve.
+pub async fn endpoint_addrs(spec: &str) -> Vec<SocketAddr> {
+    let (scheme, rest) = spec.split_once("://").unwrap_or(("", spec));
+    let authority = rest.split('/').next().unwrap_or_default();
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !port.is_empty() && !port.contains(']') && !host.is_empty());
+    let authority = if has_port {
+        authority.to_string()
+    } else if scheme.eq_ignore_ascii_case("https") {
+        format!("{authority}:443")
+    } else {
+        format!("{authority}:80")
+    };
+    match tokio::net::lookup_host(authority.as_str()).await {
+        Ok(addrs) => addrs.collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// The data directory to use: the given one, or `interpose` under the user's data home.
 pub fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     match given {
@@ -209,6 +249,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("binding gRPC on {addr}"))?;
         refuse.push(l.local_addr()?);
         health = Some(l);
+    }
+    // No CONNECT reaches the management endpoints this proxy uses, nor what --deny names.
+    refuse.extend(args.proxy.denied().await?);
+    for url in std::iter::once(&args.registry).chain(args.intercept.as_ref()) {
+        let found = endpoint_addrs(url).await;
+        if found.is_empty() {
+            tracing::warn!("{url} does not resolve now: CONNECT to it is not refused");
+        }
+        refuse.extend(found);
     }
     let cfg = args.proxy.config(
         args.registry.clone(),

@@ -333,7 +333,10 @@ async fn establish(
             Reply::NotAllowed,
             End::proxy(
                 CloseKind::Error,
-                format!("refused: {a} is the proxy's own SOCKS or management port"),
+                format!(
+                    "refused: {a} is the proxy's own SOCKS or management port, or denied \
+                     (--deny)"
+                ),
             ),
         ));
     }

@@ -777,3 +777,53 @@ async fn cli_clear_selected_and_all_keep_history() -> R {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn connect_to_the_management_endpoints_and_denied_addresses_is_refused() -> R {
+    let denied = Server::bind().await?;
+    let deny = denied.addr.to_string();
+    let (_dir, reg, proxy) = setup(&["--deny", &deny]).await?;
+    let mut rc = reg.client().await?;
+    let registry: SocketAddr = reg.url.trim_start_matches("http://").parse()?;
+    // The registry the proxy reports to, by address and by name, and the --deny address:
+    // not allowed (0x02), recorded as closed by the proxy.
+    for target in [
+        Addr::Ip(registry),
+        Addr::Domain("localhost".into(), registry.port()),
+        Addr::Ip(denied.addr),
+    ] {
+        let r = socks_connect(proxy.socks, target.clone()).await?;
+        assert_eq!(r.reply, Reply::NotAllowed, "{target:?}");
+        let port = r.stream.local_addr()?.port();
+        let c = wait_conn_by_port(&mut rc, port, "closed", closed).await?;
+        assert_eq!(c.closed_by, ClosedBy::Proxy as i32, "{c:?}");
+        assert!(c.reason.starts_with("refused: "), "{c:?}");
+    }
+    // Other ports of the same host still work.
+    let open = Server::bind().await?;
+    let r = socks_connect(proxy.socks, Addr::Ip(open.addr)).await?;
+    assert_eq!(r.reply, Reply::Succeeded);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deny_that_does_not_resolve_is_refused_at_start() -> R {
+    let dir = tempfile::tempdir()?;
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(tests::bin("proxy-core"))
+            .args(["--socks", "127.0.0.1:0", "--registry", "http://127.0.0.1:1"])
+            .args(["--deny", "127.0.0.1:99999", "--data-dir"])
+            .arg(dir.path())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--deny 127.0.0.1:99999: not a HOST:PORT that resolves to an address"),
+        "{err}"
+    );
+    Ok(())
+}
