@@ -183,6 +183,22 @@ async fn interpose_up_killed_and_restarted_closes_its_old_records() -> R {
         }
     })
     .await?;
+    // A record is listed as soon as its batch is applied, and durable once the registry
+    // flushed that batch, before it takes the next one. So once a later connection's record
+    // is listed too, the first one survives the kill.
+    let _later = socks_connected(socks, server.addr).await?;
+    let _later_srv = server.accept().await?;
+    tests::eventually("a second record", || {
+        let mut rc = rc.clone();
+        async move {
+            let page = rc
+                .list_connections(proto::registry::ListConnectionsRequest::default())
+                .await?
+                .into_inner();
+            Ok(page.connections.iter().any(|c| c.id != old).then_some(()))
+        }
+    })
+    .await?;
     up.proc.kill().await;
 
     let up = tests::Up::start(&data, &["--node", "box"]).await?;
