@@ -20,7 +20,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// gRPC listen address for every service; port 0 picks a free port.
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    #[arg(long, default_value = "127.0.0.1:50051", value_parser = proto::serve::listen_addr)]
     pub grpc: SocketAddr,
     /// Bearer token the gRPC API requires. Default: the one in DATA_DIR/token, generated on
     /// first start (the ready line names the file).

@@ -50,7 +50,7 @@ pub fn grpc_service(
 )]
 pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:50053")]
+    #[arg(long, default_value = "127.0.0.1:50053", value_parser = proto::serve::listen_addr)]
     pub listen: SocketAddr,
     /// gRPC URL of the registry to read records and history from.
     #[arg(long)]

@@ -63,7 +63,7 @@ impl Drop for Intercept {
 )]
 pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:50052")]
+    #[arg(long, default_value = "127.0.0.1:50052", value_parser = proto::serve::listen_addr)]
     pub listen: SocketAddr,
     /// gRPC URL of the registry, for the live status of held packets' connections.
     #[arg(long)]

@@ -72,6 +72,26 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
+/// A listen address as the command line takes it: `IP:PORT`, or `HOST:PORT` resolved now
+/// (e.g. `localhost:0`; an IPv4 address is preferred when the name has both). Where it may
+/// listen is checked afterwards, as for an IP (loopback unless told otherwise).
+pub fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not an IP:PORT or HOST:PORT that resolves: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
 /// Refuses a listen address beyond loopback unless a token is set.
 pub fn check_exposure(addr: SocketAddr, token: Option<&str>) -> Result<(), ServeError> {
     if addr.ip().is_loopback() || token.is_some_and(|t| !t.is_empty()) {
@@ -309,6 +329,22 @@ mod tests {
             Err(tonic::Code::Unauthenticated)
         );
         assert_eq!(call(&mut check, None), Err(tonic::Code::Unauthenticated));
+    }
+
+    #[test]
+    fn listen_addresses_take_ips_and_names() {
+        assert_eq!(
+            listen_addr("127.0.0.1:0"),
+            Ok("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(listen_addr("[::1]:7"), Ok("[::1]:7".parse().unwrap()));
+        let local = listen_addr("localhost:0").expect("localhost resolves");
+        assert!(local.ip().is_loopback() && local.port() == 0, "{local}");
+        let err = listen_addr("127.0.0.1").expect_err("no port");
+        assert!(
+            err.starts_with("\"127.0.0.1\" is not an IP:PORT or HOST:PORT"),
+            "{err}"
+        );
     }
 
     #[test]

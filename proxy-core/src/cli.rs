@@ -34,7 +34,7 @@ pub enum OnOff {
 pub struct ProxyArgs {
     /// SOCKS5 listen address (port 0 picks a free port). Beyond loopback it needs
     /// --socks-user/--socks-pass or --open-proxy.
-    #[arg(long, default_value = "127.0.0.1:1080")]
+    #[arg(long, default_value = "127.0.0.1:1080", value_parser = proto::serve::listen_addr)]
     pub socks: SocketAddr,
     /// This proxy's node name in every record (default: the host name).
     #[arg(long)]
@@ -158,7 +158,7 @@ pub struct Args {
     /// Optional gRPC listen address serving health, reflection and the CA service
     /// (`interpose ca export --server`); CONNECT to it is refused like CONNECT to the SOCKS
     /// port.
-    #[arg(long)]
+    #[arg(long, value_parser = proto::serve::listen_addr)]
     pub listen: Option<SocketAddr>,
     /// Data directory: the CA is kept (and created on first start) in its `ca` folder.
     /// Default: the user's data home, e.g. ~/.local/share/interpose, the same CA as

@@ -67,7 +67,7 @@ pub fn grpc_service(
 )]
 pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:50051")]
+    #[arg(long, default_value = "127.0.0.1:50051", value_parser = proto::serve::listen_addr)]
     pub listen: SocketAddr,
     /// Directory for the registry's sled store.
     #[arg(long)]

@@ -642,3 +642,26 @@ async fn conns_list_fits_the_terminal_and_cuts_long_values() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn up_takes_host_names_for_its_listen_addresses() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cmd = tokio::process::Command::new(tests::bin("interpose"));
+    cmd.args([
+        "up",
+        "--socks",
+        "localhost:0",
+        "--grpc",
+        "localhost:0",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("data"));
+    let up = tests::Proc::start(cmd, dir.path().join("up.log")).await?;
+    assert!(up.addr("socks")?.ip().is_loopback(), "{}", up.ready);
+    let grpc = up.field("grpc").unwrap_or_default();
+    assert!(
+        grpc.starts_with("http://127.0.0.1:") || grpc.starts_with("http://[::1]:"),
+        "{grpc}"
+    );
+    Ok(())
+}
