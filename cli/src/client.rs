@@ -10,14 +10,15 @@ use crate::ServerArgs;
 /// Largest response a client subcommand accepts.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// The token to send: see [`proto::token::for_client`]; the default data directory is the
-/// one `interpose up` uses without `--data-dir`.
-pub fn token(args: &ServerArgs) -> anyhow::Result<Option<String>> {
+/// The token to send to `url` (the server URL as connected to, scheme included): see
+/// [`proto::token::for_client`]; the default data directory is the one `interpose up` uses
+/// without `--data-dir`.
+fn token(args: &ServerArgs, url: &str) -> anyhow::Result<Option<String>> {
     let default_dir = proxy_core::cli::data_dir(None).ok();
     Ok(proto::token::for_client(
         args.token.clone(),
         args.token_file.as_deref(),
-        &args.server,
+        url,
         default_dir.as_deref(),
     )?)
 }
@@ -31,7 +32,7 @@ pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
             args.server, server.url
         );
     }
-    let token = token(args)?;
+    let token = token(args, &server.url)?;
     proto::client::connect(&server.url, token.as_deref())
         .await
         .map_err(|e| match e {

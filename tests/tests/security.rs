@@ -242,6 +242,11 @@ async fn the_cli_finds_the_default_data_dirs_token_by_itself() -> R {
     let out = interpose_env(&["conns", "list", "--json", "--server", &grpc], &env).await?;
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), "[]");
+    // The same server written without its scheme is the same server.
+    let bare = grpc.trim_start_matches("http://");
+    let out = interpose_env(&["conns", "list", "--json", "--server", bare], &env).await?;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "[]");
     // Another user (another data home) has no token for it.
     let other = tmp.path().join("other");
     let env2 = [
