@@ -6,7 +6,7 @@ use proto::{
 };
 
 use crate::{
-    output::endpoint,
+    output::{self, endpoint},
     table::{self, Column, View},
 };
 
@@ -19,14 +19,6 @@ fn client(c: &Connection, _: &View) -> String {
     match &c.client_process {
         Some(p) => format!("{addr} {}({})", p.name, p.pid),
         None => addr,
-    }
-}
-
-fn target(c: &Connection, _: &View) -> String {
-    if c.dst_host.is_empty() || c.dst_host == c.dst_ip {
-        endpoint(&c.dst_ip, c.dst_port)
-    } else {
-        format!("{}:{}", c.dst_host, c.dst_port)
     }
 }
 
@@ -69,7 +61,7 @@ pub const CONNECTION: &[Column<Connection>] = &[
     Column {
         key: "target",
         header: "TARGET",
-        cell: target,
+        cell: |c, _| output::target(c),
         shrinks: true,
         right: false,
         default: true,

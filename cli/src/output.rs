@@ -183,16 +183,18 @@ pub fn endpoint(ip: &str, port: u32) -> String {
     }
 }
 
-/// The header of the connection table.
-pub const TABLE_HEADER: &str = "    ID  SOURCE                 DESTINATION                      STATUS        CLOSED BY  KIND   C2S/S2C BYTES    OPENED                       REASON";
-
-/// One line of the connection table.
-pub fn conn_row(c: &Connection) -> String {
-    let dst = if c.dst_host.is_empty() || c.dst_host == c.dst_ip {
+/// A connection's target: `host:port` as the client named it, or the address it reached.
+pub fn target(c: &Connection) -> String {
+    if c.dst_host.is_empty() || c.dst_host == c.dst_ip {
         endpoint(&c.dst_ip, c.dst_port)
     } else {
         format!("{}:{}", c.dst_host, c.dst_port)
-    };
+    }
+}
+
+/// One line of `conns watch` (without `--json`).
+pub fn conn_row(c: &Connection) -> String {
+    let dst = target(c);
     let tls = if c.tls { " tls" } else { "" };
     format!(
         "{:>6}  {:<22} {:<32} {:<13} {:<10} {:<6} {:<16} {:<28} {}{}",

@@ -108,21 +108,24 @@ pub fn render<T>(columns: &[&Column<T>], rows: &[T], view: &View, width: Option<
     if let Some(w) = width {
         // The width each column needs: its widest value, or for a shrinking column at most
         // MIN_SHRUNK; one space between columns.
-        let need = |i: usize| {
-            let c = columns[i];
-            let widest = cells
-                .iter()
-                .map(|r| r[i].chars().count())
-                .chain([c.header.len()])
-                .max()
-                .unwrap_or(0);
-            if c.shrinks {
-                widest.min(MIN_SHRUNK)
-            } else {
-                widest
-            }
-        };
-        while shown.len() > 1 && shown.iter().map(|&i| need(i) + 1).sum::<usize>() > usize::from(w)
+        let need: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let widest = cells
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .chain([c.header.len()])
+                    .max()
+                    .unwrap_or(0);
+                if c.shrinks {
+                    widest.min(MIN_SHRUNK)
+                } else {
+                    widest
+                }
+            })
+            .collect();
+        while shown.len() > 1 && shown.iter().map(|&i| need[i] + 1).sum::<usize>() > usize::from(w)
         {
             let Some(pos) =
                 (0..shown.len()).min_by_key(|&p| (columns[shown[p]].rank, usize::MAX - p))

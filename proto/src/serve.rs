@@ -146,14 +146,6 @@ pub struct Drain {
 }
 
 impl Drain {
-    /// A drain that never fires, for a service served outside [`GrpcServer`].
-    pub fn never() -> Self {
-        let (tx, rx) = watch::channel(false);
-        // The receiver sees a closed channel with `false`: `wait` then pends for ever.
-        drop(tx);
-        Self { rx }
-    }
-
     /// Completes once the server has begun shutting down.
     pub async fn wait(&self) {
         let mut rx = self.rx.clone();
