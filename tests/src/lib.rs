@@ -353,6 +353,25 @@ pub async fn interpose(server: &str, args: &[&str]) -> anyhow::Result<Output> {
     })
 }
 
+/// Runs `interpose ARGS` and returns its stdout; a non-zero exit is an error with its stderr.
+pub async fn interpose_ok(server: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = interpose(server, args).await?;
+    if !out.ok {
+        bail!("interpose {args:?} failed: {}", out.stderr);
+    }
+    Ok(out.stdout)
+}
+
+/// `interpose held list --json` once it shows exactly `n` held packets (bounded by [`WAIT`]).
+pub async fn held_list(server: &str, n: usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    eventually(&format!("{n} held packets"), || async {
+        let v = interpose_json(server, &["held", "list", "--json"]).await?;
+        let list = v.as_array().cloned().unwrap_or_default();
+        Ok((list.len() == n).then_some(list))
+    })
+    .await
+}
+
 /// Runs `interpose ARGS --json` and parses stdout as JSON.
 pub async fn interpose_json(server: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let out = interpose(server, args).await?;

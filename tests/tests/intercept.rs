@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use base64::Engine;
 use proto::{
     client::AuthChannel,
@@ -17,7 +17,10 @@ use proto::{
 };
 use proxy_core::hold::{Check, ConnMeta, Decision, FaultPolicy, Holder};
 use serde_json::Value;
-use tests::{Ingest, Proc, Registry, Up, WAIT, bin, events, eventually, interpose, interpose_json};
+use tests::{
+    Ingest, Proc, Registry, Up, WAIT, bin, events, eventually, held_list, interpose,
+    interpose_json, interpose_ok,
+};
 use tokio::{process::Command, task::JoinHandle};
 
 type Client = InterceptClient<AuthChannel>;
@@ -57,26 +60,8 @@ async fn verdict(h: JoinHandle<anyhow::Result<Verdict>>) -> anyhow::Result<Verdi
         .context("no verdict in time")??
 }
 
-/// `held list --json` once it shows `n` packets.
-async fn held(server: &str, n: usize) -> anyhow::Result<Vec<Value>> {
-    eventually(&format!("{n} held packets"), || async {
-        let v = interpose_json(server, &["held", "list", "--json"]).await?;
-        let list = v.as_array().cloned().unwrap_or_default();
-        Ok((list.len() == n).then_some(list))
-    })
-    .await
-}
-
 fn id_of(v: &Value) -> String {
     v["held_id"].to_string()
-}
-
-async fn ok(server: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = interpose(server, args).await?;
-    if !out.ok {
-        bail!("interpose {args:?} failed: {}", out.stderr);
-    }
-    Ok(out.stdout)
 }
 
 /// A standalone intercept-svc.
@@ -105,7 +90,7 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    let out = ok(s, &["intercept", "on", "--direction", "c2s"]).await?;
+    let out = interpose_ok(s, &["intercept", "on", "--direction", "c2s"]).await?;
     assert!(out.contains("intercept on: direction c2s"), "{out}");
     let c = client(s).await?;
     let cases: Vec<(Vec<&str>, Action, bool, Vec<u8>)> = vec![
@@ -132,7 +117,7 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
     ];
     for (i, (args, action, replaced, data)) in cases.into_iter().enumerate() {
         let pending = hold(&c, 1, i as u64 + 1, b"hello world");
-        let list = held(s, 1).await?;
+        let list = held_list(s, 1).await?;
         assert_eq!(list[0]["conn_id"], 1);
         assert_eq!(list[0]["direction"], "c2s");
         assert_eq!(list[0]["len"], 11);
@@ -145,7 +130,7 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
         let id = id_of(&list[0]);
         let mut cmd = vec!["held", "forward", id.as_str()];
         cmd.extend(args);
-        ok(s, &cmd).await?;
+        interpose_ok(s, &cmd).await?;
         let v = verdict(pending).await?;
         assert_eq!(
             (v.action(), v.replaced, v.data, v.reason.as_str()),
@@ -156,8 +141,8 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
     let file = dir.path().join("r.bin");
     std::fs::write(&file, b"\0\x01\x02\0")?;
     let pending = hold(&c, 1, 10, b"abc");
-    let id = id_of(&held(s, 1).await?[0]);
-    ok(
+    let id = id_of(&held_list(s, 1).await?[0]);
+    interpose_ok(
         s,
         &[
             "held",
@@ -171,9 +156,9 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
     assert_eq!(verdict(pending).await?.data, b"\0\x01\x02\0");
     // Drop.
     let pending = hold(&c, 1, 11, b"secret");
-    let id = id_of(&held(s, 1).await?[0]);
+    let id = id_of(&held_list(s, 1).await?[0]);
     assert_eq!(
-        ok(s, &["held", "drop", &id]).await?.trim(),
+        interpose_ok(s, &["held", "drop", &id]).await?.trim(),
         format!("dropped held packet {id}")
     );
     let v = verdict(pending).await?;
@@ -191,7 +176,9 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
     assert_eq!(again.stderr.trim().lines().count(), 1, "{}", again.stderr);
     // A replacement beyond 4 MiB is refused and the packet stays held.
     let pending = hold(&c, 1, 12, b"big");
-    let id: u64 = held(s, 1).await?[0]["held_id"].as_u64().context("id")?;
+    let id: u64 = held_list(s, 1).await?[0]["held_id"]
+        .as_u64()
+        .context("id")?;
     let err = c
         .clone()
         .forward(ForwardRequest {
@@ -220,7 +207,7 @@ async fn turning_off_releases_every_held_packet_in_order() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    ok(s, &["intercept", "on"]).await?;
+    interpose_ok(s, &["intercept", "on"]).await?;
     let c = client(s).await?;
     let mut watch = c
         .clone()
@@ -230,9 +217,9 @@ async fn turning_off_releases_every_held_packet_in_order() -> anyhow::Result<()>
     let mut pending = Vec::new();
     for seq in 1..=3 {
         pending.push(hold(&c, 7, seq, format!("p{seq}").as_bytes()));
-        held(s, seq as usize).await?;
+        held_list(s, seq as usize).await?;
     }
-    let out = ok(s, &["intercept", "off"]).await?;
+    let out = interpose_ok(s, &["intercept", "off"]).await?;
     assert!(out.contains("intercept off"), "{out}");
     for p in pending {
         let v = verdict(p).await?;
@@ -251,7 +238,7 @@ async fn turning_off_releases_every_held_packet_in_order() -> anyhow::Result<()>
         }
     }
     assert_eq!(removed, [1, 2, 3]);
-    assert!(held(s, 0).await?.is_empty());
+    assert!(held_list(s, 0).await?.is_empty());
     let status = interpose_json(s, &["intercept", "status", "--json"]).await?;
     assert_eq!(status["enabled"], false);
     assert_eq!(status["released_by_off"], 3);
@@ -268,11 +255,11 @@ async fn beyond_max_held_packets_are_forwarded_and_counted() -> anyhow::Result<(
     let (_svc, addr) =
         intercept_svc(dir.path(), "127.0.0.1:0", &reg.url, &["--max-held", "2"]).await?;
     let s = format!("http://{addr}");
-    ok(&s, &["intercept", "on"]).await?;
+    interpose_ok(&s, &["intercept", "on"]).await?;
     let c = client(&s).await?;
     let a = hold(&c, 1, 1, b"a");
     let b = hold(&c, 1, 2, b"b");
-    held(&s, 2).await?;
+    held_list(&s, 2).await?;
     let v = verdict(hold(&c, 1, 3, b"c")).await?;
     assert_eq!(
         (v.action(), v.reason.as_str()),
@@ -287,7 +274,7 @@ async fn beyond_max_held_packets_are_forwarded_and_counted() -> anyhow::Result<(
         ),
         (Some(2), Some(2), Some(1))
     );
-    ok(&s, &["intercept", "off"]).await?;
+    interpose_ok(&s, &["intercept", "off"]).await?;
     verdict(a).await?;
     verdict(b).await?;
     Ok(())
@@ -298,7 +285,7 @@ async fn a_hold_timeout_forwards_unmodified() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    ok(s, &["intercept", "on", "--timeout", "1"]).await?;
+    interpose_ok(s, &["intercept", "on", "--timeout", "1"]).await?;
     let c = client(s).await?;
     let started = std::time::Instant::now();
     let v = verdict(hold(&c, 3, 1, b"wait")).await?;
@@ -324,7 +311,7 @@ async fn a_packet_whose_connection_the_server_closed_cannot_be_forwarded() -> an
     ingest
         .send_durable(vec![events::open(5, 50005, "example.test", 80)])
         .await?;
-    ok(s, &["intercept", "on"]).await?;
+    interpose_ok(s, &["intercept", "on"]).await?;
     let c = client(s).await?;
     let mut watch = c
         .clone()
@@ -332,7 +319,7 @@ async fn a_packet_whose_connection_the_server_closed_cannot_be_forwarded() -> an
         .await?
         .into_inner();
     let pending = hold(&c, 5, 2, b"too late");
-    let list = held(s, 1).await?;
+    let list = held_list(s, 1).await?;
     assert_eq!(list[0]["conn_status"], "active");
     let id = id_of(&list[0]);
     ingest
@@ -356,7 +343,7 @@ async fn a_packet_whose_connection_the_server_closed_cannot_be_forwarded() -> an
         }
     }
     // ... and so does the list.
-    let list = held(s, 1).await?;
+    let list = held_list(s, 1).await?;
     assert_eq!(
         (
             list[0]["conn_status"].as_str(),
@@ -374,7 +361,7 @@ async fn a_packet_whose_connection_the_server_closed_cannot_be_forwarded() -> an
     );
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
     // The entry left the queue instead of staying stuck; the proxy is told not to relay it.
-    assert!(held(s, 0).await?.is_empty());
+    assert!(held_list(s, 0).await?.is_empty());
     let v = verdict(pending).await?;
     assert_eq!(v.action(), Action::Drop);
     assert_eq!(v.reason, "connection_closed");
@@ -414,7 +401,7 @@ async fn held_edit_opens_the_editor_on_text_or_a_hex_dump() -> anyhow::Result<()
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    ok(s, &["intercept", "on"]).await?;
+    interpose_ok(s, &["intercept", "on"]).await?;
     let c = client(s).await?;
     // Text: the editor (like most) ends the file with a newline; the packet had none.
     let text = script(
@@ -423,7 +410,7 @@ async fn held_edit_opens_the_editor_on_text_or_a_hex_dump() -> anyhow::Result<()
         r#"printf 'GET /admin HTTP/1.1\n' > "$1""#,
     )?;
     let pending = hold(&c, 1, 1, b"GET / HTTP/1.1");
-    let id = id_of(&held(s, 1).await?[0]);
+    let id = id_of(&held_list(s, 1).await?[0]);
     let out = edit_with(s, &id, &text).await?;
     assert!(out.ok, "{}", out.stderr);
     let v = verdict(pending).await?;
@@ -438,19 +425,19 @@ sed -i 's/^00000000: 00 ff/00000000: 00 41/' "$1"
 echo '00 42' >> "$1""#,
     )?;
     let pending = hold(&c, 1, 2, b"\0\xff\x01");
-    let id = id_of(&held(s, 1).await?[0]);
+    let id = id_of(&held_list(s, 1).await?[0]);
     let out = edit_with(s, &id, &hex).await?;
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(verdict(pending).await?.data, b"\0\x41\x01\0\x42");
     // A failing editor leaves the packet held.
     let fail = script(dir.path(), "fail.sh", "exit 3")?;
     let pending = hold(&c, 1, 3, b"keep");
-    let id = id_of(&held(s, 1).await?[0]);
+    let id = id_of(&held_list(s, 1).await?[0]);
     let out = edit_with(s, &id, &fail).await?;
     assert!(!out.ok);
     assert!(out.stderr.contains("still held"), "{}", out.stderr);
-    assert_eq!(held(s, 1).await?.len(), 1);
-    ok(s, &["held", "forward", &id]).await?;
+    assert_eq!(held_list(s, 1).await?.len(), 1);
+    interpose_ok(s, &["held", "forward", &id]).await?;
     assert!(!verdict(pending).await?.replaced);
     Ok(())
 }
@@ -478,7 +465,7 @@ async fn holder_makes_no_hold_call_when_nothing_matches_and_holds_what_does() ->
     let holder = Holder::start(s, tests::token(s).as_deref(), "lab1", FaultPolicy::Forward)?;
     configs(&holder, 1).await?;
     assert_eq!(holder.wants(&META, Direction::C2s, b"x"), Check::Pass);
-    ok(
+    interpose_ok(
         s,
         &[
             "intercept",
@@ -500,7 +487,7 @@ async fn holder_makes_no_hold_call_when_nothing_matches_and_holds_what_does() ->
     }
     assert_eq!(holder.stats().hold_calls, 0);
     // A matching packet is held through the real service, and the user's edit comes back.
-    ok(
+    interpose_ok(
         s,
         &[
             "intercept",
@@ -526,8 +513,8 @@ async fn holder_makes_no_hold_call_when_nothing_matches_and_holds_what_does() ->
         h.hold(&META, 1, Direction::C2s, bytes::Bytes::from_static(b"x")),
     );
     let user = async {
-        let id = id_of(&held(s, 1).await?[0]);
-        ok(s, &["held", "forward", &id, "--replace-hex", "7900"]).await
+        let id = id_of(&held_list(s, 1).await?[0]);
+        interpose_ok(s, &["held", "forward", &id, "--replace-hex", "7900"]).await
     };
     let (decision, user) = tokio::join!(decision, user);
     user?;
@@ -537,8 +524,8 @@ async fn holder_makes_no_hold_call_when_nothing_matches_and_holds_what_does() ->
     );
     assert_eq!(holder.stats().hold_calls, 1);
     // Replace rules apply in the proxy, without a call.
-    ok(s, &["intercept", "off"]).await?;
-    let out = ok(
+    interpose_ok(s, &["intercept", "off"]).await?;
+    let out = interpose_ok(
         s,
         &[
             "intercept",
@@ -569,7 +556,7 @@ async fn holder_makes_no_hold_call_when_nothing_matches_and_holds_what_does() ->
         rules[0]["match_b64"],
         base64::engine::general_purpose::STANDARD.encode("token=abc")
     );
-    ok(s, &["intercept", "rule", "remove", "1"]).await?;
+    interpose_ok(s, &["intercept", "rule", "remove", "1"]).await?;
     let gone = interpose(s, &["intercept", "rule", "remove", "1"]).await?;
     assert!(
         !gone.ok && gone.stderr.contains("no replace rule with ID 1"),
@@ -611,7 +598,7 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
         h.hold(&META, 1, Direction::C2s, bytes::Bytes::from_static(b"held")),
     );
     let kill = async {
-        held(&url, 1).await?;
+        held_list(&url, 1).await?;
         let killed = std::time::Instant::now();
         svc.kill().await;
         anyhow::Ok(killed)
@@ -666,8 +653,8 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
         ),
     );
     let user = async {
-        let id = id_of(&held(&url, 1).await?[0]);
-        ok(&url, &["held", "forward", &id]).await
+        let id = id_of(&held_list(&url, 1).await?[0]);
+        interpose_ok(&url, &["held", "forward", &id]).await
     };
     let (decision, user) = tokio::join!(pending, user);
     user?;

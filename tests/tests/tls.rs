@@ -14,7 +14,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
 };
 use tests::{
-    Up, WAIT, interpose_json,
+    Up, WAIT, held_list, interpose_json, interpose_ok,
     proxy::{all_connections, direction_bytes, history, socks_connect},
     registry_client,
 };
@@ -611,29 +611,6 @@ async fn bytes_that_only_look_like_tls_are_relayed_intact() -> anyhow::Result<()
     Ok(())
 }
 
-/// `interpose held list --json` once it holds exactly `n` packets, bounded by [`WAIT`].
-async fn held_now(up: &Up, n: usize) -> anyhow::Result<Vec<serde_json::Value>> {
-    let start = std::time::Instant::now();
-    loop {
-        let v = interpose_json(&up.grpc, &["held", "list", "--json"]).await?;
-        let list = v.as_array().cloned().unwrap_or_default();
-        if list.len() == n {
-            return Ok(list);
-        }
-        if start.elapsed() > WAIT {
-            bail!("expected {n} held packets, have {}: {v}", list.len());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
-/// Runs `interpose ARGS` against `up` and fails on a non-zero exit.
-async fn cli_ok(up: &Up, args: &[&str]) -> anyhow::Result<()> {
-    let out = tests::interpose(&up.grpc, args).await?;
-    anyhow::ensure!(out.ok, "interpose {args:?}: {}", out.stderr);
-    Ok(())
-}
-
 /// Holds client packets at the relay's hold point of a live connection (`s`, echoed by the
 /// server) and checks that the server receives exactly what each verdict says: an edit of
 /// another length, a drop (the next packet's echo shows nothing of the dropped one), a
@@ -642,7 +619,7 @@ async fn hold_case<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     up: &Up,
     s: &mut S,
 ) -> anyhow::Result<()> {
-    cli_ok(up, &["intercept", "on", "--direction", "c2s"]).await?;
+    interpose_ok(&up.grpc, &["intercept", "on", "--direction", "c2s"]).await?;
     // The proxy follows the setting over a stream: until it has it, a packet passes (and
     // is echoed); from then on the first packet is held.
     let start = std::time::Instant::now();
@@ -664,7 +641,7 @@ async fn hold_case<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         }
         anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
     }
-    let held = held_now(up, 1).await?;
+    let held = held_list(&up.grpc, 1).await?;
     assert_eq!(held[0]["direction"], "c2s");
     assert_eq!(held[0]["conn_status"], "active");
     let data = base64::engine::general_purpose::STANDARD
@@ -676,24 +653,28 @@ async fn hold_case<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    cli_ok(up, &["held", "forward", &id, "--replace-hex", &hex]).await?;
+    interpose_ok(&up.grpc, &["held", "forward", &id, "--replace-hex", &hex]).await?;
     let mut back = vec![0u8; "FIRST, EDITED\0LONGER".len()];
     tokio::time::timeout(WAIT, s.read_exact(&mut back)).await??;
     assert_eq!(back, b"FIRST, EDITED\0LONGER");
 
     s.write_all(b"dropme").await?;
     s.flush().await?;
-    let held = held_now(up, 1).await?;
-    cli_ok(up, &["held", "drop", &held[0]["held_id"].to_string()]).await?;
+    let held = held_list(&up.grpc, 1).await?;
+    interpose_ok(&up.grpc, &["held", "drop", &held[0]["held_id"].to_string()]).await?;
     s.write_all(b"third").await?;
     s.flush().await?;
-    let held = held_now(up, 1).await?;
-    cli_ok(up, &["held", "forward", &held[0]["held_id"].to_string()]).await?;
+    let held = held_list(&up.grpc, 1).await?;
+    interpose_ok(
+        &up.grpc,
+        &["held", "forward", &held[0]["held_id"].to_string()],
+    )
+    .await?;
     let mut back = [0u8; 5];
     tokio::time::timeout(WAIT, s.read_exact(&mut back)).await??;
     assert_eq!(&back, b"third", "the dropped packet reached the server");
 
-    cli_ok(up, &["intercept", "off"]).await?;
+    interpose_ok(&up.grpc, &["intercept", "off"]).await?;
     assert_eq!(round_trip(s, b"free").await?, b"free");
     Ok(())
 }
@@ -767,10 +748,9 @@ async fn a_server_that_speaks_first_is_not_stalled_by_intercept_on_the_client_di
     let server = starttls_server(&pki).await?;
     let data = tempfile::tempdir()?;
     let up = Up::start(data.path(), &["--upstream-ca", &pki.ca_arg()]).await?;
-    cli_ok(&up, &["intercept", "on", "--direction", "c2s"]).await?;
-    // Let the proxy pick the setting up before connecting: a probe of the config stream is
-    // what the CLI's status shows; a short wait is enough and the assertion below does not
-    // depend on it (holding c2s must never hold the server's greeting).
+    interpose_ok(&up.grpc, &["intercept", "on", "--direction", "c2s"]).await?;
+    // Let the proxy pick the setting up before connecting (it follows a config stream): the
+    // greeting check does not depend on it, the held STARTTLS below does.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let (tcp, _) = through(&up, Addr::Domain("localhost".into(), server.port())).await?;
     let mut lines = BufReader::new(tcp);
@@ -782,9 +762,9 @@ async fn a_server_that_speaks_first_is_not_stalled_by_intercept_on_the_client_di
     // The client's command is held, as asked.
     let mut tcp = lines.into_inner();
     tcp.write_all(b"STARTTLS\r\n").await?;
-    let held = held_now(&up, 1).await?;
+    let held = held_list(&up.grpc, 1).await?;
     assert_eq!(held[0]["direction"], "c2s");
-    cli_ok(&up, &["intercept", "off"]).await?;
+    interpose_ok(&up.grpc, &["intercept", "off"]).await?;
     let mut reply = [0u8; 20];
     tokio::time::timeout(WAIT, tcp.read_exact(&mut reply)).await??;
     assert_eq!(&reply, b"220 2.0.0 go ahead\r\n");
@@ -807,7 +787,7 @@ async fn replace_rules_rewrite_any_protocol_in_the_proxy_and_are_recorded() -> a
         "--replace",
         "HOWDY-LONGER",
     ];
-    cli_ok(&up, &rule).await?;
+    interpose_ok(&up.grpc, &rule).await?;
     let (mut tcp, port) = through(&up, Addr::Ip(server)).await?;
     // Until the proxy has the rule, the bytes pass as they are.
     let start = std::time::Instant::now();
