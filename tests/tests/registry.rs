@@ -530,14 +530,15 @@ async fn a_token_is_required_when_configured_and_exposure_without_one_is_refused
 
 /// What a follower saw, in order: `("packet", conn, seq)`, `("closed", conn, 0)`,
 /// `("record", conn, status)` for snapshot records, `("caught_up", 0, 0)`; with positions.
-/// A resumed stream (`after` set) is live from the start.
+/// Adds to `got` (what was read before) until `done`; a resumed stream (`after` set) is live
+/// from the start.
 async fn collect_follow(
-    mut stream: tonic::Streaming<proto::registry::FollowHistoryEvent>,
+    stream: &mut tonic::Streaming<proto::registry::FollowHistoryEvent>,
     resumed: bool,
+    mut got: Vec<(u64, &'static str, u64, u64)>,
     mut done: impl FnMut(&[(u64, &'static str, u64, u64)]) -> bool,
 ) -> anyhow::Result<Vec<(u64, &'static str, u64, u64)>> {
-    let mut got = Vec::new();
-    let mut caught_up = resumed;
+    let mut caught_up = resumed || got.iter().any(|e| e.1 == "caught_up");
     while !done(&got) {
         let ev = tokio::time::timeout(WAIT, stream.message())
             .await??
@@ -595,7 +596,13 @@ async fn follow_history_sends_each_packet_once_across_the_snapshot_and_resumes_a
         ingest.send(batch(id, 2)).await?;
     }
     ingest.send_durable(Vec::new()).await?;
-    // The rest is recorded while the snapshot is being taken and sent.
+    let mut stream = client
+        .follow_history(FollowHistoryRequest::default())
+        .await?
+        .into_inner();
+    // The snapshot's position is fixed once its first event arrives; the rest is recorded
+    // while the snapshot is still being sent (it is larger than the stream's buffer).
+    let first = collect_follow(&mut stream, false, Vec::new(), |got| !got.is_empty()).await?;
     let writer = tokio::spawn(async move {
         for id in N / 2 + 1..=N {
             ingest.send(batch(id, 1)).await?;
@@ -604,10 +611,6 @@ async fn follow_history_sends_each_packet_once_across_the_snapshot_and_resumes_a
         ingest.send_durable(Vec::new()).await?;
         anyhow::Ok(())
     });
-    let stream = client
-        .follow_history(FollowHistoryRequest::default())
-        .await?
-        .into_inner();
     let complete = |evs: &[(u64, &'static str, u64, u64)]| {
         evs.iter().filter(|e| e.1 == "packet").count() == 2 * N as usize
             && evs.iter().any(|e| e.1 == "caught_up")
@@ -617,7 +620,7 @@ async fn follow_history_sends_each_packet_once_across_the_snapshot_and_resumes_a
                 .count()
                 == N as usize
     };
-    let evs = collect_follow(stream, false, complete).await?;
+    let evs = collect_follow(&mut stream, false, first, complete).await?;
     writer.await??;
 
     let packets: Vec<(u64, u64)> = evs
@@ -652,10 +655,11 @@ async fn follow_history_sends_each_packet_once_across_the_snapshot_and_resumes_a
         }
     }
     let live: Vec<_> = evs[caught_up + 1..].to_vec();
-    assert!(!live.is_empty(), "nothing was live");
+    let live_packets = live.iter().filter(|e| e.1 == "packet").count();
+    assert_eq!(live_packets, N as usize, "the second half is live");
 
     // Resuming after the snapshot's position gives exactly the live part again.
-    let resumed = client
+    let mut resumed = client
         .follow_history(FollowHistoryRequest {
             conn_id: 0,
             after: Some(horizon),
@@ -663,7 +667,7 @@ async fn follow_history_sends_each_packet_once_across_the_snapshot_and_resumes_a
         .await?
         .into_inner();
     let n = live.len();
-    let again = collect_follow(resumed, true, |got| got.len() == n).await?;
+    let again = collect_follow(&mut resumed, true, Vec::new(), |got| got.len() == n).await?;
     assert_eq!(again, live);
     Ok(())
 }
