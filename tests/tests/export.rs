@@ -981,6 +981,15 @@ struct LiveExport {
 
 impl LiveExport {
     fn start(server: &str, log: &Path) -> anyhow::Result<Self> {
+        let (child, stdout) = Self::spawn(server, log)?;
+        Self::read_all(child, stdout)
+    }
+
+    /// The export process, its stdout not read yet.
+    fn spawn(
+        server: &str,
+        log: &Path,
+    ) -> anyhow::Result<(std::process::Child, std::process::ChildStdout)> {
         let mut cmd = std::process::Command::new(bin("interpose"));
         cmd.args(["export", "--follow", "--out", "-", "--server", server])
             .env_remove("INTERPOSE_TOKEN")
@@ -992,7 +1001,15 @@ impl LiveExport {
             cmd.env("INTERPOSE_TOKEN_FILE", file);
         }
         let mut child = cmd.spawn()?;
-        let mut stdout = child.stdout.take().context("piped stdout")?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        Ok((child, stdout))
+    }
+
+    /// Reads `stdout` into the buffer on a thread as it comes.
+    fn read_all(
+        child: std::process::Child,
+        mut stdout: std::process::ChildStdout,
+    ) -> anyhow::Result<Self> {
         let out = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = out.clone();
         std::thread::spawn(move || {
@@ -1145,5 +1162,35 @@ async fn follow_streams_live_traffic_after_the_earlier_history_and_tshark_reads_
     if tshark().is_some() {
         tshark_agrees(&file, &streams).await?;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_exits_0_when_its_reader_closes_the_pipe() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &[]).await?;
+    let http = http_server(None).await?;
+    let out = tempfile::tempdir()?;
+    let (mut child, mut stdout) = LiveExport::spawn(&up.grpc, &out.path().join("follow.log"))?;
+    // The header comes at once, before any traffic; then the reader goes away.
+    let header = tokio::task::spawn_blocking(move || {
+        let mut magic = [0u8; 4];
+        std::io::Read::read_exact(&mut stdout, &mut magic).map(|()| magic)
+    });
+    let magic = tokio::time::timeout(tests::WAIT, header).await???;
+    assert_eq!(
+        magic,
+        [0x0a, 0x0d, 0x0d, 0x0a],
+        "section header block first"
+    );
+    // The next write (this connection) finds the pipe closed.
+    curl(&up, &format!("http://localhost:{}/after", http.port())).await?;
+    let status = tests::eventually("the export to exit", || {
+        let st = child.try_wait();
+        async move { Ok(st?) }
+    })
+    .await?;
+    let log = std::fs::read_to_string(out.path().join("follow.log"))?;
+    assert!(status.success(), "exit {status}: {log}");
     Ok(())
 }
