@@ -149,8 +149,8 @@ async fn receive(
 }
 
 /// Writes a live export's chunks as they come, each flushed at once, until Ctrl-C (or
-/// SIGTERM) or a reader that closed the pipe, which end it normally; the stream ending is an
-/// error (the service or registry went away). A file keeps what was written.
+/// SIGTERM) or a reader that closed the pipe, which end it normally (exit 0); the stream
+/// ending is an error (the service or registry went away). A file keeps what was written.
 async fn follow(
     stream: &mut tonic::Streaming<proto::export::ExportChunk>,
     dest: &str,
@@ -168,12 +168,10 @@ async fn follow(
             Some(w) => w,
             None => out.insert(open(dest)?),
         };
-        match w.write_all(&chunk.data).and_then(|()| w.flush()) {
-            Ok(()) => {}
-            // The reader is gone (Wireshark closed, `head` had enough): done.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-            Err(e) => return Err(e).with_context(|| format!("writing {dest}")),
-        }
+        // A reader that closed the pipe (Wireshark quit) ends it quietly: `is_closed_stdout`.
+        w.write_all(&chunk.data)
+            .and_then(|()| w.flush())
+            .with_context(|| format!("writing {dest}"))?;
     }
 }
 
