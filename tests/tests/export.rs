@@ -1157,8 +1157,21 @@ async fn follow_streams_live_traffic_after_the_earlier_history_and_tshark_reads_
     let file = out.path().join("live.pcapng");
     std::fs::write(&file, &prefix)?;
     let recorded = settled(&up.grpc, 3).await?;
-    let streams = reassemble(&read_capture(&file)?)?;
+    let cap = read_capture(&file)?;
+    assert!(
+        cap.names.iter().any(|n| n.contains("localhost")),
+        "{:?}",
+        cap.names
+    );
+    let streams = reassemble(&cap)?;
     assert_streams_match(&streams, &recorded)?;
+    for (s, (c, _)) in streams.iter().zip(&recorded) {
+        let comment = s.comment.as_deref().context("comment on the first frame")?;
+        assert!(
+            comment.contains(&format!("interpose connection {};", c.id)),
+            "{comment}"
+        );
+    }
     if tshark().is_some() {
         tshark_agrees(&file, &streams).await?;
     }
