@@ -293,7 +293,7 @@ impl Store {
 
     /// Stores history packets, idempotently: packets a run already holds (a replayed batch)
     /// are skipped, the rest merged in, and the fresh ones logged (see [`Store::record`]).
-    /// Callers serialise writes (the watch hub's lock).
+    /// Writes are serialised by the arrival log's lock.
     pub fn put_packets(&self, packets: Vec<Packet>) -> Result<(), StoreError> {
         self.record(packets, Vec::new())
     }
