@@ -12,12 +12,12 @@ use std::{
 
 use anyhow::{Context, bail};
 use base64::Engine;
-use proto::common::{Direction, Packet};
+use proto::common::{ClosedBy, Direction, Packet};
 use proxy_core::socks5::Addr;
 use rustls::pki_types::ServerName;
 use serde_json::Value;
 use tests::{
-    Up, WAIT, eventually, held_list, interpose_json, interpose_ok,
+    Up, WAIT, eventually, held_list, interpose, interpose_json, interpose_ok,
     proxy::{Server, history, read_to_end},
     registry_client,
     tls::{Pki, disconnected, echo, proxy_ca, serve, through, tls_connect, wait_record},
@@ -285,5 +285,51 @@ async fn a_starttls_upgrade_while_a_plaintext_packet_is_held_then_holds_inside_t
     assert_eq!(edited.data, edit.as_bytes());
     let rec = wait_record(&up, "TLS", |c| c.src_port == u32::from(port)).await?;
     assert!(rec.tls && rec.client_tls.is_some(), "{rec:?}");
+    Ok(())
+}
+/// A real server closes the connection while a client packet is held: the held packet
+/// shows the connection disconnected, closed by the server, and forwarding it fails with a
+/// message saying so; the entry leaves the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_packet_whose_server_closed_shows_it_and_cannot_be_forwarded() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(dir.path(), &[]).await?;
+    intercept_on(&up, &["--direction", "c2s"]).await?;
+    let server = Server::bind().await?;
+    let (mut client, port) = through(&up, Addr::Ip(server.addr)).await?;
+    let mut srv = server.accept().await?;
+    client.write_all(b"QUIT\r\n").await?;
+    let held = next_held(&up, None).await?;
+    assert_eq!(held["conn_status"], "active");
+    let id = held["held_id"].to_string();
+    // The server says goodbye and closes; the client reads it and closes too.
+    srv.write_all(b"421 closing\r\n").await?;
+    drop(srv);
+    assert_eq!(read_to_end(&mut client).await?, b"421 closing\r\n");
+    drop(client);
+    let held = eventually("the held packet's connection closed", || async {
+        let v = interpose_json(&up.grpc, &["held", "list", "--json"]).await?;
+        Ok(v.as_array()
+            .and_then(|l| l.first().cloned())
+            .filter(|h| h["conn_status"] == "disconnected"))
+    })
+    .await?;
+    assert_eq!(held["held_id"].to_string(), id);
+    assert_eq!(held["closed_by"], "server");
+    let out = interpose(&up.grpc, &["held", "forward", &id]).await?;
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("was closed by the server"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    assert!(held_list(&up.grpc, 0).await?.is_empty());
+    let rec = wait_record(&up, "closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    assert_eq!(rec.closed_by, ClosedBy::Server as i32, "{rec:?}");
     Ok(())
 }
