@@ -113,7 +113,7 @@ async fn a_dropped_packet_is_never_forwarded_while_more_data_races_in() -> anyho
     let writer = tokio::spawn(async move {
         let mut sent = Vec::new();
         let mut i = 0u32;
-        while !writing.load(Ordering::Relaxed) && i < 20_000 {
+        while !writing.load(Ordering::Relaxed) && i < 60_000 {
             let chunk = format!("<{i}>");
             client.write_all(chunk.as_bytes()).await?;
             sent.extend_from_slice(chunk.as_bytes());
