@@ -12,6 +12,10 @@
 //! cut-off. A reset (RST) or any other error ends both directions at once; a reset is passed
 //! on as a reset ([`pass_reset`]).
 //!
+//! While a packet waits for a verdict its pump reads ahead one packet, so that it notices
+//! its side ending (see [`held`]): a held packet never keeps a connection that both peers
+//! have closed open.
+//!
 //! A pump can also stop early at a packet boundary ([`Boundary`]): the TLS splice uses it
 //! to hand a ClientHello that shows up mid-stream to the TLS layer with both directions
 //! paused. The plain relay sets no boundary.
@@ -22,10 +26,12 @@ pub mod tap;
 use std::{
     future::Future,
     io as stdio,
+    pin::Pin,
     sync::atomic::{AtomicBool, Ordering},
 };
 
 use bytes::Bytes;
+use futures::FutureExt;
 use proto::common::{CloseKind, ClosedBy, Direction};
 use tokio::sync::Notify;
 
@@ -90,6 +96,14 @@ impl Start {
     }
 }
 
+/// What a pump read while its packet waited for a verdict, to go on with after it.
+enum Ahead {
+    /// The next packet.
+    Data(Bytes),
+    /// How the reading side ended.
+    End(PumpEnd),
+}
+
 /// Relays one direction until its reading side ends, a write fails, or a boundary stops it.
 pub async fn pump<R: PacketReader, W: PacketWriter>(
     r: &mut R,
@@ -99,32 +113,35 @@ pub async fn pump<R: PacketReader, W: PacketWriter>(
     at: Boundary<'_>,
     start: Start,
 ) -> PumpEnd {
+    // The reading side may have ended already: nothing more is read, and while `pending`
+    // waits for a verdict that end counts as seen.
+    let mut ahead = start.ended.map(Ahead::End);
     if let Some(data) = start.pending {
         if !start.checked && at.stops_before(&data) {
             return PumpEnd::Stopped(Some(data));
         }
-        if let Err(e) = pass(w, dir, tap, data).await {
-            return PumpEnd::Write(e);
+        if let Err(end) = pass(r, w, dir, tap, data, &mut ahead).await {
+            return end;
         }
-    }
-    if let Some(end) = start.ended {
-        if matches!(end, PumpEnd::Eof) {
-            let _ = w.shutdown_write().await;
-        }
-        return end;
     }
     loop {
-        let read = match at.pause {
-            Some(pause) => tokio::select! {
-                biased;
-                () = pause.notified() => return PumpEnd::Stopped(None),
-                r = r.read_packet() => r,
+        let read = match ahead.take() {
+            Some(Ahead::Data(d)) => Ok(Some(d)),
+            Some(Ahead::End(PumpEnd::Eof)) => Ok(None),
+            Some(Ahead::End(end)) => return end,
+            None => match at.pause {
+                Some(pause) => tokio::select! {
+                    biased;
+                    () = pause.notified() => return PumpEnd::Stopped(None),
+                    r = r.read_packet() => r,
+                },
+                None => r.read_packet().await,
             },
-            None => r.read_packet().await,
         };
         let data = match read {
             Ok(Some(d)) => d,
             Ok(None) => {
+                tap.reading_ended(dir);
                 // Pass the FIN on; a failure here means the other side is gone already,
                 // which its own pump will report.
                 let _ = w.shutdown_write().await;
@@ -135,24 +152,72 @@ pub async fn pump<R: PacketReader, W: PacketWriter>(
         if at.stops_before(&data) {
             return PumpEnd::Stopped(Some(data));
         }
-        if let Err(e) = pass(w, dir, tap, data).await {
-            return PumpEnd::Write(e);
+        if let Err(end) = pass(r, w, dir, tap, data, &mut ahead).await {
+            return end;
         }
     }
 }
 
 /// One packet through the hold point and on to `w`; the history copy is queued after the
-/// write, so waking the reporter never delays the data.
-async fn pass<W: PacketWriter>(
+/// write, so waking the reporter never delays the data. A packet that is not held passes
+/// at the first poll; a held one waits in [`held`].
+async fn pass<R: PacketReader, W: PacketWriter>(
+    r: &mut R,
     w: &mut W,
     dir: Direction,
     tap: &Tap<'_>,
     data: Bytes,
-) -> stdio::Result<()> {
-    let passage = tap.packet(dir, data).await;
+    ahead: &mut Option<Ahead>,
+) -> Result<(), PumpEnd> {
+    let mut packet = std::pin::pin!(tap.packet(dir, data));
+    let passage = match packet.as_mut().now_or_never() {
+        Some(p) => p,
+        // Boxed: the wait's state would otherwise be part of every pump's future.
+        None => Box::pin(held(r, w, dir, tap, packet, ahead)).await?,
+    };
     let written = w.write_packet(passage.to_send()).await;
     tap.passed(passage);
-    written
+    written.map_err(PumpEnd::Write)
+}
+
+/// Waits for the verdict on a held packet. Meanwhile the pump reads ahead one packet (kept
+/// in `ahead`, relayed after this one), so that it notices its side ending: a reset ends
+/// the connection at once, and a FIN when the other side has sent FIN too (both peers are
+/// done, so the held packet can no longer be relayed; intercept-svc then refuses its
+/// verdict, naming who closed the connection). A FIN while the other side is still open is
+/// passed on after the packet, as usual.
+async fn held<R: PacketReader, W: PacketWriter>(
+    r: &mut R,
+    w: &mut W,
+    dir: Direction,
+    tap: &Tap<'_>,
+    mut packet: Pin<&mut impl Future<Output = Passage>>,
+    ahead: &mut Option<Ahead>,
+) -> Result<Passage, PumpEnd> {
+    let other = if dir == Direction::C2s {
+        Direction::S2c
+    } else {
+        Direction::C2s
+    };
+    loop {
+        let at_end = matches!(ahead, Some(Ahead::End(PumpEnd::Eof)));
+        tokio::select! {
+            biased;
+            p = packet.as_mut() => return Ok(p),
+            read = r.read_packet(), if ahead.is_none() => match read {
+                Ok(Some(d)) => *ahead = Some(Ahead::Data(d)),
+                Ok(None) => {
+                    tap.reading_ended(dir);
+                    *ahead = Some(Ahead::End(PumpEnd::Eof));
+                }
+                Err(e) => return Err(PumpEnd::Read(e)),
+            },
+            () = tap.wait_reading_ended(other), if at_end => {
+                let _ = w.shutdown_write().await;
+                return Err(PumpEnd::Eof);
+            }
+        }
+    }
 }
 
 fn is_reset(e: &stdio::Error) -> bool {

@@ -10,11 +10,19 @@
 //! is an `async fn` without an await on that path, so awaiting it allocates nothing and
 //! completes at the first poll. Only a held packet awaits the hold's boxed future.
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use prost_types::Timestamp;
 use proto::common::Direction;
+use tokio::sync::Notify;
 
 use crate::{conn::ConnState, hold::Check, report::Reporter};
 
@@ -104,6 +112,27 @@ pub struct Tap<'a> {
     pub reporter: &'a Reporter,
     /// Holds packets when intercept is on; `None` passes every packet on at once.
     pub hold: Option<Arc<dyn Hold>>,
+    /// Which sides have sent FIN, so that a pump waiting for a verdict learns when both
+    /// peers are done.
+    ends: Ends,
+}
+
+/// The reading sides that have ended (FIN), one flag per direction.
+#[derive(Default)]
+struct Ends {
+    c2s: AtomicBool,
+    s2c: AtomicBool,
+    changed: Notify,
+}
+
+impl Ends {
+    fn flag(&self, dir: Direction) -> &AtomicBool {
+        if dir == Direction::S2c {
+            &self.s2c
+        } else {
+            &self.c2s
+        }
+    }
 }
 
 impl<'a> Tap<'a> {
@@ -113,6 +142,26 @@ impl<'a> Tap<'a> {
             state,
             reporter,
             hold: None,
+            ends: Ends::default(),
+        }
+    }
+
+    /// The reading side of `dir` sent FIN.
+    pub fn reading_ended(&self, dir: Direction) {
+        self.ends.flag(dir).store(true, Ordering::Release);
+        self.ends.changed.notify_waiters();
+    }
+
+    /// Completes once the reading side of `dir` has sent FIN.
+    pub async fn wait_reading_ended(&self, dir: Direction) {
+        loop {
+            let changed = self.ends.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.ends.flag(dir).load(Ordering::Acquire) {
+                return;
+            }
+            changed.await;
         }
     }
 
