@@ -35,6 +35,11 @@ pub fn raise_open_files() -> (Option<u64>, Option<u64>) {
     }
 }
 
+/// The soft open-files limit in force now; `None` for unlimited.
+pub fn open_files() -> Option<u64> {
+    getrlimit(Resource::Nofile).current
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +50,6 @@ mod tests {
         let now = getrlimit(Resource::Nofile);
         assert_eq!(now.current, now.maximum);
         assert_eq!(after, now.current);
+        assert_eq!(open_files(), now.current);
     }
 }
