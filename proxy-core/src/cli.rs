@@ -77,8 +77,8 @@ pub struct ProxyArgs {
     pub dns_timeout: Duration,
     /// Name lookups one client IP may have in progress; beyond it, a CONNECT to a name gets
     /// reply 0x04 at once, so one client's stalled names cannot take everything.
-    #[arg(long, default_value_t = crate::dns::DEFAULT_PER_CLIENT)]
-    pub dns_per_client: usize,
+    #[arg(long, default_value = "256", value_parser = clap::value_parser!(u32).range(1..))]
+    pub dns_per_client: u32,
     /// Most SOCKS connections served at once; a client beyond it gets reply 0x01 (general
     /// failure) and a record closed by the proxy with reason "refused: connection limit N
     /// reached". Default: 10,000, or 3/8 of the open-files limit when that is lower (two
@@ -157,7 +157,7 @@ impl ProxyArgs {
             dns: crate::dns::DnsConfig {
                 servers: self.dns.clone(),
                 timeout: self.dns_timeout,
-                per_client: self.dns_per_client,
+                per_client: self.dns_per_client as usize,
             },
             max_connections: self.max_connections.map_or_else(
                 || default_max_connections(proto::limits::open_files()),
@@ -346,5 +346,33 @@ mod tests {
         assert_eq!(default_max_connections(Some(20_000)), 7_500);
         assert_eq!(default_max_connections(Some(1024)), 384);
         assert_eq!(default_max_connections(Some(10)), 16);
+    }
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        proxy: ProxyArgs,
+    }
+
+    #[test]
+    fn resource_flags_have_their_documented_defaults_and_refuse_zero() {
+        use clap::Parser;
+        let c = Cmd::try_parse_from(["p"]).expect("defaults");
+        assert_eq!(
+            c.proxy.dns_per_client as usize,
+            crate::dns::DEFAULT_PER_CLIENT
+        );
+        assert_eq!(c.proxy.dns_timeout, crate::dns::DEFAULT_TIMEOUT);
+        assert!(c.proxy.dns.is_empty() && c.proxy.max_connections.is_none());
+        let c = Cmd::try_parse_from(["p", "--dns", "127.0.0.1", "--dns", "[::1]:5353"])
+            .expect("servers");
+        assert_eq!(c.proxy.dns[0], "127.0.0.1:53".parse().unwrap());
+        for bad in [
+            &["p", "--dns-per-client", "0"][..],
+            &["p", "--max-connections", "0"],
+            &["p", "--dns", "ns.example"],
+        ] {
+            assert!(Cmd::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -59,10 +59,7 @@ impl Default for DnsConfig {
 
 /// Why the resolver could not be built.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "reading the system's DNS configuration (/etc/resolv.conf): {0}; name the servers with \
-     --dns ADDR"
-)]
+#[error("building the DNS resolver: {0}")]
 pub struct DnsConfigError(String);
 
 /// Why a name did not resolve.
@@ -101,12 +98,28 @@ pub struct Dns {
 impl Dns {
     /// A resolver as `cfg` says; reads the system configuration unless servers are given.
     pub fn new(cfg: &DnsConfig) -> Result<Self, DnsConfigError> {
-        let provider = TokioRuntimeProvider::default();
-        let mut builder = if cfg.servers.is_empty() {
-            TokioResolver::builder(provider).map_err(|e| DnsConfigError(e.to_string()))?
+        let given = |servers: &[SocketAddr]| {
+            let servers = servers.iter().map(|s| name_server(*s)).collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        };
+        let mut builder = if !cfg.servers.is_empty() {
+            given(&cfg.servers)
         } else {
-            let servers = cfg.servers.iter().map(|s| name_server(*s)).collect();
-            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+            match TokioResolver::builder(TokioRuntimeProvider::default()) {
+                Ok(b) => b,
+                Err(e) => {
+                    // What the system resolver does without a resolv.conf.
+                    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 53));
+                    tracing::warn!(
+                        "reading /etc/resolv.conf: {e}; asking {local} as the system resolver \
+                         would (name servers can be given with --dns)"
+                    );
+                    given(&[local])
+                }
+            }
         };
         let opts = builder.options_mut();
         // A and AAAA together, IPv4 first: what most local test servers listen on.

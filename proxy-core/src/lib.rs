@@ -6,6 +6,7 @@
 //! - [`socks5`]: the SOCKS5 wire format, sans I/O; [`handshake`]: its async shell.
 //! - [`server`]: listener and per-connection handler; [`shared`]: what handlers share;
 //!   [`shutdown`]: graceful shutdown.
+//! - [`dns`]: name resolution for CONNECT and UDP targets, bounded per lookup and client.
 //! - [`relay`]: the one relay (a pump per direction with half-close, resets, and the hold
 //!   point, for plain and TLS legs alike); [`udp`]: UDP ASSOCIATE.
 //! - [`tls`]: TLS detection, the CA, leaves, the upstream client and the TLS splice
@@ -103,7 +104,7 @@ pub enum StartError {
     /// The node name is empty.
     #[error("the node name must not be empty")]
     EmptyNode,
-    /// The resolver cannot be built (no usable system DNS configuration).
+    /// The DNS resolver cannot be built.
     #[error(transparent)]
     Dns(#[from] dns::DnsConfigError),
     /// The registry URL or token is unusable.

@@ -2,13 +2,15 @@
 //!
 //! [`Listener`] accepts with backoff on errors (e.g. out of file descriptors: the proxy keeps
 //! serving), bounds concurrent connections with a semaphore, and spawns one [`Handler`] per
-//! connection. A client beyond the bound is not left waiting in the backlog: it is
-//! accepted, taken through the handshake, answered 0x01 (general failure) and recorded as
-//! closed by the proxy with a reason naming the limit, so both the client and `conns list`
-//! say why. SOCKS5 has no "busy" answer at the greeting (0xFF there reads as an
-//! authentication problem), and replying after the request names the target in the record. Graceful shutdown: dropping the listener drops the broadcast sender every
+//! connection. Graceful shutdown: dropping the listener drops the broadcast sender every
 //! handler subscribed to, each handler records its connection as closed by the proxy and
 //! drops its clone of an mpsc sender; the receiver completing tells the caller all are done.
+//!
+//! A client beyond the connection limit is not left waiting in the backlog: it is accepted,
+//! taken through the handshake, answered 0x01 (general failure) and recorded as closed by
+//! the proxy with a reason naming the limit, so both the client and `conns list` say why.
+//! SOCKS5 has no "busy" answer at the greeting (0xFF there reads as an authentication
+//! problem), and answering the request lets the record name the target.
 
 use std::{
     net::{IpAddr, SocketAddr},
