@@ -1,12 +1,14 @@
-//! The table columns of connection records (`conns list`): what a tester scans for first.
+//! The table columns of connection records (`conns list`), history packets (`history`) and
+//! held packets (`held list`): what a tester scans for first.
 
 use proto::{
-    common::{CloseKind, ClosedBy, ConnStatus, Connection},
+    common::{CloseKind, ClosedBy, ConnStatus, Connection, Direction, Packet},
+    intercept::HeldPacket,
     names::name_of,
 };
 
 use crate::{
-    output::{self, endpoint},
+    output::{self, endpoint, preview},
     table::{self, Column, View},
 };
 
@@ -184,6 +186,200 @@ pub const CONNECTION: &[Column<Connection>] = &[
         key: "packets",
         header: "PACKETS",
         cell: |c, _| format!("{}/{}", c.packets_c2s, c.packets_s2c),
+        shrinks: false,
+        right: true,
+        default: false,
+        rank: 1,
+    },
+];
+
+/// One line of the `history` table: a packet, or under a modified one what was received.
+pub enum HistoryLine {
+    /// The packet as sent (`[dropped]` when it was not).
+    Sent(Packet),
+    /// The bytes the proxy received, when an edit or a drop changed them.
+    Original(Packet),
+}
+
+impl HistoryLine {
+    /// The lines of one packet: two when an edit or a drop changed it.
+    pub fn of(p: Packet) -> impl Iterator<Item = HistoryLine> {
+        let original = p.modified.then(|| HistoryLine::Original(p.clone()));
+        std::iter::once(HistoryLine::Sent(p)).chain(original)
+    }
+}
+
+/// Longest data preview a cell starts from (the table cuts it further to fit).
+const PREVIEW: usize = 200;
+
+fn packet_time(p: &Packet, v: &View) -> String {
+    p.ts.as_ref()
+        .map_or_else(|| "-".into(), |t| v.time_us(proto::time::from_timestamp(t)))
+}
+
+/// Every column of `history`, default ones first.
+pub const HISTORY: &[Column<HistoryLine>] = &[
+    Column {
+        key: "conn",
+        header: "CONN",
+        cell: |l, _| match l {
+            HistoryLine::Sent(p) => p.conn_id.to_string(),
+            HistoryLine::Original(_) => String::new(),
+        },
+        shrinks: false,
+        right: true,
+        default: true,
+        rank: 9,
+    },
+    Column {
+        key: "seq",
+        header: "SEQ",
+        cell: |l, _| match l {
+            HistoryLine::Sent(p) => p.seq.to_string(),
+            HistoryLine::Original(_) => String::new(),
+        },
+        shrinks: false,
+        right: true,
+        default: true,
+        rank: 8,
+    },
+    Column {
+        key: "dir",
+        header: "DIR",
+        cell: |l, _| match l {
+            HistoryLine::Sent(p) => or_dash(name_of::<Direction>(p.direction)),
+            HistoryLine::Original(_) => String::new(),
+        },
+        shrinks: false,
+        right: false,
+        default: true,
+        rank: 8,
+    },
+    Column {
+        key: "time",
+        header: "TIME",
+        cell: |l, v| match l {
+            HistoryLine::Sent(p) => packet_time(p, v),
+            HistoryLine::Original(_) => String::new(),
+        },
+        shrinks: false,
+        right: false,
+        default: true,
+        rank: 5,
+    },
+    Column {
+        key: "len",
+        header: "LEN",
+        cell: |l, _| match l {
+            HistoryLine::Sent(p) => p.data.len().to_string(),
+            HistoryLine::Original(p) => p.original.len().to_string(),
+        },
+        shrinks: false,
+        right: true,
+        default: true,
+        rank: 7,
+    },
+    Column {
+        key: "data",
+        header: "DATA",
+        cell: |l, _| match l {
+            HistoryLine::Sent(p) if p.dropped => "[dropped]".into(),
+            HistoryLine::Sent(p) if p.modified => {
+                format!("[modified] {}", preview(&p.data, PREVIEW))
+            }
+            HistoryLine::Sent(p) => preview(&p.data, PREVIEW),
+            HistoryLine::Original(p) => format!("original: {}", preview(&p.original, PREVIEW)),
+        },
+        shrinks: true,
+        right: false,
+        default: true,
+        rank: 9,
+    },
+];
+
+/// A cell of a held packet's packet (`-` when the service sent none).
+fn held_cell(h: &HeldPacket, cell: impl Fn(&Packet) -> String) -> String {
+    h.packet.as_ref().map_or_else(|| "-".into(), cell)
+}
+
+/// Every column of `held list`, default ones first.
+pub const HELD: &[Column<HeldPacket>] = &[
+    Column {
+        key: "held",
+        header: "HELD",
+        cell: |h, _| h.held_id.to_string(),
+        shrinks: false,
+        right: true,
+        default: true,
+        rank: 9,
+    },
+    Column {
+        key: "conn",
+        header: "CONN",
+        cell: |h, _| held_cell(h, |p| p.conn_id.to_string()),
+        shrinks: false,
+        right: true,
+        default: true,
+        rank: 8,
+    },
+    Column {
+        key: "dir",
+        header: "DIR",
+        cell: |h, _| held_cell(h, |p| or_dash(name_of::<Direction>(p.direction))),
+        shrinks: false,
+        right: false,
+        default: true,
+        rank: 8,
+    },
+    Column {
+        key: "target",
+        header: "TARGET",
+        cell: |h, _| format!("{}:{}", h.dst_host, h.dst_port),
+        shrinks: true,
+        right: false,
+        default: true,
+        rank: 7,
+    },
+    Column {
+        key: "len",
+        header: "LEN",
+        cell: |h, _| held_cell(h, |p| p.data.len().to_string()),
+        shrinks: false,
+        right: true,
+        default: true,
+        rank: 6,
+    },
+    Column {
+        key: "status",
+        header: "STATUS",
+        cell: |h, _| crate::held::status_text(h),
+        shrinks: false,
+        right: false,
+        default: true,
+        rank: 8,
+    },
+    Column {
+        key: "data",
+        header: "DATA",
+        cell: |h, _| held_cell(h, |p| preview(&p.data, PREVIEW)),
+        shrinks: true,
+        right: false,
+        default: true,
+        rank: 9,
+    },
+    Column {
+        key: "time",
+        header: "TIME",
+        cell: |h, v| held_cell(h, |p| packet_time(p, v)),
+        shrinks: false,
+        right: false,
+        default: false,
+        rank: 1,
+    },
+    Column {
+        key: "seq",
+        header: "SEQ",
+        cell: |h, _| held_cell(h, |p| p.seq.to_string()),
         shrinks: false,
         right: true,
         default: false,

@@ -12,6 +12,8 @@ pub struct CompletionsArgs {
     /// The shell to write a completion script for (on stdout).
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+    #[command(flatten)]
+    pub not_a_client: crate::NotAClient,
 }
 
 /// Options of `interpose man`.
@@ -21,12 +23,20 @@ pub struct ManArgs {
     /// folder; without it, interpose.1 goes to stdout.
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub not_a_client: crate::NotAClient,
 }
 
 /// Writes the completion script for `args.shell` to stdout.
-pub fn completions(args: &CompletionsArgs) {
+pub fn completions(args: &CompletionsArgs) -> anyhow::Result<()> {
     let mut cmd = crate::Cli::command();
-    clap_complete::generate(args.shell, &mut cmd, "interpose", &mut std::io::stdout());
+    // Into memory first: clap_complete panics when its writer fails (`| head`).
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut cmd, "interpose", &mut script);
+    let mut out = std::io::stdout().lock();
+    out.write_all(&script)?;
+    out.flush()?;
+    Ok(())
 }
 
 /// Writes the man page(s).

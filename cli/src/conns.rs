@@ -32,6 +32,9 @@ use crate::{
 #[derive(Debug, Subcommand)]
 pub enum ConnsCommand {
     /// List connection records, oldest first.
+    ///
+    /// Columns (--columns): id, client, target, sni, tls, status, closed_by, kind, c2s, s2c,
+    /// duration, opened, reason (the default set), node, alpn, packets.
     List {
         #[command(flatten)]
         filter: FilterArgs,
@@ -92,8 +95,7 @@ pub struct TableArgs {
     /// Never cut long values to fit the terminal.
     #[arg(long)]
     pub wide: bool,
-    /// Comma-separated columns, in order: id, client, target, sni, tls, status, closed_by,
-    /// kind, c2s, s2c, duration, opened, reason (the default set), node, alpn, packets.
+    /// Comma-separated columns to show, in order (`--help` lists them).
     #[arg(long, value_name = "COLUMNS")]
     pub columns: Option<String>,
     /// Times in the local time zone (default UTC).

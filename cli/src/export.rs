@@ -1,5 +1,6 @@
 //! `interpose export`: the decrypted sessions as a PCAP or pcapng file, streamed from the
-//! export service chunk by chunk to a file or stdout.
+//! export service chunk by chunk to a file or stdout; with `--follow`, live, until the
+//! reader goes away or Ctrl-C.
 
 use std::{
     io::{IsTerminal, Write},
@@ -49,6 +50,12 @@ pub struct ExportArgs {
     /// sequence numbers that wrap around 2^32).
     #[arg(long, hide = true)]
     pub initial_seq: Option<u32>,
+    /// Keep streaming as new packets are recorded (implies --pcapng): the matching
+    /// connections already in the history first, then the live traffic, each chunk written
+    /// at once, until Ctrl-C or the reader closes the pipe (both exit 0). For Wireshark:
+    /// `interpose export --follow --out - | wireshark -k -i -`.
+    #[arg(long)]
+    pub follow: bool,
 }
 
 fn parse_port_map(s: &str) -> Result<PortMap, String> {
@@ -71,7 +78,7 @@ fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
 /// refused request leaves nothing behind.
 pub async fn run(server: &ServerArgs, args: ExportArgs) -> anyhow::Result<()> {
     let mut client = ExportClient::new(channel(server).await?).max_decoding_message_size(64 << 20);
-    let format = if args.pcapng {
+    let format = if args.pcapng || args.follow {
         Format::Pcapng
     } else {
         Format::Pcap
@@ -87,10 +94,14 @@ pub async fn run(server: &ServerArgs, args: ExportArgs) -> anyhow::Result<()> {
             decrypted_ports: args.decrypted_ports.clone(),
             original: args.original,
             initial_seq: args.initial_seq,
+            follow: args.follow,
         })
         .await
         .map_err(status)?
         .into_inner();
+    if args.follow {
+        return follow(&mut stream, &args.out).await;
+    }
     let mut out: Option<Box<dyn Write>> = None;
     let mut progress = Progress::new(&args.out);
     let written = receive(&mut stream, &mut out, &mut progress, &args.out).await;
@@ -134,6 +145,33 @@ async fn receive(
             w.flush().with_context(|| format!("writing {dest}"))?;
             return Ok(summary);
         }
+    }
+}
+
+/// Writes a live export's chunks as they come, each flushed at once, until Ctrl-C (or
+/// SIGTERM) or a reader that closed the pipe, which end it normally (exit 0); the stream
+/// ending is an error (the service or registry went away). A file keeps what was written.
+async fn follow(
+    stream: &mut tonic::Streaming<proto::export::ExportChunk>,
+    dest: &str,
+) -> anyhow::Result<()> {
+    let mut out: Option<Box<dyn Write>> = None;
+    let stop = proto::serve::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let chunk = tokio::select! {
+            chunk = stream.message() => chunk.map_err(status)?,
+            () = &mut stop => return Ok(()),
+        };
+        let chunk = chunk.ok_or_else(|| anyhow!("the export service ended the live export"))?;
+        let w = match &mut out {
+            Some(w) => w,
+            None => out.insert(open(dest)?),
+        };
+        // A reader that closed the pipe (Wireshark quit) ends it quietly: `is_closed_stdout`.
+        w.write_all(&chunk.data)
+            .and_then(|()| w.flush())
+            .with_context(|| format!("writing {dest}"))?;
     }
 }
 

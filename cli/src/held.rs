@@ -20,20 +20,30 @@ use serde_json::{Value, json};
 use crate::{
     ServerArgs,
     client::status,
+    columns,
+    conns::TableArgs,
     hexdump::{dump, parse_dump, parse_hex},
     intercept::client,
     output::{now, preview},
+    table,
 };
 
 #[derive(Debug, Subcommand)]
 pub enum HeldCommand {
     /// The held packets, oldest first.
+    ///
+    /// Columns (--columns): held, conn, dir, target, len, status, data (the default set),
+    /// time, seq.
     List {
+        /// Print a JSON array of held packet objects.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        table: TableArgs,
     },
     /// The held packets now, then every change (one JSON object per line with --json).
     Watch {
+        /// One JSON object per line: {"event": "added"|"updated"|"removed", ...}.
         #[arg(long)]
         json: bool,
     },
@@ -80,16 +90,22 @@ pub fn held_json(h: &HeldPacket) -> Value {
     })
 }
 
-fn row(h: &HeldPacket) -> String {
-    let p = h.packet.clone().unwrap_or_default();
-    let status = match (
+/// The live status of a held packet's connection: `active`, or `closed by server`.
+pub fn status_text(h: &HeldPacket) -> String {
+    match (
         name_of::<ConnStatus>(h.conn_status),
         name_of::<ClosedBy>(h.closed_by),
     ) {
         (Some("disconnected"), Some(by)) => format!("closed by {by}"),
         (Some(s), _) => s.to_string(),
         _ => "-".into(),
-    };
+    }
+}
+
+/// A held packet on one `held watch` line.
+fn row(h: &HeldPacket) -> String {
+    let p = h.packet.clone().unwrap_or_default();
+    let status = status_text(h);
     format!(
         "{:>6} {:>6}  {:<4} {:<28} {:>6}  {:<16} {}",
         h.held_id,
@@ -102,14 +118,11 @@ fn row(h: &HeldPacket) -> String {
     )
 }
 
-const HEADER: &str =
-    "  HELD   CONN  DIR  TARGET                          LEN  STATUS           DATA";
-
 /// Runs one `interpose held` command.
 pub async fn run(server: &ServerArgs, cmd: HeldCommand) -> anyhow::Result<()> {
     let mut c = client(server).await?;
     match cmd {
-        HeldCommand::List { json } => list(&mut c, json).await,
+        HeldCommand::List { json, table } => list(&mut c, json, &table).await,
         HeldCommand::Watch { json } => watch(&mut c, json).await,
         HeldCommand::Show { held_id } => show(&get(&mut c, held_id).await?),
         HeldCommand::Forward {
@@ -137,7 +150,9 @@ pub async fn run(server: &ServerArgs, cmd: HeldCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn list(c: &mut Client, json: bool) -> anyhow::Result<()> {
+async fn list(c: &mut Client, json: bool, how: &TableArgs) -> anyhow::Result<()> {
+    // A bad --columns fails before any network I/O.
+    let columns = table::select(columns::HELD, how.columns.as_deref())?;
     let held = c
         .list_held(ListHeldRequest {})
         .await
@@ -151,10 +166,9 @@ async fn list(c: &mut Client, json: bool) -> anyhow::Result<()> {
     } else if held.is_empty() {
         writeln!(out, "no held packets")?;
     } else {
-        writeln!(out, "{HEADER}")?;
-        for h in &held {
-            writeln!(out, "{}", row(h))?;
-        }
+        let view = table::View::new(how.local_time);
+        let width = table::target_width(how.wide);
+        writeln!(out, "{}", table::render(&columns, &held, &view, width))?;
     }
     Ok(())
 }
@@ -204,7 +218,14 @@ async fn get(c: &mut Client, held_id: u64) -> anyhow::Result<HeldPacket> {
 
 fn show(h: &HeldPacket) -> anyhow::Result<()> {
     let p = h.packet.clone().unwrap_or_default();
-    println!("{HEADER}\n{}", row(h));
+    let columns = table::select(columns::HELD, None)?;
+    let table = table::render(
+        &columns,
+        std::slice::from_ref(h),
+        &table::View::new(false),
+        None,
+    );
+    println!("{table}");
     println!("\nhex:\n{}", dump(&p.data));
     println!("text:\n{}", String::from_utf8_lossy(&p.data));
     Ok(())

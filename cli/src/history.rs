@@ -5,15 +5,17 @@ use std::io::Write;
 use anyhow::bail;
 use clap::Args;
 use proto::{
-    common::{Direction, Packet},
-    names::name_of,
+    common::Direction,
     registry::{GetConnectionRequest, SearchHistoryRequest},
 };
 
 use crate::{
     ServerArgs,
     client::{registry, status},
-    output::{packet_json, preview, rfc3339},
+    columns::{self, HistoryLine},
+    conns::TableArgs,
+    output::packet_json,
+    table,
 };
 
 #[derive(Debug, Args)]
@@ -30,10 +32,19 @@ pub struct HistoryArgs {
     /// Print a JSON array of packet objects.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub table: TableArgs,
 }
 
 /// Runs `interpose history`, streaming pages to stdout as they arrive.
 pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
+    // A bad --columns fails before any network I/O.
+    let columns = table::select(columns::HISTORY, args.table.columns.as_deref())?;
+    let mut pager = table::Pager::new(
+        columns,
+        table::View::new(args.table.local_time),
+        table::target_width(args.table.wide),
+    );
     let mut client = registry(server).await?;
     let direction = args.direction.unwrap_or(Direction::Unspecified);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -54,20 +65,19 @@ pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
             .await
             .map_err(status)?
             .into_inner();
-        for p in &page.packets {
-            if args.json {
+        if args.json {
+            for p in &page.packets {
                 let sep = if count == 0 { "\n  " } else { ",\n  " };
                 write!(out, "{sep}{}", packet_json(p))?;
-            } else {
-                if count == 0 {
-                    writeln!(
-                        out,
-                        "  CONN     SEQ  DIR  TIME                            LEN  DATA"
-                    )?;
-                }
-                writeln!(out, "{}", row(p))?;
+                count += 1;
             }
-            count += 1;
+        } else if !page.packets.is_empty() {
+            count += page.packets.len() as u64;
+            let lines: Vec<HistoryLine> =
+                page.packets.into_iter().flat_map(HistoryLine::of).collect();
+            for line in pager.page(&lines) {
+                writeln!(out, "{line}")?;
+            }
         }
         if page.next_page_token.is_empty() {
             break;
@@ -97,31 +107,4 @@ pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
-}
-
-/// One packet; a modified one shows what was sent (or `[dropped]`) and, on a second line,
-/// what was received.
-fn row(p: &Packet) -> String {
-    let data = match (p.dropped, p.modified) {
-        (true, _) => "[dropped]".to_string(),
-        (false, true) => format!("[modified] {}", preview(&p.data, 80)),
-        (false, false) => preview(&p.data, 80),
-    };
-    let mut line = format!(
-        "{:>6} {:>7}  {:<4} {:<30} {:>5}  {}",
-        p.conn_id,
-        p.seq,
-        name_of::<Direction>(p.direction).unwrap_or("-"),
-        rfc3339(p.ts.as_ref()).unwrap_or_default(),
-        p.data.len(),
-        data
-    );
-    if p.modified {
-        line.push_str(&format!(
-            "\n{:>57}  original: {}",
-            p.original.len(),
-            preview(&p.original, 80)
-        ));
-    }
-    line
 }

@@ -15,7 +15,7 @@ pub mod output;
 pub mod table;
 pub mod up;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Where client subcommands find the server, and how they authenticate.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,6 +50,19 @@ pub struct ServerArgs {
     pub token_file: Option<std::path::PathBuf>,
 }
 
+/// The client-only options, caught on the subcommands that talk to no server (`completions`,
+/// `man`): clap does not propagate a global option into a subcommand that has its own, so
+/// their help does not list them, and [`parse`] refuses them there with a sentence.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NotAClient {
+    #[arg(long = "server", hide = true)]
+    pub server: Option<String>,
+    #[arg(long = "token", hide = true)]
+    pub token: Option<String>,
+    #[arg(long = "token-file", hide = true)]
+    pub token_file: Option<std::path::PathBuf>,
+}
+
 /// Interpose: a TLS-intercepting SOCKS5 proxy for any TCP protocol.
 #[derive(Debug, Parser)]
 #[command(name = "interpose", version, about, propagate_version = true)]
@@ -70,6 +83,9 @@ pub enum Command {
     #[command(subcommand)]
     Conns(conns::ConnsCommand),
     /// Search the proxy history (every packet relayed).
+    ///
+    /// Columns (--columns): conn, seq, dir, time, len, data (all shown by default). A packet
+    /// forwarded with other bytes or dropped has a second line with the bytes received.
     History(history::HistoryArgs),
     /// The decrypted sessions as a PCAP or pcapng file for Wireshark.
     Export(export::ExportArgs),
@@ -88,6 +104,32 @@ pub enum Command {
     Man(completions::ManArgs),
 }
 
+/// Parses the command line (exiting with clap's usage error on a bad one). A client option
+/// given on the command line to a subcommand that talks to no server is such an error, not
+/// silently ignored; from the environment it is ignored.
+pub fn parse() -> Cli {
+    let mut cmd = Cli::command();
+    let matches = cmd.get_matches_mut();
+    if let Some((name, sub)) = matches.subcommand() {
+        let caught: &[&str] = match name {
+            "up" => &["server"],
+            "completions" | "man" => &["server", "token", "token_file"],
+            _ => &[],
+        };
+        for id in caught {
+            if sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+                let flag = id.replace('_', "-");
+                cmd.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("`--{flag}` is for the client subcommands; `interpose {name}` talks to no server"),
+                )
+                .exit();
+            }
+        }
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -95,15 +137,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Conns(cmd) => conns::run(&cli.server, cmd).await,
         Command::History(args) => history::run(&cli.server, args).await,
         Command::Ca(cmd) => ca::run(&cli.server, cmd).await,
-        Command::Completions(args) => {
-            completions::completions(&args);
-            Ok(())
-        }
+        Command::Completions(args) => completions::completions(&args),
         Command::Man(args) => completions::man(&args),
         Command::Export(args) => export::run(&cli.server, args).await,
         Command::Intercept(cmd) => intercept::run(&cli.server, cmd).await,
         Command::Held(cmd) => held::run(&cli.server, cmd).await,
     }
+}
+
+/// Whether `e` is stdout closed by its reader (`interpose history | head`): the end of the
+/// output the reader wanted, not a failure.
+pub fn is_closed_stdout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// An error and its causes on one line, without repeating a cause already in the message.

@@ -27,13 +27,21 @@ impl View {
 
     /// A timestamp to the second, UTC (`Z`) or local (with its offset).
     pub fn time(&self, t: SystemTime) -> String {
+        self.format(t, "%Y-%m-%d %H:%M:%S")
+    }
+
+    /// A timestamp to the microsecond (packets), UTC or local.
+    pub fn time_us(&self, t: SystemTime) -> String {
+        self.format(t, "%Y-%m-%d %H:%M:%S%.6f")
+    }
+
+    fn format(&self, t: SystemTime, fmt: &str) -> String {
         let t: chrono::DateTime<chrono::Utc> = t.into();
         if self.local_time {
-            t.with_timezone(&chrono::Local)
-                .format("%Y-%m-%d %H:%M:%S%:z")
-                .to_string()
+            let t = t.with_timezone(&chrono::Local);
+            format!("{}{}", t.format(fmt), t.format("%:z"))
         } else {
-            t.format("%Y-%m-%d %H:%M:%SZ").to_string()
+            format!("{}Z", t.format(fmt))
         }
     }
 }
@@ -104,37 +112,10 @@ pub fn render<T>(columns: &[&Column<T>], rows: &[T], view: &View, width: Option<
         .iter()
         .map(|r| columns.iter().map(|c| (c.cell)(r, view)).collect())
         .collect();
-    let mut shown: Vec<usize> = (0..columns.len()).collect();
-    if let Some(w) = width {
-        // The width each column needs: its widest value, or for a shrinking column at most
-        // MIN_SHRUNK; one space between columns.
-        let need: Vec<usize> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let widest = cells
-                    .iter()
-                    .map(|r| r[i].chars().count())
-                    .chain([c.header.len()])
-                    .max()
-                    .unwrap_or(0);
-                if c.shrinks {
-                    widest.min(MIN_SHRUNK)
-                } else {
-                    widest
-                }
-            })
-            .collect();
-        while shown.len() > 1 && shown.iter().map(|&i| need[i] + 1).sum::<usize>() > usize::from(w)
-        {
-            let Some(pos) =
-                (0..shown.len()).min_by_key(|&p| (columns[shown[p]].rank, usize::MAX - p))
-            else {
-                break;
-            };
-            shown.remove(pos);
-        }
-    }
+    let shown = match width {
+        Some(w) => fit(columns, &cells, usize::from(w)),
+        None => (0..columns.len()).collect(),
+    };
     let mut table = Table::new();
     table
         .load_preset(presets::NOTHING)
@@ -182,6 +163,142 @@ pub fn render<T>(columns: &[&Column<T>], rows: &[T], view: &View, width: Option<
         .map(|l| l.trim_end().to_string())
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The columns (indexes) that fit in `width` with long values cut to [`MIN_SHRUNK`]: the
+/// lowest-ranked ones are left out first.
+fn fit<T>(columns: &[&Column<T>], cells: &[Vec<String>], width: usize) -> Vec<usize> {
+    let mut shown: Vec<usize> = (0..columns.len()).collect();
+    // The width each column needs: its widest value, or for a shrinking column at most
+    // MIN_SHRUNK; one space between columns.
+    let need: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let widest = widest(c, cells.iter().map(|r| r[i].as_str()));
+            if c.shrinks {
+                widest.min(MIN_SHRUNK)
+            } else {
+                widest
+            }
+        })
+        .collect();
+    while shown.len() > 1 && shown.iter().map(|&i| need[i] + 1).sum::<usize>() > width {
+        let Some(pos) = (0..shown.len()).min_by_key(|&p| (columns[shown[p]].rank, usize::MAX - p))
+        else {
+            break;
+        };
+        shown.remove(pos);
+    }
+    shown
+}
+
+/// The widest of a column's header and `values`, in characters.
+fn widest<'v, T>(c: &Column<T>, values: impl Iterator<Item = &'v str>) -> usize {
+    values
+        .map(|v| v.chars().count())
+        .chain([c.header.len()])
+        .max()
+        .unwrap_or(0)
+}
+
+/// A table printed page by page as its rows arrive (`history` streams pages of packets, too
+/// many to hold for one [`render`]). The first page decides which columns fit; a column's
+/// width is the widest value seen so far, so later pages line up unless a value grows, and
+/// the shrinking columns share what is left of the terminal (cut with an ellipsis).
+pub struct Pager<'c, T> {
+    columns: Vec<&'c Column<T>>,
+    view: View,
+    width: Option<usize>,
+    /// Chosen with the first page.
+    shown: Option<Vec<usize>>,
+    widths: Vec<usize>,
+}
+
+impl<'c, T> Pager<'c, T> {
+    /// A pager for `columns`, fitting `width` (none: never cut).
+    pub fn new(columns: Vec<&'c Column<T>>, view: View, width: Option<u16>) -> Self {
+        let widths = columns.iter().map(|c| c.header.len()).collect();
+        Self {
+            columns,
+            view,
+            width: width.map(usize::from),
+            shown: None,
+            widths,
+        }
+    }
+
+    /// The lines of one page of rows, the header line first on the first page.
+    pub fn page(&mut self, rows: &[T]) -> Vec<String> {
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                self.columns
+                    .iter()
+                    .map(|c| (c.cell)(r, &self.view))
+                    .collect()
+            })
+            .collect();
+        let mut lines = Vec::new();
+        let shown = match &self.shown {
+            Some(s) => s.clone(),
+            None => {
+                let s = match self.width {
+                    Some(w) => fit(&self.columns, &cells, w),
+                    None => (0..self.columns.len()).collect(),
+                };
+                self.shown = Some(s.clone());
+                let header: Vec<String> = self.columns.iter().map(|c| c.header.into()).collect();
+                lines.push(header);
+                s
+            }
+        };
+        for (i, c) in self.columns.iter().enumerate() {
+            self.widths[i] = self.widths[i].max(widest(c, cells.iter().map(|r| r[i].as_str())));
+        }
+        // What the shrinking columns may take: the rest of the line, shared equally.
+        let fixed: usize = shown
+            .iter()
+            .filter(|&&i| !self.columns[i].shrinks)
+            .map(|&i| self.widths[i] + 1)
+            .sum();
+        let shrinking = shown.iter().filter(|&&i| self.columns[i].shrinks).count();
+        let share = self.width.map(|w| {
+            (w.saturating_sub(fixed) / shrinking.max(1))
+                .saturating_sub(1)
+                .max(1)
+        });
+        lines.extend(cells);
+        lines
+            .iter()
+            .map(|row| {
+                let mut line = String::new();
+                for (pos, &i) in shown.iter().enumerate() {
+                    let c = self.columns[i];
+                    let mut w = self.widths[i];
+                    let mut v = row[i].clone();
+                    if c.shrinks
+                        && let Some(share) = share
+                    {
+                        w = w.min(share);
+                        if v.chars().count() > w {
+                            v = v.chars().take(w.saturating_sub(1)).collect();
+                            v.push('…');
+                        }
+                    }
+                    if pos > 0 {
+                        line.push(' ');
+                    }
+                    if c.right {
+                        line.push_str(&format!("{v:>w$}"));
+                    } else {
+                        line.push_str(&format!("{v:<w$}"));
+                    }
+                }
+                line.trim_end().to_string()
+            })
+            .collect()
+    }
 }
 
 /// A byte count for a table: exact below 10 KiB, then KiB, MiB, GiB with one decimal.
@@ -267,6 +384,25 @@ mod tests {
             err.as_deref(),
             Some("unknown column \"bogus\": choose from name,n")
         );
+    }
+
+    #[test]
+    fn pages_fit_the_width_line_up_and_print_the_header_once() {
+        let cols = select(&COLS, None).expect("default columns");
+        let mut pager = Pager::new(cols, View::new(false), Some(20));
+        let first = pager.page(&[R("a-very-long-host-name.example.test", 7)]);
+        let second = pager.page(&[R("b", 12)]);
+        assert_eq!(first[0].trim_end(), "NAME              N");
+        assert_eq!(first.len(), 2);
+        assert_eq!(second.len(), 1, "{second:?}");
+        for line in first.iter().chain(&second) {
+            assert!(line.chars().count() <= 20, "{line:?}");
+        }
+        assert_eq!(first[1], "a-very-long-host… 7");
+        assert_eq!(second[0], "b                12");
+        let mut wide = Pager::new(select(&COLS, None).expect("cols"), View::new(false), None);
+        let lines = wide.page(&[R("a-very-long-host-name.example.test", 7)]);
+        assert_eq!(lines[1], "a-very-long-host-name.example.test 7");
     }
 
     #[test]

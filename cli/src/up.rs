@@ -32,6 +32,10 @@ pub struct UpArgs {
     /// Serve the gRPC API without a token (loopback only; every local user can then call it).
     #[arg(long, conflicts_with_all = ["token", "token_file"])]
     pub no_auth: bool,
+    /// Caught and refused by [`crate::parse`]: `up` serves (on --grpc), and without its own
+    /// `--server` clap would list the clients' global one in `up --help`.
+    #[arg(long, hide = true)]
+    pub server: Option<String>,
     /// The proxy's options (the same as the `proxy-core` binary's).
     #[command(flatten)]
     pub proxy: ProxyArgs,

@@ -188,6 +188,50 @@ fn completions_are_scripts_the_shell_accepts() {
 }
 
 #[test]
+fn subcommands_that_talk_to_no_server_neither_list_nor_take_the_server_options() {
+    let help = interpose(&["up", "--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(!text.contains("--server"), "{text}");
+    assert!(
+        text.contains("--grpc") && text.contains("--token-file"),
+        "{text}"
+    );
+    for args in [
+        &["up", "--server", "http://127.0.0.1:1"][..],
+        &["--server", "http://127.0.0.1:1", "up"],
+        &["completions", "bash", "--token", "t"],
+        &["man", "--server", "http://127.0.0.1:1"],
+    ] {
+        let out = interpose(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is for the client subcommands;") && err.contains("talks to no server"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_reader_that_stops_early_is_not_an_error() {
+    for args in [&["completions", "bash"][..], &["man"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_interpose"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn interpose");
+        // Close the pipe before reading a byte, as `| head -0` would.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("interpose ran");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn man_page_documents_the_subcommands() {
     let out = interpose(&["man"]);
     assert!(out.status.success());

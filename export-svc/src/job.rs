@@ -33,7 +33,7 @@ const PIECE: usize = 1460 * 1440 / 20 * 2;
 pub type Registry = RegistryClient<AuthChannel>;
 
 /// Why a run stopped early.
-enum Stop {
+pub(crate) enum Stop {
     /// The caller hung up: nothing more to do.
     Gone,
     /// A failure to report to the caller.
@@ -68,16 +68,20 @@ pub async fn run(registry: Registry, plan: Plan, tx: mpsc::Sender<Result<ExportC
     }
 }
 
-struct Job {
-    registry: Registry,
-    plan: Plan,
-    tx: mpsc::Sender<Result<ExportChunk, Status>>,
-    writer: CaptureWriter,
-    summary: ExportSummary,
+/// One run's state: the request, the registry, the file being written and its totals.
+pub(crate) struct Job {
+    pub(crate) registry: Registry,
+    pub(crate) plan: Plan,
+    pub(crate) tx: mpsc::Sender<Result<ExportChunk, Status>>,
+    pub(crate) writer: CaptureWriter,
+    pub(crate) summary: ExportSummary,
 }
 
 impl Job {
     async fn run(&mut self) -> Result<(), Stop> {
+        if self.plan.follow {
+            return self.follow().await;
+        }
         if !self.plan.conn_ids.is_empty() {
             self.by_id().await?;
         } else if let Some(filter) = self.plan.filter.clone() {
@@ -148,7 +152,7 @@ impl Job {
     }
 
     /// The record of `id`, or `None` when it was cleared.
-    async fn record(&mut self, id: u64) -> Result<Option<Connection>, Stop> {
+    pub(crate) async fn record(&mut self, id: u64) -> Result<Option<Connection>, Stop> {
         match self
             .registry
             .get_connection(GetConnectionRequest { id })
@@ -187,24 +191,47 @@ impl Job {
         let mut stream = self.open_stream(id, record.as_ref(), opened);
         let mut last = opened;
         while let Some(p) = history.next_of(id, &mut self.registry).await? {
-            let ts = p.ts.as_ref().map_or(last, proto::time::unix_nanos);
-            last = last.max(ts);
-            if let Some(bytes) = payload(&p, self.plan.original) {
-                let side = match Direction::try_from(p.direction) {
-                    Ok(Direction::S2c) => Side::Server,
-                    _ => Side::Client,
-                };
-                // A large packet goes out in pieces, so no chunk grows past CHUNK + PIECE.
-                for piece in bytes.chunks(PIECE) {
-                    stream.data(&mut self.writer, ts, side, piece);
-                    self.flush(CHUNK).await?;
-                }
-                self.summary.packets += 1;
-                self.summary.bytes += bytes.len() as u64;
-            }
+            last = self.packet(&mut stream, &p, last).await?;
         }
-        if let Stream::Tcp(s) = &mut stream {
-            let (end_ts, how) = match &record {
+        self.end_stream(&mut stream, record.as_ref(), last);
+        self.flush(CHUNK).await
+    }
+
+    /// Writes packet `p` of `stream` at its timestamp (`last` when it has none); returns
+    /// the stream's latest timestamp.
+    pub(crate) async fn packet(
+        &mut self,
+        stream: &mut Stream,
+        p: &Packet,
+        last: u64,
+    ) -> Result<u64, Stop> {
+        let ts = p.ts.as_ref().map_or(last, proto::time::unix_nanos);
+        if let Some(bytes) = payload(p, self.plan.original) {
+            let side = match Direction::try_from(p.direction) {
+                Ok(Direction::S2c) => Side::Server,
+                _ => Side::Client,
+            };
+            // A large packet goes out in pieces, so no chunk grows past CHUNK + PIECE.
+            for piece in bytes.chunks(PIECE) {
+                stream.data(&mut self.writer, ts, side, piece);
+                self.flush(CHUNK).await?;
+            }
+            self.summary.packets += 1;
+            self.summary.bytes += bytes.len() as u64;
+        }
+        Ok(last.max(ts))
+    }
+
+    /// Writes the end of a TCP stream as its `record` says (a cleared record: an orderly
+    /// close by the client at `last`).
+    pub(crate) fn end_stream(
+        &mut self,
+        stream: &mut Stream,
+        record: Option<&Connection>,
+        last: u64,
+    ) {
+        if let Stream::Tcp(s) = stream {
+            let (end_ts, how) = match record {
                 Some(c) => (
                     c.closed_at.as_ref().map_or(last, proto::time::unix_nanos),
                     ending(c),
@@ -213,12 +240,16 @@ impl Job {
             };
             s.end(&mut self.writer, end_ts, how);
         }
-        self.flush(CHUNK).await
     }
 
     /// Counts connection `id` and writes its start: the name record, and for TCP the
     /// handshake at `opened`.
-    fn open_stream(&mut self, id: u64, record: Option<&Connection>, opened: u64) -> Stream {
+    pub(crate) fn open_stream(
+        &mut self,
+        id: u64,
+        record: Option<&Connection>,
+        opened: u64,
+    ) -> Stream {
         let ends = match record {
             Some(c) => Endpoints::from_record(c, &self.plan.ports),
             None => {
@@ -242,7 +273,7 @@ impl Job {
     }
 
     /// Sends what is written once it reaches `at_least` bytes.
-    async fn flush(&mut self, at_least: usize) -> Result<(), Stop> {
+    pub(crate) async fn flush(&mut self, at_least: usize) -> Result<(), Stop> {
         if self.writer.out.len() < at_least {
             return Ok(());
         }
@@ -268,7 +299,7 @@ fn payload(p: &Packet, original: bool) -> Option<&[u8]> {
 }
 
 /// A TCP stream or a UDP association.
-enum Stream {
+pub(crate) enum Stream {
     Tcp(TcpSession),
     Udp(UdpSession),
 }

@@ -4,10 +4,12 @@
 //! The framing is sans-I/O: [`wire`] writes Ethernet/IP/TCP/UDP headers, [`endpoints`]
 //! picks a stream's addresses, [`session`] turns one connection into frames and
 //! [`capture`] frames them as a capture file. [`plan`] checks a request, [`job`] runs it
-//! page by page against the registry and [`service`] serves it.
+//! page by page against the registry (a live export, `follow`, tails the registry's
+//! `FollowHistory` instead) and [`service`] serves it.
 
 pub mod capture;
 pub mod endpoints;
+mod follow;
 pub mod job;
 pub mod plan;
 pub mod service;

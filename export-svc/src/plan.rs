@@ -29,6 +29,8 @@ pub struct Plan {
     pub ports: Vec<PortMap>,
     pub original: bool,
     pub initial_seq: Option<u32>,
+    /// Live export (pcapng only): keep streaming as packets are recorded.
+    pub follow: bool,
 }
 
 impl Plan {
@@ -56,6 +58,9 @@ impl Plan {
             })
             .collect::<Result<_, _>>()?;
         let filter = req.filter.filter(|f| *f != ConnectionFilter::default());
+        if req.follow {
+            check_follow(format, filter.as_ref())?;
+        }
         Ok(Self {
             format,
             conn_ids: req.conn_ids,
@@ -65,6 +70,23 @@ impl Plan {
             ports,
             original: req.original,
             initial_seq: req.initial_seq,
+            follow: req.follow,
+        })
+    }
+
+    /// Whether a connection first seen with `record` (`None`: cleared) is exported: the
+    /// requested IDs, or the filter's fields (only those a live export can decide).
+    pub fn wants(&self, id: u64, record: Option<&Connection>) -> bool {
+        if !self.conn_ids.is_empty() {
+            return self.conn_ids.contains(&id);
+        }
+        let Some(f) = &self.filter else {
+            return true;
+        };
+        record.is_some_and(|c| {
+            (f.dst_host.is_empty() || f.dst_host.eq_ignore_ascii_case(&c.dst_host))
+                && (f.dst_port == 0 || f.dst_port == c.dst_port)
+                && (f.node.is_empty() || f.node == c.node)
         })
     }
 
@@ -82,6 +104,28 @@ impl Plan {
                 (h as u32, (h >> 32) as u32)
             }
         }
+    }
+}
+
+/// A live export writes pcapng, and can filter only on what a connection shows when it is
+/// first seen.
+fn check_follow(format: Format, filter: Option<&ConnectionFilter>) -> Result<(), Status> {
+    if format != Format::PcapNg {
+        return Err(Status::invalid_argument(
+            "follow writes pcapng only: set format FORMAT_PCAPNG",
+        ));
+    }
+    let Some(f) = filter else { return Ok(()) };
+    let ending = [
+        ("status", f.status),
+        ("closed_by", f.closed_by),
+        ("close_kind", f.close_kind),
+    ];
+    match ending.iter().find(|(_, v)| *v != 0) {
+        Some((name, _)) => Err(Status::invalid_argument(format!(
+            "follow cannot filter on {name}: it is not known when a connection is first seen"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -179,6 +223,49 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.message().contains("443=0"), "{}", e.message());
+    }
+
+    #[test]
+    fn follow_needs_pcapng_and_a_filter_it_can_decide() {
+        let e = Plan::from_request(ExportRequest {
+            follow: true,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("pcapng"), "{}", e.message());
+        let e = Plan::from_request(ExportRequest {
+            follow: true,
+            format: PbFormat::Pcapng as i32,
+            filter: Some(ConnectionFilter {
+                dst_port: 80,
+                closed_by: ClosedBy::Client as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.message().contains("closed_by"), "{}", e.message());
+        let plan = Plan::from_request(ExportRequest {
+            follow: true,
+            format: PbFormat::Pcapng as i32,
+            filter: Some(ConnectionFilter {
+                dst_host: "Example.com".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let c = |host: &str| Connection {
+            dst_host: host.into(),
+            ..Default::default()
+        };
+        assert!(plan.wants(1, Some(&c("example.COM"))));
+        assert!(!plan.wants(1, Some(&c("other.org"))));
+        assert!(
+            !plan.wants(1, None),
+            "a cleared record never matches a filter"
+        );
     }
 
     #[test]

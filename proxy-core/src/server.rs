@@ -21,7 +21,7 @@ use std::{
 use proto::common::{CloseKind, ClosedBy, ConnStatus, Connection, Transport};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, broadcast, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc},
 };
 
 use crate::{
@@ -92,11 +92,11 @@ impl Listener {
                 shutdown: Shutdown::new(self.notify_shutdown.subscribe()),
                 over_limit,
                 _done: self.shutdown_complete_tx.clone(),
+                _permit: permit,
             };
-            tokio::spawn(async move {
-                handler.run(socket, peer).await;
-                drop(permit);
-            });
+            // The handler's own future, not a wrapper around it: a wrapper would keep a
+            // second copy of the socket and the handler in every connection's task.
+            tokio::spawn(handler.run(socket, peer));
         }
     }
 
@@ -124,6 +124,8 @@ pub struct Handler {
     /// The connection limit this client is beyond (it is refused), if it is.
     over_limit: Option<usize>,
     _done: mpsc::Sender<()>,
+    /// This connection's place under the limit, given back when the handler is dropped.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Handler {
@@ -136,23 +138,8 @@ impl Handler {
                 return;
             }
         };
-        let accepted = tokio::select! {
-            r = tokio::time::timeout(
-                HANDSHAKE_TIMEOUT,
-                handshake::accept(&mut stream, self.shared.auth.as_ref()),
-            ) => r,
-            () = self.shutdown.recv() => return,
-        };
-        let Accepted { request, leftover } = match accepted {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                tracing::info!(%peer, "SOCKS handshake failed: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%peer, "SOCKS handshake timed out after {HANDSHAKE_TIMEOUT:?}");
-                return;
-            }
+        let Some(Accepted { request, leftover }) = self.handshake(&mut stream, peer).await else {
+            return;
         };
         let opened_at = proto::time::now();
         let transport = match request.command {
@@ -200,6 +187,29 @@ impl Handler {
         };
         tracing::debug!(id, %peer, target = %request.addr, reason = %end.reason, "connection ended");
         self.shared.reporter.closed(&state, &end);
+    }
+
+    /// The SOCKS handshake, bounded by [`HANDSHAKE_TIMEOUT`] and by shutdown; a failure is
+    /// logged. Its own function so that its state is not kept for the connection's life.
+    async fn handshake(&mut self, stream: &mut TcpStream, peer: SocketAddr) -> Option<Accepted> {
+        let accepted = tokio::select! {
+            r = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                handshake::accept(stream, self.shared.auth.as_ref()),
+            ) => r,
+            () = self.shutdown.recv() => return None,
+        };
+        match accepted {
+            Ok(Ok(a)) => Some(a),
+            Ok(Err(e)) => {
+                tracing::info!(%peer, "SOCKS handshake failed: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::info!(%peer, "SOCKS handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+                None
+            }
+        }
     }
 
     /// The new connection's record: who connected, where to, when.

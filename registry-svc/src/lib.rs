@@ -4,6 +4,7 @@
 //! the operations and [`service`] serves them as `interpose.registry.v1.Registry`.
 
 pub mod filter;
+pub mod follow;
 pub mod liveness;
 pub mod payload;
 pub mod service;

@@ -180,6 +180,7 @@ impl Liveness {
             "{reason}: closing its active records"
         );
         let w = self.state.hub.write();
+        let mut closed = Vec::new();
         for id in ids {
             let e = ConnectionClosed {
                 id,
@@ -195,10 +196,12 @@ impl Liveness {
                 _ => continue,
             }
             if let Some(c) = self.state.store.close_conn(&e)? {
+                closed.push(c.clone());
                 w.publish(Change::Upsert(Arc::new(c)));
             }
         }
-        Ok(())
+        // Followers of the history see these closes too.
+        self.state.store.record(Vec::new(), closed)
     }
 }
 

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     filter::matches,
+    follow::follow,
     liveness::Liveness,
     state::{HistoryQuery, Rejected, State},
     store::{Change, StoreError},
@@ -158,11 +159,25 @@ impl Registry for RegistryService {
             contains: req.contains,
             page_size: req.page_size as usize,
             page_token: req.page_token,
+            upto: None,
         })?;
         Ok(Response::new(pb::SearchHistoryResponse {
             packets: page.items,
             next_page_token: page.next.unwrap_or_default(),
         }))
+    }
+
+    type FollowHistoryStream = Stream<pb::FollowHistoryEvent>;
+
+    async fn follow_history(
+        &self,
+        req: Request<pb::FollowHistoryRequest>,
+    ) -> Result<Response<Self::FollowHistoryStream>, Status> {
+        // A few events in flight: a slow follower makes the reader wait, not buffer.
+        let (tx, rx) = mpsc::channel(64);
+        let req = req.into_inner();
+        tokio::spawn(follow(self.state.clone(), req, tx, self.drain.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn connection_stats(

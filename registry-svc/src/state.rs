@@ -60,6 +60,8 @@ pub struct HistoryQuery {
     pub contains: Vec<u8>,
     pub page_size: usize,
     pub page_token: String,
+    /// Only packets recorded at arrival positions up to this one (a follower's snapshot).
+    pub upto: Option<u64>,
 }
 
 impl State {
@@ -81,7 +83,10 @@ impl State {
             ));
         }
         let mut packets: Vec<Packet> = Vec::new();
+        let mut closed = Vec::new();
         {
+            // Held until the packets are stored too: a batch's record changes and packets
+            // become visible together (followers snapshot records and log position at once).
             let w = self.hub.write();
             for ev in req.events {
                 let changed = match ev.kind {
@@ -92,7 +97,9 @@ impl State {
                         self.store.open_conn(c)
                     }
                     Some(Kind::Updated(u)) => self.store.update_conn(&u),
-                    Some(Kind::Closed(e)) => self.store.close_conn(&e),
+                    Some(Kind::Closed(e)) => self.store.close_conn(&e).inspect(|c| {
+                        closed.extend(c.clone());
+                    }),
                     Some(Kind::Packet(p)) if p.conn_id == 0 || p.seq == 0 => {
                         Err(StoreError::Invalid(format!(
                             "packet with conn_id {} and seq {}: both must be non-zero",
@@ -112,8 +119,8 @@ impl State {
                     Err(e) => return Err(e),
                 }
             }
+            self.store.record(packets, closed)?;
         }
-        self.store.put_packets(packets)?;
         if let Some(l) = &req.losses {
             self.store.set_losses(&req.node, l)?;
         }
@@ -224,20 +231,23 @@ impl State {
         let mut items = Vec::new();
         let mut bytes = 0usize;
         let mut next = None;
-        self.store.scan_history(start, q.conn_id != 0, |p| {
-            if q.direction.is_some_and(|d| d as i32 != p.direction)
-                || !contains(&p.data, &q.contains)
-            {
-                return true;
-            }
-            if items.len() == limit || (bytes + p.data.len() > PAGE_BYTES && !items.is_empty()) {
-                next = Some(format!("{}:{}", p.conn_id, p.seq));
-                return false;
-            }
-            bytes += p.data.len();
-            items.push(p);
-            true
-        })?;
+        let upto = q.upto.unwrap_or(u64::MAX);
+        self.store
+            .scan_history_upto(start, q.conn_id != 0, upto, |p| {
+                if q.direction.is_some_and(|d| d as i32 != p.direction)
+                    || !contains(&p.data, &q.contains)
+                {
+                    return true;
+                }
+                if items.len() == limit || (bytes + p.data.len() > PAGE_BYTES && !items.is_empty())
+                {
+                    next = Some(format!("{}:{}", p.conn_id, p.seq));
+                    return false;
+                }
+                bytes += p.data.len();
+                items.push(p);
+                true
+            })?;
         Ok(Page { items, next })
     }
 

@@ -13,6 +13,9 @@
 //!   a replayed batch never brings a cleared record back
 //! - `meta`:    `next_id` -> u64, `history_count` -> u64, `losses/NODE` -> `ProxyLosses`
 //!
+//! - `arrivals`: position (8) -> the runs and closed records written at it: the order in
+//!   which things were recorded, for followers (see [`arrivals`])
+//!
 //! Writes that change a record go through [`Store::apply`] while the caller holds the
 //! [`crate::watch::Hub`] lock, so watchers see every change exactly once.
 
@@ -31,6 +34,10 @@ use proto::{
 };
 
 use crate::payload::PayloadLog;
+
+pub mod arrivals;
+
+pub use arrivals::{Followed, LogPage};
 
 /// Largest block of IDs one lease may take.
 pub const MAX_LEASE: u32 = 65_536;
@@ -108,6 +115,7 @@ pub struct Store {
     cleared: sled::Tree,
     meta: sled::Tree,
     payloads: std::sync::Arc<PayloadLog>,
+    arrivals: arrivals::Arrivals,
     history_count: AtomicU64,
     lease_lock: Mutex<()>,
 }
@@ -156,6 +164,9 @@ pub struct StoredPacket {
     pub original: Vec<u8>,
     #[prost(bool, tag = "10")]
     pub dropped: bool,
+    /// The arrival log position it was recorded at; 0 before the log existed.
+    #[prost(uint64, tag = "11")]
+    pub recorded: u64,
 }
 
 /// Splits packets into runs of one connection with consecutive sequence numbers, dropping
@@ -211,6 +222,7 @@ impl Store {
         let cleared = db.open_tree("cleared")?;
         let meta = db.open_tree("meta")?;
         let payloads = std::sync::Arc::new(PayloadLog::open(&dir.join("history.log"))?);
+        let arrivals = arrivals::Arrivals::open(&db)?;
         let history_count = match meta.get(HISTORY_COUNT)? {
             Some(v) => u64_value(Some(v)),
             None => history.len() as u64,
@@ -222,6 +234,7 @@ impl Store {
             cleared,
             meta,
             payloads,
+            arrivals,
             history_count: AtomicU64::new(history_count),
             lease_lock: Mutex::new(()),
         })
@@ -260,8 +273,19 @@ impl Store {
     }
 
     /// Stores history packets, idempotently: packets a run already holds (a replayed batch)
-    /// are skipped, the rest merged in. Callers serialise writes (the watch hub's lock).
+    /// are skipped, the rest merged in, and the fresh ones logged (see [`Store::record`]).
+    /// Callers serialise writes (the watch hub's lock).
     pub fn put_packets(&self, packets: Vec<Packet>) -> Result<(), StoreError> {
+        self.record(packets, Vec::new())
+    }
+
+    /// Stores packets as [`Store::put_packets`] says, the fresh ones at arrival position
+    /// `recorded`; returns the keys of the runs they went into.
+    fn store_packets(
+        &self,
+        packets: Vec<Packet>,
+        recorded: u64,
+    ) -> Result<Vec<[u8; 16]>, StoreError> {
         // What each run adds, and the run it joins.
         let mut todo: Vec<([u8; 16], Vec<Packet>, Option<Run>)> = Vec::new();
         for mut packets in into_runs(packets) {
@@ -288,11 +312,12 @@ impl Store {
             .flat_map(|(_, ps, _)| ps.iter().map(|p| p.data.as_slice()))
             .collect();
         if parts.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut offset = self.payloads.append(&parts)?;
         let mut fresh = 0u64;
         let mut buf = Vec::new();
+        let mut keys = Vec::with_capacity(todo.len());
         for (key, packets, old) in todo {
             fresh += packets.len() as u64;
             let mut run = Run {
@@ -311,6 +336,7 @@ impl Store {
                             log_len: len,
                             original: p.original,
                             dropped: p.dropped,
+                            recorded,
                         };
                         offset += len;
                         stored
@@ -330,9 +356,10 @@ impl Store {
             run.encode(&mut buf)
                 .map_err(|_| StoreError::Invalid("packet run too large to encode".to_string()))?;
             self.history.insert(key, buf.as_slice())?;
+            keys.push(key);
         }
         self.history_count.fetch_add(fresh, Ordering::Relaxed);
-        Ok(())
+        Ok(keys)
     }
 
     /// A stored packet with its payload read back.
@@ -488,6 +515,18 @@ impl Store {
         &self,
         start: (u64, u64),
         only_conn: bool,
+        f: impl FnMut(Packet) -> bool,
+    ) -> Result<(), StoreError> {
+        self.scan_history_upto(start, only_conn, u64::MAX, f)
+    }
+
+    /// [`Store::scan_history`] of the packets recorded at arrival positions up to `upto`
+    /// (packets from before the arrival log count as position 0).
+    pub fn scan_history_upto(
+        &self,
+        start: (u64, u64),
+        only_conn: bool,
+        upto: u64,
         mut f: impl FnMut(Packet) -> bool,
     ) -> Result<(), StoreError> {
         let from = history_key(start.0, start.1);
@@ -516,7 +555,7 @@ impl Store {
             let run: Run = decode("history run", &v)?;
             for p in run.packets {
                 let pos = (p.conn_id, p.seq);
-                if last.is_some_and(|l| pos <= l) {
+                if last.is_some_and(|l| pos <= l) || p.recorded > upto {
                     continue;
                 }
                 last = Some(pos);

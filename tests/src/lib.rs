@@ -334,7 +334,20 @@ pub struct Output {
 /// Runs `interpose ARGS --server URL` to completion (bounded by [`WAIT`]), with the token
 /// file of the server the harness started at `server` (if any) in `INTERPOSE_TOKEN_FILE`.
 pub async fn interpose(server: &str, args: &[&str]) -> anyhow::Result<Output> {
+    interpose_in(server, args, None).await
+}
+
+/// [`interpose`] with `COLUMNS=width`: how wide its tables may be.
+pub async fn interpose_columns(server: &str, args: &[&str], width: u16) -> anyhow::Result<Output> {
+    interpose_in(server, args, Some(width)).await
+}
+
+async fn interpose_in(server: &str, args: &[&str], width: Option<u16>) -> anyhow::Result<Output> {
     let mut cmd = Command::new(bin("interpose"));
+    match width {
+        Some(w) => cmd.env("COLUMNS", w.to_string()),
+        None => cmd.env_remove("COLUMNS"),
+    };
     cmd.args(args)
         .args(["--server", server])
         .env_remove("INTERPOSE_TOKEN")
@@ -535,6 +548,30 @@ pub mod events {
                 ts: Some(proto::time::now()),
                 data: data.to_vec(),
                 ..Default::default()
+            })),
+        }
+    }
+
+    /// A history packet that was forwarded as `sent` instead of the `received` bytes, or
+    /// dropped (`sent` empty).
+    pub fn edited_packet(
+        conn_id: u64,
+        seq: u64,
+        direction: Direction,
+        received: &[u8],
+        sent: &[u8],
+        dropped: bool,
+    ) -> Event {
+        Event {
+            kind: Some(Kind::Packet(Packet {
+                conn_id,
+                seq,
+                direction: direction as i32,
+                ts: Some(proto::time::now()),
+                data: sent.to_vec(),
+                original: received.to_vec(),
+                modified: true,
+                dropped,
             })),
         }
     }

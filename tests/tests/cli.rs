@@ -4,7 +4,9 @@
 use base64::Engine;
 use proto::common::{CloseKind, ClosedBy, Direction};
 use serde_json::{Value, json};
-use tests::{Ingest, Up, WAIT, events, interpose, interpose_json, registry_client};
+use tests::{
+    Ingest, Up, WAIT, events, interpose, interpose_columns, interpose_json, registry_client,
+};
 use tokio::io::AsyncBufReadExt;
 
 fn grpcurl() -> String {
@@ -639,6 +641,76 @@ async fn conns_list_fits_the_terminal_and_cuts_long_values() -> anyhow::Result<(
         out.stderr.starts_with("interpose: unknown column \"nope\""),
         "{}",
         out.stderr
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn history_is_a_table_that_fits_and_shows_what_an_edit_changed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("data"), &[]).await?;
+    let mut client = registry_client(&up.grpc, None).await?;
+    let mut ingest = Ingest::open(&mut client, "lab1").await?;
+    let long = "GET /".to_string() + &"x".repeat(300) + " HTTP/1.1\r\n";
+    ingest
+        .send_durable(vec![
+            events::open(1, 50001, "web.test", 80),
+            events::packet(1, 1, Direction::C2s, long.as_bytes()),
+            events::edited_packet(1, 2, Direction::C2s, b"secret=1", b"secret=2", false),
+            events::edited_packet(1, 3, Direction::S2c, b"tracking pixel", b"", true),
+        ])
+        .await?;
+
+    for width in [80u16, 200] {
+        let out = interpose_columns(&up.grpc, &["history"], width).await?;
+        assert!(out.ok, "{}", out.stderr);
+        let text = out.stdout;
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= usize::from(width),
+                "{width} cols: {line:?} is {} wide in\n{text}",
+                line.chars().count()
+            );
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["CONN", "SEQ", "DIR", "TIME", "LEN", "DATA"],
+            "{text}"
+        );
+        // The long request is cut with an ellipsis; the edit shows the bytes sent, then on a
+        // line of its own those received; the drop likewise.
+        assert!(
+            lines[1].contains("GET /xxx") && lines[1].ends_with('…'),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("[modified] secret=2"), "{text}");
+        assert!(
+            lines[3].trim_start().starts_with("8 original: secret=1"),
+            "{text}"
+        );
+        assert!(lines[4].ends_with("[dropped]"), "{text}");
+        assert!(lines[5].ends_with("original: tracking pixel"), "{text}");
+        assert_eq!(lines.last(), Some(&"3 packets"), "{text}");
+    }
+    // --wide keeps the whole preview; --columns chooses and orders; a bad one is named.
+    let wide = interpose_columns(&up.grpc, &["history", "--wide"], 80).await?;
+    assert!(wide.stdout.contains(&"x".repeat(150)), "{}", wide.stdout);
+    let picked = interpose_columns(&up.grpc, &["history", "--columns", "seq,data"], 80).await?;
+    let first = picked.stdout.lines().next().unwrap_or_default().to_string();
+    assert_eq!(
+        first.split_whitespace().collect::<Vec<_>>(),
+        ["SEQ", "DATA"]
+    );
+    let bad = interpose(&up.grpc, &["history", "--columns", "seq,when"]).await?;
+    assert!(!bad.ok);
+    assert!(
+        bad.stderr.starts_with(
+            "interpose: unknown column \"when\": choose from conn,seq,dir,time,len,data"
+        ),
+        "{}",
+        bad.stderr
     );
     Ok(())
 }

@@ -56,20 +56,7 @@ fn read_capture(path: &Path) -> anyhow::Result<Capture> {
     if bytes[..4] == [0x0a, 0x0d, 0x0d, 0x0a] {
         let mut r = PcapNgReader::new(&bytes[..])?;
         while let Some(block) = r.next_block() {
-            match block? {
-                Block::InterfaceDescription(i) => cap.snaplen = i.snaplen,
-                Block::NameResolution(n) => cap.names.push(format!("{:?}", n.records)),
-                Block::EnhancedPacket(p) => cap.frames.push(Frame {
-                    data: p.data.to_vec(),
-                    comment: p.options.iter().find_map(|o| match o {
-                        pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption::Comment(c) => {
-                            Some(c.to_string())
-                        }
-                        _ => None,
-                    }),
-                }),
-                _ => {}
-            }
+            add_block(&mut cap, block?);
         }
     } else {
         let mut r = PcapReader::new(&bytes[..])?;
@@ -82,6 +69,24 @@ fn read_capture(path: &Path) -> anyhow::Result<Capture> {
         }
     }
     Ok(cap)
+}
+
+/// Adds what a pcapng block holds to `cap`.
+fn add_block(cap: &mut Capture, block: Block<'_>) {
+    match block {
+        Block::InterfaceDescription(i) => cap.snaplen = i.snaplen,
+        Block::NameResolution(n) => cap.names.push(format!("{:?}", n.records)),
+        Block::EnhancedPacket(p) => cap.frames.push(Frame {
+            data: p.data.to_vec(),
+            comment: p.options.iter().find_map(|o| match o {
+                pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption::Comment(c) => {
+                    Some(c.to_string())
+                }
+                _ => None,
+            }),
+        }),
+        _ => {}
+    }
 }
 
 /// One TCP stream reassembled from a capture.
@@ -933,5 +938,259 @@ async fn filters_time_range_and_udp_associations_select_and_frame_what_was_asked
         "{}",
         bad.stderr
     );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Live export (`interpose export --follow --out -`)
+
+/// The complete blocks of a pcapng stream read so far: fails unless it starts with a section
+/// header and then an interface description, as a reader joining at any time needs.
+fn parse_live(bytes: &[u8]) -> anyhow::Result<Capture> {
+    let mut cap = Capture {
+        frames: Vec::new(),
+        snaplen: 0,
+        names: Vec::new(),
+    };
+    let (mut rest, mut parser) = pcap_file::pcapng::PcapNgParser::new(bytes)
+        .context("the live export does not start with a section header block")?;
+    let mut first = true;
+    loop {
+        match parser.next_block(rest) {
+            Ok((r, block)) => {
+                ensure!(
+                    !first || matches!(block, Block::InterfaceDescription(_)),
+                    "the block after the section header is not the interface description"
+                );
+                first = false;
+                add_block(&mut cap, block);
+                rest = r;
+            }
+            Err(pcap_file::PcapError::IncompleteBuffer) => return Ok(cap),
+            Err(e) => bail!("live export: {e}"),
+        }
+    }
+}
+
+/// `interpose export --follow --out -` against `server`, its stdout read by a thread into a
+/// buffer as it comes.
+struct LiveExport {
+    child: std::process::Child,
+    out: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl LiveExport {
+    fn start(server: &str, log: &Path) -> anyhow::Result<Self> {
+        let (child, stdout) = Self::spawn(server, log)?;
+        Self::read_all(child, stdout)
+    }
+
+    /// The export process, its stdout not read yet.
+    fn spawn(
+        server: &str,
+        log: &Path,
+    ) -> anyhow::Result<(std::process::Child, std::process::ChildStdout)> {
+        let mut cmd = std::process::Command::new(bin("interpose"));
+        cmd.args(["export", "--follow", "--out", "-", "--server", server])
+            .env_remove("INTERPOSE_TOKEN")
+            .env_remove("INTERPOSE_SERVER")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(log)?);
+        if let Some(file) = tests::token_file(server) {
+            cmd.env("INTERPOSE_TOKEN_FILE", file);
+        }
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        Ok((child, stdout))
+    }
+
+    /// Reads `stdout` into the buffer on a thread as it comes.
+    fn read_all(
+        child: std::process::Child,
+        mut stdout: std::process::ChildStdout,
+    ) -> anyhow::Result<Self> {
+        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&buf[..n]);
+            }
+        });
+        Ok(Self { child, out })
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until the streams read so far satisfy `done`; fails if the export exits.
+    async fn until(
+        &mut self,
+        what: &str,
+        done: impl Fn(&[TcpStream]) -> bool,
+    ) -> anyhow::Result<Vec<TcpStream>> {
+        let out = self.out.clone();
+        let mut child_status = || self.child.try_wait();
+        tests::eventually(what, || {
+            let exited = child_status();
+            let bytes = out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let read = match exited {
+                Ok(Some(st)) => Err(anyhow::anyhow!(
+                    "the live export exited ({st}) while waiting for {what}"
+                )),
+                Ok(None) if bytes.is_empty() => Ok(None),
+                Ok(None) => parse_live(&bytes)
+                    .and_then(|cap| reassemble(&cap))
+                    .map(|streams| done(&streams).then_some(streams)),
+                Err(e) => Err(e.into()),
+            };
+            async move { read }
+        })
+        .await
+    }
+
+    /// Sends SIGINT (Ctrl-C) and returns whether it exited 0.
+    async fn interrupt(mut self) -> anyhow::Result<bool> {
+        std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()?;
+        let deadline = tokio::time::Instant::now() + tests::WAIT;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st.success());
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the live export still runs after SIGINT"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for LiveExport {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_streams_live_traffic_after_the_earlier_history_and_tshark_reads_it_cleanly()
+-> anyhow::Result<()> {
+    use tests::proxy::{Server, read_n, read_to_end, socks_connected};
+
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &["--upstream-insecure"]).await?;
+    let socks = up.proc.addr("socks")?;
+    let http = http_server(None).await?;
+    let tls = http_server(Some(tls_acceptor()?)).await?;
+
+    // Recorded before the export starts: a late reader gets it after the file header.
+    curl(&up, &format!("http://localhost:{}/early", http.port())).await?;
+    settled(&up.grpc, 1).await?;
+
+    let refused = interpose(
+        &up.grpc,
+        &["export", "--follow", "--out", "-", "--status", "active"],
+    )
+    .await?;
+    ensure!(!refused.ok, "--follow --status was accepted");
+    assert!(refused.stderr.contains("status"), "{}", refused.stderr);
+
+    let out = tempfile::tempdir()?;
+    let mut live = LiveExport::start(&up.grpc, &out.path().join("follow.log"))?;
+    let early = live
+        .until("the earlier connection, closed", |s| {
+            s.len() == 1 && s[0].fin == [true, true]
+        })
+        .await?;
+    assert!(
+        early[0].s2c.starts_with(b"HTTP/1.1 200 OK"),
+        "{:?}",
+        String::from_utf8_lossy(&early[0].s2c)
+    );
+
+    // Plain TCP, live: the bytes appear while the connection is still open, FIN once closed.
+    let server = Server::bind().await?;
+    let mut client = socks_connected(socks, server.addr).await?;
+    let mut srv = server.accept().await?;
+    client.write_all(b"live hello from the client").await?;
+    read_n(&mut srv, 26).await?;
+    srv.write_all(b"live answer from the server").await?;
+    read_n(&mut client, 27).await?;
+    let open = live
+        .until("the live bytes of the open connection", |s| {
+            s.len() == 2
+                && s[1].c2s == b"live hello from the client"
+                && s[1].s2c == b"live answer from the server"
+        })
+        .await?;
+    assert_eq!(open[1].fin, [false, false], "FIN before the close");
+    client.shutdown().await?;
+    assert!(read_to_end(&mut srv).await?.is_empty());
+    srv.shutdown().await?;
+    assert!(read_to_end(&mut client).await?.is_empty());
+    live.until("the FIN of the closed connection", |s| {
+        s.len() == 2 && s[1].fin == [true, true]
+    })
+    .await?;
+
+    // Intercepted TLS, live: the decrypted HTTP.
+    curl(&up, &format!("https://localhost:{}/tls", tls.port())).await?;
+    live.until("the decrypted TLS connection, closed", |s| {
+        s.len() == 3
+            && s[2].fin == [true, true]
+            && s[2].s2c.windows(14).any(|w| w == b"hello from /tl")
+    })
+    .await?;
+
+    let prefix = live.bytes();
+    ensure!(
+        live.interrupt().await?,
+        "the live export did not exit 0 on SIGINT"
+    );
+    let file = out.path().join("live.pcapng");
+    std::fs::write(&file, &prefix)?;
+    let recorded = settled(&up.grpc, 3).await?;
+    let streams = reassemble(&read_capture(&file)?)?;
+    assert_streams_match(&streams, &recorded)?;
+    if tshark().is_some() {
+        tshark_agrees(&file, &streams).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_exits_0_when_its_reader_closes_the_pipe() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &[]).await?;
+    let http = http_server(None).await?;
+    let out = tempfile::tempdir()?;
+    let (mut child, mut stdout) = LiveExport::spawn(&up.grpc, &out.path().join("follow.log"))?;
+    // The header comes at once, before any traffic; then the reader goes away.
+    let header = tokio::task::spawn_blocking(move || {
+        let mut magic = [0u8; 4];
+        std::io::Read::read_exact(&mut stdout, &mut magic).map(|()| magic)
+    });
+    let magic = tokio::time::timeout(tests::WAIT, header).await???;
+    assert_eq!(
+        magic,
+        [0x0a, 0x0d, 0x0d, 0x0a],
+        "section header block first"
+    );
+    // The next write (this connection) finds the pipe closed.
+    curl(&up, &format!("http://localhost:{}/after", http.port())).await?;
+    let status = tests::eventually("the export to exit", || {
+        let st = child.try_wait();
+        async move { Ok(st?) }
+    })
+    .await?;
+    let log = std::fs::read_to_string(out.path().join("follow.log"))?;
+    assert!(status.success(), "exit {status}: {log}");
     Ok(())
 }

@@ -19,7 +19,7 @@ use proxy_core::hold::{Check, ConnMeta, Decision, FaultPolicy, Holder};
 use serde_json::Value;
 use tests::{
     Ingest, Proc, Registry, Up, WAIT, bin, events, eventually, held_list, interpose,
-    interpose_json, interpose_ok,
+    interpose_columns, interpose_json, interpose_ok,
 };
 use tokio::{process::Command, task::JoinHandle};
 
@@ -127,6 +127,28 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
             list[0]["data_b64"],
             base64::engine::general_purpose::STANDARD.encode("hello world")
         );
+        if i == 0 {
+            // The table a tester reads: the default columns, fitting 80 columns.
+            let out = interpose_columns(s, &["held", "list"], 80).await?;
+            let lines: Vec<&str> = out.stdout.lines().collect();
+            let header: Vec<&str> = lines[0].split_whitespace().collect();
+            assert_eq!(
+                header,
+                ["HELD", "CONN", "DIR", "TARGET", "LEN", "STATUS", "DATA"],
+                "{}",
+                out.stdout
+            );
+            assert!(
+                lines[1].ends_with("11 active hello world"),
+                "{}",
+                out.stdout
+            );
+            assert!(
+                lines.iter().all(|l| l.chars().count() <= 80),
+                "{}",
+                out.stdout
+            );
+        }
         let id = id_of(&list[0]);
         let mut cmd = vec!["held", "forward", id.as_str()];
         cmd.extend(args);

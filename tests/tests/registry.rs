@@ -527,3 +527,147 @@ async fn a_token_is_required_when_configured_and_exposure_without_one_is_refused
     assert!(err.to_string().contains("without a token"), "{err}");
     Ok(())
 }
+
+/// What a follower saw, in order: `("packet", conn, seq)`, `("closed", conn, 0)`,
+/// `("record", conn, status)` for snapshot records, `("caught_up", 0, 0)`; with positions.
+/// Adds to `got` (what was read before) until `done`; a resumed stream (`after` set) is live
+/// from the start.
+async fn collect_follow(
+    stream: &mut tonic::Streaming<proto::registry::FollowHistoryEvent>,
+    resumed: bool,
+    mut got: Vec<(u64, &'static str, u64, u64)>,
+    mut done: impl FnMut(&[(u64, &'static str, u64, u64)]) -> bool,
+) -> anyhow::Result<Vec<(u64, &'static str, u64, u64)>> {
+    let mut caught_up = resumed || got.iter().any(|e| e.1 == "caught_up");
+    while !done(&got) {
+        let ev = tokio::time::timeout(WAIT, stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("follow ended"))?;
+        let item = match (&ev.packet, &ev.connection) {
+            (Some(p), _) => ("packet", p.conn_id, p.seq),
+            (None, Some(c)) if caught_up => {
+                assert_eq!(
+                    c.status,
+                    ConnStatus::Disconnected as i32,
+                    "live record {c:?}"
+                );
+                ("closed", c.id, 0)
+            }
+            (None, Some(c)) => ("record", c.id, c.status as u64),
+            (None, None) => {
+                assert!(ev.caught_up, "empty event {ev:?}");
+                caught_up = true;
+                ("caught_up", 0, 0)
+            }
+        };
+        got.push((ev.position, item.0, item.1, item.2));
+    }
+    Ok(got)
+}
+
+#[tokio::test]
+async fn follow_history_sends_each_packet_once_across_the_snapshot_and_resumes_after_a_position()
+-> anyhow::Result<()> {
+    use proto::registry::FollowHistoryRequest;
+    const N: u64 = 200;
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(dir.path()).await?;
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "node-a").await?;
+    let batch = |id: u64, seq: u64| {
+        let mut evs = Vec::new();
+        if seq == 1 {
+            evs.push(events::open(id, 40000 + id as u32, "h", 80));
+        }
+        evs.push(events::packet(
+            id,
+            seq,
+            Direction::C2s,
+            format!("{id}/{seq}").as_bytes(),
+        ));
+        if seq == 2 {
+            evs.push(events::close(id, ClosedBy::Client, CloseKind::Fin, "fin"));
+        }
+        evs
+    };
+    // Half the connections are complete before the follower joins.
+    for id in 1..=N / 2 {
+        ingest.send(batch(id, 1)).await?;
+        ingest.send(batch(id, 2)).await?;
+    }
+    ingest.send_durable(Vec::new()).await?;
+    let mut stream = client
+        .follow_history(FollowHistoryRequest::default())
+        .await?
+        .into_inner();
+    // The snapshot's position is fixed once its first event arrives; the rest is recorded
+    // while the snapshot is still being sent (it is larger than the stream's buffer).
+    let first = collect_follow(&mut stream, false, Vec::new(), |got| !got.is_empty()).await?;
+    let writer = tokio::spawn(async move {
+        for id in N / 2 + 1..=N {
+            ingest.send(batch(id, 1)).await?;
+            ingest.send(batch(id, 2)).await?;
+        }
+        ingest.send_durable(Vec::new()).await?;
+        anyhow::Ok(())
+    });
+    let complete = |evs: &[(u64, &'static str, u64, u64)]| {
+        evs.iter().filter(|e| e.1 == "packet").count() == 2 * N as usize
+            && evs.iter().any(|e| e.1 == "caught_up")
+            && evs
+                .iter()
+                .filter(|e| e.1 == "closed" || (e.1 == "record" && e.3 == 2))
+                .count()
+                == N as usize
+    };
+    let evs = collect_follow(&mut stream, false, first, complete).await?;
+    writer.await??;
+
+    let packets: Vec<(u64, u64)> = evs
+        .iter()
+        .filter(|e| e.1 == "packet")
+        .map(|e| (e.2, e.3))
+        .collect();
+    let unique: HashSet<(u64, u64)> = packets.iter().copied().collect();
+    assert_eq!(unique.len(), packets.len(), "a packet was sent twice");
+    let caught_up = evs
+        .iter()
+        .position(|e| e.1 == "caught_up")
+        .expect("caught_up");
+    let horizon = evs[caught_up].0;
+    for (i, e) in evs.iter().enumerate() {
+        match e.1 {
+            "record" | "packet" if i < caught_up => {
+                assert_eq!(e.0, horizon, "snapshot position {e:?}")
+            }
+            _ if i > caught_up => assert!(e.0 > horizon, "live position {e:?}"),
+            _ => {}
+        }
+        // A live close comes after every packet of its connection.
+        if e.1 == "closed" {
+            assert!(
+                packets.contains(&(e.2, 1)) && packets.contains(&(e.2, 2)),
+                "conn {} closed before its packets",
+                e.2
+            );
+            let later = evs[i..].iter().any(|x| x.1 == "packet" && x.2 == e.2);
+            assert!(!later, "conn {}: a packet after its close", e.2);
+        }
+    }
+    let live: Vec<_> = evs[caught_up + 1..].to_vec();
+    let live_packets = live.iter().filter(|e| e.1 == "packet").count();
+    assert_eq!(live_packets, N as usize, "the second half is live");
+
+    // Resuming after the snapshot's position gives exactly the live part again.
+    let mut resumed = client
+        .follow_history(FollowHistoryRequest {
+            conn_id: 0,
+            after: Some(horizon),
+        })
+        .await?
+        .into_inner();
+    let n = live.len();
+    let again = collect_follow(&mut resumed, true, Vec::new(), |got| got.len() == n).await?;
+    assert_eq!(again, live);
+    Ok(())
+}

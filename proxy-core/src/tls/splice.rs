@@ -196,7 +196,9 @@ async fn plain_phase(
         tokio::select! {
             e = &mut c2s, if !client_done => match e {
                 PumpEnd::Stopped(Some(data)) => {
-                    return pause_server(&mut s2c, &pause, data, st).await;
+                    // Boxed: rare (a client read that could start TLS), and its timer would
+                    // otherwise be part of every connection's future.
+                    return Box::pin(pause_server(&mut s2c, &pause, data, st)).await;
                 }
                 e => {
                     client_done = true;

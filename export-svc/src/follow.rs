@@ -1,0 +1,190 @@
+//! Live export (`follow`): the capture file header at once, then the history as the
+//! registry's `FollowHistory` delivers it, snapshot first, then live. Each connection's
+//! stream is opened when it is first seen and ended when its record is closed, with the
+//! same framing as a batch export ([`Job::packet`], [`Job::end_stream`]).
+//!
+//! Memory: one [`Conn`] per connection seen (an open stream's few hundred bytes, or a
+//! marker once it ended or was filtered out), the records of the snapshot until its end,
+//! and one chunk.
+
+use std::collections::HashMap;
+
+use futures::FutureExt;
+use proto::{
+    common::{ConnStatus, Connection},
+    registry::{FollowHistoryEvent, FollowHistoryRequest},
+};
+use tonic::{Status, Streaming};
+
+use crate::job::{Job, Stop, Stream};
+
+/// What the export knows of one connection.
+enum Conn {
+    /// Being written.
+    Open(Box<Open>),
+    /// Ended, or not wanted: later events for it are ignored.
+    Done,
+}
+
+/// A connection being written: its stream, its record when first seen, its latest frame
+/// time.
+struct Open {
+    stream: Stream,
+    record: Option<Connection>,
+    last: u64,
+}
+
+/// The state of one live export.
+#[derive(Default)]
+struct Follow {
+    conns: HashMap<u64, Conn>,
+    /// Records of the snapshot whose connections have not been seen yet.
+    snapshot: HashMap<u64, Connection>,
+    caught_up: bool,
+}
+
+impl Job {
+    /// Runs a live export until the caller goes away or the registry stream ends.
+    pub(crate) async fn follow(&mut self) -> Result<(), Stop> {
+        // The header goes out before anything else, so a late reader gets a valid file.
+        self.flush(1).await?;
+        let conn_id = match self.plan.conn_ids[..] {
+            [id] => id,
+            _ => 0,
+        };
+        let mut events = self
+            .registry
+            .follow_history(FollowHistoryRequest {
+                conn_id,
+                after: None,
+            })
+            .await?
+            .into_inner();
+        let mut state = Follow::default();
+        loop {
+            let event = match events.message().now_or_never() {
+                Some(event) => event?,
+                None => {
+                    // Nothing more at hand: send what is written, then wait.
+                    self.flush(1).await?;
+                    self.next_event(&mut events).await?
+                }
+            };
+            let Some(event) = event else {
+                return Err(Stop::Failed(Status::unavailable(
+                    "the registry ended the history stream",
+                )));
+            };
+            self.on_event(&mut state, event).await?;
+        }
+    }
+
+    /// The next event, or `Gone` when the caller hangs up first.
+    async fn next_event(
+        &mut self,
+        events: &mut Streaming<FollowHistoryEvent>,
+    ) -> Result<Option<FollowHistoryEvent>, Stop> {
+        tokio::select! {
+            event = events.message() => Ok(event?),
+            () = self.tx.closed() => Err(Stop::Gone),
+        }
+    }
+
+    async fn on_event(
+        &mut self,
+        state: &mut Follow,
+        event: FollowHistoryEvent,
+    ) -> Result<(), Stop> {
+        if let Some(p) = event.packet {
+            let id = p.conn_id;
+            if !state.conns.contains_key(&id) {
+                let record = match state.snapshot.remove(&id) {
+                    Some(c) => Some(c),
+                    None if state.caught_up => self.record(id).await?,
+                    // In the snapshot, a connection without a record was cleared.
+                    None => None,
+                };
+                let first = p.ts.as_ref().map(proto::time::unix_nanos);
+                self.open(state, id, record, first);
+            }
+            if let Some(Conn::Open(o)) = state.conns.get_mut(&id) {
+                o.last = self.packet(&mut o.stream, &p, o.last).await?;
+            }
+        } else if let Some(c) = event.connection {
+            if !state.caught_up {
+                state.snapshot.insert(c.id, c);
+            } else {
+                self.closed(state, c);
+            }
+        } else if event.caught_up {
+            state.caught_up = true;
+            // Records of the snapshot: those already closed end now (after their packets);
+            // active ones without packets wait for their first packet or their close.
+            let mut closed: Vec<u64> = state
+                .snapshot
+                .values()
+                .filter(|c| c.status == ConnStatus::Disconnected as i32)
+                .map(|c| c.id)
+                .collect();
+            closed.sort_unstable();
+            for id in closed {
+                if let Some(c) = state.snapshot.remove(&id) {
+                    self.closed(state, c);
+                }
+            }
+            let mut open: Vec<Connection> = state
+                .conns
+                .values()
+                .filter_map(|conn| match conn {
+                    Conn::Open(o) => o.record.as_ref(),
+                    Conn::Done => None,
+                })
+                .filter(|c| c.status == ConnStatus::Disconnected as i32)
+                .cloned()
+                .collect();
+            open.sort_unstable_by_key(|c| c.id);
+            for c in open {
+                self.closed(state, c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens connection `id` when the request wants it (else marks it done).
+    fn open(
+        &mut self,
+        state: &mut Follow,
+        id: u64,
+        record: Option<Connection>,
+        first: Option<u64>,
+    ) {
+        let opened = record
+            .as_ref()
+            .and_then(|c| c.opened_at.as_ref())
+            .map(proto::time::unix_nanos)
+            .or(first)
+            .unwrap_or(0);
+        let conn = if self.plan.wants(id, record.as_ref()) && self.plan.in_range(opened) {
+            let stream = self.open_stream(id, record.as_ref(), opened);
+            Conn::Open(Box::new(Open {
+                stream,
+                record,
+                last: opened,
+            }))
+        } else {
+            Conn::Done
+        };
+        state.conns.insert(id, conn);
+    }
+
+    /// Ends the stream of the closed record `c`, opening it first if it had no packets.
+    fn closed(&mut self, state: &mut Follow, c: Connection) {
+        state.snapshot.remove(&c.id);
+        if !state.conns.contains_key(&c.id) {
+            self.open(state, c.id, Some(c.clone()), None);
+        }
+        if let Some(Conn::Open(mut o)) = state.conns.insert(c.id, Conn::Done) {
+            self.end_stream(&mut o.stream, Some(&c), o.last);
+        }
+    }
+}
