@@ -124,7 +124,8 @@ pub struct Handler {
     /// The connection limit this client is beyond (it is refused), if it is.
     over_limit: Option<usize>,
     _done: mpsc::Sender<()>,
-    /// This connection's place under the limit, given back when the handler is dropped.
+    /// This connection's place under the limit (or among the refusals beyond it), given
+    /// back when the handler is dropped.
     _permit: OwnedSemaphorePermit,
 }
 
