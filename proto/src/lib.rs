@@ -4,12 +4,14 @@
 //! server and client of the project shares: the JSON/CLI names of the enums ([`names`]),
 //! timestamp conversion ([`time`]), serving with health, reflection and token checks
 //! ([`serve`]), connecting as a client ([`client`]), the API token ([`token`]), private
-//! data directories ([`private`]) and the open-files limit ([`limits`]).
+//! data directories ([`private`]), the open-files limit ([`limits`]) and the HTTP/2 preface
+//! deadline of every gRPC connection ([`preface`]).
 
 pub mod client;
 pub mod codec;
 pub mod limits;
 pub mod names;
+pub mod preface;
 pub mod private;
 pub mod serve;
 pub mod time;

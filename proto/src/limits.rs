@@ -53,6 +53,11 @@ pub fn survive_file_size_limit() {
     }
 }
 
+/// The soft open-files limit in force now; `None` for unlimited.
+pub fn open_files() -> Option<u64> {
+    getrlimit(Resource::Nofile).current
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +68,6 @@ mod tests {
         let now = getrlimit(Resource::Nofile);
         assert_eq!(now.current, now.maximum);
         assert_eq!(after, now.current);
+        assert_eq!(open_files(), now.current);
     }
 }

@@ -6,6 +6,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::StreamExt;
 use tonic::{
     Request, Status,
     body::Body,
@@ -13,6 +14,8 @@ use tonic::{
     service::{Interceptor, InterceptorLayer, RoutesBuilder},
     transport::{Server, server::TcpIncoming},
 };
+
+use crate::preface::PrefaceDeadline;
 
 /// Why a gRPC server refused to start.
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +185,7 @@ pub struct GrpcServer {
     token: TokenCheck,
     drain: watch::Sender<bool>,
     max_connection_age: Duration,
+    preface_timeout: Duration,
 }
 
 impl GrpcServer {
@@ -194,6 +198,7 @@ impl GrpcServer {
             token: TokenCheck::new(token),
             drain: watch::channel(false).0,
             max_connection_age: MAX_CONNECTION_AGE,
+            preface_timeout: crate::preface::PREFACE_TIMEOUT,
         }
     }
 
@@ -213,6 +218,13 @@ impl GrpcServer {
     /// Sets the connection age at which the server sends GOAWAY (see [`MAX_CONNECTION_AGE`]).
     pub fn max_connection_age(&mut self, age: Duration) -> &mut Self {
         self.max_connection_age = age;
+        self
+    }
+
+    /// Sets how long a new connection has to send the HTTP/2 preface before it is closed
+    /// (see [`crate::preface`]).
+    pub fn preface_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.preface_timeout = timeout;
         self
     }
 
@@ -273,7 +285,10 @@ impl GrpcServer {
             .add_service(health)
             .add_service(v1)
             .add_service(v1alpha);
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let preface_timeout = self.preface_timeout;
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(move |s| s.map(|s| PrefaceDeadline::new(s, preface_timeout)));
         let drain = self.drain;
         let draining = drain.subscribe();
         let signal = async move {

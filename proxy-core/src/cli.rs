@@ -67,6 +67,24 @@ pub struct ProxyArgs {
     /// unreachable or dies while it waits): forward it (counted and logged) or drop it.
     #[arg(long, value_enum, default_value = "forward")]
     pub intercept_fault: InterceptFault,
+    /// Name server to resolve CONNECT targets with, as IP or IP:PORT (repeatable); default:
+    /// those of /etc/resolv.conf. /etc/hosts is read either way.
+    #[arg(long = "dns", value_name = "ADDR", value_parser = crate::dns::server_addr)]
+    pub dns: Vec<SocketAddr>,
+    /// Bound on one name lookup: a CONNECT whose name takes longer gets reply 0x04 (host
+    /// unreachable) and a record saying so.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub dns_timeout: Duration,
+    /// Name lookups one client IP may have in progress; beyond it, a CONNECT to a name gets
+    /// reply 0x04 at once, so one client's stalled names cannot take everything.
+    #[arg(long, default_value = "256", value_parser = clap::value_parser!(u32).range(1..))]
+    pub dns_per_client: u32,
+    /// Most SOCKS connections served at once; a client beyond it gets reply 0x01 (general
+    /// failure) and a record closed by the proxy with reason "refused: connection limit N
+    /// reached". Default: 10,000, or 3/8 of the open-files limit when that is lower (two
+    /// sockets per connection, a quarter of the limit kept for everything else).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
     /// TLS splice options.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -136,9 +154,29 @@ impl ProxyArgs {
             refuse,
             splicer: Some(tls),
             intercept: intercept.map(|url| InterceptLink { url, fault }),
+            dns: crate::dns::DnsConfig {
+                servers: self.dns.clone(),
+                timeout: self.dns_timeout,
+                per_client: self.dns_per_client as usize,
+            },
+            max_connections: self.max_connections.map_or_else(
+                || default_max_connections(proto::limits::open_files()),
+                |n| n as usize,
+            ),
         }
     }
 }
+
+/// The most connections served at once by default: [`DEFAULT_MAX_CONNECTIONS`], or 3/8 of
+/// the open-files limit (`None`: unlimited) when that is lower, since each relayed
+/// connection holds two sockets and the rest of the process needs descriptors too.
+pub fn default_max_connections(open_files: Option<u64>) -> usize {
+    let by_files = open_files.map_or(u64::MAX, |n| n / 8 * 3).max(16);
+    usize::try_from(by_files).map_or(DEFAULT_MAX_CONNECTIONS, |n| n.min(DEFAULT_MAX_CONNECTIONS))
+}
+
+/// The default of `--max-connections` when the open-files limit allows it.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// Command-line options of the standalone `proxy-core` binary.
 #[derive(Debug, clap::Parser)]
@@ -295,4 +333,46 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let _ = t.await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_connection_limit_fits_the_open_files_limit() {
+        assert_eq!(default_max_connections(None), 10_000);
+        assert_eq!(default_max_connections(Some(1 << 20)), 10_000);
+        assert_eq!(default_max_connections(Some(20_000)), 7_500);
+        assert_eq!(default_max_connections(Some(1024)), 384);
+        assert_eq!(default_max_connections(Some(10)), 16);
+    }
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        proxy: ProxyArgs,
+    }
+
+    #[test]
+    fn resource_flags_have_their_documented_defaults_and_refuse_zero() {
+        use clap::Parser;
+        let c = Cmd::try_parse_from(["p"]).expect("defaults");
+        assert_eq!(
+            c.proxy.dns_per_client as usize,
+            crate::dns::DEFAULT_PER_CLIENT
+        );
+        assert_eq!(c.proxy.dns_timeout, crate::dns::DEFAULT_TIMEOUT);
+        assert!(c.proxy.dns.is_empty() && c.proxy.max_connections.is_none());
+        let c = Cmd::try_parse_from(["p", "--dns", "127.0.0.1", "--dns", "[::1]:5353"])
+            .expect("servers");
+        assert_eq!(c.proxy.dns[0], "127.0.0.1:53".parse().unwrap());
+        for bad in [
+            &["p", "--dns-per-client", "0"][..],
+            &["p", "--max-connections", "0"],
+            &["p", "--dns", "ns.example"],
+        ] {
+            assert!(Cmd::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! - [`socks5`]: the SOCKS5 wire format, sans I/O; [`handshake`]: its async shell.
 //! - [`server`]: listener and per-connection handler; [`shared`]: what handlers share;
 //!   [`shutdown`]: graceful shutdown.
+//! - [`dns`]: name resolution for CONNECT and UDP targets, bounded per lookup and client.
 //! - [`relay`]: the one relay (a pump per direction with half-close, resets, and the hold
 //!   point, for plain and TLS legs alike); [`udp`]: UDP ASSOCIATE.
 //! - [`tls`]: TLS detection, the CA, leaves, the upstream client and the TLS splice
@@ -17,6 +18,7 @@
 
 pub mod cli;
 pub mod conn;
+pub mod dns;
 pub mod handshake;
 pub mod hold;
 pub mod ids;
@@ -73,6 +75,11 @@ pub struct Config {
     /// The intercept service whose configuration the proxy follows to hold and rewrite
     /// packets; `None` holds nothing.
     pub intercept: Option<InterceptLink>,
+    /// How CONNECT and UDP targets given as names are resolved.
+    pub dns: dns::DnsConfig,
+    /// Most SOCKS connections served at once; a client beyond it gets reply 0x01 and a
+    /// record closed by the proxy naming the limit (see [`server::Listener`]).
+    pub max_connections: usize,
 }
 
 /// Where a proxy finds its intercept service, and what it does with a packet that service
@@ -97,6 +104,9 @@ pub enum StartError {
     /// The node name is empty.
     #[error("the node name must not be empty")]
     EmptyNode,
+    /// The DNS resolver cannot be built.
+    #[error(transparent)]
+    Dns(#[from] dns::DnsConfigError),
     /// The registry URL or token is unusable.
     #[error("registry client: {0}")]
     Registry(#[from] proto::client::ClientError),
@@ -130,6 +140,7 @@ impl Proxy {
         if cfg.node.is_empty() {
             return Err(StartError::EmptyNode);
         }
+        let dns = dns::Dns::new(&cfg.dns)?;
         let channel = proto::client::connect_lazy(&cfg.registry_url, cfg.token.as_deref())?;
         let listener = TcpListener::bind(cfg.socks)
             .await
@@ -169,6 +180,7 @@ impl Proxy {
             reporter: reporter.clone(),
             ids,
             resolver,
+            dns,
             refuse,
             splicer: cfg.splicer.clone(),
             holder,
@@ -178,7 +190,9 @@ impl Proxy {
         let mut l = server::Listener {
             listener,
             shared,
-            limit: Arc::new(Semaphore::new(server::MAX_CONNECTIONS)),
+            max_connections: cfg.max_connections,
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            refusing: Arc::new(Semaphore::new(server::MAX_REFUSING)),
             notify_shutdown,
             shutdown_complete_tx,
         };
@@ -190,7 +204,7 @@ impl Proxy {
             }
             // Dropping `l` drops the broadcast sender: every handler shuts down.
         });
-        tracing::info!(%socks_addr, node = %cfg.node, history = cfg.history, "proxy-core serving SOCKS5");
+        tracing::info!(%socks_addr, node = %cfg.node, history = cfg.history, max_connections = cfg.max_connections, "proxy-core serving SOCKS5");
         Ok(Proxy {
             socks_addr,
             stop,

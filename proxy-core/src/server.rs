@@ -5,6 +5,12 @@
 //! connection. Graceful shutdown: dropping the listener drops the broadcast sender every
 //! handler subscribed to, each handler records its connection as closed by the proxy and
 //! drops its clone of an mpsc sender; the receiver completing tells the caller all are done.
+//!
+//! A client beyond the connection limit is not left waiting in the backlog: it is accepted,
+//! taken through the handshake, answered 0x01 (general failure) and recorded as closed by
+//! the proxy with a reason naming the limit, so both the client and `conns list` say why.
+//! SOCKS5 has no "busy" answer at the greeting (0xFF there reads as an authentication
+//! problem), and answering the request lets the record name the target.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -29,12 +35,11 @@ use crate::{
     tls, udp,
 };
 
-/// Most connections handled at once; further clients wait in the accept backlog.
-pub const MAX_CONNECTIONS: usize = 65_536;
+/// Most clients beyond the connection limit being refused at once (each holds a socket for
+/// at most [`HANDSHAKE_TIMEOUT`]); further ones are closed at once without a reply.
+pub const MAX_REFUSING: usize = 1024;
 /// Longest a client may take to complete the SOCKS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a name resolution may take.
-pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the upstream connect may take (all addresses of a name together).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -44,8 +49,12 @@ pub struct Listener {
     pub listener: TcpListener,
     /// Shared handler state.
     pub shared: Arc<Shared>,
-    /// Connection limit.
+    /// The connection limit (`--max-connections`), for the refusal's reason.
+    pub max_connections: usize,
+    /// Connection limit: one permit per connection served.
     pub limit: Arc<Semaphore>,
+    /// Clients beyond the limit being refused: one permit each.
+    pub refusing: Arc<Semaphore>,
     /// Dropped to tell handlers to shut down.
     pub notify_shutdown: broadcast::Sender<()>,
     /// Cloned into every handler; the receiver completes once all are gone.
@@ -55,14 +64,33 @@ pub struct Listener {
 impl Listener {
     /// Accepts connections until the task running it is stopped.
     pub async fn run(&mut self) {
+        let mut full = false;
         loop {
-            let Ok(permit) = self.limit.clone().acquire_owned().await else {
-                return;
-            };
             let (socket, peer) = self.accept().await;
+            let (permit, over_limit) = match self.limit.clone().try_acquire_owned() {
+                Ok(p) => {
+                    full = false;
+                    (p, None)
+                }
+                Err(_) => {
+                    if !full {
+                        tracing::warn!(
+                            limit = self.max_connections,
+                            "connection limit reached: refusing new SOCKS clients (--max-connections)"
+                        );
+                        full = true;
+                    }
+                    let Ok(p) = self.refusing.clone().try_acquire_owned() else {
+                        tracing::info!(%peer, "closed without a reply: too many clients beyond the connection limit");
+                        continue;
+                    };
+                    (p, Some(self.max_connections))
+                }
+            };
             let handler = Handler {
                 shared: self.shared.clone(),
                 shutdown: Shutdown::new(self.notify_shutdown.subscribe()),
+                over_limit,
                 _done: self.shutdown_complete_tx.clone(),
                 _permit: permit,
             };
@@ -93,8 +121,11 @@ impl Listener {
 pub struct Handler {
     shared: Arc<Shared>,
     shutdown: Shutdown,
+    /// The connection limit this client is beyond (it is refused), if it is.
+    over_limit: Option<usize>,
     _done: mpsc::Sender<()>,
-    /// This connection's place under the limit, given back when the handler is dropped.
+    /// This connection's place under the limit (or among the refusals beyond it), given
+    /// back when the handler is dropped.
     _permit: OwnedSemaphorePermit,
 }
 
@@ -133,7 +164,14 @@ impl Handler {
         let conn = self.record(id, peer, &request.addr, transport, opened_at);
         self.shared.reporter.opened(conn, state.clone());
         self.shared.resolver.request(id, peer, local);
-        let end = if transport == Transport::Udp {
+        let end = if let Some(limit) = self.over_limit {
+            tracing::info!(%peer, target = %request.addr, "refused: connection limit {limit} reached");
+            let _ = handshake::reply(&mut stream, Reply::GeneralFailure, None).await;
+            End::proxy(
+                CloseKind::Error,
+                format!("refused: connection limit {limit} reached (--max-connections)"),
+            )
+        } else if transport == Transport::Udp {
             udp::associate(
                 &self.shared,
                 stream,
@@ -145,7 +183,7 @@ impl Handler {
             )
             .await
         } else {
-            self.connect(stream, local, &request.addr, leftover, &state)
+            self.connect(stream, peer, local, &request.addr, leftover, &state)
                 .await
         };
         tracing::debug!(id, %peer, target = %request.addr, reason = %end.reason, "connection ended");
@@ -209,13 +247,14 @@ impl Handler {
     async fn connect(
         &mut self,
         mut stream: TcpStream,
+        peer: SocketAddr,
         local: SocketAddr,
         target: &Addr,
         leftover: bytes::Bytes,
         state: &ConnState,
     ) -> End {
         let established = tokio::select! {
-            r = establish(&self.shared.refuse, local, target) => r,
+            r = establish(&self.shared, peer.ip(), local, target) => r,
             () = self.shutdown.recv() => Err((Reply::GeneralFailure, End::proxy(CloseKind::Fin, "proxy shut down"))),
         };
         let upstream = match established {
@@ -302,38 +341,26 @@ pub fn reaches(target: SocketAddr, own: SocketAddr, local: SocketAddr) -> bool {
         || (o.is_unspecified() && (t.is_loopback() || t == local.ip().to_canonical()))
 }
 
-/// Resolves and connects, or says which reply and record end the failure deserves.
+/// Resolves (for `client`) and connects, or says which reply and record end the failure
+/// deserves.
 async fn establish(
-    refuse: &[SocketAddr],
+    shared: &Shared,
+    client: IpAddr,
     local: SocketAddr,
     target: &Addr,
 ) -> Result<TcpStream, (Reply, End)> {
+    let refuse = &shared.refuse;
     let addrs: Vec<SocketAddr> = match target {
         Addr::Ip(a) => vec![*a],
-        Addr::Domain(host, port) => {
-            let looked = tokio::time::timeout(
-                RESOLVE_TIMEOUT,
-                tokio::net::lookup_host((host.as_str(), *port)),
-            )
-            .await;
-            let failed = |why: String| {
-                Err((
+        Addr::Domain(host, port) => match shared.dns.lookup(client, host, *port).await {
+            Ok(v) => v,
+            Err(e) => {
+                return Err((
                     Reply::HostUnreachable,
-                    End::proxy(CloseKind::Error, format!("resolve {host}: {why}")),
-                ))
-            };
-            match looked {
-                Ok(Ok(it)) => {
-                    let v: Vec<SocketAddr> = it.collect();
-                    if v.is_empty() {
-                        return failed("no addresses".into());
-                    }
-                    v
-                }
-                Ok(Err(e)) => return failed(e.to_string()),
-                Err(_) => return failed(format!("timed out after {RESOLVE_TIMEOUT:?}")),
+                    End::proxy(CloseKind::Error, format!("resolve {host}: {e}")),
+                ));
             }
-        }
+        },
     };
     if let Some(a) = addrs
         .iter()

@@ -1,10 +1,12 @@
 //! What every connection handler shares: the node name, SOCKS credentials, the reporter,
-//! the ID pool, the process resolver, the refused addresses, the TLS splice and the intercept
+//! the ID pool, the process resolver, the name resolver, the refused addresses, the TLS splice and the intercept
 //! holder.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use crate::{hold::Holder, ids::IdPool, process::Resolver, report::Reporter, tls::Splicer};
+use crate::{
+    dns::Dns, hold::Holder, ids::IdPool, process::Resolver, report::Reporter, tls::Splicer,
+};
 
 /// What every handler shares.
 pub struct Shared {
@@ -18,6 +20,8 @@ pub struct Shared {
     pub ids: IdPool,
     /// Client process lookups.
     pub resolver: Resolver,
+    /// Name lookups for CONNECT and UDP targets.
+    pub dns: Dns,
     /// Addresses CONNECT must never reach: the SOCKS listener itself and `Config::refuse`.
     pub refuse: Vec<SocketAddr>,
     /// The TLS splice; `None` relays everything as plain TCP.

@@ -24,6 +24,7 @@ use tokio::{
 
 use crate::{
     conn::{ConnState, End},
+    dns::Dns,
     handshake,
     report::Reporter,
     shared::Shared,
@@ -122,7 +123,7 @@ pub async fn associate(
             },
             r = relay.recv_from(&mut cbuf) => {
                 match r {
-                    Ok((n, from)) => out.send(&cbuf[..n], from, peer, state, reporter).await,
+                    Ok((n, from)) => out.send(&cbuf[..n], from, peer, state, reporter, &shared.dns).await,
                     Err(e) => tracing::debug!("UDP relay receive: {e}"),
                 }
             }
@@ -150,6 +151,7 @@ impl Outbound {
         peer: SocketAddr,
         state: &ConnState,
         reporter: &Reporter,
+        dns: &Dns,
     ) {
         if from.ip() != peer.ip() || self.client.is_some_and(|c| c != from) {
             return;
@@ -165,10 +167,11 @@ impl Outbound {
             Addr::Ip(a) => *a,
             Addr::Domain(h, p) => match &self.resolved {
                 Some((rh, rp, a)) if rh == h && rp == p => *a,
-                _ => match tokio::net::lookup_host((h.as_str(), *p))
+                _ => match dns
+                    .lookup(peer.ip(), h, *p)
                     .await
                     .ok()
-                    .and_then(|mut i| i.next())
+                    .and_then(|v| v.first().copied())
                 {
                     Some(a) => {
                         self.resolved = Some((h.clone(), *p, a));

@@ -3,6 +3,7 @@
 //! and kills them when dropped.
 
 pub mod bench_server;
+pub mod dns_server;
 pub mod proxy;
 
 pub mod stats;

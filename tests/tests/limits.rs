@@ -1,0 +1,181 @@
+//! Resource bounds (issue 12): a cap on concurrent SOCKS connections with a clear refusal,
+//! and gRPC connections that never send the HTTP/2 preface are closed.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use proto::common::{CloseKind, ClosedBy, ConnStatus};
+use proxy_core::socks5::{Addr, Reply};
+use tests::{
+    Registry, Up, WAIT, eventually, interpose_json,
+    proxy::{ProxyProc, Server, socks_connect, socks_connected, wait_conn_by_port},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+type R = anyhow::Result<()>;
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused_recorded_and_served_again_later() -> R {
+    let tmp = tempfile::tempdir()?;
+    let reg = Registry::start(&tmp.path().join("reg")).await?;
+    let proxy = ProxyProc::start(tmp.path(), &reg.url, "cap", &["--max-connections", "3"]).await?;
+    let server = Server::bind().await?;
+
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let c = socks_connected(proxy.socks, server.addr).await?;
+        open.push((c, server.accept().await?));
+    }
+    // The fourth client is answered at once: general failure, not a silent wait.
+    let start = Instant::now();
+    let r = socks_connect(proxy.socks, Addr::Ip(server.addr)).await?;
+    assert_eq!(r.reply, Reply::GeneralFailure);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let refused_port = r.stream.local_addr()?.port();
+
+    // The relayed connections still work.
+    for (c, s) in &mut open {
+        c.write_all(b"hi").await?;
+        let mut b = [0u8; 2];
+        tokio::time::timeout(WAIT, s.read_exact(&mut b)).await??;
+        assert_eq!(&b, b"hi");
+    }
+
+    // The refusal is a record closed by the proxy, naming the limit, and logged.
+    let mut client = reg.client().await?;
+    let c = wait_conn_by_port(&mut client, refused_port, "closed", |c| {
+        c.status == ConnStatus::Disconnected as i32
+    })
+    .await?;
+    assert_eq!(c.closed_by, ClosedBy::Proxy as i32);
+    assert_eq!(c.close_kind, CloseKind::Error as i32);
+    assert_eq!(
+        c.reason,
+        "refused: connection limit 3 reached (--max-connections)"
+    );
+    assert_eq!(c.dst_port, u32::from(server.addr.port()));
+    let log = proxy.proc.stderr();
+    assert!(log.contains("connection limit reached"), "{log}");
+
+    // Once a connection closes, a new client is served again.
+    drop(open.pop());
+    let c = eventually("a free connection slot", || async {
+        let r = socks_connect(proxy.socks, Addr::Ip(server.addr)).await?;
+        Ok((r.reply == Reply::Succeeded).then_some(r.stream))
+    })
+    .await?;
+    drop(c);
+    Ok(())
+}
+
+/// Reads `s` until EOF or an error; returns when that happened.
+async fn closed_at(mut s: TcpStream) -> anyhow::Result<Instant> {
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(WAIT, s.read(&mut buf)).await? {
+            Ok(0) | Err(_) => return Ok(Instant::now()),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The documented bound (`proto::preface::PREFACE_TIMEOUT`).
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TCP client that connects to `addr` and sends nothing: how long until it is closed.
+async fn silent(addr: SocketAddr) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let s = TcpStream::connect(addr).await?;
+    Ok(closed_at(s).await? - start)
+}
+
+/// A client sending the HTTP/2 preface one byte a second: how long until it is closed, and
+/// how many bytes it got to send.
+async fn slowloris(addr: SocketAddr) -> anyhow::Result<(Duration, usize)> {
+    let start = Instant::now();
+    let s = TcpStream::connect(addr).await?;
+    let (r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut r = r;
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(WAIT, r.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) | Err(_) => return Instant::now(),
+                Ok(Ok(_)) => {}
+            }
+        }
+    });
+    let mut sent = 0;
+    for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
+        if reader.is_finished() || w.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok((reader.await? - start, sent))
+}
+
+#[tokio::test]
+async fn grpc_connections_without_a_preface_are_closed_and_normal_clients_are_not() -> R {
+    let tmp = tempfile::tempdir()?;
+    let up = Up::start(&tmp.path().join("up"), &[]).await?;
+    let reg = Registry::start(&tmp.path().join("reg")).await?;
+    let up_addr: SocketAddr = up.grpc.trim_start_matches("http://").parse()?;
+    let reg_addr = reg.proc.addr("listen")?;
+
+    // A watch opened now must outlive the bound: only the preface is timed.
+    let mut watcher = reg.client().await?;
+    let mut watch = watcher
+        .watch_connections(proto::registry::WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+
+    let stalls = async {
+        tokio::try_join!(
+            silent(up_addr),
+            silent(reg_addr),
+            slowloris(up_addr),
+            slowloris(reg_addr)
+        )
+    };
+    let normal = async {
+        // Meanwhile the CLI works as usual.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        interpose_json(&up.grpc, &["conns", "list", "--json"]).await
+    };
+    let (stalls, listed) = tokio::join!(stalls, normal);
+    let (a, b, (c, c_sent), (d, d_sent)) = stalls?;
+    assert!(listed?.is_array());
+    for t in [a, b, c, d] {
+        assert!(t >= PREFACE_TIMEOUT - Duration::from_millis(500), "{t:?}");
+        assert!(t < PREFACE_TIMEOUT + Duration::from_secs(3), "{t:?}");
+    }
+    for sent in [c_sent, d_sent] {
+        assert!(sent < 24, "the whole preface went through: {sent}");
+    }
+
+    let mut rc = reg.client().await?;
+    let mut ingest = tests::Ingest::open(&mut rc, "n").await?;
+    ingest
+        .send_durable(vec![tests::events::open(9, 1, "h", 2)])
+        .await?;
+    loop {
+        let ev = tokio::time::timeout(WAIT, watch.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+        if ev.id == 9 {
+            break;
+        }
+    }
+    Ok(())
+}
