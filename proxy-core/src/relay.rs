@@ -31,13 +31,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::FutureExt;
 use proto::common::{CloseKind, ClosedBy, Direction};
 use tokio::sync::Notify;
 
 pub use self::{
     io::{Leg, MAX_READ, MIN_READ, PacketReader, PacketWriter, StreamWriter, TcpReader},
-    tap::{HeldPacket, Hold, Passage, Tap, Verdict, VerdictFuture},
+    tap::{HeldPacket, Hold, Passage, Step, Tap, Verdict, VerdictFuture},
 };
 use crate::conn::End;
 
@@ -96,7 +95,8 @@ impl Start {
     }
 }
 
-/// What a pump read while its packet waited for a verdict, to go on with after it.
+/// What a pump read while its packet waited for a verdict, to go on with after it (boxed
+/// where it is kept: it is rare, and every pump would carry its size otherwise).
 enum Ahead {
     /// The next packet.
     Data(Bytes),
@@ -115,7 +115,7 @@ pub async fn pump<R: PacketReader, W: PacketWriter>(
 ) -> PumpEnd {
     // The reading side may have ended already: nothing more is read, and while `pending`
     // waits for a verdict that end counts as seen.
-    let mut ahead = start.ended.map(Ahead::End);
+    let mut ahead = start.ended.map(|e| Box::new(Ahead::End(e)));
     if let Some(data) = start.pending {
         if !start.checked && at.stops_before(&data) {
             return PumpEnd::Stopped(Some(data));
@@ -125,7 +125,7 @@ pub async fn pump<R: PacketReader, W: PacketWriter>(
         }
     }
     loop {
-        let read = match ahead.take() {
+        let read = match ahead.take().map(|a| *a) {
             Some(Ahead::Data(d)) => Ok(Some(d)),
             Some(Ahead::End(PumpEnd::Eof)) => Ok(None),
             Some(Ahead::End(end)) => return end,
@@ -159,21 +159,19 @@ pub async fn pump<R: PacketReader, W: PacketWriter>(
 }
 
 /// One packet through the hold point and on to `w`; the history copy is queued after the
-/// write, so waking the reporter never delays the data. A packet that is not held passes
-/// at the first poll; a held one waits in [`held`].
+/// write, so waking the reporter never delays the data. A held packet waits in [`held`].
 async fn pass<R: PacketReader, W: PacketWriter>(
     r: &mut R,
     w: &mut W,
     dir: Direction,
     tap: &Tap<'_>,
     data: Bytes,
-    ahead: &mut Option<Ahead>,
+    ahead: &mut Option<Box<Ahead>>,
 ) -> Result<(), PumpEnd> {
-    let mut packet = std::pin::pin!(tap.packet(dir, data));
-    let passage = match packet.as_mut().now_or_never() {
-        Some(p) => p,
+    let passage = match tap.packet(dir, data) {
+        Step::Ready(p) => p,
         // Boxed: the wait's state would otherwise be part of every pump's future.
-        None => Box::pin(held(r, w, dir, tap, packet, ahead)).await?,
+        Step::Held(verdict) => Box::pin(held(r, w, dir, tap, verdict, ahead)).await?,
     };
     let written = w.write_packet(passage.to_send()).await;
     tap.passed(passage);
@@ -191,8 +189,8 @@ async fn held<R: PacketReader, W: PacketWriter>(
     w: &mut W,
     dir: Direction,
     tap: &Tap<'_>,
-    mut packet: Pin<&mut impl Future<Output = Passage>>,
-    ahead: &mut Option<Ahead>,
+    mut verdict: Pin<Box<dyn Future<Output = Passage> + Send + '_>>,
+    ahead: &mut Option<Box<Ahead>>,
 ) -> Result<Passage, PumpEnd> {
     let other = if dir == Direction::C2s {
         Direction::S2c
@@ -200,15 +198,15 @@ async fn held<R: PacketReader, W: PacketWriter>(
         Direction::C2s
     };
     loop {
-        let at_end = matches!(ahead, Some(Ahead::End(PumpEnd::Eof)));
+        let at_end = matches!(ahead.as_deref(), Some(Ahead::End(PumpEnd::Eof)));
         tokio::select! {
             biased;
-            p = packet.as_mut() => return Ok(p),
+            p = verdict.as_mut() => return Ok(p),
             read = r.read_packet(), if ahead.is_none() => match read {
-                Ok(Some(d)) => *ahead = Some(Ahead::Data(d)),
+                Ok(Some(d)) => *ahead = Some(Box::new(Ahead::Data(d))),
                 Ok(None) => {
                     tap.reading_ended(dir);
-                    *ahead = Some(Ahead::End(PumpEnd::Eof));
+                    *ahead = Some(Box::new(Ahead::End(PumpEnd::Eof)));
                 }
                 Err(e) => return Err(PumpEnd::Read(e)),
             },

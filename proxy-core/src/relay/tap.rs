@@ -104,6 +104,14 @@ impl Passage {
     }
 }
 
+/// What [`Tap::packet`] says about a packet.
+pub enum Step<'t> {
+    /// Write this now.
+    Ready(Passage),
+    /// The packet is held: the passage comes with the verdict.
+    Held(Pin<Box<dyn Future<Output = Passage> + Send + 't>>),
+}
+
 /// The hold point of one connection, shared by both of its pumps.
 pub struct Tap<'a> {
     /// The connection's counters and sequence.
@@ -170,10 +178,10 @@ impl<'a> Tap<'a> {
         self.state.id
     }
 
-    /// THE HOLD POINT: a packet was read in `dir`; returns what to write. Counts it and
-    /// takes its sequence number and timestamp first, then waits for a verdict if the hold
-    /// wants it.
-    pub async fn packet(&self, dir: Direction, received: Bytes) -> Passage {
+    /// THE HOLD POINT: a packet was read in `dir`; says what to write, at once or (for a
+    /// held packet) once its verdict came. Counts it and takes its sequence number and
+    /// timestamp first. Synchronous, so that the relay's hot path carries no wait state.
+    pub fn packet(&self, dir: Direction, received: Bytes) -> Step<'_> {
         let ts = proto::time::now();
         let seq = self.state.record(dir, received.len());
         let verdict = match &self.hold {
@@ -184,17 +192,28 @@ impl<'a> Tap<'a> {
                 // Boxed: the wait's state would otherwise be part of every pump's future,
                 // and so of every idle connection's memory.
                 Check::Hold { rewritten } => {
-                    Box::pin(self.verdict(hold.as_ref(), seq, dir, &received, rewritten)).await
+                    return Step::Held(Box::pin(async move {
+                        let verdict = self
+                            .verdict(hold.as_ref(), seq, dir, &received, rewritten)
+                            .await;
+                        Passage {
+                            seq,
+                            ts,
+                            dir,
+                            received,
+                            verdict,
+                        }
+                    }));
                 }
             },
         };
-        Passage {
+        Step::Ready(Passage {
             seq,
             ts,
             dir,
             received,
             verdict,
-        }
+        })
     }
 
     /// Holds packet `seq` (the `rewritten` bytes if rules changed it) until its verdict,
