@@ -387,6 +387,9 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
             "by_destination": counts(&s.by_destination),
             "by_node": counts(&s.by_node),
             "history_packets": s.history_packets,
+            "history_unwritten_packets": s.history_unwritten_packets,
+            "history_unwritten_bytes": s.history_unwritten_bytes,
+            "history_failing": (!s.history_failing.is_empty()).then_some(&s.history_failing),
             "losses": losses,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -395,6 +398,20 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     writeln!(out, "total connections: {}", s.total)?;
     writeln!(out, "history packets:   {}", s.history_packets)?;
+    if s.history_unwritten_packets > 0 {
+        writeln!(
+            out,
+            "history not written: {} packets, {} bytes (the registry's disk was full or failing)",
+            s.history_unwritten_packets, s.history_unwritten_bytes
+        )?;
+    }
+    if !s.history_failing.is_empty() {
+        writeln!(
+            out,
+            "history cannot be written now: {} (records are kept; recording resumes by itself)",
+            s.history_failing
+        )?;
+    }
     for (title, v) in [
         ("by status", &s.by_status),
         ("by closed_by", &s.by_closed_by),

@@ -46,6 +46,7 @@ pub struct UpArgs {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     proto::serve::init_tracing();
     proto::limits::raise_open_files();
+    proto::limits::survive_file_size_limit();
     let dir = data_dir(args.data_dir)?;
     proto::private::prepare_data_dir(&dir)
         .with_context(|| format!("preparing data directory {}", dir.display()))?;
@@ -68,7 +69,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     server.add_service(registry_svc::grpc_service(
         registry.clone(),
         registry_svc::liveness::DEFAULT_GRACE,
-        server.drain(),
+        &server,
     )?);
     server.add_service(tls::service::CaService::server(splicer.clone()));
     // The exporter reads the registry over this same port, as a remote export-svc would.

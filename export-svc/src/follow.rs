@@ -117,37 +117,31 @@ impl Job {
                 self.closed(state, c);
             }
         } else if event.caught_up {
-            state.caught_up = true;
-            // Records of the snapshot: those already closed end now (after their packets);
-            // active ones without packets wait for their first packet or their close.
-            let mut closed: Vec<u64> = state
-                .snapshot
-                .values()
-                .filter(|c| c.status == ConnStatus::Disconnected as i32)
-                .map(|c| c.id)
-                .collect();
-            closed.sort_unstable();
-            for id in closed {
-                if let Some(c) = state.snapshot.remove(&id) {
-                    self.closed(state, c);
-                }
-            }
-            let mut open: Vec<Connection> = state
-                .conns
-                .values()
-                .filter_map(|conn| match conn {
-                    Conn::Open(o) => o.record.as_ref(),
-                    Conn::Done => None,
-                })
-                .filter(|c| c.status == ConnStatus::Disconnected as i32)
-                .cloned()
-                .collect();
-            open.sort_unstable_by_key(|c| c.id);
-            for c in open {
-                self.closed(state, c);
-            }
+            self.caught_up(state);
         }
         Ok(())
+    }
+
+    /// The end of the snapshot: the connections whose records were closed in it end now,
+    /// after all their packets, in ID order (those without packets as a handshake and the
+    /// end). Active ones wait for their first packet or their close.
+    fn caught_up(&mut self, state: &mut Follow) {
+        state.caught_up = true;
+        let seen = state.conns.values().filter_map(|conn| match conn {
+            Conn::Open(o) => o.record.as_ref(),
+            Conn::Done => None,
+        });
+        let mut closed: Vec<Connection> = state
+            .snapshot
+            .values()
+            .chain(seen)
+            .filter(|c| c.status == ConnStatus::Disconnected as i32)
+            .cloned()
+            .collect();
+        closed.sort_unstable_by_key(|c| c.id);
+        for c in closed {
+            self.closed(state, c);
+        }
     }
 
     /// Opens connection `id` when the request wants it (else marks it done).

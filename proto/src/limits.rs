@@ -35,6 +35,24 @@ pub fn raise_open_files() -> (Option<u64>, Option<u64>) {
     }
 }
 
+/// Keeps the process alive under a file-size limit (`ulimit -f`): by default SIGXFSZ kills
+/// it; with a handler installed a write past the limit fails with EFBIG instead, which the
+/// registry treats as a full disk (history counted as unwritten, records kept). Call from
+/// inside the runtime.
+pub fn survive_file_size_limit() {
+    let xfsz = tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
+    match tokio::signal::unix::signal(xfsz) {
+        Ok(mut s) => {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    tracing::debug!("SIGXFSZ: a write went past the file-size limit");
+                }
+            });
+        }
+        Err(e) => tracing::warn!("could not handle SIGXFSZ: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

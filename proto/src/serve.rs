@@ -190,6 +190,7 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The services of one gRPC server, to which health and reflection are added on `serve`.
 pub struct GrpcServer {
     routes: RoutesBuilder,
+    health: tonic_health::server::HealthReporter,
     names: Vec<&'static str>,
     token: TokenCheck,
     drain: watch::Sender<bool>,
@@ -201,6 +202,7 @@ impl GrpcServer {
     pub fn new(token: Option<String>) -> Self {
         Self {
             routes: RoutesBuilder::default(),
+            health: tonic_health::server::HealthReporter::new(),
             names: Vec::new(),
             token: TokenCheck::new(token),
             drain: watch::channel(false).0,
@@ -213,6 +215,12 @@ impl GrpcServer {
         Drain {
             rx: self.drain.subscribe(),
         }
+    }
+
+    /// The health service's reporter: every added service is reported serving; a service
+    /// may report other names (a part of it that can fail on its own) through this.
+    pub fn health(&self) -> tonic_health::server::HealthReporter {
+        self.health.clone()
     }
 
     /// Sets the connection age at which the server sends GOAWAY (see [`MAX_CONNECTION_AGE`]).
@@ -263,7 +271,10 @@ impl GrpcServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
-        let (reporter, health) = tonic_health::server::health_reporter();
+        let reporter = self.health.clone();
+        let health = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
         for name in &self.names {
             reporter
                 .set_service_status(*name, tonic_health::ServingStatus::Serving)

@@ -26,7 +26,6 @@ pub mod tap;
 use std::{
     future::Future,
     io as stdio,
-    pin::Pin,
     sync::atomic::{AtomicBool, Ordering},
 };
 
@@ -36,7 +35,7 @@ use tokio::sync::Notify;
 
 pub use self::{
     io::{Leg, MAX_READ, MIN_READ, PacketReader, PacketWriter, StreamWriter, TcpReader},
-    tap::{HeldPacket, Hold, Passage, Step, Tap, Verdict, VerdictFuture},
+    tap::{HeldPacket, Hold, Passage, Tap, Verdict, VerdictFuture},
 };
 use crate::conn::End;
 
@@ -67,6 +66,12 @@ pub struct Boundary<'a> {
     pub pause: Option<&'a Notify>,
 }
 
+/// The boundary of a pump that stops nowhere (the plain relay).
+pub const NOWHERE: Boundary<'static> = Boundary {
+    before: None,
+    pause: None,
+};
+
 impl Boundary<'_> {
     fn stops_before(&self, data: &[u8]) -> bool {
         self.before
@@ -75,8 +80,14 @@ impl Boundary<'_> {
 }
 
 /// What a pump starts with besides its reader (the splice resumes a direction with them).
+/// Boxed, and only when there is something: most pumps start with nothing, and an async
+/// function's arguments stay in its future for its whole life.
 #[derive(Debug, Default)]
-pub struct Start {
+pub struct Start(Option<Box<Resume>>);
+
+/// How a pump resumes a direction.
+#[derive(Debug, Default)]
+pub struct Resume {
     /// Bytes already received, relayed first.
     pub pending: Option<Bytes>,
     /// `pending` was already checked against the boundary: relay it as it is.
@@ -88,15 +99,27 @@ pub struct Start {
 impl Start {
     /// Starts with `pending` (empty counts as none), unchecked.
     pub fn with(pending: Bytes) -> Self {
-        Self {
-            pending: Some(pending).filter(|p| !p.is_empty()),
-            ..Self::default()
+        match pending.is_empty() {
+            true => Self(None),
+            false => Self::resume(Resume {
+                pending: Some(pending),
+                ..Resume::default()
+            }),
         }
+    }
+
+    /// Resumes as `r` says.
+    pub fn resume(r: Resume) -> Self {
+        Self(Some(Box::new(r)))
+    }
+
+    /// Takes the bytes to relay first, if any.
+    pub fn take_pending(&mut self) -> Option<Bytes> {
+        self.0.as_mut().and_then(|r| r.pending.take())
     }
 }
 
-/// What a pump read while its packet waited for a verdict, to go on with after it (boxed
-/// where it is kept: it is rare, and every pump would carry its size otherwise).
+/// What a pump read while its packet waited for a verdict, to go on with after it.
 enum Ahead {
     /// The next packet.
     Data(Bytes),
@@ -105,77 +128,82 @@ enum Ahead {
 }
 
 /// Relays one direction until its reading side ends, a write fails, or a boundary stops it.
+///
+/// Every connection's task holds two of these futures for its whole life, so they are kept
+/// small: arguments by reference or boxed, and the hold's wait boxed (see [`held`]).
 pub async fn pump<R: PacketReader, W: PacketWriter>(
     r: &mut R,
     w: &mut W,
     dir: Direction,
     tap: &Tap<'_>,
-    at: Boundary<'_>,
+    at: &Boundary<'_>,
     start: Start,
 ) -> PumpEnd {
-    // The reading side may have ended already: nothing more is read, and while `pending`
+    // A packet already received, relayed first (checked against the boundary unless the
+    // splice did that already). Destructured at once: a `Resume` local would stay in the
+    // future.
+    let Resume {
+        pending: mut next,
+        checked,
+        ended,
+    } = start.0.map(|b| *b).unwrap_or_default();
+    let mut unchecked = !checked;
+    // The reading side may have ended already: nothing more is read, and while `next`
     // waits for a verdict that end counts as seen.
-    let mut ahead = start.ended.map(|e| Box::new(Ahead::End(e)));
-    if let Some(data) = start.pending {
-        if !start.checked && at.stops_before(&data) {
-            return PumpEnd::Stopped(Some(data));
-        }
-        if let Err(end) = pass(r, w, dir, tap, data, &mut ahead).await {
-            return end;
-        }
-    }
+    let mut ahead = ended.map(Ahead::End);
     loop {
-        let read = match ahead.take().map(|a| *a) {
-            Some(Ahead::Data(d)) => Ok(Some(d)),
-            Some(Ahead::End(PumpEnd::Eof)) => Ok(None),
-            Some(Ahead::End(end)) => return end,
-            None => match at.pause {
-                Some(pause) => tokio::select! {
+        // `if let`, not `match`: its scrutinee is gone before the `else` awaits (edition
+        // 2024), a `match` scrutinee would be kept across the read.
+        let data = if let Some(d) = next.take() {
+            d
+        } else {
+            unchecked = true;
+            let read = if let Some(a) = ahead.take() {
+                match a {
+                    Ahead::Data(d) => Ok(Some(d)),
+                    Ahead::End(PumpEnd::Eof) => Ok(None),
+                    Ahead::End(end) => return end,
+                }
+            } else if let Some(pause) = at.pause {
+                tokio::select! {
                     biased;
                     () = pause.notified() => return PumpEnd::Stopped(None),
                     r = r.read_packet() => r,
-                },
-                None => r.read_packet().await,
-            },
-        };
-        let data = match read {
-            Ok(Some(d)) => d,
-            Ok(None) => {
-                tap.reading_ended(dir);
-                // Pass the FIN on; a failure here means the other side is gone already,
-                // which its own pump will report.
-                let _ = w.shutdown_write().await;
-                return PumpEnd::Eof;
+                }
+            } else {
+                r.read_packet().await
+            };
+            match read {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    tap.reading_ended(dir);
+                    // Pass the FIN on; a failure here means the other side is gone
+                    // already, which its own pump will report.
+                    let _ = w.shutdown_write().await;
+                    return PumpEnd::Eof;
+                }
+                Err(e) => return PumpEnd::Read(e),
             }
-            Err(e) => return PumpEnd::Read(e),
         };
-        if at.stops_before(&data) {
+        if unchecked && at.stops_before(&data) {
             return PumpEnd::Stopped(Some(data));
         }
-        if let Err(end) = pass(r, w, dir, tap, data, &mut ahead).await {
-            return end;
+        // Through the hold point and on to `w`; the history copy is queued after the write,
+        // so waking the reporter never delays the data.
+        let (mut passage, wait) = tap.packet(dir, data);
+        if let Some(wait) = wait {
+            // Boxed: the wait's state would otherwise be part of every pump's future.
+            match Box::pin(held(r, w, dir, tap, wait, &mut ahead)).await {
+                Ok(verdict) => passage.decide(verdict),
+                Err(end) => return end,
+            }
+        }
+        let written = w.write_packet(passage.to_send()).await;
+        tap.passed(passage);
+        if let Err(e) = written {
+            return PumpEnd::Write(e);
         }
     }
-}
-
-/// One packet through the hold point and on to `w`; the history copy is queued after the
-/// write, so waking the reporter never delays the data. A held packet waits in [`held`].
-async fn pass<R: PacketReader, W: PacketWriter>(
-    r: &mut R,
-    w: &mut W,
-    dir: Direction,
-    tap: &Tap<'_>,
-    data: Bytes,
-    ahead: &mut Option<Box<Ahead>>,
-) -> Result<(), PumpEnd> {
-    let passage = match tap.packet(dir, data) {
-        Step::Ready(p) => p,
-        // Boxed: the wait's state would otherwise be part of every pump's future.
-        Step::Held(verdict) => Box::pin(held(r, w, dir, tap, verdict, ahead)).await?,
-    };
-    let written = w.write_packet(passage.to_send()).await;
-    tap.passed(passage);
-    written.map_err(PumpEnd::Write)
 }
 
 /// Waits for the verdict on a held packet. Meanwhile the pump reads ahead one packet (kept
@@ -189,24 +217,24 @@ async fn held<R: PacketReader, W: PacketWriter>(
     w: &mut W,
     dir: Direction,
     tap: &Tap<'_>,
-    mut verdict: Pin<Box<dyn Future<Output = Passage> + Send + '_>>,
-    ahead: &mut Option<Box<Ahead>>,
-) -> Result<Passage, PumpEnd> {
+    mut wait: VerdictFuture,
+    ahead: &mut Option<Ahead>,
+) -> Result<Verdict, PumpEnd> {
     let other = if dir == Direction::C2s {
         Direction::S2c
     } else {
         Direction::C2s
     };
     loop {
-        let at_end = matches!(ahead.as_deref(), Some(Ahead::End(PumpEnd::Eof)));
+        let at_end = matches!(ahead, Some(Ahead::End(PumpEnd::Eof)));
         tokio::select! {
             biased;
-            p = verdict.as_mut() => return Ok(p),
+            v = wait.as_mut() => return Ok(v),
             read = r.read_packet(), if ahead.is_none() => match read {
-                Ok(Some(d)) => *ahead = Some(Box::new(Ahead::Data(d))),
+                Ok(Some(d)) => *ahead = Some(Ahead::Data(d)),
                 Ok(None) => {
                     tap.reading_ended(dir);
-                    *ahead = Some(Box::new(Ahead::End(PumpEnd::Eof)));
+                    *ahead = Some(Ahead::End(PumpEnd::Eof));
                 }
                 Err(e) => return Err(PumpEnd::Read(e)),
             },
@@ -301,7 +329,7 @@ pub async fn relay<C: Leg, S: Leg>(
             &mut sw,
             Direction::C2s,
             tap,
-            Boundary::default(),
+            &NOWHERE,
             Start::with(pending),
         );
         let s2c = pump(
@@ -309,7 +337,7 @@ pub async fn relay<C: Leg, S: Leg>(
             &mut cw,
             Direction::S2c,
             tap,
-            Boundary::default(),
+            &NOWHERE,
             Start::default(),
         );
         tokio::pin!(c2s, s2c, shutdown);

@@ -15,10 +15,7 @@ pub mod watch;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
-use proto::{
-    registry::registry_server::RegistryServer,
-    serve::{Drain, GrpcServer},
-};
+use proto::{registry::registry_server::RegistryServer, serve::GrpcServer};
 
 pub use service::RegistryService;
 pub use state::State;
@@ -42,14 +39,20 @@ pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Arc<State>> {
     State::open(&path).with_context(|| format!("opening registry store {}", path.display()))
 }
 
-/// The gRPC service over `state`, ready to add to a server; its watch and ingest streams end
-/// when `drain` fires, and the records of a proxy node that restarts or stays away past
-/// `node_grace` are closed (see [`liveness`]).
+/// The health service name that reports whether history can be written: NOT_SERVING while
+/// the disk is full or failing (see `history_failing` in `ConnectionStatsResponse`).
+pub const HISTORY_HEALTH: &str = "interpose.registry.v1.History";
+
+/// The gRPC service over `state`, ready to add to `server`; its watch and ingest streams end
+/// when the server drains, the records of a proxy node that restarts or stays away past
+/// `node_grace` are closed (see [`liveness`]), and health reports [`HISTORY_HEALTH`].
 pub fn grpc_service(
     state: Arc<State>,
     node_grace: std::time::Duration,
-    drain: Drain,
+    server: &GrpcServer,
 ) -> anyhow::Result<RegistryServer<RegistryService>> {
+    report_history_health(&state, server.health());
+    let drain = server.drain();
     let liveness = liveness::Liveness::start(state.clone(), node_grace)
         .context("scanning the records of the reporting nodes")?;
     Ok(
@@ -94,9 +97,27 @@ pub struct Args {
     pub no_auth: bool,
 }
 
+/// Keeps [`HISTORY_HEALTH`] in step with whether history can be written.
+fn report_history_health(state: &State, health: tonic_health::server::HealthReporter) {
+    let mut failing = state.history_failing();
+    tokio::spawn(async move {
+        loop {
+            let status = match &*failing.borrow_and_update() {
+                Some(_) => tonic_health::ServingStatus::NotServing,
+                None => tonic_health::ServingStatus::Serving,
+            };
+            health.set_service_status(HISTORY_HEALTH, status).await;
+            if failing.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// Runs the standalone registry until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     proto::limits::raise_open_files();
+    proto::limits::survive_file_size_limit();
     // Refused before the data directory is touched.
     if args.no_auth {
         proto::serve::check_exposure(args.listen, None)?;
@@ -115,11 +136,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(auth.token.clone());
     server.max_connection_age(args.grpc_max_age);
-    server.add_service(grpc_service(
-        state.clone(),
-        args.node_grace,
-        server.drain(),
-    )?);
+    server.add_service(grpc_service(state.clone(), args.node_grace, &server)?);
     println!("ready registry-svc listen={addr}{}", auth.ready_field());
     server
         .serve(listener, proto::serve::shutdown_signal())

@@ -127,6 +127,11 @@ impl State {
         Ok(())
     }
 
+    /// Follows whether history can be written: the failure's text while it cannot.
+    pub fn history_failing(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.store.unwritten().subscribe()
+    }
+
     /// Makes everything applied so far durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.store.flush().await
@@ -296,6 +301,9 @@ impl State {
             by_node: node.into_counts(),
             losses: self.store.losses()?.into_iter().collect(),
             history_packets: self.store.history_len(),
+            history_unwritten_packets: self.store.unwritten().packets(),
+            history_unwritten_bytes: self.store.unwritten().bytes(),
+            history_failing: self.store.unwritten().failing().unwrap_or_default(),
         })
     }
 }

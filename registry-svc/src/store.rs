@@ -11,7 +11,8 @@
 //!   (runs hold offsets); runs written before the log existed hold their bytes inline.
 //! - `cleared`: conn ID (8) -> empty; events for a cleared ID are ignored, so a late close or
 //!   a replayed batch never brings a cleared record back
-//! - `meta`:    `next_id` -> u64, `history_count` -> u64, `losses/NODE` -> `ProxyLosses`
+//! - `meta`:    `next_id` -> u64, `history_count` -> u64, `unwritten_packets` and
+//!   `unwritten_bytes` -> u64 ([`unwritten`]), `losses/NODE` -> `ProxyLosses`
 //!
 //! - `arrivals`: position (8) -> the runs and closed records written at it: the order in
 //!   which things were recorded, for followers (see [`arrivals`])
@@ -36,6 +37,7 @@ use proto::{
 use crate::payload::PayloadLog;
 
 pub mod arrivals;
+pub mod unwritten;
 
 pub use arrivals::{Followed, LogPage};
 
@@ -117,11 +119,14 @@ pub struct Store {
     payloads: std::sync::Arc<PayloadLog>,
     arrivals: arrivals::Arrivals,
     history_count: AtomicU64,
+    unwritten: unwritten::Unwritten,
     lease_lock: Mutex<()>,
 }
 
 const NEXT_ID: &[u8] = b"next_id";
 const HISTORY_COUNT: &[u8] = b"history_count";
+const UNWRITTEN_PACKETS: &[u8] = b"unwritten_packets";
+const UNWRITTEN_BYTES: &[u8] = b"unwritten_bytes";
 const LOSSES_PREFIX: &[u8] = b"losses/";
 const SESSION_PREFIX: &[u8] = b"session/";
 
@@ -227,6 +232,10 @@ impl Store {
             Some(v) => u64_value(Some(v)),
             None => history.len() as u64,
         };
+        let unwritten = unwritten::Unwritten::new(
+            u64_value(meta.get(UNWRITTEN_PACKETS)?),
+            u64_value(meta.get(UNWRITTEN_BYTES)?),
+        );
         Ok(Self {
             db,
             conns,
@@ -236,8 +245,14 @@ impl Store {
             payloads,
             arrivals,
             history_count: AtomicU64::new(history_count),
+            unwritten,
             lease_lock: Mutex::new(()),
         })
+    }
+
+    /// History the store could not write (see [`unwritten`]).
+    pub fn unwritten(&self) -> &unwritten::Unwritten {
+        &self.unwritten
     }
 
     /// Makes everything written so far durable: the payload log first, so that no durable
@@ -253,6 +268,10 @@ impl Store {
             HISTORY_COUNT,
             &self.history_count.load(Ordering::Relaxed).to_be_bytes(),
         )?;
+        self.meta
+            .insert(UNWRITTEN_PACKETS, &self.unwritten.packets().to_be_bytes())?;
+        self.meta
+            .insert(UNWRITTEN_BYTES, &self.unwritten.bytes().to_be_bytes())?;
         self.db.flush_async().await?;
         Ok(())
     }
@@ -274,7 +293,7 @@ impl Store {
 
     /// Stores history packets, idempotently: packets a run already holds (a replayed batch)
     /// are skipped, the rest merged in, and the fresh ones logged (see [`Store::record`]).
-    /// Callers serialise writes (the watch hub's lock).
+    /// Writes are serialised by the arrival log's lock.
     pub fn put_packets(&self, packets: Vec<Packet>) -> Result<(), StoreError> {
         self.record(packets, Vec::new())
     }
@@ -314,7 +333,19 @@ impl Store {
         if parts.is_empty() {
             return Ok(Vec::new());
         }
-        let mut offset = self.payloads.append(&parts)?;
+        let mut offset = match self.payloads.append(&parts) {
+            Ok(offset) => {
+                self.unwritten.succeeded();
+                offset
+            }
+            Err(e) => {
+                // The disk is full or failing: these packets' bytes cannot be kept, but the
+                // batch's records and closes must not wait for space (see [`unwritten`]).
+                let bytes = parts.iter().map(|p| p.len() as u64).sum();
+                self.unwritten.failed(parts.len() as u64, bytes, &e);
+                return Ok(Vec::new());
+            }
+        };
         let mut fresh = 0u64;
         let mut buf = Vec::new();
         let mut keys = Vec::with_capacity(todo.len());

@@ -980,8 +980,9 @@ struct LiveExport {
 }
 
 impl LiveExport {
-    fn start(server: &str, log: &Path) -> anyhow::Result<Self> {
-        let (child, stdout) = Self::spawn(server, log)?;
+    /// Starts it with `extra` options.
+    fn start(server: &str, log: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let (child, stdout) = Self::spawn(server, log, extra)?;
         Self::read_all(child, stdout)
     }
 
@@ -989,9 +990,11 @@ impl LiveExport {
     fn spawn(
         server: &str,
         log: &Path,
+        extra: &[&str],
     ) -> anyhow::Result<(std::process::Child, std::process::ChildStdout)> {
         let mut cmd = std::process::Command::new(bin("interpose"));
         cmd.args(["export", "--follow", "--out", "-", "--server", server])
+            .args(extra)
             .env_remove("INTERPOSE_TOKEN")
             .env_remove("INTERPOSE_SERVER")
             .stdin(std::process::Stdio::null())
@@ -1103,7 +1106,14 @@ async fn follow_streams_live_traffic_after_the_earlier_history_and_tshark_reads_
     assert!(refused.stderr.contains("status"), "{}", refused.stderr);
 
     let out = tempfile::tempdir()?;
-    let mut live = LiveExport::start(&up.grpc, &out.path().join("follow.log"))?;
+    let mut live = LiveExport::start(&up.grpc, &out.path().join("follow.log"), &[])?;
+    // The filters of a batch export apply: only the TLS server's port.
+    let tls_port = tls.port().to_string();
+    let mut filtered = LiveExport::start(
+        &up.grpc,
+        &out.path().join("filtered.log"),
+        &["--dst-port", &tls_port],
+    )?;
     let early = live
         .until("the earlier connection, closed", |s| {
             s.len() == 1 && s[0].fin == [true, true]
@@ -1149,6 +1159,18 @@ async fn follow_streams_live_traffic_after_the_earlier_history_and_tshark_reads_
     })
     .await?;
 
+    let only_tls = filtered
+        .until("the filtered export's TLS connection, closed", |s| {
+            !s.is_empty() && s.iter().all(|s| s.fin == [true, true])
+        })
+        .await?;
+    assert_eq!(
+        only_tls.len(),
+        1,
+        "the filter let other connections through"
+    );
+    assert_eq!(only_tls[0].server.map(|a| a.port()), Some(tls.port()));
+
     let prefix = live.bytes();
     ensure!(
         live.interrupt().await?,
@@ -1157,8 +1179,21 @@ async fn follow_streams_live_traffic_after_the_earlier_history_and_tshark_reads_
     let file = out.path().join("live.pcapng");
     std::fs::write(&file, &prefix)?;
     let recorded = settled(&up.grpc, 3).await?;
-    let streams = reassemble(&read_capture(&file)?)?;
+    let cap = read_capture(&file)?;
+    assert!(
+        cap.names.iter().any(|n| n.contains("localhost")),
+        "{:?}",
+        cap.names
+    );
+    let streams = reassemble(&cap)?;
     assert_streams_match(&streams, &recorded)?;
+    for (s, (c, _)) in streams.iter().zip(&recorded) {
+        let comment = s.comment.as_deref().context("comment on the first frame")?;
+        assert!(
+            comment.contains(&format!("interpose connection {};", c.id)),
+            "{comment}"
+        );
+    }
     if tshark().is_some() {
         tshark_agrees(&file, &streams).await?;
     }
@@ -1171,7 +1206,7 @@ async fn follow_exits_0_when_its_reader_closes_the_pipe() -> anyhow::Result<()> 
     let up = Up::start(data.path(), &[]).await?;
     let http = http_server(None).await?;
     let out = tempfile::tempdir()?;
-    let (mut child, mut stdout) = LiveExport::spawn(&up.grpc, &out.path().join("follow.log"))?;
+    let (mut child, mut stdout) = LiveExport::spawn(&up.grpc, &out.path().join("follow.log"), &[])?;
     // The header comes at once, before any traffic; then the reader goes away.
     let header = tokio::task::spawn_blocking(move || {
         let mut magic = [0u8; 4];

@@ -6,9 +6,8 @@
 //! what the resulting [`Passage`] says and hands it to [`Tap::passed`], which queues the
 //! history copy (after the write, so waking the reporter never delays the data).
 //!
-//! With no hold installed (intercept off) [`Tap::packet`] is one branch and never waits: it
-//! is an `async fn` without an await on that path, so awaiting it allocates nothing and
-//! completes at the first poll. Only a held packet awaits the hold's boxed future.
+//! With no hold installed (intercept off) [`Tap::packet`] is one branch and never waits; only
+//! a held packet comes with a (boxed) future to await.
 
 use std::{
     future::Future,
@@ -94,6 +93,14 @@ pub struct Passage {
 }
 
 impl Passage {
+    /// Applies the hold's verdict: [`Verdict::Forward`] sends the packet as held (with the
+    /// bytes replace rules made, if any); another verdict replaces that.
+    pub fn decide(&mut self, verdict: Verdict) {
+        if verdict != Verdict::Forward {
+            self.verdict = verdict;
+        }
+    }
+
     /// The bytes to write on (empty when dropped).
     pub fn to_send(&self) -> &[u8] {
         match &self.verdict {
@@ -102,14 +109,6 @@ impl Passage {
             Verdict::Drop => &[],
         }
     }
-}
-
-/// What [`Tap::packet`] says about a packet.
-pub enum Step<'t> {
-    /// Write this now.
-    Ready(Passage),
-    /// The packet is held: the passage comes with the verdict.
-    Held(Pin<Box<dyn Future<Output = Passage> + Send + 't>>),
 }
 
 /// The hold point of one connection, shared by both of its pumps.
@@ -178,66 +177,40 @@ impl<'a> Tap<'a> {
         self.state.id
     }
 
-    /// THE HOLD POINT: a packet was read in `dir`; says what to write, at once or (for a
-    /// held packet) once its verdict came. Counts it and takes its sequence number and
-    /// timestamp first. Synchronous, so that the relay's hot path carries no wait state.
-    pub fn packet(&self, dir: Direction, received: Bytes) -> Step<'_> {
+    /// THE HOLD POINT: a packet was read in `dir`. Counts it and takes its sequence number
+    /// and timestamp first; returns what to write and, when the hold keeps the packet, the
+    /// wait for its verdict (see [`Passage::decide`]). Not an `async fn`: only a held packet
+    /// has a future to await, so a pump's future (and every idle connection's memory)
+    /// carries no hold state.
+    pub fn packet(&self, dir: Direction, received: Bytes) -> (Passage, Option<VerdictFuture>) {
         let ts = proto::time::now();
         let seq = self.state.record(dir, received.len());
-        let verdict = match &self.hold {
-            None => Verdict::Forward,
+        let (verdict, wait) = match &self.hold {
+            None => (Verdict::Forward, None),
             Some(hold) => match hold.check(self.state.id, dir, &received) {
-                Check::Pass => Verdict::Forward,
-                Check::Rewritten(b) => Verdict::Replace(b),
-                // Boxed: the wait's state would otherwise be part of every pump's future,
-                // and so of every idle connection's memory.
+                Check::Pass => (Verdict::Forward, None),
+                Check::Rewritten(b) => (Verdict::Replace(b), None),
                 Check::Hold { rewritten } => {
-                    return Step::Held(Box::pin(async move {
-                        let verdict = self
-                            .verdict(hold.as_ref(), seq, dir, &received, rewritten)
-                            .await;
-                        Passage {
-                            seq,
-                            ts,
-                            dir,
-                            received,
-                            verdict,
-                        }
-                    }));
+                    // The hold sees the bytes rules made; forwarding them as held sends them.
+                    let held = HeldPacket {
+                        conn_id: self.state.id,
+                        seq,
+                        dir,
+                        data: rewritten.clone().unwrap_or_else(|| received.clone()),
+                    };
+                    let verdict = rewritten.map_or(Verdict::Forward, Verdict::Replace);
+                    (verdict, Some(hold.hold(held)))
                 }
             },
         };
-        Step::Ready(Passage {
+        let passage = Passage {
             seq,
             ts,
             dir,
             received,
             verdict,
-        })
-    }
-
-    /// Holds packet `seq` (the `rewritten` bytes if rules changed it) until its verdict,
-    /// which is relative to the bytes `received`.
-    async fn verdict(
-        &self,
-        hold: &dyn Hold,
-        seq: u64,
-        dir: Direction,
-        received: &Bytes,
-        rewritten: Option<Bytes>,
-    ) -> Verdict {
-        let data = rewritten.clone().unwrap_or_else(|| received.clone());
-        let held = HeldPacket {
-            conn_id: self.state.id,
-            seq,
-            dir,
-            data,
         };
-        match (hold.hold(held).await, rewritten) {
-            // Forwarded as held: the held bytes were the rewritten ones.
-            (Verdict::Forward, Some(r)) => Verdict::Replace(r),
-            (v, _) => v,
-        }
+        (passage, wait)
     }
 
     /// After the write: queues the history copy of `p` (when history is on). An edited or
