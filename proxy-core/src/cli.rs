@@ -320,12 +320,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         })
     });
+    let stop = proto::serve::shutdown_signal();
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "ready proxy-core listen={}", proxy.socks_addr())?;
         out.flush()?;
     }
-    proto::serve::shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(());
     proxy.shutdown().await;
