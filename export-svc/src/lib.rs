@@ -4,10 +4,13 @@
 //! The framing is sans-I/O: [`wire`] writes Ethernet/IP/TCP/UDP headers, [`endpoints`]
 //! picks a stream's addresses, [`session`] turns one connection into frames and
 //! [`capture`] frames them as a capture file. [`plan`] checks a request, [`job`] runs it
-//! page by page against the registry and [`service`] serves it.
+//! page by page against the registry and [`service`] serves it. `fuzzing` (tests and the
+//! `fuzzing` feature) holds the properties the PCAP writer's fuzz target checks.
 
 pub mod capture;
 pub mod endpoints;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod job;
 pub mod plan;
 pub mod service;
