@@ -3,6 +3,8 @@
 //! and kills them when dropped.
 
 pub mod bench_server;
+pub mod load;
+pub mod pki;
 pub mod proxy;
 
 pub mod stats;
