@@ -56,6 +56,11 @@ pub struct LoadConfig {
     pub connections: usize,
     /// How long they exchange messages once all are open.
     pub duration: Duration,
+    /// Rounds against the same `up`: RSS that grows round after round is a leak, RSS that
+    /// stays where the first round left it is memory kept for reuse.
+    pub rounds: usize,
+    /// History on (the default of `up`); off shows what the history costs in memory.
+    pub history: bool,
 }
 
 /// What a run measured; every check has passed when [`run`] returns it.
@@ -63,20 +68,28 @@ pub struct LoadConfig {
 pub struct LoadReport {
     pub long_plain: usize,
     pub long_tls: usize,
-    pub short: usize,
     /// Bytes sent client to server and server to client, over every connection.
     pub bytes_c2s: u64,
     pub bytes_s2c: u64,
     /// History packets the registry stored for these connections.
     pub history_packets: u64,
-    /// How long opening the long connections took.
-    pub ramp: Duration,
-    /// From closing the last connection until every record was disconnected and complete.
-    pub records_complete_after: Duration,
-    /// RSS of `up`, bytes: ready and idle, highest sample, after the run settled.
+    pub rounds: Vec<Round>,
+    /// RSS of `up`, bytes: ready and idle, and the highest sample.
     pub rss_start: u64,
     pub rss_peak: u64,
-    pub rss_end: u64,
+}
+
+/// One round's figures.
+#[derive(Debug, Clone)]
+pub struct Round {
+    /// Short connections (closed by the server).
+    pub short: usize,
+    /// How long opening the long connections took.
+    pub ramp: Duration,
+    /// From the last close until every record was disconnected and complete.
+    pub records_complete_after: Duration,
+    /// RSS of `up` once it settled after the round, bytes.
+    pub rss_after: u64,
 }
 
 /// What one client connection did, to compare with its record.
@@ -227,7 +240,12 @@ pub async fn run(dir: &Path, cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     let plain = BenchServer::start(&plain_dir, 0, None).await?;
     let tls = BenchServer::start(&tls_dir, 0, Some((&pki.cert_pem, &pki.key_pem))).await?;
     let ca = pki.ca_pem.display().to_string();
-    let up = Up::start(&dir.join("up"), &["--upstream-ca", &ca]).await?;
+    let history = if cfg.history { "on" } else { "off" };
+    let up = Up::start(
+        &dir.join("up"),
+        &["--upstream-ca", &ca, "--history", history],
+    )
+    .await?;
     let up_pid = up.proc.pid().context("up already gone")?;
     let mut roots = RootCertStore::empty();
     let proxy_ca = up.proc.field("ca").context("ca= in the ready line")?;
@@ -249,8 +267,46 @@ pub async fn run(dir: &Path, cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_start = rss_bytes(up_pid).context("RSS of up")?;
     let peak = sample_peak(up_pid);
+    let mut sent: BTreeMap<u16, Vec<Sent>> = BTreeMap::new();
+    let mut rounds = Vec::new();
+    let mut records = Vec::new();
+    for _ in 0..cfg.rounds.max(1) {
+        let (r, all) = round(&target, &mut registry, cfg, &mut sent).await?;
+        records = all;
+        rounds.push(Round {
+            rss_after: settled_rss(up_pid).await?,
+            ..r
+        });
+    }
+    let history_packets = if cfg.history {
+        check_history(&registry, &records).await?
+    } else {
+        0
+    };
+    check_no_losses(&mut registry).await?;
+    let all = sent.values().flatten();
+    Ok(LoadReport {
+        long_plain: cfg.connections.div_ceil(2),
+        long_tls: cfg.connections / 2,
+        bytes_c2s: all.clone().map(|s| s.c2s).sum(),
+        bytes_s2c: all.map(|s| s.s2c).sum(),
+        history_packets,
+        rounds,
+        rss_start,
+        rss_peak: peak.load(Ordering::Relaxed),
+    })
+}
 
-    // Open every long connection (a bounded number at a time), then start them together.
+/// One round: opens the long connections (a bounded number at a time), starts them
+/// together with the churning clients, and waits until every record of every round so far
+/// (`sent`, which gains this round's connections) is complete. Returns the round's figures
+/// (RSS not yet measured) and every record.
+async fn round(
+    target: &Arc<Target>,
+    registry: &mut RegistryClient<AuthChannel>,
+    cfg: LoadConfig,
+    sent: &mut BTreeMap<u16, Vec<Sent>>,
+) -> anyhow::Result<(Round, Vec<Connection>)> {
     let ramp_start = Instant::now();
     let opened = Arc::new(AtomicUsize::new(0));
     let (go_tx, go_rx) = watch::channel(None);
@@ -263,29 +319,25 @@ pub async fn run(dir: &Path, cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     }
     let deadline = Instant::now() + WAIT * 3;
     while opened.load(Ordering::Relaxed) < cfg.connections {
-        if Instant::now() > deadline || longs.len() < cfg.connections {
-            // A finished task before the start is a failed one: report it.
-            if let Some(r) = longs.try_join_next() {
-                r??;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} of {} connections open after {:?}",
-                    opened.load(Ordering::Relaxed),
-                    cfg.connections,
-                    ramp_start.elapsed()
-                );
-            }
+        // A task that ended before the start has failed: report why.
+        if let Some(r) = longs.try_join_next() {
+            r??;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} of {} connections open after {:?}",
+                opened.load(Ordering::Relaxed),
+                cfg.connections,
+                ramp_start.elapsed()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ramp = ramp_start.elapsed();
-    wait_active(&mut registry, cfg.connections as u64).await?;
+    wait_active(registry, cfg.connections as u64).await?;
     let end = Instant::now() + cfg.duration;
     go_tx.send(Some(end))?;
     let churners = [false, true].map(|tls| tokio::spawn(churn(target.clone(), tls, end)));
-
-    let mut sent: BTreeMap<u16, Vec<Sent>> = BTreeMap::new();
     while let Some(r) = longs.join_next().await {
         let (port, s) = r??;
         sent.entry(port).or_default().push(s);
@@ -298,26 +350,14 @@ pub async fn run(dir: &Path, cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         }
     }
     let closed = Instant::now();
-    let records = wait_records(&mut registry, &sent).await?;
-    let records_complete_after = closed.elapsed();
-    let history_packets = check_history(&registry, &records).await?;
-    check_no_losses(&mut registry).await?;
-
-    let rss_end = settled_rss(up_pid).await?;
-    let all = sent.values().flatten();
-    Ok(LoadReport {
-        long_plain: cfg.connections.div_ceil(2),
-        long_tls: cfg.connections / 2,
+    let records = wait_records(registry, sent).await?;
+    let round = Round {
         short,
-        bytes_c2s: all.clone().map(|s| s.c2s).sum(),
-        bytes_s2c: all.map(|s| s.s2c).sum(),
-        history_packets,
         ramp,
-        records_complete_after,
-        rss_start,
-        rss_peak: peak.load(Ordering::Relaxed),
-        rss_end,
-    })
+        records_complete_after: closed.elapsed(),
+        rss_after: 0,
+    };
+    Ok((round, records))
 }
 
 /// Waits until the registry shows `n` active connections: all are open in the proxy at once.
