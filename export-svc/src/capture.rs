@@ -8,6 +8,9 @@ use crate::session::FrameSink;
 
 /// Snap length in every header: what older libpcap releases still accept.
 pub const SNAPLEN: u32 = 262_144;
+/// The longest host name written into a pcapng name record (DNS names are at most 253
+/// bytes; a SOCKS5 domain at most 255).
+pub const MAX_NAME_LEN: usize = 1024;
 /// Link type Ethernet.
 const LINKTYPE_ETHERNET: u16 = 1;
 
@@ -79,9 +82,12 @@ impl CaptureWriter {
         self.block(1, &body);
     }
 
-    /// Maps `ip` to `host` for readers (pcapng only; ignored for PCAP).
+    /// Maps `ip` to `host` for readers (pcapng only; ignored for PCAP). A name the format
+    /// cannot carry (empty, holding a NUL, which ends a name there, or over
+    /// [`MAX_NAME_LEN`]) is left out: the frames still carry the address.
     pub fn name(&mut self, ip: IpAddr, host: &str) {
-        if self.format != Format::PcapNg || host.is_empty() {
+        let fits = !host.is_empty() && !host.contains('\0') && host.len() <= MAX_NAME_LEN;
+        if self.format != Format::PcapNg || !fits {
             return;
         }
         let mut body = Vec::new();
@@ -108,8 +114,12 @@ impl CaptureWriter {
 
     fn pcap_record(&mut self, ts_nanos: u64, frame: &[u8]) {
         let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-        let secs = u32::try_from(ts_nanos / 1_000_000_000).unwrap_or(u32::MAX);
-        let micros = ((ts_nanos % 1_000_000_000) / 1000) as u32;
+        // Past the classic format's range (the year 2106) every time is its last microsecond,
+        // so later frames never read back as earlier ones.
+        let (secs, micros) = match u32::try_from(ts_nanos / 1_000_000_000) {
+            Ok(secs) => (secs, ((ts_nanos % 1_000_000_000) / 1000) as u32),
+            Err(_) => (u32::MAX, 999_999),
+        };
         let o = &mut self.out;
         o.extend_from_slice(&secs.to_le_bytes());
         o.extend_from_slice(&micros.to_le_bytes());
@@ -184,6 +194,32 @@ mod tests {
         assert_eq!(p.timestamp.as_secs(), 1_700_000_000);
         assert_eq!(p.timestamp.subsec_micros(), 123_456);
         assert!(r.next_packet().is_none());
+    }
+
+    #[test]
+    fn pcap_times_past_its_range_never_go_back() {
+        let mut w = CaptureWriter::new(Format::Pcap);
+        w.frame(
+            u64::from(u32::MAX) * 1_000_000_000 + 999_000_000,
+            &[1],
+            None,
+        );
+        w.frame(u64::MAX, &[2], None);
+        let mut r = PcapReader::new(&w.out[..]).expect("pcap header");
+        let a = r.next_packet().expect("first").expect("valid").timestamp;
+        let b = r.next_packet().expect("second").expect("valid").timestamp;
+        assert!(a <= b, "{a:?} then {b:?}");
+    }
+
+    #[test]
+    fn names_pcapng_cannot_carry_are_left_out() {
+        let mut w = CaptureWriter::new(Format::PcapNg);
+        let header = w.out.len();
+        w.name("10.0.0.2".parse().unwrap(), "evil\0.example");
+        w.name("10.0.0.2".parse().unwrap(), &"a".repeat(MAX_NAME_LEN + 1));
+        assert_eq!(w.out.len(), header, "no name block");
+        w.name("10.0.0.2".parse().unwrap(), "ok.example");
+        assert!(w.out.len() > header);
     }
 
     #[test]

@@ -5,11 +5,14 @@
 //! picks a stream's addresses, [`session`] turns one connection into frames and
 //! [`capture`] frames them as a capture file. [`plan`] checks a request, [`job`] runs it
 //! page by page against the registry (a live export, `follow`, tails the registry's
-//! `FollowHistory` instead) and [`service`] serves it.
+//! `FollowHistory` instead) and [`service`] serves it. `fuzzing` (tests and the `fuzzing`
+//! feature) holds the properties the PCAP writer's fuzz target checks.
 
 pub mod capture;
 pub mod endpoints;
 mod follow;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod job;
 pub mod plan;
 pub mod service;

@@ -215,75 +215,31 @@ impl UdpSession {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
-    /// Collects frames in memory.
-    #[derive(Default)]
-    pub struct Frames(pub Vec<(u64, Vec<u8>, Option<String>)>);
+    use crate::fuzzing::{self, Frames, TcpSegment};
 
-    impl FrameSink for Frames {
-        fn frame(&mut self, ts: u64, frame: &[u8], comment: Option<&str>) {
-            self.0
-                .push((ts, frame.to_vec(), comment.map(str::to_string)));
-        }
+    /// A decoded frame, its lengths and checksums checked: (from client?, seq, ack, flags,
+    /// payload).
+    fn decode(f: &[u8]) -> (bool, u32, u32, u8, Vec<u8>) {
+        let s = TcpSegment::of(&fuzzing::decode(f));
+        (s.from_client, s.seq, s.ack, s.flags, s.payload)
     }
 
-    /// A decoded IPv4 TCP frame: (from client?, seq, ack, flags, payload).
-    pub fn decode(f: &[u8]) -> (bool, u32, u32, u8, Vec<u8>) {
-        let ip = &f[14..];
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-        assert_eq!(total, f.len() - 14, "IP total length");
-        assert!(wire::ipv4_header_ok(&ip[..ihl]), "IP checksum");
-        let tcp = &ip[ihl..total];
-        let sum = wire::l4_checksum(
-            std::net::Ipv4Addr::from([ip[12], ip[13], ip[14], ip[15]]).into(),
-            std::net::Ipv4Addr::from([ip[16], ip[17], ip[18], ip[19]]).into(),
-            6,
-            tcp,
+    /// Reassembles both directions as a receiver would (see [`fuzzing::reassemble`]), after
+    /// checking that timestamps never go back.
+    fn reassemble(frames: &Frames) -> (Vec<u8>, Vec<u8>) {
+        assert!(
+            frames.0.windows(2).all(|f| f[0].0 <= f[1].0),
+            "timestamps go back"
         );
-        assert_eq!(sum, 0, "TCP checksum");
-        let off = usize::from(tcp[12] >> 4) * 4;
-        let word = |i: usize| u32::from_be_bytes([tcp[i], tcp[i + 1], tcp[i + 2], tcp[i + 3]]);
-        (
-            f[6..12] == CLIENT_MAC,
-            word(4),
-            word(8),
-            tcp[13],
-            tcp[off..].to_vec(),
-        )
-    }
-
-    /// Reassembles both directions as a receiver would: checks every segment starts where
-    /// the previous one ended and every ACK covers only what the other side sent.
-    pub fn reassemble(frames: &Frames) -> (Vec<u8>, Vec<u8>) {
-        let mut next = [None::<u32>, None];
-        let mut bytes = [Vec::new(), Vec::new()];
-        let mut last_ts = 0;
-        for (ts, f, _) in &frames.0 {
-            assert!(*ts >= last_ts, "timestamps go back");
-            last_ts = *ts;
-            let (from_client, seq, ack, fl, payload) = decode(f);
-            let (me, peer) = if from_client { (0, 1) } else { (1, 0) };
-            if fl & flags::SYN != 0 {
-                next[me] = Some(seq.wrapping_add(1));
-            } else {
-                let expected = next[me].expect("segment before SYN");
-                assert_eq!(seq, expected, "sequence gap");
-                next[me] = Some(seq.wrapping_add(payload.len() as u32));
-                if fl & flags::FIN != 0 {
-                    next[me] = next[me].map(|n| n.wrapping_add(1));
-                }
-                bytes[me].extend_from_slice(&payload);
-            }
-            if fl & flags::ACK != 0 {
-                assert_eq!(Some(ack), next[peer], "ACK of unseen or old data");
-            }
-            assert!(payload.len() <= wire::mss(std::net::Ipv4Addr::LOCALHOST.into()));
-        }
-        let [c, s] = bytes;
-        (c, s)
+        let segments: Vec<TcpSegment> = frames
+            .0
+            .iter()
+            .map(|f| TcpSegment::of(&fuzzing::decode(&f.1)))
+            .collect();
+        fuzzing::reassemble(&segments)
     }
 
     fn session(isn: u32) -> TcpSession {

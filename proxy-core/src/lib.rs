@@ -15,10 +15,13 @@
 //!   connection IDs; [`process`]: which local process a client is; [`conn`]: per-connection
 //!   counters.
 //! - [`cli`]: the `proxy-core` binary's options.
+//! - `fuzzing` (tests and the `fuzzing` feature): the properties the fuzz targets check.
 
 pub mod cli;
 pub mod conn;
 pub mod dns;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod handshake;
 pub mod hold;
 pub mod ids;

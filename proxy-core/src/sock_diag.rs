@@ -14,9 +14,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 const AF_NETLINK: i32 = 16;
 const NETLINK_SOCK_DIAG: i32 = 4;
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
+pub(crate) const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_ERROR: u16 = 2;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
@@ -24,7 +24,7 @@ const IPPROTO_TCP: u8 = 6;
 const REQUEST_LEN: usize = 16 + 8 + 48;
 /// Offset of `idiag_inode` in a reply: `nlmsghdr`, then `inet_diag_msg` (family, state,
 /// timer, retrans, sockid, expires, rqueue, wqueue, uid, inode).
-const INODE_AT: usize = 16 + 4 + 48 + 4 * 4;
+pub(crate) const INODE_AT: usize = 16 + 4 + 48 + 4 * 4;
 
 /// The request for the socket whose local address is `local` and remote address `remote`
 /// (both of the same family; IPv4-mapped IPv6 addresses must be given as IPv4).
@@ -170,6 +170,52 @@ mod tests {
         assert_eq!(parse_reply(&r[..20], 9).unwrap(), Answer::NotFound);
         r[4..6].copy_from_slice(&99u16.to_ne_bytes());
         assert!(parse_reply(&r, 9).is_err());
+    }
+
+    proptest::proptest! {
+        /// Every request carries its family, sequence number, ports and addresses where the
+        /// kernel reads them, and says its own length.
+        #[test]
+        fn requests_carry_what_they_ask_for(
+            local in proptest::prelude::any::<SocketAddr>(),
+            remote_port in proptest::prelude::any::<u16>(),
+            seq in proptest::prelude::any::<u32>(),
+        ) {
+            let remote = SocketAddr::new(local.ip(), remote_port);
+            let m = request(local, remote, seq);
+            proptest::prop_assert_eq!(m.len(), REQUEST_LEN);
+            proptest::prop_assert_eq!(&m[0..4], &(REQUEST_LEN as u32).to_ne_bytes());
+            proptest::prop_assert_eq!(&m[8..12], &seq.to_ne_bytes());
+            proptest::prop_assert_eq!(m[16], if local.is_ipv4() { AF_INET } else { AF_INET6 });
+            proptest::prop_assert_eq!(&m[24..26], &local.port().to_be_bytes());
+            proptest::prop_assert_eq!(&m[26..28], &remote_port.to_be_bytes());
+            let ip = match local.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+            };
+            proptest::prop_assert_eq!(&m[28..28 + ip.len()], &ip[..]);
+            proptest::prop_assert_eq!(&m[44..44 + ip.len()], &ip[..]);
+        }
+
+        /// A reply of any length past the inode field yields that inode for its own request
+        /// and is stale for any other.
+        #[test]
+        fn replies_yield_their_inode(
+            seq in proptest::prelude::any::<u32>(),
+            other in proptest::prelude::any::<u32>(),
+            inode in proptest::prelude::any::<u32>(),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let mut r = vec![0u8; INODE_AT + 4];
+            r[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+            r[8..12].copy_from_slice(&seq.to_ne_bytes());
+            r[INODE_AT..].copy_from_slice(&inode.to_ne_bytes());
+            r.extend_from_slice(&tail);
+            proptest::prop_assert_eq!(parse_reply(&r, seq).ok(), Some(Answer::Inode(inode.into())));
+            if other != seq {
+                proptest::prop_assert_eq!(parse_reply(&r, other).ok(), Some(Answer::Stale));
+            }
+        }
     }
 
     /// The kernel's answer for a real socket is the inode `/proc` shows for it.

@@ -4,6 +4,8 @@
 
 pub mod bench_server;
 pub mod dns_server;
+pub mod load;
+pub mod pki;
 pub mod proxy;
 
 pub mod stats;

@@ -21,6 +21,20 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     parse_stat_cpu(&stat)
 }
 
+/// Resident set size of process `pid` in bytes (`VmRSS` of `/proc/PID/status`).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// utime + stime of a `/proc/PID/stat` line, in seconds (Linux counts in USER_HZ = 100).
 fn parse_stat_cpu(stat: &str) -> Option<f64> {
     // The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
@@ -88,6 +102,8 @@ mod tests {
         assert_eq!(super::parse_stat_cpu("1 (x) S 1"), None);
         let own = super::cpu_secs(std::process::id()).expect("own stat");
         assert!(own >= 0.0);
+        let rss = super::rss_bytes(std::process::id()).expect("own RSS");
+        assert!(rss > 1 << 20, "{rss} bytes");
     }
 
     use super::*;

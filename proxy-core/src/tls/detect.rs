@@ -194,7 +194,9 @@ fn reassemble(buf: &[u8]) -> Result<Reassembled<'_>, &'static str> {
         if msg_len < 38 {
             return Err("ClientHello too short");
         }
-        if msg_len + 4 <= first_frag.len() {
+        // Complete once the whole record is here: `records_len` never passes the buffer,
+        // even for a record that holds more than the ClientHello.
+        if msg_len + 4 <= first_frag.len() && first_frag.len() == first_len {
             return Ok(Reassembled::Complete {
                 message: Cow::Borrowed(&first_frag[..msg_len + 4]),
                 records_len: RECORD_HEADER_LEN + first_len,
@@ -503,6 +505,24 @@ pub(crate) mod tests {
         for n in 0..s.len() {
             assert_eq!(detect(&s[..n]), Detection::NeedMore, "prefix of {n} bytes");
         }
+    }
+
+    /// Found by the `client_hello` fuzz target: a record longer than the ClientHello it
+    /// carries was reported complete with `records_len` past the end of the buffer.
+    #[test]
+    fn a_record_longer_than_its_hello_is_complete_only_when_all_here() {
+        let s = sample();
+        let mut v = s.to_vec();
+        let len = u16::from_be_bytes([v[3], v[4]]) + 10;
+        v[3..5].copy_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(&[0; 10]);
+        for n in 0..v.len() {
+            assert_eq!(detect(&v[..n]), Detection::NeedMore, "prefix {n}");
+        }
+        let Detection::ClientHello(info) = detect(&v) else {
+            panic!("expected ClientHello");
+        };
+        assert_eq!(info.records_len, v.len());
     }
 
     #[test]

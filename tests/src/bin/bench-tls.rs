@@ -18,7 +18,6 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::{
     ClientConfig, RootCertStore,
     client::Resumption,
@@ -27,6 +26,7 @@ use rustls::{
 use tests::{
     Registry,
     bench_server::BenchServer,
+    pki::UpstreamPki,
     proxy::{ProxyProc, socks_connected},
 };
 use tokio::{
@@ -145,23 +145,11 @@ async fn main() -> anyhow::Result<()> {
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let dir = tempfile::tempdir()?;
     // Test PKI: a CA and a server certificate for localhost.
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::default();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "bench upstream CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key)?;
-    let upstream_ca = dir.path().join("upstream-ca.pem");
-    std::fs::write(&upstream_ca, ca.pem())?;
-    let key = KeyPair::generate()?;
-    let cert = CertificateParams::new(vec!["localhost".to_string()])?
-        .signed_by(&key, &rcgen::Issuer::from_params(&ca_params, &ca_key))?;
-    let (cert_pem, key_pem) = (dir.path().join("server.pem"), dir.path().join("server.key"));
-    std::fs::write(&cert_pem, cert.pem())?;
-    std::fs::write(&key_pem, key.serialize_pem())?;
+    let pki = UpstreamPki::create(dir.path(), "bench upstream CA")?;
+    let upstream_ca = pki.ca_pem.clone();
     // The server runs as its own process, as a real one does.
-    let bench_server = BenchServer::start(dir.path(), BULK, Some((&cert_pem, &key_pem))).await?;
+    let bench_server =
+        BenchServer::start(dir.path(), BULK, Some((&pki.cert_pem, &pki.key_pem))).await?;
     let server = bench_server.addr;
 
     let registry = Registry::start(&dir.path().join("registry")).await?;
@@ -224,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The client trusts both the server's CA and the proxy's CA; no session resumption.
     let mut roots = RootCertStore::empty();
-    roots.add(ca.der().clone())?;
+    roots.add(pki.ca.clone())?;
     for c in CertificateDer::pem_file_iter(data.join("ca").join("ca-cert.pem"))? {
         roots.add(c?)?;
     }
