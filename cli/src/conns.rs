@@ -398,6 +398,8 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
             "history_evicted_bytes": s.history_evicted_bytes,
             "history_refused_packets": s.history_refused_packets,
             "history_refused_bytes": s.history_refused_bytes,
+            "history_purged_packets": s.history_purged_packets,
+            "history_purged_bytes": s.history_purged_bytes,
             "losses": losses,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);

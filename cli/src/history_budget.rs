@@ -30,5 +30,12 @@ pub fn print_usage(out: &mut impl Write, s: &ConnectionStatsResponse) -> std::io
             s.history_refused_packets, s.history_refused_bytes
         )?;
     }
+    if s.history_purged_packets > 0 {
+        writeln!(
+            out,
+            "history purged:    {} packets, {} bytes (on request)",
+            s.history_purged_packets, s.history_purged_bytes
+        )?;
+    }
     Ok(())
 }

@@ -186,6 +186,16 @@ impl PayloadLog {
         Ok(())
     }
 
+    /// Starts a new segment unless the one appends go to is empty, so that every byte so
+    /// far is in a segment [`PayloadLog::remove`] may delete.
+    pub fn close_current(&self) -> io::Result<()> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if w.1.len.load(Ordering::Relaxed) > 0 {
+            self.start_segment(&mut w)?;
+        }
+        Ok(())
+    }
+
     fn segment(&self, n: u64) -> Option<Arc<Segment>> {
         let segments = self.segments.read().unwrap_or_else(|e| e.into_inner());
         segments.get(&n).cloned()
@@ -250,6 +260,11 @@ impl PayloadLog {
         let current = self.writer.lock().unwrap_or_else(|e| e.into_inner()).0;
         let segments = self.segments.read().unwrap_or_else(|e| e.into_inner());
         segments.keys().next().copied().filter(|&n| n < current)
+    }
+
+    /// The segment appends go to.
+    pub fn current(&self) -> u64 {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
     /// Whether segment `n` is present.

@@ -323,6 +323,7 @@ impl State {
         let budget = self.store.budget();
         let (evicted_packets, evicted_bytes) = budget.evicted();
         let (refused_packets, refused_bytes) = budget.refused();
+        let (purged_packets, purged_bytes) = budget.purged();
         Ok(ConnectionStatsResponse {
             history_bytes: self.store.history_bytes(),
             records_bytes: self.store.records_bytes()?,
@@ -332,6 +333,8 @@ impl State {
             history_evicted_bytes: evicted_bytes,
             history_refused_packets: refused_packets,
             history_refused_bytes: refused_bytes,
+            history_purged_packets: purged_packets,
+            history_purged_bytes: purged_bytes,
             ..Default::default()
         })
     }

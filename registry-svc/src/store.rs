@@ -42,10 +42,12 @@ use crate::payload::PayloadLog;
 
 pub mod arrivals;
 pub mod budget;
+pub mod purge;
 pub mod unwritten;
 
 pub use arrivals::{Followed, LogPage};
 pub use budget::{HistoryOptions, WhenFull};
+pub use purge::{Purge, Purged};
 
 /// Largest block of IDs one lease may take.
 pub const MAX_LEASE: u32 = 65_536;

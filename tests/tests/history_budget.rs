@@ -202,3 +202,96 @@ async fn sigkill_during_eviction_loses_nothing_acknowledged_and_leaves_no_dangli
     }
     Ok(())
 }
+
+async fn all_packets(reg: &Registry) -> anyhow::Result<Vec<proto::common::Packet>> {
+    let mut client = reg.client().await?;
+    let h = client
+        .search_history(SearchHistoryRequest::default())
+        .await?
+        .into_inner();
+    Ok(h.packets)
+}
+
+#[tokio::test]
+async fn purge_deletes_what_it_is_asked_to_and_says_what_it_removed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let reg = Registry::start(&data).await?;
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "n").await?;
+    for conn in 1..=3 {
+        ingest
+            .send_durable(vec![
+                events::open(conn, 5555, "example.test", 443),
+                events::packet(conn, 1, Direction::C2s, &payload(conn)),
+                events::packet(conn, 2, Direction::S2c, b"pong"),
+            ])
+            .await?;
+    }
+    let conns = |h: Vec<proto::common::Packet>| -> Vec<(u64, u64)> {
+        h.iter().map(|p| (p.conn_id, p.seq)).collect()
+    };
+
+    // Exactly one selector.
+    let out = interpose(&reg.url, &["history", "purge"]).await?;
+    assert!(!out.ok);
+    let out = interpose(&reg.url, &["history", "purge", "--all", "--conn", "1"]).await?;
+    assert!(!out.ok, "{}", out.stderr);
+    let out = interpose(&reg.url, &["history", "purge", "--before", "soon"]).await?;
+    assert!(
+        out.stderr.contains("neither an RFC 3339 time"),
+        "{}",
+        out.stderr
+    );
+    let bad = client
+        .purge_history(proto::registry::PurgeHistoryRequest::default())
+        .await;
+    assert_eq!(
+        bad.map(|_| ()).unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+
+    let out = interpose(&reg.url, &["history", "purge", "--conn", "1", "3"]).await?;
+    assert!(out.ok, "{}", out.stderr);
+    let line = format!("purged 4 packet(s), {} bytes;", 2 * (PACKET + 4));
+    assert!(out.stdout.starts_with(&line), "{}", out.stdout);
+    assert_eq!(conns(all_packets(&reg).await?), [(2, 1), (2, 2)]);
+    // Records stay.
+    let listed = interpose_json(&reg.url, &["conns", "list", "--json"]).await?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(3));
+
+    // Nothing is older than an hour; everything is older than now (an age of 0s).
+    let out = interpose(&reg.url, &["history", "purge", "--before", "1h"]).await?;
+    assert!(
+        out.stdout.starts_with("purged 0 packet(s)"),
+        "{}",
+        out.stdout
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let out = interpose(&reg.url, &["history", "purge", "--before", "0s"]).await?;
+    assert!(
+        out.stdout.starts_with("purged 2 packet(s)"),
+        "{}",
+        out.stdout
+    );
+    assert!(all_packets(&reg).await?.is_empty());
+
+    // --all frees every segment file, recording goes on, and stats add it all up.
+    ingest
+        .send_durable(vec![events::packet(2, 3, Direction::C2s, &payload(7))])
+        .await?;
+    let out = interpose(&reg.url, &["history", "purge", "--all"]).await?;
+    let line = format!("purged 1 packet(s), {PACKET} bytes; ");
+    assert!(out.stdout.starts_with(&line), "{}", out.stdout);
+    let s = stats(&reg).await?;
+    assert_eq!((s.history_bytes, s.history_packets), (0, 0));
+    assert_eq!(s.history_purged_packets, 7);
+    assert_eq!(s.history_purged_bytes, 4 * PACKET as u64 + 3 * 4);
+    let json = interpose_json(&reg.url, &["conns", "stats", "--json"]).await?;
+    assert_eq!(json["history_purged_packets"], 7);
+    ingest
+        .send_durable(vec![events::packet(2, 4, Direction::C2s, &payload(8))])
+        .await?;
+    assert_eq!(conns(all_packets(&reg).await?), [(2, 4)]);
+    Ok(())
+}

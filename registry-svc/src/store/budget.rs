@@ -74,6 +74,8 @@ const EVICTED_PACKETS: &[u8] = b"evicted_packets";
 const EVICTED_BYTES: &[u8] = b"evicted_bytes";
 const REFUSED_PACKETS: &[u8] = b"refused_packets";
 const REFUSED_BYTES: &[u8] = b"refused_bytes";
+pub(super) const PURGED_PACKETS: &[u8] = b"purged_packets";
+pub(super) const PURGED_BYTES: &[u8] = b"purged_bytes";
 /// Every payload segment with a lower number has been removed.
 const REMOVED_BELOW: &[u8] = b"segments_removed_below";
 /// The last arrival log position whose packets were removed: a follower before it missed some.
@@ -89,6 +91,8 @@ pub struct Budget {
     /// Whether writes are being refused now (for the log lines at the start and end).
     refusing: AtomicBool,
     removed_position: AtomicU64,
+    pub(super) purged_packets: AtomicU64,
+    pub(super) purged_bytes: AtomicU64,
 }
 
 impl Budget {
@@ -105,6 +109,8 @@ impl Budget {
             refused_bytes: get(REFUSED_BYTES)?,
             refusing: AtomicBool::new(false),
             removed_position: get(REMOVED_POSITION)?,
+            purged_packets: get(PURGED_PACKETS)?,
+            purged_bytes: get(PURGED_BYTES)?,
         })
     }
 
@@ -142,6 +148,8 @@ impl Budget {
             (REFUSED_PACKETS, &self.refused_packets),
             (REFUSED_BYTES, &self.refused_bytes),
             (REMOVED_POSITION, &self.removed_position),
+            (PURGED_PACKETS, &self.purged_packets),
+            (PURGED_BYTES, &self.purged_bytes),
         ] {
             meta.insert(k, &v.load(Ordering::Relaxed).to_be_bytes())?;
         }
@@ -166,6 +174,14 @@ impl Budget {
         (
             self.refused_packets.load(Ordering::Relaxed),
             self.refused_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Packets and bytes purged on request, in total.
+    pub fn purged(&self) -> (u64, u64) {
+        (
+            self.purged_packets.load(Ordering::Relaxed),
+            self.purged_bytes.load(Ordering::Relaxed),
         )
     }
 
@@ -351,6 +367,8 @@ impl Store {
             let Some(next) = n.checked_add(1) else { break };
             from = next;
         }
+        // A purge interrupted after its flush leaves files nothing points into.
+        self.delete_unreferenced(self.payloads.numbers())?;
         Ok(())
     }
 }
