@@ -295,3 +295,43 @@ async fn purge_deletes_what_it_is_asked_to_and_says_what_it_removed() -> anyhow:
     assert_eq!(conns(all_packets(&reg).await?), [(2, 4)]);
     Ok(())
 }
+
+/// The next event of a follow stream.
+async fn next(
+    events: &mut tonic::Streaming<proto::registry::FollowHistoryEvent>,
+) -> anyhow::Result<proto::registry::FollowHistoryEvent> {
+    tokio::time::timeout(tests::WAIT, events.message())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("the follow stream ended"))
+}
+
+#[tokio::test]
+async fn a_follower_behind_the_eviction_is_told_of_the_gap() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = start(&dir.path().join("data")).await?;
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "n").await?;
+    for seq in 1..=40 {
+        ingest
+            .send_durable(vec![events::packet(1, seq, Direction::C2s, &payload(seq))])
+            .await?;
+    }
+    let first = check_kept(&reg, 40).await?;
+    // Each batch took one arrival position, so packet N is at position N.
+    let mut events = client
+        .follow_history(proto::registry::FollowHistoryRequest {
+            after: Some(1),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let gap = next(&mut events).await?;
+    assert_eq!((gap.evicted_through, gap.position), (first - 1, first - 1));
+    assert!(gap.packet.is_none());
+    for seq in first..=40 {
+        let e = next(&mut events).await?;
+        let p = e.packet.expect("a packet");
+        assert_eq!((p.seq, e.position, e.evicted_through), (seq, seq, 0));
+    }
+    Ok(())
+}
