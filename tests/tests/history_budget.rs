@@ -335,3 +335,59 @@ async fn a_follower_behind_the_eviction_is_told_of_the_gap() -> anyhow::Result<(
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn stop_at_the_budget_keeps_the_oldest_and_counts_what_it_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let args = ["--history-max-bytes", "16KB", "--history-full", "stop"];
+    let reg = Registry::start_with(&data, "127.0.0.1:0", &args).await?;
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "n").await?;
+    ingest
+        .send_durable(vec![events::open(1, 5555, "example.test", 443)])
+        .await?;
+    for seq in 1..=6 {
+        ingest
+            .send_durable(vec![events::packet(1, seq, Direction::C2s, &payload(seq))])
+            .await?;
+    }
+    // 16,000 bytes hold four packets of 4000; the fifth and sixth are refused.
+    assert_eq!(stored_seqs(&reg).await?, [1, 2, 3, 4]);
+    let s = stats(&reg).await?;
+    assert_eq!(
+        (s.history_refused_packets, s.history_refused_bytes),
+        (2, 8000)
+    );
+    assert_eq!(
+        (s.history_evicted_packets, s.history_when_full.as_str()),
+        (0, "stop")
+    );
+    assert!(
+        reg.proc.stderr().contains("history reached its budget"),
+        "{}",
+        reg.proc.stderr()
+    );
+    let text = interpose(&reg.url, &["conns", "stats"]).await?.stdout;
+    assert!(
+        text.contains("history refused:   2 packets, 8000 bytes"),
+        "{text}"
+    );
+    // The record itself is kept and complete; a purge makes room and recording resumes.
+    let out = interpose(&reg.url, &["history", "purge", "--conn", "1"]).await?;
+    assert!(
+        out.stdout.contains("16000 bytes of history files deleted"),
+        "{}",
+        out.stdout
+    );
+    ingest
+        .send_durable(vec![events::packet(1, 7, Direction::C2s, &payload(7))])
+        .await?;
+    assert_eq!(stored_seqs(&reg).await?, [7]);
+    assert!(
+        reg.proc.stderr().contains("recording resumes"),
+        "{}",
+        reg.proc.stderr()
+    );
+    Ok(())
+}

@@ -162,9 +162,18 @@ impl Store {
                 TransactionError::Abort(()) => StoreError::Invalid("purge aborted".into()),
             })?;
         self.db.flush()?;
-        if *what == Purge::All {
-            // The segment being written holds purged bytes too: start a fresh one.
+        let current = self.payloads.current();
+        let current_unused = self
+            .segment_runs
+            .scan_prefix(current.to_be_bytes())
+            .next()
+            .is_none();
+        if current_unused {
+            // Nothing kept is in the segment being written: start a fresh one so it can go.
             self.payloads.close_current()?;
+            touched.insert(current);
+        }
+        if *what == Purge::All {
             touched.extend(self.payloads.numbers());
         }
         out.freed_bytes = self.delete_unreferenced(touched)?;
