@@ -44,6 +44,13 @@ pub enum QueueError {
         closed_by: &'static str,
         reason: String,
     },
+    /// The proxy stopped waiting for the packet (its connection ended, or the proxy went
+    /// away) before the registry said how the connection ended; the packet left the queue.
+    #[error(
+        "the proxy no longer waits for held packet {held_id}: connection {conn_id} ended or \
+         its proxy went away; the packet has left the queue"
+    )]
+    Abandoned { held_id: u64, conn_id: u64 },
     /// A rule with an empty pattern would match everywhere.
     #[error("a replace rule needs a non-empty pattern")]
     EmptyPattern,
@@ -87,7 +94,9 @@ pub enum HoldOutcome {
 
 struct Entry<W> {
     held: HeldPacket,
-    waiter: W,
+    /// The proxy's pending answer; `None` once the proxy stopped waiting (the packet stays
+    /// listed until a user acts on it, so that its connection's end can be seen).
+    waiter: Option<W>,
 }
 
 /// The queue and its configuration. See the module documentation.
@@ -145,11 +154,13 @@ impl<W> Queue<W> {
             return Vec::new();
         }
         let ids: Vec<u64> = self.held.keys().copied().collect();
-        self.released_by_off += ids.len() as u64;
-        ids.into_iter()
-            .filter_map(|id| self.remove(id))
+        let released: Vec<(W, Verdict)> = ids
+            .into_iter()
+            .filter_map(|id| self.remove(id).flatten())
             .map(|w| (w, forward_as_is("intercept_off")))
-            .collect()
+            .collect();
+        self.released_by_off += released.len() as u64;
+        released
     }
 
     /// Adds a replace rule under a new ID.
@@ -210,7 +221,13 @@ impl<W> Queue<W> {
         }
         held.packet = Some(packet);
         self.push_event(Kind::Added, Some(held.clone()), held_id);
-        self.held.insert(held_id, Entry { held, waiter });
+        self.held.insert(
+            held_id,
+            Entry {
+                held,
+                waiter: Some(waiter),
+            },
+        );
         (HoldOutcome::Held(held_id), None)
     }
 
@@ -251,14 +268,17 @@ impl<W> Queue<W> {
 
     /// The packet's hold timeout passed: forward it as is (if it is still waiting).
     pub fn time_out(&mut self, held_id: u64) -> Option<(W, Verdict)> {
-        let waiter = self.remove(held_id)?;
+        let waiter = self.remove(held_id).flatten()?;
         self.timed_out += 1;
         Some((waiter, forward_as_is("timeout")))
     }
 
-    /// The proxy gave up waiting (its call was cancelled): forget the packet.
+    /// The proxy stopped waiting (its call was cancelled, e.g. because the connection ended
+    /// while the packet was held): the packet stays listed, so that the user sees how its
+    /// connection ended, until a user acts on it (refused, and removed) or intercept is
+    /// turned off. Returns the waiter if it was still there.
     pub fn cancel(&mut self, held_id: u64) -> Option<W> {
-        self.remove(held_id)
+        self.held.get_mut(&held_id)?.waiter.take()
     }
 
     /// The registry reports a connection ended: its held packets show it.
@@ -334,17 +354,23 @@ impl<W> Queue<W> {
             };
             let release = self
                 .remove(held_id)
+                .flatten()
                 .map(|w| (w, verdict(Action::Drop, "connection_closed")));
             return Err(Refused {
                 error: err,
                 release,
             });
         }
-        self.remove(held_id)
-            .ok_or(QueueError::NotFound(held_id).into())
+        let conn_id = conn_of(&entry.held);
+        match self.remove(held_id) {
+            Some(Some(w)) => Ok(w),
+            Some(None) => Err(QueueError::Abandoned { held_id, conn_id }.into()),
+            None => Err(QueueError::NotFound(held_id).into()),
+        }
     }
 
-    fn remove(&mut self, held_id: u64) -> Option<W> {
+    /// Removes a packet: `None` if there was none, else its waiter if the proxy still waits.
+    fn remove(&mut self, held_id: u64) -> Option<Option<W>> {
         let entry = self.held.remove(&held_id)?;
         self.push_event(Kind::Removed, None, held_id);
         Some(entry.waiter)
@@ -561,7 +587,7 @@ mod tests {
     }
 
     #[test]
-    fn timeout_and_cancel_remove_once() {
+    fn timeout_removes_once_and_cancel_takes_the_waiter_once() {
         let mut q = Queue::new(10);
         q.set_config(on());
         hold(&mut q, 1, 1);
@@ -571,6 +597,55 @@ mod tests {
         assert_eq!(q.cancel(2), Some(2));
         assert_eq!(q.cancel(2), None);
         assert_eq!(q.status().timed_out, 1);
+    }
+
+    #[test]
+    fn a_packet_the_proxy_stopped_waiting_for_stays_listed_until_a_user_acts() {
+        let mut q = Queue::new(10);
+        q.set_config(on());
+        hold(&mut q, 5, 1);
+        hold(&mut q, 6, 2);
+        hold(&mut q, 7, 3);
+        for id in 1..=3 {
+            assert_eq!(q.cancel(id), Some(id as u32));
+        }
+        kinds(&mut q);
+        assert_eq!(q.list().len(), 3);
+        // Its connection's end shows, and the refusal names who closed it.
+        q.conn_ended(
+            5,
+            Ended {
+                closed_by: ClosedBy::Server,
+                reason: "server sent FIN".into(),
+            },
+        );
+        let r = q.forward(1, None).unwrap_err();
+        assert!(r.release.is_none());
+        assert!(
+            r.error
+                .to_string()
+                .starts_with("connection 5 was closed by the server (server sent FIN)"),
+            "{}",
+            r.error
+        );
+        // Before the registry said anything: refused all the same, never a silent success.
+        let r = q.drop_packet(2).unwrap_err();
+        assert_eq!(
+            r.error,
+            QueueError::Abandoned {
+                held_id: 2,
+                conn_id: 6
+            }
+        );
+        assert_eq!(
+            kinds(&mut q),
+            [(Kind::Updated, 1), (Kind::Removed, 1), (Kind::Removed, 2)]
+        );
+        // Off removes the rest, releasing nothing.
+        assert!(q.set_config(InterceptConfig::default()).is_empty());
+        assert_eq!(kinds(&mut q), [(Kind::Removed, 3)]);
+        assert_eq!(q.status().released_by_off, 0);
+        assert!(q.list().is_empty());
     }
 
     #[test]

@@ -81,8 +81,8 @@ fn release(decided: impl IntoIterator<Item = (Waiter, Verdict)>) {
     }
 }
 
-/// Removes a held packet from the queue when its `Hold` call ends without a verdict (the
-/// proxy cancelled it); after a verdict the removal finds nothing.
+/// Tells the queue when a `Hold` call ends without a verdict (the proxy cancelled it): the
+/// packet stays listed until a user acts on it; after a verdict it is gone already.
 struct CancelOnDrop {
     shared: Arc<Shared>,
     held_id: u64,
@@ -154,7 +154,9 @@ fn status_of(e: QueueError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         QueueError::NotFound(_) | QueueError::NoRule(_) => Status::not_found(e.to_string()),
-        QueueError::Closed { .. } => Status::failed_precondition(e.to_string()),
+        QueueError::Closed { .. } | QueueError::Abandoned { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
     }
 }
 

@@ -12,6 +12,10 @@
 //! cut-off. A reset (RST) or any other error ends both directions at once; a reset is passed
 //! on as a reset ([`pass_reset`]).
 //!
+//! While a packet waits for a verdict its pump reads ahead one packet, so that it notices
+//! its side ending (see [`held`]): a held packet never keeps a connection that both peers
+//! have closed open.
+//!
 //! A pump can also stop early at a packet boundary ([`Boundary`]): the TLS splice uses it
 //! to hand a ClientHello that shows up mid-stream to the TLS layer with both directions
 //! paused. The plain relay sets no boundary.
@@ -62,6 +66,12 @@ pub struct Boundary<'a> {
     pub pause: Option<&'a Notify>,
 }
 
+/// The boundary of a pump that stops nowhere (the plain relay).
+pub const NOWHERE: Boundary<'static> = Boundary {
+    before: None,
+    pause: None,
+};
+
 impl Boundary<'_> {
     fn stops_before(&self, data: &[u8]) -> bool {
         self.before
@@ -70,8 +80,14 @@ impl Boundary<'_> {
 }
 
 /// What a pump starts with besides its reader (the splice resumes a direction with them).
+/// Boxed, and only when there is something: most pumps start with nothing, and an async
+/// function's arguments stay in its future for its whole life.
 #[derive(Debug, Default)]
-pub struct Start {
+pub struct Start(Option<Box<Resume>>);
+
+/// How a pump resumes a direction.
+#[derive(Debug, Default)]
+pub struct Resume {
     /// Bytes already received, relayed first.
     pub pending: Option<Bytes>,
     /// `pending` was already checked against the boundary: relay it as it is.
@@ -83,76 +99,151 @@ pub struct Start {
 impl Start {
     /// Starts with `pending` (empty counts as none), unchecked.
     pub fn with(pending: Bytes) -> Self {
-        Self {
-            pending: Some(pending).filter(|p| !p.is_empty()),
-            ..Self::default()
+        match pending.is_empty() {
+            true => Self(None),
+            false => Self::resume(Resume {
+                pending: Some(pending),
+                ..Resume::default()
+            }),
         }
+    }
+
+    /// Resumes as `r` says.
+    pub fn resume(r: Resume) -> Self {
+        Self(Some(Box::new(r)))
+    }
+
+    /// Takes the bytes to relay first, if any.
+    pub fn take_pending(&mut self) -> Option<Bytes> {
+        self.0.as_mut().and_then(|r| r.pending.take())
     }
 }
 
+/// What a pump read while its packet waited for a verdict, to go on with after it.
+enum Ahead {
+    /// The next packet.
+    Data(Bytes),
+    /// How the reading side ended.
+    End(PumpEnd),
+}
+
 /// Relays one direction until its reading side ends, a write fails, or a boundary stops it.
+///
+/// Every connection's task holds two of these futures for its whole life, so they are kept
+/// small: arguments by reference or boxed, and the hold's wait boxed (see [`held`]).
 pub async fn pump<R: PacketReader, W: PacketWriter>(
     r: &mut R,
     w: &mut W,
     dir: Direction,
     tap: &Tap<'_>,
-    at: Boundary<'_>,
+    at: &Boundary<'_>,
     start: Start,
 ) -> PumpEnd {
-    if let Some(data) = start.pending {
-        if !start.checked && at.stops_before(&data) {
-            return PumpEnd::Stopped(Some(data));
-        }
-        if let Err(e) = pass(w, dir, tap, data).await {
-            return PumpEnd::Write(e);
-        }
-    }
-    if let Some(end) = start.ended {
-        if matches!(end, PumpEnd::Eof) {
-            let _ = w.shutdown_write().await;
-        }
-        return end;
-    }
+    // A packet already received, relayed first (checked against the boundary unless the
+    // splice did that already). Destructured at once: a `Resume` local would stay in the
+    // future.
+    let Resume {
+        pending: mut next,
+        checked,
+        ended,
+    } = start.0.map(|b| *b).unwrap_or_default();
+    let mut unchecked = !checked;
+    // The reading side may have ended already: nothing more is read, and while `next`
+    // waits for a verdict that end counts as seen.
+    let mut ahead = ended.map(Ahead::End);
     loop {
-        let read = match at.pause {
-            Some(pause) => tokio::select! {
-                biased;
-                () = pause.notified() => return PumpEnd::Stopped(None),
-                r = r.read_packet() => r,
-            },
-            None => r.read_packet().await,
-        };
-        let data = match read {
-            Ok(Some(d)) => d,
-            Ok(None) => {
-                // Pass the FIN on; a failure here means the other side is gone already,
-                // which its own pump will report.
-                let _ = w.shutdown_write().await;
-                return PumpEnd::Eof;
+        // `if let`, not `match`: its scrutinee is gone before the `else` awaits (edition
+        // 2024), a `match` scrutinee would be kept across the read.
+        let data = if let Some(d) = next.take() {
+            d
+        } else {
+            unchecked = true;
+            let read = if let Some(a) = ahead.take() {
+                match a {
+                    Ahead::Data(d) => Ok(Some(d)),
+                    Ahead::End(PumpEnd::Eof) => Ok(None),
+                    Ahead::End(end) => return end,
+                }
+            } else if let Some(pause) = at.pause {
+                tokio::select! {
+                    biased;
+                    () = pause.notified() => return PumpEnd::Stopped(None),
+                    r = r.read_packet() => r,
+                }
+            } else {
+                r.read_packet().await
+            };
+            match read {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    tap.reading_ended(dir);
+                    // Pass the FIN on; a failure here means the other side is gone
+                    // already, which its own pump will report.
+                    let _ = w.shutdown_write().await;
+                    return PumpEnd::Eof;
+                }
+                Err(e) => return PumpEnd::Read(e),
             }
-            Err(e) => return PumpEnd::Read(e),
         };
-        if at.stops_before(&data) {
+        if unchecked && at.stops_before(&data) {
             return PumpEnd::Stopped(Some(data));
         }
-        if let Err(e) = pass(w, dir, tap, data).await {
+        // Through the hold point and on to `w`; the history copy is queued after the write,
+        // so waking the reporter never delays the data.
+        let (mut passage, wait) = tap.packet(dir, data);
+        if let Some(wait) = wait {
+            // Boxed: the wait's state would otherwise be part of every pump's future.
+            match Box::pin(held(r, w, dir, tap, wait, &mut ahead)).await {
+                Ok(verdict) => passage.decide(verdict),
+                Err(end) => return end,
+            }
+        }
+        let written = w.write_packet(passage.to_send()).await;
+        tap.passed(passage);
+        if let Err(e) = written {
             return PumpEnd::Write(e);
         }
     }
 }
 
-/// One packet through the hold point and on to `w`; the history copy is queued after the
-/// write, so waking the reporter never delays the data.
-async fn pass<W: PacketWriter>(
+/// Waits for the verdict on a held packet. Meanwhile the pump reads ahead one packet (kept
+/// in `ahead`, relayed after this one), so that it notices its side ending: a reset ends
+/// the connection at once, and a FIN when the other side has sent FIN too (both peers are
+/// done, so the held packet can no longer be relayed; intercept-svc then refuses its
+/// verdict, naming who closed the connection). A FIN while the other side is still open is
+/// passed on after the packet, as usual.
+async fn held<R: PacketReader, W: PacketWriter>(
+    r: &mut R,
     w: &mut W,
     dir: Direction,
     tap: &Tap<'_>,
-    data: Bytes,
-) -> stdio::Result<()> {
-    let passage = tap.packet(dir, data).await;
-    let written = w.write_packet(passage.to_send()).await;
-    tap.passed(passage);
-    written
+    mut wait: VerdictFuture,
+    ahead: &mut Option<Ahead>,
+) -> Result<Verdict, PumpEnd> {
+    let other = if dir == Direction::C2s {
+        Direction::S2c
+    } else {
+        Direction::C2s
+    };
+    loop {
+        let at_end = matches!(ahead, Some(Ahead::End(PumpEnd::Eof)));
+        tokio::select! {
+            biased;
+            v = wait.as_mut() => return Ok(v),
+            read = r.read_packet(), if ahead.is_none() => match read {
+                Ok(Some(d)) => *ahead = Some(Ahead::Data(d)),
+                Ok(None) => {
+                    tap.reading_ended(dir);
+                    *ahead = Some(Ahead::End(PumpEnd::Eof));
+                }
+                Err(e) => return Err(PumpEnd::Read(e)),
+            },
+            () = tap.wait_reading_ended(other), if at_end => {
+                let _ = w.shutdown_write().await;
+                return Err(PumpEnd::Eof);
+            }
+        }
+    }
 }
 
 fn is_reset(e: &stdio::Error) -> bool {
@@ -238,7 +329,7 @@ pub async fn relay<C: Leg, S: Leg>(
             &mut sw,
             Direction::C2s,
             tap,
-            Boundary::default(),
+            &NOWHERE,
             Start::with(pending),
         );
         let s2c = pump(
@@ -246,7 +337,7 @@ pub async fn relay<C: Leg, S: Leg>(
             &mut cw,
             Direction::S2c,
             tap,
-            Boundary::default(),
+            &NOWHERE,
             Start::default(),
         );
         tokio::pin!(c2s, s2c, shutdown);

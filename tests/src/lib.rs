@@ -6,6 +6,7 @@ pub mod bench_server;
 pub mod proxy;
 
 pub mod stats;
+pub mod tls;
 pub mod tools;
 
 use std::{

@@ -97,8 +97,11 @@ impl PacketReader for TcpReader<'_> {
     async fn read_packet(&mut self) -> io::Result<Option<Bytes>> {
         loop {
             if self.buf.capacity() == 0 {
-                // Idle: no buffer held while waiting.
-                self.half.readable().await?;
+                // Idle: no buffer held while waiting. The stream's own read-readiness slot
+                // (this pump is the socket's only reader), not `readable()`, whose waiter
+                // would sit in every idle connection's future.
+                let tcp: &TcpStream = self.half.as_ref();
+                std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
                 self.buf = BytesMut::with_capacity(self.size);
             }
             let spare = self.buf.capacity() - self.buf.len();

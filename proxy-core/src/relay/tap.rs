@@ -6,15 +6,22 @@
 //! what the resulting [`Passage`] says and hands it to [`Tap::passed`], which queues the
 //! history copy (after the write, so waking the reporter never delays the data).
 //!
-//! With no hold installed (intercept off) [`Tap::packet`] is one branch and never waits: it
-//! is an `async fn` without an await on that path, so awaiting it allocates nothing and
-//! completes at the first poll. Only a held packet awaits the hold's boxed future.
+//! With no hold installed (intercept off) [`Tap::packet`] is one branch and never waits; only
+//! a held packet comes with a (boxed) future to await.
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use prost_types::Timestamp;
 use proto::common::Direction;
+use tokio::sync::Notify;
 
 use crate::{conn::ConnState, hold::Check, report::Reporter};
 
@@ -86,6 +93,14 @@ pub struct Passage {
 }
 
 impl Passage {
+    /// Applies the hold's verdict: [`Verdict::Forward`] sends the packet as held (with the
+    /// bytes replace rules made, if any); another verdict replaces that.
+    pub fn decide(&mut self, verdict: Verdict) {
+        if verdict != Verdict::Forward {
+            self.verdict = verdict;
+        }
+    }
+
     /// The bytes to write on (empty when dropped).
     pub fn to_send(&self) -> &[u8] {
         match &self.verdict {
@@ -104,6 +119,27 @@ pub struct Tap<'a> {
     pub reporter: &'a Reporter,
     /// Holds packets when intercept is on; `None` passes every packet on at once.
     pub hold: Option<Arc<dyn Hold>>,
+    /// Which sides have sent FIN, so that a pump waiting for a verdict learns when both
+    /// peers are done.
+    ends: Ends,
+}
+
+/// The reading sides that have ended (FIN), one flag per direction.
+#[derive(Default)]
+struct Ends {
+    c2s: AtomicBool,
+    s2c: AtomicBool,
+    changed: Notify,
+}
+
+impl Ends {
+    fn flag(&self, dir: Direction) -> &AtomicBool {
+        if dir == Direction::S2c {
+            &self.s2c
+        } else {
+            &self.c2s
+        }
+    }
 }
 
 impl<'a> Tap<'a> {
@@ -113,6 +149,26 @@ impl<'a> Tap<'a> {
             state,
             reporter,
             hold: None,
+            ends: Ends::default(),
+        }
+    }
+
+    /// The reading side of `dir` sent FIN.
+    pub fn reading_ended(&self, dir: Direction) {
+        self.ends.flag(dir).store(true, Ordering::Release);
+        self.ends.changed.notify_waiters();
+    }
+
+    /// Completes once the reading side of `dir` has sent FIN.
+    pub async fn wait_reading_ended(&self, dir: Direction) {
+        loop {
+            let changed = self.ends.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.ends.flag(dir).load(Ordering::Acquire) {
+                return;
+            }
+            changed.await;
         }
     }
 
@@ -121,55 +177,40 @@ impl<'a> Tap<'a> {
         self.state.id
     }
 
-    /// THE HOLD POINT: a packet was read in `dir`; returns what to write. Counts it and
-    /// takes its sequence number and timestamp first, then waits for a verdict if the hold
-    /// wants it.
-    pub async fn packet(&self, dir: Direction, received: Bytes) -> Passage {
+    /// THE HOLD POINT: a packet was read in `dir`. Counts it and takes its sequence number
+    /// and timestamp first; returns what to write and, when the hold keeps the packet, the
+    /// wait for its verdict (see [`Passage::decide`]). Not an `async fn`: only a held packet
+    /// has a future to await, so a pump's future (and every idle connection's memory)
+    /// carries no hold state.
+    pub fn packet(&self, dir: Direction, received: Bytes) -> (Passage, Option<VerdictFuture>) {
         let ts = proto::time::now();
         let seq = self.state.record(dir, received.len());
-        let verdict = match &self.hold {
-            None => Verdict::Forward,
+        let (verdict, wait) = match &self.hold {
+            None => (Verdict::Forward, None),
             Some(hold) => match hold.check(self.state.id, dir, &received) {
-                Check::Pass => Verdict::Forward,
-                Check::Rewritten(b) => Verdict::Replace(b),
-                // Boxed: the wait's state would otherwise be part of every pump's future,
-                // and so of every idle connection's memory.
+                Check::Pass => (Verdict::Forward, None),
+                Check::Rewritten(b) => (Verdict::Replace(b), None),
                 Check::Hold { rewritten } => {
-                    Box::pin(self.verdict(hold.as_ref(), seq, dir, &received, rewritten)).await
+                    // The hold sees the bytes rules made; forwarding them as held sends them.
+                    let held = HeldPacket {
+                        conn_id: self.state.id,
+                        seq,
+                        dir,
+                        data: rewritten.clone().unwrap_or_else(|| received.clone()),
+                    };
+                    let verdict = rewritten.map_or(Verdict::Forward, Verdict::Replace);
+                    (verdict, Some(hold.hold(held)))
                 }
             },
         };
-        Passage {
+        let passage = Passage {
             seq,
             ts,
             dir,
             received,
             verdict,
-        }
-    }
-
-    /// Holds packet `seq` (the `rewritten` bytes if rules changed it) until its verdict,
-    /// which is relative to the bytes `received`.
-    async fn verdict(
-        &self,
-        hold: &dyn Hold,
-        seq: u64,
-        dir: Direction,
-        received: &Bytes,
-        rewritten: Option<Bytes>,
-    ) -> Verdict {
-        let data = rewritten.clone().unwrap_or_else(|| received.clone());
-        let held = HeldPacket {
-            conn_id: self.state.id,
-            seq,
-            dir,
-            data,
         };
-        match (hold.hold(held).await, rewritten) {
-            // Forwarded as held: the held bytes were the rewritten ones.
-            (Verdict::Forward, Some(r)) => Verdict::Replace(r),
-            (v, _) => v,
-        }
+        (passage, wait)
     }
 
     /// After the write: queues the history copy of `p` (when history is on). An edited or

@@ -175,3 +175,100 @@ async fn a_reset_is_passed_on_as_a_reset() {
         stdio::ErrorKind::ConnectionReset
     );
 }
+
+/// Holds the first client packet until the test sends its verdict; passes the rest.
+struct Gate(std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<Verdict>>>);
+
+impl Gate {
+    fn new() -> (Arc<Self>, tokio::sync::oneshot::Sender<Verdict>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Arc::new(Self(std::sync::Mutex::new(Some(rx)))), tx)
+    }
+}
+
+impl Hold for Gate {
+    fn check(&self, _: u64, dir: Direction, _: &Bytes) -> crate::hold::Check {
+        let first = self.0.lock().is_ok_and(|g| g.is_some());
+        if dir == Direction::C2s && first {
+            crate::hold::Check::Hold { rewritten: None }
+        } else {
+            crate::hold::Check::Pass
+        }
+    }
+
+    fn hold(&self, _: HeldPacket) -> VerdictFuture {
+        let rx = self.0.lock().ok().and_then(|mut g| g.take());
+        Box::pin(async move {
+            match rx {
+                Some(rx) => rx.await.unwrap_or(Verdict::Drop),
+                None => Verdict::Drop,
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_client_fin_while_its_packet_is_held_follows_the_packet() {
+    let ((mut app, mut c), (mut s, mut server)) = pairs().await;
+    let state = ConnState::new(1);
+    let reporter = reporter();
+    let mut tap = Tap::new(&state, &reporter);
+    let (gate, verdict) = Gate::new();
+    tap.hold = Some(gate);
+    let relay = relay(&mut c, &mut s, Bytes::new(), &tap, std::future::pending());
+    let drive = async {
+        // A request, then FIN at once (`nc -N`); the server answers only after reading it.
+        app.write_all(b"request").await.expect("write");
+        app.shutdown().await.expect("fin");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = verdict.send(Verdict::Forward);
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"request");
+        server.write_all(b"response").await.expect("write");
+        server.shutdown().await.expect("fin");
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).await.expect("read");
+        assert_eq!(back, b"response");
+    };
+    let (end, ()) = tokio::time::timeout(WAIT, async { tokio::join!(relay, drive) })
+        .await
+        .expect("relay ended in time");
+    assert_eq!(
+        end,
+        End::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
+    );
+}
+
+#[tokio::test]
+async fn when_both_sides_sent_fin_while_a_packet_is_held_the_connection_ends() {
+    let ((mut app, mut c), (mut s, mut server)) = pairs().await;
+    let state = ConnState::new(1);
+    let reporter = reporter();
+    let mut tap = Tap::new(&state, &reporter);
+    let (gate, _verdict) = Gate::new();
+    tap.hold = Some(gate);
+    let relay = relay(&mut c, &mut s, Bytes::new(), &tap, std::future::pending());
+    let drive = async {
+        app.write_all(b"too late").await.expect("write");
+        // The server closes; the client sees it and closes too. No verdict ever comes.
+        server.shutdown().await.expect("fin");
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).await.expect("read");
+        assert!(back.is_empty());
+        app.shutdown().await.expect("fin");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read");
+        assert!(
+            got.is_empty(),
+            "the held packet was relayed without a verdict"
+        );
+    };
+    let (end, ()) = tokio::time::timeout(WAIT, async { tokio::join!(relay, drive) })
+        .await
+        .expect("relay ended in time");
+    assert_eq!(
+        end,
+        End::new(ClosedBy::Server, CloseKind::Fin, "server sent FIN")
+    );
+}

@@ -32,7 +32,7 @@ use tokio::{
 use crate::{
     conn::End,
     relay::{
-        self, Boundary, Leg, MAX_READ, MIN_READ, PacketCheck, PacketReader, PumpEnd, Start,
+        self, Boundary, Leg, MAX_READ, MIN_READ, PacketCheck, PacketReader, PumpEnd, Resume, Start,
         StreamWriter, Tap, classify, io::reset_tcp, pump,
     },
     shutdown::Shutdown,
@@ -80,11 +80,11 @@ pub async fn splice(
             }
             Phase::Resume(data) => {
                 // The server ended while the client began a handshake: relay it as data.
-                st.c2s = Start {
+                st.c2s = Start::resume(Resume {
                     pending: Some(data),
                     checked: true,
                     ended: None,
-                };
+                });
                 st.detect = false;
             }
             Phase::Upgrade(first_bytes) => {
@@ -103,7 +103,7 @@ pub async fn splice(
                     st.detect = false;
                     continue;
                 }
-                let prefix = st.c2s.pending.take().unwrap_or_default();
+                let prefix = st.c2s.take_pending().unwrap_or_default();
                 // Boxed: the TLS state (two handshakes, two TLS sessions) is large, and
                 // an unboxed future would make every connection's task that large, TLS
                 // or not, idle or not.
@@ -179,7 +179,7 @@ async fn plain_phase(
         &mut sw,
         Direction::C2s,
         tap,
-        c2s_at,
+        &c2s_at,
         std::mem::take(&mut st.c2s),
     );
     let s2c = pump(
@@ -187,7 +187,7 @@ async fn plain_phase(
         &mut cw,
         Direction::S2c,
         tap,
-        s2c_at,
+        &s2c_at,
         Start::default(),
     );
     tokio::pin!(c2s, s2c);
@@ -296,11 +296,11 @@ async fn read_hello(client: &mut TcpStream, first: Bytes) -> (Start, Option<Clie
             }
         }
     };
-    let start = Start {
+    let start = Start::resume(Resume {
         pending: Some(buf.freeze()),
         checked: true,
         ended,
-    };
+    });
     (start, hello)
 }
 

@@ -1,0 +1,215 @@
+//! TLS and relay helpers for the end-to-end tests that go through `interpose up`'s SOCKS
+//! port: a test PKI for real upstream servers, loopback servers, SOCKS CONNECT with a TLS
+//! client that trusts the Interpose CA, and waits on records.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::{Context, bail};
+use proto::common::{ConnStatus, Connection};
+use proxy_core::socks5::Addr;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::{
+    Up, WAIT,
+    proxy::{all_connections, socks_connect},
+    registry_client,
+};
+
+/// A test CA and a server certificate for `localhost` and 127.0.0.1.
+pub struct Pki {
+    dir: tempfile::TempDir,
+    chain: Vec<CertificateDer<'static>>,
+    key_pem: String,
+}
+
+impl Pki {
+    /// A fresh CA named `cn` and a leaf it signed.
+    pub fn new(cn: &str) -> anyhow::Result<Pki> {
+        proxy_core::tls::install_provider();
+        let dir = tempfile::tempdir()?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::default();
+        ca_params.distinguished_name.push(DnType::CommonName, cn);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key)?;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+        let key = KeyPair::generate()?;
+        let params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Pki {
+            dir,
+            chain: vec![cert.der().clone()],
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// The CA certificate's PEM file (what `--upstream-ca` takes).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// [`Pki::ca_file`] as an argument.
+    pub fn ca_arg(&self) -> String {
+        self.ca_file().display().to_string()
+    }
+
+    /// A TLS acceptor with this PKI's server certificate and the given ALPN protocols.
+    pub fn acceptor(&self, alpn: &[&[u8]]) -> anyhow::Result<TlsAcceptor> {
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())?;
+        let mut cfg = ServerConfig::builder_with_provider(proxy_core::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), key)?;
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(TlsAcceptor::from(Arc::new(cfg)))
+    }
+}
+
+/// Root store holding the certificates of a PEM file.
+pub fn roots(pem_file: &std::path::Path) -> anyhow::Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pem_file)? {
+        roots.add(c?)?;
+    }
+    Ok(roots)
+}
+
+/// The interpose CA file of a running `up`.
+pub fn proxy_ca(up: &Up) -> anyhow::Result<PathBuf> {
+    Ok(PathBuf::from(
+        up.proc.field("ca").context("ca= in the ready line")?,
+    ))
+}
+
+/// The SOCKS address of a running `up`.
+pub fn socks(up: &Up) -> anyhow::Result<SocketAddr> {
+    up.proc.addr("socks")
+}
+
+/// Runs a loopback server: every accepted connection goes to `handle` in its own task.
+pub async fn serve<F, Fut>(handle: F) -> anyhow::Result<SocketAddr>
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let handle = Arc::new(handle);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            let h = handle.clone();
+            tokio::spawn(async move {
+                if let Err(e) = tokio::time::timeout(WAIT, h(s)).await {
+                    eprintln!("test server connection: {e}");
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Echoes what `s` reads until it ends (a TLS peer's missing close_notify included).
+pub async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+) -> anyhow::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            // A client that closes TCP without close_notify.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        s.write_all(&buf[..n]).await?;
+        s.flush().await?;
+    }
+}
+
+/// A rustls client configuration trusting `roots`.
+pub fn client_config(roots: RootCertStore) -> Arc<ClientConfig> {
+    Arc::new(
+        ClientConfig::builder_with_provider(proxy_core::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// A TLS handshake over `tcp` as a client that trusts the CA in `ca`, bounded by [`WAIT`]:
+/// the outer error is the timeout, the inner one the handshake's own.
+pub async fn tls_connect(
+    ca: &std::path::Path,
+    name: ServerName<'static>,
+    tcp: TcpStream,
+) -> anyhow::Result<std::io::Result<tokio_rustls::client::TlsStream<TcpStream>>> {
+    tokio::time::timeout(
+        WAIT,
+        TlsConnector::from(client_config(roots(ca)?)).connect(name, tcp),
+    )
+    .await
+    .context("TLS handshake timed out")
+}
+
+/// Opens a SOCKS CONNECT to `target` through `up`; returns the stream and its local port.
+pub async fn through(up: &Up, target: Addr) -> anyhow::Result<(TcpStream, u16)> {
+    let r = socks_connect(socks(up)?, target).await?;
+    if r.reply != proxy_core::socks5::Reply::Succeeded {
+        bail!("SOCKS reply {:?}", r.reply);
+    }
+    let port = r.stream.local_addr()?.port();
+    r.stream.set_nodelay(true)?;
+    Ok((r.stream, port))
+}
+
+/// Writes `msg` and reads the same number of bytes back.
+pub async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    msg: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    s.write_all(msg).await?;
+    s.flush().await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back))
+        .await
+        .context("echo timed out")??;
+    Ok(back)
+}
+
+/// Waits for a record matching `pred` (the last one seen is in the error).
+pub async fn wait_record(
+    up: &Up,
+    what: &str,
+    pred: impl Fn(&Connection) -> bool,
+) -> anyhow::Result<Connection> {
+    let mut client = registry_client(&up.grpc, None).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let all = all_connections(&mut client).await?;
+        if let Some(c) = all.iter().find(|c| pred(c)) {
+            return Ok(c.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for a record {what}; records: {all:#?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether the record says disconnected.
+pub fn disconnected(c: &Connection) -> bool {
+    c.status == ConnStatus::Disconnected as i32
+}
