@@ -390,6 +390,16 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
             "history_unwritten_packets": s.history_unwritten_packets,
             "history_unwritten_bytes": s.history_unwritten_bytes,
             "history_failing": (!s.history_failing.is_empty()).then_some(&s.history_failing),
+            "history_bytes": s.history_bytes,
+            "records_bytes": s.records_bytes,
+            "history_max_bytes": s.history_max_bytes,
+            "history_when_full": s.history_when_full,
+            "history_evicted_packets": s.history_evicted_packets,
+            "history_evicted_bytes": s.history_evicted_bytes,
+            "history_refused_packets": s.history_refused_packets,
+            "history_refused_bytes": s.history_refused_bytes,
+            "history_purged_packets": s.history_purged_packets,
+            "history_purged_bytes": s.history_purged_bytes,
             "losses": losses,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -398,6 +408,7 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     writeln!(out, "total connections: {}", s.total)?;
     writeln!(out, "history packets:   {}", s.history_packets)?;
+    crate::history_budget::print_usage(&mut out, &s)?;
     if s.history_unwritten_packets > 0 {
         writeln!(
             out,

@@ -19,7 +19,10 @@ use crate::{
 };
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct HistoryArgs {
+    #[command(subcommand)]
+    pub action: Option<HistoryAction>,
     /// Only this connection's packets.
     #[arg(long)]
     pub conn: Option<u64>,
@@ -36,8 +39,18 @@ pub struct HistoryArgs {
     pub table: TableArgs,
 }
 
+/// What `interpose history` can do besides searching.
+#[derive(Debug, clap::Subcommand)]
+pub enum HistoryAction {
+    /// Delete history packets: --conn ID..., --before TIME or --all. Records stay.
+    Purge(crate::history_purge::PurgeArgs),
+}
+
 /// Runs `interpose history`, streaming pages to stdout as they arrive.
 pub async fn run(server: &ServerArgs, args: HistoryArgs) -> anyhow::Result<()> {
+    if let Some(HistoryAction::Purge(purge)) = args.action {
+        return crate::history_purge::run(server, purge).await;
+    }
     // A bad --columns fails before any network I/O.
     let columns = table::select(columns::HISTORY, args.table.columns.as_deref())?;
     let mut pager = table::Pager::new(

@@ -10,6 +10,8 @@ pub mod export;
 pub mod held;
 pub mod hexdump;
 pub mod history;
+pub mod history_budget;
+pub mod history_purge;
 pub mod intercept;
 pub mod output;
 pub mod table;

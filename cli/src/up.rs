@@ -36,6 +36,9 @@ pub struct UpArgs {
     /// `--server` clap would list the clients' global one in `up --help`.
     #[arg(long, hide = true)]
     pub server: Option<String>,
+    /// The history's disk budget (the same as the `registry-svc` binary's).
+    #[command(flatten)]
+    pub history: registry_svc::history_args::HistoryArgs,
     /// The proxy's options (the same as the `proxy-core` binary's).
     #[command(flatten)]
     pub proxy: ProxyArgs,
@@ -60,7 +63,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let splicer = args.proxy.tls_splice(&dir)?;
     let ca_path = splicer.ca().cert_path();
 
-    let registry = registry_svc::open(&dir)?;
+    let registry = registry_svc::open(&dir, &args.history.options())?;
     let listener = tokio::net::TcpListener::bind(args.grpc)
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;

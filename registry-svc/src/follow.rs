@@ -81,6 +81,7 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
     for c in records {
         send(tx, connection(c, upto)).await?;
     }
+    let evicted_before = state.store.budget().removed_position();
     let mut token = String::new();
     loop {
         let st = state.clone();
@@ -98,6 +99,11 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
             Some(next) => token = next,
             None => break,
         }
+    }
+    // Evicted while the snapshot was read: some of it may be missing.
+    let evicted = state.store.budget().removed_position();
+    if evicted > evicted_before {
+        send(tx, gap(evicted.min(upto))).await?;
     }
     send(
         tx,
@@ -120,15 +126,24 @@ async fn live(state: &Arc<State>, conn_id: u64, mut cursor: u64, tx: &Tx) -> Res
         let st = state.clone();
         let page =
             blocking(move || st.store.log_after(cursor, conn_id, LOG_PAGE, PAGE_BYTES)).await?;
+        // Read after the page: positions up to it may have lost packets before or while
+        // the page was read (eviction removes whole segments, so later ones are whole).
+        let evicted = state.store.budget().removed_position();
+        if evicted > cursor {
+            send(tx, gap(evicted)).await?;
+        }
         for (n, item) in page.items {
+            if n <= evicted && evicted > cursor {
+                continue;
+            }
             let event = match item {
                 Followed::Packet(p) => packet(p, n),
                 Followed::Closed(c) => connection(*c, n),
             };
             send(tx, event).await?;
         }
-        if page.last > cursor {
-            cursor = page.last;
+        if page.last.max(evicted) > cursor {
+            cursor = page.last.max(evicted);
             continue;
         }
         tokio::select! {
@@ -139,6 +154,15 @@ async fn live(state: &Arc<State>, conn_id: u64, mut cursor: u64, tx: &Tx) -> Res
             }
             () = tx.closed() => return Err(End::Gone),
         }
+    }
+}
+
+/// The event that tells a follower history up to `position` was evicted unread.
+fn gap(position: u64) -> FollowHistoryEvent {
+    FollowHistoryEvent {
+        evicted_through: position,
+        position,
+        ..Default::default()
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod filter;
 pub mod follow;
+pub mod history_args;
 pub mod liveness;
 pub mod payload;
 pub mod service;
@@ -30,13 +31,18 @@ pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
 
 /// Opens the registry state kept in `data_dir`, with an error that names the path. The data
 /// directory is made private first (umask 077, modes 0700/0600 fixed where looser).
-pub fn open(data_dir: &std::path::Path) -> anyhow::Result<Arc<State>> {
+/// `history` is its budget (see [`store::budget`]).
+pub fn open(
+    data_dir: &std::path::Path,
+    history: &store::HistoryOptions,
+) -> anyhow::Result<Arc<State>> {
     proto::private::prepare_data_dir(data_dir)
         .with_context(|| format!("preparing data directory {}", data_dir.display()))?;
     let path = store_path(data_dir);
     proto::private::create_dir(&path)
         .with_context(|| format!("creating registry store {}", path.display()))?;
-    State::open(&path).with_context(|| format!("opening registry store {}", path.display()))
+    State::open_with(&path, history)
+        .with_context(|| format!("opening registry store {}", path.display()))
 }
 
 /// The health service name that reports whether history can be written: NOT_SERVING while
@@ -95,6 +101,9 @@ pub struct Args {
     /// Serve without a token (loopback only; every local user can then call the API).
     #[arg(long, conflicts_with_all = ["token", "token_file"])]
     pub no_auth: bool,
+    /// The history's disk budget.
+    #[command(flatten)]
+    pub history: history_args::HistoryArgs,
 }
 
 /// Keeps [`HISTORY_HEALTH`] in step with whether history can be written.
@@ -122,7 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.no_auth {
         proto::serve::check_exposure(args.listen, None)?;
     }
-    let state = open(&args.data_dir)?;
+    let state = open(&args.data_dir, &args.history.options())?;
     let auth = proto::token::AuthOptions {
         token: args.token,
         token_file: args.token_file,

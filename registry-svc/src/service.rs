@@ -130,6 +130,23 @@ impl Registry for RegistryService {
         Ok(Response::new(pb::ClearConnectionsResponse { cleared }))
     }
 
+    async fn purge_history(
+        &self,
+        req: Request<pb::PurgeHistoryRequest>,
+    ) -> Result<Response<pb::PurgeHistoryResponse>, Status> {
+        let what = crate::store::Purge::from_request(&req.into_inner())?;
+        let state = self.state.clone();
+        // Disk work (a scan, a transaction, a flush, file deletions): off the async threads.
+        let p = tokio::task::spawn_blocking(move || state.store.purge(&what))
+            .await
+            .map_err(|e| Status::internal(format!("purge task: {e}")))??;
+        Ok(Response::new(pb::PurgeHistoryResponse {
+            packets: p.packets,
+            bytes: p.bytes,
+            freed_bytes: p.freed_bytes,
+        }))
+    }
+
     async fn clear_all(
         &self,
         _req: Request<pb::ClearAllRequest>,

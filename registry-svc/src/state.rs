@@ -67,8 +67,16 @@ pub struct HistoryQuery {
 impl State {
     /// Opens the store in `dir`.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(dir, &crate::store::HistoryOptions::default())
+    }
+
+    /// Opens the store in `dir` with the history budget `history`.
+    pub fn open_with(
+        dir: &Path,
+        history: &crate::store::HistoryOptions,
+    ) -> Result<Arc<Self>, StoreError> {
         Ok(Arc::new(Self {
-            store: Store::open(dir)?,
+            store: Store::open_with(dir, history)?,
             hub: Hub::default(),
         }))
     }
@@ -304,6 +312,30 @@ impl State {
             history_unwritten_packets: self.store.unwritten().packets(),
             history_unwritten_bytes: self.store.unwritten().bytes(),
             history_failing: self.store.unwritten().failing().unwrap_or_default(),
+            ..self.history_usage()?
+        })
+    }
+}
+
+impl State {
+    /// The history's disk use and budget, as `conns stats` shows them.
+    fn history_usage(&self) -> Result<ConnectionStatsResponse, StoreError> {
+        let budget = self.store.budget();
+        let (evicted_packets, evicted_bytes) = budget.evicted();
+        let (refused_packets, refused_bytes) = budget.refused();
+        let (purged_packets, purged_bytes) = budget.purged();
+        Ok(ConnectionStatsResponse {
+            history_bytes: self.store.history_bytes(),
+            records_bytes: self.store.records_bytes()?,
+            history_max_bytes: budget.options().max_bytes,
+            history_when_full: budget.options().when_full.name().to_string(),
+            history_evicted_packets: evicted_packets,
+            history_evicted_bytes: evicted_bytes,
+            history_refused_packets: refused_packets,
+            history_refused_bytes: refused_bytes,
+            history_purged_packets: purged_packets,
+            history_purged_bytes: purged_bytes,
+            ..Default::default()
         })
     }
 }

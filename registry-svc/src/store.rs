@@ -7,12 +7,16 @@
 //!   sequence numbers. Storing runs rather than single packets cuts sled inserts (which
 //!   copy a whole node each) by the run length. Runs never share a sequence number, so key
 //!   order is sequence order; a replayed batch yields the same runs and is merged into
-//!   them. The payload bytes are not in sled but in the [`PayloadLog`] file `history.log`
-//!   (runs hold offsets); runs written before the log existed hold their bytes inline.
+//!   them. The payload bytes are not in sled but in the [`PayloadLog`]'s segment files
+//!   (runs hold segment and offset); runs written before the log existed hold their bytes
+//!   inline.
+//! - `segment_runs`: segment (8) + history key (16) -> empty: the runs holding packets in a
+//!   segment, so evicting or purging a segment finds them without a scan (see [`budget`])
 //! - `cleared`: conn ID (8) -> empty; events for a cleared ID are ignored, so a late close or
 //!   a replayed batch never brings a cleared record back
 //! - `meta`:    `next_id` -> u64, `history_count` -> u64, `unwritten_packets` and
-//!   `unwritten_bytes` -> u64 ([`unwritten`]), `losses/NODE` -> `ProxyLosses`
+//!   `unwritten_bytes` -> u64 ([`unwritten`]), `losses/NODE` -> `ProxyLosses`, the
+//!   budget's counts ([`budget`])
 //!
 //! - `arrivals`: position (8) -> the runs and closed records written at it: the order in
 //!   which things were recorded, for followers (see [`arrivals`])
@@ -37,9 +41,13 @@ use proto::{
 use crate::payload::PayloadLog;
 
 pub mod arrivals;
+pub mod budget;
+pub mod purge;
 pub mod unwritten;
 
 pub use arrivals::{Followed, LogPage};
+pub use budget::{HistoryOptions, WhenFull};
+pub use purge::{Purge, Purged};
 
 /// Largest block of IDs one lease may take.
 pub const MAX_LEASE: u32 = 65_536;
@@ -117,6 +125,8 @@ pub struct Store {
     cleared: sled::Tree,
     meta: sled::Tree,
     payloads: std::sync::Arc<PayloadLog>,
+    segment_runs: sled::Tree,
+    budget: budget::Budget,
     arrivals: arrivals::Arrivals,
     history_count: AtomicU64,
     unwritten: unwritten::Unwritten,
@@ -172,6 +182,10 @@ pub struct StoredPacket {
     /// The arrival log position it was recorded at; 0 before the log existed.
     #[prost(uint64, tag = "11")]
     pub recorded: u64,
+    /// The payload log segment `log_offset` is in; 0 for the single file of stores from
+    /// before segments.
+    #[prost(uint64, tag = "12")]
+    pub segment: u64,
 }
 
 /// Splits packets into runs of one connection with consecutive sequence numbers, dropping
@@ -203,6 +217,14 @@ pub fn history_key(conn_id: u64, seq: u64) -> [u8; 16] {
     k
 }
 
+/// The `segment_runs` key of the run `key` holding packets in `segment`.
+pub fn segment_run_key(segment: u64, key: &[u8; 16]) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&segment.to_be_bytes());
+    k[8..].copy_from_slice(key);
+    k
+}
+
 /// Splits a history key into connection ID and sequence.
 pub fn split_history_key(k: &[u8]) -> Option<(u64, u64)> {
     let id = u64::from_be_bytes(k.get(..8)?.try_into().ok()?);
@@ -215,8 +237,13 @@ fn decode<M: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<M, S
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, with no history budget.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, &HistoryOptions::default())
+    }
+
+    /// Opens (or creates) the store in `dir`, keeping its history within `options`.
+    pub fn open_with(dir: &Path, options: &HistoryOptions) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(256 * 1024 * 1024)
@@ -226,7 +253,9 @@ impl Store {
         let history = db.open_tree("history")?;
         let cleared = db.open_tree("cleared")?;
         let meta = db.open_tree("meta")?;
-        let payloads = std::sync::Arc::new(PayloadLog::open(&dir.join("history.log"))?);
+        let payloads = std::sync::Arc::new(PayloadLog::open(dir, options.segment_bytes())?);
+        let segment_runs = db.open_tree("segment_runs")?;
+        let budget = budget::Budget::open(options, &meta)?;
         let arrivals = arrivals::Arrivals::open(&db)?;
         let history_count = match meta.get(HISTORY_COUNT)? {
             Some(v) => u64_value(Some(v)),
@@ -243,10 +272,16 @@ impl Store {
             cleared,
             meta,
             payloads,
+            segment_runs,
+            budget,
             arrivals,
             history_count: AtomicU64::new(history_count),
             unwritten,
             lease_lock: Mutex::new(()),
+        })
+        .and_then(|s| {
+            s.finish_removals()?;
+            Ok(s)
         })
     }
 
@@ -272,6 +307,7 @@ impl Store {
             .insert(UNWRITTEN_PACKETS, &self.unwritten.packets().to_be_bytes())?;
         self.meta
             .insert(UNWRITTEN_BYTES, &self.unwritten.bytes().to_be_bytes())?;
+        self.budget.save(&self.meta)?;
         self.db.flush_async().await?;
         Ok(())
     }
@@ -316,11 +352,7 @@ impl Store {
             if let Some(old) = &old {
                 // A packet is held if its bytes are: after a power loss sled's entry can
                 // outlive the end of the payload log, and the proxy's replay then restores it.
-                packets.retain(|p| {
-                    !old.packets
-                        .iter()
-                        .any(|o| o.seq == p.seq && self.payloads.holds(o.log_offset, o.log_len))
-                });
+                packets.retain(|p| !old.packets.iter().any(|o| o.seq == p.seq && self.holds(o)));
             }
             if !packets.is_empty() {
                 todo.push((key, packets, old));
@@ -333,7 +365,14 @@ impl Store {
         if parts.is_empty() {
             return Ok(Vec::new());
         }
-        let mut offset = match self.payloads.append(&parts) {
+        let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if !self
+            .budget
+            .admits(parts.len() as u64, bytes, self.payloads.total_bytes())
+        {
+            return Ok(Vec::new());
+        }
+        let (segment, mut offset) = match self.payloads.append(&parts) {
             Ok(offset) => {
                 self.unwritten.succeeded();
                 offset
@@ -368,6 +407,7 @@ impl Store {
                             original: p.original,
                             dropped: p.dropped,
                             recorded,
+                            segment,
                         };
                         offset += len;
                         stored
@@ -386,17 +426,26 @@ impl Store {
             buf.clear();
             run.encode(&mut buf)
                 .map_err(|_| StoreError::Invalid("packet run too large to encode".to_string()))?;
+            // Indexed before the run is stored: a crash never leaves a run the index misses.
+            self.segment_runs
+                .insert(segment_run_key(segment, &key), &[])?;
             self.history.insert(key, buf.as_slice())?;
             keys.push(key);
         }
         self.history_count.fetch_add(fresh, Ordering::Relaxed);
+        self.keep_budget()?;
         Ok(keys)
+    }
+
+    /// Whether the payload log holds a stored packet's bytes.
+    fn holds(&self, p: &StoredPacket) -> bool {
+        self.payloads.holds(p.segment, p.log_offset, p.log_len)
     }
 
     /// A stored packet with its payload read back.
     fn load(&self, p: StoredPacket) -> Result<Packet, StoreError> {
         let data = if p.log_len > 0 {
-            self.payloads.read(p.log_offset, p.log_len)?
+            self.payloads.read(p.segment, p.log_offset, p.log_len)?
         } else {
             p.data
         };
@@ -586,7 +635,8 @@ impl Store {
             let run: Run = decode("history run", &v)?;
             for p in run.packets {
                 let pos = (p.conn_id, p.seq);
-                if last.is_some_and(|l| pos <= l) || p.recorded > upto {
+                // A packet whose segment was evicted meanwhile (its run is being trimmed) is gone.
+                if last.is_some_and(|l| pos <= l) || p.recorded > upto || !self.holds(&p) {
                     continue;
                 }
                 last = Some(pos);
@@ -764,7 +814,7 @@ mod tests {
     #[test]
     fn payloads_live_in_the_log_and_inline_runs_still_read() {
         let (d, s) = store();
-        let log = d.path().join("db").join("history.log");
+        let log = d.path().join("db").join("history").join("000001.seg");
         let big = Packet {
             conn_id: 4,
             seq: 1,

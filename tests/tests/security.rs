@@ -133,7 +133,7 @@ async fn up_keeps_its_data_dir_private_whatever_the_umask() -> R {
     assert_private(&data);
     for f in [
         "token",
-        "registry/history.log",
+        "registry/history/000001.seg",
         "ca/ca-key.pem",
         "ca/ca-cert.pem",
     ] {

@@ -73,6 +73,14 @@ impl Arrivals {
         Ok(())
     }
 
+    /// Deletes the entries up to position `last` (their packets were removed).
+    pub fn trim_through(&self, last: u64) -> Result<(), StoreError> {
+        for k in self.tree.range(..=last.to_be_bytes()).keys() {
+            self.tree.remove(k?)?;
+        }
+        Ok(())
+    }
+
     /// The last position written.
     pub fn position(&self) -> u64 {
         *self.announce.borrow()
@@ -150,7 +158,11 @@ impl Store {
                     continue;
                 };
                 let run: Run = decode("history run", &run)?;
-                for p in run.packets.into_iter().filter(|p| p.recorded == n) {
+                for p in run
+                    .packets
+                    .into_iter()
+                    .filter(|p| p.recorded == n && self.holds(p))
+                {
                     let p = self.load(p)?;
                     bytes += p.data.len() + p.original.len();
                     page.items.push((n, Followed::Packet(p)));
