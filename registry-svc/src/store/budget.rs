@@ -265,32 +265,45 @@ impl Store {
             (HISTORY_COUNT, count),
             (REMOVED_BELOW, below),
         ];
-        (&self.history, &self.segment_runs, &self.meta)
-            .transaction(|(history, segment_runs, m)| {
-                for (key, run) in &runs {
-                    match run {
-                        Some(v) => history.insert(key, v.as_slice())?,
-                        None => history.remove(key)?,
-                    };
-                }
-                for k in &index {
-                    segment_runs.remove(k)?;
-                }
-                for (k, v) in meta {
-                    m.insert(k, &v.to_be_bytes())?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::Sled(e),
-                TransactionError::Abort(()) => StoreError::Invalid("eviction aborted".into()),
-            })?;
+        self.commit_trim(&runs, &index, &meta, "eviction")?;
         self.db.flush()?;
         self.payloads.remove(n)?;
         // Entries whose runs are gone are skipped by followers anyway; trimmed to keep the
         // log from growing without end.
         self.arrivals.trim_through(last_position)?;
         Ok(removed)
+    }
+
+    /// Writes a trim of the history (eviction, purge) in one sled transaction, so a crash
+    /// keeps all of it or none: each run rewritten (`None`: removed), the `unindexed`
+    /// segment-index entries removed and the `meta` counts set. Not flushed.
+    pub(super) fn commit_trim(
+        &self,
+        runs: &[(sled::IVec, Option<Vec<u8>>)],
+        unindexed: &[impl AsRef<[u8]>],
+        meta: &[(&[u8], u64)],
+        what: &str,
+    ) -> Result<(), StoreError> {
+        (&self.history, &self.segment_runs, &self.meta)
+            .transaction(|(history, segment_runs, m)| {
+                for (key, run) in runs {
+                    match run {
+                        Some(v) => history.insert(key, v.as_slice())?,
+                        None => history.remove(key)?,
+                    };
+                }
+                for k in unindexed {
+                    segment_runs.remove(k.as_ref())?;
+                }
+                for (k, v) in meta {
+                    m.insert(*k, &v.to_be_bytes())?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Sled(e),
+                TransactionError::Abort(()) => StoreError::Invalid(format!("{what} aborted")),
+            })
     }
 
     /// The history runs holding packets in segment `n`, each as it is without them (`None`:

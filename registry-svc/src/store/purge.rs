@@ -14,10 +14,6 @@
 use std::{collections::BTreeSet, sync::atomic::Ordering};
 
 use prost::Message;
-use sled::{
-    Transactional,
-    transaction::{ConflictableTransactionError, TransactionError},
-};
 
 use super::{
     HISTORY_COUNT, Run, Store, StoreError, StoredPacket, budget::PURGED_BYTES,
@@ -141,26 +137,7 @@ impl Store {
             (PURGED_BYTES, b.purged_bytes.load(Ordering::Relaxed)),
             (HISTORY_COUNT, count),
         ];
-        (&self.history, &self.segment_runs, &self.meta)
-            .transaction(|(history, segment_runs, m)| {
-                for (key, run) in &runs {
-                    match run {
-                        Some(v) => history.insert(key, v.as_slice())?,
-                        None => history.remove(key)?,
-                    };
-                }
-                for k in &unindexed {
-                    segment_runs.remove(&k[..])?;
-                }
-                for (k, v) in meta {
-                    m.insert(k, &v.to_be_bytes())?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => StoreError::Sled(e),
-                TransactionError::Abort(()) => StoreError::Invalid("purge aborted".into()),
-            })?;
+        self.commit_trim(&runs, &unindexed, &meta, "purge")?;
         self.db.flush()?;
         let current = self.payloads.current();
         let current_unused = self
