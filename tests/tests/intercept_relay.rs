@@ -333,3 +333,80 @@ async fn a_held_packet_whose_server_closed_shows_it_and_cannot_be_forwarded() ->
     assert_eq!(rec.closed_by, ClosedBy::Server as i32, "{rec:?}");
     Ok(())
 }
+
+/// Holding works the other way too: with `--direction s2c` the server's packets wait, are
+/// edited or dropped, and the client receives exactly what the verdicts say; the history
+/// keeps both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_to_client_packets_are_held_edited_and_dropped() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let up = Up::start(data.path(), &[]).await?;
+    let server = serve(|mut s| async move { echo(&mut s).await }).await?;
+    interpose_ok(&up.grpc, &["intercept", "on", "--direction", "s2c"]).await?;
+    let (mut s, port) = through(&up, Addr::Ip(server)).await?;
+    // The proxy follows the setting over a stream: until it has it, echoes come back.
+    let start = std::time::Instant::now();
+    let first = loop {
+        s.write_all(b"probe").await?;
+        let mut back = [0u8; 5];
+        match tokio::time::timeout(Duration::from_millis(300), s.read_exact(&mut back)).await {
+            Ok(r) => {
+                r?;
+            }
+            Err(_) => break next_held(&up, None).await?,
+        }
+        anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
+    };
+    assert_eq!(first["direction"], "s2c");
+    assert_eq!(held_data(&first)?, b"probe");
+    let id = first["held_id"].to_string();
+    interpose_ok(
+        &up.grpc,
+        &["held", "forward", &id, "--replace-text", "PROBE, EDITED"],
+    )
+    .await?;
+    let mut back = vec![0u8; "PROBE, EDITED".len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back)).await??;
+    assert_eq!(back, b"PROBE, EDITED");
+
+    s.write_all(b"gone").await?;
+    let held = next_held(&up, Some(&id)).await?;
+    assert_eq!(held_data(&held)?, b"gone");
+    let id = held["held_id"].to_string();
+    interpose_ok(&up.grpc, &["held", "drop", &id]).await?;
+    s.write_all(b"after").await?;
+    let held = next_held(&up, Some(&id)).await?;
+    interpose_ok(&up.grpc, &["held", "forward", &held["held_id"].to_string()]).await?;
+    let mut back = [0u8; 5];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back)).await??;
+    assert_eq!(&back, b"after", "the dropped packet reached the client");
+    interpose_ok(&up.grpc, &["intercept", "off"]).await?;
+    s.shutdown().await?;
+    let rest = read_to_end(&mut s).await?;
+    assert!(rest.is_empty(), "{rest:?}");
+
+    let rec = wait_record(&up, "for the held connection, closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    let mut client = registry_client(&up.grpc, None).await?;
+    let s2c: Vec<Packet> = history(&mut client, rec.id)
+        .await?
+        .into_iter()
+        .filter(|p| p.direction == Direction::S2c as i32)
+        .collect();
+    let edited = s2c
+        .iter()
+        .find(|p| p.modified && !p.dropped)
+        .context("edited")?;
+    assert_eq!(
+        (edited.original.as_slice(), edited.data.as_slice()),
+        (&b"probe"[..], &b"PROBE, EDITED"[..])
+    );
+    let dropped = s2c.iter().find(|p| p.dropped).context("dropped")?;
+    assert_eq!(
+        (dropped.original.as_slice(), dropped.data.as_slice()),
+        (&b"gone"[..], &b""[..])
+    );
+    Ok(())
+}
