@@ -693,3 +693,61 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
     assert!(status.registry_connected);
     Ok(())
 }
+
+/// Writes `probe` until the proxy holds one (it follows the settings over a stream), which is
+/// then the one held packet; returns its held ID.
+async fn hold_a_probe(s: &mut tokio::net::TcpStream, url: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = std::time::Instant::now();
+    loop {
+        s.write_all(b"probe").await?;
+        let mut back = [0u8; 5];
+        match tokio::time::timeout(Duration::from_millis(300), s.read_exact(&mut back)).await {
+            Ok(r) => {
+                r?;
+            }
+            Err(_) => break,
+        }
+        anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
+    }
+    Ok(id_of(&held_list(url, 1).await?[0]))
+}
+
+#[tokio::test]
+async fn a_real_proxy_forwards_its_held_packet_when_intercept_svc_dies_and_holds_after_restart()
+-> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(&dir.path().join("reg")).await?;
+    let (svc, addr) = intercept_svc(dir.path(), "127.0.0.1:0", &reg.url, &[]).await?;
+    let url = format!("http://{addr}");
+    let proxy = tests::proxy::ProxyProc::start(
+        dir.path(),
+        &reg.url,
+        "lab1",
+        &["--intercept", &url, "--intercept-fault", "forward"],
+    )
+    .await?;
+    let server = tests::tls::serve(|mut s| async move { tests::tls::echo(&mut s).await }).await?;
+    interpose_ok(&url, &["intercept", "on", "--direction", "c2s"]).await?;
+    let mut s = tests::proxy::socks_connected(proxy.socks, server).await?;
+    hold_a_probe(&mut s, &url).await?;
+
+    // SIGKILL with the packet held: the fault policy (forward) releases it at once.
+    let killed = std::time::Instant::now();
+    svc.kill().await;
+    let mut back = [0u8; 5];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back)).await??;
+    assert_eq!(&back, b"probe");
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(3), "released after {took:?}");
+
+    // A restarted service on the same address holds again, the proxy untouched.
+    let (_svc2, _) = intercept_svc(dir.path(), &addr.to_string(), &reg.url, &[]).await?;
+    interpose_ok(&url, &["intercept", "on", "--direction", "c2s"]).await?;
+    let id = hold_a_probe(&mut s, &url).await?;
+    interpose_ok(&url, &["held", "forward", &id, "--replace-text", "again"]).await?;
+    tokio::time::timeout(WAIT, s.read_exact(&mut back)).await??;
+    assert_eq!(&back, b"again");
+    Ok(())
+}
