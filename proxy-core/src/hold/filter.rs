@@ -82,7 +82,8 @@ impl Target {
 struct HoldFilter {
     target: Target,
     conn_ids: Vec<u64>,
-    contains: Vec<u8>,
+    /// The bytes to look for, compiled once (a SIMD search: it runs over every packet).
+    contains: Option<memchr::memmem::Finder<'static>>,
 }
 
 /// One replace rule.
@@ -108,7 +109,8 @@ impl Compiled {
         let hold = (config.enabled && for_us).then(|| HoldFilter {
             target: Target::new(config.direction, &config.hosts, &config.ports),
             conn_ids: config.conn_ids.clone(),
-            contains: config.contains.clone(),
+            contains: (!config.contains.is_empty())
+                .then(|| memchr::memmem::Finder::new(&config.contains).into_owned()),
         });
         let mut rules: Vec<&ReplaceRule> = config
             .rules
@@ -164,16 +166,18 @@ impl Compiled {
         self.hold.as_ref().is_some_and(|f| {
             f.target.matches(conn, dir)
                 && (f.conn_ids.is_empty() || f.conn_ids.contains(&conn.id))
-                && (f.contains.is_empty() || find(data, &f.contains, 0).is_some())
+                && f.contains.as_ref().is_none_or(|c| c.find(data).is_some())
         })
     }
 }
 
 /// The first position at or after `from` where `needle` (non-empty) occurs in `haystack`.
 pub fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    let first = *needle.first()?;
-    let last_start = haystack.len().checked_sub(needle.len())?;
-    (from..=last_start).find(|&i| haystack[i] == first && haystack[i..i + needle.len()] == *needle)
+    if needle.is_empty() {
+        return None;
+    }
+    let rest = haystack.get(from..)?;
+    memchr::memmem::find(rest, needle).map(|i| i + from)
 }
 
 /// Replaces each non-overlapping occurrence of `pattern` (non-empty), left to right, with

@@ -184,10 +184,13 @@ impl Holder {
         if !self.inner.active.load(Ordering::Acquire) {
             return Check::Pass;
         }
-        let compiled = match self.inner.compiled.read() {
-            Ok(c) => Arc::clone(&c),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        };
+        // Read under the lock, no reference count taken: both pumps of every connection
+        // come here for every packet, and a shared count would bounce between cores.
+        let compiled = self
+            .inner
+            .compiled
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let rewritten = compiled.rewrite(conn, dir, data);
         if rewritten.is_some() {
             self.inner.rewritten.fetch_add(1, Ordering::Relaxed);
