@@ -534,7 +534,16 @@ async fn main() -> anyhow::Result<()> {
         });
         // A fresh proxy: the others' heaps still hold what the bulk runs buffered.
         let fresh =
-            ProxyProc::start_logging(dir.path(), &reg.url, "bench-rss", &[], "warn").await?;
+            // Its default connection limit is 3/8 of the open-files limit (7,500 of 20,000
+            // here): this phase needs more, and two descriptors each still fit.
+            ProxyProc::start_logging(
+                dir.path(),
+                &reg.url,
+                "bench-rss",
+                &["--max-connections", "10000"],
+                "warn",
+            )
+            .await?;
         let pid = tests::proxy::proxy_pid("bench-rss").context("proxy pid")?;
         let before = rss_kib(pid)?;
         let mut clients = Vec::with_capacity(IDLE_CONNS);
