@@ -120,6 +120,34 @@ where
     Ok(addr)
 }
 
+/// Over a connection to an echo server through a proxy that is being told to hold packets
+/// (it follows intercept settings over a stream, so not at once): writes `probe` until one
+/// is not echoed within 300 ms, i.e. the proxy holds it (bounded by [`WAIT`]).
+pub async fn probe_until_held<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    probe: &[u8],
+) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        s.write_all(probe).await?;
+        s.flush().await?;
+        let mut back = vec![0u8; probe.len()];
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(300),
+            s.read_exact(&mut back),
+        )
+        .await
+        {
+            Ok(r) => {
+                r?;
+                anyhow::ensure!(back == probe, "the echo was not the probe");
+            }
+            Err(_) => return Ok(()),
+        }
+        anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
+    }
+}
+
 /// Echoes what `s` reads until it ends (a TLS peer's missing close_notify included).
 pub async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     s: &mut S,

@@ -697,19 +697,7 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
 /// Writes `probe` until the proxy holds one (it follows the settings over a stream), which is
 /// then the one held packet; returns its held ID.
 async fn hold_a_probe(s: &mut tokio::net::TcpStream, url: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let start = std::time::Instant::now();
-    loop {
-        s.write_all(b"probe").await?;
-        let mut back = [0u8; 5];
-        match tokio::time::timeout(Duration::from_millis(300), s.read_exact(&mut back)).await {
-            Ok(r) => {
-                r?;
-            }
-            Err(_) => break,
-        }
-        anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
-    }
+    tests::tls::probe_until_held(s, b"probe").await?;
     Ok(id_of(&held_list(url, 1).await?[0]))
 }
 

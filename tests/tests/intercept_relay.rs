@@ -20,7 +20,10 @@ use tests::{
     Up, WAIT, eventually, held_list, interpose, interpose_json, interpose_ok,
     proxy::{Server, history, read_to_end},
     registry_client,
-    tls::{Pki, disconnected, echo, proxy_ca, serve, through, tls_connect, wait_record},
+    tls::{
+        Pki, disconnected, echo, probe_until_held, proxy_ca, serve, through, tls_connect,
+        wait_record,
+    },
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -42,18 +45,7 @@ async fn intercept_on(up: &Up, args: &[&str]) -> anyhow::Result<()> {
     interpose_ok(&up.grpc, &on).await?;
     let server = serve(|mut s| async move { echo(&mut s).await }).await?;
     let (mut probe, _) = through(up, Addr::Ip(server)).await?;
-    let start = std::time::Instant::now();
-    loop {
-        probe.write_all(b"probe").await?;
-        let mut back = [0u8; 5];
-        match tokio::time::timeout(Duration::from_millis(300), probe.read_exact(&mut back)).await {
-            Ok(r) => {
-                r?;
-            }
-            Err(_) => break,
-        }
-        anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
-    }
+    probe_until_held(&mut probe, b"probe").await?;
     let held = held_list(&up.grpc, 1).await?;
     interpose_ok(
         &up.grpc,
@@ -344,19 +336,8 @@ async fn server_to_client_packets_are_held_edited_and_dropped() -> anyhow::Resul
     let server = serve(|mut s| async move { echo(&mut s).await }).await?;
     interpose_ok(&up.grpc, &["intercept", "on", "--direction", "s2c"]).await?;
     let (mut s, port) = through(&up, Addr::Ip(server)).await?;
-    // The proxy follows the setting over a stream: until it has it, echoes come back.
-    let start = std::time::Instant::now();
-    let first = loop {
-        s.write_all(b"probe").await?;
-        let mut back = [0u8; 5];
-        match tokio::time::timeout(Duration::from_millis(300), s.read_exact(&mut back)).await {
-            Ok(r) => {
-                r?;
-            }
-            Err(_) => break next_held(&up, None).await?,
-        }
-        anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
-    };
+    probe_until_held(&mut s, b"probe").await?;
+    let first = next_held(&up, None).await?;
     assert_eq!(first["direction"], "s2c");
     assert_eq!(held_data(&first)?, b"probe");
     let id = first["held_id"].to_string();

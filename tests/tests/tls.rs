@@ -435,25 +435,7 @@ async fn hold_case<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     interpose_ok(&up.grpc, &["intercept", "on", "--direction", "c2s"]).await?;
     // The proxy follows the setting over a stream: until it has it, a packet passes (and
     // is echoed); from then on the first packet is held.
-    let start = std::time::Instant::now();
-    loop {
-        s.write_all(b"first").await?;
-        s.flush().await?;
-        let mut back = [0u8; 5];
-        match tokio::time::timeout(
-            std::time::Duration::from_millis(300),
-            s.read_exact(&mut back),
-        )
-        .await
-        {
-            Ok(r) => {
-                r?;
-                assert_eq!(&back, b"first");
-            }
-            Err(_) => break,
-        }
-        anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
-    }
+    tests::tls::probe_until_held(s, b"first").await?;
     let held = held_list(&up.grpc, 1).await?;
     assert_eq!(held[0]["direction"], "c2s");
     assert_eq!(held[0]["conn_status"], "active");
