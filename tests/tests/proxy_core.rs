@@ -307,8 +307,18 @@ async fn two_proxies_one_registry_get_distinct_ids() -> R {
     let mut rc = reg.client().await?;
     let mut ids = Vec::new();
     for (port, node) in &ports {
-        let c = wait_conn_by_port(&mut rc, *port, "recorded", |_| true).await?;
-        assert_eq!(&c.node, node);
+        // By port and node: clients of the two proxies can get the same ephemeral port (the
+        // kernel reuses a local port towards another destination).
+        let c = tests::eventually("the record of each client", || {
+            let mut rc = rc.clone();
+            async move {
+                let all = all_connections(&mut rc).await?;
+                Ok(all
+                    .into_iter()
+                    .find(|c| c.src_port == u32::from(*port) && c.node == *node))
+            }
+        })
+        .await?;
         ids.push(c.id);
     }
     let mut sorted = ids.clone();
