@@ -375,7 +375,7 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
             .map(|(node, l)| {
                 (
                     node.clone(),
-                    json!({"events_dropped": l.events_dropped, "packets_dropped": l.packets_dropped, "bytes_dropped": l.bytes_dropped}),
+                    json!({"events_dropped": l.events_dropped, "packets_dropped": l.packets_dropped, "bytes_dropped": l.bytes_dropped, "intercept_not_held": l.intercept_not_held}),
                 )
             })
             .collect();
@@ -442,6 +442,13 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
             "not recorded by node {node}: {} event(s), {} packet(s), {} byte(s)",
             l.events_dropped, l.packets_dropped, l.bytes_dropped
         )?;
+        if l.intercept_not_held > 0 {
+            writeln!(
+                out,
+                "not held by node {node} (intercept service unreachable): {} packet(s)",
+                l.intercept_not_held
+            )?;
+        }
     }
     out.flush()?;
     Ok(())

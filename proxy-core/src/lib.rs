@@ -175,6 +175,9 @@ impl Proxy {
             )?)),
             None => None,
         };
+        if let Some(h) = &holder {
+            reporter.count_not_held(h.not_held_counter());
+        }
         let mut refuse = vec![socks_addr];
         refuse.extend(cfg.refuse.iter().copied());
         let shared = Arc::new(shared::Shared {

@@ -121,6 +121,8 @@ struct Inner {
     events: AtomicUsize,
     bytes: AtomicUsize,
     events_dropped: AtomicU64,
+    /// The intercept holder's count of packets it could not hold, once there is one.
+    not_held: std::sync::OnceLock<Arc<AtomicU64>>,
     packets_dropped: AtomicU64,
     bytes_dropped: AtomicU64,
     active: Mutex<HashMap<u64, Arc<ConnState>>>,
@@ -143,6 +145,7 @@ impl Inner {
             events: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
             events_dropped: AtomicU64::new(0),
+            not_held: std::sync::OnceLock::new(),
             packets_dropped: AtomicU64::new(0),
             bytes_dropped: AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
@@ -190,6 +193,11 @@ impl Reporter {
     /// Whether packet payloads are recorded (`--history on`).
     pub fn history(&self) -> bool {
         self.inner.history
+    }
+
+    /// Reports `counter` (the intercept holder's packets not held) with the losses.
+    pub fn count_not_held(&self, counter: Arc<AtomicU64>) {
+        let _ = self.inner.not_held.set(counter);
     }
 
     /// What had to be shed so far.
@@ -296,6 +304,7 @@ impl Inner {
             events_dropped: self.events_dropped.load(Relaxed),
             packets_dropped: self.packets_dropped.load(Relaxed),
             bytes_dropped: self.bytes_dropped.load(Relaxed),
+            intercept_not_held: self.not_held.get().map_or(0, |c| c.load(Relaxed)),
         }
     }
 

@@ -729,6 +729,12 @@ async fn a_real_proxy_forwards_its_held_packet_when_intercept_svc_dies_and_holds
     assert_eq!(&back, b"probe");
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(3), "released after {took:?}");
+    // Recorded, not only logged: the node's losses in the registry count it.
+    eventually("the packet not held in conns stats", || async {
+        let v = interpose_json(&reg.url, &["conns", "stats", "--json"]).await?;
+        Ok((v["losses"]["lab1"]["intercept_not_held"] == 1).then_some(()))
+    })
+    .await?;
 
     // A restarted service on the same address holds again, the proxy untouched.
     let (_svc2, _) = intercept_svc(dir.path(), &addr.to_string(), &reg.url, &[]).await?;

@@ -112,7 +112,7 @@ struct Inner {
     client: InterceptClient<AuthChannel>,
     hold_calls: AtomicU64,
     decided: AtomicU64,
-    not_held: AtomicU64,
+    not_held: Arc<AtomicU64>,
     rewritten: AtomicU64,
     configs: AtomicU64,
     following: AtomicBool,
@@ -156,7 +156,7 @@ impl Holder {
             client,
             hold_calls: AtomicU64::new(0),
             decided: AtomicU64::new(0),
-            not_held: AtomicU64::new(0),
+            not_held: Arc::new(AtomicU64::new(0)),
             rewritten: AtomicU64::new(0),
             configs: AtomicU64::new(0),
             following: AtomicBool::new(false),
@@ -176,6 +176,12 @@ impl Holder {
             configs: i.configs.load(Ordering::Relaxed),
             following: i.following.load(Ordering::Relaxed),
         }
+    }
+
+    /// The count of packets that could not be held (see [`HoldStats::not_held`]), shared so
+    /// the reporter can send it to the registry with the node's losses.
+    pub fn not_held_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.inner.not_held)
     }
 
     /// What to do with a packet of `conn` read in `dir`: relay it, relay rewritten bytes, or
