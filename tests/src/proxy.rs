@@ -163,6 +163,28 @@ pub async fn socks_request(
     })
 }
 
+/// Asks a `bench-server` on `s` for its bulk download (`B`) and reads it to the end; the
+/// rate in bytes per second, or an error unless exactly `expect` bytes came.
+pub async fn bench_download(s: &mut TcpStream, expect: u64) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 256 * 1024];
+    let start = std::time::Instant::now();
+    s.write_all(b"B").await?;
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if got != expect {
+        bail!("got {got} of {expect} bytes");
+    }
+    Ok(got as f64 / secs)
+}
+
 /// Connects to the proxy at `socks` and asks it to CONNECT to `target`.
 pub async fn socks_connect(socks: SocketAddr, target: Addr) -> anyhow::Result<SocksReply> {
     let s = TcpStream::connect(socks).await?;

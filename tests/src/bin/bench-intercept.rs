@@ -174,22 +174,7 @@ async fn rtts_held(
 async fn bulk(socks: SocketAddr, server: SocketAddr) -> anyhow::Result<f64> {
     let mut s = socks_connected(socks, server).await?;
     s.set_nodelay(true)?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let start = Instant::now();
-    s.write_all(b"B").await?;
-    let mut got = 0u64;
-    loop {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    if got != BULK {
-        bail!("got {got} of {BULK} bytes");
-    }
-    Ok(got as f64 / secs)
+    tests::proxy::bench_download(&mut s, BULK).await
 }
 
 async fn latency(c: &Client, socks: SocketAddr, server: SocketAddr) -> anyhow::Result<()> {

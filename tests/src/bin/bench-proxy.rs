@@ -76,22 +76,7 @@ async fn socks_fast(proxy: SocketAddr, target: SocketAddr) -> anyhow::Result<Tcp
 /// Bytes per second downloading `BULK` bytes.
 async fn bulk(path: Path_, server: SocketAddr) -> anyhow::Result<f64> {
     let mut s = connect(path, server).await?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let start = Instant::now();
-    s.write_all(b"B").await?;
-    let mut got = 0u64;
-    loop {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        got += n as u64;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    if got != BULK {
-        bail!("got {got} of {BULK} bytes");
-    }
-    Ok(got as f64 / secs)
+    tests::proxy::bench_download(&mut s, BULK).await
 }
 
 /// Fresh connections per second (each connects, sends one byte, reads it back and the
