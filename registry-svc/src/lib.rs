@@ -6,6 +6,7 @@
 pub mod filter;
 pub mod follow;
 pub mod history_args;
+pub mod ingest;
 pub mod liveness;
 pub mod payload;
 pub mod service;
@@ -61,8 +62,14 @@ pub fn grpc_service(
     let drain = server.drain();
     let liveness = liveness::Liveness::start(state.clone(), node_grace)
         .context("scanning the records of the reporting nodes")?;
+    let ingest = ingest::Pipeline::start(state.clone()).context("starting the ingest threads")?;
     Ok(
-        RegistryServer::new(RegistryService::new(state, liveness, drain))
+        RegistryServer::new(RegistryService::new(
+            state,
+            Arc::new(ingest),
+            liveness,
+            drain,
+        ))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
     )

@@ -74,6 +74,9 @@ pub enum StoreError {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// The task doing the store work panicked or was cancelled.
+    #[error("registry store task: {0}")]
+    Task(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -291,7 +294,8 @@ impl Store {
     }
 
     /// Makes everything written so far durable: the payload log first, so that no durable
-    /// history entry points past its durable end.
+    /// history entry points past its durable end. For async callers at shutdown; the ingest
+    /// path commits on its own thread with [`Store::commit`].
     pub async fn flush(&self) -> Result<(), StoreError> {
         if self.payloads.is_dirty() {
             let payloads = self.payloads.clone();
@@ -299,6 +303,23 @@ impl Store {
                 .await
                 .map_err(|e| std::io::Error::other(format!("payload log sync task: {e}")))??;
         }
+        self.save_counts()?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// [`Store::flush`], blocking the calling thread (the committer's; see [`crate::ingest`]).
+    pub fn commit(&self) -> Result<(), StoreError> {
+        if self.payloads.is_dirty() {
+            self.payloads.sync()?;
+        }
+        self.save_counts()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Writes the running counts to `meta`, to be made durable by the flush that follows.
+    fn save_counts(&self) -> Result<(), StoreError> {
         self.meta.insert(
             HISTORY_COUNT,
             &self.history_count.load(Ordering::Relaxed).to_be_bytes(),
@@ -307,9 +328,7 @@ impl Store {
             .insert(UNWRITTEN_PACKETS, &self.unwritten.packets().to_be_bytes())?;
         self.meta
             .insert(UNWRITTEN_BYTES, &self.unwritten.bytes().to_be_bytes())?;
-        self.budget.save(&self.meta)?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.budget.save(&self.meta)
     }
 
     /// Leases `count` fresh IDs, durable before it returns: `(first, last)` inclusive.
