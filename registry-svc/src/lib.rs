@@ -63,16 +63,14 @@ pub fn grpc_service(
     let liveness = liveness::Liveness::start(state.clone(), node_grace)
         .context("scanning the records of the reporting nodes")?;
     let ingest = ingest::Pipeline::start(state.clone()).context("starting the ingest threads")?;
-    Ok(
-        RegistryServer::new(RegistryService::new(
-            state,
-            Arc::new(ingest),
-            liveness,
-            drain,
-        ))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
-    )
+    Ok(RegistryServer::new(RegistryService::new(
+        state,
+        Arc::new(ingest),
+        liveness,
+        drain,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE))
 }
 
 /// Command-line options of the standalone `registry-svc` binary.

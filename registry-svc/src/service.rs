@@ -32,9 +32,7 @@ impl From<StoreError> for Status {
             StoreError::Sled(_)
             | StoreError::Payload(_)
             | StoreError::Corrupt { .. }
-            | StoreError::Task(_) => {
-                Status::internal(e.to_string())
-            }
+            | StoreError::Task(_) => Status::internal(e.to_string()),
         }
     }
 }
@@ -83,9 +81,7 @@ impl Registry for RegistryService {
             self.drain.clone(),
         );
         tokio::spawn(async move {
-            pipeline
-                .serve(liveness, req.into_inner(), tx, drain)
-                .await;
+            pipeline.serve(liveness, req.into_inner(), tx, drain).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -127,7 +123,9 @@ impl Registry for RegistryService {
         req: Request<pb::GetConnectionRequest>,
     ) -> Result<Response<Connection>, Status> {
         let id = req.into_inner().id;
-        Ok(Response::new(self.state.blocking(move |s| s.get(id)).await?))
+        Ok(Response::new(
+            self.state.blocking(move |s| s.get(id)).await?,
+        ))
     }
 
     type WatchConnectionsStream = Stream<WatchEvent>;

@@ -134,7 +134,13 @@ pub struct Store {
     history_count: AtomicU64,
     unwritten: unwritten::Unwritten,
     lease_lock: Mutex<()>,
+    /// The highest run key stored, by connection (see [`Store::run_may_exist`]).
+    last_run: Mutex<std::collections::HashMap<u64, u64>>,
 }
+
+/// Connections whose last run key is remembered; beyond it the map starts afresh (a
+/// connection not in it costs one lookup).
+const LAST_RUN_ENTRIES: usize = 65_536;
 
 const NEXT_ID: &[u8] = b"next_id";
 const HISTORY_COUNT: &[u8] = b"history_count";
@@ -281,6 +287,7 @@ impl Store {
             history_count: AtomicU64::new(history_count),
             unwritten,
             lease_lock: Mutex::new(()),
+            last_run: Mutex::default(),
         })
         .and_then(|s| {
             s.finish_removals()?;
@@ -364,9 +371,13 @@ impl Store {
         let mut todo: Vec<([u8; 16], Vec<Packet>, Option<Run>)> = Vec::new();
         for mut packets in into_runs(packets) {
             let key = history_key(packets[0].conn_id, packets[0].seq);
-            let old: Option<Run> = match self.history.get(key)? {
-                Some(v) => Some(decode("history run", &v)?),
-                None => None,
+            let old: Option<Run> = if self.run_may_exist(packets[0].conn_id, packets[0].seq)? {
+                match self.history.get(key)? {
+                    Some(v) => Some(decode("history run", &v)?),
+                    None => None,
+                }
+            } else {
+                None
             };
             if let Some(old) = &old {
                 // A packet is held if its bytes are: after a power loss sled's entry can
@@ -456,6 +467,37 @@ impl Store {
         Ok(keys)
     }
 
+    /// Whether a run keyed `(conn_id, seq)` may be stored (a replay), and notes that one
+    /// will be. A live connection's packets arrive in order, so its new runs start beyond
+    /// every stored one: remembering each connection's last run key saves a lookup per run.
+    fn run_may_exist(&self, conn_id: u64, seq: u64) -> Result<bool, StoreError> {
+        let mut last = self.last_run.lock().unwrap_or_else(|e| e.into_inner());
+        let stored = match last.get(&conn_id) {
+            Some(&k) => k,
+            None => {
+                let range = history_key(conn_id, 0)..=history_key(conn_id, u64::MAX);
+                let stored = match self.history.range(range).next_back() {
+                    Some(kv) => split_history_key(&kv?.0).map_or(0, |(_, s)| s),
+                    None => 0,
+                };
+                if last.len() >= LAST_RUN_ENTRIES {
+                    last.clear();
+                }
+                stored
+            }
+        };
+        last.insert(conn_id, stored.max(seq));
+        Ok(seq <= stored)
+    }
+
+    /// Forgets a closed connection's last run key (late packets look it up again).
+    fn forget_runs_of(&self, conn_id: u64) {
+        self.last_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn_id);
+    }
+
     /// Whether the payload log holds a stored packet's bytes.
     fn holds(&self, p: &StoredPacket) -> bool {
         self.payloads.holds(p.segment, p.log_offset, p.log_len)
@@ -517,6 +559,7 @@ impl Store {
 
     /// Records the end of a connection; `None` when the record is unknown or cleared.
     pub fn close_conn(&self, e: &ConnectionClosed) -> Result<Option<Connection>, StoreError> {
+        self.forget_runs_of(e.id);
         let Some(mut c) = self.get_opt(e.id)? else {
             return Ok(None);
         };
@@ -964,6 +1007,25 @@ mod tests {
         assert_eq!(
             scan_all(&s, (1, 0), true),
             vec![(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+        );
+    }
+
+    #[test]
+    fn a_replay_after_the_last_run_keys_are_forgotten_is_still_found() {
+        let (_d, s) = store();
+        s.put_packets(vec![pkt(1, 1), pkt(1, 2), pkt(1, 5)])
+            .unwrap();
+        // As after a restart, or a close, or the map starting afresh: the key is looked up.
+        s.last_run.lock().unwrap().clear();
+        s.put_packets(vec![pkt(1, 5)]).unwrap();
+        s.forget_runs_of(1);
+        s.put_packets(vec![pkt(1, 1), pkt(1, 2)]).unwrap();
+        assert_eq!(s.history_len(), 3);
+        // New packets beyond the last run need no lookup and are stored.
+        s.put_packets(vec![pkt(1, 6)]).unwrap();
+        assert_eq!(
+            scan_all(&s, (1, 0), true),
+            vec![(1, 1), (1, 2), (1, 5), (1, 6)]
         );
     }
 
