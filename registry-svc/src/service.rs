@@ -248,20 +248,22 @@ async fn watch(
     drain: Drain,
 ) {
     loop {
-        let (mut rx, snapshot) = state.hub.subscribe_with(|| {
-            let mut all = Vec::new();
-            state
-                .store
-                .scan_conns(0, |c| {
-                    if matches(&filter, &c) {
+        let f = filter.clone();
+        let taken = state
+            .blocking(move |s| {
+                let (rx, snapshot) = s.hub.subscribe_with(|| {
+                    let mut all = Vec::new();
+                    s.store.scan_matching(&f, 0, |c| {
                         all.push(c);
-                    }
-                    true
-                })
-                .map(|()| all)
-        });
-        let snapshot = match snapshot {
-            Ok(s) => s,
+                        true
+                    })?;
+                    Ok::<_, StoreError>(all)
+                });
+                Ok((rx, snapshot?))
+            })
+            .await;
+        let (mut rx, snapshot) = match taken {
+            Ok(t) => t,
             Err(e) => {
                 let _ = tx.send(Err(e.into())).await;
                 return;

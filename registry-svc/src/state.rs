@@ -191,10 +191,7 @@ impl State {
         let mut items = Vec::new();
         let mut bytes = 0usize;
         let mut next = None;
-        self.store.scan_conns(from, |c| {
-            if !matches(filter, &c) {
-                return true;
-            }
+        self.store.scan_matching(filter, from, |c| {
             let size = prost::Message::encoded_len(&c) + 8;
             if items.len() == limit || (bytes + size > PAGE_BYTES && !items.is_empty()) {
                 next = Some(c.id.to_string());

@@ -10,6 +10,7 @@
 //!   them. The payload bytes are not in sled but in the [`PayloadLog`]'s segment files
 //!   (runs hold segment and offset); runs written before the log existed hold their bytes
 //!   inline.
+//! - `active`: conn ID (8) -> empty, for each active record (see [`active`])
 //! - `segment_runs`: segment (8) + history key (16) -> empty: the runs holding packets in a
 //!   segment, so evicting or purging a segment finds them without a scan (see [`budget`])
 //! - `cleared`: conn ID (8) -> empty; events for a cleared ID are ignored, so a late close or
@@ -40,6 +41,7 @@ use proto::{
 
 use crate::payload::PayloadLog;
 
+pub mod active;
 pub mod arrivals;
 pub mod budget;
 pub mod purge;
@@ -124,6 +126,7 @@ pub enum Change {
 pub struct Store {
     db: sled::Db,
     conns: sled::Tree,
+    active: sled::Tree,
     history: sled::Tree,
     cleared: sled::Tree,
     meta: sled::Tree,
@@ -262,6 +265,7 @@ impl Store {
         let history = db.open_tree("history")?;
         let cleared = db.open_tree("cleared")?;
         let meta = db.open_tree("meta")?;
+        let active = active::open(&db, &conns, &meta)?;
         let payloads = std::sync::Arc::new(PayloadLog::open(dir, options.segment_bytes())?);
         let segment_runs = db.open_tree("segment_runs")?;
         let budget = budget::Budget::open(options, &meta)?;
@@ -277,6 +281,7 @@ impl Store {
         Ok(Self {
             db,
             conns,
+            active,
             history,
             cleared,
             meta,
@@ -531,6 +536,12 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::put_conn`] for a record whose status may have changed.
+    fn put_conn_status(&self, c: &Connection) -> Result<(), StoreError> {
+        self.put_conn(c)?;
+        self.index_status(c)
+    }
+
     /// Records a newly opened connection; `None` when its ID was cleared before.
     pub fn open_conn(&self, mut c: Connection) -> Result<Option<Connection>, StoreError> {
         if c.id == 0 {
@@ -542,7 +553,7 @@ impl Store {
         if c.status == ConnStatus::Unspecified as i32 {
             c.status = ConnStatus::Active as i32;
         }
-        self.put_conn(&c)?;
+        self.put_conn_status(&c)?;
         Ok(Some(c))
     }
 
@@ -571,7 +582,7 @@ impl Store {
         if let Some(n) = &e.counters {
             set_counters(&mut c, n);
         }
-        self.put_conn(&c)?;
+        self.put_conn_status(&c)?;
         Ok(Some(c))
     }
 
@@ -630,6 +641,7 @@ impl Store {
         let mut removed = Vec::with_capacity(ids.len());
         for &id in ids {
             self.cleared.insert(id.to_be_bytes(), &[])?;
+            self.active.remove(id.to_be_bytes())?;
             if self.conns.remove(id.to_be_bytes())?.is_some() {
                 removed.push(id);
             }
@@ -643,6 +655,7 @@ impl Store {
         for k in self.conns.iter().keys() {
             let k = k?;
             self.cleared.insert(&k, &[])?;
+            self.active.remove(&k)?;
             self.conns.remove(&k)?;
             if let Ok(b) = <[u8; 8]>::try_from(k.as_ref()) {
                 removed.push(u64::from_be_bytes(b));
