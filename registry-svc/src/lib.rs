@@ -6,6 +6,7 @@
 pub mod filter;
 pub mod follow;
 pub mod history_args;
+pub mod ingest;
 pub mod liveness;
 pub mod payload;
 pub mod service;
@@ -61,11 +62,15 @@ pub fn grpc_service(
     let drain = server.drain();
     let liveness = liveness::Liveness::start(state.clone(), node_grace)
         .context("scanning the records of the reporting nodes")?;
-    Ok(
-        RegistryServer::new(RegistryService::new(state, liveness, drain))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
-    )
+    let ingest = ingest::Pipeline::start(state.clone()).context("starting the ingest threads")?;
+    Ok(RegistryServer::new(RegistryService::new(
+        state,
+        Arc::new(ingest),
+        liveness,
+        drain,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE))
 }
 
 /// Command-line options of the standalone `registry-svc` binary.

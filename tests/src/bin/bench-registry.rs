@@ -122,9 +122,12 @@ async fn main() -> anyhow::Result<()> {
     let mut cli_times = Vec::new();
     for _ in 0..RUNS {
         let start = Instant::now();
-        let out = std::process::Command::new(&cli)
-            .args(["conns", "list", "--json", "--server", &reg.url])
-            .output()?;
+        let mut cmd = std::process::Command::new(&cli);
+        cmd.args(["conns", "list", "--json", "--server", &reg.url]);
+        if let Some(file) = tests::token_file(&reg.url) {
+            cmd.env("INTERPOSE_TOKEN_FILE", file);
+        }
+        let out = cmd.output()?;
         anyhow::ensure!(out.status.success(), "interpose conns list failed");
         cli_times.push(start.elapsed().as_secs_f64() * 1000.0);
     }
