@@ -158,47 +158,10 @@ fn u64_value(v: Option<sled::IVec>) -> u64 {
         .unwrap_or(0)
 }
 
-/// Packets of one connection with consecutive sequence numbers, stored under the first.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Run {
-    #[prost(message, repeated, tag = "1")]
-    pub packets: Vec<StoredPacket>,
-}
-
-/// A history packet as a [`Run`] holds it: the fields (and tags) of `common.Packet`, with
-/// the payload in the payload log at `log_offset` when `log_len` is not 0, else in `data`
-/// (runs written before the log existed decode that way unchanged).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct StoredPacket {
-    #[prost(uint64, tag = "1")]
-    pub conn_id: u64,
-    #[prost(uint64, tag = "2")]
-    pub seq: u64,
-    #[prost(int32, tag = "3")]
-    pub direction: i32,
-    #[prost(message, optional, tag = "4")]
-    pub ts: Option<prost_types::Timestamp>,
-    #[prost(bytes = "vec", tag = "5")]
-    pub data: Vec<u8>,
-    #[prost(bool, tag = "6")]
-    pub modified: bool,
-    #[prost(uint64, tag = "7")]
-    pub log_offset: u64,
-    #[prost(uint64, tag = "8")]
-    pub log_len: u64,
-    /// `Packet::original`, inline: only edited packets have it, and they are few.
-    #[prost(bytes = "vec", tag = "9")]
-    pub original: Vec<u8>,
-    #[prost(bool, tag = "10")]
-    pub dropped: bool,
-    /// The arrival log position it was recorded at; 0 before the log existed.
-    #[prost(uint64, tag = "11")]
-    pub recorded: u64,
-    /// The payload log segment `log_offset` is in; 0 for the single file of stores from
-    /// before segments.
-    #[prost(uint64, tag = "12")]
-    pub segment: u64,
-}
+/// A [`Run`] of packets with consecutive sequence numbers is stored under the first; its
+/// [`StoredPacket`]s hold their payload in the payload log (`log_len` not 0) or, in runs
+/// written before the log existed, inline. Generated from the storage format's .proto.
+pub use proto::registry_store::{Run, StoredPacket};
 
 /// Splits packets into runs of one connection with consecutive sequence numbers, dropping
 /// repeats of a (connection, seq) within the input.
@@ -395,7 +358,7 @@ impl Store {
         }
         let parts: Vec<&[u8]> = todo
             .iter()
-            .flat_map(|(_, ps, _)| ps.iter().map(|p| p.data.as_slice()))
+            .flat_map(|(_, ps, _)| ps.iter().map(|p| &p.data[..]))
             .collect();
         if parts.is_empty() {
             return Ok(Vec::new());
@@ -435,7 +398,7 @@ impl Store {
                             seq: p.seq,
                             direction: p.direction,
                             ts: p.ts,
-                            data: Vec::new(),
+                            data: Default::default(),
                             modified: p.modified,
                             log_offset: offset,
                             log_len: len,
@@ -511,7 +474,9 @@ impl Store {
     /// A stored packet with its payload read back.
     fn load(&self, p: StoredPacket) -> Result<Packet, StoreError> {
         let data = if p.log_len > 0 {
-            self.payloads.read(p.segment, p.log_offset, p.log_len)?
+            self.payloads
+                .read(p.segment, p.log_offset, p.log_len)?
+                .into()
         } else {
             p.data
         };
@@ -844,7 +809,7 @@ mod tests {
         let p = Packet {
             conn_id: 1,
             seq: 1,
-            data: b"hi".to_vec(),
+            data: b"hi".to_vec().into(),
             ..Default::default()
         };
         s.put_packets(vec![p.clone()]).unwrap();
@@ -893,7 +858,7 @@ mod tests {
         let big = Packet {
             conn_id: 4,
             seq: 1,
-            data: vec![9u8; 200_000],
+            data: vec![9u8; 200_000].into(),
             ..Default::default()
         };
         s.put_packets(vec![big.clone()]).unwrap();
@@ -910,7 +875,7 @@ mod tests {
         let lost = Packet {
             conn_id: 5,
             seq: 1,
-            data: b"replayed".to_vec(),
+            data: b"replayed".to_vec().into(),
             ..Default::default()
         };
         let dangling = Run {
@@ -937,7 +902,7 @@ mod tests {
         let old = Packet {
             conn_id: 4,
             seq: 2,
-            data: b"inline".to_vec(),
+            data: b"inline".to_vec().into(),
             ..Default::default()
         };
         #[derive(Clone, PartialEq, prost::Message)]
@@ -963,7 +928,7 @@ mod tests {
         Packet {
             conn_id,
             seq,
-            data: format!("{conn_id}/{seq}").into_bytes(),
+            data: format!("{conn_id}/{seq}").into_bytes().into(),
             ..Default::default()
         }
     }
