@@ -205,7 +205,11 @@ fn cli_list(reg: &Registry, args: &[&str], want: usize) -> anyhow::Result<Vec<f6
         let out = cmd.output()?;
         anyhow::ensure!(out.status.success(), "interpose conns list failed");
         let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
-        anyhow::ensure!(listed.len() == want, "conns list printed {} records", listed.len());
+        anyhow::ensure!(
+            listed.len() == want,
+            "conns list printed {} records",
+            listed.len()
+        );
         times.push(ms(start.elapsed()));
     }
     Ok(times)
@@ -272,7 +276,9 @@ async fn watch_snapshot(client: &mut Client, active_only: bool) -> anyhow::Resul
 
 fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
     match std::env::var(name) {
-        Ok(v) => v.parse().map_err(|_| anyhow::anyhow!("{name}={v:?} is not a number")),
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a number")),
         Err(_) => Ok(default),
     }
 }
@@ -286,7 +292,10 @@ async fn growth() -> anyhow::Result<()> {
     let history_gib = env_u64("GROWTH_HISTORY_GIB", 10)?;
     let dir = tempfile::tempdir()?;
     let reg = registry(dir.path()).await?;
-    let pid = reg.proc.pid().ok_or_else(|| anyhow::anyhow!("registry has no pid"))?;
+    let pid = reg
+        .proc
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("registry has no pid"))?;
     let mut client = reg.client().await?;
     let mut stream = Ingest::open(&mut client, "bench").await?;
     let rss_start = rss_bytes(pid);
@@ -369,9 +378,7 @@ async fn growth() -> anyhow::Result<()> {
     let (all_watch, all_n) = watch_snapshot(&mut client, false).await?;
     let rss_end = rss_bytes(pid);
 
-    println!(
-        "growth: {records} records ({GROWTH_ACTIVE} active) and {history_gib} GiB of history"
-    );
+    println!("growth: {records} records ({GROWTH_ACTIVE} active) and {history_gib} GiB of history");
     println!(
         "  stored {records} records in {records_secs:.1} s ({:.0}/s), {history_gib} GiB of \
          history in {history_secs:.1} s ({:.0} MB/s)",
