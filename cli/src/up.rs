@@ -2,7 +2,7 @@
 //! default. The registry serves on one loopback gRPC port; the proxy reports to it over that
 //! same port, exactly as a remote proxy-core would.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Args;
@@ -69,11 +69,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let grpc = listener.local_addr()?;
     let mut server = GrpcServer::new(auth.token.clone());
-    server.add_service(registry_svc::grpc_service(
+    let registry_service = registry_svc::service(
         registry.clone(),
         registry_svc::liveness::DEFAULT_GRACE,
         &server,
-    )?);
+    )?;
+    server.add_service(registry_svc::grpc_server(registry_service.clone()));
     server.add_service(tls::service::CaService::server(splicer.clone()));
     // The exporter reads the registry over this same port, as a remote export-svc would.
     server.add_service(export_svc::grpc_service(
@@ -92,18 +93,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = grpc_stopped.await;
     }));
 
-    let proxy = Proxy::start(
-        args.proxy.config(
-            format!("http://{grpc}"),
-            auth.token.clone(),
-            std::iter::once(grpc)
-                .chain(args.proxy.denied().await?)
-                .collect(),
-            splicer.clone(),
-            Some(format!("http://{grpc}")),
-        ),
-    )
-    .await?;
+    let mut config = args.proxy.config(
+        format!("http://{grpc}"),
+        auth.token.clone(),
+        std::iter::once(grpc)
+            .chain(args.proxy.denied().await?)
+            .collect(),
+        splicer.clone(),
+        Some(format!("http://{grpc}")),
+    );
+    // Records and history go straight to the registry in this process, not through gRPC.
+    config.local_registry = Some(proxy_core::LocalRegistry(Arc::new(registry_service)));
+    let proxy = Proxy::start(config).await?;
     proto::token::record_server(&dir, &format!("http://{grpc}"))
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;
     println!(

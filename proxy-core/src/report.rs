@@ -38,11 +38,11 @@ use std::{
 use bytes::Bytes;
 use prost_types::Timestamp;
 use proto::{
-    client::AuthChannel,
     common::{Connection, Direction, Packet},
+    ingest::{Acks, IngestSink},
     registry::{
         ConnectionClosed, ConnectionUpdate, Event, IngestAck, IngestRequest, ProxyLosses,
-        event::Kind, registry_client::RegistryClient,
+        event::Kind,
     },
 };
 use tokio::{
@@ -50,8 +50,8 @@ use tokio::{
     task::JoinHandle,
     time::{Instant, MissedTickBehavior, sleep, sleep_until},
 };
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, codec::Streaming};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::Status;
 
 use crate::conn::{ConnState, End};
 
@@ -137,10 +137,10 @@ impl Inner {
 }
 
 impl Reporter {
-    /// Starts the background task that streams to the registry over `channel` as `node`.
+    /// Starts the background task that streams to the registry `sink` as `node`.
     /// `queue_bound` is the number of events buffered while the registry is slow or down.
     pub fn start(
-        channel: AuthChannel,
+        sink: Arc<dyn IngestSink>,
         node: String,
         history: bool,
         queue_bound: usize,
@@ -150,7 +150,7 @@ impl Reporter {
         let task = Task {
             inner: inner.clone(),
             rx,
-            client: RegistryClient::new(channel),
+            sink,
             node,
             unacked: VecDeque::new(),
             next_seq: 1,
@@ -422,7 +422,7 @@ enum SessionEnd {
 struct Task {
     inner: Arc<Inner>,
     rx: mpsc::UnboundedReceiver<Item>,
-    client: RegistryClient<AuthChannel>,
+    sink: Arc<dyn IngestSink>,
     node: String,
     unacked: VecDeque<Batch>,
     next_seq: u64,
@@ -527,10 +527,8 @@ impl Task {
 
     async fn session(&mut self) -> SessionEnd {
         let (out_tx, out_rx) = mpsc::channel::<IngestRequest>(4);
-        let mut client = self.client.clone();
-        let call = async move { client.ingest(ReceiverStream::new(out_rx)).await };
-        tokio::pin!(call);
-        let mut acks: Option<Streaming<IngestAck>> = None;
+        let mut call = self.sink.open(ReceiverStream::new(out_rx));
+        let mut acks: Option<Acks> = None;
         let mut next_unsent = 0usize;
         let mut acked = false;
         let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
@@ -545,7 +543,7 @@ impl Task {
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 res = &mut call, if acks.is_none() => match res {
-                    Ok(resp) => acks = Some(resp.into_inner()),
+                    Ok(stream) => acks = Some(stream),
                     Err(status) => return self.failed(status, acked),
                 },
                 ack = next_ack(&mut acks) => match ack {
@@ -650,9 +648,9 @@ impl Task {
     }
 }
 
-async fn next_ack(acks: &mut Option<Streaming<IngestAck>>) -> Result<Option<IngestAck>, Status> {
+async fn next_ack(acks: &mut Option<Acks>) -> Result<Option<IngestAck>, Status> {
     match acks {
-        Some(s) => s.message().await,
+        Some(s) => s.next().await.transpose(),
         None => std::future::pending().await,
     }
 }

@@ -22,7 +22,8 @@ use proto::{
     serve::Drain,
 };
 use tokio::sync::{mpsc, watch};
-use tonic::{Status, Streaming};
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
 
 use crate::{
     liveness::Liveness,
@@ -160,7 +161,7 @@ impl Pipeline {
     pub async fn serve(
         &self,
         liveness: Arc<Liveness>,
-        mut inbound: Streaming<IngestRequest>,
+        mut inbound: impl Stream<Item = Result<IngestRequest, Status>> + Unpin,
         tx: mpsc::Sender<Result<IngestAck, Status>>,
         drain: Drain,
     ) {
@@ -176,7 +177,7 @@ impl Pipeline {
                 return;
             }
             tokio::select! {
-                next = inbound.message(), if inbound_open => match next {
+                next = inbound.next(), if inbound_open => match next.transpose() {
                     Ok(Some(batch)) => {
                         if attached.is_none() && !batch.node.is_empty() {
                             attached = Some(liveness.attach(&batch.node, &batch.session));

@@ -5,6 +5,7 @@ use std::{collections::HashSet, sync::Arc};
 
 use proto::{
     common::{Connection, Direction},
+    ingest::{Acks, IngestSink, Opening},
     registry::{
         self as pb, IngestAck, IngestRequest, WatchEvent, registry_server::Registry,
         watch_event::Kind as WatchKind,
@@ -12,7 +13,7 @@ use proto::{
     serve::Drain,
 };
 use tokio::sync::{broadcast::error::RecvError, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
@@ -65,6 +66,37 @@ impl RegistryService {
 }
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+/// The ingest stream of a proxy in this same process (`interpose up`): batches go to the
+/// writer as a gRPC stream's would, with no encoding or socket between.
+impl IngestSink for RegistryService {
+    fn open(&self, batches: ReceiverStream<IngestRequest>) -> Opening {
+        let acks = self.serve_ingest(batches.map(Ok));
+        Box::pin(async move { Ok(Box::pin(acks) as Acks) })
+    }
+}
+
+impl RegistryService {
+    /// Serves one ingest stream (see [`Pipeline::serve`]); its acknowledgements.
+    fn serve_ingest(
+        &self,
+        batches: impl tokio_stream::Stream<Item = Result<IngestRequest, Status>>
+        + Unpin
+        + Send
+        + 'static,
+    ) -> Stream<IngestAck> {
+        let (tx, rx) = mpsc::channel(16);
+        let (pipeline, liveness, drain) = (
+            self.ingest.clone(),
+            self.liveness.clone(),
+            self.drain.clone(),
+        );
+        tokio::spawn(async move {
+            pipeline.serve(liveness, batches, tx, drain).await;
+        });
+        ReceiverStream::new(rx)
+    }
+}
 
 #[tonic::async_trait]
 impl Registry for RegistryService {
