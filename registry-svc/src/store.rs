@@ -386,6 +386,7 @@ impl Store {
         let mut fresh = 0u64;
         let mut buf = Vec::new();
         let mut keys = Vec::with_capacity(todo.len());
+        let (mut index, mut runs) = (sled::Batch::default(), sled::Batch::default());
         for (key, packets, old) in todo {
             fresh += packets.len() as u64;
             let mut run = Run {
@@ -424,12 +425,14 @@ impl Store {
             buf.clear();
             run.encode(&mut buf)
                 .map_err(|_| StoreError::Invalid("packet run too large to encode".to_string()))?;
-            // Indexed before the run is stored: a crash never leaves a run the index misses.
-            self.segment_runs
-                .insert(segment_run_key(segment, &key), &[])?;
-            self.history.insert(key, buf.as_slice())?;
+            index.insert(&segment_run_key(segment, &key)[..], &[]);
+            runs.insert(&key[..], buf.as_slice());
             keys.push(key);
         }
+        // Indexed before the runs are stored: a crash never leaves a run the index misses.
+        // One sled batch each: a lock and an epoch pin per batch, not per run.
+        self.segment_runs.apply_batch(index)?;
+        self.history.apply_batch(runs)?;
         self.history_count.fetch_add(fresh, Ordering::Relaxed);
         self.keep_budget()?;
         Ok(keys)
