@@ -1,6 +1,7 @@
 //! registry-svc: the durable home of Interpose's connection records and proxy history.
 //!
-//! [`store`] keeps them in sled, [`watch`] orders changes for live watchers, [`state`] holds
+//! [`store`] keeps them in sled, [`watch`] orders changes for live watchers ([`watcher`]
+//! serves one), [`state`] holds
 //! the operations and [`service`] serves them as `interpose.registry.v1.Registry`.
 
 pub mod filter;
@@ -13,6 +14,7 @@ pub mod service;
 pub mod state;
 pub mod store;
 pub mod watch;
+pub mod watcher;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 

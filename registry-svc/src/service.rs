@@ -1,28 +1,24 @@
 //! The gRPC face of the registry: maps requests onto [`State`] and store errors onto gRPC
 //! status codes.
 
-use std::{collections::HashSet, sync::Arc};
+use std::sync::Arc;
 
 use proto::{
     common::{Connection, Direction},
     ingest::{Acks, IngestSink, Opening},
-    registry::{
-        self as pb, IngestAck, IngestRequest, WatchEvent, registry_server::Registry,
-        watch_event::Kind as WatchKind,
-    },
+    registry::{self as pb, IngestAck, IngestRequest, WatchEvent, registry_server::Registry},
     serve::Drain,
 };
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    filter::matches,
     follow::follow,
     ingest::Pipeline,
     liveness::Liveness,
     state::{HistoryQuery, State},
-    store::{Change, StoreError},
+    store::StoreError,
 };
 
 impl From<StoreError> for Status {
@@ -168,7 +164,12 @@ impl Registry for RegistryService {
     ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
         let (tx, rx) = mpsc::channel(256);
         let filter = req.into_inner().filter.unwrap_or_default();
-        tokio::spawn(watch(self.state.clone(), filter, tx, self.drain.clone()));
+        tokio::spawn(crate::watcher::watch(
+            self.state.clone(),
+            filter,
+            tx,
+            self.drain.clone(),
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -253,96 +254,5 @@ impl Registry for RegistryService {
         Ok(Response::new(
             self.state.blocking(move |s| s.stats(&filter)).await?,
         ))
-    }
-}
-
-fn upsert(c: Connection) -> WatchEvent {
-    WatchEvent {
-        kind: WatchKind::Upsert as i32,
-        id: c.id,
-        connection: Some(c),
-    }
-}
-
-fn marker(kind: WatchKind, id: u64) -> WatchEvent {
-    WatchEvent {
-        kind: kind as i32,
-        connection: None,
-        id,
-    }
-}
-
-/// Streams a snapshot, then live changes; re-snapshots after a `RESET` when the watcher lags.
-async fn watch(
-    state: Arc<State>,
-    filter: pb::ConnectionFilter,
-    tx: mpsc::Sender<Result<WatchEvent, Status>>,
-    drain: Drain,
-) {
-    loop {
-        let f = filter.clone();
-        let taken = state
-            .blocking(move |s| {
-                let (rx, snapshot) = s.hub.subscribe_with(|| {
-                    let mut all = Vec::new();
-                    s.store.scan_matching(&f, 0, |c| {
-                        all.push(c);
-                        true
-                    })?;
-                    Ok::<_, StoreError>(all)
-                });
-                Ok((rx, snapshot?))
-            })
-            .await;
-        let (mut rx, snapshot) = match taken {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
-        };
-        let mut known: HashSet<u64> = snapshot.iter().map(|c| c.id).collect();
-        for c in snapshot {
-            if tx.send(Ok(upsert(c))).await.is_err() {
-                return;
-            }
-        }
-        if tx
-            .send(Ok(marker(WatchKind::SnapshotEnd, 0)))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        loop {
-            let change = tokio::select! {
-                change = rx.recv() => change,
-                () = tx.closed() => return,
-                () = drain.wait() => {
-                    let _ = tx.send(Err(Drain::status())).await;
-                    return;
-                }
-            };
-            let event = match change {
-                Ok(Change::Upsert(c)) if matches(&filter, &c) => {
-                    known.insert(c.id);
-                    upsert(Connection::clone(&c))
-                }
-                Ok(Change::Upsert(c)) if known.remove(&c.id) => marker(WatchKind::Removed, c.id),
-                Ok(Change::Removed(id)) if known.remove(&id) => marker(WatchKind::Removed, id),
-                Ok(_) => continue,
-                Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "watcher fell behind; resetting it");
-                    if tx.send(Ok(marker(WatchKind::Reset, 0))).await.is_err() {
-                        return;
-                    }
-                    break;
-                }
-                Err(RecvError::Closed) => return,
-            };
-            if tx.send(Ok(event)).await.is_err() {
-                return;
-            }
-        }
     }
 }

@@ -1,11 +1,17 @@
 //! The change hub: orders record changes against watch snapshots so a watcher sees every
 //! change exactly once, with no gap between its snapshot and the live stream.
 //!
-//! Writers hold the hub's lock while they change the store and publish; a new watcher takes
-//! the same lock to subscribe and read its snapshot. A change is therefore either in the
-//! snapshot or in the subscription, never both and never neither.
+//! Writers hold the hub's lock while they change the store and publish; each change gets the
+//! next sequence number. A watcher subscribes, then reads its snapshot a page at a time, each
+//! page under the lock with the sequence number as of it ([`Hub::read`]): a change is in a
+//! page if and only if its number is at most that page's, so the watcher can tell which live
+//! changes its snapshot already holds (see [`crate::watcher`]). No lock is held across a
+//! whole-store scan.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{
+    Mutex, MutexGuard,
+    atomic::{AtomicU64, Ordering},
+};
 
 use tokio::sync::broadcast;
 
@@ -14,22 +20,33 @@ use crate::store::Change;
 /// How many changes a slow watcher may fall behind before it is reset.
 const BACKLOG: usize = 16_384;
 
+/// A change with its place in the order of changes.
+#[derive(Debug, Clone)]
+pub struct Numbered {
+    /// 1, 2, 3, ... in publication order.
+    pub seq: u64,
+    pub change: Change,
+}
+
 /// Serialises record changes and fans them out to watchers.
 pub struct Hub {
     lock: Mutex<()>,
-    tx: broadcast::Sender<Change>,
+    /// The last sequence number given; written only under `lock`.
+    seq: AtomicU64,
+    tx: broadcast::Sender<Numbered>,
 }
 
 /// Proof that the caller holds the hub lock; needed to publish.
 pub struct WriteGuard<'a> {
     _guard: MutexGuard<'a, ()>,
-    tx: &'a broadcast::Sender<Change>,
+    hub: &'a Hub,
 }
 
 impl WriteGuard<'_> {
     /// Sends a change to every watcher (none listening is fine).
     pub fn publish(&self, change: Change) {
-        let _ = self.tx.send(change);
+        let seq = self.hub.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.hub.tx.send(Numbered { seq, change });
     }
 }
 
@@ -37,26 +54,44 @@ impl Default for Hub {
     fn default() -> Self {
         Self {
             lock: Mutex::new(()),
+            seq: AtomicU64::new(0),
             tx: broadcast::channel(BACKLOG).0,
         }
     }
 }
 
 impl Hub {
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Takes the lock for a change to the records.
     pub fn write(&self) -> WriteGuard<'_> {
         WriteGuard {
-            _guard: self.lock.lock().unwrap_or_else(|e| e.into_inner()),
-            tx: &self.tx,
+            _guard: self.lock(),
+            hub: self,
         }
+    }
+
+    /// Subscribes to the changes published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Numbered> {
+        let _guard = self.lock();
+        self.tx.subscribe()
+    }
+
+    /// Runs `read` with no change in progress; its result and the last sequence number
+    /// published before it.
+    pub fn read<T>(&self, read: impl FnOnce() -> T) -> (T, u64) {
+        let _guard = self.lock();
+        (read(), self.seq.load(Ordering::Relaxed))
     }
 
     /// Subscribes and takes a snapshot atomically with respect to writers.
     pub fn subscribe_with<T>(
         &self,
         snapshot: impl FnOnce() -> T,
-    ) -> (broadcast::Receiver<Change>, T) {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+    ) -> (broadcast::Receiver<Numbered>, T) {
+        let _guard = self.lock();
         let rx = self.tx.subscribe();
         (rx, snapshot())
     }

@@ -24,12 +24,12 @@ async fn list_ids(
     Ok(r.connections.iter().map(|c| c.id).collect())
 }
 
-/// Reads watch events until `done` says the watcher has seen enough.
+/// Reads `stream` after the events already `got` until `done` holds for all of them.
 async fn collect_watch(
     mut stream: tonic::Streaming<WatchEvent>,
+    mut got: Vec<WatchEvent>,
     mut done: impl FnMut(&[WatchEvent]) -> bool,
 ) -> anyhow::Result<Vec<WatchEvent>> {
-    let mut got = Vec::new();
     while !done(&got) {
         let ev = tokio::time::timeout(WAIT, stream.message())
             .await??
@@ -42,45 +42,71 @@ async fn collect_watch(
 #[tokio::test]
 async fn watch_sees_every_change_once_with_no_gap_between_snapshot_and_live() -> anyhow::Result<()>
 {
-    const N: u64 = 300;
+    every_change_once(300, 1).await
+}
+
+/// As above with snapshots of several pages (the registry reads 4,096 records per hold of
+/// its lock), written to while the watchers are inside them.
+#[tokio::test]
+async fn a_paged_watch_snapshot_sees_every_change_once() -> anyhow::Result<()> {
+    every_change_once(10_000, 40).await
+}
+
+/// `n` connections opened (`per_batch` per batch) and then closed while two watchers watch:
+/// one from before, one subscribing midway. The changes after the late watcher subscribes
+/// stay under the registry's backlog of 16,384, so neither watcher is reset.
+async fn every_change_once(n: u64, per_batch: u64) -> anyhow::Result<()> {
+    let opens = move |ids: std::ops::RangeInclusive<u64>| -> Vec<Vec<Event>> {
+        ids.map(|id| events::open(id, 40000 + (id % 20000) as u32, "h", 80))
+            .collect::<Vec<_>>()
+            .chunks(per_batch as usize)
+            .map(<[Event]>::to_vec)
+            .collect()
+    };
     let dir = tempfile::tempdir()?;
     let reg = Registry::start(dir.path()).await?;
     let mut client = reg.client().await?;
     let mut ingest = Ingest::open(&mut client, "node-a").await?;
 
     // Half the connections exist before the late watcher subscribes.
-    for id in 1..=N / 2 {
-        ingest
-            .send(vec![events::open(id, 40000 + id as u32, "h", 80)])
-            .await?;
+    for batch in opens(1..=n / 2) {
+        ingest.send(batch).await?;
     }
     let early = client
         .watch_connections(WatchConnectionsRequest::default())
         .await?
         .into_inner();
-    // The late watcher subscribes while batches are still streaming in.
+    // The late watcher subscribes while batches are still streaming in; or (paged) before
+    // them, with its first page read and its stream then left unread, so that it waits
+    // inside its snapshot while the rest is written.
     let mut client2 = reg.client().await?;
-    let writer = tokio::spawn(async move {
-        for id in N / 2 + 1..=N {
-            ingest
-                .send(vec![events::open(id, 40000 + id as u32, "h", 80)])
-                .await?;
+    let write_rest = async move {
+        for batch in opens(n / 2 + 1..=n) {
+            ingest.send(batch).await?;
         }
-        let closes: Vec<Event> = (1..=N)
+        let closes: Vec<Event> = (1..=n)
             .map(|id| events::close(id, ClosedBy::Client, CloseKind::Fin, "client sent FIN"))
             .collect();
         ingest.send_durable(closes).await?;
         anyhow::Ok(())
-    });
-    let late = client2
-        .watch_connections(WatchConnectionsRequest::default())
-        .await?
-        .into_inner();
+    };
+    let watch_all = WatchConnectionsRequest::default();
+    let (late, late_first, writer) = if per_batch == 1 {
+        let writer = tokio::spawn(write_rest);
+        let late = client2.watch_connections(watch_all).await?.into_inner();
+        (late, Vec::new(), writer)
+    } else {
+        let mut late = client2.watch_connections(watch_all).await?.into_inner();
+        let first = tokio::time::timeout(WAIT, late.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("the late watch ended"))?;
+        (late, vec![first], tokio::spawn(write_rest))
+    };
     writer.await??;
 
-    // Each watcher must end with all N records disconnected, having seen each ID's states
+    // Each watcher must end with all n records disconnected, having seen each ID's states
     // in order and never the same state twice. A late watcher's snapshot can already hold
-    // all N closed records, so its SNAPSHOT_END is awaited too.
+    // all n closed records, so its SNAPSHOT_END is awaited too.
     let closed = |evs: &[WatchEvent]| {
         evs.iter().any(|e| e.kind == Kind::SnapshotEnd as i32)
             && evs
@@ -91,10 +117,10 @@ async fn watch_sees_every_change_once_with_no_gap_between_snapshot_and_live() ->
                         .is_some_and(|c| c.status == ConnStatus::Disconnected as i32)
                 })
                 .count()
-                == N as usize
+                == n as usize
     };
-    for (name, stream) in [("early", early), ("late", late)] {
-        let evs = collect_watch(stream, closed).await?;
+    for (name, stream, first) in [("early", early, Vec::new()), ("late", late, late_first)] {
+        let evs = collect_watch(stream, first, closed).await?;
         let snapshot_end = evs
             .iter()
             .position(|e| e.kind == Kind::SnapshotEnd as i32)
@@ -108,7 +134,7 @@ async fn watch_sees_every_change_once_with_no_gap_between_snapshot_and_live() ->
             let c = e.connection.as_ref().expect("upsert carries the record");
             states.entry(c.id).or_default().push(c.status);
         }
-        assert_eq!(states.len(), N as usize, "{name}: every ID seen");
+        assert_eq!(states.len(), n as usize, "{name}: every ID seen");
         let active = ConnStatus::Active as i32;
         let disc = ConnStatus::Disconnected as i32;
         for (id, s) in &states {
@@ -196,7 +222,7 @@ async fn clear_removes_records_but_keeps_history() -> anyhow::Result<()> {
     assert_eq!(h.packets.len(), 4);
 
     // The watcher saw the snapshot, then exactly the four removals.
-    let evs = collect_watch(watch, |e| e.len() == 4 + 1 + 4).await?;
+    let evs = collect_watch(watch, Vec::new(), |e| e.len() == 4 + 1 + 4).await?;
     let removed: Vec<u64> = evs
         .iter()
         .filter(|e| e.kind == Kind::Removed as i32)

@@ -74,6 +74,34 @@ impl Store {
         }
     }
 
+    /// One page of [`Store::scan_matching`]: the matches among at most `max` records from
+    /// `from` on, and the ID the next page starts at (`None`: the end was reached).
+    pub fn scan_page(
+        &self,
+        filter: &proto::registry::ConnectionFilter,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<Connection>, Option<u64>), StoreError> {
+        let (mut items, mut scanned, mut next) = (Vec::new(), 0, None);
+        let mut visit = |c: Connection| {
+            if scanned == max {
+                next = Some(c.id);
+                return false;
+            }
+            scanned += 1;
+            if crate::filter::matches(filter, &c) {
+                items.push(c);
+            }
+            true
+        };
+        if filter.status == ConnStatus::Active as i32 {
+            self.scan_active(from, &mut visit)?;
+        } else {
+            self.scan_conns(from, &mut visit)?;
+        }
+        Ok((items, next))
+    }
+
     /// Keeps the index in step with record `c` as just written.
     pub(super) fn index_status(&self, c: &Connection) -> Result<(), StoreError> {
         let key = c.id.to_be_bytes();
