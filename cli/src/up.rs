@@ -106,6 +106,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     .await?;
     proto::token::record_server(&dir, &format!("http://{grpc}"))
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;
+    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
+    let stop = proto::serve::shutdown_signal();
     println!(
         "ready socks={} grpc=http://{grpc} ca={}{}",
         proxy.socks_addr(),
@@ -114,7 +116,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
 
     let served = tokio::select! {
-        () = proto::serve::shutdown_signal() => None,
+        () = stop => None,
         r = &mut serving => Some(r),
     };
     proxy.shutdown().await;

@@ -88,9 +88,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(args.token);
     server.add_service(intercept.grpc_service(server.drain()));
+    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
+    let stop = proto::serve::shutdown_signal();
     println!("ready intercept-svc listen={addr}");
-    server
-        .serve(listener, proto::serve::shutdown_signal())
-        .await?;
+    server.serve(listener, stop).await?;
     Ok(())
 }

@@ -146,10 +146,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut server = GrpcServer::new(auth.token.clone());
     server.max_connection_age(args.grpc_max_age);
     server.add_service(grpc_service(state.clone(), args.node_grace, &server)?);
+    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
+    let stop = proto::serve::shutdown_signal();
     println!("ready registry-svc listen={addr}{}", auth.ready_field());
-    server
-        .serve(listener, proto::serve::shutdown_signal())
-        .await?;
+    server.serve(listener, stop).await?;
     state.flush().await.context("flushing the registry store")?;
     Ok(())
 }
