@@ -4,9 +4,11 @@
 //! server and client of the project shares: the JSON/CLI names of the enums ([`names`]),
 //! timestamp conversion ([`time`]), serving with health, reflection and token checks
 //! ([`serve`]), connecting as a client ([`client`]), the API token ([`token`]), private
-//! data directories ([`private`]), the open-files limit ([`limits`]) and the HTTP/2 preface
-//! deadline of every gRPC connection ([`preface`]).
+//! data directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface
+//! deadline of every gRPC connection ([`preface`]), the bounds on unused connections
+//! ([`accept`]).
 
+pub mod accept;
 pub mod client;
 pub mod codec;
 pub mod limits;

@@ -98,6 +98,10 @@ pub struct Args {
     /// sent a request) close then, busy ones when their calls in progress end.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub grpc_max_age: std::time::Duration,
+    /// How long a gRPC connection may stay open with no call in progress after its first
+    /// (one that never starts a call is closed 10 s after it connects).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub grpc_idle_timeout: std::time::Duration,
     /// Serve without a token (loopback only; every local user can then call the API).
     #[arg(long, conflicts_with_all = ["token", "token_file"])]
     pub no_auth: bool,
@@ -144,7 +148,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(auth.token.clone());
-    server.max_connection_age(args.grpc_max_age);
+    server
+        .max_connection_age(args.grpc_max_age)
+        .idle_timeout(args.grpc_idle_timeout);
     server.add_service(grpc_service(state.clone(), args.node_grace, &server)?);
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
     let stop = proto::serve::shutdown_signal();
