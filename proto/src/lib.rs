@@ -6,12 +6,13 @@
 //! ([`serve`]), connecting as a client ([`client`]), the API token ([`token`]), private
 //! data directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface
 //! deadline of every gRPC connection ([`preface`]), the bounds on unused connections
-//! ([`accept`]).
+//! ([`accept`]) and mutual TLS for the management plane ([`mtls`]).
 
 pub mod accept;
 pub mod client;
 pub mod codec;
 pub mod limits;
+pub mod mtls;
 pub mod names;
 pub mod preface;
 pub mod private;

@@ -108,6 +108,9 @@ pub struct Args {
     /// The history's disk budget.
     #[command(flatten)]
     pub history: history_args::HistoryArgs,
+    /// mTLS for the gRPC API.
+    #[command(flatten)]
+    pub tls: proto::mtls::ServerTlsArgs,
 }
 
 /// Keeps [`HISTORY_HEALTH`] in step with whether history can be written.
@@ -152,9 +155,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .max_connection_age(args.grpc_max_age)
         .idle_timeout(args.grpc_idle_timeout);
     server.add_service(grpc_service(state.clone(), args.node_grace, &server)?);
+    let tls = proto::mtls::serve_tls(&mut server, &args.tls, Some(&args.data_dir), addr)?;
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
     let stop = proto::serve::shutdown_signal();
-    println!("ready registry-svc listen={addr}{}", auth.ready_field());
+    println!(
+        "ready registry-svc listen={addr}{}{tls}",
+        auth.ready_field()
+    );
     server.serve(listener, stop).await?;
     state.flush().await.context("flushing the registry store")?;
     Ok(())
