@@ -236,7 +236,7 @@ async fn forward(c: &mut Client, held_id: u64, data: Option<Vec<u8>>) -> anyhow:
     c.forward(ForwardRequest {
         held_id,
         replace: data.is_some(),
-        data: data.unwrap_or_default(),
+        data: data.unwrap_or_default().into(),
     })
     .await
     .map_err(status)?;

@@ -299,7 +299,7 @@ mod tests {
     #[test]
     fn modified_packets_carry_the_original_bytes() {
         let plain = packet_json(&Packet {
-            data: b"a".to_vec(),
+            data: b"a".to_vec().into(),
             ..Default::default()
         });
         assert!(plain.get("original_b64").is_none());
@@ -307,7 +307,7 @@ mod tests {
         let dropped = packet_json(&Packet {
             modified: true,
             dropped: true,
-            original: b"hi".to_vec(),
+            original: b"hi".to_vec().into(),
             ..Default::default()
         });
         assert_eq!(dropped["original_b64"], "aGk=");

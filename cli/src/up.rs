@@ -2,7 +2,7 @@
 //! default. The registry serves on one loopback gRPC port; the proxy reports to it over that
 //! same port, exactly as a remote proxy-core would.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Args;
@@ -80,11 +80,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     } else {
         format!("http://{grpc}")
     };
-    server.add_service(registry_svc::grpc_service(
+    let registry_service = registry_svc::service(
         registry.clone(),
         registry_svc::liveness::DEFAULT_GRACE,
         &server,
-    )?);
+    )?;
+    server.add_service(registry_svc::grpc_server(registry_service.clone()));
     server.add_service(tls::service::CaService::server(splicer.clone()));
     // The exporter reads the registry over this same port, as a remote export-svc would.
     server.add_service(export_svc::grpc_service(&url, auth.token.as_deref())?);
@@ -100,18 +101,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let _ = grpc_stopped.await;
     }));
 
-    let proxy = Proxy::start(
-        args.proxy.config(
-            url.clone(),
-            auth.token.clone(),
-            std::iter::once(grpc)
-                .chain(args.proxy.denied().await?)
-                .collect(),
-            splicer.clone(),
-            Some(url.clone()),
-        ),
-    )
-    .await?;
+    let mut config = args.proxy.config(
+        url.clone(),
+        auth.token.clone(),
+        std::iter::once(grpc)
+            .chain(args.proxy.denied().await?)
+            .collect(),
+        splicer.clone(),
+        Some(url.clone()),
+    );
+    // Records and history go straight to the registry in this process, not through gRPC.
+    config.local_registry = Some(proxy_core::LocalRegistry(Arc::new(registry_service)));
+    let proxy = Proxy::start(config).await?;
     proto::token::record_server(&dir, &url)
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.

@@ -92,7 +92,7 @@ impl Job {
         let data = self.writer.take();
         self.summary.file_bytes += data.len() as u64;
         let chunk = ExportChunk {
-            data,
+            data: data.into(),
             summary: Some(std::mem::take(&mut self.summary)),
         };
         self.tx.send(Ok(chunk)).await.map_err(|_| Stop::Gone)
@@ -280,7 +280,7 @@ impl Job {
         let data = self.writer.take();
         self.summary.file_bytes += data.len() as u64;
         let chunk = ExportChunk {
-            data,
+            data: data.into(),
             summary: None,
         };
         self.tx.send(Ok(chunk)).await.map_err(|_| Stop::Gone)
@@ -411,9 +411,9 @@ mod tests {
     #[test]
     fn payload_is_what_was_sent_or_with_original_what_was_received() {
         let edited = Packet {
-            data: b"sent".to_vec(),
+            data: b"sent".to_vec().into(),
             modified: true,
-            original: b"received".to_vec(),
+            original: b"received".to_vec().into(),
             ..Default::default()
         };
         assert_eq!(payload(&edited, false), Some(&b"sent"[..]));
@@ -421,13 +421,13 @@ mod tests {
         let dropped = Packet {
             modified: true,
             dropped: true,
-            original: b"held".to_vec(),
+            original: b"held".to_vec().into(),
             ..Default::default()
         };
         assert_eq!(payload(&dropped, false), None);
         assert_eq!(payload(&dropped, true), Some(&b"held"[..]));
         let plain = Packet {
-            data: b"same".to_vec(),
+            data: b"same".to_vec().into(),
             ..Default::default()
         };
         assert_eq!(payload(&plain, true), Some(&b"same"[..]));

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use bytes::Bytes;
 use proto::{
     common::{ClosedBy, ConnStatus, Packet},
     intercept::{
@@ -60,11 +61,12 @@ pub enum QueueError {
 }
 
 /// A refused user action, with the packet to release when the refusal removed it (its
-/// connection has closed: the proxy is told not to relay it).
+/// connection has closed: the proxy is told not to relay it). Boxed: refusals are rare, and
+/// keep the `Result`s of every user action small.
 #[derive(Debug)]
 pub struct Refused<W> {
     pub error: QueueError,
-    pub release: Option<(W, Verdict)>,
+    pub release: Option<Box<(W, Verdict)>>,
 }
 
 impl<W> From<QueueError> for Refused<W> {
@@ -118,7 +120,7 @@ pub fn forward_as_is(reason: &str) -> Verdict {
     Verdict {
         action: Action::Forward as i32,
         replaced: false,
-        data: Vec::new(),
+        data: Bytes::new(),
         reason: reason.into(),
     }
 }
@@ -240,7 +242,7 @@ impl<W> Queue<W> {
     pub fn forward(
         &mut self,
         held_id: u64,
-        replacement: Option<Vec<u8>>,
+        replacement: Option<Bytes>,
     ) -> Result<(W, Verdict), Refused<W>> {
         if let Some(r) = &replacement
             && r.len() > MAX_REPLACEMENT
@@ -355,7 +357,7 @@ impl<W> Queue<W> {
             let release = self
                 .remove(held_id)
                 .flatten()
-                .map(|w| (w, verdict(Action::Drop, "connection_closed")));
+                .map(|w| Box::new((w, verdict(Action::Drop, "connection_closed"))));
             return Err(Refused {
                 error: err,
                 release,
@@ -421,7 +423,7 @@ mod tests {
             conn_id,
             seq: 1,
             direction: Direction::C2s as i32,
-            data: data.to_vec(),
+            data: Bytes::copy_from_slice(data),
             ..Default::default()
         }
     }
@@ -475,14 +477,14 @@ mod tests {
             q.forward(9, None).unwrap_err().error,
             QueueError::NotFound(9)
         );
-        let big = vec![0; MAX_REPLACEMENT + 1];
+        let big = Bytes::from(vec![0; MAX_REPLACEMENT + 1]);
         assert_eq!(
             q.forward(1, Some(big)).unwrap_err().error,
             QueueError::TooLarge(MAX_REPLACEMENT + 1)
         );
-        let (_, v) = q.forward(1, Some(b"a\0b".to_vec())).unwrap();
+        let (_, v) = q.forward(1, Some(Bytes::from_static(b"a\0b"))).unwrap();
         assert!(v.replaced);
-        assert_eq!(v.data, b"a\0b");
+        assert_eq!(v.data, &b"a\0b"[..]);
         let (_, v) = q.drop_packet(2).unwrap();
         assert_eq!(v.action(), Action::Drop);
         assert_eq!(q.drop_packet(2).unwrap_err().error, QueueError::NotFound(2));
@@ -552,7 +554,7 @@ mod tests {
             err.contains("connection 5 was closed by the server (server sent FIN)"),
             "{err}"
         );
-        let (w, v) = refused.release.unwrap();
+        let (w, v) = *refused.release.unwrap();
         assert_eq!(
             (w, v.action(), v.reason.as_str()),
             (1, Action::Drop, "connection_closed")

@@ -162,7 +162,7 @@ fn status_of(e: QueueError) -> Status {
 
 /// Releases what a refusal removed, and reports the refusal.
 fn refused(r: Refused<Waiter>) -> Status {
-    release(r.release);
+    release(r.release.map(|r| *r));
     status_of(r.error)
 }
 

@@ -1,16 +1,18 @@
 //! The Interpose gRPC contract.
 //!
-//! Generated code for the four services lives here and only here, with the small pieces every
-//! server and client of the project shares: the JSON/CLI names of the enums ([`names`]),
-//! timestamp conversion ([`time`]), serving with health, reflection and token checks
-//! ([`serve`]), connecting as a client ([`client`]), the API token ([`token`]), private
-//! data directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface
-//! deadline of every gRPC connection ([`preface`]), the bounds on unused connections
-//! ([`accept`]) and mutual TLS for the management plane ([`mtls`]).
+//! Generated code for the four services (and for the registry's stored history format) lives
+//! here and only here, with the small pieces every server and client of the project shares:
+//! the JSON/CLI names of the enums ([`names`]), timestamp conversion ([`time`]), serving with
+//! health, reflection and token checks ([`serve`]), connecting as a client ([`client`]), the
+//! API token ([`token`]), where a proxy's ingest stream goes ([`ingest`]), private data
+//! directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface deadline
+//! of every gRPC connection ([`preface`]), the bounds on unused connections ([`accept`]) and
+//! mutual TLS for the management plane ([`mtls`]).
 
 pub mod accept;
 pub mod client;
 pub mod codec;
+pub mod ingest;
 pub mod limits;
 pub mod mtls;
 pub mod names;
@@ -31,6 +33,12 @@ pub mod interpose {
     pub mod registry {
         pub mod v1 {
             tonic::include_proto!("interpose.registry.v1");
+        }
+        /// The registry's on-disk history format (not part of any RPC).
+        pub mod store {
+            pub mod v1 {
+                tonic::include_proto!("interpose.registry.store.v1");
+            }
         }
     }
     pub mod intercept {
@@ -54,6 +62,7 @@ pub use interpose::ca::v1 as ca;
 pub use interpose::common::v1 as common;
 pub use interpose::export::v1 as export;
 pub use interpose::intercept::v1 as intercept;
+pub use interpose::registry::store::v1 as registry_store;
 pub use interpose::registry::v1 as registry;
 
 /// The encoded `FileDescriptorSet` of every Interpose proto file, for server reflection.

@@ -163,6 +163,7 @@ impl ProxyArgs {
                 || default_max_connections(proto::limits::open_files()),
                 |n| n as usize,
             ),
+            local_registry: None,
         }
     }
 }

@@ -36,6 +36,7 @@ pub mod socks5;
 pub mod tls;
 pub mod udp;
 
+use proto::{ingest::IngestSink, registry::registry_client::RegistryClient};
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
@@ -83,6 +84,19 @@ pub struct Config {
     /// Most SOCKS connections served at once; a client beyond it gets reply 0x01 and a
     /// record closed by the proxy naming the limit (see [`server::Listener`]).
     pub max_connections: usize,
+    /// The registry in this same process (`interpose up`), which takes the ingest stream
+    /// without gRPC; `None` streams to `registry_url`.
+    pub local_registry: Option<LocalRegistry>,
+}
+
+/// A registry in the proxy's own process, as the sink of its ingest stream.
+#[derive(Clone)]
+pub struct LocalRegistry(pub Arc<dyn IngestSink>);
+
+impl std::fmt::Debug for LocalRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalRegistry")
+    }
 }
 
 /// Where a proxy finds its intercept service, and what it does with a packet that service
@@ -155,12 +169,12 @@ impl Proxy {
             addr: cfg.socks,
             source,
         })?;
-        let (reporter, reporter_task) = report::Reporter::start(
-            channel.clone(),
-            cfg.node.clone(),
-            cfg.history,
-            cfg.queue_bound,
-        );
+        let sink = match &cfg.local_registry {
+            Some(local) => local.0.clone(),
+            None => Arc::new(RegistryClient::new(channel.clone())) as Arc<dyn IngestSink>,
+        };
+        let (reporter, reporter_task) =
+            report::Reporter::start(sink, cfg.node.clone(), cfg.history, cfg.queue_bound);
         let ids = ids::IdPool::new(channel, cfg.node.clone());
         let resolver = process::Resolver::start(reporter.clone());
         if cfg.splicer.is_some() {

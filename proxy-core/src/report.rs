@@ -20,8 +20,9 @@
 //! stream reconnects with backoff and sends the unacknowledged batches again, in order,
 //! before any new one. The registry applies replays idempotently.
 //!
-//! Batches are encoded once, by hand, into `Bytes` (a mirror of `IngestRequest` whose packet
-//! payloads are `Bytes`), so a replay clones a reference count rather than the payloads.
+//! Batches are the generated `IngestRequest`, whose packet payloads are `Bytes` (see the proto
+//! crate's build script): sending or replaying a batch clones reference counts, never the
+//! payloads, which gRPC copies once, into its frame.
 //! Every second a ticker sends a `ConnectionUpdate` with running counters for each active
 //! connection whose counters changed, so live byte counts show in the registry.
 
@@ -34,30 +35,29 @@ use std::{
     time::Duration,
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
-use prost::Message;
+use bytes::Bytes;
 use prost_types::Timestamp;
 use proto::{
-    client::AuthChannel,
-    common::{Connection, Direction},
-    registry::{ConnectionClosed, ConnectionUpdate, IngestAck, ProxyLosses},
+    common::{Connection, Direction, Packet},
+    ingest::{Acks, IngestSink},
+    registry::{
+        ConnectionClosed, ConnectionUpdate, Event, IngestAck, IngestRequest, ProxyLosses,
+        event::Kind,
+    },
 };
 use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
     time::{Instant, MissedTickBehavior, sleep, sleep_until},
 };
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Request, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming},
-};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::Status;
 
 use crate::conn::{ConnState, End};
 
 /// Most events in one batch.
 pub const BATCH_EVENTS: usize = 1000;
-/// A batch is closed once its encoding reaches this size (one more packet may exceed it).
+/// A batch is closed once its encoded size reaches this (one more packet may exceed it).
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Most packet payload bytes buffered (queued plus unacknowledged) before packets are shed.
 pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
@@ -67,37 +67,19 @@ const MAX_UNACKED: usize = 64;
 pub const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-const INGEST_PATH: &str = "/interpose.registry.v1.Registry/Ingest";
 
-/// One queued event.
+/// One queued event. Packets, by far the most frequent, are not boxed: no allocation each.
 enum Item {
     Opened(Box<Connection>),
     Updated(Box<ConnectionUpdate>),
     Closed(Box<ConnectionClosed>),
-    Packet(PacketItem),
-}
-
-struct PacketItem {
-    conn_id: u64,
-    seq: u64,
-    dir: Direction,
-    ts: Timestamp,
-    data: Bytes,
-    /// Set when the relayed bytes differ from the received ones (an intercept verdict or a
-    /// replace rule).
-    edit: Option<Box<Edit>>,
-}
-
-/// How a modified packet was received, and whether it was dropped.
-struct Edit {
-    original: Bytes,
-    dropped: bool,
+    Packet(Packet),
 }
 
 impl Item {
     fn payload_len(&self) -> usize {
         match self {
-            Item::Packet(p) => p.data.len() + p.edit.as_ref().map_or(0, |e| e.original.len()),
+            Item::Packet(p) => p.data.len() + p.original.len(),
             _ => 0,
         }
     }
@@ -155,10 +137,10 @@ impl Inner {
 }
 
 impl Reporter {
-    /// Starts the background task that streams to the registry over `channel` as `node`.
+    /// Starts the background task that streams to the registry `sink` as `node`.
     /// `queue_bound` is the number of events buffered while the registry is slow or down.
     pub fn start(
-        channel: AuthChannel,
+        sink: Arc<dyn IngestSink>,
         node: String,
         history: bool,
         queue_bound: usize,
@@ -168,7 +150,7 @@ impl Reporter {
         let task = Task {
             inner: inner.clone(),
             rx,
-            grpc: tonic::client::Grpc::new(channel),
+            sink,
             node,
             unacked: VecDeque::new(),
             next_seq: 1,
@@ -228,13 +210,13 @@ impl Reporter {
 
     /// A history packet (ignored with history off).
     pub fn packet(&self, conn_id: u64, seq: u64, dir: Direction, ts: Timestamp, data: Bytes) {
-        self.push_packet(PacketItem {
+        self.push_packet(Packet {
             conn_id,
             seq,
-            dir,
-            ts,
+            direction: dir as i32,
+            ts: Some(ts),
             data,
-            edit: None,
+            ..Default::default()
         });
     }
 
@@ -251,18 +233,20 @@ impl Reporter {
         original: Bytes,
         dropped: bool,
     ) {
-        self.push_packet(PacketItem {
+        self.push_packet(Packet {
             conn_id,
             seq,
-            dir,
-            ts,
+            direction: dir as i32,
+            ts: Some(ts),
             data: sent,
-            edit: Some(Box::new(Edit { original, dropped })),
+            modified: true,
+            original,
+            dropped,
         });
     }
 
     /// Queues a history packet, unless history is off.
-    fn push_packet(&self, p: PacketItem) {
+    fn push_packet(&self, p: Packet) {
         if !self.inner.history {
             return;
         }
@@ -423,7 +407,8 @@ impl ReporterTask {
 /// A batch sent (or to be sent) and not yet acknowledged.
 struct Batch {
     seq: u64,
-    encoded: Encoded,
+    /// Sent as a clone: its payloads are shared, not copied.
+    request: IngestRequest,
     events: usize,
     payload: usize,
     packets: u64,
@@ -437,7 +422,7 @@ enum SessionEnd {
 struct Task {
     inner: Arc<Inner>,
     rx: mpsc::UnboundedReceiver<Item>,
-    grpc: tonic::client::Grpc<AuthChannel>,
+    sink: Arc<dyn IngestSink>,
     node: String,
     unacked: VecDeque<Batch>,
     next_seq: u64,
@@ -541,21 +526,9 @@ impl Task {
     }
 
     async fn session(&mut self) -> SessionEnd {
-        let (out_tx, out_rx) = mpsc::channel::<Encoded>(4);
-        let mut grpc = self.grpc.clone();
-        let call = async move {
-            grpc.ready()
-                .await
-                .map_err(|e| Status::unavailable(format!("registry not ready: {e}")))?;
-            grpc.streaming(
-                Request::new(ReceiverStream::new(out_rx)),
-                tonic::codegen::http::uri::PathAndQuery::from_static(INGEST_PATH),
-                RawCodec,
-            )
-            .await
-        };
-        tokio::pin!(call);
-        let mut acks: Option<Streaming<IngestAck>> = None;
+        let (out_tx, out_rx) = mpsc::channel::<IngestRequest>(4);
+        let mut call = self.sink.open(ReceiverStream::new(out_rx));
+        let mut acks: Option<Acks> = None;
         let mut next_unsent = 0usize;
         let mut acked = false;
         let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
@@ -570,7 +543,7 @@ impl Task {
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 res = &mut call, if acks.is_none() => match res {
-                    Ok(resp) => acks = Some(resp.into_inner()),
+                    Ok(stream) => acks = Some(stream),
                     Err(status) => return self.failed(status, acked),
                 },
                 ack = next_ack(&mut acks) => match ack {
@@ -588,7 +561,7 @@ impl Task {
                 },
                 permit = out_tx.reserve(), if next_unsent < self.unacked.len() => match permit {
                     Ok(p) => {
-                        p.send(self.unacked[next_unsent].encoded.clone());
+                        p.send(self.unacked[next_unsent].request.clone());
                         next_unsent += 1;
                     }
                     Err(_) => {
@@ -654,7 +627,7 @@ impl Task {
                 BatchBuilder::new(&self.node, seq)
             });
             b.push(item);
-            let full = b.events >= BATCH_EVENTS || b.len >= BATCH_BYTES;
+            let full = b.events() >= BATCH_EVENTS || b.len >= BATCH_BYTES;
             if let Some(b) = builder.take_if(|_| full) {
                 self.unacked
                     .push_back(b.finish(&self.inner, &mut self.sent_losses));
@@ -675,40 +648,18 @@ impl Task {
     }
 }
 
-async fn next_ack(acks: &mut Option<Streaming<IngestAck>>) -> Result<Option<IngestAck>, Status> {
+async fn next_ack(acks: &mut Option<Acks>) -> Result<Option<IngestAck>, Status> {
     match acks {
-        Some(s) => s.message().await,
+        Some(s) => s.next().await.transpose(),
         None => std::future::pending().await,
     }
 }
 
-/// Packets at least this large are referenced by the encoded batch rather than copied in.
-const SHARED_PAYLOAD: usize = 4096;
-
-/// An encoded `IngestRequest` as consecutive segments: fields encoded together, with large
-/// payloads referenced as they are, so that sending copies each payload once (into the gRPC
-/// frame) and a replay copies nothing more.
-#[derive(Clone)]
-struct Encoded(Arc<[Bytes]>);
-
-impl Encoded {
-    /// The segments joined into one buffer (what the gRPC frame carries).
-    #[cfg(test)]
-    fn to_bytes(&self) -> Bytes {
-        self.0.concat().into()
-    }
-}
-
-/// Encodes one `IngestRequest` field by field.
+/// Gathers events into one `IngestRequest`, keeping count of its encoded size.
 struct BatchBuilder {
-    /// Fields not yet closed into a segment.
-    buf: BytesMut,
-    /// Finished segments.
-    parts: Vec<Bytes>,
-    /// Encoded length so far (segments and `buf`).
+    request: IngestRequest,
+    /// Encoded length of `request` so far.
     len: usize,
-    seq: u64,
-    events: usize,
     payload: usize,
     packets: u64,
 }
@@ -727,301 +678,162 @@ fn session() -> &'static str {
 
 impl BatchBuilder {
     fn new(node: &str, seq: u64) -> Self {
-        let mut buf = BytesMut::with_capacity(4096);
-        prost::encoding::string::encode(1, &node.to_string(), &mut buf);
-        prost::encoding::uint64::encode(2, &seq, &mut buf);
-        prost::encoding::string::encode(5, &session().to_string(), &mut buf);
+        let request = IngestRequest {
+            node: node.to_string(),
+            batch_seq: seq,
+            events: Vec::with_capacity(64),
+            losses: None,
+            session: session().to_string(),
+        };
         Self {
-            len: buf.len(),
-            buf,
-            parts: Vec::new(),
-            seq,
-            events: 0,
+            len: prost::Message::encoded_len(&request),
+            request,
             payload: 0,
             packets: 0,
         }
     }
 
-    fn push(&mut self, item: Item) {
-        self.events += 1;
-        let ev = match item {
-            Item::Opened(c) => WireEvent {
-                opened: Some(*c),
-                ..Default::default()
-            },
-            Item::Updated(u) => WireEvent {
-                updated: Some(*u),
-                ..Default::default()
-            },
-            Item::Closed(c) => WireEvent {
-                closed: Some(*c),
-                ..Default::default()
-            },
-            Item::Packet(p) => {
-                self.payload += p.data.len();
-                self.packets += 1;
-                let modified = p.edit.is_some();
-                let (original, dropped) = p
-                    .edit
-                    .map_or((Bytes::new(), false), |e| (e.original, e.dropped));
-                let packet = WirePacket {
-                    conn_id: p.conn_id,
-                    seq: p.seq,
-                    direction: p.dir as i32,
-                    ts: Some(p.ts),
-                    data: p.data,
-                    modified,
-                    original,
-                    dropped,
-                };
-                if packet.data.len() >= SHARED_PAYLOAD {
-                    self.push_shared(packet);
-                    return;
-                }
-                WireEvent {
-                    packet: Some(packet),
-                    ..Default::default()
-                }
-            }
-        };
-        let before = self.buf.len();
-        self.buf.reserve(ev.encoded_len() + 8);
-        prost::encoding::message::encode(3, &ev, &mut self.buf);
-        self.len += self.buf.len() - before;
+    fn events(&self) -> usize {
+        self.request.events.len()
     }
 
-    /// A packet event whose payload becomes a segment of its own: the event's framing and
-    /// other fields are encoded into `buf`, with the payload field last (protobuf fields may
-    /// come in any order), then `buf` and the payload are closed as segments.
-    fn push_shared(&mut self, p: WirePacket) {
-        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-        let mut head = p;
-        let data = std::mem::take(&mut head.data);
-        let data_len = data.len();
-        let data_field = key_len(5) + encoded_len_varint(data_len as u64) + data_len;
-        let packet_len = head.encoded_len() + data_field;
-        let event_len = key_len(4) + encoded_len_varint(packet_len as u64) + packet_len;
-        let before = self.buf.len();
-        encode_key(3, WireType::LengthDelimited, &mut self.buf);
-        encode_varint(event_len as u64, &mut self.buf);
-        encode_key(4, WireType::LengthDelimited, &mut self.buf);
-        encode_varint(packet_len as u64, &mut self.buf);
-        head.encode_raw(&mut self.buf);
-        encode_key(5, WireType::LengthDelimited, &mut self.buf);
-        encode_varint(data_len as u64, &mut self.buf);
-        self.len += self.buf.len() - before + data_len;
-        self.parts.push(self.buf.split().freeze());
-        self.parts.push(data);
+    fn push(&mut self, item: Item) {
+        let kind = match item {
+            Item::Opened(c) => Kind::Opened(*c),
+            Item::Updated(u) => Kind::Updated(*u),
+            Item::Closed(c) => Kind::Closed(*c),
+            Item::Packet(p) => {
+                self.payload += p.data.len() + p.original.len();
+                self.packets += 1;
+                Kind::Packet(p)
+            }
+        };
+        let event = Event { kind: Some(kind) };
+        self.len += prost::encoding::message::encoded_len(3, &event);
+        self.request.events.push(event);
     }
 
     fn finish(mut self, inner: &Inner, sent: &mut ProxyLosses) -> Batch {
         let losses = inner.losses();
         if losses != ProxyLosses::default() {
-            prost::encoding::message::encode(4, &losses, &mut self.buf);
+            self.request.losses = Some(losses);
         }
         *sent = losses;
-        if !self.buf.is_empty() {
-            self.parts.push(self.buf.freeze());
-        }
         Batch {
-            seq: self.seq,
-            encoded: Encoded(self.parts.into()),
-            events: self.events,
+            seq: self.request.batch_seq,
+            events: self.events(),
+            request: self.request,
             payload: self.payload,
             packets: self.packets,
         }
     }
 }
 
-/// Wire mirror of `interpose.registry.v1.Event` (a oneof: exactly one field is set).
-#[derive(Clone, PartialEq, prost::Message)]
-struct WireEvent {
-    #[prost(message, optional, tag = "1")]
-    opened: Option<Connection>,
-    #[prost(message, optional, tag = "2")]
-    updated: Option<ConnectionUpdate>,
-    #[prost(message, optional, tag = "3")]
-    closed: Option<ConnectionClosed>,
-    #[prost(message, optional, tag = "4")]
-    packet: Option<WirePacket>,
-}
-
-/// Wire mirror of `interpose.common.v1.Packet` with a `Bytes` payload.
-#[derive(Clone, PartialEq, prost::Message)]
-struct WirePacket {
-    #[prost(uint64, tag = "1")]
-    conn_id: u64,
-    #[prost(uint64, tag = "2")]
-    seq: u64,
-    #[prost(int32, tag = "3")]
-    direction: i32,
-    #[prost(message, optional, tag = "4")]
-    ts: Option<Timestamp>,
-    #[prost(bytes = "bytes", tag = "5")]
-    data: Bytes,
-    #[prost(bool, tag = "6")]
-    modified: bool,
-    /// The received bytes of a modified packet (`data` holds the sent ones).
-    #[prost(bytes = "bytes", tag = "7")]
-    original: Bytes,
-    /// Dropped at an intercept hold: nothing was relayed.
-    #[prost(bool, tag = "8")]
-    dropped: bool,
-}
-
-/// Sends pre-encoded `IngestRequest`s and decodes `IngestAck`s.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Encoded;
-    type Decode = IngestAck;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Encoded;
-    type Error = Status;
-
-    fn encode(&mut self, item: Encoded, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        for part in item.0.iter() {
-            dst.put_slice(part);
-        }
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = IngestAck;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<IngestAck>, Status> {
-        IngestAck::decode(src)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("decoding IngestAck: {e}")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
-    use proto::registry::{IngestRequest, event::Kind};
 
     fn inner(bound: usize) -> (Arc<Inner>, mpsc::UnboundedReceiver<Item>) {
         Inner::new(true, bound)
     }
 
     fn packet(seq: u64, data: &'static [u8]) -> Item {
-        Item::Packet(PacketItem {
+        Item::Packet(Packet {
             conn_id: 9,
             seq,
-            dir: Direction::S2c,
-            ts: Timestamp {
+            direction: Direction::S2c as i32,
+            ts: Some(Timestamp {
                 seconds: 5,
                 nanos: 6,
-            },
+            }),
             data: Bytes::from_static(data),
-            edit: None,
+            ..Default::default()
         })
     }
 
+    fn packets(req: &IngestRequest) -> Vec<&Packet> {
+        req.events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::Packet(p)) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn large_payloads_are_referenced_not_copied_and_decode_in_place() {
+    fn batches_and_their_replays_share_payloads_and_track_their_encoded_size() {
         let (inner, _rx) = inner(10);
-        let big = Bytes::from(vec![0xabu8; SHARED_PAYLOAD + 1]);
+        let big = Bytes::from(vec![0xabu8; 100_000]);
         let mut b = BatchBuilder::new("n", 1);
         b.push(packet(1, b"small"));
-        b.push(Item::Packet(PacketItem {
+        b.push(Item::Packet(Packet {
             conn_id: 9,
             seq: 2,
-            dir: Direction::C2s,
-            ts: Timestamp::default(),
             data: big.clone(),
-            edit: None,
+            ..Default::default()
         }));
         b.push(packet(3, b"after"));
         let len = b.len;
         let batch = b.finish(&inner, &mut ProxyLosses::default());
-        assert!(batch.encoded.0.iter().any(|p| p.as_ptr() == big.as_ptr()));
-        let bytes = batch.encoded.to_bytes();
-        assert_eq!(bytes.len(), len);
-        let req = IngestRequest::decode(bytes).unwrap();
-        let seqs_and_data: Vec<(u64, Vec<u8>)> = req
-            .events
+        // What a send or a replay hands to gRPC: a clone holding the same payload bytes.
+        let sent = batch.request.clone();
+        for req in [&batch.request, &sent] {
+            assert_eq!(packets(req)[1].data.as_ptr(), big.as_ptr());
+        }
+        let wire = sent.encode_to_vec();
+        assert_eq!(wire.len(), len);
+        let decoded = IngestRequest::decode(wire.as_slice()).unwrap();
+        let got: Vec<(u64, &[u8])> = packets(&decoded)
             .into_iter()
-            .filter_map(|e| match e.kind {
-                Some(Kind::Packet(p)) => Some((p.seq, p.data)),
-                _ => None,
-            })
+            .map(|p| (p.seq, &p.data[..]))
             .collect();
         assert_eq!(
-            seqs_and_data,
-            vec![
-                (1, b"small".to_vec()),
-                (2, big.to_vec()),
-                (3, b"after".to_vec())
-            ]
+            got,
+            vec![(1, &b"small"[..]), (2, &big[..]), (3, &b"after"[..])]
         );
     }
 
     #[test]
-    fn modified_and_dropped_packets_carry_both_versions() {
-        let (inner, _rx) = inner(10);
-        let big = Bytes::from(vec![1u8; SHARED_PAYLOAD]);
+    fn modified_and_dropped_packets_carry_both_versions_and_release_all_they_held() {
+        let (inner, mut rx) = inner(10);
+        let reporter = Reporter {
+            inner: inner.clone(),
+        };
+        let ts = Timestamp::default();
+        let old = Bytes::from_static(b"old\0");
+        reporter.modified_packet(9, 1, Direction::C2s, ts, "new".into(), old.clone(), false);
+        reporter.modified_packet(9, 2, Direction::C2s, ts, Bytes::new(), old.clone(), true);
+        assert_eq!(inner.bytes.load(Relaxed), 3 + 4 + 4);
         let mut b = BatchBuilder::new("n", 1);
-        for (seq, sent, dropped) in [
-            (1, Bytes::from_static(b"new"), false),
-            (2, Bytes::new(), true),
-            (3, big.clone(), false),
-        ] {
-            b.push(Item::Packet(PacketItem {
-                conn_id: 9,
-                seq,
-                dir: Direction::C2s,
-                ts: Timestamp::default(),
-                data: sent,
-                edit: Some(Box::new(Edit {
-                    original: Bytes::from_static(b"old\0"),
-                    dropped,
-                })),
-            }));
+        while let Ok(item) = rx.try_recv() {
+            b.push(item);
         }
-        let req = IngestRequest::decode(
-            b.finish(&inner, &mut ProxyLosses::default())
-                .encoded
-                .to_bytes(),
-        )
-        .unwrap();
-        let got: Vec<_> = req
-            .events
+        let batch = b.finish(&inner, &mut ProxyLosses::default());
+        let decoded = IngestRequest::decode(batch.request.encode_to_vec().as_slice()).unwrap();
+        let got: Vec<_> = packets(&decoded)
             .into_iter()
-            .filter_map(|e| match e.kind {
-                Some(Kind::Packet(p)) => Some((p.data, p.modified, p.original, p.dropped)),
-                _ => None,
-            })
+            .map(|p| (&p.data[..], p.modified, &p.original[..], p.dropped))
             .collect();
-        let old = b"old\0".to_vec();
         assert_eq!(
             got,
             vec![
-                (b"new".to_vec(), true, old.clone(), false),
-                (Vec::new(), true, old.clone(), true),
-                (big.to_vec(), true, old, false),
+                (&b"new"[..], true, &old[..], false),
+                (&b""[..], true, &old[..], true),
             ]
+        );
+        // The acknowledgement releases the received bytes too, not only the sent ones.
+        inner.release(batch.events, batch.payload);
+        assert_eq!(
+            (inner.events.load(Relaxed), inner.bytes.load(Relaxed)),
+            (0, 0)
         );
     }
 
     #[test]
-    fn hand_encoded_batch_decodes_as_ingest_request() {
+    fn a_batch_carries_node_sequence_session_events_and_losses() {
         let (inner, _rx) = inner(10);
         let mut b = BatchBuilder::new("node-a", 42);
         b.push(Item::Opened(Box::new(Connection {
@@ -1038,32 +850,22 @@ mod tests {
         inner.packets_dropped.store(3, Relaxed);
         let mut sent = ProxyLosses::default();
         let batch = b.finish(&inner, &mut sent);
-        let req = IngestRequest::decode(batch.encoded.to_bytes()).unwrap();
-        assert_eq!(req.node, "node-a");
-        assert_eq!(req.batch_seq, 42);
+        let req = &batch.request;
+        assert_eq!((req.node.as_str(), req.batch_seq), ("node-a", 42));
+        assert_eq!(req.session, session());
         assert_eq!(req.events.len(), 3);
         assert!(matches!(&req.events[0].kind, Some(Kind::Opened(c)) if c.dst_host == "example"));
-        match &req.events[1].kind {
-            Some(Kind::Packet(p)) => {
-                assert_eq!(
-                    (p.conn_id, p.seq, p.direction),
-                    (9, 1, Direction::S2c as i32)
-                );
-                assert_eq!(p.data, b"hello");
-                assert_eq!(
-                    p.ts,
-                    Some(Timestamp {
-                        seconds: 5,
-                        nanos: 6
-                    })
-                );
-            }
-            other => panic!("not a packet: {other:?}"),
-        }
+        let p = packets(req)[0];
+        assert_eq!(
+            (p.conn_id, p.seq, p.direction),
+            (9, 1, Direction::S2c as i32)
+        );
+        assert_eq!(&p.data[..], b"hello");
         assert!(
             matches!(&req.events[2].kind, Some(Kind::Closed(c)) if c.reason == "client sent FIN")
         );
         assert_eq!(req.losses.map(|l| l.packets_dropped), Some(3));
+        assert_eq!(sent.packets_dropped, 3);
         assert_eq!((batch.events, batch.payload, batch.packets), (3, 5, 1));
     }
 

@@ -60,8 +60,7 @@ pub async fn follow(state: Arc<State>, req: FollowHistoryRequest, tx: Tx, drain:
 
 /// Sends the records and history as of one position, then `caught_up`; returns the position.
 async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End> {
-    let st = state.clone();
-    let (records, upto) = blocking(move || {
+    let (records, upto) = blocking(state, move |st| {
         // Under the hub lock no batch is half applied: the records and the position agree.
         let (_rx, snap) = st.hub.subscribe_with(|| {
             let upto = st.store.position();
@@ -84,14 +83,13 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
     let evicted_before = state.store.budget().removed_position();
     let mut token = String::new();
     loop {
-        let st = state.clone();
         let q = HistoryQuery {
             conn_id,
             page_token: token,
             upto: Some(upto),
             ..Default::default()
         };
-        let page = blocking(move || st.history(&q)).await?;
+        let page = blocking(state, move |st| st.history(&q)).await?;
         for p in page.items {
             send(tx, packet(p, upto)).await?;
         }
@@ -123,9 +121,10 @@ async fn live(state: &Arc<State>, conn_id: u64, mut cursor: u64, tx: &Tx) -> Res
     loop {
         // Marked seen before the read: a position written after it wakes the wait below.
         positions.borrow_and_update();
-        let st = state.clone();
-        let page =
-            blocking(move || st.store.log_after(cursor, conn_id, LOG_PAGE, PAGE_BYTES)).await?;
+        let page = blocking(state, move |st| {
+            st.store.log_after(cursor, conn_id, LOG_PAGE, PAGE_BYTES)
+        })
+        .await?;
         // Read after the page: positions up to it may have lost packets before or while
         // the page was read (eviction removes whole segments, so later ones are whole).
         let evicted = state.store.budget().removed_position();
@@ -188,10 +187,8 @@ async fn send(tx: &Tx, event: FollowHistoryEvent) -> Result<(), End> {
 
 /// Runs a store read off the async threads.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    state: &Arc<State>,
+    f: impl FnOnce(&State) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, End> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| End::Failed(Status::internal(format!("registry read task: {e}"))))?
-        .map_err(End::from)
+    state.blocking(f).await.map_err(End::from)
 }

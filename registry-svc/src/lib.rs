@@ -6,6 +6,7 @@
 pub mod filter;
 pub mod follow;
 pub mod history_args;
+pub mod ingest;
 pub mod liveness;
 pub mod payload;
 pub mod service;
@@ -57,15 +58,34 @@ pub fn grpc_service(
     node_grace: std::time::Duration,
     server: &GrpcServer,
 ) -> anyhow::Result<RegistryServer<RegistryService>> {
+    Ok(grpc_server(service(state, node_grace, server)?))
+}
+
+/// The registry service as [`grpc_service`] starts it, before it is wrapped for gRPC: a
+/// proxy in the same process can take it as its ingest sink (`proto::ingest::IngestSink`).
+pub fn service(
+    state: Arc<State>,
+    node_grace: std::time::Duration,
+    server: &GrpcServer,
+) -> anyhow::Result<RegistryService> {
     report_history_health(&state, server.health());
     let drain = server.drain();
     let liveness = liveness::Liveness::start(state.clone(), node_grace)
         .context("scanning the records of the reporting nodes")?;
-    Ok(
-        RegistryServer::new(RegistryService::new(state, liveness, drain))
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
-    )
+    let ingest = ingest::Pipeline::start(state.clone()).context("starting the ingest threads")?;
+    Ok(RegistryService::new(
+        state,
+        Arc::new(ingest),
+        liveness,
+        drain,
+    ))
+}
+
+/// `service` served over gRPC, with the registry's message size limits.
+pub fn grpc_server(service: RegistryService) -> RegistryServer<RegistryService> {
+    RegistryServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
 }
 
 /// Command-line options of the standalone `registry-svc` binary.

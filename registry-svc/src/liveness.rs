@@ -56,13 +56,11 @@ impl Liveness {
     pub fn start(state: Arc<State>, grace: Duration) -> Result<Arc<Self>, StoreError> {
         let mut nodes = HashMap::new();
         let now = Instant::now();
-        state.store.scan_conns(0, |c| {
-            if c.status == ConnStatus::Active as i32 {
-                nodes.entry(c.node).or_insert_with(|| Node {
-                    gone_since: Some(now),
-                    ..Node::default()
-                });
-            }
+        state.store.scan_active(0, |c| {
+            nodes.entry(c.node).or_insert_with(|| Node {
+                gone_since: Some(now),
+                ..Node::default()
+            });
             true
         })?;
         for (name, node) in &mut nodes {
@@ -165,8 +163,8 @@ impl Liveness {
 
     fn try_close_node(&self, node: &str, reason: &str) -> Result<(), StoreError> {
         let mut ids = Vec::new();
-        self.state.store.scan_conns(0, |c| {
-            if c.node == node && c.status == ConnStatus::Active as i32 {
+        self.state.store.scan_active(0, |c| {
+            if c.node == node {
                 ids.push(c.id);
             }
             true

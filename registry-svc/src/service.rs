@@ -3,9 +3,9 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use futures::FutureExt;
 use proto::{
     common::{Connection, Direction},
+    ingest::{Acks, IngestSink, Opening},
     registry::{
         self as pb, IngestAck, IngestRequest, WatchEvent, registry_server::Registry,
         watch_event::Kind as WatchKind,
@@ -13,14 +13,15 @@ use proto::{
     serve::Drain,
 };
 use tokio::sync::{broadcast::error::RecvError, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     filter::matches,
     follow::follow,
+    ingest::Pipeline,
     liveness::Liveness,
-    state::{HistoryQuery, Rejected, State},
+    state::{HistoryQuery, State},
     store::{Change, StoreError},
 };
 
@@ -29,9 +30,10 @@ impl From<StoreError> for Status {
         match e {
             StoreError::NotFound(_) => Status::not_found(e.to_string()),
             StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
-            StoreError::Sled(_) | StoreError::Payload(_) | StoreError::Corrupt { .. } => {
-                Status::internal(e.to_string())
-            }
+            StoreError::Sled(_)
+            | StoreError::Payload(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::Task(_) => Status::internal(e.to_string()),
         }
     }
 }
@@ -40,16 +42,23 @@ impl From<StoreError> for Status {
 #[derive(Clone)]
 pub struct RegistryService {
     state: Arc<State>,
+    ingest: Arc<Pipeline>,
     liveness: Arc<Liveness>,
     drain: Drain,
 }
 
 impl RegistryService {
-    /// A service over `state`, tracking the reporting nodes with `liveness`, whose streams
-    /// end when `drain` fires.
-    pub fn new(state: Arc<State>, liveness: Arc<Liveness>, drain: Drain) -> Self {
+    /// A service over `state`, ingesting through `ingest`, tracking the reporting nodes with
+    /// `liveness`, whose streams end when `drain` fires.
+    pub fn new(
+        state: Arc<State>,
+        ingest: Arc<Pipeline>,
+        liveness: Arc<Liveness>,
+        drain: Drain,
+    ) -> Self {
         Self {
             state,
+            ingest,
             liveness,
             drain,
         }
@@ -57,6 +66,37 @@ impl RegistryService {
 }
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+/// The ingest stream of a proxy in this same process (`interpose up`): batches go to the
+/// writer as a gRPC stream's would, with no encoding or socket between.
+impl IngestSink for RegistryService {
+    fn open(&self, batches: ReceiverStream<IngestRequest>) -> Opening {
+        let acks = self.serve_ingest(batches.map(Ok));
+        Box::pin(async move { Ok(Box::pin(acks) as Acks) })
+    }
+}
+
+impl RegistryService {
+    /// Serves one ingest stream (see [`Pipeline::serve`]); its acknowledgements.
+    fn serve_ingest(
+        &self,
+        batches: impl tokio_stream::Stream<Item = Result<IngestRequest, Status>>
+        + Unpin
+        + Send
+        + 'static,
+    ) -> Stream<IngestAck> {
+        let (tx, rx) = mpsc::channel(16);
+        let (pipeline, liveness, drain) = (
+            self.ingest.clone(),
+            self.liveness.clone(),
+            self.drain.clone(),
+        );
+        tokio::spawn(async move {
+            pipeline.serve(liveness, batches, tx, drain).await;
+        });
+        ReceiverStream::new(rx)
+    }
+}
 
 #[tonic::async_trait]
 impl Registry for RegistryService {
@@ -67,13 +107,14 @@ impl Registry for RegistryService {
         req: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(ingest(
-            self.state.clone(),
+        let (pipeline, liveness, drain) = (
+            self.ingest.clone(),
             self.liveness.clone(),
-            req.into_inner(),
-            tx,
             self.drain.clone(),
-        ));
+        );
+        tokio::spawn(async move {
+            pipeline.serve(liveness, req.into_inner(), tx, drain).await;
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -82,7 +123,8 @@ impl Registry for RegistryService {
         req: Request<pb::LeaseIdsRequest>,
     ) -> Result<Response<pb::LeaseIdsResponse>, Status> {
         let req = req.into_inner();
-        let (first, last) = self.state.lease(req.count)?;
+        let count = req.count;
+        let (first, last) = self.state.blocking(move |s| s.lease(count)).await?;
         tracing::debug!(node = %req.node, first, last, "leased connection IDs");
         Ok(Response::new(pb::LeaseIdsResponse { first, last }))
     }
@@ -92,11 +134,16 @@ impl Registry for RegistryService {
         req: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
         let req = req.into_inner();
-        let page = self.state.list(
-            &req.filter.unwrap_or_default(),
-            req.page_size as usize,
-            &req.page_token,
-        )?;
+        let page = self
+            .state
+            .blocking(move |s| {
+                s.list(
+                    &req.filter.unwrap_or_default(),
+                    req.page_size as usize,
+                    &req.page_token,
+                )
+            })
+            .await?;
         Ok(Response::new(pb::ListConnectionsResponse {
             connections: page.items,
             next_page_token: page.next.unwrap_or_default(),
@@ -107,7 +154,10 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::GetConnectionRequest>,
     ) -> Result<Response<Connection>, Status> {
-        Ok(Response::new(self.state.get(req.into_inner().id)?))
+        let id = req.into_inner().id;
+        Ok(Response::new(
+            self.state.blocking(move |s| s.get(id)).await?,
+        ))
     }
 
     type WatchConnectionsStream = Stream<WatchEvent>;
@@ -126,7 +176,8 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::ClearConnectionsRequest>,
     ) -> Result<Response<pb::ClearConnectionsResponse>, Status> {
-        let cleared = self.state.clear(&req.into_inner().ids)?;
+        let ids = req.into_inner().ids;
+        let cleared = self.state.blocking(move |s| s.clear(&ids)).await?;
         Ok(Response::new(pb::ClearConnectionsResponse { cleared }))
     }
 
@@ -135,11 +186,7 @@ impl Registry for RegistryService {
         req: Request<pb::PurgeHistoryRequest>,
     ) -> Result<Response<pb::PurgeHistoryResponse>, Status> {
         let what = crate::store::Purge::from_request(&req.into_inner())?;
-        let state = self.state.clone();
-        // Disk work (a scan, a transaction, a flush, file deletions): off the async threads.
-        let p = tokio::task::spawn_blocking(move || state.store.purge(&what))
-            .await
-            .map_err(|e| Status::internal(format!("purge task: {e}")))??;
+        let p = self.state.blocking(move |s| s.store.purge(&what)).await?;
         Ok(Response::new(pb::PurgeHistoryResponse {
             packets: p.packets,
             bytes: p.bytes,
@@ -151,7 +198,7 @@ impl Registry for RegistryService {
         &self,
         _req: Request<pb::ClearAllRequest>,
     ) -> Result<Response<pb::ClearAllResponse>, Status> {
-        let cleared = self.state.clear_all()?;
+        let cleared = self.state.blocking(|s| s.clear_all()).await?;
         Ok(Response::new(pb::ClearAllResponse { cleared }))
     }
 
@@ -170,14 +217,15 @@ impl Registry for RegistryService {
                 )));
             }
         };
-        let page = self.state.history(&HistoryQuery {
+        let q = HistoryQuery {
             conn_id: req.conn_id,
             direction,
             contains: req.contains,
             page_size: req.page_size as usize,
             page_token: req.page_token,
             upto: None,
-        })?;
+        };
+        let page = self.state.blocking(move |s| s.history(&q)).await?;
         Ok(Response::new(pb::SearchHistoryResponse {
             packets: page.items,
             next_page_token: page.next.unwrap_or_default(),
@@ -202,70 +250,9 @@ impl Registry for RegistryService {
         req: Request<pb::ConnectionStatsRequest>,
     ) -> Result<Response<pb::ConnectionStatsResponse>, Status> {
         let filter = req.into_inner().filter.unwrap_or_default();
-        Ok(Response::new(self.state.stats(&filter)?))
-    }
-}
-
-/// Applies batches as they arrive; after each flush, acknowledges the last batch applied.
-/// Batches that arrive during a flush share the next one (group commit). The stream counts
-/// as its node's ingest session (see [`Liveness`]) from its first batch to its end.
-async fn ingest(
-    state: Arc<State>,
-    liveness: Arc<Liveness>,
-    mut inbound: Streaming<IngestRequest>,
-    tx: mpsc::Sender<Result<IngestAck, Status>>,
-    drain: Drain,
-) {
-    let fail = |status: Status| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send(Err(status)).await;
-        }
-    };
-    let mut attached = None;
-    loop {
-        let mut rejected = Rejected::default();
-        // At shutdown the proxy is told to go: what it sent after its last acknowledgement
-        // it replays to the next registry it reaches.
-        let next = tokio::select! {
-            next = inbound.message() => next,
-            () = drain.wait() => return fail(Drain::status()).await,
-        };
-        let mut last = match next {
-            Ok(Some(batch)) => {
-                if attached.is_none() && !batch.node.is_empty() {
-                    attached = Some(liveness.attach(&batch.node, &batch.session));
-                }
-                let seq = batch.batch_seq;
-                if let Err(e) = state.apply(batch, &mut rejected) {
-                    return fail(e.into()).await;
-                }
-                seq
-            }
-            Ok(None) => return,
-            Err(status) => {
-                tracing::debug!(%status, "ingest stream ended");
-                return;
-            }
-        };
-        // Take every batch already received without waiting, then flush once for all.
-        while let Some(Ok(Some(batch))) = inbound.message().now_or_never() {
-            last = batch.batch_seq;
-            if let Err(e) = state.apply(batch, &mut rejected) {
-                return fail(e.into()).await;
-            }
-        }
-        if let Err(e) = state.flush().await {
-            return fail(e.into()).await;
-        }
-        let ack = IngestAck {
-            batch_seq: last,
-            rejected_events: rejected.count,
-            rejection: rejected.first.unwrap_or_default(),
-        };
-        if tx.send(Ok(ack)).await.is_err() {
-            return;
-        }
+        Ok(Response::new(
+            self.state.blocking(move |s| s.stats(&filter)).await?,
+        ))
     }
 }
 
@@ -293,20 +280,22 @@ async fn watch(
     drain: Drain,
 ) {
     loop {
-        let (mut rx, snapshot) = state.hub.subscribe_with(|| {
-            let mut all = Vec::new();
-            state
-                .store
-                .scan_conns(0, |c| {
-                    if matches(&filter, &c) {
+        let f = filter.clone();
+        let taken = state
+            .blocking(move |s| {
+                let (rx, snapshot) = s.hub.subscribe_with(|| {
+                    let mut all = Vec::new();
+                    s.store.scan_matching(&f, 0, |c| {
                         all.push(c);
-                    }
-                    true
-                })
-                .map(|()| all)
-        });
-        let snapshot = match snapshot {
-            Ok(s) => s,
+                        true
+                    })?;
+                    Ok::<_, StoreError>(all)
+                });
+                Ok((rx, snapshot?))
+            })
+            .await;
+        let (mut rx, snapshot) = match taken {
+            Ok(t) => t,
             Err(e) => {
                 let _ = tx.send(Err(e.into())).await;
                 return;

@@ -145,6 +145,23 @@ impl State {
         self.store.flush().await
     }
 
+    /// Runs store work `f` on the blocking pool: disk reads and scans stay off the async
+    /// threads (in `interpose up` they relay traffic too).
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&State) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
+    }
+
+    /// Makes everything applied so far durable, blocking the calling thread.
+    pub fn commit(&self) -> Result<(), StoreError> {
+        self.store.commit()
+    }
+
     /// Leases `count` IDs.
     pub fn lease(&self, count: u32) -> Result<(u64, u64), StoreError> {
         self.store.lease(count)
@@ -174,10 +191,7 @@ impl State {
         let mut items = Vec::new();
         let mut bytes = 0usize;
         let mut next = None;
-        self.store.scan_conns(from, |c| {
-            if !matches(filter, &c) {
-                return true;
-            }
+        self.store.scan_matching(filter, from, |c| {
             let size = prost::Message::encoded_len(&c) + 8;
             if items.len() == limit || (bytes + size > PAGE_BYTES && !items.is_empty()) {
                 next = Some(c.id.to_string());

@@ -10,6 +10,7 @@
 //!   them. The payload bytes are not in sled but in the [`PayloadLog`]'s segment files
 //!   (runs hold segment and offset); runs written before the log existed hold their bytes
 //!   inline.
+//! - `active`: conn ID (8) -> empty, for each active record (see [`active`])
 //! - `segment_runs`: segment (8) + history key (16) -> empty: the runs holding packets in a
 //!   segment, so evicting or purging a segment finds them without a scan (see [`budget`])
 //! - `cleared`: conn ID (8) -> empty; events for a cleared ID are ignored, so a late close or
@@ -40,6 +41,7 @@ use proto::{
 
 use crate::payload::PayloadLog;
 
+pub mod active;
 pub mod arrivals;
 pub mod budget;
 pub mod purge;
@@ -74,6 +76,9 @@ pub enum StoreError {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// The task doing the store work panicked or was cancelled.
+    #[error("registry store task: {0}")]
+    Task(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -121,6 +126,7 @@ pub enum Change {
 pub struct Store {
     db: sled::Db,
     conns: sled::Tree,
+    active: sled::Tree,
     history: sled::Tree,
     cleared: sled::Tree,
     meta: sled::Tree,
@@ -131,7 +137,13 @@ pub struct Store {
     history_count: AtomicU64,
     unwritten: unwritten::Unwritten,
     lease_lock: Mutex<()>,
+    /// The highest run key stored, by connection (see [`Store::run_may_exist`]).
+    last_run: Mutex<std::collections::HashMap<u64, u64>>,
 }
+
+/// Connections whose last run key is remembered; beyond it the map starts afresh (a
+/// connection not in it costs one lookup).
+const LAST_RUN_ENTRIES: usize = 65_536;
 
 const NEXT_ID: &[u8] = b"next_id";
 const HISTORY_COUNT: &[u8] = b"history_count";
@@ -146,47 +158,10 @@ fn u64_value(v: Option<sled::IVec>) -> u64 {
         .unwrap_or(0)
 }
 
-/// Packets of one connection with consecutive sequence numbers, stored under the first.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Run {
-    #[prost(message, repeated, tag = "1")]
-    pub packets: Vec<StoredPacket>,
-}
-
-/// A history packet as a [`Run`] holds it: the fields (and tags) of `common.Packet`, with
-/// the payload in the payload log at `log_offset` when `log_len` is not 0, else in `data`
-/// (runs written before the log existed decode that way unchanged).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct StoredPacket {
-    #[prost(uint64, tag = "1")]
-    pub conn_id: u64,
-    #[prost(uint64, tag = "2")]
-    pub seq: u64,
-    #[prost(int32, tag = "3")]
-    pub direction: i32,
-    #[prost(message, optional, tag = "4")]
-    pub ts: Option<prost_types::Timestamp>,
-    #[prost(bytes = "vec", tag = "5")]
-    pub data: Vec<u8>,
-    #[prost(bool, tag = "6")]
-    pub modified: bool,
-    #[prost(uint64, tag = "7")]
-    pub log_offset: u64,
-    #[prost(uint64, tag = "8")]
-    pub log_len: u64,
-    /// `Packet::original`, inline: only edited packets have it, and they are few.
-    #[prost(bytes = "vec", tag = "9")]
-    pub original: Vec<u8>,
-    #[prost(bool, tag = "10")]
-    pub dropped: bool,
-    /// The arrival log position it was recorded at; 0 before the log existed.
-    #[prost(uint64, tag = "11")]
-    pub recorded: u64,
-    /// The payload log segment `log_offset` is in; 0 for the single file of stores from
-    /// before segments.
-    #[prost(uint64, tag = "12")]
-    pub segment: u64,
-}
+/// A [`Run`] of packets with consecutive sequence numbers is stored under the first; its
+/// [`StoredPacket`]s hold their payload in the payload log (`log_len` not 0) or, in runs
+/// written before the log existed, inline. Generated from the storage format's .proto.
+pub use proto::registry_store::{Run, StoredPacket};
 
 /// Splits packets into runs of one connection with consecutive sequence numbers, dropping
 /// repeats of a (connection, seq) within the input.
@@ -253,6 +228,7 @@ impl Store {
         let history = db.open_tree("history")?;
         let cleared = db.open_tree("cleared")?;
         let meta = db.open_tree("meta")?;
+        let active = active::open(&db, &conns, &meta)?;
         let payloads = std::sync::Arc::new(PayloadLog::open(dir, options.segment_bytes())?);
         let segment_runs = db.open_tree("segment_runs")?;
         let budget = budget::Budget::open(options, &meta)?;
@@ -268,6 +244,7 @@ impl Store {
         Ok(Self {
             db,
             conns,
+            active,
             history,
             cleared,
             meta,
@@ -278,6 +255,7 @@ impl Store {
             history_count: AtomicU64::new(history_count),
             unwritten,
             lease_lock: Mutex::new(()),
+            last_run: Mutex::default(),
         })
         .and_then(|s| {
             s.finish_removals()?;
@@ -291,7 +269,8 @@ impl Store {
     }
 
     /// Makes everything written so far durable: the payload log first, so that no durable
-    /// history entry points past its durable end.
+    /// history entry points past its durable end. For async callers at shutdown; the ingest
+    /// path commits on its own thread with [`Store::commit`].
     pub async fn flush(&self) -> Result<(), StoreError> {
         if self.payloads.is_dirty() {
             let payloads = self.payloads.clone();
@@ -299,6 +278,23 @@ impl Store {
                 .await
                 .map_err(|e| std::io::Error::other(format!("payload log sync task: {e}")))??;
         }
+        self.save_counts()?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// [`Store::flush`], blocking the calling thread (the committer's; see [`crate::ingest`]).
+    pub fn commit(&self) -> Result<(), StoreError> {
+        if self.payloads.is_dirty() {
+            self.payloads.sync()?;
+        }
+        self.save_counts()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Writes the running counts to `meta`, to be made durable by the flush that follows.
+    fn save_counts(&self) -> Result<(), StoreError> {
         self.meta.insert(
             HISTORY_COUNT,
             &self.history_count.load(Ordering::Relaxed).to_be_bytes(),
@@ -307,9 +303,7 @@ impl Store {
             .insert(UNWRITTEN_PACKETS, &self.unwritten.packets().to_be_bytes())?;
         self.meta
             .insert(UNWRITTEN_BYTES, &self.unwritten.bytes().to_be_bytes())?;
-        self.budget.save(&self.meta)?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.budget.save(&self.meta)
     }
 
     /// Leases `count` fresh IDs, durable before it returns: `(first, last)` inclusive.
@@ -345,9 +339,13 @@ impl Store {
         let mut todo: Vec<([u8; 16], Vec<Packet>, Option<Run>)> = Vec::new();
         for mut packets in into_runs(packets) {
             let key = history_key(packets[0].conn_id, packets[0].seq);
-            let old: Option<Run> = match self.history.get(key)? {
-                Some(v) => Some(decode("history run", &v)?),
-                None => None,
+            let old: Option<Run> = if self.run_may_exist(packets[0].conn_id, packets[0].seq)? {
+                match self.history.get(key)? {
+                    Some(v) => Some(decode("history run", &v)?),
+                    None => None,
+                }
+            } else {
+                None
             };
             if let Some(old) = &old {
                 // A packet is held if its bytes are: after a power loss sled's entry can
@@ -360,7 +358,7 @@ impl Store {
         }
         let parts: Vec<&[u8]> = todo
             .iter()
-            .flat_map(|(_, ps, _)| ps.iter().map(|p| p.data.as_slice()))
+            .flat_map(|(_, ps, _)| ps.iter().map(|p| &p.data[..]))
             .collect();
         if parts.is_empty() {
             return Ok(Vec::new());
@@ -400,7 +398,7 @@ impl Store {
                             seq: p.seq,
                             direction: p.direction,
                             ts: p.ts,
-                            data: Vec::new(),
+                            data: Default::default(),
                             modified: p.modified,
                             log_offset: offset,
                             log_len: len,
@@ -437,6 +435,37 @@ impl Store {
         Ok(keys)
     }
 
+    /// Whether a run keyed `(conn_id, seq)` may be stored (a replay), and notes that one
+    /// will be. A live connection's packets arrive in order, so its new runs start beyond
+    /// every stored one: remembering each connection's last run key saves a lookup per run.
+    fn run_may_exist(&self, conn_id: u64, seq: u64) -> Result<bool, StoreError> {
+        let mut last = self.last_run.lock().unwrap_or_else(|e| e.into_inner());
+        let stored = match last.get(&conn_id) {
+            Some(&k) => k,
+            None => {
+                let range = history_key(conn_id, 0)..=history_key(conn_id, u64::MAX);
+                let stored = match self.history.range(range).next_back() {
+                    Some(kv) => split_history_key(&kv?.0).map_or(0, |(_, s)| s),
+                    None => 0,
+                };
+                if last.len() >= LAST_RUN_ENTRIES {
+                    last.clear();
+                }
+                stored
+            }
+        };
+        last.insert(conn_id, stored.max(seq));
+        Ok(seq <= stored)
+    }
+
+    /// Forgets a closed connection's last run key (late packets look it up again).
+    fn forget_runs_of(&self, conn_id: u64) {
+        self.last_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn_id);
+    }
+
     /// Whether the payload log holds a stored packet's bytes.
     fn holds(&self, p: &StoredPacket) -> bool {
         self.payloads.holds(p.segment, p.log_offset, p.log_len)
@@ -445,7 +474,9 @@ impl Store {
     /// A stored packet with its payload read back.
     fn load(&self, p: StoredPacket) -> Result<Packet, StoreError> {
         let data = if p.log_len > 0 {
-            self.payloads.read(p.segment, p.log_offset, p.log_len)?
+            self.payloads
+                .read(p.segment, p.log_offset, p.log_len)?
+                .into()
         } else {
             p.data
         };
@@ -470,6 +501,12 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::put_conn`] for a record whose status may have changed.
+    fn put_conn_status(&self, c: &Connection) -> Result<(), StoreError> {
+        self.put_conn(c)?;
+        self.index_status(c)
+    }
+
     /// Records a newly opened connection; `None` when its ID was cleared before.
     pub fn open_conn(&self, mut c: Connection) -> Result<Option<Connection>, StoreError> {
         if c.id == 0 {
@@ -481,7 +518,7 @@ impl Store {
         if c.status == ConnStatus::Unspecified as i32 {
             c.status = ConnStatus::Active as i32;
         }
-        self.put_conn(&c)?;
+        self.put_conn_status(&c)?;
         Ok(Some(c))
     }
 
@@ -498,6 +535,7 @@ impl Store {
 
     /// Records the end of a connection; `None` when the record is unknown or cleared.
     pub fn close_conn(&self, e: &ConnectionClosed) -> Result<Option<Connection>, StoreError> {
+        self.forget_runs_of(e.id);
         let Some(mut c) = self.get_opt(e.id)? else {
             return Ok(None);
         };
@@ -509,7 +547,7 @@ impl Store {
         if let Some(n) = &e.counters {
             set_counters(&mut c, n);
         }
-        self.put_conn(&c)?;
+        self.put_conn_status(&c)?;
         Ok(Some(c))
     }
 
@@ -568,6 +606,7 @@ impl Store {
         let mut removed = Vec::with_capacity(ids.len());
         for &id in ids {
             self.cleared.insert(id.to_be_bytes(), &[])?;
+            self.active.remove(id.to_be_bytes())?;
             if self.conns.remove(id.to_be_bytes())?.is_some() {
                 removed.push(id);
             }
@@ -581,6 +620,7 @@ impl Store {
         for k in self.conns.iter().keys() {
             let k = k?;
             self.cleared.insert(&k, &[])?;
+            self.active.remove(&k)?;
             self.conns.remove(&k)?;
             if let Ok(b) = <[u8; 8]>::try_from(k.as_ref()) {
                 removed.push(u64::from_be_bytes(b));
@@ -769,7 +809,7 @@ mod tests {
         let p = Packet {
             conn_id: 1,
             seq: 1,
-            data: b"hi".to_vec(),
+            data: b"hi".to_vec().into(),
             ..Default::default()
         };
         s.put_packets(vec![p.clone()]).unwrap();
@@ -818,7 +858,7 @@ mod tests {
         let big = Packet {
             conn_id: 4,
             seq: 1,
-            data: vec![9u8; 200_000],
+            data: vec![9u8; 200_000].into(),
             ..Default::default()
         };
         s.put_packets(vec![big.clone()]).unwrap();
@@ -835,7 +875,7 @@ mod tests {
         let lost = Packet {
             conn_id: 5,
             seq: 1,
-            data: b"replayed".to_vec(),
+            data: b"replayed".to_vec().into(),
             ..Default::default()
         };
         let dangling = Run {
@@ -862,7 +902,7 @@ mod tests {
         let old = Packet {
             conn_id: 4,
             seq: 2,
-            data: b"inline".to_vec(),
+            data: b"inline".to_vec().into(),
             ..Default::default()
         };
         #[derive(Clone, PartialEq, prost::Message)]
@@ -888,7 +928,7 @@ mod tests {
         Packet {
             conn_id,
             seq,
-            data: format!("{conn_id}/{seq}").into_bytes(),
+            data: format!("{conn_id}/{seq}").into_bytes().into(),
             ..Default::default()
         }
     }
@@ -945,6 +985,25 @@ mod tests {
         assert_eq!(
             scan_all(&s, (1, 0), true),
             vec![(1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+        );
+    }
+
+    #[test]
+    fn a_replay_after_the_last_run_keys_are_forgotten_is_still_found() {
+        let (_d, s) = store();
+        s.put_packets(vec![pkt(1, 1), pkt(1, 2), pkt(1, 5)])
+            .unwrap();
+        // As after a restart, or a close, or the map starting afresh: the key is looked up.
+        s.last_run.lock().unwrap().clear();
+        s.put_packets(vec![pkt(1, 5)]).unwrap();
+        s.forget_runs_of(1);
+        s.put_packets(vec![pkt(1, 1), pkt(1, 2)]).unwrap();
+        assert_eq!(s.history_len(), 3);
+        // New packets beyond the last run need no lookup and are stored.
+        s.put_packets(vec![pkt(1, 6)]).unwrap();
+        assert_eq!(
+            scan_all(&s, (1, 0), true),
+            vec![(1, 1), (1, 2), (1, 5), (1, 6)]
         );
     }
 

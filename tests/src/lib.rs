@@ -505,6 +505,7 @@ impl Ingest {
 
 /// Event builders matching what proxy-core sends.
 pub mod events {
+    use bytes::Bytes;
     use proto::{
         common::{CloseKind, ClosedBy, ConnStatus, Connection, Direction, Packet},
         registry::{ConnectionClosed, Counters, Event, event::Kind},
@@ -549,7 +550,7 @@ pub mod events {
                 seq,
                 direction: direction as i32,
                 ts: Some(proto::time::now()),
-                data: data.to_vec(),
+                data: Bytes::copy_from_slice(data),
                 ..Default::default()
             })),
         }
@@ -571,8 +572,8 @@ pub mod events {
                 seq,
                 direction: direction as i32,
                 ts: Some(proto::time::now()),
-                data: sent.to_vec(),
-                original: received.to_vec(),
+                data: Bytes::copy_from_slice(sent),
+                original: Bytes::copy_from_slice(received),
                 modified: true,
                 dropped,
             })),

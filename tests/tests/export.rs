@@ -802,19 +802,19 @@ async fn edited_packets_export_as_sent_and_with_original_as_received() -> anyhow
     let svc = Standalone::start(dir.path()).await?;
     let mut ingest = Ingest::open(&mut svc.registry.client().await?, "node-a").await?;
     let edited = Packet {
-        data: b"GET /edited".to_vec(),
+        data: b"GET /edited".to_vec().into(),
         modified: true,
-        original: b"GET /original".to_vec(),
+        original: b"GET /original".to_vec().into(),
         ..Default::default()
     };
     let dropped = Packet {
         modified: true,
         dropped: true,
-        original: b" and dropped".to_vec(),
+        original: b" and dropped".to_vec().into(),
         ..Default::default()
     };
     let plain = Packet {
-        data: b"OK".to_vec(),
+        data: b"OK".to_vec().into(),
         ..Default::default()
     };
     ingest

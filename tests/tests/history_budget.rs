@@ -163,7 +163,7 @@ async fn sigkill_during_eviction_loses_nothing_acknowledged_and_leaves_no_dangli
         let mut ingest = Ingest::open(&mut client, "n").await?;
         // Every batch of two packets fills most of a segment: the registry evicts all the
         // time, and the kill lands in the middle of it.
-        let mut acked = next - 1;
+        let acked = std::cell::Cell::new(next - 1);
         let sending = async {
             let mut seq = next;
             loop {
@@ -174,17 +174,27 @@ async fn sigkill_during_eviction_loses_nothing_acknowledged_and_leaves_no_dangli
                 if let Err(e) = ingest.send_durable(batch).await {
                     return e;
                 }
-                acked = seq + 1;
+                acked.set(seq + 1);
                 seq += 2;
             }
         };
-        let wait = std::time::Duration::from_millis(200 + 150 * round);
-        if let Ok(e) = tokio::time::timeout(wait, sending).await {
-            anyhow::bail!("ingest failed: {e:#}");
+        // Enough acknowledged to evict, then a little more, different each round, so the
+        // kill lands at different points of the work.
+        let enough = async {
+            while acked.get() < next + 20 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50 + 100 * round)).await;
+        };
+        tokio::select! {
+            e = sending => anyhow::bail!("ingest failed: {e:#}"),
+            done = tokio::time::timeout(std::time::Duration::from_secs(30), enough) => {
+                done.map_err(|_| anyhow::anyhow!("20 packets not acknowledged in 30 s"))?;
+            }
         }
         reg.proc.kill().await;
         drop(client);
-        assert!(acked >= next + 20, "enough was sent to evict: {acked}");
+        let acked = acked.get();
 
         // Every acknowledged packet is kept unless evicted (and then counted); nothing
         // points into a deleted segment (the stats' count is what reads back).

@@ -45,7 +45,7 @@ fn hold(c: &Client, conn_id: u64, seq: u64, data: &[u8]) -> JoinHandle<anyhow::R
             seq,
             direction: Direction::C2s as i32,
             ts: Some(proto::time::now()),
-            data: data.to_vec(),
+            data: data.to_vec().into(),
             ..Default::default()
         }),
         dst_host: "example.test".into(),
@@ -155,8 +155,8 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
         interpose_ok(s, &cmd).await?;
         let v = verdict(pending).await?;
         assert_eq!(
-            (v.action(), v.replaced, v.data, v.reason.as_str()),
-            (action, replaced, data, "user")
+            (v.action(), v.replaced, &v.data[..], v.reason.as_str()),
+            (action, replaced, &data[..], "user")
         );
     }
     // A replacement file of binary bytes.
@@ -175,7 +175,7 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    assert_eq!(verdict(pending).await?.data, b"\0\x01\x02\0");
+    assert_eq!(verdict(pending).await?.data, &b"\0\x01\x02\0"[..]);
     // Drop.
     let pending = hold(&c, 1, 11, b"secret");
     let id = id_of(&held_list(s, 1).await?[0]);
@@ -206,7 +206,7 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
         .forward(ForwardRequest {
             held_id: id,
             replace: true,
-            data: vec![b'a'; MAX_REPLACEMENT + 1],
+            data: vec![b'a'; MAX_REPLACEMENT + 1].into(),
         })
         .await
         .expect_err("oversized replacement");
@@ -217,7 +217,7 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
         .forward(ForwardRequest {
             held_id: id,
             replace: true,
-            data: big.clone(),
+            data: big.clone().into(),
         })
         .await?;
     assert_eq!(verdict(pending).await?.data, big);
@@ -437,7 +437,7 @@ async fn held_edit_opens_the_editor_on_text_or_a_hex_dump() -> anyhow::Result<()
     assert!(out.ok, "{}", out.stderr);
     let v = verdict(pending).await?;
     assert!(v.replaced);
-    assert_eq!(v.data, b"GET /admin HTTP/1.1");
+    assert_eq!(v.data, &b"GET /admin HTTP/1.1"[..]);
     // Binary: a hex dump; the script turns the second byte into 41 and appends 00 42.
     let hex = script(
         dir.path(),
@@ -450,7 +450,7 @@ echo '00 42' >> "$1""#,
     let id = id_of(&held_list(s, 1).await?[0]);
     let out = edit_with(s, &id, &hex).await?;
     assert!(out.ok, "{}", out.stderr);
-    assert_eq!(verdict(pending).await?.data, b"\0\x41\x01\0\x42");
+    assert_eq!(verdict(pending).await?.data, &b"\0\x41\x01\0\x42"[..]);
     // A failing editor leaves the packet held.
     let fail = script(dir.path(), "fail.sh", "exit 3")?;
     let pending = hold(&c, 1, 3, b"keep");

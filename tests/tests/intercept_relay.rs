@@ -164,7 +164,7 @@ async fn a_dropped_packet_is_never_forwarded_while_more_data_races_in() -> anyho
     let dropped: Vec<&[u8]> = c2s
         .iter()
         .filter(|p| p.dropped)
-        .map(|p| p.original.as_slice())
+        .map(|p| &p.original[..])
         .collect();
     let want: Vec<&[u8]> = verdicts
         .iter()
@@ -267,13 +267,13 @@ async fn a_starttls_upgrade_while_a_plaintext_packet_is_held_then_holds_inside_t
     drop(tls);
     // The record is TLS; the history has the plaintext command and the edit's both sides.
     let c2s = c2s_history(&up, port).await?;
-    assert_eq!(c2s[0].data, b"STARTTLS\r\n");
+    assert_eq!(c2s[0].data, &b"STARTTLS\r\n"[..]);
     assert!(!c2s[0].modified);
     let edited = c2s
         .iter()
         .find(|p| p.modified)
         .context("an edited packet")?;
-    assert_eq!(edited.original, b"MAIL FROM:<alice@example.com>\r\n");
+    assert_eq!(edited.original, &b"MAIL FROM:<alice@example.com>\r\n"[..]);
     assert_eq!(edited.data, edit.as_bytes());
     let rec = wait_record(&up, "TLS", |c| c.src_port == u32::from(port)).await?;
     assert!(rec.tls && rec.client_tls.is_some(), "{rec:?}");
@@ -381,12 +381,12 @@ async fn server_to_client_packets_are_held_edited_and_dropped() -> anyhow::Resul
         .find(|p| p.modified && !p.dropped)
         .context("edited")?;
     assert_eq!(
-        (edited.original.as_slice(), edited.data.as_slice()),
+        (&edited.original[..], &edited.data[..]),
         (&b"probe"[..], &b"PROBE, EDITED"[..])
     );
     let dropped = s2c.iter().find(|p| p.dropped).context("dropped")?;
     assert_eq!(
-        (dropped.original.as_slice(), dropped.data.as_slice()),
+        (&dropped.original[..], &dropped.data[..]),
         (&b"gone"[..], &b""[..])
     );
     Ok(())

@@ -184,7 +184,7 @@ async fn clear_removes_records_but_keeps_history() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(h.packets.len(), 1);
-    assert_eq!(h.packets[0].data, b"hello 2");
+    assert_eq!(h.packets[0].data, &b"hello 2"[..]);
 
     let r = client.clear_all(ClearAllRequest {}).await?.into_inner();
     assert_eq!(r.cleared, 2);
@@ -248,7 +248,7 @@ async fn acknowledged_data_survives_a_crash() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    let data: Vec<&[u8]> = h.packets.iter().map(|p| p.data.as_slice()).collect();
+    let data: Vec<&[u8]> = h.packets.iter().map(|p| &p.data[..]).collect();
     assert_eq!(data, vec![payload.as_slice(), b"pong".as_slice()]);
     Ok(())
 }

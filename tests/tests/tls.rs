@@ -491,14 +491,14 @@ async fn check_held_history(up: &Up, port: u16) -> anyhow::Result<()> {
         .iter()
         .find(|p| p.modified && !p.dropped)
         .context("an edited packet in the history")?;
-    assert_eq!(edited.original, b"first");
-    assert_eq!(edited.data, b"FIRST, EDITED\0LONGER");
+    assert_eq!(edited.original, &b"first"[..]);
+    assert_eq!(edited.data, &b"FIRST, EDITED\0LONGER"[..]);
     let dropped = c2s
         .iter()
         .find(|p| p.dropped)
         .context("a dropped packet in the history")?;
     assert!(dropped.modified);
-    assert_eq!(dropped.original, b"dropme");
+    assert_eq!(dropped.original, &b"dropme"[..]);
     assert!(dropped.data.is_empty());
     // What the server received, in order, is what the history says was sent.
     let sent: Vec<u8> = c2s.iter().flat_map(|p| p.data.clone()).collect();
@@ -610,8 +610,8 @@ async fn replace_rules_rewrite_any_protocol_in_the_proxy_and_are_recorded() -> a
         .iter()
         .find(|p| p.modified)
         .context("a rewritten packet in the history")?;
-    assert_eq!(rewritten.original, b"say hello");
-    assert_eq!(rewritten.data, b"say HOWDY-LONGER");
+    assert_eq!(rewritten.original, &b"say hello"[..]);
+    assert_eq!(rewritten.data, &b"say HOWDY-LONGER"[..]);
     assert!(!rewritten.dropped);
     Ok(())
 }

@@ -229,7 +229,7 @@ impl Holder {
                 seq,
                 direction: dir as i32,
                 ts: Some(proto::time::now()),
-                data: data.to_vec(),
+                data: data.clone(),
                 ..Default::default()
             }),
             dst_host: conn.dst_host.to_string(),
@@ -248,7 +248,7 @@ impl Holder {
             Action::Forward => {
                 i.decided.fetch_add(1, Ordering::Relaxed);
                 if verdict.replaced {
-                    Decision::ForwardReplaced(Bytes::from(verdict.data))
+                    Decision::ForwardReplaced(verdict.data)
                 } else {
                     Decision::Forward(data)
                 }

@@ -59,7 +59,10 @@ async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
 /// A reporter for tests: history off, its registry never answers.
 pub(crate) fn reporter() -> Reporter {
     let channel = proto::client::connect_lazy("http://127.0.0.1:1", None).expect("channel");
-    Reporter::start(channel, "test".into(), false, 16).0
+    let sink = std::sync::Arc::new(proto::registry::registry_client::RegistryClient::new(
+        channel,
+    ));
+    Reporter::start(sink, "test".into(), false, 16).0
 }
 
 /// Replaces `edit` with `EDITED`, drops `drop`, forwards everything else; c2s only. Every

@@ -195,7 +195,7 @@ mod tests {
             conn_id,
             seq,
             direction: Direction::C2s as i32,
-            data: format!("{conn_id}/{seq}").into_bytes(),
+            data: format!("{conn_id}/{seq}").into_bytes().into(),
             ..Default::default()
         }
     }

@@ -398,7 +398,7 @@ mod tests {
         Packet {
             conn_id,
             seq,
-            data: vec![seq as u8; 500],
+            data: vec![seq as u8; 500].into(),
             ..Default::default()
         }
     }

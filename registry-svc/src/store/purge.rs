@@ -209,7 +209,7 @@ mod tests {
                 seconds: secs,
                 nanos: 0,
             }),
-            data: vec![conn_id as u8; 500],
+            data: vec![conn_id as u8; 500].into(),
             ..Default::default()
         }
     }

@@ -91,7 +91,7 @@ async fn forwarder(c: &Client) -> anyhow::Result<mpsc::UnboundedReceiver<Duratio
             let req = ForwardRequest {
                 held_id,
                 replace: false,
-                data: Vec::new(),
+                data: Default::default(),
             };
             let _ = tx.send(seen.elapsed());
             if let Err(e) = c.forward(req).await {

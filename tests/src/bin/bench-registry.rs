@@ -1,68 +1,178 @@
-//! Registry benchmark: ingest rate of small packets through the gRPC ingest stream into
-//! sled, and the latency of listing 100,000 records. Run with
-//! `cargo run --release -p tests --bin bench-registry`; it starts a release `registry-svc`
-//! on loopback and prints medians over several runs.
+//! Registry benchmark: ingest through the gRPC ingest stream (small packets and 16 KiB
+//! payloads, acknowledged only once durable), listing 100,000 records, and how a store that
+//! already holds many records and much history behaves (ingest, `conns list --status
+//! active`, a watch's snapshot of the active connections, memory).
+//!
+//! `cargo run --release -p tests --bin bench-registry [small] [large] [list] [growth]`
+//! (all phases when none is named). It starts a release `registry-svc` on loopback with a
+//! fresh data directory per run and prints medians. The growth phase stores
+//! `GROWTH_RECORDS` records (default 1,000,000) and `GROWTH_HISTORY_GIB` GiB of history
+//! (default 10) first; it needs that much free disk under the temp directory.
 
 use std::time::{Duration, Instant};
 
-use proto::{common::Direction, registry::ListConnectionsRequest};
-use tests::{Ingest, Registry, events};
+use proto::{
+    common::{ConnStatus, Direction},
+    registry::{
+        ConnectionFilter, ListConnectionsRequest, WatchConnectionsRequest, event::Kind,
+        registry_client::RegistryClient, watch_event,
+    },
+};
+use tests::{
+    Ingest, Registry, events,
+    stats::{median, rss_bytes},
+};
 
-use tests::stats::median;
+type Client = RegistryClient<proto::client::AuthChannel>;
 
 const RUNS: usize = 5;
-const PACKETS: u64 = 1_000_000;
-const BATCH: u64 = 1_000;
+const SMALL_PACKETS: u64 = 1_000_000;
+const SMALL_PAYLOAD: usize = 64;
+const SMALL_BATCH: u64 = 1_000;
+const LARGE_PAYLOAD: usize = 16 * 1024;
+/// 16 KiB packets per batch: 1 MiB, the reporter's batch size.
+const LARGE_BATCH: u64 = 64;
+const LARGE_BYTES: u64 = 2 << 30;
+/// Unacknowledged batches in flight, as a busy proxy's reporter keeps them.
 const WINDOW: u64 = 32;
-const PAYLOAD: usize = 64;
+/// Connections the packets are spread over.
+const CONNS: u64 = 100;
 const RECORDS: u64 = 100_000;
+/// Active connections among the growth phase's records.
+const GROWTH_ACTIVE: u64 = 1_000;
 
-/// Packets per second for one run on a fresh store.
-async fn ingest_run() -> anyhow::Result<f64> {
-    let dir = tempfile::tempdir()?;
-    let reg = Registry::start(dir.path()).await?;
-    let mut client = reg.client().await?;
-    let mut ingest = Ingest::open(&mut client, "bench").await?;
-    let payload = [0x41u8; PAYLOAD];
-    // 100 connections, packets spread over them as a busy proxy would send them.
-    ingest
-        .send_durable((1..=100).map(|id| events::open(id, 1, "h", 80)).collect())
-        .await?;
+/// Starts a registry whose history budget is out of the way of the growth phase.
+async fn registry(dir: &std::path::Path) -> anyhow::Result<Registry> {
+    Registry::start_with(dir, "127.0.0.1:0", &["--history-max-bytes", "0"]).await
+}
+
+/// Sends `packets` packets of `payload` bytes over connections `first..first + CONNS`
+/// (already open), `batch` per batch, and waits for the last acknowledgement; returns
+/// packets per second. `seq0` is the sequence the connections' packets continue after.
+async fn ingest(
+    ingest: &mut Ingest,
+    first: u64,
+    seq0: u64,
+    packets: u64,
+    payload: usize,
+    batch: u64,
+) -> anyhow::Result<f64> {
+    let data = vec![0x41u8; payload];
     let start = Instant::now();
     let mut sent = 0u64;
     let mut last = 0;
-    while sent < PACKETS {
-        let evs = (sent..sent + BATCH)
+    while sent < packets {
+        let evs = (sent..sent + batch)
             .map(|i| {
                 let dir = if i % 2 == 0 {
                     Direction::C2s
                 } else {
                     Direction::S2c
                 };
-                events::packet(i % 100 + 1, i / 100 + 1, dir, &payload)
+                events::packet(first + i % CONNS, seq0 + i / CONNS + 1, dir, &data)
             })
             .collect();
         last = ingest.send(evs).await?;
-        sent += BATCH;
+        sent += batch;
         if last > WINDOW {
             ingest.wait_ack(last - WINDOW).await?;
         }
     }
     ingest.wait_ack(last).await?;
-    let secs = start.elapsed().as_secs_f64();
-    reg.proc.kill().await;
-    Ok(PACKETS as f64 / secs)
+    Ok(packets as f64 / start.elapsed().as_secs_f64())
 }
 
-async fn list_all(
-    client: &mut proto::registry::registry_client::RegistryClient<proto::client::AuthChannel>,
-) -> anyhow::Result<(Duration, usize)> {
+/// Opens connections `first..first + CONNS` as active records.
+async fn open_conns(ingest: &mut Ingest, first: u64) -> anyhow::Result<()> {
+    ingest
+        .send_durable(
+            (first..first + CONNS)
+                .map(|id| events::open(id, 1, "h", 80))
+                .collect(),
+        )
+        .await
+}
+
+/// Packets (or bytes, with `payload`) per second for runs on fresh stores.
+async fn ingest_runs(packets: u64, payload: usize, batch: u64) -> anyhow::Result<Vec<f64>> {
+    let mut rates = Vec::new();
+    for _ in 0..RUNS {
+        let dir = tempfile::tempdir()?;
+        let reg = registry(dir.path()).await?;
+        let mut client = reg.client().await?;
+        let mut stream = Ingest::open(&mut client, "bench").await?;
+        open_conns(&mut stream, 1).await?;
+        rates.push(ingest(&mut stream, 1, 0, packets, payload, batch).await?);
+        reg.proc.kill().await;
+    }
+    Ok(rates)
+}
+
+fn list(v: &[f64], unit: &str) -> String {
+    v.iter()
+        .map(|r| format!("{r:.0}{unit}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn small() -> anyhow::Result<()> {
+    let rates = ingest_runs(SMALL_PACKETS, SMALL_PAYLOAD, SMALL_BATCH).await?;
+    println!(
+        "ingest small: {SMALL_PACKETS} packets of {SMALL_PAYLOAD} B over {CONNS} connections, \
+         batches of {SMALL_BATCH}, {WINDOW} batches in flight"
+    );
+    println!("  runs (packets/s): {}", list(&rates, ""));
+    println!("  median: {:.0} packets/s", median(rates));
+    Ok(())
+}
+
+async fn large() -> anyhow::Result<()> {
+    let packets = LARGE_BYTES / LARGE_PAYLOAD as u64;
+    let rates: Vec<f64> = ingest_runs(packets, LARGE_PAYLOAD, LARGE_BATCH)
+        .await?
+        .into_iter()
+        .map(|r| r * LARGE_PAYLOAD as f64 / 1e6)
+        .collect();
+    println!(
+        "ingest large: {} GiB in packets of {} KiB, batches of {LARGE_BATCH} (1 MiB), \
+         {WINDOW} in flight",
+        LARGE_BYTES >> 30,
+        LARGE_PAYLOAD / 1024
+    );
+    println!("  runs (MB/s): {}", list(&rates, ""));
+    let disk = disk_write_rate()?;
+    let rate = median(rates);
+    println!(
+        "  median: {rate:.0} MB/s; this disk takes {disk:.0} MB/s (1 MiB writes, then \
+         fdatasync, in the same temp dir): {:.2}x the disk",
+        rate / disk
+    );
+    Ok(())
+}
+
+/// The ceiling for durable history: MB/s of writing `LARGE_BYTES` to a file in the temp
+/// dir in 1 MiB writes, then fdatasync, as `dd conv=fdatasync` measures it.
+fn disk_write_rate() -> anyhow::Result<f64> {
+    use std::io::Write;
+    let mut file = tempfile::tempfile()?;
+    let block = vec![0x41u8; 1 << 20];
+    let start = Instant::now();
+    for _ in 0..LARGE_BYTES >> 20 {
+        file.write_all(&block)?;
+    }
+    file.sync_data()?;
+    Ok(LARGE_BYTES as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+/// Pages through `ListConnections` with `filter`: (time, records).
+async fn list_all(client: &mut Client, filter: &ConnectionFilter) -> anyhow::Result<(f64, usize)> {
     let start = Instant::now();
     let mut n = 0;
     let mut token = String::new();
     loop {
         let page = client
             .list_connections(ListConnectionsRequest {
+                filter: Some(filter.clone()),
                 page_token: token,
                 ..Default::default()
             })
@@ -70,40 +180,48 @@ async fn list_all(
             .into_inner();
         n += page.connections.len();
         if page.next_page_token.is_empty() {
-            return Ok((start.elapsed(), n));
+            return Ok((ms(start.elapsed()), n));
         }
         token = page.next_page_token;
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let rates = {
-        let mut v = Vec::new();
-        for _ in 0..RUNS {
-            v.push(ingest_run().await?);
-        }
-        v
-    };
-    println!(
-        "ingest: {PACKETS} packets of {PAYLOAD} B, batches of {BATCH}, {WINDOW} batches in flight"
-    );
-    println!(
-        "  runs (packets/s): {}",
-        rates
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!("  median: {:.0} packets/s", median(rates));
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
 
+/// Median milliseconds of `interpose conns list --json ARGS` end to end.
+fn cli_list(reg: &Registry, args: &[&str], want: usize) -> anyhow::Result<Vec<f64>> {
+    let cli = tests::bin("interpose");
+    let mut times = Vec::new();
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        let mut cmd = std::process::Command::new(&cli);
+        cmd.args(["conns", "list", "--json", "--server", &reg.url])
+            .args(args);
+        if let Some(file) = tests::token_file(&reg.url) {
+            cmd.env("INTERPOSE_TOKEN_FILE", file);
+        }
+        let out = cmd.output()?;
+        anyhow::ensure!(out.status.success(), "interpose conns list failed");
+        let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+        anyhow::ensure!(
+            listed.len() == want,
+            "conns list printed {} records",
+            listed.len()
+        );
+        times.push(ms(start.elapsed()));
+    }
+    Ok(times)
+}
+
+async fn list_phase() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let reg = Registry::start(dir.path()).await?;
+    let reg = registry(dir.path()).await?;
     let mut client = reg.client().await?;
-    let mut ingest = Ingest::open(&mut client, "bench").await?;
+    let mut stream = Ingest::open(&mut client, "bench").await?;
     for chunk in (1..=RECORDS).collect::<Vec<_>>().chunks(1000) {
-        ingest
+        stream
             .send_durable(
                 chunk
                     .iter()
@@ -114,39 +232,213 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut times = Vec::new();
     for _ in 0..RUNS {
-        let (t, n) = list_all(&mut client).await?;
+        let (t, n) = list_all(&mut client, &ConnectionFilter::default()).await?;
         anyhow::ensure!(n == RECORDS as usize, "listed {n} records");
-        times.push(t.as_secs_f64() * 1000.0);
+        times.push(t);
     }
-    let cli = tests::bin("interpose");
-    let mut cli_times = Vec::new();
-    for _ in 0..RUNS {
-        let start = Instant::now();
-        let out = std::process::Command::new(&cli)
-            .args(["conns", "list", "--json", "--server", &reg.url])
-            .output()?;
-        anyhow::ensure!(out.status.success(), "interpose conns list failed");
-        cli_times.push(start.elapsed().as_secs_f64() * 1000.0);
-    }
+    let cli_times = cli_list(&reg, &[], RECORDS as usize)?;
     println!("list: {RECORDS} records");
     println!(
         "  gRPC ListConnections, all pages (ms): {}; median {:.0} ms",
-        times
-            .iter()
-            .map(|t| format!("{t:.0}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        list(&times, ""),
         median(times.clone())
     );
     println!(
         "  `interpose conns list --json` end to end (ms): {}; median {:.0} ms",
-        cli_times
-            .iter()
-            .map(|t| format!("{t:.0}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        list(&cli_times, ""),
         median(cli_times.clone())
     );
     reg.proc.kill().await;
+    Ok(())
+}
+
+/// Milliseconds from a watch request (active records only) to its SNAPSHOT_END, and the
+/// records in the snapshot.
+async fn watch_snapshot(client: &mut Client, active_only: bool) -> anyhow::Result<(f64, usize)> {
+    let filter = active_only.then(|| ConnectionFilter {
+        status: ConnStatus::Active as i32,
+        ..Default::default()
+    });
+    let start = Instant::now();
+    let mut stream = client
+        .watch_connections(WatchConnectionsRequest { filter })
+        .await?
+        .into_inner();
+    let mut n = 0;
+    while let Some(ev) = stream.message().await? {
+        if ev.kind == watch_event::Kind::SnapshotEnd as i32 {
+            return Ok((ms(start.elapsed()), n));
+        }
+        n += 1;
+    }
+    anyhow::bail!("the watch ended before its snapshot did")
+}
+
+fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("?".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+}
+
+async fn growth() -> anyhow::Result<()> {
+    let records = env_u64("GROWTH_RECORDS", 1_000_000)?;
+    let history_gib = env_u64("GROWTH_HISTORY_GIB", 10)?;
+    let dir = tempfile::tempdir()?;
+    let reg = registry(dir.path()).await?;
+    let pid = reg
+        .proc
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("registry has no pid"))?;
+    let mut client = reg.client().await?;
+    let mut stream = Ingest::open(&mut client, "bench").await?;
+    let rss_start = rss_bytes(pid);
+
+    // The connections the ingest runs use: IDs 1..=100, before and after the growth.
+    open_conns(&mut stream, 1).await?;
+    let empty = ingest(&mut stream, 1, 0, SMALL_PACKETS, SMALL_PAYLOAD, SMALL_BATCH).await?;
+    let rss_empty = rss_bytes(pid);
+
+    // Records: all closed but GROWTH_ACTIVE of them, as a long-running lab's store is.
+    let start = Instant::now();
+    let base = 1_000;
+    let ids: Vec<u64> = (base..base + records).collect();
+    for chunk in ids.chunks(5_000) {
+        let evs = chunk
+            .iter()
+            .map(|&id| {
+                let mut ev = events::open(id, 40000, "example.test", 443);
+                if id >= base + GROWTH_ACTIVE
+                    && let Some(Kind::Opened(c)) = &mut ev.kind
+                {
+                    c.status = ConnStatus::Disconnected as i32;
+                }
+                ev
+            })
+            .collect();
+        let seq = stream.send(evs).await?;
+        if seq > 8 {
+            stream.wait_ack(seq - 8).await?;
+        }
+    }
+    stream.send_durable(Vec::new()).await?;
+    let records_secs = start.elapsed().as_secs_f64();
+    let rss_records = rss_bytes(pid);
+
+    // History: 16 KiB packets over 100 other connections.
+    let start = Instant::now();
+    let hist_first = base + records;
+    open_conns(&mut stream, hist_first).await?;
+    let packets = (history_gib << 30) / LARGE_PAYLOAD as u64;
+    let large_rate = ingest(
+        &mut stream,
+        hist_first,
+        0,
+        packets,
+        LARGE_PAYLOAD,
+        LARGE_BATCH,
+    )
+    .await?;
+    let history_secs = start.elapsed().as_secs_f64();
+    let rss_history = rss_bytes(pid);
+
+    let grown = ingest(
+        &mut stream,
+        1,
+        SMALL_PACKETS / CONNS,
+        SMALL_PACKETS,
+        SMALL_PAYLOAD,
+        SMALL_BATCH,
+    )
+    .await?;
+
+    let active = ConnectionFilter {
+        status: ConnStatus::Active as i32,
+        ..Default::default()
+    };
+    // 100 + 100 ingest connections and GROWTH_ACTIVE records are active.
+    let want_active = (GROWTH_ACTIVE + 2 * CONNS) as usize;
+    let mut list_times = Vec::new();
+    let mut watch_times = Vec::new();
+    for _ in 0..RUNS {
+        let (t, n) = list_all(&mut client, &active).await?;
+        anyhow::ensure!(n == want_active, "listed {n} active records");
+        list_times.push(t);
+        let (t, n) = watch_snapshot(&mut client, true).await?;
+        anyhow::ensure!(n == want_active, "watch snapshot had {n} active records");
+        watch_times.push(t);
+    }
+    let cli_times = cli_list(&reg, &["--status", "active"], want_active)?;
+    let (all_watch, all_n) = watch_snapshot(&mut client, false).await?;
+    let rss_end = rss_bytes(pid);
+
+    println!("growth: {records} records ({GROWTH_ACTIVE} active) and {history_gib} GiB of history");
+    println!(
+        "  stored {records} records in {records_secs:.1} s ({:.0}/s), {history_gib} GiB of \
+         history in {history_secs:.1} s ({:.0} MB/s)",
+        records as f64 / records_secs,
+        large_rate * LARGE_PAYLOAD as f64 / 1e6
+    );
+    println!(
+        "  ingest small packets: empty store {empty:.0}/s, grown store {grown:.0}/s: {:.2}x",
+        grown / empty
+    );
+    println!(
+        "  {want_active} active: gRPC list (ms) {}; median {:.0} ms",
+        list(&list_times, ""),
+        median(list_times.clone())
+    );
+    println!(
+        "  `interpose conns list --json --status active` end to end (ms) {}; median {:.0} ms",
+        list(&cli_times, ""),
+        median(cli_times.clone())
+    );
+    println!(
+        "  watch snapshot of the active records (ms) {}; median {:.0} ms",
+        list(&watch_times, ""),
+        median(watch_times.clone())
+    );
+    println!("  watch snapshot of all {all_n} records: {all_watch:.0} ms");
+    println!(
+        "  registry RSS: start {}, after 1M small packets {}, after the records {}, after the \
+         history {}, at the end {}",
+        mib(rss_start),
+        mib(rss_empty),
+        mib(rss_records),
+        mib(rss_history),
+        mib(rss_end)
+    );
+    reg.proc.kill().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let run = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
+    if let Some(bad) = only
+        .iter()
+        .find(|o| !["small", "large", "list", "growth"].contains(&o.as_str()))
+    {
+        anyhow::bail!("unknown phase {bad:?}: use small, large, list or growth");
+    }
+    if run("small") {
+        small().await?;
+    }
+    if run("large") {
+        large().await?;
+    }
+    if run("list") {
+        list_phase().await?;
+    }
+    if run("growth") {
+        growth().await?;
+    }
     Ok(())
 }
