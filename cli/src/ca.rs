@@ -1,4 +1,5 @@
-//! `interpose ca`: fetch or regenerate the proxy's CA certificate over gRPC.
+//! `interpose ca`: fetch or regenerate the proxy's CA certificate over gRPC, and issue
+//! client certificates for the management plane's mTLS (locally, from the data directory).
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -25,6 +26,49 @@ pub enum CaCommand {
     },
     /// Replace the CA with a fresh one; clients must then trust the new certificate.
     Regenerate,
+    /// Issue a client certificate for a server started with --grpc-tls, signed by the
+    /// management CA in DATA_DIR/mtls (created when missing). Works on the files, not over
+    /// gRPC: run it where the server's data directory is, as its owner.
+    IssueClient {
+        /// The client's name: its certificate's subject (CN) and its files' names.
+        #[arg(long)]
+        name: String,
+        /// Folder to write NAME-cert.pem, NAME-key.pem and ca-cert.pem into (0600 each).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The server's data directory. Default: the one `interpose up` uses.
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+        /// How long the certificate is valid.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        valid_for: std::time::Duration,
+    },
+}
+
+/// `interpose ca issue-client`: see [`CaCommand::IssueClient`].
+fn issue_client(
+    name: &str,
+    out: &std::path::Path,
+    data_dir: Option<std::path::PathBuf>,
+    valid_for: std::time::Duration,
+) -> anyhow::Result<()> {
+    let data_dir = proxy_core::cli::data_dir(data_dir)?;
+    anyhow::ensure!(
+        data_dir.is_dir(),
+        "no data directory at {}: pass the server's --data-dir",
+        data_dir.display()
+    );
+    let authority = proto::mtls::Authority::load_or_create(&proto::mtls::dir(&data_dir))?;
+    let issued = authority.issue_client(name, valid_for)?;
+    let [cert, key, ca] = proto::mtls::authority::write_client(&authority, &issued, name, out)?;
+    println!(
+        "issued client certificate CN={name}, valid for {} days:\n  --client-cert {} --client-key {} --ca-cert {}",
+        valid_for.as_secs() / 86_400,
+        cert.display(),
+        key.display(),
+        ca.display()
+    );
+    Ok(())
 }
 
 fn summary(c: &CaCertificate) -> String {
@@ -33,6 +77,15 @@ fn summary(c: &CaCertificate) -> String {
 
 /// Runs one `ca` subcommand.
 pub async fn run(server: &ServerArgs, cmd: CaCommand) -> anyhow::Result<()> {
+    if let CaCommand::IssueClient {
+        name,
+        out,
+        data_dir,
+        valid_for,
+    } = cmd
+    {
+        return issue_client(&name, &out, data_dir, valid_for);
+    }
     let mut client = CertificateAuthorityClient::new(channel(server).await?);
     match cmd {
         CaCommand::Export { out, der } => {
@@ -53,6 +106,7 @@ pub async fn run(server: &ServerArgs, cmd: CaCommand) -> anyhow::Result<()> {
                 .into_inner();
             println!("new CA certificate {} at {}", summary(&c), c.path);
         }
+        CaCommand::IssueClient { .. } => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -23,9 +23,50 @@ fn token(args: &ServerArgs, url: &str) -> anyhow::Result<Option<String>> {
     )?)
 }
 
+/// The server to talk to: `--server`, except that the default URL means the `https://` URL
+/// of the same address when `interpose up --grpc-tls` recorded that in the default data
+/// directory (so a local `up --grpc-tls` needs no flags, as without TLS).
+fn server_to_use(args: &ServerArgs, default_dir: Option<&std::path::Path>) -> String {
+    let given = args.server.trim().trim_end_matches('/');
+    if given != proto::token::DEFAULT_SERVER {
+        return args.server.clone();
+    }
+    let tls_default = proto::token::DEFAULT_SERVER.replacen("http://", "https://", 1);
+    let recorded = default_dir
+        .and_then(|d| std::fs::read_to_string(d.join(proto::token::SERVER_FILE)).ok())
+        .unwrap_or_default();
+    if recorded.trim().trim_end_matches('/') == tls_default {
+        tls_default
+    } else {
+        args.server.clone()
+    }
+}
+
+/// For an `https://` server: installs the client's TLS configuration, from the given files,
+/// else from the default data directory's `mtls` folder when the server is its own.
+fn install_tls(
+    args: &ServerArgs,
+    url: &str,
+    default_dir: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    if !proto::client::is_https(url) {
+        return Ok(());
+    }
+    let own = default_dir.filter(|d| proto::token::belongs_to(url, d));
+    proto::mtls::ClientTlsArgs {
+        client_cert: args.client_cert.clone(),
+        client_key: args.client_key.clone(),
+        ca_cert: args.ca_cert.clone(),
+    }
+    .install(own)?;
+    Ok(())
+}
+
 /// Connects to the server's channel.
 pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
-    let server = proto::client::server_url(&args.server)?;
+    let default_dir = proxy_core::cli::data_dir(None).ok();
+    let given = server_to_use(args, default_dir.as_deref());
+    let server = proto::client::server_url(&given)?;
     if server.scheme_added {
         eprintln!(
             "interpose: note: --server {:?} has no scheme; using {}",
@@ -33,13 +74,19 @@ pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
         );
     }
     let token = token(args, &server.url)?;
+    install_tls(args, &server.url, default_dir.as_deref())?;
     proto::client::connect(&server.url, token.as_deref())
         .await
         .map_err(|e| match e {
-            proto::client::ClientError::Unreachable { url, .. } => anyhow!(
-                "cannot reach the Interpose server at {url} (is `interpose up` running? \
-                 set --server or INTERPOSE_SERVER)"
-            ),
+            proto::client::ClientError::Unreachable { url, source } => {
+                match proto::mtls::explain(&source) {
+                    Some(tls) => anyhow!(tls),
+                    None => anyhow!(
+                        "cannot reach the Interpose server at {url} (is `interpose up` running? \
+                         set --server or INTERPOSE_SERVER)"
+                    ),
+                }
+            }
             other => other.into(),
         })
 }
@@ -52,11 +99,14 @@ pub async fn registry(args: &ServerArgs) -> anyhow::Result<RegistryClient<AuthCh
 }
 
 /// What a user sees when `--server` points at something that is not a gRPC server.
-const NOT_GRPC: &str =
-    "the server does not speak gRPC (HTTP/2): is --server an Interpose gRPC address?";
+const NOT_GRPC: &str = "the server does not speak gRPC (HTTP/2): is --server an Interpose gRPC \
+     address? (a server started with --grpc-tls wants an https:// URL)";
 
 /// A gRPC failure as the one line a user should see.
 pub fn status(s: Status) -> anyhow::Error {
+    if let Some(tls) = std::error::Error::source(&s).and_then(proto::mtls::explain) {
+        return anyhow!(tls);
+    }
     let msg = s.message();
     match s.code() {
         Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition => anyhow!("{msg}"),
@@ -72,7 +122,7 @@ pub fn status(s: Status) -> anyhow::Error {
         Code::Unknown if msg.contains("transport error") => anyhow!(NOT_GRPC),
         Code::Cancelled => anyhow!(
             "the server closed the connection without answering: is --server an Interpose \
-             gRPC address?"
+             gRPC address? (a server started with --grpc-tls wants an https:// URL)"
         ),
         code => anyhow!("{code:?}: {msg}"),
     }

@@ -50,6 +50,36 @@ pub struct ServerArgs {
         help_heading = "Server"
     )]
     pub token_file: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for an https:// server started with --grpc-tls, from
+    /// `interpose ca issue-client`. Default: the default data directory's
+    /// mtls/client-cert.pem, for the server `interpose up` recorded there.
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_CLIENT_CERT",
+        value_name = "FILE",
+        help_heading = "Server"
+    )]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_CLIENT_KEY",
+        value_name = "FILE",
+        help_heading = "Server"
+    )]
+    pub client_key: Option<std::path::PathBuf>,
+    /// The management CA certificate an https:// server's certificate must come from (its
+    /// DATA_DIR/mtls/ca-cert.pem, also written by `interpose ca issue-client`).
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_CA_CERT",
+        value_name = "FILE",
+        help_heading = "Server"
+    )]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// The client-only options, caught on the subcommands that talk to no server (`completions`,
@@ -114,7 +144,8 @@ pub fn parse() -> Cli {
     let matches = cmd.get_matches_mut();
     if let Some((name, sub)) = matches.subcommand() {
         let caught: &[&str] = match name {
-            "up" => &["server"],
+            // (`up --client-cert` is its own: for upstream TLS servers.)
+            "up" => &["server", "client_key", "ca_cert"],
             "completions" | "man" => &["server", "token", "token_file"],
             _ => &[],
         };

@@ -36,6 +36,9 @@ pub struct UpArgs {
     /// `--server` clap would list the clients' global one in `up --help`.
     #[arg(long, hide = true)]
     pub server: Option<String>,
+    /// mTLS for the gRPC API (the same as the `registry-svc` binary's).
+    #[command(flatten)]
+    pub tls: proto::mtls::ServerTlsArgs,
     /// The history's disk budget (the same as the `registry-svc` binary's).
     #[command(flatten)]
     pub history: registry_svc::history_args::HistoryArgs,
@@ -69,6 +72,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let grpc = listener.local_addr()?;
     let mut server = GrpcServer::new(auth.token.clone());
+    let tls = proto::mtls::serve_tls(&mut server, &args.tls, Some(&dir), grpc)?;
+    // Its own services are clients of this port like any other, with the local certificate.
+    let url = if args.tls.grpc_tls {
+        proto::mtls::ClientTlsArgs::default().install(Some(&dir))?;
+        format!("https://{grpc}")
+    } else {
+        format!("http://{grpc}")
+    };
     let registry_service = registry_svc::service(
         registry.clone(),
         registry_svc::liveness::DEFAULT_GRACE,
@@ -77,13 +88,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     server.add_service(registry_svc::grpc_server(registry_service.clone()));
     server.add_service(tls::service::CaService::server(splicer.clone()));
     // The exporter reads the registry over this same port, as a remote export-svc would.
-    server.add_service(export_svc::grpc_service(
-        &format!("http://{grpc}"),
-        auth.token.as_deref(),
-    )?);
+    server.add_service(export_svc::grpc_service(&url, auth.token.as_deref())?);
     // The intercept queue follows the registry over this same port, as a remote one would.
     let intercept = intercept_svc::Intercept::start(
-        &format!("http://{grpc}"),
+        &url,
         auth.token.as_deref(),
         intercept_svc::DEFAULT_MAX_HELD,
     )?;
@@ -94,28 +102,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }));
 
     let mut config = args.proxy.config(
-        format!("http://{grpc}"),
+        url.clone(),
         auth.token.clone(),
         std::iter::once(grpc)
             .chain(args.proxy.denied().await?)
             .collect(),
         splicer.clone(),
-        Some(format!("http://{grpc}")),
+        Some(url.clone()),
     );
     // Records and history go straight to the registry in this process, not through gRPC.
     config.local_registry = Some(proxy_core::LocalRegistry(Arc::new(registry_service)));
     let proxy = Proxy::start(config).await?;
-    proto::token::record_server(&dir, &format!("http://{grpc}"))
+    proto::token::record_server(&dir, &url)
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;
+    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
+    let stop = proto::serve::shutdown_signal();
     println!(
-        "ready socks={} grpc=http://{grpc} ca={}{}",
+        "ready socks={} grpc={url} ca={}{}{tls}",
         proxy.socks_addr(),
         ca_path.display(),
         auth.ready_field()
     );
 
     let served = tokio::select! {
-        () = proto::serve::shutdown_signal() => None,
+        () = stop => None,
         r = &mut serving => Some(r),
     };
     proxy.shutdown().await;

@@ -125,9 +125,12 @@ fn server_without_a_scheme_means_http_with_a_note() {
 }
 
 #[test]
-fn server_schemes_other_than_http_are_refused_by_name() {
+fn server_schemes_other_than_http_and_https_are_refused_by_name_and_https_needs_a_ca() {
     for (url, says) in [
-        ("https://127.0.0.1:1", "(https://) is not supported yet"),
+        (
+            "https://127.0.0.1:1",
+            "no management CA certificate is known",
+        ),
         ("ftp://127.0.0.1:1", "unsupported scheme ftp://"),
     ] {
         let out = interpose(&["conns", "list", "--server", url]);

@@ -64,21 +64,26 @@ pub struct Args {
     /// to the registry.
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// mTLS, for this service's API and towards an https:// --registry.
+    #[command(flatten)]
+    pub mtls: proto::mtls::ServiceTlsArgs,
 }
 
 /// Runs the standalone exporter until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     proto::serve::check_exposure(args.listen, args.token.as_deref())?;
+    args.mtls.install_client()?;
     let service = grpc_service(&args.registry, args.token.as_deref())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(args.token);
+    let tls = args.mtls.serve(&mut server, addr)?;
     server.add_service(service);
-    println!("ready export-svc listen={addr}");
-    server
-        .serve(listener, proto::serve::shutdown_signal())
-        .await?;
+    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
+    let stop = proto::serve::shutdown_signal();
+    println!("ready export-svc listen={addr}{tls}");
+    server.serve(listener, stop).await?;
     Ok(())
 }

@@ -72,6 +72,9 @@ pub struct Args {
     /// the registry.
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// mTLS, for this service's API and towards an https:// --registry.
+    #[command(flatten)]
+    pub mtls: proto::mtls::ServiceTlsArgs,
     /// The most packets that may wait at once; a packet beyond it is forwarded without
     /// holding, and counted.
     #[arg(long, default_value_t = DEFAULT_MAX_HELD)]
@@ -81,16 +84,18 @@ pub struct Args {
 /// Runs the standalone service until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     proto::serve::check_exposure(args.listen, args.token.as_deref())?;
+    args.mtls.install_client()?;
     let intercept = Intercept::start(&args.registry, args.token.as_deref(), args.max_held)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(args.token);
+    let tls = args.mtls.serve(&mut server, addr)?;
     server.add_service(intercept.grpc_service(server.drain()));
-    println!("ready intercept-svc listen={addr}");
-    server
-        .serve(listener, proto::serve::shutdown_signal())
-        .await?;
+    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
+    let stop = proto::serve::shutdown_signal();
+    println!("ready intercept-svc listen={addr}{tls}");
+    server.serve(listener, stop).await?;
     Ok(())
 }

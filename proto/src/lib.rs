@@ -4,13 +4,17 @@
 //! here and only here, with the small pieces every server and client of the project shares:
 //! the JSON/CLI names of the enums ([`names`]), timestamp conversion ([`time`]), serving with
 //! health, reflection and token checks ([`serve`]), connecting as a client ([`client`]), the
-//! API token ([`token`]), where a proxy's ingest stream goes ([`ingest`]), private data directories ([`private`]), the open-files limit
-//! ([`limits`]) and the HTTP/2 preface deadline of every gRPC connection ([`preface`]).
+//! API token ([`token`]), where a proxy's ingest stream goes ([`ingest`]), private data
+//! directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface deadline
+//! of every gRPC connection ([`preface`]), the bounds on unused connections ([`accept`]) and
+//! mutual TLS for the management plane ([`mtls`]).
 
+pub mod accept;
 pub mod client;
 pub mod codec;
 pub mod ingest;
 pub mod limits;
+pub mod mtls;
 pub mod names;
 pub mod preface;
 pub mod private;

@@ -37,10 +37,16 @@ pub struct PrefaceDeadline<T> {
 impl<T> PrefaceDeadline<T> {
     /// Wraps `inner`, accepted now, giving it `timeout` to send the preface.
     pub fn new(inner: T, timeout: Duration) -> Self {
+        Self::until(inner, timeout, tokio::time::Instant::now() + timeout)
+    }
+
+    /// Wraps `inner`, which has until `deadline` to send the preface (`timeout` is what the
+    /// error names): for a socket accepted earlier, e.g. before a TLS handshake.
+    pub fn until(inner: T, timeout: Duration, deadline: tokio::time::Instant) -> Self {
         Self {
             inner,
             timeout,
-            waiting: Some((PREFACE_LEN, Box::pin(tokio::time::sleep(timeout)))),
+            waiting: Some((PREFACE_LEN, Box::pin(tokio::time::sleep_until(deadline)))),
         }
     }
 }

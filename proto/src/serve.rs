@@ -6,16 +6,13 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::StreamExt;
 use tonic::{
     Request, Status,
     body::Body,
     server::NamedService,
     service::{Interceptor, InterceptorLayer, RoutesBuilder},
-    transport::{Server, server::TcpIncoming},
+    transport::Server,
 };
-
-use crate::preface::PrefaceDeadline;
 
 /// Why a gRPC server refused to start.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +196,8 @@ pub struct GrpcServer {
     drain: watch::Sender<bool>,
     max_connection_age: Duration,
     preface_timeout: Duration,
+    idle_timeout: Duration,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl GrpcServer {
@@ -212,7 +211,22 @@ impl GrpcServer {
             drain: watch::channel(false).0,
             max_connection_age: MAX_CONNECTION_AGE,
             preface_timeout: crate::preface::PREFACE_TIMEOUT,
+            idle_timeout: crate::accept::IDLE_TIMEOUT,
+            tls: None,
         }
+    }
+
+    /// Serves over TLS with `config` (see [`crate::mtls::server_config`]).
+    pub fn tls(&mut self, config: Arc<rustls::ServerConfig>) -> &mut Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Sets how long a connection may stay open with no call in progress after its first
+    /// (see [`crate::accept`]).
+    pub fn idle_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.idle_timeout = timeout;
+        self
     }
 
     /// The drain signal of this server, for services with long-lived streams.
@@ -298,10 +312,13 @@ impl GrpcServer {
             .add_service(health)
             .add_service(v1)
             .add_service(v1alpha);
-        let preface_timeout = self.preface_timeout;
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .map(move |s| s.map(|s| PrefaceDeadline::new(s, preface_timeout)));
+        let bounds = crate::accept::Bounds {
+            preface: self.preface_timeout,
+            first_call: crate::accept::FIRST_CALL_TIMEOUT.max(self.preface_timeout),
+            idle: self.idle_timeout,
+        };
+        let tls = self.tls.map(tokio_rustls::TlsAcceptor::from);
+        let incoming = crate::accept::incoming(listener, tls, bounds);
         let drain = self.drain;
         let draining = drain.subscribe();
         let signal = async move {
@@ -314,6 +331,7 @@ impl GrpcServer {
             .max_connection_age(self.max_connection_age)
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .layer(crate::accept::CountCallsLayer)
             .layer(InterceptorLayer::new(self.token))
             .add_routes(self.routes.routes())
             .serve_with_incoming_shutdown(incoming, signal);

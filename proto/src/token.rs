@@ -187,13 +187,20 @@ pub fn for_client(
     if !file.exists() {
         return Ok(None);
     }
-    let same = |a: &str, b: &str| a.trim().trim_end_matches('/') == b.trim().trim_end_matches('/');
-    let recorded = fs::read_to_string(dir.join(SERVER_FILE)).unwrap_or_default();
-    if same(server, DEFAULT_SERVER) || same(server, &recorded) {
+    if belongs_to(server, dir) {
         read_file(&file).map(Some)
     } else {
         Ok(None)
     }
+}
+
+/// Whether `server` is the server of data directory `dir`: the default URL, or the URL `up`
+/// recorded there. Only such a server gets the directory's token or client certificate
+/// without being given them.
+pub fn belongs_to(server: &str, dir: &Path) -> bool {
+    let same = |a: &str, b: &str| a.trim().trim_end_matches('/') == b.trim().trim_end_matches('/');
+    let recorded = fs::read_to_string(dir.join(SERVER_FILE)).unwrap_or_default();
+    same(server, DEFAULT_SERVER) || same(server, &recorded)
 }
 
 #[cfg(test)]

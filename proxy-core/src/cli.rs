@@ -214,6 +214,9 @@ pub struct Args {
     /// The proxy's options.
     #[command(flatten)]
     pub proxy: ProxyArgs,
+    /// mTLS towards an https:// --registry or --intercept.
+    #[command(flatten)]
+    pub client_tls: proto::mtls::ClientTlsArgs,
 }
 
 /// The socket addresses of an endpoint given as `HOST:PORT` or as a URL
@@ -277,6 +280,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let dir = data_dir(args.data_dir.clone())?;
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating data directory {}", dir.display()))?;
+    args.client_tls.install(Some(&dir))?;
     let splicer = args.proxy.tls_splice(&dir)?;
     let _ca_watch = splicer.watch_ca(CA_WATCH_EVERY);
     let mut refuse = Vec::new();

@@ -120,12 +120,19 @@ pub struct Args {
     /// sent a request) close then, busy ones when their calls in progress end.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub grpc_max_age: std::time::Duration,
+    /// How long a gRPC connection may stay open with no call in progress after its first
+    /// (one that never starts a call is closed 10 s after it connects).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub grpc_idle_timeout: std::time::Duration,
     /// Serve without a token (loopback only; every local user can then call the API).
     #[arg(long, conflicts_with_all = ["token", "token_file"])]
     pub no_auth: bool,
     /// The history's disk budget.
     #[command(flatten)]
     pub history: history_args::HistoryArgs,
+    /// mTLS for the gRPC API.
+    #[command(flatten)]
+    pub tls: proto::mtls::ServerTlsArgs,
 }
 
 /// Keeps [`HISTORY_HEALTH`] in step with whether history can be written.
@@ -166,12 +173,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut server = GrpcServer::new(auth.token.clone());
-    server.max_connection_age(args.grpc_max_age);
-    server.add_service(grpc_service(state.clone(), args.node_grace, &server)?);
-    println!("ready registry-svc listen={addr}{}", auth.ready_field());
     server
-        .serve(listener, proto::serve::shutdown_signal())
-        .await?;
+        .max_connection_age(args.grpc_max_age)
+        .idle_timeout(args.grpc_idle_timeout);
+    server.add_service(grpc_service(state.clone(), args.node_grace, &server)?);
+    let tls = proto::mtls::serve_tls(&mut server, &args.tls, Some(&args.data_dir), addr)?;
+    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
+    let stop = proto::serve::shutdown_signal();
+    println!(
+        "ready registry-svc listen={addr}{}{tls}",
+        auth.ready_field()
+    );
+    server.serve(listener, stop).await?;
     state.flush().await.context("flushing the registry store")?;
     Ok(())
 }

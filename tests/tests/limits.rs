@@ -1,5 +1,6 @@
 //! Resource bounds (issue 12): a cap on concurrent SOCKS connections with a clear refusal,
-//! and gRPC connections that never send the HTTP/2 preface are closed.
+//! and gRPC connections that never send the HTTP/2 preface, never start a call, or sit idle
+//! with no call in progress are closed.
 
 use std::{
     net::SocketAddr,
@@ -174,6 +175,125 @@ async fn grpc_connections_without_a_preface_are_closed_and_normal_clients_are_no
             .await??
             .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
         if ev.id == 9 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The documented bound on a connection's first call (`proto::accept::FIRST_CALL_TIMEOUT`).
+const FIRST_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client that sends the whole HTTP/2 preface and an empty SETTINGS frame, then nothing:
+/// how long until it is closed.
+async fn preface_only(addr: SocketAddr) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+    Ok(closed_at(s).await? - start)
+}
+
+/// An HTTP/2 client that makes one gRPC call (a health check) and then stays silent: how
+/// long after its call ended the connection is closed.
+async fn idle_after_one_call(addr: SocketAddr, token: Option<String>) -> anyhow::Result<Duration> {
+    let tcp = TcpStream::connect(addr).await?;
+    let (send, conn) = h2::client::handshake(tcp).await?;
+    let closed = tokio::spawn(async move {
+        let _ = tokio::time::timeout(WAIT, conn).await;
+        Instant::now()
+    });
+    let mut send = send.ready().await?;
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let (response, mut body) = send.send_request(req.body(())?, false)?;
+    // One empty HealthCheckRequest: no compression, length 0.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
+    let response = tokio::time::timeout(WAIT, response).await??;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk?;
+    }
+    let trailers = body.trailers().await?.unwrap_or_default();
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..]),
+        "{trailers:?}"
+    );
+    let ended = Instant::now();
+    Ok(closed.await? - ended)
+}
+
+#[tokio::test]
+async fn grpc_connections_without_a_call_or_idle_are_closed_and_streams_are_not() -> R {
+    let tmp = tempfile::tempdir()?;
+    let idle = Duration::from_secs(3);
+    let reg = Registry::start_with(
+        &tmp.path().join("reg"),
+        "127.0.0.1:0",
+        &["--grpc-idle-timeout", "3s"],
+    )
+    .await?;
+    let up = Up::start(&tmp.path().join("up"), &[]).await?;
+    let reg_addr = reg.proc.addr("listen")?;
+    let up_addr: SocketAddr = up.grpc.trim_start_matches("http://").parse()?;
+
+    // A watch opened now stays open past both bounds: a call in progress is not idle.
+    let mut watcher = reg.client().await?;
+    let mut watch = watcher
+        .watch_connections(proto::registry::WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+
+    let stalls = async {
+        tokio::try_join!(
+            preface_only(reg_addr),
+            preface_only(up_addr),
+            idle_after_one_call(reg_addr, tests::token(&reg.url)),
+        )
+    };
+    let normal = async {
+        // Meanwhile the CLI works as usual, on connections of its own.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let listed = interpose_json(&reg.url, &["conns", "list", "--json"]).await?;
+        let stats = interpose_json(&up.grpc, &["conns", "stats", "--json"]).await?;
+        anyhow::Ok((listed, stats))
+    };
+    let (stalls, normal) = tokio::join!(stalls, normal);
+    let (a, b, after_call) = stalls?;
+    let (listed, stats) = normal?;
+    assert!(listed.is_array() && stats.is_object());
+    for t in [a, b] {
+        assert!(
+            t >= FIRST_CALL_TIMEOUT - Duration::from_millis(500),
+            "{t:?}"
+        );
+        assert!(t < FIRST_CALL_TIMEOUT + Duration::from_secs(3), "{t:?}");
+    }
+    assert!(
+        after_call >= idle - Duration::from_millis(500),
+        "{after_call:?}"
+    );
+    assert!(after_call < idle + Duration::from_secs(3), "{after_call:?}");
+
+    // The watch, open for longer than either bound, still delivers.
+    let mut rc = reg.client().await?;
+    let mut ingest = tests::Ingest::open(&mut rc, "n").await?;
+    ingest
+        .send_durable(vec![tests::events::open(7, 1, "h", 2)])
+        .await?;
+    loop {
+        let ev = tokio::time::timeout(WAIT, watch.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+        if ev.id == 7 {
             break;
         }
     }

@@ -138,12 +138,12 @@ impl Holder {
         node: &str,
         policy: FaultPolicy,
     ) -> Result<Self, ClientError> {
-        let channel = proto::client::endpoint(url)?
+        let endpoint = proto::client::endpoint(url)?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = proto::client::lazy_channel(url, endpoint)?;
         let client =
             InterceptClient::new(InterceptedService::new(channel, TokenInjector::new(token)?))
                 .max_decoding_message_size(MAX_MESSAGE)
