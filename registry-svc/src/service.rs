@@ -102,16 +102,7 @@ impl Registry for RegistryService {
         &self,
         req: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let (pipeline, liveness, drain) = (
-            self.ingest.clone(),
-            self.liveness.clone(),
-            self.drain.clone(),
-        );
-        tokio::spawn(async move {
-            pipeline.serve(liveness, req.into_inner(), tx, drain).await;
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(self.serve_ingest(req.into_inner())))
     }
 
     async fn lease_ids(

@@ -359,6 +359,11 @@ async fn interpose_in(server: &str, args: &[&str], width: Option<u16>) -> anyhow
     if let Some(file) = token_file(server) {
         cmd.env("INTERPOSE_TOKEN_FILE", file);
     }
+    output(cmd).await
+}
+
+/// Runs an `interpose` command to completion (bounded by [`WAIT`]) with no stdin.
+pub async fn output(mut cmd: Command) -> anyhow::Result<Output> {
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     let out = tokio::time::timeout(WAIT, cmd.output())
         .await

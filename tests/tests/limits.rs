@@ -165,20 +165,7 @@ async fn grpc_connections_without_a_preface_are_closed_and_normal_clients_are_no
         assert!(sent < 24, "the whole preface went through: {sent}");
     }
 
-    let mut rc = reg.client().await?;
-    let mut ingest = tests::Ingest::open(&mut rc, "n").await?;
-    ingest
-        .send_durable(vec![tests::events::open(9, 1, "h", 2)])
-        .await?;
-    loop {
-        let ev = tokio::time::timeout(WAIT, watch.message())
-            .await??
-            .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
-        if ev.id == 9 {
-            break;
-        }
-    }
-    Ok(())
+    watch_still_delivers(&reg, &mut watch, 9).await
 }
 
 /// The documented bound on a connection's first call (`proto::accept::FIRST_CALL_TIMEOUT`).
@@ -284,18 +271,26 @@ async fn grpc_connections_without_a_call_or_idle_are_closed_and_streams_are_not(
     assert!(after_call < idle + Duration::from_secs(3), "{after_call:?}");
 
     // The watch, open for longer than either bound, still delivers.
+    watch_still_delivers(&reg, &mut watch, 7).await
+}
+
+/// Records connection `id` at `reg` and waits until `watch` (opened long before) delivers it.
+async fn watch_still_delivers(
+    reg: &tests::Registry,
+    watch: &mut tonic::Streaming<proto::registry::WatchEvent>,
+    id: u64,
+) -> anyhow::Result<()> {
     let mut rc = reg.client().await?;
     let mut ingest = tests::Ingest::open(&mut rc, "n").await?;
     ingest
-        .send_durable(vec![tests::events::open(7, 1, "h", 2)])
+        .send_durable(vec![tests::events::open(id, 1, "h", 2)])
         .await?;
     loop {
         let ev = tokio::time::timeout(WAIT, watch.message())
             .await??
             .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
-        if ev.id == 7 {
-            break;
+        if ev.id == id {
+            return Ok(());
         }
     }
-    Ok(())
 }

@@ -36,15 +36,7 @@ async fn interpose(xdg: &Path, args: &[&str], env: &[(&str, &Path)]) -> anyhow::
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
-    let out = tokio::time::timeout(WAIT, cmd.output())
-        .await
-        .context("interpose did not finish in time")??;
-    Ok(Output {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    tests::output(cmd).await
 }
 
 /// `interpose ca issue-client --name NAME --out OUT --data-dir DATA_DIR`; the three files.
