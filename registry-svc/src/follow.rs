@@ -66,7 +66,7 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
             let upto = st.store.position();
             let mut records = Vec::new();
             match conn_id {
-                0 => st.store.scan_conns(0, |c| {
+                0 => st.store.scan_conns(0, &mut |c| {
                     records.push(c);
                     true
                 })?,
@@ -80,7 +80,7 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
     for c in records {
         send(tx, connection(c, upto)).await?;
     }
-    let evicted_before = state.store.budget().removed_position();
+    let evicted_before = state.store.removed_position();
     let mut token = String::new();
     loop {
         let q = HistoryQuery {
@@ -99,7 +99,7 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
         }
     }
     // Evicted while the snapshot was read: some of it may be missing.
-    let evicted = state.store.budget().removed_position();
+    let evicted = state.store.removed_position();
     if evicted > evicted_before {
         send(tx, gap(evicted.min(upto))).await?;
     }
@@ -127,7 +127,7 @@ async fn live(state: &Arc<State>, conn_id: u64, mut cursor: u64, tx: &Tx) -> Res
         .await?;
         // Read after the page: positions up to it may have lost packets before or while
         // the page was read (eviction removes whole segments, so later ones are whole).
-        let evicted = state.store.budget().removed_position();
+        let evicted = state.store.removed_position();
         if evicted > cursor {
             send(tx, gap(evicted)).await?;
         }

@@ -1,9 +1,11 @@
 //! registry-svc: the durable home of Interpose's connection records and proxy history.
 //!
-//! [`store`] keeps them in sled, [`watch`] orders changes for live watchers ([`watcher`]
-//! serves one), [`state`] holds
-//! the operations and [`service`] serves them as `interpose.registry.v1.Registry`.
+//! [`store`] keeps them in sled behind the [`backend::Backend`] trait, [`ingest`] writes and
+//! commits them, [`watch`] orders changes for live watchers ([`watcher`] serves one),
+//! [`state`] holds the operations and [`service`] serves them as
+//! `interpose.registry.v1.Registry`.
 
+pub mod backend;
 pub mod filter;
 pub mod follow;
 pub mod history_args;

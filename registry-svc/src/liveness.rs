@@ -56,7 +56,7 @@ impl Liveness {
     pub fn start(state: Arc<State>, grace: Duration) -> Result<Arc<Self>, StoreError> {
         let mut nodes = HashMap::new();
         let now = Instant::now();
-        state.store.scan_active(0, |c| {
+        state.store.scan_active(0, &mut |c| {
             nodes.entry(c.node).or_insert_with(|| Node {
                 gone_since: Some(now),
                 ..Node::default()
@@ -163,7 +163,7 @@ impl Liveness {
 
     fn try_close_node(&self, node: &str, reason: &str) -> Result<(), StoreError> {
         let mut ids = Vec::new();
-        self.state.store.scan_active(0, |c| {
+        self.state.store.scan_active(0, &mut |c| {
             if c.node == node {
                 ids.push(c.id);
             }

@@ -10,7 +10,7 @@ use proto::{
 };
 
 use crate::{
-    filter::matches,
+    backend::Backend,
     store::{Change, Store, StoreError},
     watch::Hub,
 };
@@ -24,7 +24,7 @@ pub const PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 /// Store plus change hub: everything a registry server holds.
 pub struct State {
-    pub(crate) store: Store,
+    pub(crate) store: Box<dyn Backend>,
     pub(crate) hub: Hub,
 }
 
@@ -76,7 +76,7 @@ impl State {
         history: &crate::store::HistoryOptions,
     ) -> Result<Arc<Self>, StoreError> {
         Ok(Arc::new(Self {
-            store: Store::open_with(dir, history)?,
+            store: Box::new(Store::open_with(dir, history)?),
             hub: Hub::default(),
         }))
     }
@@ -137,12 +137,12 @@ impl State {
 
     /// Follows whether history can be written: the failure's text while it cannot.
     pub fn history_failing(&self) -> tokio::sync::watch::Receiver<Option<String>> {
-        self.store.unwritten().subscribe()
+        self.store.history_failing()
     }
 
-    /// Makes everything applied so far durable.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.store.flush().await
+    /// Makes everything applied so far durable (at shutdown).
+    pub async fn flush(self: &Arc<Self>) -> Result<(), StoreError> {
+        self.blocking(State::commit).await
     }
 
     /// Runs store work `f` on the blocking pool: disk reads and scans stay off the async
@@ -191,7 +191,7 @@ impl State {
         let mut items = Vec::new();
         let mut bytes = 0usize;
         let mut next = None;
-        self.store.scan_matching(filter, from, |c| {
+        self.store.scan_matching(filter, from, &mut |c| {
             let size = prost::Message::encoded_len(&c) + 8;
             if items.len() == limit || (bytes + size > PAGE_BYTES && !items.is_empty()) {
                 next = Some(c.id.to_string());
@@ -260,7 +260,7 @@ impl State {
         let mut next = None;
         let upto = q.upto.unwrap_or(u64::MAX);
         self.store
-            .scan_history_upto(start, q.conn_id != 0, upto, |p| {
+            .scan_history_upto(start, q.conn_id != 0, upto, &mut |p| {
                 if q.direction.is_some_and(|d| d as i32 != p.direction)
                     || !contains(&p.data, &q.contains)
                 {
@@ -301,8 +301,8 @@ impl State {
         }
         let mut tallies: [Tally; 5] = Default::default();
         let mut total = 0u64;
-        self.store.scan_conns(0, |c| {
-            if matches(filter, &c) {
+        self.store.scan_matching(filter, 0, &mut |c| {
+            {
                 total += 1;
                 let [status, by, kind, dest, node] = &mut tallies;
                 status.add(name::<proto::common::ConnStatus>(c.status));
@@ -322,35 +322,29 @@ impl State {
             by_destination: dest.into_counts(),
             by_node: node.into_counts(),
             losses: self.store.losses()?.into_iter().collect(),
-            history_packets: self.store.history_len(),
-            history_unwritten_packets: self.store.unwritten().packets(),
-            history_unwritten_bytes: self.store.unwritten().bytes(),
-            history_failing: self.store.unwritten().failing().unwrap_or_default(),
-            ..self.history_usage()?
+            ..history_usage(self.store.usage()?)
         })
     }
 }
 
-impl State {
-    /// The history's disk use and budget, as `conns stats` shows them.
-    fn history_usage(&self) -> Result<ConnectionStatsResponse, StoreError> {
-        let budget = self.store.budget();
-        let (evicted_packets, evicted_bytes) = budget.evicted();
-        let (refused_packets, refused_bytes) = budget.refused();
-        let (purged_packets, purged_bytes) = budget.purged();
-        Ok(ConnectionStatsResponse {
-            history_bytes: self.store.history_bytes(),
-            records_bytes: self.store.records_bytes()?,
-            history_max_bytes: budget.options().max_bytes,
-            history_when_full: budget.options().when_full.name().to_string(),
-            history_evicted_packets: evicted_packets,
-            history_evicted_bytes: evicted_bytes,
-            history_refused_packets: refused_packets,
-            history_refused_bytes: refused_bytes,
-            history_purged_packets: purged_packets,
-            history_purged_bytes: purged_bytes,
-            ..Default::default()
-        })
+/// The history's disk use, budget and losses, as `conns stats` shows them.
+fn history_usage(u: crate::backend::Usage) -> ConnectionStatsResponse {
+    ConnectionStatsResponse {
+        history_packets: u.history_packets,
+        history_bytes: u.history_bytes,
+        records_bytes: u.records_bytes,
+        history_max_bytes: u.max_bytes,
+        history_when_full: u.when_full.to_string(),
+        history_evicted_packets: u.evicted.0,
+        history_evicted_bytes: u.evicted.1,
+        history_refused_packets: u.refused.0,
+        history_refused_bytes: u.refused.1,
+        history_purged_packets: u.purged.0,
+        history_purged_bytes: u.purged.1,
+        history_unwritten_packets: u.unwritten.0,
+        history_unwritten_bytes: u.unwritten.1,
+        history_failing: u.failing.unwrap_or_default(),
+        ..Default::default()
     }
 }
 

@@ -22,8 +22,9 @@
 //! - `arrivals`: position (8) -> the runs and closed records written at it: the order in
 //!   which things were recorded, for followers (see [`arrivals`])
 //!
-//! Writes that change a record go through [`Store::apply`] while the caller holds the
-//! [`crate::watch::Hub`] lock, so watchers see every change exactly once.
+//! It is the registry's [`crate::backend::Backend`] (`as_backend.rs`). Writes that change a
+//! record are made while the caller holds the [`crate::watch::Hub`] lock, so watchers see
+//! every change exactly once.
 
 use std::{
     path::Path,
@@ -43,6 +44,7 @@ use crate::payload::PayloadLog;
 
 pub mod active;
 pub mod arrivals;
+mod as_backend;
 pub mod budget;
 pub mod purge;
 pub mod unwritten;
@@ -269,21 +271,7 @@ impl Store {
     }
 
     /// Makes everything written so far durable: the payload log first, so that no durable
-    /// history entry points past its durable end. For async callers at shutdown; the ingest
-    /// path commits on its own thread with [`Store::commit`].
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        if self.payloads.is_dirty() {
-            let payloads = self.payloads.clone();
-            tokio::task::spawn_blocking(move || payloads.sync())
-                .await
-                .map_err(|e| std::io::Error::other(format!("payload log sync task: {e}")))??;
-        }
-        self.save_counts()?;
-        self.db.flush_async().await?;
-        Ok(())
-    }
-
-    /// [`Store::flush`], blocking the calling thread (the committer's; see [`crate::ingest`]).
+    /// history entry points past its durable end.
     pub fn commit(&self) -> Result<(), StoreError> {
         if self.payloads.is_dirty() {
             self.payloads.sync()?;

@@ -56,52 +56,6 @@ impl Store {
         Ok(())
     }
 
-    /// Records matching `filter` from `from` upwards, through the index when only active
-    /// ones can match.
-    pub fn scan_matching(
-        &self,
-        filter: &proto::registry::ConnectionFilter,
-        from: u64,
-        mut f: impl FnMut(Connection) -> bool,
-    ) -> Result<(), StoreError> {
-        let pass = |c: Connection, f: &mut dyn FnMut(Connection) -> bool| {
-            !crate::filter::matches(filter, &c) || f(c)
-        };
-        if filter.status == ConnStatus::Active as i32 {
-            self.scan_active(from, |c| pass(c, &mut f))
-        } else {
-            self.scan_conns(from, |c| pass(c, &mut f))
-        }
-    }
-
-    /// One page of [`Store::scan_matching`]: the matches among at most `max` records from
-    /// `from` on, and the ID the next page starts at (`None`: the end was reached).
-    pub fn scan_page(
-        &self,
-        filter: &proto::registry::ConnectionFilter,
-        from: u64,
-        max: usize,
-    ) -> Result<(Vec<Connection>, Option<u64>), StoreError> {
-        let (mut items, mut scanned, mut next) = (Vec::new(), 0, None);
-        let mut visit = |c: Connection| {
-            if scanned == max {
-                next = Some(c.id);
-                return false;
-            }
-            scanned += 1;
-            if crate::filter::matches(filter, &c) {
-                items.push(c);
-            }
-            true
-        };
-        if filter.status == ConnStatus::Active as i32 {
-            self.scan_active(from, &mut visit)?;
-        } else {
-            self.scan_conns(from, &mut visit)?;
-        }
-        Ok((items, next))
-    }
-
     /// Keeps the index in step with record `c` as just written.
     pub(super) fn index_status(&self, c: &Connection) -> Result<(), StoreError> {
         let key = c.id.to_be_bytes();
@@ -121,7 +75,7 @@ mod tests {
         registry::{ConnectionClosed, ConnectionFilter},
     };
 
-    use crate::store::Store;
+    use crate::{backend::Backend, store::Store};
 
     fn ids(s: &Store, status: ConnStatus) -> Vec<u64> {
         let filter = ConnectionFilter {
@@ -129,7 +83,7 @@ mod tests {
             ..Default::default()
         };
         let mut got = Vec::new();
-        s.scan_matching(&filter, 0, |c| {
+        Backend::scan_matching(s, &filter, 0, &mut |c| {
             got.push(c.id);
             true
         })

@@ -1,0 +1,175 @@
+//! The registry's storage as a trait: everything the service, the ingest pipeline, the
+//! watchers, the followers and node liveness need from a store, so that another backend
+//! can take the place of the embedded sled store ([`crate::store::Store`]) without touching
+//! them (issue 13 puts PostgreSQL behind it).
+//!
+//! Every method may block on disk or network: the registry calls them on its writer and
+//! committer threads ([`crate::ingest`]) or on the blocking pool ([`crate::State::blocking`]),
+//! never on the async threads. Writes that change a record are made while the caller holds
+//! the watch hub's lock ([`crate::watch`]), so watchers see each change once.
+
+use proto::{
+    common::{ConnStatus, Connection, Packet},
+    registry::{ConnectionClosed, ConnectionFilter, ConnectionUpdate, ProxyLosses},
+};
+use tokio::sync::watch;
+
+use crate::store::{LogPage, Purge, Purged, StoreError};
+
+/// What a store holds and has had to drop, as `conns stats` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Packets in the history.
+    pub history_packets: u64,
+    /// Bytes of history payload on disk.
+    pub history_bytes: u64,
+    /// Bytes the records and the history's bookkeeping use on disk.
+    pub records_bytes: u64,
+    /// The history's budget (0: none) and what happens at it (`evict` or `stop`).
+    pub max_bytes: u64,
+    pub when_full: &'static str,
+    /// (packets, bytes) evicted at the budget, refused at it, purged on request, and not
+    /// written because the disk failed.
+    pub evicted: (u64, u64),
+    pub refused: (u64, u64),
+    pub purged: (u64, u64),
+    pub unwritten: (u64, u64),
+    /// Why history cannot be written now, if it cannot.
+    pub failing: Option<String>,
+}
+
+/// A store of connection records, proxy history, leased IDs and node reports.
+pub trait Backend: Send + Sync {
+    /// Records a newly opened connection (active unless it says otherwise); `None` when its
+    /// ID was cleared before.
+    fn open_conn(&self, c: Connection) -> Result<Option<Connection>, StoreError>;
+    /// Applies an update to a record; `None` when it is unknown or cleared.
+    fn update_conn(&self, u: &ConnectionUpdate) -> Result<Option<Connection>, StoreError>;
+    /// Records the end of a connection; `None` when it is unknown or cleared.
+    fn close_conn(&self, e: &ConnectionClosed) -> Result<Option<Connection>, StoreError>;
+    /// The record with `id`, if there is one.
+    fn get_opt(&self, id: u64) -> Result<Option<Connection>, StoreError>;
+    /// Records with IDs from `from` up, in ID order, each passed to `f` until it says stop.
+    fn scan_conns(
+        &self,
+        from: u64,
+        f: &mut dyn FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError>;
+    /// [`Backend::scan_conns`] of the active records only, reading no closed ones.
+    fn scan_active(
+        &self,
+        from: u64,
+        f: &mut dyn FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError>;
+    /// Removes the records `ids`, all or none (`NotFound` names the first unknown one); a
+    /// cleared ID never comes back.
+    fn clear(&self, ids: &[u64]) -> Result<Vec<u64>, StoreError>;
+    /// Removes every record; the IDs removed.
+    fn clear_all(&self) -> Result<Vec<u64>, StoreError>;
+    /// Leases `count` IDs never given out before, durable before it returns.
+    fn lease(&self, count: u32) -> Result<(u64, u64), StoreError>;
+
+    /// Stores history packets, idempotently, and logs them with the records `closed` at the
+    /// next arrival position (see [`crate::store::arrivals`]).
+    fn record(&self, packets: Vec<Packet>, closed: Vec<Connection>) -> Result<(), StoreError>;
+    /// History packets from `(conn_id, seq)` on, in that order (one connection's only when
+    /// `only_conn`), recorded at arrival positions up to `upto`, each passed to `f` until
+    /// it says stop.
+    fn scan_history_upto(
+        &self,
+        start: (u64, u64),
+        only_conn: bool,
+        upto: u64,
+        f: &mut dyn FnMut(Packet) -> bool,
+    ) -> Result<(), StoreError>;
+    /// Deletes history on request.
+    fn purge(&self, what: &Purge) -> Result<Purged, StoreError>;
+    /// The last arrival position written.
+    fn position(&self) -> u64;
+    /// Wakes when a new arrival position is written.
+    fn follow_positions(&self) -> watch::Receiver<u64>;
+    /// What was recorded after position `after` (of `conn_id` only, unless 0), at most
+    /// `max_entries` positions and about `max_bytes` of payload.
+    fn log_after(
+        &self,
+        after: u64,
+        conn_id: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<LogPage, StoreError>;
+    /// Positions up to this one may have lost packets to eviction or purge.
+    fn removed_position(&self) -> u64;
+
+    /// Makes everything written so far durable.
+    fn commit(&self) -> Result<(), StoreError>;
+
+    /// Stores the loss totals `node` reported.
+    fn set_losses(&self, node: &str, losses: &ProxyLosses) -> Result<(), StoreError>;
+    /// The loss totals of every node that reported any.
+    fn losses(&self) -> Result<Vec<(String, ProxyLosses)>, StoreError>;
+    /// The ingest session `node` last reported, if known.
+    fn node_session(&self, node: &str) -> Result<Option<String>, StoreError>;
+    /// Records the ingest session `node` reports now.
+    fn set_node_session(&self, node: &str, session: &str) -> Result<(), StoreError>;
+
+    /// What the store holds and has had to drop.
+    fn usage(&self) -> Result<Usage, StoreError>;
+    /// Follows whether history can be written: the failure's text while it cannot.
+    fn history_failing(&self) -> watch::Receiver<Option<String>>;
+
+    /// The record with `id`, or `NotFound`.
+    fn get(&self, id: u64) -> Result<Connection, StoreError> {
+        self.get_opt(id)?.ok_or(StoreError::NotFound(id))
+    }
+
+    /// One page of the records matching `filter`: the matches among at most `max` records
+    /// from `from` on, through the active records when only those can match, and the ID the
+    /// next page starts at (`None`: the end was reached).
+    fn scan_page(
+        &self,
+        filter: &ConnectionFilter,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<Connection>, Option<u64>), StoreError> {
+        let (mut items, mut scanned, mut next) = (Vec::new(), 0, None);
+        let mut visit = |c: Connection| {
+            if scanned == max {
+                next = Some(c.id);
+                return false;
+            }
+            scanned += 1;
+            if crate::filter::matches(filter, &c) {
+                items.push(c);
+            }
+            true
+        };
+        self.scan_for(filter, from, &mut visit)?;
+        Ok((items, next))
+    }
+
+    /// Records matching `filter` from `from` on, each passed to `f` until it says stop.
+    fn scan_matching(
+        &self,
+        filter: &ConnectionFilter,
+        from: u64,
+        f: &mut dyn FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError> {
+        self.scan_for(filter, from, &mut |c| {
+            !crate::filter::matches(filter, &c) || f(c)
+        })
+    }
+
+    /// The scan that can hold matches of `filter`: the active records only, or all.
+    fn scan_for(
+        &self,
+        filter: &ConnectionFilter,
+        from: u64,
+        f: &mut dyn FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError> {
+        if filter.status == ConnStatus::Active as i32 {
+            self.scan_active(from, f)
+        } else {
+            self.scan_conns(from, f)
+        }
+    }
+}
