@@ -1,10 +1,9 @@
 //! `FollowHistory`: a snapshot of the records and history at one arrival position, then
 //! everything recorded after it, read from the arrival log (see [`crate::store::arrivals`]).
 //!
-//! Memory stays bounded whatever the follower's speed: the task reads one page from disk,
-//! sends it through a small channel (waiting while the follower is slow) and reads the next.
-//! The snapshot's records are the one exception: like `WatchConnections`, it holds the
-//! matching records while it sends them.
+//! Memory stays bounded whatever the follower's speed: the task reads one page from disk
+//! (records included), sends it through a small channel (waiting while the follower is
+//! slow) and reads the next. No lock is held across a whole-store scan.
 
 use std::sync::Arc;
 
@@ -23,6 +22,8 @@ use crate::{
 
 /// Arrival log entries read per page.
 const LOG_PAGE: usize = 256;
+/// Records read per hold of the hub lock.
+const RECORD_PAGE: usize = 4_096;
 
 type Tx = mpsc::Sender<Result<FollowHistoryEvent, Status>>;
 
@@ -59,28 +60,37 @@ pub async fn follow(state: Arc<State>, req: FollowHistoryRequest, tx: Tx, drain:
 }
 
 /// Sends the records and history as of one position, then `caught_up`; returns the position.
+///
+/// The records are read a page at a time, each page under the hub lock (so no batch is half
+/// applied) with the arrival position it was read at; the snapshot's position is the last
+/// page's. A record read before a close recorded by then gets that close from the log
+/// before `caught_up`, so every record reaches the follower as it is at that position.
 async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End> {
-    let (records, upto) = blocking(state, move |st| {
-        // Under the hub lock no batch is half applied: the records and the position agree.
-        let (_rx, snap) = st.hub.subscribe_with(|| {
-            let upto = st.store.position();
-            let mut records = Vec::new();
-            match conn_id {
-                0 => st.store.scan_conns(0, &mut |c| {
-                    records.push(c);
-                    true
-                })?,
-                id => records.extend(st.store.get_opt(id)?),
-            }
-            Ok::<_, StoreError>((records, upto))
-        });
-        snap
-    })
-    .await?;
-    for c in records {
-        send(tx, connection(c, upto)).await?;
-    }
     let evicted_before = state.store.removed_position();
+    // Each page read: the last ID it covered and the position it was read at.
+    let mut pages: Vec<(u64, u64)> = Vec::new();
+    let mut from = Some(0);
+    while let Some(start) = from {
+        let ((records, next), position) = blocking(state, move |st| {
+            let (page, _) = st.hub.read(|| {
+                let page = match conn_id {
+                    0 => st
+                        .store
+                        .scan_page(&Default::default(), start, RECORD_PAGE)?,
+                    id => (st.store.get_opt(id)?.into_iter().collect(), None),
+                };
+                Ok::<_, StoreError>((page, st.store.position()))
+            });
+            page
+        })
+        .await?;
+        pages.push((next.map_or(u64::MAX, |n| n - 1), position));
+        for c in records {
+            send(tx, connection(c, position)).await?;
+        }
+        from = next;
+    }
+    let upto = pages.last().map_or(0, |&(_, at)| at);
     let mut token = String::new();
     loop {
         let q = HistoryQuery {
@@ -98,6 +108,7 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
             None => break,
         }
     }
+    closes_between_pages(state, conn_id, &pages, tx).await?;
     // Evicted while the snapshot was read: some of it may be missing.
     let evicted = state.store.removed_position();
     if evicted > evicted_before {
@@ -113,6 +124,45 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
     )
     .await?;
     Ok(upto)
+}
+
+/// Sends the closes recorded after the first page of records was read and up to the last,
+/// of records read before them.
+async fn closes_between_pages(
+    state: &Arc<State>,
+    conn_id: u64,
+    pages: &[(u64, u64)],
+    tx: &Tx,
+) -> Result<(), End> {
+    let (Some(&(_, first)), Some(&(_, upto))) = (pages.first(), pages.last()) else {
+        return Ok(());
+    };
+    let read_at = |id: u64| {
+        let i = pages.partition_point(|&(last, _)| last < id);
+        pages.get(i).map_or(upto, |&(_, at)| at)
+    };
+    let mut cursor = first;
+    while cursor < upto {
+        let page = blocking(state, move |st| {
+            st.store.log_after(cursor, conn_id, LOG_PAGE, PAGE_BYTES)
+        })
+        .await?;
+        for (n, item) in page.items {
+            if n > upto {
+                return Ok(());
+            }
+            if let Followed::Closed(c) = item
+                && n > read_at(c.id)
+            {
+                send(tx, connection(*c, upto)).await?;
+            }
+        }
+        if page.last <= cursor {
+            break;
+        }
+        cursor = page.last;
+    }
+    Ok(())
 }
 
 /// Sends everything recorded after `cursor`, waiting for more whenever it has caught up.
@@ -191,4 +241,78 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&State) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, End> {
     state.blocking(f).await.map_err(End::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proto::{
+        common::ConnStatus,
+        registry::{ConnectionClosed, event::Kind},
+    };
+
+    use super::*;
+
+    /// The follower reads its first page of records, then waits (its channel holds one
+    /// event) while every record is closed. Records of the first page come active and then
+    /// get their close before `caught_up`; records of later pages come closed; no close
+    /// comes twice, and nothing follows for them after `caught_up`.
+    #[tokio::test]
+    async fn closes_made_while_the_records_are_paged_reach_the_follower_once() {
+        const N: u64 = 2 * RECORD_PAGE as u64 + 100;
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("db")).unwrap();
+        state.apply_kinds((1..=N).map(|id| {
+            Kind::Opened(Connection {
+                id,
+                ..Default::default()
+            })
+        }));
+        let (tx, mut rx) = mpsc::channel(1);
+        let server = proto::serve::GrpcServer::new(None);
+        tokio::spawn(follow(
+            state.clone(),
+            FollowHistoryRequest::default(),
+            tx,
+            server.drain(),
+        ));
+        let mut ev = next(&mut rx).await;
+        state.apply_kinds((1..=N).map(|id| {
+            Kind::Closed(ConnectionClosed {
+                id,
+                ..Default::default()
+            })
+        }));
+        let mut states: HashMap<u64, Vec<i32>> = HashMap::new();
+        while !ev.caught_up {
+            let c = ev.connection.expect("the snapshot has only records here");
+            states.entry(c.id).or_default().push(c.status);
+            ev = next(&mut rx).await;
+        }
+        let (active, closed) = (ConnStatus::Active as i32, ConnStatus::Disconnected as i32);
+        assert_eq!(states.len(), N as usize);
+        assert_eq!(
+            states[&1],
+            vec![active, closed],
+            "first page: its close follows"
+        );
+        assert_eq!(states[&N], vec![closed], "last page: read closed");
+        for (id, s) in &states {
+            assert!(
+                s == &vec![active, closed] || s == &vec![closed],
+                "{id}: {s:?}"
+            );
+        }
+        // Every close was recorded before the snapshot's position: nothing more comes.
+        let more = tokio::time::timeout(std::time::Duration::from_millis(300), rx.recv()).await;
+        assert!(more.is_err(), "nothing after caught_up: {more:?}");
+    }
+
+    async fn next(
+        rx: &mut mpsc::Receiver<Result<FollowHistoryEvent, Status>>,
+    ) -> FollowHistoryEvent {
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv());
+        ev.await.unwrap().unwrap().unwrap()
+    }
 }

@@ -65,6 +65,24 @@ pub struct HistoryQuery {
 }
 
 impl State {
+    /// Applies events of `kinds`, 1,000 per batch, as node `n` (for tests).
+    #[cfg(test)]
+    pub(crate) fn apply_kinds(&self, kinds: impl Iterator<Item = Kind>) {
+        let events: Vec<proto::registry::Event> = kinds
+            .map(|k| proto::registry::Event { kind: Some(k) })
+            .collect();
+        for chunk in events.chunks(1_000) {
+            let req = IngestRequest {
+                node: "n".into(),
+                events: chunk.to_vec(),
+                ..Default::default()
+            };
+            if let Err(e) = self.apply(req, &mut Rejected::default()) {
+                panic!("applying test events: {e}");
+            }
+        }
+    }
+
     /// Opens the store in `dir`.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
         Self::open_with(dir, &crate::store::HistoryOptions::default())

@@ -222,23 +222,10 @@ mod tests {
 
     use proto::{
         common::ConnStatus,
-        registry::{ConnectionClosed, Event, IngestRequest, event::Kind},
+        registry::{ConnectionClosed, event::Kind},
     };
 
     use super::*;
-    use crate::state::Rejected;
-
-    fn apply(state: &State, events: impl Iterator<Item = Kind>) {
-        let events: Vec<Event> = events.map(|k| Event { kind: Some(k) }).collect();
-        for chunk in events.chunks(1_000) {
-            let req = IngestRequest {
-                node: "n".into(),
-                events: chunk.to_vec(),
-                ..Default::default()
-            };
-            state.apply(req, &mut Rejected::default()).unwrap();
-        }
-    }
 
     /// The watcher reads its first page, then waits (its channel holds one event) while
     /// every record is closed: records of the first page get their close live, records of
@@ -248,15 +235,12 @@ mod tests {
         const N: u64 = 2 * PAGE as u64 + 100;
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(&dir.path().join("db")).unwrap();
-        apply(
-            &state,
-            (1..=N).map(|id| {
-                Kind::Opened(Connection {
-                    id,
-                    ..Default::default()
-                })
-            }),
-        );
+        state.apply_kinds((1..=N).map(|id| {
+            Kind::Opened(Connection {
+                id,
+                ..Default::default()
+            })
+        }));
         let (tx, mut rx) = mpsc::channel(1);
         let server = proto::serve::GrpcServer::new(None);
         tokio::spawn(watch(
@@ -266,15 +250,12 @@ mod tests {
             server.drain(),
         ));
         let first = rx.recv().await.unwrap().unwrap();
-        apply(
-            &state,
-            (1..=N).map(|id| {
-                Kind::Closed(ConnectionClosed {
-                    id,
-                    ..Default::default()
-                })
-            }),
-        );
+        state.apply_kinds((1..=N).map(|id| {
+            Kind::Closed(ConnectionClosed {
+                id,
+                ..Default::default()
+            })
+        }));
         let mut states: HashMap<u64, Vec<i32>> = HashMap::new();
         let mut ev = first;
         let (mut ended, mut closed) = (false, 0);
