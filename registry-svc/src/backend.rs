@@ -64,8 +64,9 @@ pub trait Backend: Send + Sync {
     /// Removes the records `ids`, all or none (`NotFound` names the first unknown one); a
     /// cleared ID never comes back.
     fn clear(&self, ids: &[u64]) -> Result<Vec<u64>, StoreError>;
-    /// Removes every record; the IDs removed.
-    fn clear_all(&self) -> Result<Vec<u64>, StoreError>;
+    /// Removes up to `max` records with IDs from `from` up, lowest first, as
+    /// [`Backend::clear`] does; the IDs removed (none: no records are left there).
+    fn clear_page(&self, from: u64, max: usize) -> Result<Vec<u64>, StoreError>;
     /// Leases `count` IDs never given out before, durable before it returns.
     fn lease(&self, count: u32) -> Result<(u64, u64), StoreError>;
 

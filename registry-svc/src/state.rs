@@ -17,6 +17,8 @@ use crate::{
 
 /// Default and largest page of connection records.
 pub const CONN_PAGE: usize = 10_000;
+/// Records removed per hold of the hub lock by [`State::clear_all`].
+const CLEAR_PAGE: usize = 4_096;
 /// Default page of history packets.
 pub const HISTORY_PAGE: usize = 1_000;
 /// Encoded size a page stays under, below tonic's default 4 MiB message limit.
@@ -238,14 +240,23 @@ impl State {
         Ok(removed.len() as u64)
     }
 
-    /// Removes every record and tells watchers.
+    /// Removes every record and tells watchers, a page at a time in ID order: the hub lock
+    /// is held for one page, and no list of every ID is built. A record opened meanwhile is
+    /// removed if its ID is above the page being cleared.
     pub fn clear_all(&self) -> Result<u64, StoreError> {
-        let w = self.hub.write();
-        let removed = self.store.clear_all()?;
-        for id in &removed {
-            w.publish(Change::Removed(*id));
+        let (mut count, mut from) = (0u64, 0u64);
+        loop {
+            let w = self.hub.write();
+            let removed = self.store.clear_page(from, CLEAR_PAGE)?;
+            let Some(&last) = removed.last() else {
+                return Ok(count);
+            };
+            count += removed.len() as u64;
+            from = last.saturating_add(1);
+            for id in removed {
+                w.publish(Change::Removed(id));
+            }
         }
-        Ok(removed.len() as u64)
     }
 
     /// A page of history packets matching `q`.
@@ -392,7 +403,45 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::contains;
+    use super::*;
+
+    /// Clearing every record takes several pages; each removal reaches a watcher once and
+    /// the records do not come back.
+    #[test]
+    fn clear_all_clears_every_page_and_tells_watchers() {
+        const N: u64 = 2 * CLEAR_PAGE as u64 + 7;
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("db")).unwrap();
+        let open = |id| {
+            Kind::Opened(Connection {
+                id,
+                ..Default::default()
+            })
+        };
+        state.apply_kinds((1..=N).map(open));
+        let mut rx = state.hub.subscribe();
+        assert_eq!(state.clear_all().unwrap(), N);
+        let mut removed = std::collections::HashSet::new();
+        while let Ok(n) = rx.try_recv() {
+            match n.change {
+                Change::Removed(id) => assert!(removed.insert(id), "{id} twice"),
+                Change::Upsert(c) => panic!("unexpected upsert of {}", c.id),
+            }
+        }
+        assert_eq!(removed.len() as u64, N);
+        let all = state.list(&ConnectionFilter::default(), 0, "").unwrap();
+        assert!(all.items.is_empty());
+        // Cleared IDs stay cleared.
+        state.apply_kinds((1..=3).map(open));
+        assert!(
+            state
+                .list(&ConnectionFilter::default(), 0, "")
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        assert_eq!(state.clear_all().unwrap(), 0);
+    }
 
     #[test]
     fn contains_finds_substrings() {

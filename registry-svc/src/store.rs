@@ -605,10 +605,11 @@ impl Store {
         Ok(removed)
     }
 
-    /// Removes every record.
-    pub fn clear_all(&self) -> Result<Vec<u64>, StoreError> {
+    /// Removes up to `max` records with IDs from `from` up, lowest first; the IDs removed
+    /// (none: no records are left there).
+    pub fn clear_page(&self, from: u64, max: usize) -> Result<Vec<u64>, StoreError> {
         let mut removed = Vec::new();
-        for k in self.conns.iter().keys() {
+        for k in self.conns.range(from.to_be_bytes()..).keys().take(max) {
             let k = k?;
             self.cleared.insert(&k, &[])?;
             self.active.remove(&k)?;
@@ -825,7 +826,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(got, vec![p]);
-        assert_eq!(s.clear_all().unwrap(), vec![2]);
+        assert_eq!(s.clear_page(0, 10).unwrap(), vec![2]);
+        assert!(s.clear_page(0, 10).unwrap().is_empty());
         assert_eq!(s.history_len(), 1);
     }
 

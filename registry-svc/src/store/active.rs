@@ -111,7 +111,9 @@ mod tests {
         assert_eq!(ids(&s, ConnStatus::Active), vec![1, 3, 5]);
         assert_eq!(ids(&s, ConnStatus::Disconnected), vec![2]);
         assert_eq!(s.active.len(), 3);
-        s.clear_all().unwrap();
+        assert_eq!(s.clear_page(0, 2).unwrap(), vec![1, 2]);
+        assert_eq!(s.active.len(), 2);
+        assert_eq!(s.clear_page(3, 10).unwrap(), vec![3, 5]);
         assert!(ids(&s, ConnStatus::Active).is_empty());
         assert_eq!(s.active.len(), 0);
     }

@@ -46,8 +46,8 @@ impl Backend for Store {
         Store::clear(self, ids)
     }
 
-    fn clear_all(&self) -> Result<Vec<u64>, StoreError> {
-        Store::clear_all(self)
+    fn clear_page(&self, from: u64, max: usize) -> Result<Vec<u64>, StoreError> {
+        Store::clear_page(self, from, max)
     }
 
     fn lease(&self, count: u32) -> Result<(u64, u64), StoreError> {
