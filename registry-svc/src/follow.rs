@@ -247,10 +247,7 @@ async fn blocking<T: Send + 'static>(
 mod tests {
     use std::collections::HashMap;
 
-    use proto::{
-        common::ConnStatus,
-        registry::{ConnectionClosed, event::Kind},
-    };
+    use proto::common::ConnStatus;
 
     use super::*;
 
@@ -262,13 +259,7 @@ mod tests {
     async fn closes_made_while_the_records_are_paged_reach_the_follower_once() {
         const N: u64 = 2 * RECORD_PAGE as u64 + 100;
         let dir = tempfile::tempdir().unwrap();
-        let state = State::open(&dir.path().join("db")).unwrap();
-        state.apply_kinds((1..=N).map(|id| {
-            Kind::Opened(Connection {
-                id,
-                ..Default::default()
-            })
-        }));
+        let state = State::with_open_records(&dir.path().join("db"), N);
         let (tx, mut rx) = mpsc::channel(1);
         let server = proto::serve::GrpcServer::new(None);
         tokio::spawn(follow(
@@ -278,12 +269,7 @@ mod tests {
             server.drain(),
         ));
         let mut ev = next(&mut rx).await;
-        state.apply_kinds((1..=N).map(|id| {
-            Kind::Closed(ConnectionClosed {
-                id,
-                ..Default::default()
-            })
-        }));
+        state.close_records(N);
         let mut states: HashMap<u64, Vec<i32>> = HashMap::new();
         while !ev.caught_up {
             let c = ev.connection.expect("the snapshot has only records here");

@@ -85,6 +85,33 @@ impl State {
         }
     }
 
+    /// A state in `dir` with records 1 to `n` open (for tests).
+    #[cfg(test)]
+    pub(crate) fn with_open_records(dir: &Path, n: u64) -> Arc<Self> {
+        let state = match Self::open(dir) {
+            Ok(s) => s,
+            Err(e) => panic!("opening a test store: {e}"),
+        };
+        state.apply_kinds((1..=n).map(|id| {
+            Kind::Opened(Connection {
+                id,
+                ..Default::default()
+            })
+        }));
+        state
+    }
+
+    /// Closes records 1 to `n` (for tests).
+    #[cfg(test)]
+    pub(crate) fn close_records(&self, n: u64) {
+        self.apply_kinds((1..=n).map(|id| {
+            Kind::Closed(proto::registry::ConnectionClosed {
+                id,
+                ..Default::default()
+            })
+        }));
+    }
+
     /// Opens the store in `dir`.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
         Self::open_with(dir, &crate::store::HistoryOptions::default())

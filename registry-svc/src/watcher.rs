@@ -220,10 +220,7 @@ fn marker(kind: WatchKind, id: u64) -> WatchEvent {
 mod tests {
     use std::collections::HashMap;
 
-    use proto::{
-        common::ConnStatus,
-        registry::{ConnectionClosed, event::Kind},
-    };
+    use proto::common::ConnStatus;
 
     use super::*;
 
@@ -234,13 +231,7 @@ mod tests {
     async fn changes_made_while_a_snapshot_is_paged_are_sent_once() {
         const N: u64 = 2 * PAGE as u64 + 100;
         let dir = tempfile::tempdir().unwrap();
-        let state = State::open(&dir.path().join("db")).unwrap();
-        state.apply_kinds((1..=N).map(|id| {
-            Kind::Opened(Connection {
-                id,
-                ..Default::default()
-            })
-        }));
+        let state = State::with_open_records(&dir.path().join("db"), N);
         let (tx, mut rx) = mpsc::channel(1);
         let server = proto::serve::GrpcServer::new(None);
         tokio::spawn(watch(
@@ -250,12 +241,7 @@ mod tests {
             server.drain(),
         ));
         let first = rx.recv().await.unwrap().unwrap();
-        state.apply_kinds((1..=N).map(|id| {
-            Kind::Closed(ConnectionClosed {
-                id,
-                ..Default::default()
-            })
-        }));
+        state.close_records(N);
         let mut states: HashMap<u64, Vec<i32>> = HashMap::new();
         let mut ev = first;
         let (mut ended, mut closed) = (false, 0);
