@@ -103,6 +103,9 @@ pub trait Backend: Send + Sync {
 
     /// Makes everything written so far durable.
     fn commit(&self) -> Result<(), StoreError>;
+    /// Makes everything durable and notes a clean close (at shutdown; nothing is written
+    /// after it).
+    fn close(&self) -> Result<(), StoreError>;
 
     /// Stores the loss totals `node` reported.
     fn set_losses(&self, node: &str, losses: &ProxyLosses) -> Result<(), StoreError>;

@@ -187,9 +187,9 @@ impl State {
         self.store.history_failing()
     }
 
-    /// Makes everything applied so far durable (at shutdown).
+    /// Makes everything applied so far durable and notes a clean close (at shutdown).
     pub async fn flush(self: &Arc<Self>) -> Result<(), StoreError> {
-        self.blocking(State::commit).await
+        self.blocking(|s| s.store.close()).await
     }
 
     /// Runs store work `f` on the blocking pool: disk reads and scans stay off the async

@@ -15,7 +15,7 @@
 //!   segment, so evicting or purging a segment finds them without a scan (see [`budget`])
 //! - `cleared`: conn ID (8) -> empty; events for a cleared ID are ignored, so a late close or
 //!   a replayed batch never brings a cleared record back
-//! - `meta`:    `next_id` -> u64, `history_count` -> u64, `unwritten_packets` and
+//! - `meta`:    `next_id` -> u64, `history_count` -> u64, `open` while open, `unwritten_packets` and
 //!   `unwritten_bytes` -> u64 ([`unwritten`]), `losses/NODE` -> `ProxyLosses`, the
 //!   budget's counts ([`budget`])
 //!
@@ -149,6 +149,8 @@ const LAST_RUN_ENTRIES: usize = 65_536;
 
 const NEXT_ID: &[u8] = b"next_id";
 const HISTORY_COUNT: &[u8] = b"history_count";
+/// Present while a process has the store open: found at open, the last close was a crash.
+const OPEN: &[u8] = b"open";
 const UNWRITTEN_PACKETS: &[u8] = b"unwritten_packets";
 const UNWRITTEN_BYTES: &[u8] = b"unwritten_bytes";
 const LOSSES_PREFIX: &[u8] = b"losses/";
@@ -261,8 +263,49 @@ impl Store {
         })
         .and_then(|s| {
             s.finish_removals()?;
+            s.mark_open()?;
             Ok(s)
         })
+    }
+
+    /// Notes that the store is open, and recounts the history when it was not closed
+    /// cleanly: the count is saved at each commit, but sled also flushes on its own, so
+    /// after a crash the runs on disk can be ahead of the count saved with them.
+    fn mark_open(&self) -> Result<(), StoreError> {
+        if self.meta.get(OPEN)?.is_some() {
+            let count = self.count_history()?;
+            self.history_count.store(count, Ordering::Relaxed);
+            self.meta.insert(HISTORY_COUNT, &count.to_be_bytes())?;
+        }
+        self.meta.insert(OPEN, &[])?;
+        self.meta.flush()?;
+        Ok(())
+    }
+
+    /// Makes everything durable and notes a clean close (at shutdown).
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.commit()?;
+        self.meta.remove(OPEN)?;
+        self.meta.flush()?;
+        Ok(())
+    }
+
+    /// The packets a full scan of the history returns (each position once, bytes held).
+    fn count_history(&self) -> Result<u64, StoreError> {
+        let (mut count, mut last) = (0u64, None);
+        for kv in self.history.iter() {
+            let (_, v) = kv?;
+            let run: Run = decode("history run", &v)?;
+            for p in run.packets {
+                let pos = (p.conn_id, p.seq);
+                if last.is_some_and(|l| pos <= l) || !self.holds(&p) {
+                    continue;
+                }
+                last = Some(pos);
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
     /// History the store could not write (see [`unwritten`]).
@@ -998,6 +1041,22 @@ mod tests {
             scan_all(&s, (1, 0), true),
             vec![(1, 1), (1, 2), (1, 5), (1, 6)]
         );
+    }
+
+    #[test]
+    fn an_unclean_close_has_the_history_recounted_at_open() {
+        let (_d, s) = store();
+        s.put_packets(vec![pkt(1, 1), pkt(1, 2), pkt(2, 1)]).unwrap();
+        s.put_packets(vec![pkt(1, 2), pkt(1, 3)]).unwrap();
+        // As after a crash: runs on disk ahead of the saved count, the open mark still set.
+        s.history_count.store(1, Ordering::Relaxed);
+        s.mark_open().unwrap();
+        assert_eq!(s.history_len(), 4);
+        s.close().unwrap();
+        assert!(s.meta.get(OPEN).unwrap().is_none(), "a clean close clears the mark");
+        s.history_count.store(1, Ordering::Relaxed);
+        s.mark_open().unwrap();
+        assert_eq!(s.history_len(), 1, "after a clean close the saved count is trusted");
     }
 
     #[test]

@@ -98,6 +98,10 @@ impl Backend for Store {
         Store::commit(self)
     }
 
+    fn close(&self) -> Result<(), StoreError> {
+        Store::close(self)
+    }
+
     fn set_losses(&self, node: &str, losses: &ProxyLosses) -> Result<(), StoreError> {
         Store::set_losses(self, node, losses)
     }
