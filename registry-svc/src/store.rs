@@ -1046,17 +1046,25 @@ mod tests {
     #[test]
     fn an_unclean_close_has_the_history_recounted_at_open() {
         let (_d, s) = store();
-        s.put_packets(vec![pkt(1, 1), pkt(1, 2), pkt(2, 1)]).unwrap();
+        s.put_packets(vec![pkt(1, 1), pkt(1, 2), pkt(2, 1)])
+            .unwrap();
         s.put_packets(vec![pkt(1, 2), pkt(1, 3)]).unwrap();
         // As after a crash: runs on disk ahead of the saved count, the open mark still set.
         s.history_count.store(1, Ordering::Relaxed);
         s.mark_open().unwrap();
         assert_eq!(s.history_len(), 4);
         s.close().unwrap();
-        assert!(s.meta.get(OPEN).unwrap().is_none(), "a clean close clears the mark");
+        assert!(
+            s.meta.get(OPEN).unwrap().is_none(),
+            "a clean close clears the mark"
+        );
         s.history_count.store(1, Ordering::Relaxed);
         s.mark_open().unwrap();
-        assert_eq!(s.history_len(), 1, "after a clean close the saved count is trusted");
+        assert_eq!(
+            s.history_len(),
+            1,
+            "after a clean close the saved count is trusted"
+        );
     }
 
     #[test]
