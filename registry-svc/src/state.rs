@@ -358,15 +358,13 @@ impl State {
         let mut tallies: [Tally; 5] = Default::default();
         let mut total = 0u64;
         self.store.scan_matching(filter, 0, &mut |c| {
-            {
-                total += 1;
-                let [status, by, kind, dest, node] = &mut tallies;
-                status.add(name::<proto::common::ConnStatus>(c.status));
-                by.add(name::<proto::common::ClosedBy>(c.closed_by));
-                kind.add(name::<proto::common::CloseKind>(c.close_kind));
-                dest.add(format!("{}:{}", c.dst_host, c.dst_port));
-                node.add(c.node);
-            }
+            total += 1;
+            let [status, by, kind, dest, node] = &mut tallies;
+            status.add(name::<proto::common::ConnStatus>(c.status));
+            by.add(name::<proto::common::ClosedBy>(c.closed_by));
+            kind.add(name::<proto::common::CloseKind>(c.close_kind));
+            dest.add(format!("{}:{}", c.dst_host, c.dst_port));
+            node.add(c.node);
             true
         })?;
         let [status, by, kind, dest, node] = tallies;

@@ -609,11 +609,6 @@ impl Store {
             .transpose()
     }
 
-    /// The record with `id`, or `NotFound`.
-    pub fn get(&self, id: u64) -> Result<Connection, StoreError> {
-        self.get_opt(id)?.ok_or(StoreError::NotFound(id))
-    }
-
     /// Records with IDs from `from` upwards, in ID order, each passed to `f` until it returns
     /// false.
     pub fn scan_conns(
@@ -784,6 +779,7 @@ fn merge_update(c: &mut Connection, u: &ConnectionUpdate) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Backend;
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -85,14 +85,4 @@ impl Hub {
         let _guard = self.lock();
         (read(), self.seq.load(Ordering::Relaxed))
     }
-
-    /// Subscribes and takes a snapshot atomically with respect to writers.
-    pub fn subscribe_with<T>(
-        &self,
-        snapshot: impl FnOnce() -> T,
-    ) -> (broadcast::Receiver<Numbered>, T) {
-        let _guard = self.lock();
-        let rx = self.tx.subscribe();
-        (rx, snapshot())
-    }
 }
