@@ -471,6 +471,29 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_does_not_start_is_reported_with_its_log() {
+        let mut cluster = Cluster::start().unwrap();
+        cluster.stop();
+        assert_eq!(cluster.server_pid(), None);
+        let conf = cluster.data_dir().join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).unwrap();
+        text.push_str("max_connections = many\n");
+        fs::write(&conf, text).unwrap();
+
+        let error = cluster.launch().unwrap_err().to_string();
+        assert!(error.contains("PostgreSQL did not start"), "{error}");
+        assert!(error.contains("pg_ctl start failed"), "{error}");
+        // The server's own words, from the end of its log.
+        assert!(
+            error.contains("invalid value for parameter \"max_connections\": \"many\""),
+            "{error}"
+        );
+        let dir = cluster.dir().to_owned();
+        drop(cluster);
+        assert!(!dir.exists());
+    }
+
+    #[test]
     fn a_taken_port_is_recognised_in_the_log() {
         assert!(port_taken(
             "LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use"
