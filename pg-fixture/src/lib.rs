@@ -150,7 +150,9 @@ impl Cluster {
         Cluster::start_with(Durability::Durable)
     }
 
-    /// Starts a cluster with the given durability.
+    /// Starts a cluster with the given durability. Its directory is made in the system's
+    /// temporary directory (`TMPDIR`, else /tmp), which `nobody` must be able to enter when
+    /// the caller is root.
     pub fn start_with(durability: Durability) -> Result<Cluster, Error> {
         let bin = binaries::find()?;
         let password = random_password()?;
