@@ -30,6 +30,16 @@ pub use state::State;
 /// Largest gRPC message the registry accepts (an ingest batch of large packets).
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// Runs `f` on a thread of its own and waits for it: for store work at start, which may
+/// block on the network where blocking an async thread is not allowed.
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// The registry's folder inside a data directory.
 pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("registry")
@@ -54,8 +64,11 @@ pub fn open(
                  in the data directory)"
             );
         }
-        let pg = pg::PgStore::open(url, history).context("opening the PostgreSQL store")?;
-        return Ok(State::with_backend(Box::new(pg)));
+        return off_runtime(|| {
+            let pg = pg::PgStore::open(url, history)?;
+            Ok::<_, store::StoreError>(State::with_backend(Box::new(pg)))
+        })
+        .context("opening the PostgreSQL store");
     }
     let path = store_path(data_dir);
     proto::private::create_dir(&path)
@@ -181,7 +194,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.no_auth {
         proto::serve::check_exposure(args.listen, None)?;
     }
-    let state = open(&args.data_dir, args.store.as_deref(), &args.history.options())?;
+    let state = open(
+        &args.data_dir,
+        args.store.as_deref(),
+        &args.history.options(),
+    )?;
     let auth = proto::token::AuthOptions {
         token: args.token,
         token_file: args.token_file,

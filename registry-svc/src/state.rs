@@ -122,7 +122,9 @@ impl State {
         dir: &Path,
         history: &crate::store::HistoryOptions,
     ) -> Result<Arc<Self>, StoreError> {
-        Ok(Self::with_backend(Box::new(Store::open_with(dir, history)?)))
+        Ok(Self::with_backend(Box::new(Store::open_with(
+            dir, history,
+        )?)))
     }
 
     /// The state over `store`; a store shared by several registry processes feeds the hub.

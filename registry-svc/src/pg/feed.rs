@@ -29,10 +29,10 @@ const TRIM_EVERY: Duration = Duration::from_secs(30);
 /// Starts the feed thread, publishing the changes numbered after the current last one.
 pub(super) fn start(pool: &Pool, shared: Arc<Shared>, feed: broadcast::Sender<Numbered>) -> bool {
     let pool = pool.another();
-    let last = match pool
-        .get()
-        .and_then(|mut c| Ok(c.query_one("SELECT seq FROM counter", &[])?.get::<_, i64>(0)))
-    {
+    let last = match pool.get().and_then(|mut c| {
+        Ok(c.query_one("SELECT seq FROM counter", &[])?
+            .get::<_, i64>(0))
+    }) {
         Ok(last) => last,
         Err(e) => {
             tracing::error!("starting the change feed: {e}");

@@ -71,7 +71,10 @@ impl PgStore {
                      refused_bytes = refused_bytes + $2",
                     &[&(packets.len() as i64), &incoming],
                 )?;
-                if !self.refusing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                if !self
+                    .refusing
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
                     tracing::warn!(
                         max_bytes = max,
                         "history reached its budget (--history-max-bytes, --history-full \
@@ -81,7 +84,10 @@ impl PgStore {
                 }
                 return Ok(none);
             }
-            if self.refusing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            if self
+                .refusing
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
                 tracing::warn!("history is below its budget again: recording resumes");
             }
         }
@@ -186,7 +192,12 @@ impl PgStore {
         self.shared
             .removed
             .fetch_max(last_pos as u64, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(segment = oldest, packets, bytes, "evicted the oldest history segment");
+        tracing::info!(
+            segment = oldest,
+            packets,
+            bytes,
+            "evicted the oldest history segment"
+        );
         Ok(true)
     }
 }
@@ -300,10 +311,15 @@ pub(super) fn purge(client: &mut postgres::Client, what: &Purge) -> Result<Purge
                 &[],
             )?;
             tx.batch_execute("SET LOCAL lock_timeout = '10s'; TRUNCATE packets;")?;
-            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect()
         }
         Purge::Conns(ids) => {
-            let keys = ids.iter().map(|&id| key(id)).collect::<Result<Vec<_>, _>>()?;
+            let keys = ids
+                .iter()
+                .map(|&id| key(id))
+                .collect::<Result<Vec<_>, _>>()?;
             deleted(
                 &mut tx,
                 "DELETE FROM packets WHERE conn_id = ANY($1) RETURNING seg, bytes",

@@ -239,7 +239,10 @@ impl PgStore {
         records.sort_by_key(|c| c.id);
         let mut written = HashSet::new();
         if !records.is_empty() {
-            let ids = records.iter().map(|c| key(c.id)).collect::<Result<Vec<_>, _>>()?;
+            let ids = records
+                .iter()
+                .map(|c| key(c.id))
+                .collect::<Result<Vec<_>, _>>()?;
             let active: Vec<bool> = records.iter().map(|c| is_active(c)).collect();
             let bodies: Vec<Vec<u8>> = records.iter().map(|c| c.encode_to_vec()).collect();
             for row in tx.query(
@@ -369,7 +372,10 @@ impl Backend for PgStore {
     fn clear(&self, ids: &[u64]) -> Result<Vec<u64>, StoreError> {
         // What this process applied is cleared too.
         self.commit()?;
-        let keys = ids.iter().map(|&id| key(id)).collect::<Result<Vec<_>, _>>()?;
+        let keys = ids
+            .iter()
+            .map(|&id| key(id))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut client = self.pool.get()?;
         let mut tx = client.transaction()?;
         let found: HashSet<i64> = tx
@@ -527,7 +533,7 @@ impl Backend for PgStore {
         self.pending()
             .staged
             .losses
-            .insert(node.to_string(), losses.clone());
+            .insert(node.to_string(), *losses);
         Ok(())
     }
 
@@ -621,7 +627,9 @@ impl Backend for PgStore {
             "SELECT seen > now() - make_interval(secs => $2) FROM nodes WHERE name = $1",
             &[&node, &grace.as_secs_f64()],
         )?;
-        Ok(row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false))
+        Ok(row
+            .and_then(|r| r.get::<_, Option<bool>>(0))
+            .unwrap_or(false))
     }
 }
 
@@ -661,7 +669,9 @@ impl PgStore {
         let (records, next) = match only {
             0 => {
                 let active_only = filter.status == ConnStatus::Active as i32;
-                page_of(filter, max, |visit| scan_in(&mut tx, active_only, from, visit))?
+                page_of(filter, max, |visit| {
+                    scan_in(&mut tx, active_only, from, visit)
+                })?
             }
             id => (get_in(&mut tx, id)?.into_iter().collect(), None),
         };

@@ -31,12 +31,14 @@ pub struct Conn<'a> {
 impl Pool {
     /// A pool for the database at `url` (`postgres://user:password@host:port/db`).
     pub fn new(url: &str) -> Result<Self, StoreError> {
-        let mut config: Config = url.parse().map_err(|e| {
-            StoreError::Invalid(format!("bad PostgreSQL URL in --store: {e}"))
-        })?;
+        let mut config: Config = url
+            .parse()
+            .map_err(|e| StoreError::Invalid(format!("bad PostgreSQL URL in --store: {e}")))?;
         config
             .connect_timeout(Duration::from_secs(10))
-            .application_name("interpose-registry");
+            .application_name("interpose-registry")
+            // Notices ("already exists, skipping") are not worth a log line each.
+            .options("-c client_min_messages=warning");
         let name = describe(&config);
         Ok(Self {
             config,
@@ -57,7 +59,11 @@ impl Pool {
     /// A new connection of its own (the change feed's, which listens).
     pub fn connect(&self) -> Result<Client, StoreError> {
         self.config.connect(NoTls).map_err(|e| {
-            StoreError::Database(format!("connecting to {}: {}", self.name, describe_error(&e)))
+            StoreError::Database(format!(
+                "connecting to {}: {}",
+                self.name,
+                describe_error(&e)
+            ))
         })
     }
 
@@ -78,13 +84,17 @@ impl Pool {
 impl Deref for Conn<'_> {
     type Target = Client;
     fn deref(&self) -> &Client {
-        self.client.as_ref().expect("a pooled connection is present until dropped")
+        self.client
+            .as_ref()
+            .expect("a pooled connection is present until dropped")
     }
 }
 
 impl DerefMut for Conn<'_> {
     fn deref_mut(&mut self) -> &mut Client {
-        self.client.as_mut().expect("a pooled connection is present until dropped")
+        self.client
+            .as_mut()
+            .expect("a pooled connection is present until dropped")
     }
 }
 
@@ -97,6 +107,17 @@ impl Drop for Conn<'_> {
             if idle.len() < IDLE {
                 idle.push(c);
             }
+        }
+    }
+}
+
+impl Drop for Pool {
+    /// Each client owns a small runtime, which may not be dropped on an async thread (the
+    /// registry drops its state at the end of `main`): they are dropped on a thread of their own.
+    fn drop(&mut self) {
+        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
         }
     }
 }

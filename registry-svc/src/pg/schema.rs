@@ -15,14 +15,22 @@ const MIGRATION_LOCK: i64 = 0x696e_7470_6f73_6501;
 pub fn migrate(client: &mut Client) -> Result<i32, StoreError> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS interpose_schema (
-             version integer PRIMARY KEY,
-             applied_at timestamptz NOT NULL DEFAULT now()
-         )",
-    )?;
+    let fresh: bool = tx
+        .query_one("SELECT to_regclass('interpose_schema') IS NULL", &[])?
+        .get(0);
+    if fresh {
+        tx.batch_execute(
+            "CREATE TABLE interpose_schema (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )?;
+    }
     let current: i32 = tx
-        .query_one("SELECT coalesce(max(version), 0) FROM interpose_schema", &[])?
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM interpose_schema",
+            &[],
+        )?
         .get(0);
     let latest = MIGRATIONS.last().map_or(0, |&(v, _)| v);
     if current > latest {
