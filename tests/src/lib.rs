@@ -301,14 +301,29 @@ impl Registry {
 
     /// Starts a registry on `listen` with extra arguments.
     pub async fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let store = match on_postgres() {
+            true => Some(database_for(data_dir)?),
+            false => None,
+        };
+        Self::start_on(data_dir, store, listen, extra).await
+    }
+
+    /// Starts a registry keeping its records and history in the database at `store` (one
+    /// of several replicas, when they share it), else in `data_dir`.
+    pub async fn start_on(
+        data_dir: &Path,
+        store: Option<String>,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("registry-svc"));
         cmd.args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env_remove("INTERPOSE_TOKEN")
             .env_remove("INTERPOSE_STORE");
-        if on_postgres() {
-            cmd.env("INTERPOSE_STORE", database_for(data_dir)?);
+        if let Some(url) = store {
+            cmd.env("INTERPOSE_STORE", url);
         }
         let proc = Proc::start(cmd, data_dir.with_extension("registry.log")).await?;
         let listen = proc.field("listen").context("listen= in ready line")?;
