@@ -195,3 +195,69 @@ async fn a_watcher_on_one_replica_sees_changes_made_through_another_once() -> an
     }
     Ok(())
 }
+
+/// `interpose up --store` keeps its records and history in the database, where a
+/// registry-svc replica serves them too.
+#[tokio::test]
+async fn interpose_up_on_the_database_shares_it_with_a_replica() -> anyhow::Result<()> {
+    use tests::proxy::{Server, read_n, socks_connected};
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir()?;
+    let url = pg_fixture::Cluster::shared().create_database()?;
+    let up = tests::Up::start(&dir.path().join("up"), &["--store", &url, "--token", TOKEN]).await?;
+    let replica = Registry::start_on(
+        &dir.path().join("replica"),
+        Some(url),
+        "127.0.0.1:0",
+        &["--token", TOKEN],
+    )
+    .await?;
+
+    let server = Server::bind().await?;
+    let mut client_side = socks_connected(up.proc.addr("socks")?, server.addr).await?;
+    let mut server_side = server.accept().await?;
+    client_side.write_all(b"ping").await?;
+    assert_eq!(read_n(&mut server_side, 4).await?, b"ping");
+    server_side.write_all(b"pong").await?;
+    assert_eq!(read_n(&mut client_side, 4).await?, b"pong");
+    drop(client_side);
+    drop(server_side);
+
+    let mut client = tests::registry_client(&replica.url, Some(TOKEN)).await?;
+    let conn = tests::eventually("the replica lists the closed connection", || {
+        let mut client = client.clone();
+        async move {
+            let list = client
+                .list_connections(ListConnectionsRequest::default())
+                .await?
+                .into_inner();
+            Ok(list.connections.into_iter().find(|c| {
+                c.dst_port == u32::from(server.addr.port())
+                    && c.status == ConnStatus::Disconnected as i32
+            }))
+        }
+    })
+    .await?;
+    let page = client
+        .search_history(SearchHistoryRequest {
+            conn_id: conn.id,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let seen: Vec<(i32, &[u8])> = page
+        .packets
+        .iter()
+        .map(|p| (p.direction, p.data.as_ref()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (Direction::C2s as i32, &b"ping"[..]),
+            (Direction::S2c as i32, &b"pong"[..])
+        ]
+    );
+    assert!(up.proc.terminate().await?, "up exits cleanly");
+    Ok(())
+}
