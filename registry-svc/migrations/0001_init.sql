@@ -84,6 +84,8 @@ CREATE TABLE packets (
     bytes integer NOT NULL,             -- payload bytes (data and original)
     body bytea NOT NULL                 -- interpose.common.v1.Packet
 ) PARTITION BY LIST (seg);
+-- No compression attempt per value: ingest speed over disk (the budget counts payload bytes).
+ALTER TABLE packets ALTER COLUMN body SET STORAGE EXTERNAL;
 CREATE INDEX packets_key ON packets (conn_id, seq);
 CREATE INDEX packets_batch ON packets (batch);
 CREATE TABLE packets_1 PARTITION OF packets FOR VALUES IN (1);

@@ -1,4 +1,4 @@
-//! Proxy history on PostgreSQL: packets stored idempotently by `(conn_id, seq)` in
+//! Proxy history on PostgreSQL: packets stored once per `(conn_id, seq)` in
 //! segments (list partitions of `packets`), the arrival log, the retention budget and purge.
 //!
 //! A segment is rotated when it holds the budget's segment size; at the budget the oldest
@@ -6,6 +6,8 @@
 //! stop` new packets are refused and counted. Rotation and eviction run in transactions of
 //! their own after the commit that grew the history, under an advisory lock, never while
 //! holding the change counter: their table locks wait for writers, never the other way.
+
+use std::collections::HashMap;
 
 use postgres::{GenericClient, Transaction, binary_copy::BinaryCopyInWriter, types::Type};
 use prost::Message;
@@ -27,6 +29,8 @@ pub(super) struct Fresh {
     /// The segment they went into and their batch number (0: none).
     pub segment: i64,
     pub batch: i64,
+    /// The last sequence number stored per connection, once this commits.
+    pub last: HashMap<u64, u64>,
 }
 
 /// Payload bytes a packet counts for in the budget.
@@ -55,6 +59,7 @@ impl PgStore {
             bytes: 0,
             segment,
             batch: 0,
+            last: HashMap::new(),
         };
         if packets.is_empty() {
             return Ok(none);
@@ -91,46 +96,83 @@ impl PgStore {
                 tracing::warn!("history is below its budget again: recording resumes");
             }
         }
+        // Fresh packets are those past the last sequence number stored for their connection
+        // (a proxy numbers each connection's packets in order, and a replay resends a suffix).
+        let stored = self.stored_seqs.lock().unwrap_or_else(|e| e.into_inner());
+        let unknown: Vec<i64> = {
+            let mut ids: Vec<i64> = packets
+                .iter()
+                .filter(|p| !stored.contains_key(&p.conn_id))
+                .map(|p| p.conn_id as i64)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        let mut last: HashMap<u64, u64> = HashMap::new();
+        if !unknown.is_empty() {
+            for row in tx.query(
+                "SELECT c, (SELECT max(seq) FROM packets WHERE conn_id = c)
+                 FROM unnest($1::int8[]) AS c",
+                &[&unknown],
+            )? {
+                let seq: Option<i64> = row.get(1);
+                last.insert(row.get::<_, i64>(0) as u64, seq.unwrap_or(0) as u64);
+            }
+        }
+        let mut fresh: Vec<&Packet> = Vec::with_capacity(packets.len());
+        for p in &packets {
+            let known = last
+                .get(&p.conn_id)
+                .or_else(|| stored.get(&p.conn_id))
+                .copied()
+                .unwrap_or(0);
+            if p.seq > known {
+                last.insert(p.conn_id, p.seq);
+                fresh.push(p);
+            }
+        }
+        drop(stored);
+        if fresh.is_empty() {
+            return Ok(Fresh { last, ..none });
+        }
         let batch: i64 = tx.query_one("SELECT nextval('batches')", &[])?.get(0);
-        tx.batch_execute(
-            "CREATE TEMP TABLE IF NOT EXISTS incoming (
-                 conn_id int8, seq int8, ts int8, bytes int4, body bytea
-             ) ON COMMIT DELETE ROWS",
+        let sink = tx.copy_in(
+            "COPY packets (seg, conn_id, seq, batch, ts, bytes, body) FROM STDIN BINARY",
         )?;
-        let sink = tx.copy_in("COPY incoming (conn_id, seq, ts, bytes, body) FROM STDIN BINARY")?;
         let mut w = BinaryCopyInWriter::new(
             sink,
-            &[Type::INT8, Type::INT8, Type::INT8, Type::INT4, Type::BYTEA],
+            &[
+                Type::INT8,
+                Type::INT8,
+                Type::INT8,
+                Type::INT8,
+                Type::INT8,
+                Type::INT4,
+                Type::BYTEA,
+            ],
         );
-        for p in &packets {
-            let bytes = payload(p) as i32;
+        let mut bytes = 0i64;
+        for p in &fresh {
+            let size = payload(p);
+            bytes += size;
             w.write(&[
+                &segment,
                 &key(p.conn_id)?,
                 &key(p.seq)?,
+                &batch,
                 &nanos(p),
-                &bytes,
+                &(size as i32),
                 &p.encode_to_vec(),
             ])?;
         }
         w.finish()?;
-        let row = tx.query_one(
-            "WITH fresh AS (
-                 INSERT INTO packets (seg, conn_id, seq, batch, ts, bytes, body)
-                 SELECT DISTINCT ON (i.conn_id, i.seq) $1::int8, i.conn_id, i.seq, $2::int8,
-                        i.ts, i.bytes, i.body
-                 FROM incoming i
-                 WHERE NOT EXISTS (
-                     SELECT 1 FROM packets p WHERE p.conn_id = i.conn_id AND p.seq = i.seq)
-                 ORDER BY i.conn_id, i.seq
-                 RETURNING bytes)
-             SELECT count(*)::int8, coalesce(sum(bytes), 0)::int8 FROM fresh",
-            &[&segment, &batch],
-        )?;
         Ok(Fresh {
-            packets: row.get(0),
-            bytes: row.get(1),
+            packets: fresh.len() as i64,
+            bytes,
             segment,
             batch,
+            last,
         })
     }
 

@@ -61,6 +61,9 @@ pub struct PgStore {
     failing: watch::Sender<Option<String>>,
     /// Whether history is being refused at the budget now (for the log lines).
     refusing: AtomicBool,
+    /// The last packet sequence number stored per open connection this process wrote
+    /// (others are read from the database when their packets come).
+    stored_seqs: Mutex<HashMap<u64, u64>>,
 }
 
 /// What the change feed's thread updates.
@@ -203,6 +206,7 @@ impl PgStore {
             }),
             failing: watch::channel(None).0,
             refusing: AtomicBool::new(false),
+            stored_seqs: Mutex::default(),
         })
     }
 
@@ -298,6 +302,15 @@ impl PgStore {
             }
         }
         tx.commit()?;
+        {
+            let mut stored = self.stored_seqs.lock().unwrap_or_else(|e| e.into_inner());
+            stored.extend(fresh.last);
+            for c in staged.closed.iter().chain(&staged.changes) {
+                if !is_active(c) {
+                    stored.remove(&c.id);
+                }
+            }
+        }
         if let Some(pos) = position {
             self.shared.positions.send_if_modified(|p| {
                 let newer = pos > *p;

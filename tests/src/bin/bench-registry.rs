@@ -493,7 +493,7 @@ async fn open_to_watch(cluster: Option<&pg_fixture::Cluster>) -> anyhow::Result<
 async fn two_streams(regs: &[&Registry], first_ids: [u64; 2]) -> anyhow::Result<f64> {
     let mut tasks = Vec::new();
     for (i, first) in first_ids.into_iter().enumerate() {
-        let mut client = regs[i % regs.len()].client().await?;
+        let mut client = tests::registry_client(&regs[i % regs.len()].url, Some("bench")).await?;
         tasks.push(tokio::spawn(async move {
             let mut stream = Ingest::open(&mut client, &format!("bench-{i}")).await?;
             open_conns(&mut stream, first).await?;

@@ -1,0 +1,225 @@
+//! A lab end to end: two registry-svc replicas on one PostgreSQL database, two proxy-cores
+//! reporting to different replicas, and `interpose conns watch` on a third. One replica is
+//! killed with SIGKILL under traffic: its proxy fails over to the other and replays what
+//! was not acknowledged, and the records and history end complete, each connection once.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use proto::common::{ConnStatus, Direction};
+use serde_json::Value;
+use tests::{
+    Registry, WAIT,
+    proxy::{ProxyProc, all_connections, direction_bytes, history, socks_connected},
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+const TOKEN: &str = "lab-token";
+/// Connections each proxy carries.
+const PER_PROXY: usize = 60;
+/// The first replica dies once its proxy has carried this many.
+const KILL_AFTER: usize = 20;
+
+/// An echo server on loopback: every connection gets back what it sends.
+async fn echo_server() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// The bytes connection `i` of `proxy` sends (and gets back).
+fn payload(proxy: usize, i: usize) -> Vec<u8> {
+    let mut p = format!("proxy {proxy} connection {i}: ").into_bytes();
+    p.extend((0..3000).map(|k| b'a' + ((k + i) % 26) as u8));
+    p
+}
+
+/// Carries `PER_PROXY` connections through `socks` one after another, counting them in
+/// `done`; the client source port of each.
+async fn traffic(
+    socks: SocketAddr,
+    echo: SocketAddr,
+    proxy: usize,
+    done: Arc<AtomicUsize>,
+) -> anyhow::Result<Vec<u16>> {
+    let mut ports = Vec::new();
+    for i in 0..PER_PROXY {
+        let mut s = socks_connected(socks, echo).await?;
+        ports.push(s.local_addr()?.port());
+        let data = payload(proxy, i);
+        s.write_all(&data).await?;
+        s.shutdown().await?;
+        let mut back = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut back)).await??;
+        anyhow::ensure!(
+            back == data,
+            "connection {i} of proxy {proxy}: echo differs"
+        );
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(ports)
+}
+
+#[tokio::test]
+async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = pg_fixture::Cluster::shared().create_database()?;
+    let mut replicas = Vec::new();
+    for name in ["a", "b", "c"] {
+        replicas.push(
+            Registry::start_on(
+                &dir.path().join(name),
+                Some(url.clone()),
+                "127.0.0.1:0",
+                &["--token", TOKEN],
+            )
+            .await?,
+        );
+    }
+    let [a, b, c] =
+        <[Registry; 3]>::try_from(replicas).map_err(|_| anyhow::anyhow!("three replicas"))?;
+
+    // The CLI watches the third replica from the start.
+    let mut watch = tokio::process::Command::new(tests::bin("interpose"))
+        .args(["conns", "watch", "--json", "--server", &c.url])
+        .env("INTERPOSE_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = watch
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("watch stdout"))?;
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str(&line)
+                && lines_tx.send(v).is_err()
+            {
+                return;
+            }
+        }
+    });
+
+    // Proxy 1 reports to replica a (then b), proxy 2 to b (then a).
+    let p1 = ProxyProc::start(
+        dir.path(),
+        &format!("{},{}", a.url, b.url),
+        "p1",
+        &["--token", TOKEN],
+    )
+    .await?;
+    let p2 = ProxyProc::start(
+        dir.path(),
+        &format!("{},{}", b.url, a.url),
+        "p2",
+        &["--token", TOKEN],
+    )
+    .await?;
+    let echo = echo_server().await?;
+    let done1 = Arc::new(AtomicUsize::new(0));
+    let t1 = tokio::spawn(traffic(p1.socks, echo, 1, done1.clone()));
+    let t2 = tokio::spawn(traffic(p2.socks, echo, 2, Arc::new(AtomicUsize::new(0))));
+    tests::eventually("proxy 1 to carry its first connections", || {
+        let done = done1.load(Ordering::Relaxed);
+        async move { Ok((done >= KILL_AFTER).then_some(())) }
+    })
+    .await?;
+    a.proc.signal("KILL").await?;
+    let ports = [t1.await??, t2.await??];
+
+    // Every connection once, closed, with its bytes; history whole, nothing twice.
+    let mut client = tests::registry_client(&c.url, Some(TOKEN)).await?;
+    let expected = 2 * PER_PROXY;
+    let records = tests::eventually("every connection closed on the third replica", || {
+        let mut client = client.clone();
+        async move {
+            let all = all_connections(&mut client).await?;
+            let closed = all
+                .iter()
+                .filter(|r| r.status == ConnStatus::Disconnected as i32)
+                .count();
+            Ok((all.len() >= expected && closed == all.len()).then_some(all))
+        }
+    })
+    .await?;
+    assert_eq!(records.len(), expected, "one record per connection");
+    let ids: HashSet<u64> = records.iter().map(|r| r.id).collect();
+    assert_eq!(ids.len(), expected, "unique IDs");
+    for (proxy, node) in [(1, "p1"), (2, "p2")] {
+        for (i, port) in ports[proxy - 1].iter().enumerate() {
+            let mine: Vec<_> = records
+                .iter()
+                .filter(|r| r.node == node && r.src_port == u32::from(*port))
+                .collect();
+            assert_eq!(
+                mine.len(),
+                1,
+                "{node} connection {i} (port {port}) recorded once"
+            );
+            let r = mine[0];
+            let data = payload(proxy, i);
+            assert_eq!(r.bytes_c2s, data.len() as u64, "{node} connection {i}");
+            assert_eq!(r.bytes_s2c, data.len() as u64, "{node} connection {i}");
+            let packets = history(&mut client, r.id).await?;
+            let mut seqs: Vec<u64> = packets.iter().map(|p| p.seq).collect();
+            seqs.dedup();
+            assert_eq!(
+                seqs.len(),
+                packets.len(),
+                "{node} connection {i}: a packet twice"
+            );
+            assert_eq!(
+                direction_bytes(&packets, Direction::C2s),
+                data,
+                "{node} {i} c2s"
+            );
+            assert_eq!(
+                direction_bytes(&packets, Direction::S2c),
+                data,
+                "{node} {i} s2c"
+            );
+        }
+    }
+    assert!(
+        p1.proc.stderr().contains(&b.url),
+        "proxy 1 says it moved to replica b:\n{}",
+        p1.proc.stderr()
+    );
+
+    // The watcher on the third replica saw each connection under one ID, ending closed.
+    let mut last: HashMap<u64, String> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while last.len() < expected || last.values().any(|s| s != "disconnected") {
+        let ev = tokio::time::timeout_at(deadline, lines_rx.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the watch ended"))?;
+        if let Some(conn) = ev.get("connection") {
+            let id = conn["id"].as_u64().unwrap_or_default();
+            last.insert(id, conn["status"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    assert_eq!(last.keys().copied().collect::<HashSet<_>>(), ids);
+    drop(b);
+    Ok(())
+}
