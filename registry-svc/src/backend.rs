@@ -121,6 +121,11 @@ pub trait Backend: Send + Sync {
 
     /// Makes everything written so far durable.
     fn commit(&self) -> Result<(), StoreError>;
+    /// How long the oldest batch applied waits for others before [`Backend::commit`] makes
+    /// them durable together (the ingest committer's group commit).
+    fn commit_interval(&self) -> Duration {
+        crate::ingest::COMMIT_INTERVAL
+    }
     /// Makes everything durable and notes a clean close (at shutdown; nothing is written
     /// after it).
     fn close(&self) -> Result<(), StoreError>;

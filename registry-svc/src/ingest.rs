@@ -6,8 +6,9 @@
 //! Group commit: the writer applies a batch as soon as it takes it (watchers see the change
 //! at once); the batch's acknowledgement waits for the next commit, which makes everything
 //! applied before it durable with one payload-log sync and one sled flush. A commit starts
-//! when the oldest batch waiting has waited [`COMMIT_INTERVAL`] or [`COMMIT_BYTES`] of
-//! payload wait; while one commit runs the next group gathers. Acknowledgements are
+//! when the oldest batch waiting has waited [`COMMIT_INTERVAL`] (the store's
+//! `commit_interval`: none for PostgreSQL, whose changes watchers see only once committed)
+//! or [`COMMIT_BYTES`] of payload wait; while one commit runs the next group gathers. Acknowledgements are
 //! cumulative: the proxy's reporter drops every batch up to the one acknowledged, and since
 //! it sends its next batch only when its last one is acknowledged (or a batch is full), a
 //! longer interval means fewer, larger batches.
@@ -84,6 +85,9 @@ struct Group {
 struct Shared {
     group: Mutex<Group>,
     wake: Condvar,
+    /// How long the oldest batch waits for others to join its commit
+    /// ([`crate::backend::Backend::commit_interval`]).
+    interval: Duration,
 }
 
 impl Shared {
@@ -123,7 +127,7 @@ impl Shared {
                 g = self.wake.wait(g).unwrap_or_else(|e| e.into_inner());
                 continue;
             };
-            let due = since + COMMIT_INTERVAL;
+            let due = since + self.interval;
             let now = Instant::now();
             if g.closed || g.bytes >= COMMIT_BYTES || now >= due {
                 g.since = None;
@@ -144,7 +148,10 @@ impl Pipeline {
     /// and every stream using it are dropped, after a last commit.
     pub fn start(state: Arc<State>) -> std::io::Result<Self> {
         let (jobs, rx) = mpsc::channel(QUEUE);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            interval: state.store.commit_interval(),
+            ..Shared::default()
+        });
         let (st, sh) = (state.clone(), shared.clone());
         std::thread::Builder::new()
             .name("registry-commit".into())

@@ -130,6 +130,7 @@ fn read_changes(
                 Some(body) => Change::Upsert(Arc::new(decode("record change", body)?)),
                 None => Change::Removed(id as u64),
             };
+            tracing::debug!(seq, "publishing a change");
             let _ = feed.send(Numbered {
                 seq: seq as u64,
                 change,

@@ -50,20 +50,21 @@ impl PgStore {
         tx: &mut Transaction<'_>,
         packets: Vec<Packet>,
     ) -> Result<Fresh, StoreError> {
-        let segment: i64 = tx
-            .query_one("SELECT max(seg) FROM segments", &[])?
-            .get::<_, Option<i64>>(0)
-            .unwrap_or(1);
-        let none = Fresh {
+        let mut none = Fresh {
             packets: 0,
             bytes: 0,
-            segment,
+            segment: 0,
             batch: 0,
             last: HashMap::new(),
         };
         if packets.is_empty() {
             return Ok(none);
         }
+        let segment: i64 = tx
+            .query_one("SELECT max(seg) FROM segments", &[])?
+            .get::<_, Option<i64>>(0)
+            .unwrap_or(1);
+        none.segment = segment;
         let incoming: i64 = packets.iter().map(payload).sum();
         let max = self.options.max_bytes as i64;
         if max > 0 && self.options.when_full == WhenFull::Stop {

@@ -509,7 +509,11 @@ impl Backend for PgStore {
             (std::mem::take(&mut p.staged), p.generation - 1)
         };
         let touched: Vec<u64> = staged.changes.iter().map(|c| c.id).collect();
-        match self.write(staged) {
+        let (changes, packets) = (staged.changes.len(), staged.packets.len());
+        let start = std::time::Instant::now();
+        let result = self.write(staged);
+        tracing::debug!(changes, packets, took = ?start.elapsed(), "committed");
+        match result {
             Ok(written) => {
                 let mut p = self.pending();
                 for id in touched {
@@ -535,6 +539,12 @@ impl Backend for PgStore {
                 Err(e)
             }
         }
+    }
+
+    /// None: a commit is a transaction on the server, which batches concurrent commits
+    /// itself, and what is applied while one runs joins the next.
+    fn commit_interval(&self) -> Duration {
+        Duration::ZERO
     }
 
     fn close(&self) -> Result<(), StoreError> {

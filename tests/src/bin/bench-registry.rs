@@ -613,19 +613,30 @@ async fn main() -> anyhow::Result<()> {
     let only: Vec<String> = std::env::args().skip(1).collect();
     let run = |p: &str| {
         if only.is_empty() {
-            p != "stores"
+            p != "stores" && p != "latency"
         } else {
             only.iter().any(|o| o == p)
         }
     };
     if let Some(bad) = only
         .iter()
-        .find(|o| !["small", "large", "list", "growth", "stores"].contains(&o.as_str()))
+        .find(|o| !["small", "large", "list", "growth", "stores", "latency"].contains(&o.as_str()))
     {
-        anyhow::bail!("unknown phase {bad:?}: use small, large, list, growth or stores");
+        anyhow::bail!("unknown phase {bad:?}: use small, large, list, growth, stores or latency");
     }
     if run("stores") {
         stores().await?;
+    }
+    if run("latency") {
+        let cluster = tokio::task::spawn_blocking(pg_fixture::Cluster::start_durable).await??;
+        for (name, pg) in [("sled", None), ("postgres", Some(&cluster))] {
+            let mut lat = open_to_watch(pg).await?;
+            println!(
+                "{name}: open to watch: p50 {:.2} ms, p99 {:.2} ms",
+                percentile(&mut lat, 0.5),
+                percentile(&mut lat, 0.99)
+            );
+        }
     }
     if run("small") {
         small().await?;
