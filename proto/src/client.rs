@@ -41,6 +41,15 @@ pub enum ClientError {
     /// The host of an `https://` URL cannot be a TLS server name.
     #[error("server URL {0:?}: its host cannot be checked against a certificate")]
     BadServerName(String),
+    /// An entry of a comma-separated URL list is empty.
+    #[error(
+        "empty URL in a comma-separated list (a doubled or trailing comma?): give each \
+         replica's URL, e.g. http://10.0.0.1:50051,http://10.0.0.2:50051"
+    )]
+    EmptyListEntry,
+    /// A URL list holds no URL at all.
+    #[error("no server URL given")]
+    NoUrl,
     /// Nothing answered at the URL.
     #[error("cannot reach {url}: {source}")]
     Unreachable {
@@ -183,7 +192,7 @@ pub fn lazy_channel(url: &str, endpoint: Endpoint) -> Result<Channel, ClientErro
 
 /// The TLS connector for an `https://` URL (with the process's installed configuration,
 /// see [`crate::mtls::install_client`]); `None` for `http://`.
-fn tls_connector(url: &str) -> Result<Option<TlsConnector>, ClientError> {
+pub(crate) fn tls_connector(url: &str) -> Result<Option<TlsConnector>, ClientError> {
     if !is_https(url) {
         return Ok(None);
     }
@@ -198,7 +207,7 @@ fn tls_connector(url: &str) -> Result<Option<TlsConnector>, ClientError> {
 /// Opens a TCP connection to the endpoint's authority and runs the TLS handshake on it,
 /// checking the server's certificate against the name in the user's `https://` URL.
 #[derive(Clone)]
-struct TlsConnector {
+pub(crate) struct TlsConnector {
     config: std::sync::Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
 }
@@ -218,16 +227,26 @@ impl tower_service::Service<http::Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let tls = tokio_rustls::TlsConnector::from(self.config.clone());
-        let name = self.name.clone();
+        let this = self.clone();
         Box::pin(async move {
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-            let tcp = tokio::net::TcpStream::connect(authority).await?;
-            tcp.set_nodelay(true)?;
-            let mut stream = tls.connect(name, tcp).await?;
-            await_verdict(&mut stream).await?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(this.connect(authority).await?))
         })
+    }
+}
+
+impl TlsConnector {
+    /// Connects to `authority` (`HOST:PORT`) and completes the TLS handshake.
+    pub(crate) async fn connect(
+        &self,
+        authority: &str,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone());
+        let tcp = tokio::net::TcpStream::connect(authority).await?;
+        tcp.set_nodelay(true)?;
+        let mut stream = tls.connect(self.name.clone(), tcp).await?;
+        await_verdict(&mut stream).await?;
+        Ok(stream)
     }
 }
 
