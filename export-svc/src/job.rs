@@ -9,6 +9,7 @@ use proto::{
     client::AuthChannel,
     common::{Connection, Direction, Packet, Transport},
     export::{ExportChunk, ExportSummary},
+    failover::retry_unavailable,
     registry::{
         GetConnectionRequest, ListConnectionsRequest, SearchHistoryRequest,
         registry_client::RegistryClient,
@@ -23,6 +24,11 @@ use crate::{
     plan::{Plan, comment, ending},
     session::{Ending, FrameSink, Side, TcpSession, UdpSession},
 };
+
+/// How often a registry read is tried when its connection breaks: once more, which
+/// reconnects, to another replica when the registry has several URLs (see
+/// [`proto::failover`]).
+const READ_ATTEMPTS: usize = 2;
 
 /// Chunk size the file is sent in.
 const CHUNK: usize = 1 << 20;
@@ -153,11 +159,12 @@ impl Job {
 
     /// The record of `id`, or `None` when it was cleared.
     pub(crate) async fn record(&mut self, id: u64) -> Result<Option<Connection>, Stop> {
-        match self
-            .registry
-            .get_connection(GetConnectionRequest { id })
-            .await
-        {
+        let registry = &self.registry;
+        let read = retry_unavailable(READ_ATTEMPTS, || {
+            let mut registry = registry.clone();
+            async move { registry.get_connection(GetConnectionRequest { id }).await }
+        });
+        match read.await {
             Ok(r) => Ok(Some(r.into_inner())),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(s.into()),
@@ -336,14 +343,17 @@ impl History {
             let Some(page_token) = self.token.take() else {
                 return Ok(None);
             };
-            let page = registry
-                .search_history(SearchHistoryRequest {
-                    conn_id: self.conn_id,
-                    page_token,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
+            let request = SearchHistoryRequest {
+                conn_id: self.conn_id,
+                page_token,
+                ..Default::default()
+            };
+            let page = retry_unavailable(READ_ATTEMPTS, || {
+                let (mut registry, request) = (registry.clone(), request.clone());
+                async move { registry.search_history(request).await }
+            })
+            .await?
+            .into_inner();
             self.page = page.packets.into();
             self.token = Some(page.next_page_token).filter(|t| !t.is_empty());
         }
@@ -384,14 +394,17 @@ impl Records {
             let Some(page_token) = self.token.take() else {
                 return Ok(None);
             };
-            let page = registry
-                .list_connections(ListConnectionsRequest {
-                    filter: self.filter.clone(),
-                    page_size: 1000,
-                    page_token,
-                })
-                .await?
-                .into_inner();
+            let request = ListConnectionsRequest {
+                filter: self.filter.clone(),
+                page_size: 1000,
+                page_token,
+            };
+            let page = retry_unavailable(READ_ATTEMPTS, || {
+                let (mut registry, request) = (registry.clone(), request.clone());
+                async move { registry.list_connections(request).await }
+            })
+            .await?
+            .into_inner();
             self.page = page.connections.into();
             self.token = Some(page.next_page_token).filter(|t| !t.is_empty());
         }

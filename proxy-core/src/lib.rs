@@ -57,8 +57,9 @@ pub const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(3);
 pub struct Config {
     /// SOCKS listen address (port 0 picks a free port).
     pub socks: SocketAddr,
-    /// The registry's gRPC URL, e.g. `http://127.0.0.1:50051`.
-    pub registry_url: String,
+    /// The registry's gRPC URL, e.g. `http://127.0.0.1:50051`; several for replicas of one
+    /// registry, which the proxy fails over between (see [`proto::failover`]).
+    pub registry_urls: Vec<String>,
     /// Bearer token for the registry, if it requires one.
     pub token: Option<String>,
     /// This proxy's node name in every record.
@@ -85,7 +86,7 @@ pub struct Config {
     /// record closed by the proxy naming the limit (see [`server::Listener`]).
     pub max_connections: usize,
     /// The registry in this same process (`interpose up`), which takes the ingest stream
-    /// without gRPC; `None` streams to `registry_url`.
+    /// without gRPC; `None` streams to `registry_urls`.
     pub local_registry: Option<LocalRegistry>,
 }
 
@@ -158,7 +159,7 @@ impl Proxy {
             return Err(StartError::EmptyNode);
         }
         let dns = dns::Dns::new(&cfg.dns)?;
-        let channel = proto::client::connect_lazy(&cfg.registry_url, cfg.token.as_deref())?;
+        let channel = proto::failover::connect_lazy(&cfg.registry_urls, cfg.token.as_deref())?;
         let listener = TcpListener::bind(cfg.socks)
             .await
             .map_err(|source| StartError::Bind {

@@ -18,7 +18,9 @@
 //! batches. The task numbers them with an increasing
 //! `batch_seq`, keeps every batch until its acknowledgement arrives, and after a broken
 //! stream reconnects with backoff and sends the unacknowledged batches again, in order,
-//! before any new one. The registry applies replays idempotently.
+//! before any new one. The registry applies replays idempotently. With several registry
+//! URLs (replicas of one registry), the reconnect goes to the next one that answers
+//! ([`proto::failover`]); backoff starts only once none did.
 //!
 //! Batches are the generated `IngestRequest`, whose packet payloads are `Bytes` (see the proto
 //! crate's build script): sending or replaying a batch clones reference counts, never the
@@ -159,6 +161,7 @@ impl Reporter {
             last_full: false,
             stop: stop_rx.clone(),
             sent_losses: ProxyLosses::default(),
+            recovering: false,
         };
         let join = tokio::spawn(task.run());
         let ticker = tokio::spawn(ticker(inner.clone(), stop_rx));
@@ -433,6 +436,8 @@ struct Task {
     last_full: bool,
     stop: watch::Receiver<Option<Instant>>,
     sent_losses: ProxyLosses,
+    /// The last stream failed: the next one that opens replays, and says so.
+    recovering: bool,
 }
 
 impl Task {
@@ -443,6 +448,7 @@ impl Task {
             match self.session().await {
                 SessionEnd::Stopped => return,
                 SessionEnd::Failed { status, acked } => {
+                    self.recovering = true;
                     if acked {
                         backoff = MIN_BACKOFF;
                         failures = 0;
@@ -533,6 +539,11 @@ impl Task {
         let mut acked = false;
         let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // What this stream replays: every batch the last one left unacknowledged.
+        let replay = (
+            self.unacked.len(),
+            self.unacked.iter().map(|b| b.events).sum(),
+        );
         loop {
             let deadline = *self.stop.borrow();
             if self.stopping(deadline) {
@@ -543,7 +554,10 @@ impl Task {
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 res = &mut call, if acks.is_none() => match res {
-                    Ok(stream) => acks = Some(stream),
+                    Ok(stream) => {
+                        acks = Some(stream);
+                        self.reopened(replay);
+                    }
                     Err(status) => return self.failed(status, acked),
                 },
                 ack = next_ack(&mut acks) => match ack {
@@ -580,6 +594,19 @@ impl Task {
                 _ = self.stop.changed() => {}
                 () = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {}
             }
+        }
+    }
+
+    /// Logs the first stream that opened after a failure, with what it replays
+    /// (`(batches, events)`).
+    fn reopened(&mut self, (batches, events): (usize, usize)) {
+        if std::mem::take(&mut self.recovering) {
+            tracing::info!(
+                batches,
+                events,
+                "registry ingest stream reopened; replaying {batches} unacknowledged batches \
+                 ({events} events)"
+            );
         }
     }
 
