@@ -1,9 +1,15 @@
-//! Several URLs of one service (registry-svc replicas serving one database) as one client
-//! channel that fails over: it keeps one connection, to the URL that answered last, and when
-//! that connection breaks (the replica refused, reset or was killed) the next connection goes
-//! to the first URL that answers, trying each in turn. A replica's death costs its callers at
-//! most the calls that were in progress on it (a stream reopens, a read is retried with
-//! [`retry_unavailable`]), never an outage while another replica is up.
+//! Several URLs of one service (registry-svc replicas serving one database), in two forms:
+//!
+//! - [`connect_lazy`]: one client channel that fails over by itself. It keeps one
+//!   connection, to the URL that answered last, and when that connection breaks (the replica
+//!   refused, reset or was killed) the next connection goes to the first URL that answers,
+//!   trying each in turn. A replica's death costs its callers at most the calls that were in
+//!   progress on it (a stream reopens, a read is retried with [`retry_unavailable`]), never
+//!   an outage while another replica is up. For export-svc and intercept-svc.
+//! - [`Replicas`]: the registries one at a time, moved on from explicitly by a caller that
+//!   sees its calls fail, even on a replica that still accepts connections (one whose
+//!   database is gone answers every call with an error). For a proxy, whose ingest stream
+//!   and ID leases must go on wherever a registry works.
 //!
 //! Why not tonic's `Channel::balance_list`: its endpoints connect lazily, and a lazy endpoint
 //! whose connection failed still reports ready (tonic's `Reconnect` keeps the error for the
@@ -24,8 +30,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tonic::{Code, Status, service::interceptor::InterceptedService};
 
-use crate::client::{
-    AuthChannel, ClientError, TlsConnector, TokenInjector, endpoint, server_url, tls_connector,
+use crate::{
+    client::{
+        AuthChannel, ClientError, TlsConnector, TokenInjector, endpoint, server_url, tls_connector,
+    },
+    registry::registry_client::RegistryClient,
 };
 
 /// How long one URL may take to accept a connection before the next one is tried.
@@ -55,20 +64,76 @@ pub fn connect_lazy(urls: &[String], token: Option<&str>) -> Result<AuthChannel,
         return crate::client::connect_lazy(first, token);
     }
     let injector = TokenInjector::new(token)?;
-    let replicas = urls
+    let candidates = urls
         .iter()
-        .map(|url| Replica::new(url))
+        .map(|url| Candidate::new(url))
         .collect::<Result<Vec<_>, _>>()?;
     // Each URL gets CONNECT_EACH (see `Replicas::connect`); this bounds the whole round.
     let round = CONNECT_EACH * urls.len() as u32 + Duration::from_secs(1);
-    let connector = Connector(Arc::new(Replicas {
-        list: replicas,
+    let connector = Connector(Arc::new(Candidates {
+        list: candidates,
         current: AtomicUsize::new(0),
     }));
     let channel = endpoint(first)?
         .connect_timeout(round)
         .connect_with_connector_lazy(connector);
     Ok(InterceptedService::new(channel, injector))
+}
+
+/// Registry replicas (`--registry A,B`) used one at a time: [`Replicas::client`] is the
+/// current one's, and [`Replicas::failed`] moves on to the next. Each has its own lazy
+/// channel, so moving on drops nothing but what failed. One URL is one channel, as
+/// [`crate::client::connect_lazy`] makes it.
+pub struct Replicas {
+    list: Vec<(String, RegistryClient<AuthChannel>)>,
+    current: AtomicUsize,
+    /// The replica the last ingest stream went to (see the `IngestSink` implementation).
+    pub(crate) streaming: AtomicUsize,
+}
+
+impl Replicas {
+    /// The replicas at `urls` (at least one), sending `token`; none is connected yet.
+    pub fn new(urls: &[String], token: Option<&str>) -> Result<Self, ClientError> {
+        if urls.is_empty() {
+            return Err(ClientError::NoUrl);
+        }
+        let list = urls
+            .iter()
+            .map(|url| {
+                let channel = crate::client::connect_lazy(url, token)?;
+                Ok((url.clone(), RegistryClient::new(channel)))
+            })
+            .collect::<Result<_, ClientError>>()?;
+        Ok(Self {
+            list,
+            current: AtomicUsize::new(0),
+            streaming: AtomicUsize::new(0),
+        })
+    }
+
+    /// How many replicas there are.
+    pub fn count(&self) -> usize {
+        self.list.len()
+    }
+
+    /// The current replica's index and client.
+    pub fn client(&self) -> (usize, RegistryClient<AuthChannel>) {
+        let i = self.current.load(Relaxed) % self.list.len();
+        (i, self.list[i].1.clone())
+    }
+
+    /// The current replica's URL.
+    pub fn url(&self) -> &str {
+        &self.list[self.current.load(Relaxed) % self.list.len()].0
+    }
+
+    /// A call to replica `index` failed: the next one becomes current, unless another
+    /// caller already moved on from `index` (so two callers failing on the same dead
+    /// replica move one step, not two).
+    pub fn failed(&self, index: usize) {
+        let next = (index + 1) % self.list.len();
+        let _ = self.current.compare_exchange(index, next, Relaxed, Relaxed);
+    }
 }
 
 /// Runs `call` again when it failed because its connection broke ([`broken_connection`]:
@@ -121,14 +186,14 @@ fn authority(url: &str) -> Result<String, ClientError> {
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
-/// One URL of the list.
-struct Replica {
+/// One URL of a [`connect_lazy`] channel.
+struct Candidate {
     url: String,
     authority: String,
     tls: Option<TlsConnector>,
 }
 
-impl Replica {
+impl Candidate {
     fn new(url: &str) -> Result<Self, ClientError> {
         Ok(Self {
             url: url.to_string(),
@@ -149,13 +214,13 @@ impl Replica {
     }
 }
 
-/// The URLs and which one answered last.
-struct Replicas {
-    list: Vec<Replica>,
+/// The URLs of a [`connect_lazy`] channel and which one answered last.
+struct Candidates {
+    list: Vec<Candidate>,
     current: AtomicUsize,
 }
 
-impl Replicas {
+impl Candidates {
     /// Connects to the current URL, or else to the next that answers (which becomes current);
     /// fails, naming every URL and its error, when none does.
     async fn connect(&self) -> io::Result<TokioIo<Box<dyn Io>>> {
@@ -193,7 +258,7 @@ impl Replicas {
 /// The connector tonic calls for each new connection; the URI it is given (the first URL's)
 /// is ignored.
 #[derive(Clone)]
-struct Connector(Arc<Replicas>);
+struct Connector(Arc<Candidates>);
 
 impl tower_service::Service<http::Uri> for Connector {
     type Response = TokioIo<Box<dyn Io>>;
@@ -236,6 +301,29 @@ mod tests {
         assert!(e.to_string().contains("exa mple"), "{e}");
     }
 
+    #[tokio::test]
+    async fn replicas_move_on_once_per_failure_of_the_current_one() {
+        let urls = [
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2",
+            "http://127.0.0.1:3",
+        ]
+        .map(String::from);
+        let r = Replicas::new(&urls, None).unwrap();
+        assert_eq!(
+            (r.count(), r.client().0, r.url()),
+            (3, 0, "http://127.0.0.1:1")
+        );
+        // Two callers fail on replica 0: one step, to 1.
+        r.failed(0);
+        r.failed(0);
+        assert_eq!((r.client().0, r.url()), (1, "http://127.0.0.1:2"));
+        r.failed(1);
+        r.failed(2);
+        assert_eq!(r.client().0, 0, "wraps around");
+        assert!(matches!(Replicas::new(&[], None), Err(ClientError::NoUrl)));
+    }
+
     #[test]
     fn authorities_get_the_port_of_their_scheme() {
         assert_eq!(authority("http://h:9").ok().as_deref(), Some("h:9"));
@@ -267,7 +355,7 @@ mod tests {
         format!("http://{}", l.local_addr().unwrap())
     }
 
-    async fn read_tag(replicas: &Replicas) -> io::Result<Vec<u8>> {
+    async fn read_tag(replicas: &Candidates) -> io::Result<Vec<u8>> {
         let io = replicas.connect().await?;
         let mut s = io.into_inner();
         let mut buf = vec![0; 1];
@@ -280,10 +368,10 @@ mod tests {
         let dead = dead_url().await;
         let (a, a_task) = tagged_server(b"a").await;
         let (b, _b_task) = tagged_server(b"b").await;
-        let replicas = Replicas {
+        let replicas = Candidates {
             list: [&dead, &a, &b]
                 .iter()
-                .map(|u| Replica::new(u).unwrap())
+                .map(|u| Candidate::new(u).unwrap())
                 .collect(),
             current: AtomicUsize::new(0),
         };
@@ -355,8 +443,8 @@ mod tests {
     #[tokio::test]
     async fn names_every_url_when_none_answers() {
         let (x, y) = (dead_url().await, dead_url().await);
-        let replicas = Replicas {
-            list: vec![Replica::new(&x).unwrap(), Replica::new(&y).unwrap()],
+        let replicas = Candidates {
+            list: vec![Candidate::new(&x).unwrap(), Candidate::new(&y).unwrap()],
             current: AtomicUsize::new(0),
         };
         let e = read_tag(&replicas).await.expect_err("none answers");

@@ -20,10 +20,7 @@ use std::{
     time::Duration,
 };
 
-use proto::{
-    client::AuthChannel,
-    registry::{LeaseIdsRequest, registry_client::RegistryClient},
-};
+use proto::{failover::Replicas, registry::LeaseIdsRequest};
 use tokio::{sync::Notify, time::Instant};
 
 /// Smallest block leased.
@@ -74,7 +71,7 @@ impl State {
 struct Inner {
     state: Mutex<State>,
     notify: Notify,
-    client: RegistryClient<AuthChannel>,
+    registry: Arc<Replicas>,
     node: String,
 }
 
@@ -85,8 +82,9 @@ pub struct IdPool {
 }
 
 impl IdPool {
-    /// A pool leasing from the registry behind `channel`; the first lease starts now.
-    pub fn new(channel: AuthChannel, node: String) -> Self {
+    /// A pool leasing from `registry` (the next replica when one fails); the first lease
+    /// starts now.
+    pub fn new(registry: Arc<Replicas>, node: String) -> Self {
         let pool = Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
@@ -96,7 +94,7 @@ impl IdPool {
                     last_lease: None,
                 }),
                 notify: Notify::new(),
-                client: RegistryClient::new(channel),
+                registry,
                 node,
             }),
         };
@@ -145,12 +143,15 @@ impl IdPool {
     }
 }
 
-/// Leases one block, retrying with backoff until the registry answers.
+/// Leases one block, retrying until the registry answers: at once from the next replica
+/// when there are several, with backoff once each has failed in a row.
 async fn fetch(inner: Arc<Inner>, size: u32) {
     let mut backoff = Duration::from_millis(50);
     let mut failures = 0u32;
+    let replicas = inner.registry.count() as u32;
     loop {
-        let mut client = inner.client.clone();
+        let (index, mut client) = inner.registry.client();
+        let url = inner.registry.url().to_string();
         let req = LeaseIdsRequest {
             node: inner.node.clone(),
             count: size,
@@ -182,14 +183,24 @@ async fn fetch(inner: Arc<Inner>, size: u32) {
             }
             Ok(Err(status)) => {
                 failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!("leasing connection IDs failed: {status}");
+                if failures <= replicas || failures.is_power_of_two() {
+                    tracing::warn!("leasing connection IDs from {url} failed: {status}");
                 }
             }
             Err(_) => {
                 failures += 1;
-                tracing::warn!("leasing connection IDs timed out after {LEASE_TIMEOUT:?}");
+                tracing::warn!(
+                    "leasing connection IDs from {url} timed out after {LEASE_TIMEOUT:?}"
+                );
             }
+        }
+        inner.registry.failed(index);
+        if replicas > 1 && !failures.is_multiple_of(replicas) {
+            tracing::info!(
+                "leasing connection IDs from {} instead",
+                inner.registry.url()
+            );
+            continue;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));

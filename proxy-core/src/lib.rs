@@ -36,7 +36,7 @@ pub mod socks5;
 pub mod tls;
 pub mod udp;
 
-use proto::{ingest::IngestSink, registry::registry_client::RegistryClient};
+use proto::ingest::IngestSink;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
@@ -159,7 +159,11 @@ impl Proxy {
             return Err(StartError::EmptyNode);
         }
         let dns = dns::Dns::new(&cfg.dns)?;
-        let channel = proto::failover::connect_lazy(&cfg.registry_urls, cfg.token.as_deref())?;
+        // The registry's replicas (often one), for ID leases and the ingest stream alike.
+        let registry = Arc::new(proto::failover::Replicas::new(
+            &cfg.registry_urls,
+            cfg.token.as_deref(),
+        )?);
         let listener = TcpListener::bind(cfg.socks)
             .await
             .map_err(|source| StartError::Bind {
@@ -172,11 +176,11 @@ impl Proxy {
         })?;
         let sink = match &cfg.local_registry {
             Some(local) => local.0.clone(),
-            None => Arc::new(RegistryClient::new(channel.clone())) as Arc<dyn IngestSink>,
+            None => registry.clone() as Arc<dyn IngestSink>,
         };
         let (reporter, reporter_task) =
             report::Reporter::start(sink, cfg.node.clone(), cfg.history, cfg.queue_bound);
-        let ids = ids::IdPool::new(channel, cfg.node.clone());
+        let ids = ids::IdPool::new(registry, cfg.node.clone());
         let resolver = process::Resolver::start(reporter.clone());
         if cfg.splicer.is_some() {
             tls::install_provider();

@@ -234,6 +234,34 @@ async fn a_proxy_whose_first_registry_refuses_from_the_start_reports_to_the_next
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_answers_but_fails_every_call_is_passed_over_like_a_dead_one()
+-> anyhow::Result<()> {
+    // A accepts connections but refuses every call (it wants another token), as a replica
+    // whose database is gone fails them: the proxy leases IDs from B and streams to B.
+    let dir = tempfile::tempdir()?;
+    let a = Registry::start(&dir.path().join("a")).await?;
+    let b = Registry::start(&dir.path().join("b")).await?;
+    tests::set_token_file(&a.url, tests::token_file(&b.url));
+    let echo = echo_server().await?;
+    let registries = format!("{},{}", a.url, b.url);
+    let proxy = ProxyProc::start(dir.path(), &registries, "failover-3", &[]).await?;
+    let mut reg_b = b.client().await?;
+    for i in 0..3 {
+        let c = Conn::whole(proxy.socks, echo, 2_000, i).await?;
+        assert_recorded(&mut reg_b, &c, "past the refusing first URL").await?;
+    }
+    let log = proxy.proc.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("failover:")
+            && l.contains("wrong token")
+            && l.contains(&a.url)
+            && l.contains(&b.url)),
+        "no failover line naming the refusal and both URLs:\n{log}"
+    );
+    Ok(())
+}
+
 /// A standalone `NAME` (export-svc or intercept-svc) reading the registry at `registries`,
 /// sending `token`; returns it and its URL.
 async fn service(
