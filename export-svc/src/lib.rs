@@ -22,10 +22,7 @@ pub mod wire;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use proto::{
-    export::export_server::ExportServer, registry::registry_client::RegistryClient,
-    serve::GrpcServer,
-};
+use proto::{export::export_server::ExportServer, serve::GrpcServer};
 
 pub use service::ExportService;
 
@@ -39,12 +36,11 @@ pub fn grpc_service(
     registry_urls: &[String],
     token: Option<&str>,
 ) -> anyhow::Result<ExportServer<ExportService>> {
-    let channel = proto::failover::connect_lazy(registry_urls, token)
+    let registry = proto::failover::Replicas::new(registry_urls, token)
         .with_context(|| format!("registry URL {}", registry_urls.join(",")))?;
-    let registry = RegistryClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    Ok(ExportServer::new(ExportService::new(registry)))
+    Ok(ExportServer::new(ExportService::new(std::sync::Arc::new(
+        registry,
+    ))))
 }
 
 /// Command-line options of the standalone `export-svc` binary.

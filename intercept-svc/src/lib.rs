@@ -36,8 +36,8 @@ impl Intercept {
         max_held: usize,
     ) -> Result<Self, proto::client::ClientError> {
         let shared = Shared::new(max_held);
-        let channel = proto::failover::connect_lazy(registry_urls, token)?;
-        let follower = tokio::spawn(follow::follow_registry(shared.clone(), channel));
+        let registry = Arc::new(proto::failover::Replicas::new(registry_urls, token)?);
+        let follower = tokio::spawn(follow::follow_registry(shared.clone(), registry));
         Ok(Self { shared, follower })
     }
 

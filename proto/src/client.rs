@@ -192,7 +192,7 @@ pub fn lazy_channel(url: &str, endpoint: Endpoint) -> Result<Channel, ClientErro
 
 /// The TLS connector for an `https://` URL (with the process's installed configuration,
 /// see [`crate::mtls::install_client`]); `None` for `http://`.
-pub(crate) fn tls_connector(url: &str) -> Result<Option<TlsConnector>, ClientError> {
+fn tls_connector(url: &str) -> Result<Option<TlsConnector>, ClientError> {
     if !is_https(url) {
         return Ok(None);
     }
@@ -207,7 +207,7 @@ pub(crate) fn tls_connector(url: &str) -> Result<Option<TlsConnector>, ClientErr
 /// Opens a TCP connection to the endpoint's authority and runs the TLS handshake on it,
 /// checking the server's certificate against the name in the user's `https://` URL.
 #[derive(Clone)]
-pub(crate) struct TlsConnector {
+struct TlsConnector {
     config: std::sync::Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
 }
@@ -227,26 +227,16 @@ impl tower_service::Service<http::Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
+        let tls = tokio_rustls::TlsConnector::from(self.config.clone());
+        let name = self.name.clone();
         Box::pin(async move {
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-            Ok(TokioIo::new(this.connect(authority).await?))
+            let tcp = tokio::net::TcpStream::connect(authority).await?;
+            tcp.set_nodelay(true)?;
+            let mut stream = tls.connect(name, tcp).await?;
+            await_verdict(&mut stream).await?;
+            Ok(TokioIo::new(stream))
         })
-    }
-}
-
-impl TlsConnector {
-    /// Connects to `authority` (`HOST:PORT`) and completes the TLS handshake.
-    pub(crate) async fn connect(
-        &self,
-        authority: &str,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-        let tls = tokio_rustls::TlsConnector::from(self.config.clone());
-        let tcp = tokio::net::TcpStream::connect(authority).await?;
-        tcp.set_nodelay(true)?;
-        let mut stream = tls.connect(self.name.clone(), tcp).await?;
-        await_verdict(&mut stream).await?;
-        Ok(stream)
     }
 }
 

@@ -54,13 +54,13 @@ impl IngestSink for RegistryClient<AuthChannel> {
 
 impl IngestSink for Replicas {
     fn open(&self, batches: ReceiverStream<IngestRequest>) -> Opening {
-        let (index, client) = self.client();
+        let (index, channel) = self.channel();
         self.streaming.store(index, Relaxed);
-        client.open(batches)
+        RegistryClient::new(channel).open(batches)
     }
 
     fn target(&self) -> String {
-        self.url().to_string()
+        self.url(self.channel().0).to_string()
     }
 
     fn replicas(&self) -> usize {
@@ -68,6 +68,6 @@ impl IngestSink for Replicas {
     }
 
     fn next(&self) {
-        self.failed(self.streaming.load(Relaxed));
+        self.advance(self.streaming.load(Relaxed));
     }
 }

@@ -20,8 +20,12 @@ use std::{
     time::Duration,
 };
 
-use proto::{failover::Replicas, registry::LeaseIdsRequest};
+use proto::{
+    failover::Replicas,
+    registry::{LeaseIdsRequest, registry_client::RegistryClient},
+};
 use tokio::{sync::Notify, time::Instant};
+use tonic::Status;
 
 /// Smallest block leased.
 pub const MIN_BLOCK: u32 = 64;
@@ -150,15 +154,20 @@ async fn fetch(inner: Arc<Inner>, size: u32) {
     let mut failures = 0u32;
     let replicas = inner.registry.count() as u32;
     loop {
-        let (index, mut client) = inner.registry.client();
-        let url = inner.registry.url().to_string();
+        let (index, channel) = inner.registry.channel();
         let req = LeaseIdsRequest {
             node: inner.node.clone(),
             count: size,
         };
-        let res = tokio::time::timeout(LEASE_TIMEOUT, client.lease_ids(req)).await;
+        let res = tokio::time::timeout(LEASE_TIMEOUT, RegistryClient::new(channel).lease_ids(req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::unavailable(format!(
+                    "no answer within {LEASE_TIMEOUT:?}"
+                )))
+            });
         match res {
-            Ok(Ok(resp)) => {
+            Ok(resp) => {
                 let r = resp.into_inner();
                 if r.first == 0 || r.last < r.first {
                     tracing::error!(
@@ -181,26 +190,18 @@ async fn fetch(inner: Arc<Inner>, size: u32) {
                     return;
                 }
             }
-            Ok(Err(status)) => {
+            Err(status) => {
                 failures += 1;
                 if failures <= replicas || failures.is_power_of_two() {
+                    let url = inner.registry.url(index);
                     tracing::warn!("leasing connection IDs from {url} failed: {status}");
                 }
+                inner.registry.failed(index, &status);
+                if !failures.is_multiple_of(replicas) {
+                    // Another replica is still untried in this round: no backoff.
+                    continue;
+                }
             }
-            Err(_) => {
-                failures += 1;
-                tracing::warn!(
-                    "leasing connection IDs from {url} timed out after {LEASE_TIMEOUT:?}"
-                );
-            }
-        }
-        inner.registry.failed(index);
-        if replicas > 1 && !failures.is_multiple_of(replicas) {
-            tracing::info!(
-                "leasing connection IDs from {} instead",
-                inner.registry.url()
-            );
-            continue;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
