@@ -19,8 +19,9 @@
 //! `batch_seq`, keeps every batch until its acknowledgement arrives, and after a broken
 //! stream reconnects with backoff and sends the unacknowledged batches again, in order,
 //! before any new one. The registry applies replays idempotently. With several registry
-//! URLs (replicas of one registry), the reconnect goes to the next one that answers
-//! ([`proto::failover`]); backoff starts only once none did.
+//! URLs (replicas of one registry, [`proto::failover::Replicas`]), a failed stream reopens
+//! on the next replica at once, and backoff starts only once a stream to each has failed in
+//! a row.
 //!
 //! Batches are the generated `IngestRequest`, whose packet payloads are `Bytes` (see the proto
 //! crate's build script): sending or replaying a batch clones reference counts, never the
