@@ -12,9 +12,27 @@ use proto::{
     common::{ConnStatus, Connection, Packet},
     registry::{ConnectionClosed, ConnectionFilter, ConnectionUpdate, ProxyLosses},
 };
-use tokio::sync::watch;
+use std::time::Duration;
 
-use crate::store::{LogPage, Purge, Purged, StoreError};
+use tokio::sync::{broadcast, watch};
+
+use crate::{
+    store::{LogPage, Purge, Purged, StoreError},
+    watch::Numbered,
+};
+
+/// One page of records read at one point of a store's own order of changes.
+#[derive(Debug, Default)]
+pub struct PageAt {
+    /// The matching records of the page, in ID order.
+    pub records: Vec<Connection>,
+    /// Where the next page starts (`None`: the end was reached).
+    pub next: Option<u64>,
+    /// The number of the last record change the page reflects.
+    pub seq: u64,
+    /// The last arrival position the page reflects.
+    pub position: u64,
+}
 
 /// What a store holds and has had to drop, as `conns stats` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -121,6 +139,36 @@ pub trait Backend: Send + Sync {
     /// Follows whether history can be written: the failure's text while it cannot.
     fn history_failing(&self) -> watch::Receiver<Option<String>>;
 
+    /// Whether record changes made through other registry processes reach this one: the
+    /// store then numbers every change itself and publishes them all, numbered, to `feed`
+    /// (from a thread of its own), and [`Backend::page_at`] reads pages at a number. False
+    /// for a store only this process writes: the hub numbers changes as they are made.
+    fn start_feed(&self, _feed: broadcast::Sender<Numbered>) -> bool {
+        false
+    }
+    /// With a feed of its own ([`Backend::start_feed`]): one page as [`Backend::scan_page`]
+    /// reads it (or only the record `only`, when not 0), read in one snapshot together with
+    /// the number of the last change and the arrival position it reflects.
+    fn page_at(
+        &self,
+        _filter: &ConnectionFilter,
+        _from: u64,
+        _max: usize,
+        _only: u64,
+    ) -> Option<Result<PageAt, StoreError>> {
+        None
+    }
+    /// Notes that `nodes` are reporting to this process now (for the other registry
+    /// processes on the same store, see [`Backend::node_reported_within`]).
+    fn touch_nodes(&self, _nodes: &[String]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Whether `node` reported to another registry process on the same store within
+    /// `grace` (never, for a store of one process).
+    fn node_reported_within(&self, _node: &str, _grace: Duration) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
     /// The record with `id`, or `NotFound`.
     fn get(&self, id: u64) -> Result<Connection, StoreError> {
         self.get_opt(id)?.ok_or(StoreError::NotFound(id))
@@ -135,20 +183,7 @@ pub trait Backend: Send + Sync {
         from: u64,
         max: usize,
     ) -> Result<(Vec<Connection>, Option<u64>), StoreError> {
-        let (mut items, mut scanned, mut next) = (Vec::new(), 0, None);
-        let mut visit = |c: Connection| {
-            if scanned == max {
-                next = Some(c.id);
-                return false;
-            }
-            scanned += 1;
-            if crate::filter::matches(filter, &c) {
-                items.push(c);
-            }
-            true
-        };
-        self.scan_for(filter, from, &mut visit)?;
-        Ok((items, next))
+        page_of(filter, max, |visit| self.scan_for(filter, from, visit))
     }
 
     /// Records matching `filter` from `from` on, each passed to `f` until it says stop.
@@ -176,4 +211,26 @@ pub trait Backend: Send + Sync {
             self.scan_conns(from, f)
         }
     }
+}
+
+/// The page [`Backend::scan_page`] describes, from a `scan` of records in ID order: the
+/// matches of `filter` among the first `max` records it passes, and the next one's ID.
+pub(crate) fn page_of(
+    filter: &ConnectionFilter,
+    max: usize,
+    scan: impl FnOnce(&mut dyn FnMut(Connection) -> bool) -> Result<(), StoreError>,
+) -> Result<(Vec<Connection>, Option<u64>), StoreError> {
+    let (mut items, mut scanned, mut next) = (Vec::new(), 0, None);
+    scan(&mut |c: Connection| {
+        if scanned == max {
+            next = Some(c.id);
+            return false;
+        }
+        scanned += 1;
+        if crate::filter::matches(filter, &c) {
+            items.push(c);
+        }
+        true
+    })?;
+    Ok((items, next))
 }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::{
+    backend::PageAt,
     state::{HistoryQuery, PAGE_BYTES, State},
     store::{Followed, StoreError},
 };
@@ -71,17 +72,13 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
     let mut pages: Vec<(u64, u64)> = Vec::new();
     let mut from = Some(0);
     while let Some(start) = from {
-        let ((records, next), position) = blocking(state, move |st| {
-            let (page, _) = st.hub.read(|| {
-                let page = match conn_id {
-                    0 => st
-                        .store
-                        .scan_page(&Default::default(), start, RECORD_PAGE)?,
-                    id => (st.store.get_opt(id)?.into_iter().collect(), None),
-                };
-                Ok::<_, StoreError>((page, st.store.position()))
-            });
-            page
+        let PageAt {
+            records,
+            next,
+            position,
+            ..
+        } = blocking(state, move |st| {
+            st.read_page(&Default::default(), start, RECORD_PAGE, conn_id)
         })
         .await?;
         pages.push((next.map_or(u64::MAX, |n| n - 1), position));

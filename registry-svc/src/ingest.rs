@@ -180,7 +180,7 @@ impl Pipeline {
                 next = inbound.next(), if inbound_open => match next.transpose() {
                     Ok(Some(batch)) => {
                         if attached.is_none() && !batch.node.is_empty() {
-                            attached = Some(liveness.attach(&batch.node, &batch.session));
+                            attached = Some(liveness.attach(&batch.node, &batch.session).await);
                         }
                         sent = batch.batch_seq;
                         let job = Job { batch, stream: acks.clone() };

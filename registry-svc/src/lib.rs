@@ -12,6 +12,7 @@ pub mod history_args;
 pub mod ingest;
 pub mod liveness;
 pub mod payload;
+pub mod pg;
 pub mod service;
 pub mod state;
 pub mod store;
@@ -29,6 +30,16 @@ pub use state::State;
 /// Largest gRPC message the registry accepts (an ingest batch of large packets).
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// Runs `f` on a thread of its own and waits for it: for store work at start, which may
+/// block on the network where blocking an async thread is not allowed.
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// The registry's folder inside a data directory.
 pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("registry")
@@ -37,12 +48,28 @@ pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
 /// Opens the registry state kept in `data_dir`, with an error that names the path. The data
 /// directory is made private first (umask 077, modes 0700/0600 fixed where looser).
 /// `history` is its budget (see [`store::budget`]).
+/// With `store` (a `postgres://` URL) the records and history live in that database
+/// instead, shared with any other registry process on it.
 pub fn open(
     data_dir: &std::path::Path,
+    store: Option<&str>,
     history: &store::HistoryOptions,
 ) -> anyhow::Result<Arc<State>> {
     proto::private::prepare_data_dir(data_dir)
         .with_context(|| format!("preparing data directory {}", data_dir.display()))?;
+    if let Some(url) = store {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            anyhow::bail!(
+                "--store takes a postgres:// URL (without it the registry keeps its store \
+                 in the data directory)"
+            );
+        }
+        return off_runtime(|| {
+            let pg = pg::PgStore::open(url, history)?;
+            Ok::<_, store::StoreError>(State::with_backend(Box::new(pg)))
+        })
+        .context("opening the PostgreSQL store");
+    }
     let path = store_path(data_dir);
     proto::private::create_dir(&path)
         .with_context(|| format!("creating registry store {}", path.display()))?;
@@ -103,9 +130,14 @@ pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:50051", value_parser = proto::serve::listen_addr)]
     pub listen: SocketAddr,
-    /// Directory for the registry's sled store.
+    /// Directory for the registry's sled store (and its token and certificates).
     #[arg(long)]
     pub data_dir: PathBuf,
+    /// Keep records and history in this PostgreSQL database instead
+    /// (`postgres://user:password@host:port/db`); several registry-svc processes may share
+    /// it and serve the same API.
+    #[arg(long, env = "INTERPOSE_STORE", hide_env_values = true)]
+    pub store: Option<String>,
     /// Bearer token every call must carry. Default: the one in DATA_DIR/token, generated
     /// on first start.
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
@@ -162,7 +194,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.no_auth {
         proto::serve::check_exposure(args.listen, None)?;
     }
-    let state = open(&args.data_dir, &args.history.options())?;
+    let state = open(
+        &args.data_dir,
+        args.store.as_deref(),
+        &args.history.options(),
+    )?;
     let auth = proto::token::AuthOptions {
         token: args.token,
         token_file: args.token_file,

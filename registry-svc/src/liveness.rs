@@ -54,18 +54,21 @@ impl Liveness {
     /// Tracks nodes for `state`; every node with active records starts as gone now. Starts
     /// the sweeper that closes the records of nodes gone past `grace` (it ends with `self`).
     pub fn start(state: Arc<State>, grace: Duration) -> Result<Arc<Self>, StoreError> {
-        let mut nodes = HashMap::new();
-        let now = Instant::now();
-        state.store.scan_active(0, &mut |c| {
-            nodes.entry(c.node).or_insert_with(|| Node {
-                gone_since: Some(now),
-                ..Node::default()
-            });
-            true
+        let nodes = crate::off_runtime(|| {
+            let mut nodes = HashMap::new();
+            let now = Instant::now();
+            state.store.scan_active(0, &mut |c| {
+                nodes.entry(c.node).or_insert_with(|| Node {
+                    gone_since: Some(now),
+                    ..Node::default()
+                });
+                true
+            })?;
+            for (name, node) in &mut nodes {
+                node.session = state.store.node_session(name)?.unwrap_or_default();
+            }
+            Ok::<_, StoreError>(nodes)
         })?;
-        for (name, node) in &mut nodes {
-            node.session = state.store.node_session(name)?.unwrap_or_default();
-        }
         let me = Arc::new(Self {
             state,
             grace,
@@ -80,17 +83,39 @@ impl Liveness {
     }
 
     /// An ingest stream of `node` with `session` began; the returned guard marks its end.
-    /// A new session of a known node closes the old session's active records.
-    pub fn attach(self: &Arc<Self>, node: &str, session: &str) -> Attached {
+    /// A new session of a known node closes the old session's active records (before the
+    /// stream's first batch is applied: the store work runs on the blocking pool, awaited).
+    pub async fn attach(self: &Arc<Self>, node: &str, session: &str) -> Attached {
+        let attached = Attached {
+            liveness: self.clone(),
+            node: node.to_string(),
+        };
+        {
+            let mut nodes = self.nodes();
+            let n = nodes.entry(node.to_string()).or_default();
+            n.streams += 1;
+            n.gone_since = None;
+        }
+        let (me, node, session) = (self.clone(), node.to_string(), session.to_string());
+        let _ = tokio::task::spawn_blocking(move || me.check_session(&node, &session)).await;
+        attached
+    }
+
+    /// Notes the session `node` reports, closing the old session's records when it changed.
+    fn check_session(&self, node: &str, session: &str) {
+        let unknown = self.nodes().get(node).is_some_and(|n| n.session.is_empty());
+        // A node with no active records at start: its last session is in the store.
+        let stored = if unknown {
+            self.stored_session(node)
+        } else {
+            String::new()
+        };
         let (changed, replaced) = {
             let mut nodes = self.nodes();
             let n = nodes.entry(node.to_string()).or_default();
-            if n.streams == 0 && n.gone_since.is_none() && n.session.is_empty() {
-                // A node with no active records at start: its last session is in the store.
-                n.session = self.stored_session(node);
+            if n.session.is_empty() {
+                n.session = stored;
             }
-            n.streams += 1;
-            n.gone_since = None;
             let changed = !session.is_empty() && n.session != session;
             let replaced = changed && !n.session.is_empty();
             if changed {
@@ -106,10 +131,6 @@ impl Liveness {
                 node,
                 &format!("proxy node {node:?} restarted (a new session)"),
             );
-        }
-        Attached {
-            liveness: self.clone(),
-            node: node.to_string(),
         }
     }
 
@@ -132,20 +153,46 @@ impl Liveness {
         }
     }
 
-    /// Closes the records of nodes gone longer than the grace period.
+    /// Closes the records of nodes gone longer than the grace period. On a store shared
+    /// by several registry processes, the nodes reporting here are noted as seen, and a node
+    /// that reported to another process within the grace period is not gone.
     fn sweep_once(&self) {
-        let due: Vec<String> = {
+        let (reporting, due): (Vec<String>, Vec<String>) = {
             let mut nodes = self.nodes();
-            let mut due = Vec::new();
+            let (mut reporting, mut due) = (Vec::new(), Vec::new());
             for (name, n) in nodes.iter_mut() {
-                if n.gone_since.is_some_and(|t| t.elapsed() >= self.grace) {
+                if n.streams > 0 {
+                    reporting.push(name.clone());
+                } else if n.gone_since.is_some_and(|t| t.elapsed() >= self.grace) {
                     n.gone_since = None;
                     due.push(name.clone());
                 }
             }
-            due
+            (reporting, due)
         };
+        if let Err(e) = self.state.store.touch_nodes(&reporting) {
+            tracing::warn!("noting the nodes reporting here: {e}");
+        }
         for node in due {
+            match self.state.store.node_reported_within(&node, self.grace) {
+                Ok(false) => {}
+                Ok(true) => {
+                    // Reporting to another registry process: look again a grace period on.
+                    if let Some(n) = self.nodes().get_mut(&node)
+                        && n.streams == 0
+                    {
+                        n.gone_since = Some(Instant::now());
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(node, "asking whether the node reports elsewhere: {e}");
+                    if let Some(n) = self.nodes().get_mut(&node) {
+                        n.gone_since.get_or_insert_with(Instant::now);
+                    }
+                    continue;
+                }
+            }
             let secs = self.grace.as_secs_f64();
             self.close_node(
                 &node,
@@ -199,7 +246,9 @@ impl Liveness {
             }
         }
         // Followers of the history see these closes too.
-        self.state.store.record(Vec::new(), closed)
+        self.state.store.record(Vec::new(), closed)?;
+        drop(w);
+        self.state.store.commit()
     }
 }
 
@@ -223,7 +272,10 @@ async fn sweep(me: Weak<Liveness>) {
     loop {
         tokio::time::sleep(every).await;
         match me.upgrade() {
-            Some(l) => l.sweep_once(),
+            // Store work (a database round trip, on a shared store) off the async threads.
+            Some(l) => {
+                let _ = tokio::task::spawn_blocking(move || l.sweep_once()).await;
+            }
             None => return,
         }
     }

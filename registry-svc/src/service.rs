@@ -30,6 +30,8 @@ impl From<StoreError> for Status {
             | StoreError::Payload(_)
             | StoreError::Corrupt { .. }
             | StoreError::Task(_) => Status::internal(e.to_string()),
+            // Another replica may serve the call: the client retries there.
+            StoreError::Database(_) => Status::unavailable(e.to_string()),
         }
     }
 }

@@ -10,7 +10,7 @@ use proto::{
 };
 
 use crate::{
-    backend::Backend,
+    backend::{Backend, PageAt},
     store::{Change, Store, StoreError},
     watch::Hub,
 };
@@ -122,10 +122,45 @@ impl State {
         dir: &Path,
         history: &crate::store::HistoryOptions,
     ) -> Result<Arc<Self>, StoreError> {
-        Ok(Arc::new(Self {
-            store: Box::new(Store::open_with(dir, history)?),
-            hub: Hub::default(),
-        }))
+        Ok(Self::with_backend(Box::new(Store::open_with(
+            dir, history,
+        )?)))
+    }
+
+    /// The state over `store`; a store shared by several registry processes feeds the hub.
+    pub fn with_backend(store: Box<dyn Backend>) -> Arc<Self> {
+        let hub = Hub::default();
+        hub.feed_from(|feed| store.start_feed(feed));
+        Arc::new(Self { store, hub })
+    }
+
+    /// One page of records matching `filter` from `from` on (only the record `only`, when
+    /// not 0), with the change number and arrival position it reflects: read in the store's
+    /// own snapshot when it numbers changes, else under the hub lock.
+    pub fn read_page(
+        &self,
+        filter: &ConnectionFilter,
+        from: u64,
+        max: usize,
+        only: u64,
+    ) -> Result<PageAt, StoreError> {
+        if let Some(page) = self.store.page_at(filter, from, max, only) {
+            return page;
+        }
+        let (page, seq) = self.hub.read(|| {
+            let (records, next) = match only {
+                0 => self.store.scan_page(filter, from, max)?,
+                id => (self.store.get_opt(id)?.into_iter().collect(), None),
+            };
+            Ok::<_, StoreError>((records, next, self.store.position()))
+        });
+        let (records, next, position) = page?;
+        Ok(PageAt {
+            records,
+            next,
+            seq,
+            position,
+        })
     }
 
     /// Applies one ingest batch (not yet durable: see [`State::flush`]). Malformed events are

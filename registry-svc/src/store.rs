@@ -81,6 +81,9 @@ pub enum StoreError {
     /// The task doing the store work panicked or was cancelled.
     #[error("registry store task: {0}")]
     Task(String),
+    /// The PostgreSQL database failed or cannot be reached.
+    #[error("registry database: {0}")]
+    Database(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -573,14 +576,7 @@ impl Store {
         let Some(mut c) = self.get_opt(e.id)? else {
             return Ok(None);
         };
-        c.status = ConnStatus::Disconnected as i32;
-        c.closed_at = e.closed_at;
-        c.closed_by = e.closed_by;
-        c.close_kind = e.close_kind;
-        c.reason.clone_from(&e.reason);
-        if let Some(n) = &e.counters {
-            set_counters(&mut c, n);
-        }
+        apply_close(&mut c, e);
         self.put_conn_status(&c)?;
         Ok(Some(c))
     }
@@ -751,7 +747,20 @@ fn set_counters(c: &mut Connection, n: &Counters) {
     c.packets_s2c = c.packets_s2c.max(n.packets_s2c);
 }
 
-fn merge_update(c: &mut Connection, u: &ConnectionUpdate) {
+/// A record as it is once `e` closed it (shared by every backend).
+pub(crate) fn apply_close(c: &mut Connection, e: &ConnectionClosed) {
+    c.status = ConnStatus::Disconnected as i32;
+    c.closed_at = e.closed_at;
+    c.closed_by = e.closed_by;
+    c.close_kind = e.close_kind;
+    c.reason.clone_from(&e.reason);
+    if let Some(n) = &e.counters {
+        set_counters(c, n);
+    }
+}
+
+/// A record as it is once `u` updated it (shared by every backend).
+pub(crate) fn merge_update(c: &mut Connection, u: &ConnectionUpdate) {
     fn set(dst: &mut String, src: &str) {
         if !src.is_empty() {
             *dst = src.to_string();

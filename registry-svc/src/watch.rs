@@ -10,7 +10,7 @@
 
 use std::sync::{
     Mutex, MutexGuard,
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use tokio::sync::broadcast;
@@ -31,6 +31,9 @@ pub struct Numbered {
 /// Serialises record changes and fans them out to watchers.
 pub struct Hub {
     lock: Mutex<()>,
+    /// Set when the store publishes changes itself, numbered in its own order (a store
+    /// shared by several registry processes): [`WriteGuard::publish`] then sends nothing.
+    store_feed: AtomicBool,
     /// The last sequence number given; written only under `lock`.
     seq: AtomicU64,
     tx: broadcast::Sender<Numbered>,
@@ -45,6 +48,9 @@ pub struct WriteGuard<'a> {
 impl WriteGuard<'_> {
     /// Sends a change to every watcher (none listening is fine).
     pub fn publish(&self, change: Change) {
+        if self.hub.store_feed.load(Ordering::Relaxed) {
+            return;
+        }
         let seq = self.hub.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let _ = self.hub.tx.send(Numbered { seq, change });
     }
@@ -54,6 +60,7 @@ impl Default for Hub {
     fn default() -> Self {
         Self {
             lock: Mutex::new(()),
+            store_feed: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             tx: broadcast::channel(BACKLOG).0,
         }
@@ -70,6 +77,14 @@ impl Hub {
         WriteGuard {
             _guard: self.lock(),
             hub: self,
+        }
+    }
+
+    /// Hands publication to the store's own feed of numbered changes: `start` is given the
+    /// sender and says whether it took it (see [`crate::backend::Backend::start_feed`]).
+    pub fn feed_from(&self, start: impl FnOnce(broadcast::Sender<Numbered>) -> bool) {
+        if start(self.tx.clone()) {
+            self.store_feed.store(true, Ordering::Relaxed);
         }
     }
 

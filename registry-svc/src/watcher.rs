@@ -22,7 +22,7 @@ use tokio::sync::{
 };
 use tonic::Status;
 
-use crate::{filter::matches, state::State, store::Change, watch::Numbered};
+use crate::{backend::PageAt, filter::matches, state::State, store::Change, watch::Numbered};
 
 /// Records read per hold of the hub lock.
 const PAGE: usize = 4_096;
@@ -125,12 +125,14 @@ async fn snapshot(
     while let Some(from) = view.unread {
         let filter = view.filter.clone();
         let read = state
-            .blocking(move |s| {
-                let (page, seq) = s.hub.read(|| s.store.scan_page(&filter, from, PAGE));
-                page.map(|p| (p, seq))
-            })
+            .blocking(move |s| s.read_page(&filter, from, PAGE, 0))
             .await;
-        let ((items, next), seq) = match read {
+        let PageAt {
+            records: items,
+            next,
+            seq,
+            ..
+        } = match read {
             Ok(r) => r,
             Err(e) => {
                 let _ = tx.send(Err(e.into())).await;

@@ -243,6 +243,49 @@ pub fn token(url: &str) -> Option<String> {
     proto::token::read_file(&token_file(url)?).ok()
 }
 
+/// Whether this test binary is the PostgreSQL twin of a test file (`registry_pg` runs
+/// `registry.rs`): then every registry the harness starts keeps its store in a database of
+/// the throwaway cluster ([`pg_fixture::Cluster::shared`]) instead of its data directory.
+pub fn on_postgres() -> bool {
+    static PG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PG.get_or_init(|| {
+        std::env::current_exe().ok().is_some_and(|exe| {
+            exe.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.rsplit_once('-'))
+                .is_some_and(|(target, _hash)| target.ends_with("_pg"))
+        })
+    })
+}
+
+/// The database of the registry keeping `data_dir`: a new one on first use, the same one
+/// when the registry is restarted on the same data directory.
+pub fn database_for(data_dir: &Path) -> anyhow::Result<String> {
+    type Databases = std::sync::Mutex<std::collections::HashMap<PathBuf, String>>;
+    static DATABASES: std::sync::OnceLock<Databases> = std::sync::OnceLock::new();
+    let mut dbs = DATABASES
+        .get_or_init(Databases::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(url) = dbs.get(data_dir) {
+        return Ok(url.clone());
+    }
+    let url = pg_fixture::Cluster::shared().create_database()?;
+    dbs.insert(data_dir.to_path_buf(), url.clone());
+    Ok(url)
+}
+
+/// The count a query returns from the database of the registry keeping `data_dir`.
+pub async fn pg_count(data_dir: &Path, sql: &'static str) -> anyhow::Result<u64> {
+    let url = database_for(data_dir)?;
+    tokio::task::spawn_blocking(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
+        let n: i64 = client.query_one(sql, &[])?.get(0);
+        Ok(n as u64)
+    })
+    .await?
+}
+
 /// A standalone `registry-svc` on a loopback port.
 pub struct Registry {
     pub proc: Proc,
@@ -258,11 +301,30 @@ impl Registry {
 
     /// Starts a registry on `listen` with extra arguments.
     pub async fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let store = match on_postgres() {
+            true => Some(database_for(data_dir)?),
+            false => None,
+        };
+        Self::start_on(data_dir, store, listen, extra).await
+    }
+
+    /// Starts a registry keeping its records and history in the database at `store` (one
+    /// of several replicas, when they share it), else in `data_dir`.
+    pub async fn start_on(
+        data_dir: &Path,
+        store: Option<String>,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("registry-svc"));
         cmd.args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra)
-            .env_remove("INTERPOSE_TOKEN");
+            .env_remove("INTERPOSE_TOKEN")
+            .env_remove("INTERPOSE_STORE");
+        if let Some(url) = store {
+            cmd.env("INTERPOSE_STORE", url);
+        }
         let proc = Proc::start(cmd, data_dir.with_extension("registry.log")).await?;
         let listen = proc.field("listen").context("listen= in ready line")?;
         let url = format!("http://{listen}");

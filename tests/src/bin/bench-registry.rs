@@ -3,8 +3,10 @@
 //! already holds many records and much history behaves (ingest, `conns list --status
 //! active`, a watch's snapshot of the active connections, memory).
 //!
-//! `cargo run --release -p tests --bin bench-registry [small] [large] [list] [growth]`
-//! (all phases when none is named). It starts a release `registry-svc` on loopback with a
+//! `cargo run --release -p tests --bin bench-registry [small] [large] [list] [growth]
+//! [stores]` (all phases but `stores` when none is named). `stores` compares the sled store
+//! with PostgreSQL (a durable throwaway cluster, fsync on, in the same temp dir) in one run:
+//! ingest, list, open-to-watch latency, and ingest through two replicas against one. It starts a release `registry-svc` on loopback with a
 //! fresh data directory per run and prints medians. The growth phase stores
 //! `GROWTH_RECORDS` records (default 1,000,000) and `GROWTH_HISTORY_GIB` GiB of history
 //! (default 10) first; it needs that much free disk under the temp directory.
@@ -20,7 +22,7 @@ use proto::{
 };
 use tests::{
     Ingest, Registry, events,
-    stats::{median, rss_bytes},
+    stats::{median, percentile, rss_bytes},
 };
 
 type Client = RegistryClient<proto::client::AuthChannel>;
@@ -418,15 +420,212 @@ async fn growth() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Packets of the `stores` phase's small-packet runs (each run on a fresh store).
+const STORES_SMALL: u64 = 300_000;
+/// Bytes of its 16 KiB runs.
+const STORES_LARGE: u64 = 512 << 20;
+/// Opens timed from ingest to a watcher.
+const LATENCY_OPENS: u64 = 1_000;
+
+/// A fresh store: sled in a data dir, or a new database on `cluster`.
+async fn fresh(
+    dir: &std::path::Path,
+    cluster: Option<&pg_fixture::Cluster>,
+) -> anyhow::Result<Registry> {
+    let store = cluster.map(|c| c.create_database()).transpose()?;
+    Registry::start_on(dir, store, "127.0.0.1:0", &["--history-max-bytes", "0"]).await
+}
+
+/// Median rate of `RUNS` ingest runs on fresh stores.
+async fn store_ingest(
+    cluster: Option<&pg_fixture::Cluster>,
+    packets: u64,
+    payload: usize,
+    batch: u64,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir()?;
+        let reg = fresh(dir.path(), cluster).await?;
+        let mut client = reg.client().await?;
+        let mut stream = Ingest::open(&mut client, "bench").await?;
+        open_conns(&mut stream, 1).await?;
+        rates.push(ingest(&mut stream, 1, 0, packets, payload, batch).await?);
+        reg.proc.kill().await;
+    }
+    Ok((median(rates.clone()), rates))
+}
+
+/// Milliseconds from sending an open (one per batch) to a watcher receiving it.
+async fn open_to_watch(cluster: Option<&pg_fixture::Cluster>) -> anyhow::Result<Vec<f64>> {
+    let dir = tempfile::tempdir()?;
+    let reg = fresh(dir.path(), cluster).await?;
+    let mut client = reg.client().await?;
+    let mut watch = client
+        .watch_connections(WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+    while let Some(ev) = watch.message().await? {
+        if ev.kind == watch_event::Kind::SnapshotEnd as i32 {
+            break;
+        }
+    }
+    let mut stream = Ingest::open(&mut client, "bench").await?;
+    let mut times = Vec::new();
+    for id in 1..=LATENCY_OPENS {
+        let start = Instant::now();
+        stream.send(vec![events::open(id, 40000, "h", 80)]).await?;
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(10), watch.message())
+                .await??
+                .ok_or_else(|| anyhow::anyhow!("the watch ended"))?;
+            if ev.id == id {
+                break;
+            }
+        }
+        times.push(ms(start.elapsed()));
+    }
+    reg.proc.kill().await;
+    Ok(times)
+}
+
+/// Packets per second of two streams at once, both to the first registry or one each.
+async fn two_streams(regs: &[&Registry], first_ids: [u64; 2]) -> anyhow::Result<f64> {
+    let mut tasks = Vec::new();
+    for (i, first) in first_ids.into_iter().enumerate() {
+        let mut client = regs[i % regs.len()].client().await?;
+        tasks.push(tokio::spawn(async move {
+            let mut stream = Ingest::open(&mut client, &format!("bench-{i}")).await?;
+            open_conns(&mut stream, first).await?;
+            let start = Instant::now();
+            ingest(
+                &mut stream,
+                first,
+                0,
+                STORES_SMALL,
+                SMALL_PAYLOAD,
+                SMALL_BATCH,
+            )
+            .await?;
+            anyhow::Ok(start.elapsed())
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        slowest = slowest.max(t.await??);
+    }
+    Ok(2.0 * STORES_SMALL as f64 / slowest.as_secs_f64())
+}
+
+async fn stores() -> anyhow::Result<()> {
+    let cluster = tokio::task::spawn_blocking(pg_fixture::Cluster::start_durable).await??;
+    println!(
+        "stores: sled against PostgreSQL (durable throwaway cluster on 127.0.0.1, fsync on, \
+         data in the same temp dir), medians of 3 runs on fresh stores"
+    );
+    for (name, pg) in [("sled", None), ("postgres", Some(&cluster))] {
+        let (small, runs) = store_ingest(pg, STORES_SMALL, SMALL_PAYLOAD, SMALL_BATCH).await?;
+        println!(
+            "  {name}: ingest {STORES_SMALL} packets of {SMALL_PAYLOAD} B, batches of \
+             {SMALL_BATCH}: {small:.0} packets/s ({})",
+            list(&runs, "")
+        );
+        let (large, runs) = store_ingest(
+            pg,
+            STORES_LARGE / LARGE_PAYLOAD as u64,
+            LARGE_PAYLOAD,
+            LARGE_BATCH,
+        )
+        .await?;
+        let mbs = |r: f64| r * LARGE_PAYLOAD as f64 / 1e6;
+        println!(
+            "  {name}: ingest {} MiB in 16 KiB packets: {:.0} MB/s ({})",
+            STORES_LARGE >> 20,
+            mbs(large),
+            list(&runs.into_iter().map(mbs).collect::<Vec<_>>(), "")
+        );
+        let dir = tempfile::tempdir()?;
+        let reg = fresh(dir.path(), pg).await?;
+        let mut client = reg.client().await?;
+        let mut stream = Ingest::open(&mut client, "bench").await?;
+        for chunk in (1..=RECORDS).collect::<Vec<_>>().chunks(1000) {
+            stream
+                .send_durable(
+                    chunk
+                        .iter()
+                        .map(|&id| events::open(id, 40000, "example.test", 443))
+                        .collect(),
+                )
+                .await?;
+        }
+        let mut times = Vec::new();
+        for _ in 0..RUNS {
+            let (t, n) = list_all(&mut client, &ConnectionFilter::default()).await?;
+            anyhow::ensure!(n == RECORDS as usize, "listed {n} records");
+            times.push(t);
+        }
+        println!(
+            "  {name}: list {RECORDS} records, all pages: median {:.0} ms ({})",
+            median(times.clone()),
+            list(&times, "")
+        );
+        reg.proc.kill().await;
+        let mut lat = open_to_watch(pg).await?;
+        println!(
+            "  {name}: open to watch, {LATENCY_OPENS} opens one at a time: p50 {:.2} ms, p99 \
+             {:.2} ms, max {:.2} ms",
+            percentile(&mut lat, 0.5),
+            percentile(&mut lat, 0.99),
+            percentile(&mut lat, 1.0)
+        );
+    }
+    // Two ingest streams on one database: both through one replica, then one each.
+    let url = cluster.create_database()?;
+    let dir = tempfile::tempdir()?;
+    let a = Registry::start_on(
+        &dir.path().join("a"),
+        Some(url.clone()),
+        "127.0.0.1:0",
+        &["--history-max-bytes", "0", "--token", "bench"],
+    )
+    .await?;
+    let b = Registry::start_on(
+        &dir.path().join("b"),
+        Some(url),
+        "127.0.0.1:0",
+        &["--history-max-bytes", "0", "--token", "bench"],
+    )
+    .await?;
+    let one = two_streams(&[&a], [1_000, 2_000]).await?;
+    let two = two_streams(&[&a, &b], [3_000, 4_000]).await?;
+    println!(
+        "  postgres: 2 streams x {STORES_SMALL} small packets: one replica {one:.0} packets/s, \
+         two replicas {two:.0} packets/s: {:.2}x",
+        two / one
+    );
+    a.proc.kill().await;
+    b.proc.kill().await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let run = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
+    let run = |p: &str| {
+        if only.is_empty() {
+            p != "stores"
+        } else {
+            only.iter().any(|o| o == p)
+        }
+    };
     if let Some(bad) = only
         .iter()
-        .find(|o| !["small", "large", "list", "growth"].contains(&o.as_str()))
+        .find(|o| !["small", "large", "list", "growth", "stores"].contains(&o.as_str()))
     {
-        anyhow::bail!("unknown phase {bad:?}: use small, large, list or growth");
+        anyhow::bail!("unknown phase {bad:?}: use small, large, list, growth or stores");
+    }
+    if run("stores") {
+        stores().await?;
     }
     if run("small") {
         small().await?;

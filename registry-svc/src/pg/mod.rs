@@ -1,0 +1,705 @@
+//! The registry's store on PostgreSQL (`--store postgres://...`), for labs that outgrow one
+//! machine: several registry processes on one database serve the same API.
+//!
+//! - Record changes and history are staged in memory as the writer thread applies ingest
+//!   batches and written by [`Backend::commit`] (the committer's group commit) in one
+//!   transaction: records upserted, packets through `COPY`, the change feed and the arrival
+//!   log appended. A cleared record keeps a row without a body, so its ID never returns.
+//! - Every transaction that changes records or adds history takes its numbers from the one
+//!   `counter` row as its last step, so changes commit in number order. Each process
+//!   follows the `changes` table ([`feed`]), woken by `NOTIFY`, and publishes every change
+//!   (its own included) to its watchers with its number; a watch snapshot page is read in
+//!   one snapshot with the number it reflects. So a watcher on any process sees each change
+//!   once, with no gap.
+//! - IDs are leased from one row: unique across every process, never reused.
+//! - History lives in segments, list partitions of `packets`, dropped whole at the budget
+//!   ([`history`]).
+
+mod feed;
+mod history;
+mod pool;
+mod schema;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use postgres::{GenericClient, IsolationLevel, Transaction};
+use prost::Message;
+use proto::{
+    common::{ConnStatus, Connection, Packet},
+    registry::{ConnectionClosed, ConnectionFilter, ConnectionUpdate, ProxyLosses},
+};
+use tokio::sync::{broadcast, watch};
+
+use crate::{
+    backend::{Backend, PageAt, Usage, page_of},
+    store::{
+        HistoryOptions, LogPage, MAX_LEASE, Purge, Purged, StoreError, apply_close, merge_update,
+    },
+    watch::Numbered,
+};
+
+use pool::Pool;
+
+/// Records read per round trip of a scan.
+const SCAN_ROWS: i64 = 1_000;
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    pool: Pool,
+    options: HistoryOptions,
+    pending: Mutex<Pending>,
+    /// One commit at a time from this process (the committer, liveness, a clear).
+    commit_lock: Mutex<()>,
+    shared: Arc<Shared>,
+    failing: watch::Sender<Option<String>>,
+    /// Whether history is being refused at the budget now (for the log lines).
+    refusing: AtomicBool,
+}
+
+/// What the change feed's thread updates.
+struct Shared {
+    positions: watch::Sender<u64>,
+    removed: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// Writes applied but not yet committed, and the records they changed.
+#[derive(Default)]
+struct Pending {
+    staged: Staged,
+    /// Records changed here, as of their last change, with the commit generation that
+    /// writes it: the base of the next change without a read, until committed and closed.
+    records: HashMap<u64, (Connection, u64)>,
+    /// The generation of the next commit.
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Staged {
+    /// Record changes in the order they were made.
+    changes: Vec<Connection>,
+    packets: Vec<Packet>,
+    closed: Vec<Connection>,
+    losses: HashMap<String, ProxyLosses>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+            && self.packets.is_empty()
+            && self.closed.is_empty()
+            && self.losses.is_empty()
+    }
+}
+
+/// An ID as the database keeps it.
+fn key(id: u64) -> Result<i64, StoreError> {
+    i64::try_from(id).map_err(|_| StoreError::Invalid(format!("ID {id} is out of range")))
+}
+
+fn decode<T: Message + Default>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    T::decode(bytes).map_err(|source| StoreError::Corrupt { what, source })
+}
+
+fn is_active(c: &Connection) -> bool {
+    c.status == ConnStatus::Active as i32
+}
+
+/// Numbers `changes` (ID, record after it or `None` when cleared) and, when `new_position`,
+/// the next arrival position: the transaction's last step before it commits.
+fn number(
+    tx: &mut Transaction<'_>,
+    changes: &[(i64, Option<Vec<u8>>)],
+    new_position: bool,
+) -> Result<(i64, i64), StoreError> {
+    let n = changes.len() as i64;
+    let row = tx.query_one(
+        "UPDATE counter SET seq = seq + $1, pos = pos + $2 RETURNING seq, pos",
+        &[&n, &i64::from(new_position)],
+    )?;
+    let (seq, pos): (i64, i64) = (row.get(0), row.get(1));
+    if n > 0 {
+        let seqs: Vec<i64> = (seq - n + 1..=seq).collect();
+        let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
+        let bodies: Vec<Option<&[u8]>> = changes.iter().map(|c| c.1.as_deref()).collect();
+        tx.execute(
+            "INSERT INTO changes (seq, id, body)
+             SELECT * FROM unnest($1::int8[], $2::int8[], $3::bytea[])",
+            &[&seqs, &ids, &bodies],
+        )?;
+    }
+    tx.execute("SELECT pg_notify('interpose_changes', '')", &[])?;
+    Ok((seq, pos))
+}
+
+/// Records with IDs from `from` up (active ones only, when `active_only`), each passed to
+/// `f` until it says stop.
+fn scan_in(
+    client: &mut impl GenericClient,
+    active_only: bool,
+    from: u64,
+    f: &mut dyn FnMut(Connection) -> bool,
+) -> Result<(), StoreError> {
+    let sql = if active_only {
+        "SELECT id, body FROM conns WHERE id >= $1 AND active AND body IS NOT NULL
+         ORDER BY id LIMIT $2"
+    } else {
+        "SELECT id, body FROM conns WHERE id >= $1 AND body IS NOT NULL ORDER BY id LIMIT $2"
+    };
+    let mut from = key(from.min(i64::MAX as u64))?;
+    loop {
+        let rows = client.query(sql, &[&from, &SCAN_ROWS])?;
+        for row in &rows {
+            let id: i64 = row.get(0);
+            if !f(decode("connection record", row.get::<_, &[u8]>(1))?) {
+                return Ok(());
+            }
+            from = id + 1;
+        }
+        if (rows.len() as i64) < SCAN_ROWS {
+            return Ok(());
+        }
+    }
+}
+
+fn get_in(client: &mut impl GenericClient, id: u64) -> Result<Option<Connection>, StoreError> {
+    let row = client.query_opt(
+        "SELECT body FROM conns WHERE id = $1 AND body IS NOT NULL",
+        &[&key(id)?],
+    )?;
+    row.map(|r| decode("connection record", r.get::<_, &[u8]>(0)))
+        .transpose()
+}
+
+impl PgStore {
+    /// Connects to the database at `url`, creating or migrating its schema.
+    pub fn open(url: &str, options: &HistoryOptions) -> Result<Self, StoreError> {
+        let pool = Pool::new(url)?;
+        let mut client = pool.get()?;
+        let version = schema::migrate(&mut client)?;
+        let row = client.query_one(
+            "SELECT c.pos, t.removed_pos FROM counter c, history_totals t",
+            &[],
+        )?;
+        let (pos, removed): (i64, i64) = (row.get(0), row.get(1));
+        tracing::info!(database = %pool.name, schema = version, "registry store on PostgreSQL");
+        drop(client);
+        Ok(Self {
+            pool,
+            options: options.clone(),
+            pending: Mutex::default(),
+            commit_lock: Mutex::new(()),
+            shared: Arc::new(Shared {
+                positions: watch::channel(pos as u64).0,
+                removed: AtomicU64::new(removed as u64),
+                stop: AtomicBool::new(false),
+            }),
+            failing: watch::channel(None).0,
+            refusing: AtomicBool::new(false),
+        })
+    }
+
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The record `id` as this process last changed it, else as committed.
+    fn current(&self, id: u64) -> Result<Option<Connection>, StoreError> {
+        if let Some((c, _)) = self.pending().records.get(&id) {
+            return Ok(Some(c.clone()));
+        }
+        get_in(&mut *self.pool.get()?, id)
+    }
+
+    /// Stages record `c` as changed.
+    fn stage(&self, c: &Connection) {
+        let mut p = self.pending();
+        let generation = p.generation;
+        p.records.insert(c.id, (c.clone(), generation));
+        p.staged.changes.push(c.clone());
+    }
+
+    /// Writes `staged` in one transaction; the records it wrote (a cleared one is not).
+    fn write(&self, staged: Staged) -> Result<HashSet<u64>, StoreError> {
+        let mut client = self.pool.get()?;
+        let mut tx = client.transaction()?;
+        // Each record's last state, in ID order (concurrent writers lock rows alike).
+        let mut last: HashMap<u64, &Connection> = HashMap::new();
+        for c in &staged.changes {
+            last.insert(c.id, c);
+        }
+        let mut records: Vec<&Connection> = last.into_values().collect();
+        records.sort_by_key(|c| c.id);
+        let mut written = HashSet::new();
+        if !records.is_empty() {
+            let ids = records
+                .iter()
+                .map(|c| key(c.id))
+                .collect::<Result<Vec<_>, _>>()?;
+            let active: Vec<bool> = records.iter().map(|c| is_active(c)).collect();
+            let bodies: Vec<Vec<u8>> = records.iter().map(|c| c.encode_to_vec()).collect();
+            for row in tx.query(
+                "INSERT INTO conns (id, active, body)
+                 SELECT * FROM unnest($1::int8[], $2::bool[], $3::bytea[])
+                 ON CONFLICT (id) DO UPDATE SET active = excluded.active, body = excluded.body
+                 WHERE conns.body IS NOT NULL
+                 RETURNING id",
+                &[&ids, &active, &bodies],
+            )? {
+                written.insert(row.get::<_, i64>(0) as u64);
+            }
+        }
+        let changes: Vec<(i64, Option<Vec<u8>>)> = staged
+            .changes
+            .iter()
+            .filter(|c| written.contains(&c.id))
+            .map(|c| (c.id as i64, Some(c.encode_to_vec())))
+            .collect();
+        let closed: Vec<Vec<u8>> = staged
+            .closed
+            .iter()
+            .filter(|c| written.contains(&c.id))
+            .map(Message::encode_to_vec)
+            .collect();
+        let fresh = self.store_packets(&mut tx, staged.packets)?;
+        for (node, losses) in &staged.losses {
+            tx.execute(
+                "INSERT INTO nodes (name, losses) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET losses = excluded.losses",
+                &[node, &losses.encode_to_vec()],
+            )?;
+        }
+        let new_position = fresh.packets > 0 || !closed.is_empty();
+        let mut position = None;
+        let mut segment = None;
+        if !changes.is_empty() || new_position {
+            let (_, pos) = number(&mut tx, &changes, new_position)?;
+            if new_position {
+                tx.execute(
+                    "INSERT INTO arrivals (pos, batch, closed) VALUES ($1, $2, $3)",
+                    &[&pos, &fresh.batch, &closed],
+                )?;
+                position = Some(pos as u64);
+            }
+            if fresh.packets > 0 {
+                let row = tx.query_one(
+                    "UPDATE segments SET packets = packets + $2, bytes = bytes + $3,
+                     last_pos = $4 WHERE seg = $1 RETURNING bytes",
+                    &[&fresh.segment, &fresh.packets, &fresh.bytes, &pos],
+                )?;
+                segment = Some((fresh.segment, row.get::<_, i64>(0)));
+            }
+        }
+        tx.commit()?;
+        if let Some(pos) = position {
+            self.shared.positions.send_if_modified(|p| {
+                let newer = pos > *p;
+                if newer {
+                    *p = pos;
+                }
+                newer
+            });
+        }
+        if let Some((seg, bytes)) = segment {
+            // Bookkeeping after the commit: a failure here loses nothing.
+            if let Err(e) = self.after_growth(&mut client, seg, bytes) {
+                tracing::warn!("rotating or evicting history segments: {e}");
+            }
+        }
+        Ok(written)
+    }
+}
+
+impl Backend for PgStore {
+    fn open_conn(&self, mut c: Connection) -> Result<Option<Connection>, StoreError> {
+        if c.id == 0 {
+            return Err(StoreError::Invalid("connection ID 0 is reserved".into()));
+        }
+        key(c.id)?;
+        if c.status == ConnStatus::Unspecified as i32 {
+            c.status = ConnStatus::Active as i32;
+        }
+        // A cleared ID is refused when the commit writes it (its row has no body).
+        self.stage(&c);
+        Ok(Some(c))
+    }
+
+    fn update_conn(&self, u: &ConnectionUpdate) -> Result<Option<Connection>, StoreError> {
+        let Some(mut c) = self.current(u.id)? else {
+            return Ok(None);
+        };
+        merge_update(&mut c, u);
+        self.stage(&c);
+        Ok(Some(c))
+    }
+
+    fn close_conn(&self, e: &ConnectionClosed) -> Result<Option<Connection>, StoreError> {
+        let Some(mut c) = self.current(e.id)? else {
+            return Ok(None);
+        };
+        apply_close(&mut c, e);
+        self.stage(&c);
+        Ok(Some(c))
+    }
+
+    fn get_opt(&self, id: u64) -> Result<Option<Connection>, StoreError> {
+        self.current(id)
+    }
+
+    fn scan_conns(
+        &self,
+        from: u64,
+        f: &mut dyn FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError> {
+        scan_in(&mut *self.pool.get()?, false, from, f)
+    }
+
+    fn scan_active(
+        &self,
+        from: u64,
+        f: &mut dyn FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError> {
+        scan_in(&mut *self.pool.get()?, true, from, f)
+    }
+
+    fn clear(&self, ids: &[u64]) -> Result<Vec<u64>, StoreError> {
+        // What this process applied is cleared too.
+        self.commit()?;
+        let keys = ids
+            .iter()
+            .map(|&id| key(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut client = self.pool.get()?;
+        let mut tx = client.transaction()?;
+        let found: HashSet<i64> = tx
+            .query(
+                "SELECT id FROM conns WHERE id = ANY($1) AND body IS NOT NULL ORDER BY id
+                 FOR UPDATE",
+                &[&keys],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Some(&missing) = ids.iter().find(|&&id| !found.contains(&(id as i64))) {
+            return Err(StoreError::NotFound(missing));
+        }
+        let mut seen = HashSet::new();
+        let removed: Vec<u64> = ids.iter().copied().filter(|id| seen.insert(*id)).collect();
+        self.tombstone(tx, &removed)?;
+        Ok(removed)
+    }
+
+    fn clear_page(&self, from: u64, max: usize) -> Result<Vec<u64>, StoreError> {
+        self.commit()?;
+        let mut client = self.pool.get()?;
+        let mut tx = client.transaction()?;
+        let removed: Vec<u64> = tx
+            .query(
+                "SELECT id FROM conns WHERE id >= $1 AND body IS NOT NULL ORDER BY id
+                 LIMIT $2 FOR UPDATE",
+                &[&key(from.min(i64::MAX as u64))?, &(max as i64)],
+            )?
+            .iter()
+            .map(|r| r.get::<_, i64>(0) as u64)
+            .collect();
+        if !removed.is_empty() {
+            self.tombstone(tx, &removed)?;
+        }
+        Ok(removed)
+    }
+
+    fn lease(&self, count: u32) -> Result<(u64, u64), StoreError> {
+        if count == 0 || count > MAX_LEASE {
+            return Err(StoreError::Invalid(format!(
+                "lease count must be 1 to {MAX_LEASE}, got {count}"
+            )));
+        }
+        let n = i64::from(count);
+        let first: i64 = self
+            .pool
+            .get()?
+            .query_one(
+                "UPDATE id_lease SET next = next + $1 RETURNING next - $1",
+                &[&n],
+            )?
+            .get(0);
+        Ok((first as u64, (first + n - 1) as u64))
+    }
+
+    fn record(&self, packets: Vec<Packet>, closed: Vec<Connection>) -> Result<(), StoreError> {
+        let mut p = self.pending();
+        p.staged.packets.extend(packets);
+        p.staged.closed.extend(closed);
+        Ok(())
+    }
+
+    fn scan_history_upto(
+        &self,
+        start: (u64, u64),
+        only_conn: bool,
+        upto: u64,
+        f: &mut dyn FnMut(Packet) -> bool,
+    ) -> Result<(), StoreError> {
+        history::scan(&mut *self.pool.get()?, start, only_conn, upto, f)
+    }
+
+    fn purge(&self, what: &Purge) -> Result<Purged, StoreError> {
+        self.commit()?;
+        let purged = history::purge(&mut *self.pool.get()?, what)?;
+        self.refresh_removed()?;
+        Ok(purged)
+    }
+
+    fn position(&self) -> u64 {
+        *self.shared.positions.borrow()
+    }
+
+    fn follow_positions(&self) -> watch::Receiver<u64> {
+        self.shared.positions.subscribe()
+    }
+
+    fn log_after(
+        &self,
+        after: u64,
+        conn_id: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<LogPage, StoreError> {
+        history::log_after(
+            &mut *self.pool.get()?,
+            after,
+            conn_id,
+            max_entries,
+            max_bytes,
+        )
+    }
+
+    fn removed_position(&self) -> u64 {
+        self.shared.removed.load(Ordering::Relaxed)
+    }
+
+    fn commit(&self) -> Result<(), StoreError> {
+        let _one = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (staged, generation) = {
+            let mut p = self.pending();
+            if p.staged.is_empty() {
+                return Ok(());
+            }
+            p.generation += 1;
+            (std::mem::take(&mut p.staged), p.generation - 1)
+        };
+        let touched: Vec<u64> = staged.changes.iter().map(|c| c.id).collect();
+        match self.write(staged) {
+            Ok(written) => {
+                let mut p = self.pending();
+                for id in touched {
+                    // Closed or refused records, not changed again since, need no base.
+                    let done = p.records.get(&id).is_some_and(|(c, g)| {
+                        *g <= generation && (!is_active(c) || !written.contains(&id))
+                    });
+                    if done {
+                        p.records.remove(&id);
+                    }
+                }
+                drop(p);
+                self.failing.send_if_modified(|f| f.take().is_some());
+                Ok(())
+            }
+            Err(e) => {
+                let text = e.to_string();
+                self.failing.send_if_modified(|f| {
+                    let changed = f.as_deref() != Some(text.as_str());
+                    *f = Some(text.clone());
+                    changed
+                });
+                Err(e)
+            }
+        }
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.commit()
+    }
+
+    fn set_losses(&self, node: &str, losses: &ProxyLosses) -> Result<(), StoreError> {
+        self.pending()
+            .staged
+            .losses
+            .insert(node.to_string(), *losses);
+        Ok(())
+    }
+
+    fn losses(&self) -> Result<Vec<(String, ProxyLosses)>, StoreError> {
+        self.pool
+            .get()?
+            .query(
+                "SELECT name, losses FROM nodes WHERE losses IS NOT NULL ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0), decode("loss report", r.get::<_, &[u8]>(1))?)))
+            .collect()
+    }
+
+    fn node_session(&self, node: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .pool
+            .get()?
+            .query_opt("SELECT session FROM nodes WHERE name = $1", &[&node])?
+            .map(|r| r.get(0)))
+    }
+
+    fn set_node_session(&self, node: &str, session: &str) -> Result<(), StoreError> {
+        self.pool.get()?.execute(
+            "INSERT INTO nodes (name, session, seen) VALUES ($1, $2, now())
+             ON CONFLICT (name) DO UPDATE SET session = excluded.session, seen = now()",
+            &[&node, &session],
+        )?;
+        Ok(())
+    }
+
+    fn usage(&self) -> Result<Usage, StoreError> {
+        let row = self.pool.get()?.query_one(
+            "SELECT (SELECT coalesce(sum(packets), 0)::int8 FROM segments),
+                    (SELECT coalesce(sum(bytes), 0)::int8 FROM segments),
+                    (pg_total_relation_size('conns') + pg_total_relation_size('changes')
+                     + pg_total_relation_size('arrivals'))::int8,
+                    t.evicted_packets, t.evicted_bytes, t.refused_packets, t.refused_bytes,
+                    t.purged_packets, t.purged_bytes
+             FROM history_totals t",
+            &[],
+        )?;
+        let n = |i: usize| row.get::<_, i64>(i) as u64;
+        Ok(Usage {
+            history_packets: n(0),
+            history_bytes: n(1),
+            records_bytes: n(2),
+            max_bytes: self.options.max_bytes,
+            when_full: self.options.when_full.name(),
+            evicted: (n(3), n(4)),
+            refused: (n(5), n(6)),
+            purged: (n(7), n(8)),
+            unwritten: (0, 0),
+            failing: self.failing.borrow().clone(),
+        })
+    }
+
+    fn history_failing(&self) -> watch::Receiver<Option<String>> {
+        self.failing.subscribe()
+    }
+
+    fn start_feed(&self, feed: broadcast::Sender<Numbered>) -> bool {
+        feed::start(&self.pool, self.shared.clone(), feed)
+    }
+
+    fn page_at(
+        &self,
+        filter: &ConnectionFilter,
+        from: u64,
+        max: usize,
+        only: u64,
+    ) -> Option<Result<PageAt, StoreError>> {
+        Some(self.read_page_at(filter, from, max, only))
+    }
+
+    fn touch_nodes(&self, nodes: &[String]) -> Result<(), StoreError> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        self.pool.get()?.execute(
+            "INSERT INTO nodes (name, seen) SELECT unnest($1::text[]), now()
+             ON CONFLICT (name) DO UPDATE SET seen = now()",
+            &[&nodes],
+        )?;
+        Ok(())
+    }
+
+    fn node_reported_within(&self, node: &str, grace: Duration) -> Result<bool, StoreError> {
+        let row = self.pool.get()?.query_opt(
+            "SELECT seen > now() - make_interval(secs => $2) FROM nodes WHERE name = $1",
+            &[&node, &grace.as_secs_f64()],
+        )?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<bool>>(0))
+            .unwrap_or(false))
+    }
+}
+
+impl PgStore {
+    /// Clears the records `ids` (locked by `tx`) and numbers the removals.
+    fn tombstone(&self, mut tx: Transaction<'_>, ids: &[u64]) -> Result<(), StoreError> {
+        let keys: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+        tx.execute(
+            "UPDATE conns SET body = NULL, active = false WHERE id = ANY($1)",
+            &[&keys],
+        )?;
+        let changes: Vec<(i64, Option<Vec<u8>>)> = keys.iter().map(|&k| (k, None)).collect();
+        number(&mut tx, &changes, false)?;
+        tx.commit()?;
+        let mut p = self.pending();
+        for id in ids {
+            p.records.remove(id);
+        }
+        Ok(())
+    }
+
+    fn read_page_at(
+        &self,
+        filter: &ConnectionFilter,
+        from: u64,
+        max: usize,
+        only: u64,
+    ) -> Result<PageAt, StoreError> {
+        let mut client = self.pool.get()?;
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()?;
+        let row = tx.query_one("SELECT seq, pos FROM counter", &[])?;
+        let (seq, position) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+        let (records, next) = match only {
+            0 => {
+                let active_only = filter.status == ConnStatus::Active as i32;
+                page_of(filter, max, |visit| {
+                    scan_in(&mut tx, active_only, from, visit)
+                })?
+            }
+            id => (get_in(&mut tx, id)?.into_iter().collect(), None),
+        };
+        tx.commit()?;
+        Ok(PageAt {
+            records,
+            next,
+            seq,
+            position,
+        })
+    }
+
+    /// Reads the position up to which history may have been removed.
+    fn refresh_removed(&self) -> Result<(), StoreError> {
+        let removed: i64 = self
+            .pool
+            .get()?
+            .query_one("SELECT removed_pos FROM history_totals", &[])?
+            .get(0);
+        self.shared
+            .removed
+            .fetch_max(removed as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}

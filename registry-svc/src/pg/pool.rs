@@ -1,0 +1,175 @@
+//! A small pool of database connections: the writer, the committer and the blocking pool
+//! each take one for a call and give it back, so no call waits on another's round trip.
+
+use std::{
+    ops::{Deref, DerefMut},
+    sync::Mutex,
+    time::Duration,
+};
+
+use postgres::{Client, Config, NoTls};
+
+use crate::store::StoreError;
+
+/// Idle connections kept for reuse.
+const IDLE: usize = 16;
+
+/// Connections to one database.
+pub struct Pool {
+    config: Config,
+    /// The database as named in errors and logs (the URL without its password).
+    pub(super) name: String,
+    idle: Mutex<Vec<Client>>,
+}
+
+/// A connection taken from the pool, given back when dropped (unless it broke).
+pub struct Conn<'a> {
+    pool: &'a Pool,
+    client: Option<Client>,
+}
+
+impl Pool {
+    /// A pool for the database at `url` (`postgres://user:password@host:port/db`).
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        let mut config: Config = url
+            .parse()
+            .map_err(|e| StoreError::Invalid(format!("bad PostgreSQL URL in --store: {e}")))?;
+        config
+            .connect_timeout(Duration::from_secs(10))
+            .application_name("interpose-registry")
+            // Notices ("already exists, skipping") are not worth a log line each.
+            .options("-c client_min_messages=warning");
+        let name = describe(&config);
+        Ok(Self {
+            config,
+            name,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A pool of its own for the same database (the change feed's).
+    pub fn another(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            name: self.name.clone(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A new connection of its own (the change feed's, which listens).
+    pub fn connect(&self) -> Result<Client, StoreError> {
+        self.config.connect(NoTls).map_err(|e| {
+            StoreError::Database(format!(
+                "connecting to {}: {}",
+                self.name,
+                describe_error(&e)
+            ))
+        })
+    }
+
+    /// A connection, reused when one is idle.
+    pub fn get(&self) -> Result<Conn<'_>, StoreError> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let client = match idle {
+            Some(c) if !c.is_closed() => c,
+            _ => self.connect()?,
+        };
+        Ok(Conn {
+            pool: self,
+            client: Some(client),
+        })
+    }
+}
+
+impl Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client
+            .as_ref()
+            .expect("a pooled connection is present until dropped")
+    }
+}
+
+impl DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client
+            .as_mut()
+            .expect("a pooled connection is present until dropped")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take()
+            && !c.is_closed()
+        {
+            let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < IDLE {
+                idle.push(c);
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    /// Each client owns a small runtime, which may not be dropped on an async thread (the
+    /// registry drops its state at the end of `main`): they are dropped on a thread of their own.
+    fn drop(&mut self) {
+        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        }
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Database(describe_error(&e))
+    }
+}
+
+/// A database error as a sentence: the server's own message, or the client's with its cause.
+pub fn describe_error(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// `postgres://user@host:port/db`, never the password.
+fn describe(config: &Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{}@{host}:{port}/{}",
+        config.get_user().unwrap_or(""),
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_is_named_without_its_password() {
+        let pool = Pool::new("postgres://lab:s3cret@127.0.0.1:5433/interpose").unwrap();
+        assert_eq!(pool.name, "postgres://lab@127.0.0.1:5433/interpose");
+        assert!(!pool.name.contains("s3cret"));
+    }
+
+    #[test]
+    fn a_bad_url_is_an_invalid_argument_naming_the_flag() {
+        let Err(StoreError::Invalid(why)) = Pool::new("postgres://[::1") else {
+            panic!("a bad URL was accepted");
+        };
+        assert!(why.contains("--store"), "{why}");
+    }
+}

@@ -1,0 +1,52 @@
+//! The database schema: versioned migrations, kept in `registry-svc/migrations/`, applied
+//! in order at start by whichever registry process gets there first.
+
+use postgres::Client;
+
+use crate::store::StoreError;
+
+/// Every migration, by version.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
+
+/// Advisory lock key that serialises migrations between registry processes.
+const MIGRATION_LOCK: i64 = 0x696e_7470_6f73_6501;
+
+/// Brings the database's schema to the latest version; refuses a newer one.
+pub fn migrate(client: &mut Client) -> Result<i32, StoreError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    let fresh: bool = tx
+        .query_one("SELECT to_regclass('interpose_schema') IS NULL", &[])?
+        .get(0);
+    if fresh {
+        tx.batch_execute(
+            "CREATE TABLE interpose_schema (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )?;
+    }
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM interpose_schema",
+            &[],
+        )?
+        .get(0);
+    let latest = MIGRATIONS.last().map_or(0, |&(v, _)| v);
+    if current > latest {
+        return Err(StoreError::Invalid(format!(
+            "the database's Interpose schema is version {current}, newer than this \
+             registry-svc knows ({latest}): run a newer registry-svc"
+        )));
+    }
+    for &(version, sql) in MIGRATIONS.iter().filter(|&&(v, _)| v > current) {
+        tracing::info!(version, "migrating the registry database");
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO interpose_schema (version) VALUES ($1)",
+            &[&version],
+        )?;
+    }
+    tx.commit()?;
+    Ok(latest)
+}

@@ -1,0 +1,263 @@
+//! Several registry-svc processes on one PostgreSQL database serve the same API: IDs are
+//! unique across them, a watcher on one sees the changes made through another once each,
+//! with no gap, and a clear on one is seen on all.
+
+use std::collections::{HashMap, HashSet};
+
+use proto::{
+    common::{CloseKind, ClosedBy, ConnStatus, Direction},
+    registry::{
+        ClearConnectionsRequest, LeaseIdsRequest, ListConnectionsRequest, SearchHistoryRequest,
+        WatchConnectionsRequest, WatchEvent, watch_event::Kind,
+    },
+};
+use tests::{Ingest, Registry, WAIT, events};
+
+const TOKEN: &str = "lab-token";
+
+/// `n` registry-svc replicas on one new database, sharing a token.
+async fn replicas(n: usize) -> anyhow::Result<(tempfile::TempDir, Vec<Registry>)> {
+    let dir = tempfile::tempdir()?;
+    let url = pg_fixture::Cluster::shared().create_database()?;
+    let mut regs = Vec::new();
+    for i in 0..n {
+        let data = dir.path().join(format!("replica-{i}"));
+        let reg = Registry::start_on(&data, Some(url.clone()), "127.0.0.1:0", &["--token", TOKEN])
+            .await?;
+        regs.push(reg);
+    }
+    Ok((dir, regs))
+}
+
+/// Reads `stream` until `done` holds for the events read.
+async fn watch_until(
+    stream: &mut tonic::Streaming<WatchEvent>,
+    got: &mut Vec<WatchEvent>,
+    done: impl Fn(&[WatchEvent]) -> bool,
+) -> anyhow::Result<()> {
+    while !done(got) {
+        let ev = tokio::time::timeout(WAIT, stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+        got.push(ev);
+    }
+    Ok(())
+}
+
+/// Each record's states as a watcher saw them, after its SNAPSHOT_END.
+fn states(evs: &[WatchEvent]) -> HashMap<u64, Vec<i32>> {
+    let mut states: HashMap<u64, Vec<i32>> = HashMap::new();
+    for e in evs.iter().filter(|e| e.kind == Kind::Upsert as i32) {
+        let c = e.connection.as_ref().expect("upsert carries the record");
+        states.entry(c.id).or_default().push(c.status);
+    }
+    states
+}
+
+#[tokio::test]
+async fn leased_ids_are_unique_across_replicas() -> anyhow::Result<()> {
+    let (_dir, regs) = replicas(2).await?;
+    let mut clients = Vec::new();
+    for r in &regs {
+        clients.push(tests::registry_client(&r.url, Some(TOKEN)).await?);
+    }
+    // Both replicas lease at the same time, 50 blocks each.
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        tasks.push(tokio::spawn(async move {
+            let mut ranges = Vec::new();
+            for _ in 0..50 {
+                let r = c
+                    .lease_ids(LeaseIdsRequest {
+                        count: 100,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                ranges.push((r.first, r.last));
+            }
+            anyhow::Ok(ranges)
+        }));
+    }
+    let mut seen = HashSet::new();
+    for t in tasks {
+        for (first, last) in t.await?? {
+            assert_eq!(last - first + 1, 100);
+            for id in first..=last {
+                assert!(seen.insert(id), "ID {id} leased twice");
+            }
+        }
+    }
+    assert_eq!(seen.len(), 2 * 50 * 100);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_watcher_on_one_replica_sees_changes_made_through_another_once() -> anyhow::Result<()> {
+    const N: u64 = 600;
+    let (_dir, regs) = replicas(2).await?;
+    let mut a = tests::registry_client(&regs[0].url, Some(TOKEN)).await?;
+    let mut b = tests::registry_client(&regs[1].url, Some(TOKEN)).await?;
+
+    // Watchers on B: one from before any change, one subscribing midway.
+    let mut early = b
+        .watch_connections(WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+    let mut ingest = Ingest::open(&mut a, "node-a").await?;
+    for chunk in (1..=N).collect::<Vec<_>>().chunks(20) {
+        let batch = chunk
+            .iter()
+            .flat_map(|&id| {
+                [
+                    events::open(id, 40000 + id as u32, "h", 80),
+                    events::packet(id, 1, Direction::C2s, format!("to {id}").as_bytes()),
+                ]
+            })
+            .collect();
+        ingest.send(batch).await?;
+    }
+    let mut late = b
+        .watch_connections(WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+    let closes = (1..=N)
+        .map(|id| events::close(id, ClosedBy::Client, CloseKind::Fin, "client sent FIN"))
+        .collect();
+    ingest.send_durable(closes).await?;
+
+    let all_closed = |evs: &[WatchEvent]| {
+        evs.iter().any(|e| e.kind == Kind::SnapshotEnd as i32)
+            && states(evs)
+                .values()
+                .filter(|s| s.last() == Some(&(ConnStatus::Disconnected as i32)))
+                .count()
+                == N as usize
+    };
+    let active = ConnStatus::Active as i32;
+    let disc = ConnStatus::Disconnected as i32;
+    for (name, stream) in [("early", &mut early), ("late", &mut late)] {
+        let mut evs = Vec::new();
+        watch_until(stream, &mut evs, all_closed).await?;
+        let states = states(&evs);
+        assert_eq!(states.len(), N as usize, "{name}: every ID seen");
+        for (id, s) in &states {
+            assert!(
+                s == &vec![active, disc] || s == &vec![disc],
+                "{name}: ID {id} went through {s:?} on the other replica"
+            );
+        }
+    }
+
+    // History written through A reads back through B.
+    let page = b
+        .search_history(SearchHistoryRequest {
+            conn_id: 7,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(page.packets.len(), 1);
+    assert_eq!(page.packets[0].data.as_ref(), b"to 7");
+
+    // A clear on B reaches a watcher on A and the lists of both.
+    let mut on_a = a
+        .watch_connections(WatchConnectionsRequest::default())
+        .await?
+        .into_inner();
+    let mut evs = Vec::new();
+    watch_until(&mut on_a, &mut evs, |evs| {
+        evs.iter().any(|e| e.kind == Kind::SnapshotEnd as i32)
+    })
+    .await?;
+    let cleared = b
+        .clear_connections(ClearConnectionsRequest {
+            ids: (1..=10).collect(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(cleared.cleared, 10);
+    let removed = |evs: &[WatchEvent]| -> HashSet<u64> {
+        evs.iter()
+            .filter(|e| e.kind == Kind::Removed as i32)
+            .map(|e| e.id)
+            .collect()
+    };
+    watch_until(&mut on_a, &mut evs, |evs| removed(evs).len() == 10).await?;
+    assert_eq!(removed(&evs), (1..=10).collect());
+    for client in [&mut a, &mut b] {
+        let list = client
+            .list_connections(ListConnectionsRequest::default())
+            .await?
+            .into_inner();
+        let ids: Vec<u64> = list.connections.iter().map(|c| c.id).collect();
+        assert_eq!(ids, (11..=N).collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
+/// `interpose up --store` keeps its records and history in the database, where a
+/// registry-svc replica serves them too.
+#[tokio::test]
+async fn interpose_up_on_the_database_shares_it_with_a_replica() -> anyhow::Result<()> {
+    use tests::proxy::{Server, read_n, socks_connected};
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir()?;
+    let url = pg_fixture::Cluster::shared().create_database()?;
+    let up = tests::Up::start(&dir.path().join("up"), &["--store", &url, "--token", TOKEN]).await?;
+    let replica = Registry::start_on(
+        &dir.path().join("replica"),
+        Some(url),
+        "127.0.0.1:0",
+        &["--token", TOKEN],
+    )
+    .await?;
+
+    let server = Server::bind().await?;
+    let mut client_side = socks_connected(up.proc.addr("socks")?, server.addr).await?;
+    let mut server_side = server.accept().await?;
+    client_side.write_all(b"ping").await?;
+    assert_eq!(read_n(&mut server_side, 4).await?, b"ping");
+    server_side.write_all(b"pong").await?;
+    assert_eq!(read_n(&mut client_side, 4).await?, b"pong");
+    drop(client_side);
+    drop(server_side);
+
+    let mut client = tests::registry_client(&replica.url, Some(TOKEN)).await?;
+    let conn = tests::eventually("the replica lists the closed connection", || {
+        let mut client = client.clone();
+        async move {
+            let list = client
+                .list_connections(ListConnectionsRequest::default())
+                .await?
+                .into_inner();
+            Ok(list.connections.into_iter().find(|c| {
+                c.dst_port == u32::from(server.addr.port())
+                    && c.status == ConnStatus::Disconnected as i32
+            }))
+        }
+    })
+    .await?;
+    let page = client
+        .search_history(SearchHistoryRequest {
+            conn_id: conn.id,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let seen: Vec<(i32, &[u8])> = page
+        .packets
+        .iter()
+        .map(|p| (p.direction, p.data.as_ref()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (Direction::C2s as i32, &b"ping"[..]),
+            (Direction::S2c as i32, &b"pong"[..])
+        ]
+    );
+    assert!(up.proc.terminate().await?, "up exits cleanly");
+    Ok(())
+}
