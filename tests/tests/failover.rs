@@ -1,7 +1,9 @@
 //! Several registry URLs: proxy-core, export-svc and intercept-svc given `--registry A,B` go
 //! on with B when A is dead or dies (SIGKILL), and a proxy replays to B what A never
-//! acknowledged. A and B here are separate standalone registries (each its own sled store)
-//! sharing one token: what reaches B is exactly what the proxy sent after losing A.
+//! acknowledged. Mostly A and B are separate standalone registries (each its own sled
+//! store) sharing one token, so what reaches B is exactly what the proxy sent after losing
+//! A; one test runs them as replicas of one PostgreSQL database, where nothing may show
+//! twice.
 
 use std::{net::SocketAddr, path::Path};
 
@@ -105,17 +107,20 @@ async fn assert_recorded(
     Ok(())
 }
 
-/// Two standalone registries sharing A's token; returns (A, B).
-async fn two_registries(dir: &Path) -> anyhow::Result<(Registry, Registry)> {
-    let a = Registry::start(&dir.join("a")).await?;
+/// Two standalone registries sharing A's token, keeping their data in the database at
+/// `store` when given (then they are replicas of one registry), else each in its own
+/// directory; returns (A, B).
+async fn two_registries(dir: &Path, store: Option<String>) -> anyhow::Result<(Registry, Registry)> {
+    let a = Registry::start_on(&dir.join("a"), store.clone(), "127.0.0.1:0", &[]).await?;
     let token = tests::token_file(&a.url).context("registry A's token file")?;
-    let b = Registry::start_with(
+    let token_arg = token.display().to_string();
+    let b = Registry::start_on(
         &dir.join("b"),
+        store,
         "127.0.0.1:0",
-        &["--token-file", &token.display().to_string()],
+        &["--token-file", &token_arg],
     )
     .await?;
-    tests::set_token_file(&b.url, Some(token));
     Ok((a, b))
 }
 
@@ -135,78 +140,144 @@ fn signal(proc: &Proc, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxy_fails_over_to_the_next_registry_and_replays_what_the_dead_one_never_acknowledged()
--> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (a, b) = two_registries(dir.path()).await?;
-    let echo = echo_server().await?;
-    let registries = format!("{},{}", a.url, b.url);
-    let proxy = ProxyProc::start(dir.path(), &registries, "failover-1", &[]).await?;
-    let socks = proxy.socks;
+/// Connections through a proxy whose registry `a` answers, then hangs (SIGSTOP: nothing
+/// more is acknowledged), then dies (SIGKILL), by phase.
+struct Phases {
+    /// Recorded by A before it hung.
+    before: Conn,
+    /// Run whole while A hung.
+    unacked: Vec<Conn>,
+    /// Opened while A hung, ended after it died.
+    spanning: Vec<Conn>,
+    /// Run whole after A died.
+    after: Vec<Conn>,
+}
 
-    // A is the registry in use while it answers.
-    let before = Conn::whole(socks, echo, 3_000, 1).await?;
-    assert_recorded(&mut a.client().await?, &before, "before").await?;
+impl Phases {
+    async fn run(socks: SocketAddr, echo: SocketAddr, a: Registry) -> anyhow::Result<Self> {
+        let before = Conn::whole(socks, echo, 3_000, 1).await?;
+        assert_recorded(&mut a.client().await?, &before, "before").await?;
+        signal(&a.proc, "STOP")?;
+        let mut unacked = Vec::new();
+        for i in 0..2 {
+            unacked.push(Conn::whole(socks, echo, 5_000, 10 + i).await?);
+        }
+        let mut spanning = Vec::new();
+        for i in 0..2 {
+            let mut c = Conn::open(socks, echo).await?;
+            c.exchange(&payload(2_000, 20 + i)).await?;
+            spanning.push(c);
+        }
+        // A crashes with all of that unacknowledged. The proxy goes on relaying.
+        a.proc.kill().await;
+        let mut after = Vec::new();
+        for i in 0..3 {
+            after.push(Conn::whole(socks, echo, 4_000, 30 + i).await?);
+        }
+        for (i, c) in spanning.iter_mut().enumerate() {
+            c.exchange(&payload(1_500, 40 + i as u8)).await?;
+            c.stream.shutdown().await?;
+        }
+        Ok(Self {
+            before,
+            unacked,
+            spanning,
+            after,
+        })
+    }
 
-    // A hangs (SIGSTOP): what is sent now is never acknowledged. Two connections run whole,
-    // two more stay open across A's death.
-    signal(&a.proc, "STOP")?;
-    let mut unacked = Vec::new();
-    for i in 0..2 {
-        unacked.push(Conn::whole(socks, echo, 5_000, 10 + i).await?);
+    /// The connections A never acknowledged (it hung, then died) and those after, named.
+    fn since_a_hung(&self) -> impl Iterator<Item = (&Conn, &'static str)> {
+        let unacked = self.unacked.iter().map(|c| (c, "unacknowledged by A"));
+        let spanning = self.spanning.iter().map(|c| (c, "open across A's death"));
+        let after = self.after.iter().map(|c| (c, "opened after A's death"));
+        unacked.chain(spanning).chain(after)
     }
-    let mut spanning = Vec::new();
-    for i in 0..2 {
-        let mut c = Conn::open(socks, echo).await?;
-        c.exchange(&payload(2_000, 20 + i)).await?;
-        spanning.push(c);
-    }
-    // A crashes (SIGKILL) with all of that unacknowledged. The proxy goes on relaying.
-    a.proc.kill().await;
-    let mut after = Vec::new();
-    for i in 0..3 {
-        after.push(Conn::whole(socks, echo, 4_000, 30 + i).await?);
-    }
-    for (i, c) in spanning.iter_mut().enumerate() {
-        c.exchange(&payload(1_500, 40 + i as u8)).await?;
-        c.stream.shutdown().await?;
-    }
+}
 
-    // B has every connection A never acknowledged and every one after, complete, once.
-    let mut reg_b = b.client().await?;
-    let named = unacked
-        .iter()
-        .map(|c| (c, "unacknowledged by A"))
-        .chain(spanning.iter().map(|c| (c, "open across A's death")))
-        .chain(after.iter().map(|c| (c, "opened after A's death")));
-    for (c, name) in named {
-        assert_recorded(&mut reg_b, c, name).await?;
-    }
-    let all = tests::proxy::all_connections(&mut reg_b).await?;
-    assert_eq!(all.len(), 7, "one record per connection: {all:?}");
+/// Asserts that `registry` holds each record once, its packets each once.
+async fn assert_no_duplicates(
+    registry: &mut RegistryClient<AuthChannel>,
+    records: usize,
+) -> anyhow::Result<()> {
+    let all = tests::proxy::all_connections(registry).await?;
+    assert_eq!(all.len(), records, "one record per connection: {all:?}");
+    let mut ports: Vec<u32> = all.iter().map(|r| r.src_port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), records, "one record per client port: {all:?}");
     for rec in &all {
-        let h = history(&mut reg_b, rec.id).await?;
+        let h = history(registry, rec.id).await?;
         let mut seqs: Vec<u64> = h.iter().map(|p| p.seq).collect();
         seqs.dedup();
         assert_eq!(seqs.len(), h.len(), "no packet twice in {}", rec.id);
     }
+    Ok(())
+}
 
+/// Asserts the proxy logged its move from `a` to `b` and a replay of something.
+fn assert_failover_logged(proxy: &ProxyProc, a: &str, b: &str) -> anyhow::Result<()> {
     let log = proxy.proc.stderr();
     let failover = log
         .lines()
         .find(|l| l.contains("failover:"))
         .with_context(|| format!("no failover line in the proxy's log:\n{log}"))?;
-    assert!(
-        failover.contains(&a.url) && failover.contains(&b.url),
-        "{failover}"
-    );
+    assert!(failover.contains(a) && failover.contains(b), "{failover}");
     let replay = log
         .lines()
         .find(|l| l.contains("replaying"))
         .with_context(|| format!("no replay line in the proxy's log:\n{log}"))?;
     assert!(!replay.contains("replaying 0 "), "{replay}");
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_fails_over_to_the_next_registry_and_replays_what_the_dead_one_never_acknowledged()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (a, b) = two_registries(dir.path(), None).await?;
+    let echo = echo_server().await?;
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    let proxy =
+        ProxyProc::start(dir.path(), &format!("{a_url},{b_url}"), "failover-1", &[]).await?;
+    let phases = Phases::run(proxy.socks, echo, a).await?;
+    // B (a store of its own) has every connection A never acknowledged and every one
+    // after, complete, once; A had the first.
+    let mut reg_b = b.client().await?;
+    for (c, name) in phases.since_a_hung() {
+        assert_recorded(&mut reg_b, c, name).await?;
+    }
+    assert_no_duplicates(&mut reg_b, 7).await?;
+    assert_failover_logged(&proxy, &a_url, &b_url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_one_database_lose_nothing_and_record_nothing_twice_when_one_dies()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = pg_fixture::Cluster::shared().create_database()?;
+    let (a, b) = two_registries(dir.path(), Some(db)).await?;
+    let echo = echo_server().await?;
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
+    let registries = format!("{a_url},{b_url}");
+    let proxy = ProxyProc::start(dir.path(), &registries, "failover-pg", &[]).await?;
+    let phases = Phases::run(proxy.socks, echo, a).await?;
+    // One database: B shows everything, what A recorded before it hung included, each
+    // connection once with a unique ID and its whole history once, whatever A applied
+    // without acknowledging and the proxy replayed.
+    let mut reg_b = b.client().await?;
+    let all = std::iter::once((&phases.before, "before")).chain(phases.since_a_hung());
+    for (c, name) in all {
+        assert_recorded(&mut reg_b, c, name).await?;
+    }
+    assert_no_duplicates(&mut reg_b, 8).await?;
+    let ids: std::collections::HashSet<u64> = tests::proxy::all_connections(&mut reg_b)
+        .await?
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids.len(), 8, "unique IDs");
+    assert_failover_logged(&proxy, &a_url, &b_url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
