@@ -10,7 +10,8 @@
 //!
 //! Why not tonic's `Channel::balance_list`: its endpoints connect lazily, and a lazy endpoint
 //! whose connection failed still reports ready (tonic's `Reconnect` keeps the error for the
-//! next call), so the balancer goes on handing calls to a dead replica, and they fail; nor
+//! next call), so the balancer goes on handing calls to a dead replica, and they fail (tried
+//! with tonic 0.14.9: 8 of 20 health checks failed over two endpoints, one refusing); nor
 //! could it tell a replica that answers errors from a working one.
 
 use std::{

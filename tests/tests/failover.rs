@@ -130,7 +130,7 @@ async fn dead_url() -> anyhow::Result<String> {
     Ok(format!("http://{}", l.local_addr()?))
 }
 
-/// Stops (SIGSTOP) or resumes (SIGCONT) `proc` without ending it.
+/// Sends signal `name` to `proc` without waiting for it to end (`STOP` hangs it).
 fn signal(proc: &Proc, name: &str) -> anyhow::Result<()> {
     let pid = proc.pid().context("the process is gone")?;
     let st = std::process::Command::new("kill")
