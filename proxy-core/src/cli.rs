@@ -189,8 +189,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 )]
 pub struct Args {
     /// The registry's gRPC URL; for registry-svc replicas serving one database, several,
-    /// comma-separated or repeated: the proxy reports to one and fails over to the next
-    /// when it becomes unreachable, replaying what was not acknowledged.
+    /// comma-separated or repeated: the proxy reports to one and moves to the next when a
+    /// call to it fails (unreachable, killed, refusing), replaying what was not acknowledged.
     #[arg(
         long,
         env = "INTERPOSE_REGISTRY",
