@@ -93,10 +93,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     server.add_service(registry_svc::grpc_server(registry_service.clone()));
     server.add_service(tls::service::CaService::server(splicer.clone()));
     // The exporter reads the registry over this same port, as a remote export-svc would.
-    server.add_service(export_svc::grpc_service(&url, auth.token.as_deref())?);
+    server.add_service(export_svc::grpc_service(
+        std::slice::from_ref(&url),
+        auth.token.as_deref(),
+    )?);
     // The intercept queue follows the registry over this same port, as a remote one would.
     let intercept = intercept_svc::Intercept::start(
-        &url,
+        std::slice::from_ref(&url),
         auth.token.as_deref(),
         intercept_svc::DEFAULT_MAX_HELD,
     )?;
@@ -107,7 +110,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }));
 
     let mut config = args.proxy.config(
-        url.clone(),
+        vec![url.clone()],
         auth.token.clone(),
         std::iter::once(grpc)
             .chain(args.proxy.denied().await?)

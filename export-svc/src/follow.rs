@@ -52,8 +52,9 @@ impl Job {
             [id] => id,
             _ => 0,
         };
-        let mut events = self
-            .registry
+        // One stream, on the current replica: a live export ends with its registry.
+        let (_, channel) = self.registry.channel();
+        let mut events = crate::job::client(channel)
             .follow_history(FollowHistoryRequest {
                 conn_id,
                 after: None,

@@ -3,12 +3,13 @@
 //! history page, one connection's state and one chunk are held, so memory stays flat
 //! however large the export.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use proto::{
     client::AuthChannel,
     common::{Connection, Direction, Packet, Transport},
     export::{ExportChunk, ExportSummary},
+    failover::Replicas,
     registry::{
         GetConnectionRequest, ListConnectionsRequest, SearchHistoryRequest,
         registry_client::RegistryClient,
@@ -29,8 +30,16 @@ const CHUNK: usize = 1 << 20;
 /// A packet is framed this many bytes at a time (a multiple of both MSS values).
 const PIECE: usize = 1460 * 1440 / 20 * 2;
 
-/// The registry client export-svc reads through.
-pub type Registry = RegistryClient<AuthChannel>;
+/// The registry export-svc reads through: its replicas (often one), each read going on to
+/// the next when one fails (see [`proto::failover`]).
+pub type Registry = Arc<Replicas>;
+
+/// A client of `channel` that takes replies as large as export-svc reads.
+pub(crate) fn client(channel: AuthChannel) -> RegistryClient<AuthChannel> {
+    RegistryClient::new(channel)
+        .max_decoding_message_size(crate::MAX_MESSAGE)
+        .max_encoding_message_size(crate::MAX_MESSAGE)
+}
 
 /// Why a run stopped early.
 pub(crate) enum Stop {
@@ -105,7 +114,7 @@ impl Job {
             let record = self.record(id).await?;
             if record.is_none() {
                 let mut h = History::new(id);
-                if h.peek(&mut self.registry).await?.is_none() {
+                if h.peek(&self.registry).await?.is_none() {
                     return Err(Stop::Failed(Status::not_found(format!(
                         "connection {id} has neither a record nor history"
                     ))));
@@ -122,7 +131,7 @@ impl Job {
     /// Records matching a filter, each with its history.
     async fn by_filter(&mut self, filter: proto::registry::ConnectionFilter) -> Result<(), Stop> {
         let mut records = Records::new(Some(filter));
-        while let Some(c) = records.next(&mut self.registry).await? {
+        while let Some(c) = records.next(&self.registry).await? {
             let id = c.id;
             self.connection(id, Some(c), &mut History::new(id)).await?;
         }
@@ -135,8 +144,8 @@ impl Job {
         let mut records = Records::new(None);
         let mut history = History::new(0);
         loop {
-            let record_id = records.peek(&mut self.registry).await?.map(|c| c.id);
-            let packet_id = history.peek(&mut self.registry).await?.map(|p| p.conn_id);
+            let record_id = records.peek(&self.registry).await?.map(|c| c.id);
+            let packet_id = history.peek(&self.registry).await?.map(|p| p.conn_id);
             let id = match (record_id, packet_id) {
                 (None, None) => return Ok(()),
                 (Some(r), Some(p)) => r.min(p),
@@ -144,7 +153,7 @@ impl Job {
                 (None, Some(p)) => p,
             };
             let record = match record_id == Some(id) {
-                true => records.next(&mut self.registry).await?,
+                true => records.next(&self.registry).await?,
                 false => None,
             };
             self.connection(id, record, &mut history).await?;
@@ -153,11 +162,12 @@ impl Job {
 
     /// The record of `id`, or `None` when it was cleared.
     pub(crate) async fn record(&mut self, id: u64) -> Result<Option<Connection>, Stop> {
-        match self
-            .registry
-            .get_connection(GetConnectionRequest { id })
-            .await
-        {
+        let read = self.registry.call(|channel| async move {
+            client(channel)
+                .get_connection(GetConnectionRequest { id })
+                .await
+        });
+        match read.await {
             Ok(r) => Ok(Some(r.into_inner())),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(s.into()),
@@ -173,7 +183,7 @@ impl Job {
         history: &mut History,
     ) -> Result<(), Stop> {
         let first_ts = history
-            .peek(&mut self.registry)
+            .peek(&self.registry)
             .await?
             .filter(|p| p.conn_id == id)
             .and_then(|p| p.ts.as_ref())
@@ -185,12 +195,12 @@ impl Job {
             .or(first_ts)
             .unwrap_or(0);
         if !self.plan.in_range(opened) {
-            while history.next_of(id, &mut self.registry).await?.is_some() {}
+            while history.next_of(id, &self.registry).await?.is_some() {}
             return Ok(());
         }
         let mut stream = self.open_stream(id, record.as_ref(), opened);
         let mut last = opened;
-        while let Some(p) = history.next_of(id, &mut self.registry).await? {
+        while let Some(p) = history.next_of(id, &self.registry).await? {
             last = self.packet(&mut stream, &p, last).await?;
         }
         self.end_stream(&mut stream, record.as_ref(), last);
@@ -331,16 +341,20 @@ impl History {
     }
 
     /// The next packet, fetching a page when needed.
-    async fn peek(&mut self, registry: &mut Registry) -> Result<Option<&Packet>, Status> {
+    async fn peek(&mut self, registry: &Registry) -> Result<Option<&Packet>, Status> {
         while self.page.is_empty() {
             let Some(page_token) = self.token.take() else {
                 return Ok(None);
             };
+            let request = SearchHistoryRequest {
+                conn_id: self.conn_id,
+                page_token,
+                ..Default::default()
+            };
             let page = registry
-                .search_history(SearchHistoryRequest {
-                    conn_id: self.conn_id,
-                    page_token,
-                    ..Default::default()
+                .call(|channel| {
+                    let request = request.clone();
+                    async move { client(channel).search_history(request).await }
                 })
                 .await?
                 .into_inner();
@@ -351,11 +365,7 @@ impl History {
     }
 
     /// The next packet if it belongs to connection `id`.
-    async fn next_of(
-        &mut self,
-        id: u64,
-        registry: &mut Registry,
-    ) -> Result<Option<Packet>, Status> {
+    async fn next_of(&mut self, id: u64, registry: &Registry) -> Result<Option<Packet>, Status> {
         match self.peek(registry).await? {
             Some(p) if p.conn_id == id => Ok(self.page.pop_front()),
             _ => Ok(None),
@@ -379,16 +389,20 @@ impl Records {
         }
     }
 
-    async fn peek(&mut self, registry: &mut Registry) -> Result<Option<&Connection>, Status> {
+    async fn peek(&mut self, registry: &Registry) -> Result<Option<&Connection>, Status> {
         while self.page.is_empty() {
             let Some(page_token) = self.token.take() else {
                 return Ok(None);
             };
+            let request = ListConnectionsRequest {
+                filter: self.filter.clone(),
+                page_size: 1000,
+                page_token,
+            };
             let page = registry
-                .list_connections(ListConnectionsRequest {
-                    filter: self.filter.clone(),
-                    page_size: 1000,
-                    page_token,
+                .call(|channel| {
+                    let request = request.clone();
+                    async move { client(channel).list_connections(request).await }
                 })
                 .await?
                 .into_inner();
@@ -398,7 +412,7 @@ impl Records {
         Ok(self.page.front())
     }
 
-    async fn next(&mut self, registry: &mut Registry) -> Result<Option<Connection>, Status> {
+    async fn next(&mut self, registry: &Registry) -> Result<Option<Connection>, Status> {
         self.peek(registry).await?;
         Ok(self.page.pop_front())
     }

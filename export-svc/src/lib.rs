@@ -22,28 +22,25 @@ pub mod wire;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use proto::{
-    export::export_server::ExportServer, registry::registry_client::RegistryClient,
-    serve::GrpcServer,
-};
+use proto::{export::export_server::ExportServer, serve::GrpcServer};
 
 pub use service::ExportService;
 
 /// Largest registry reply read (a history page holding one very large packet).
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// The gRPC service reading from the registry at `registry_url` (connecting on first use,
-/// so it can start before the registry), ready to add to a server.
+/// The gRPC service reading from the registry at `registry_urls` (connecting on first use,
+/// so it can start before the registry; several URLs are replicas it fails over between,
+/// see [`proto::failover`]), ready to add to a server.
 pub fn grpc_service(
-    registry_url: &str,
+    registry_urls: &[String],
     token: Option<&str>,
 ) -> anyhow::Result<ExportServer<ExportService>> {
-    let channel = proto::client::connect_lazy(registry_url, token)
-        .with_context(|| format!("registry URL {registry_url}"))?;
-    let registry = RegistryClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    Ok(ExportServer::new(ExportService::new(registry)))
+    let registry = proto::failover::Replicas::new(registry_urls, token)
+        .with_context(|| format!("registry URL {}", registry_urls.join(",")))?;
+    Ok(ExportServer::new(ExportService::new(std::sync::Arc::new(
+        registry,
+    ))))
 }
 
 /// Command-line options of the standalone `export-svc` binary.
@@ -57,9 +54,16 @@ pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:50053", value_parser = proto::serve::listen_addr)]
     pub listen: SocketAddr,
-    /// gRPC URL of the registry to read records and history from.
-    #[arg(long)]
-    pub registry: String,
+    /// gRPC URL of the registry to read records and history from; for registry-svc
+    /// replicas serving one database, several (comma-separated or repeated), tried in turn.
+    #[arg(
+        long,
+        required = true,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        value_parser = proto::failover::list_entry
+    )]
+    pub registry: Vec<String>,
     /// Bearer token every call must carry (required to listen beyond loopback); also sent
     /// to the registry.
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]

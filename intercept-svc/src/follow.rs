@@ -7,6 +7,7 @@ use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Duratio
 use proto::{
     client::AuthChannel,
     common::{ClosedBy, ConnStatus, Connection},
+    failover::Replicas,
     registry::{WatchConnectionsRequest, registry_client::RegistryClient, watch_event::Kind},
 };
 
@@ -15,17 +16,25 @@ use crate::{queue::Ended, service::Shared};
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// Follows the registry at `channel` for as long as the task runs.
-pub async fn follow_registry(shared: Arc<Shared>, channel: AuthChannel) {
+/// Follows `registry` for as long as the task runs; with several replicas, a failed watch
+/// reopens on the next at once, and backs off only once each has failed in a row.
+pub async fn follow_registry(shared: Arc<Shared>, registry: Arc<Replicas>) {
     let mut backoff = MIN_BACKOFF;
+    let mut failures = 0usize;
     loop {
-        match follow_once(&shared, channel.clone(), &mut backoff).await {
+        let (index, channel) = registry.channel();
+        match follow_once(&shared, channel, &mut backoff, &mut failures).await {
             Ok(()) => tracing::warn!("registry ended its connection watch; reopening"),
             Err(s) => {
-                tracing::warn!(code = ?s.code(), "registry connection watch: {}", s.message())
+                tracing::warn!(code = ?s.code(), "registry connection watch: {}", s.message());
+                registry.failed(index, &s);
             }
         }
         shared.registry_connected.store(false, Ordering::Relaxed);
+        failures += 1;
+        if !failures.is_multiple_of(registry.count()) {
+            continue;
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -43,12 +52,14 @@ async fn follow_once(
     shared: &Shared,
     channel: AuthChannel,
     backoff: &mut Duration,
+    failures: &mut usize,
 ) -> Result<(), tonic::Status> {
     let mut stream = RegistryClient::new(channel)
         .watch_connections(WatchConnectionsRequest::default())
         .await?
         .into_inner();
     *backoff = MIN_BACKOFF;
+    *failures = 0;
     let mut snapshot = Some(HashMap::new());
     while let Some(ev) = stream.message().await? {
         match ev.kind() {

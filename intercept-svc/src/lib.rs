@@ -28,15 +28,16 @@ pub struct Intercept {
 }
 
 impl Intercept {
-    /// Starts following the registry at `registry_url` (lazily: it need not be up yet).
+    /// Starts following the registry at `registry_urls` (lazily: it need not be up yet;
+    /// several URLs are replicas it fails over between, see [`proto::failover`]).
     pub fn start(
-        registry_url: &str,
+        registry_urls: &[String],
         token: Option<&str>,
         max_held: usize,
     ) -> Result<Self, proto::client::ClientError> {
         let shared = Shared::new(max_held);
-        let channel = proto::client::connect_lazy(registry_url, token)?;
-        let follower = tokio::spawn(follow::follow_registry(shared.clone(), channel));
+        let registry = Arc::new(proto::failover::Replicas::new(registry_urls, token)?);
+        let follower = tokio::spawn(follow::follow_registry(shared.clone(), registry));
         Ok(Self { shared, follower })
     }
 
@@ -65,9 +66,17 @@ pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:50052", value_parser = proto::serve::listen_addr)]
     pub listen: SocketAddr,
-    /// gRPC URL of the registry, for the live status of held packets' connections.
-    #[arg(long)]
-    pub registry: String,
+    /// gRPC URL of the registry, for the live status of held packets' connections; for
+    /// registry-svc replicas serving one database, several (comma-separated or repeated),
+    /// tried in turn.
+    #[arg(
+        long,
+        required = true,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        value_parser = proto::failover::list_entry
+    )]
+    pub registry: Vec<String>,
     /// Bearer token every call must carry (required to listen beyond loopback); also sent to
     /// the registry.
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]

@@ -41,6 +41,15 @@ pub enum ClientError {
     /// The host of an `https://` URL cannot be a TLS server name.
     #[error("server URL {0:?}: its host cannot be checked against a certificate")]
     BadServerName(String),
+    /// An entry of a comma-separated URL list is empty.
+    #[error(
+        "empty URL in a comma-separated list (a doubled or trailing comma?): give each \
+         replica's URL, e.g. http://10.0.0.1:50051,http://10.0.0.2:50051"
+    )]
+    EmptyListEntry,
+    /// A URL list holds no URL at all.
+    #[error("no server URL given")]
+    NoUrl,
     /// Nothing answered at the URL.
     #[error("cannot reach {url}: {source}")]
     Unreachable {

@@ -3,7 +3,8 @@
 //! Generated code for the four services (and for the registry's stored history format) lives
 //! here and only here, with the small pieces every server and client of the project shares:
 //! the JSON/CLI names of the enums ([`names`]), timestamp conversion ([`time`]), serving with
-//! health, reflection and token checks ([`serve`]), connecting as a client ([`client`]), the
+//! health, reflection and token checks ([`serve`]), connecting as a client ([`client`]) to one URL or to
+//! several replicas that fail over ([`failover`]), the
 //! API token ([`token`]), where a proxy's ingest stream goes ([`ingest`]), private data
 //! directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface deadline
 //! of every gRPC connection ([`preface`]), the bounds on unused connections ([`accept`]) and
@@ -12,6 +13,7 @@
 pub mod accept;
 pub mod client;
 pub mod codec;
+pub mod failover;
 pub mod ingest;
 pub mod limits;
 pub mod mtls;

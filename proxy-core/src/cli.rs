@@ -127,12 +127,13 @@ impl ProxyArgs {
         Ok(out)
     }
 
-    /// The proxy's configuration: reporting to `registry_url` with `token`, refusing
+    /// The proxy's configuration: reporting to `registry_urls` (replicas of one registry,
+    /// tried in turn, see [`proto::failover`]) with `token`, refusing
     /// CONNECT to `refuse` (besides its own SOCKS port), splicing TLS with `tls`, following
     /// the intercept service at `intercept` when given.
     pub fn config(
         &self,
-        registry_url: String,
+        registry_urls: Vec<String>,
         token: Option<String>,
         refuse: Vec<SocketAddr>,
         tls: Arc<Splicer>,
@@ -144,7 +145,7 @@ impl ProxyArgs {
         };
         Config {
             socks: self.socks,
-            registry_url,
+            registry_urls,
             token,
             node: self.node.clone().unwrap_or_else(node_name),
             history: self.history == OnOff::On,
@@ -187,13 +188,18 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
     about = "Interpose proxy: SOCKS5 relay that reports every connection to a registry"
 )]
 pub struct Args {
-    /// The registry's gRPC URL.
+    /// The registry's gRPC URL; for registry-svc replicas serving one database, several,
+    /// comma-separated or repeated: the proxy reports to one and moves to the next when a
+    /// call to it fails (unreachable, killed, refusing), replaying what was not acknowledged.
     #[arg(
         long,
         env = "INTERPOSE_REGISTRY",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        value_parser = proto::failover::list_entry
     )]
-    pub registry: String,
+    pub registry: Vec<String>,
     /// Optional gRPC listen address serving health, reflection and the CA service
     /// (`interpose ca export --server`); CONNECT to it is refused like CONNECT to the SOCKS
     /// port.
@@ -295,7 +301,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     // No CONNECT reaches the management endpoints this proxy uses, nor what --deny names.
     refuse.extend(args.proxy.denied().await?);
-    for url in std::iter::once(&args.registry).chain(args.intercept.as_ref()) {
+    for url in args.registry.iter().chain(args.intercept.as_ref()) {
         let found = endpoint_addrs(url).await;
         if found.is_empty() {
             tracing::warn!("{url} does not resolve now: CONNECT to it is not refused");
@@ -358,6 +364,36 @@ mod tests {
     struct Cmd {
         #[command(flatten)]
         proxy: ProxyArgs,
+    }
+
+    #[test]
+    fn registry_takes_one_url_or_several_comma_separated_or_repeated() {
+        use clap::Parser;
+        let urls = |argv: &[&str]| Args::try_parse_from(argv).map(|a| a.registry);
+        assert_eq!(urls(&["proxy-core"]).unwrap(), ["http://127.0.0.1:50051"]);
+        assert_eq!(
+            urls(&["proxy-core", "--registry", "http://10.0.0.1:1"]).unwrap(),
+            ["http://10.0.0.1:1"]
+        );
+        assert_eq!(
+            urls(&[
+                "proxy-core",
+                "--registry",
+                "http://a:1, http://b:2",
+                "--registry",
+                "c:3"
+            ])
+            .unwrap(),
+            ["http://a:1", "http://b:2", "http://c:3"]
+        );
+        for (bad, named) in [
+            ("http://a:1,,http://b:2", "empty URL"),
+            ("http://a:1,", "empty URL"),
+            ("http://a:1,ftp://b:2", "\"ftp://b:2\""),
+        ] {
+            let e = urls(&["proxy-core", "--registry", bad]).expect_err(bad);
+            assert!(e.to_string().contains(named), "{bad}: {e}");
+        }
     }
 
     #[test]

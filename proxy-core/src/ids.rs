@@ -21,10 +21,11 @@ use std::{
 };
 
 use proto::{
-    client::AuthChannel,
+    failover::Replicas,
     registry::{LeaseIdsRequest, registry_client::RegistryClient},
 };
 use tokio::{sync::Notify, time::Instant};
+use tonic::Status;
 
 /// Smallest block leased.
 pub const MIN_BLOCK: u32 = 64;
@@ -74,7 +75,7 @@ impl State {
 struct Inner {
     state: Mutex<State>,
     notify: Notify,
-    client: RegistryClient<AuthChannel>,
+    registry: Arc<Replicas>,
     node: String,
 }
 
@@ -85,8 +86,9 @@ pub struct IdPool {
 }
 
 impl IdPool {
-    /// A pool leasing from the registry behind `channel`; the first lease starts now.
-    pub fn new(channel: AuthChannel, node: String) -> Self {
+    /// A pool leasing from `registry` (the next replica when one fails); the first lease
+    /// starts now.
+    pub fn new(registry: Arc<Replicas>, node: String) -> Self {
         let pool = Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
@@ -96,7 +98,7 @@ impl IdPool {
                     last_lease: None,
                 }),
                 notify: Notify::new(),
-                client: RegistryClient::new(channel),
+                registry,
                 node,
             }),
         };
@@ -145,19 +147,27 @@ impl IdPool {
     }
 }
 
-/// Leases one block, retrying with backoff until the registry answers.
+/// Leases one block, retrying until the registry answers: at once from the next replica
+/// when there are several, with backoff once each has failed in a row.
 async fn fetch(inner: Arc<Inner>, size: u32) {
     let mut backoff = Duration::from_millis(50);
     let mut failures = 0u32;
+    let replicas = inner.registry.count() as u32;
     loop {
-        let mut client = inner.client.clone();
+        let (index, channel) = inner.registry.channel();
         let req = LeaseIdsRequest {
             node: inner.node.clone(),
             count: size,
         };
-        let res = tokio::time::timeout(LEASE_TIMEOUT, client.lease_ids(req)).await;
+        let res = tokio::time::timeout(LEASE_TIMEOUT, RegistryClient::new(channel).lease_ids(req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::unavailable(format!(
+                    "no answer within {LEASE_TIMEOUT:?}"
+                )))
+            });
         match res {
-            Ok(Ok(resp)) => {
+            Ok(resp) => {
                 let r = resp.into_inner();
                 if r.first == 0 || r.last < r.first {
                     tracing::error!(
@@ -180,15 +190,17 @@ async fn fetch(inner: Arc<Inner>, size: u32) {
                     return;
                 }
             }
-            Ok(Err(status)) => {
+            Err(status) => {
                 failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!("leasing connection IDs failed: {status}");
+                if failures <= replicas || failures.is_power_of_two() {
+                    let url = inner.registry.url(index);
+                    tracing::warn!("leasing connection IDs from {url} failed: {status}");
                 }
-            }
-            Err(_) => {
-                failures += 1;
-                tracing::warn!("leasing connection IDs timed out after {LEASE_TIMEOUT:?}");
+                inner.registry.failed(index, &status);
+                if !failures.is_multiple_of(replicas) {
+                    // Another replica is still untried in this round: no backoff.
+                    continue;
+                }
             }
         }
         tokio::time::sleep(backoff).await;

@@ -36,7 +36,7 @@ pub mod socks5;
 pub mod tls;
 pub mod udp;
 
-use proto::{ingest::IngestSink, registry::registry_client::RegistryClient};
+use proto::ingest::IngestSink;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
@@ -57,8 +57,9 @@ pub const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(3);
 pub struct Config {
     /// SOCKS listen address (port 0 picks a free port).
     pub socks: SocketAddr,
-    /// The registry's gRPC URL, e.g. `http://127.0.0.1:50051`.
-    pub registry_url: String,
+    /// The registry's gRPC URL, e.g. `http://127.0.0.1:50051`; several for replicas of one
+    /// registry, which the proxy fails over between (see [`proto::failover`]).
+    pub registry_urls: Vec<String>,
     /// Bearer token for the registry, if it requires one.
     pub token: Option<String>,
     /// This proxy's node name in every record.
@@ -85,7 +86,7 @@ pub struct Config {
     /// record closed by the proxy naming the limit (see [`server::Listener`]).
     pub max_connections: usize,
     /// The registry in this same process (`interpose up`), which takes the ingest stream
-    /// without gRPC; `None` streams to `registry_url`.
+    /// without gRPC; `None` streams to `registry_urls`.
     pub local_registry: Option<LocalRegistry>,
 }
 
@@ -158,7 +159,11 @@ impl Proxy {
             return Err(StartError::EmptyNode);
         }
         let dns = dns::Dns::new(&cfg.dns)?;
-        let channel = proto::client::connect_lazy(&cfg.registry_url, cfg.token.as_deref())?;
+        // The registry's replicas (often one), for ID leases and the ingest stream alike.
+        let registry = Arc::new(proto::failover::Replicas::new(
+            &cfg.registry_urls,
+            cfg.token.as_deref(),
+        )?);
         let listener = TcpListener::bind(cfg.socks)
             .await
             .map_err(|source| StartError::Bind {
@@ -171,11 +176,11 @@ impl Proxy {
         })?;
         let sink = match &cfg.local_registry {
             Some(local) => local.0.clone(),
-            None => Arc::new(RegistryClient::new(channel.clone())) as Arc<dyn IngestSink>,
+            None => registry.clone() as Arc<dyn IngestSink>,
         };
         let (reporter, reporter_task) =
             report::Reporter::start(sink, cfg.node.clone(), cfg.history, cfg.queue_bound);
-        let ids = ids::IdPool::new(channel, cfg.node.clone());
+        let ids = ids::IdPool::new(registry, cfg.node.clone());
         let resolver = process::Resolver::start(reporter.clone());
         if cfg.splicer.is_some() {
             tls::install_provider();

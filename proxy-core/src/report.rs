@@ -18,7 +18,10 @@
 //! batches. The task numbers them with an increasing
 //! `batch_seq`, keeps every batch until its acknowledgement arrives, and after a broken
 //! stream reconnects with backoff and sends the unacknowledged batches again, in order,
-//! before any new one. The registry applies replays idempotently.
+//! before any new one. The registry applies replays idempotently. With several registry
+//! URLs (replicas of one registry, [`proto::failover::Replicas`]), a failed stream reopens
+//! on the next replica at once, and backoff starts only once a stream to each has failed in
+//! a row.
 //!
 //! Batches are the generated `IngestRequest`, whose packet payloads are `Bytes` (see the proto
 //! crate's build script): sending or replaying a batch clones reference counts, never the
@@ -159,6 +162,8 @@ impl Reporter {
             last_full: false,
             stop: stop_rx.clone(),
             sent_losses: ProxyLosses::default(),
+            recovering: false,
+            streaming_to: String::new(),
         };
         let join = tokio::spawn(task.run());
         let ticker = tokio::spawn(ticker(inner.clone(), stop_rx));
@@ -433,6 +438,10 @@ struct Task {
     last_full: bool,
     stop: watch::Receiver<Option<Instant>>,
     sent_losses: ProxyLosses,
+    /// The last stream failed: the next one that opens replays, and says so.
+    recovering: bool,
+    /// Where the current stream goes ([`IngestSink::target`]), for logs.
+    streaming_to: String,
 }
 
 impl Task {
@@ -443,17 +452,14 @@ impl Task {
             match self.session().await {
                 SessionEnd::Stopped => return,
                 SessionEnd::Failed { status, acked } => {
+                    self.recovering = true;
                     if acked {
                         backoff = MIN_BACKOFF;
                         failures = 0;
                     }
                     failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
-                        tracing::warn!(
-                            buffered = self.inner.events.load(Relaxed),
-                            "registry ingest stream down ({status}); relaying goes on, \
-                             events are buffered and will be replayed"
-                        );
+                    if self.fail_over(&status, failures) {
+                        continue;
                     }
                 }
             }
@@ -474,6 +480,33 @@ impl Task {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// Logs the failed stream (the `failures`th in a row) and moves the sink to its next
+    /// registry; returns whether to open the next stream at once, without backoff: with
+    /// several registries, until a stream to each has failed in a row.
+    fn fail_over(&self, status: &str, failures: u64) -> bool {
+        let replicas = self.sink.replicas().max(1) as u64;
+        let from = &self.streaming_to;
+        self.sink.next();
+        let buffered = self.inner.events.load(Relaxed);
+        if replicas > 1 && (failures <= replicas || failures.is_power_of_two()) {
+            let to = self.sink.target();
+            tracing::warn!(
+                %from,
+                %to,
+                buffered,
+                "failover: registry ingest stream to {from} failed ({status}); switching to \
+                 {to}; relaying goes on, events are buffered and will be replayed"
+            );
+        } else if replicas == 1 && (failures == 1 || failures.is_power_of_two()) {
+            tracing::warn!(
+                buffered,
+                "registry ingest stream down ({status}); relaying goes on, \
+                 events are buffered and will be replayed"
+            );
+        }
+        !failures.is_multiple_of(replicas)
     }
 
     fn give_up(&self) {
@@ -527,12 +560,18 @@ impl Task {
 
     async fn session(&mut self) -> SessionEnd {
         let (out_tx, out_rx) = mpsc::channel::<IngestRequest>(4);
+        self.streaming_to = self.sink.target();
         let mut call = self.sink.open(ReceiverStream::new(out_rx));
         let mut acks: Option<Acks> = None;
         let mut next_unsent = 0usize;
         let mut acked = false;
         let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // What this stream replays: every batch the last one left unacknowledged.
+        let replay = (
+            self.unacked.len(),
+            self.unacked.iter().map(|b| b.events).sum(),
+        );
         loop {
             let deadline = *self.stop.borrow();
             if self.stopping(deadline) {
@@ -543,7 +582,10 @@ impl Task {
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 res = &mut call, if acks.is_none() => match res {
-                    Ok(stream) => acks = Some(stream),
+                    Ok(stream) => {
+                        acks = Some(stream);
+                        self.reopened(replay);
+                    }
                     Err(status) => return self.failed(status, acked),
                 },
                 ack = next_ack(&mut acks) => match ack {
@@ -580,6 +622,21 @@ impl Task {
                 _ = self.stop.changed() => {}
                 () = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {}
             }
+        }
+    }
+
+    /// Logs the first stream that opened after a failure, with what it replays
+    /// (`(batches, events)`).
+    fn reopened(&mut self, (batches, events): (usize, usize)) {
+        if std::mem::take(&mut self.recovering) {
+            let to = &self.streaming_to;
+            tracing::info!(
+                batches,
+                events,
+                %to,
+                "registry ingest stream to {to} open again; replaying {batches} \
+                 unacknowledged batches ({events} events)"
+            );
         }
     }
 
@@ -867,6 +924,75 @@ mod tests {
         assert_eq!(req.losses.map(|l| l.packets_dropped), Some(3));
         assert_eq!(sent.packets_dropped, 3);
         assert_eq!((batch.events, batch.payload, batch.packets), (3, 5, 1));
+    }
+
+    /// Two registries in memory: streams to `down` fail at once, the other acknowledges
+    /// each batch and keeps it.
+    struct TwoReplicas {
+        current: AtomicUsize,
+        down: usize,
+        opened: Mutex<Vec<usize>>,
+        got: Arc<Mutex<Vec<IngestRequest>>>,
+    }
+
+    impl IngestSink for TwoReplicas {
+        fn open(&self, batches: ReceiverStream<IngestRequest>) -> proto::ingest::Opening {
+            let i = self.current.load(Relaxed);
+            self.opened.lock().unwrap().push(i);
+            let down = i == self.down;
+            let got = self.got.clone();
+            Box::pin(async move {
+                if down {
+                    return Err(Status::unavailable("connection refused"));
+                }
+                let acks = batches.map(move |req| {
+                    let batch_seq = req.batch_seq;
+                    got.lock().unwrap().push(req);
+                    Ok(IngestAck {
+                        batch_seq,
+                        ..Default::default()
+                    })
+                });
+                Ok(Box::pin(acks) as Acks)
+            })
+        }
+
+        fn target(&self) -> String {
+            format!("replica-{}", self.current.load(Relaxed))
+        }
+
+        fn replicas(&self) -> usize {
+            2
+        }
+
+        fn next(&self) {
+            self.current.store(1 - self.current.load(Relaxed), Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_stream_moves_to_the_next_registry() {
+        let sink = Arc::new(TwoReplicas {
+            current: AtomicUsize::new(0),
+            down: 0,
+            opened: Mutex::new(Vec::new()),
+            got: Arc::default(),
+        });
+        let (reporter, task) = Reporter::start(sink.clone(), "n".into(), true, 100);
+        let ts = Timestamp::default();
+        reporter.packet(9, 1, Direction::C2s, ts, Bytes::from_static(b"first"));
+        let delivered = async {
+            while sink.got.lock().unwrap().is_empty() {
+                sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), delivered)
+            .await
+            .expect("delivered to replica 1");
+        assert_eq!(*sink.opened.lock().unwrap(), [0, 1]);
+        let got = sink.got.lock().unwrap().clone();
+        assert_eq!(&packets(&got[0])[0].data[..], b"first");
+        assert_eq!(task.flush(&reporter, Duration::from_secs(1)).await, 0);
     }
 
     #[test]

@@ -62,8 +62,10 @@ impl ProxyProc {
         .args(extra)
         .env_remove("INTERPOSE_TOKEN")
         .env("RUST_LOG", log);
-        // The registry's token, as an operator would pass it (not on the command line).
-        if let Some(token) = crate::token(registry) {
+        // The registry's token, as an operator would pass it (not on the command line); with
+        // several replicas (`URL,URL`), the first one's.
+        let first = registry.split(',').next().unwrap_or(registry);
+        if let Some(token) = crate::token(first) {
             cmd.env("INTERPOSE_TOKEN", token);
         }
         let proc = Proc::start(cmd, dir.join(format!("proxy-{node}.log"))).await?;
