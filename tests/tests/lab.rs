@@ -26,7 +26,7 @@ use tokio::{
 const TOKEN: &str = "lab-token";
 /// Connections each proxy carries.
 const PER_PROXY: usize = 60;
-/// The first replica dies once its proxy has carried this many.
+/// Replica a hangs once its proxy has carried this many, and dies ten later.
 const KILL_AFTER: usize = 20;
 
 /// An echo server on loopback: every connection gets back what it sends.
@@ -51,29 +51,56 @@ fn payload(proxy: usize, i: usize) -> Vec<u8> {
     p
 }
 
-/// Carries `PER_PROXY` connections through `socks` one after another, counting them in
-/// `done`; the client source port of each.
+/// One connection through `socks`: sends `data` (in two writes, with `between` awaited in
+/// between), checks the echo; the client source port.
+async fn echo_once(
+    socks: SocketAddr,
+    echo: SocketAddr,
+    data: &[u8],
+    between: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<u16> {
+    let mut s = socks_connected(socks, echo).await?;
+    let port = s.local_addr()?.port();
+    let (first, second) = data.split_at(data.len() / 2);
+    s.write_all(first).await?;
+    between.await;
+    s.write_all(second).await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut back)).await??;
+    anyhow::ensure!(back == data, "echo differs");
+    Ok(port)
+}
+
+/// Carries `PER_PROXY` connections through `socks` one after another. Before connection
+/// `i` it waits until `stage` has reached `waits[i]` (if any), and says in `done` how many
+/// it finished. Connection 0 spans the whole run: it sends half its bytes first and the
+/// rest after all the others. The client source port of each.
 async fn traffic(
     socks: SocketAddr,
     echo: SocketAddr,
     proxy: usize,
     done: Arc<AtomicUsize>,
+    mut stage: tokio::sync::watch::Receiver<usize>,
+    waits: HashMap<usize, usize>,
 ) -> anyhow::Result<Vec<u16>> {
-    let mut ports = Vec::new();
-    for i in 0..PER_PROXY {
-        let mut s = socks_connected(socks, echo).await?;
-        ports.push(s.local_addr()?.port());
-        let data = payload(proxy, i);
-        s.write_all(&data).await?;
-        s.shutdown().await?;
-        let mut back = Vec::new();
-        tokio::time::timeout(WAIT, s.read_to_end(&mut back)).await??;
-        anyhow::ensure!(
-            back == data,
-            "connection {i} of proxy {proxy}: echo differs"
-        );
-        done.fetch_add(1, Ordering::Relaxed);
+    let (rest_tx, rest_rx) = tokio::sync::oneshot::channel::<()>();
+    let long = tokio::spawn(async move {
+        echo_once(socks, echo, &payload(proxy, 0), async {
+            let _ = rest_rx.await;
+        })
+        .await
+    });
+    let mut ports = vec![0];
+    for i in 1..PER_PROXY {
+        if let Some(&want) = waits.get(&i) {
+            tokio::time::timeout(WAIT, stage.wait_for(|s| *s >= want)).await??;
+        }
+        ports.push(echo_once(socks, echo, &payload(proxy, i), async {}).await?);
+        done.store(i, Ordering::Relaxed);
     }
+    let _ = rest_tx.send(());
+    ports[0] = long.await??;
     Ok(ports)
 }
 
@@ -136,16 +163,50 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
         &["--token", TOKEN],
     )
     .await?;
+    // Proxy 1 carries a third of its connections, then replica a hangs (SIGSTOP: what
+    // proxy 1 sends it now is never acknowledged) while proxy 1 carries another few, then
+    // a dies (SIGKILL) and proxy 1 carries the rest.
     let echo = echo_server().await?;
     let done1 = Arc::new(AtomicUsize::new(0));
-    let t1 = tokio::spawn(traffic(p1.socks, echo, 1, done1.clone()));
-    let t2 = tokio::spawn(traffic(p2.socks, echo, 2, Arc::new(AtomicUsize::new(0))));
-    tests::eventually("proxy 1 to carry its first connections", || {
-        let done = done1.load(Ordering::Relaxed);
-        async move { Ok((done >= KILL_AFTER).then_some(())) }
-    })
+    let (stage, stages) = tokio::sync::watch::channel(0usize);
+    let waits = HashMap::from([(KILL_AFTER, 1), (KILL_AFTER + 10, 2)]);
+    let t1 = tokio::spawn(traffic(p1.socks, echo, 1, done1.clone(), stages, waits));
+    let (_keep, idle) = tokio::sync::watch::channel(0usize);
+    let t2 = tokio::spawn(traffic(
+        p2.socks,
+        echo,
+        2,
+        Arc::new(AtomicUsize::new(0)),
+        idle,
+        HashMap::new(),
+    ));
+    let carried = |n: usize| {
+        let done1 = done1.clone();
+        move || {
+            let done = done1.load(Ordering::Relaxed);
+            async move { Ok((done + 1 >= n).then_some(())) }
+        }
+    };
+    tests::eventually(
+        "proxy 1 to carry its first connections",
+        carried(KILL_AFTER),
+    )
+    .await?;
+    let a_pid = a
+        .proc
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("replica a's pid"))?;
+    std::process::Command::new("kill")
+        .args(["-STOP", &a_pid.to_string()])
+        .status()?;
+    stage.send_replace(1);
+    tests::eventually(
+        "proxy 1 to carry connections while a hangs",
+        carried(KILL_AFTER + 10),
+    )
     .await?;
     a.proc.signal("KILL").await?;
+    stage.send_replace(2);
     let ports = [t1.await??, t2.await??];
 
     // Every connection once, closed, with its bytes; history whole, nothing twice.
@@ -201,10 +262,15 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
             );
         }
     }
+    let log = p1.proc.stderr();
     assert!(
-        p1.proc.stderr().contains(&b.url),
-        "proxy 1 says it moved to replica b:\n{}",
-        p1.proc.stderr()
+        log.contains(&format!("switching to {}", b.url)),
+        "proxy 1 says it moved to replica b:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("replaying") && !l.contains("replaying 0 ")),
+        "proxy 1 replayed what a never acknowledged:\n{log}"
     );
 
     // The watcher on the third replica saw each connection under one ID, ending closed.
