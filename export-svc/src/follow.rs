@@ -1,7 +1,8 @@
 //! Live export (`follow`): the capture file header at once, then the history as the
 //! registry's `FollowHistory` delivers it, snapshot first, then live. Each connection's
 //! stream is opened when it is first seen and ended when its record is closed, with the
-//! same framing as a batch export ([`Job::packet`], [`Job::end_stream`]).
+//! same framing as a batch export ([`Job::packet`], [`Job::end_stream`]). When the
+//! registry replica it follows dies after the snapshot, it resumes on the next one.
 //!
 //! Memory: one [`Conn`] per connection seen (an open stream's few hundred bytes, or a
 //! marker once it ended or was filtered out), the records of the snapshot until its end,
@@ -32,6 +33,8 @@ struct Open {
     stream: Stream,
     record: Option<Connection>,
     last: u64,
+    /// The last packet sequence number written (a resumed stream repeats a position).
+    seq: u64,
 }
 
 /// The state of one live export.
@@ -41,6 +44,10 @@ struct Follow {
     /// Records of the snapshot whose connections have not been seen yet.
     snapshot: HashMap<u64, Connection>,
     caught_up: bool,
+    /// The position of the last live event (or of `caught_up`).
+    position: u64,
+    /// After a resume: the position sent again, whose packets already written are skipped.
+    repeated: u64,
 }
 
 impl Job {
@@ -52,41 +59,68 @@ impl Job {
             [id] => id,
             _ => 0,
         };
-        // One stream, on the current replica: a live export ends with its registry.
-        let (_, channel) = self.registry.channel();
-        let mut events = crate::job::client(channel)
-            .follow_history(FollowHistoryRequest {
-                conn_id,
-                after: None,
-            })
-            .await?
-            .into_inner();
         let mut state = Follow::default();
+        let (mut replica, channel) = self.registry.channel();
+        let mut events = Self::open_follow(channel, conn_id, None).await?;
         loop {
             let event = match events.message().now_or_never() {
-                Some(event) => event?,
+                Some(event) => event,
                 None => {
                     // Nothing more at hand: send what is written, then wait.
                     self.flush(1).await?;
                     self.next_event(&mut events).await?
                 }
             };
-            let Some(event) = event else {
-                return Err(Stop::Failed(Status::unavailable(
-                    "the registry ended the history stream",
-                )));
+            let failed = match event {
+                Ok(Some(event)) => {
+                    self.on_event(&mut state, event).await?;
+                    continue;
+                }
+                Ok(None) => Status::unavailable("the registry ended the history stream"),
+                Err(status) => status,
             };
-            self.on_event(&mut state, event).await?;
+            // Once caught up, a live export resumes on the next replica (of one database,
+            // whose positions they share) after the last position it may not have whole:
+            // repeated packets are skipped, and a repeated close finds its stream ended.
+            if !state.caught_up
+                || self.registry.count() < 2
+                || !proto::failover::replica_failed(&failed)
+            {
+                return Err(failed.into());
+            }
+            self.registry.failed(replica, &failed);
+            let after = state.position.saturating_sub(1);
+            state.repeated = state.position;
+            let channel;
+            (replica, channel) = self.registry.channel();
+            tracing::info!(
+                registry = self.registry.url(replica),
+                after,
+                "resuming the live export"
+            );
+            events = Self::open_follow(channel, conn_id, Some(after)).await?;
         }
+    }
+
+    /// Opens `FollowHistory` on `channel`: from a snapshot, or after position `after`.
+    async fn open_follow(
+        channel: proto::client::AuthChannel,
+        conn_id: u64,
+        after: Option<u64>,
+    ) -> Result<Streaming<FollowHistoryEvent>, Stop> {
+        Ok(crate::job::client(channel)
+            .follow_history(FollowHistoryRequest { conn_id, after })
+            .await?
+            .into_inner())
     }
 
     /// The next event, or `Gone` when the caller hangs up first.
     async fn next_event(
         &mut self,
         events: &mut Streaming<FollowHistoryEvent>,
-    ) -> Result<Option<FollowHistoryEvent>, Stop> {
+    ) -> Result<Result<Option<FollowHistoryEvent>, Status>, Stop> {
         tokio::select! {
-            event = events.message() => Ok(event?),
+            event = events.message() => Ok(event),
             () = self.tx.closed() => Err(Stop::Gone),
         }
     }
@@ -96,6 +130,9 @@ impl Job {
         state: &mut Follow,
         event: FollowHistoryEvent,
     ) -> Result<(), Stop> {
+        if state.caught_up {
+            state.position = state.position.max(event.position);
+        }
         if let Some(p) = event.packet {
             let id = p.conn_id;
             if !state.conns.contains_key(&id) {
@@ -108,7 +145,11 @@ impl Job {
                 let first = p.ts.as_ref().map(proto::time::unix_nanos);
                 self.open(state, id, record, first);
             }
-            if let Some(Conn::Open(o)) = state.conns.get_mut(&id) {
+            let again = event.position <= state.repeated;
+            if let Some(Conn::Open(o)) = state.conns.get_mut(&id)
+                && !(again && p.seq <= o.seq)
+            {
+                o.seq = o.seq.max(p.seq);
                 o.last = self.packet(&mut o.stream, &p, o.last).await?;
             }
         } else if let Some(c) = event.connection {
@@ -118,6 +159,7 @@ impl Job {
                 self.closed(state, c);
             }
         } else if event.caught_up {
+            state.position = event.position;
             self.caught_up(state);
         }
         Ok(())
@@ -165,6 +207,7 @@ impl Job {
                 stream,
                 record,
                 last: opened,
+                seq: 0,
             }))
         } else {
             Conn::Done

@@ -261,3 +261,81 @@ async fn interpose_up_on_the_database_shares_it_with_a_replica() -> anyhow::Resu
     assert!(up.proc.terminate().await?, "up exits cleanly");
     Ok(())
 }
+
+/// How many times `needle` occurs in the file at `path` (0 when it is not there yet).
+fn occurrences(path: &std::path::Path, needle: &[u8]) -> usize {
+    let hay = std::fs::read(path).unwrap_or_default();
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// A live export (`export --follow`) through export-svc outlives the replica it follows:
+/// it resumes on the next one after the last position it had, and writes each packet once.
+#[tokio::test]
+async fn a_live_export_resumes_on_the_next_replica_and_writes_each_packet_once()
+-> anyhow::Result<()> {
+    let (dir, regs) = replicas(2).await?;
+    let [a, b] = <[Registry; 2]>::try_from(regs).map_err(|_| anyhow::anyhow!("two replicas"))?;
+    let mut cmd = tokio::process::Command::new(tests::bin("export-svc"));
+    cmd.args(["--listen", "127.0.0.1:0", "--registry"])
+        .arg(format!("{},{}", a.url, b.url))
+        .env("INTERPOSE_TOKEN", TOKEN);
+    let export = tests::Proc::start(cmd, dir.path().join("export-svc.log")).await?;
+    let export_url = format!("http://{}", export.addr("listen")?);
+
+    let mut client = tests::registry_client(&b.url, Some(TOKEN)).await?;
+    let mut ingest = Ingest::open(&mut client, "node-e").await?;
+    let marker = |i: u64| format!("marker {i} of the live export").into_bytes();
+    let dir_of = |seq: u64| match seq % 2 {
+        1 => Direction::C2s,
+        _ => Direction::S2c,
+    };
+    ingest
+        .send_durable(vec![
+            events::open(1, 40001, "live.example", 80),
+            events::packet(1, 1, dir_of(1), &marker(1)),
+        ])
+        .await?;
+    let file = dir.path().join("live.pcapng");
+    let _follow = tokio::process::Command::new(tests::bin("interpose"))
+        .args(["export", "--follow", "--out"])
+        .arg(&file)
+        .args(["--server", &export_url])
+        .env("INTERPOSE_TOKEN", TOKEN)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let written = |i: u64| {
+        let (file, m) = (file.clone(), marker(i));
+        move || {
+            let n = occurrences(&file, &m);
+            async move { Ok((n > 0).then_some(())) }
+        }
+    };
+    // Packet 1 comes in the snapshot; packet 2, sent once it is written, comes live.
+    tests::eventually("the snapshot's packet in the file", written(1)).await?;
+    ingest
+        .send_durable(vec![events::packet(1, 2, dir_of(2), &marker(2))])
+        .await?;
+    tests::eventually("a live packet in the file", written(2)).await?;
+
+    // The followed replica dies; more arrives through the other.
+    a.proc.signal("KILL").await?;
+    ingest
+        .send_durable(vec![
+            events::packet(1, 3, dir_of(3), &marker(3)),
+            events::packet(1, 4, dir_of(4), &marker(4)),
+            events::close(1, ClosedBy::Client, CloseKind::Fin, "client sent FIN"),
+        ])
+        .await?;
+    tests::eventually("the packets after the failover in the file", written(4)).await?;
+    for i in 1..=4 {
+        assert_eq!(occurrences(&file, &marker(i)), 1, "packet {i} written once");
+    }
+    assert!(
+        export.stderr().contains("resuming the live export"),
+        "{}",
+        export.stderr()
+    );
+    Ok(())
+}
