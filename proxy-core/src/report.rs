@@ -68,6 +68,10 @@ pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
 const MAX_UNACKED: usize = 64;
 /// How often counters of active connections are published.
 pub const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long batches may wait in flight with no acknowledgement before a reporter with other
+/// registries to go to leaves the one it streams to (a registry acknowledges once a batch is
+/// durable, normally within milliseconds).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -567,6 +571,12 @@ impl Task {
         let mut acked = false;
         let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // With other replicas to go to, one that takes batches but acknowledges none (hung,
+        // or cut off without a reset) is left after ACK_TIMEOUT, not after the connection's
+        // keepalive gives up. `waiting` is when the oldest batch in flight was sent or last
+        // saw progress.
+        let ack_timeout = (self.sink.replicas() > 1).then_some(ACK_TIMEOUT);
+        let mut waiting = Instant::now();
         // What this stream replays: every batch the last one left unacknowledged.
         let replay = (
             self.unacked.len(),
@@ -591,6 +601,7 @@ impl Task {
                 ack = next_ack(&mut acks) => match ack {
                     Ok(Some(a)) => {
                         acked = true;
+                        waiting = Instant::now();
                         self.on_ack(a.batch_seq, &mut next_unsent);
                     }
                     Ok(None) => {
@@ -603,6 +614,9 @@ impl Task {
                 },
                 permit = out_tx.reserve(), if next_unsent < self.unacked.len() => match permit {
                     Ok(p) => {
+                        if next_unsent == 0 {
+                            waiting = Instant::now();
+                        }
                         p.send(self.unacked[next_unsent].request.clone());
                         next_unsent += 1;
                     }
@@ -621,6 +635,14 @@ impl Task {
                 }
                 _ = self.stop.changed() => {}
                 () = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {}
+                () = sleep_until(waiting + ack_timeout.unwrap_or_default()),
+                    if ack_timeout.is_some() && next_unsent > 0 => {
+                    let secs = ACK_TIMEOUT.as_secs();
+                    return SessionEnd::Failed {
+                        status: format!("no acknowledgement for {secs} s"),
+                        acked,
+                    };
+                }
             }
         }
     }

@@ -26,6 +26,8 @@ use tokio::{
 const TOKEN: &str = "lab-token";
 /// Connections each proxy carries.
 const PER_PROXY: usize = 60;
+/// Connections carried past a hung replica (it hangs halfway).
+const HUNG_CONNS: usize = 6;
 /// Replica a hangs once its proxy has carried this many, and dies ten later.
 const KILL_AFTER: usize = 20;
 
@@ -287,5 +289,80 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
     }
     assert_eq!(last.keys().copied().collect::<HashSet<_>>(), ids);
     drop(b);
+    Ok(())
+}
+
+/// A replica that hangs (SIGSTOP: its connections stay open, nothing is acknowledged, no
+/// reset comes) is left for the next one after the reporter's acknowledgement timeout, and
+/// what it never acknowledged is recorded there once.
+#[tokio::test]
+async fn a_hung_replica_is_left_after_the_acknowledgement_timeout() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = pg_fixture::Cluster::shared().create_database()?;
+    let a = Registry::start_on(
+        &dir.path().join("a"),
+        Some(url.clone()),
+        "127.0.0.1:0",
+        &["--token", TOKEN],
+    )
+    .await?;
+    let b = Registry::start_on(
+        &dir.path().join("b"),
+        Some(url),
+        "127.0.0.1:0",
+        &["--token", TOKEN],
+    )
+    .await?;
+    let p = ProxyProc::start(
+        dir.path(),
+        &format!("{},{}", a.url, b.url),
+        "p",
+        &["--token", TOKEN],
+    )
+    .await?;
+    let echo = echo_server().await?;
+    let mut ports = Vec::new();
+    for i in 0..HUNG_CONNS {
+        if i == HUNG_CONNS / 2 {
+            let pid = a
+                .proc
+                .pid()
+                .ok_or_else(|| anyhow::anyhow!("replica a's pid"))?;
+            std::process::Command::new("kill")
+                .args(["-STOP", &pid.to_string()])
+                .status()?;
+        }
+        ports.push(echo_once(p.socks, echo, &payload(1, i), async {}).await?);
+    }
+    let mut client = tests::registry_client(&b.url, Some(TOKEN)).await?;
+    let records = tests::eventually("every connection closed, read through b", || {
+        let mut client = client.clone();
+        async move {
+            let all = all_connections(&mut client).await?;
+            let closed = all
+                .iter()
+                .filter(|r| r.status == ConnStatus::Disconnected as i32)
+                .count();
+            Ok((closed == HUNG_CONNS).then_some(all))
+        }
+    })
+    .await?;
+    for (i, port) in ports.iter().enumerate() {
+        let mine: Vec<_> = records
+            .iter()
+            .filter(|r| r.src_port == u32::from(*port))
+            .collect();
+        assert_eq!(mine.len(), 1, "connection {i} recorded once");
+        let packets = history(&mut client, mine[0].id).await?;
+        assert_eq!(direction_bytes(&packets, Direction::C2s), payload(1, i));
+    }
+    let log = p.proc.stderr();
+    assert!(log.contains("no acknowledgement for 5 s"), "{log}");
+    // Let the hung replica go, so that it can be stopped.
+    if let Some(pid) = a.proc.pid() {
+        std::process::Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status()?;
+    }
     Ok(())
 }
