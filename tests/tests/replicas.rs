@@ -339,3 +339,39 @@ async fn a_live_export_resumes_on_the_next_replica_and_writes_each_packet_once()
     );
     Ok(())
 }
+
+/// A `--store` that is not a PostgreSQL URL, or a database that cannot be reached, stops
+/// registry-svc at start with a sentence naming it, without its password.
+#[tokio::test]
+async fn a_bad_or_unreachable_store_is_refused_at_start_naming_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    for (store, says) in [
+        (
+            "mysql://lab@127.0.0.1/interpose".to_string(),
+            "--store takes a postgres:// URL".to_string(),
+        ),
+        (
+            format!("postgres://lab:s3cret@127.0.0.1:{closed_port}/interpose"),
+            format!("connecting to postgres://lab@127.0.0.1:{closed_port}/interpose"),
+        ),
+    ] {
+        let err = match Registry::start_on(
+            &dir.path().join("r"),
+            Some(store),
+            "127.0.0.1:0",
+            &["--token", TOKEN],
+        )
+        .await
+        {
+            Ok(_) => anyhow::bail!("registry-svc started on a bad store"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(&says), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+    Ok(())
+}
