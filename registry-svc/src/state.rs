@@ -486,6 +486,7 @@ mod tests {
             match n.change {
                 Change::Removed(id) => assert!(removed.insert(id), "{id} twice"),
                 Change::Upsert(c) => panic!("unexpected upsert of {}", c.id),
+                Change::Reset => panic!("unexpected reset"),
             }
         }
         assert_eq!(removed.len() as u64, N);

@@ -125,6 +125,9 @@ pub enum Change {
     Upsert(std::sync::Arc<Connection>),
     /// The record was cleared.
     Removed(u64),
+    /// Changes were missed (a store's feed fell behind what it keeps): every watcher starts
+    /// over from a new snapshot.
+    Reset,
 }
 
 /// The registry's sled database.

@@ -76,6 +76,7 @@ impl View {
         let id = match &n.change {
             Change::Upsert(c) => c.id,
             Change::Removed(id) => *id,
+            Change::Reset => return None,
         };
         if self.has_seen(n.seq, id) {
             return None;
@@ -87,7 +88,7 @@ impl View {
                 }
                 Some(upsert(Connection::clone(&c)))
             }
-            Change::Upsert(_) | Change::Removed(_) => {
+            Change::Upsert(_) | Change::Removed(_) | Change::Reset => {
                 let was_in_view = self.known.as_mut().is_none_or(|k| k.remove(&id));
                 was_in_view.then(|| marker(WatchKind::Removed, id))
             }
@@ -150,6 +151,7 @@ async fn snapshot(
         // Keep up with the changes meanwhile, so a long snapshot does not lag.
         loop {
             match rx.try_recv() {
+                Ok(n) if matches!(n.change, Change::Reset) => return Err(lagged(0)),
                 Ok(n) => {
                     if let Some(ev) = view.event(n) {
                         send(tx, ev).await?;
@@ -181,6 +183,7 @@ async fn live(
             }
         };
         let event = match change {
+            Ok(n) if matches!(n.change, Change::Reset) => return lagged(0),
             Ok(n) => view.event(n),
             Err(RecvError::Lagged(n)) => return lagged(n),
             Err(RecvError::Closed) => return Stop::Done,

@@ -123,8 +123,12 @@ fn read_changes(
                     from = *last + 1,
                     to = seq - 1,
                     "changes were trimmed before this registry read them (it fell more than \
-                     five minutes behind): watchers may have missed them"
+                     five minutes behind): every watcher starts over from a new snapshot"
                 );
+                let _ = feed.send(Numbered {
+                    seq: seq as u64 - 1,
+                    change: Change::Reset,
+                });
             }
             let change = match row.get::<_, Option<&[u8]>>(2) {
                 Some(body) => Change::Upsert(Arc::new(decode("record change", body)?)),

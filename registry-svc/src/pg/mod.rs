@@ -852,4 +852,35 @@ mod tests {
         assert!(matches!(got[2].change, crate::store::Change::Removed(1)));
         a.close().unwrap();
     }
+
+    /// Changes trimmed before the feed read them (numbers taken, rows gone) make every
+    /// watcher start over: the feed publishes a reset before the next change.
+    #[test]
+    fn a_gap_in_the_feed_resets_the_watchers() {
+        let a = store();
+        let (tx, mut rx) = broadcast::channel(64);
+        // The feed has read the counter when `start_feed` returns.
+        assert!(a.start_feed(tx));
+        a.pool
+            .get()
+            .unwrap()
+            .execute("UPDATE counter SET seq = seq + 5", &[])
+            .unwrap();
+        a.open_conn(open(1)).unwrap();
+        a.commit().unwrap();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.len() < 2 && std::time::Instant::now() < deadline {
+            match rx.try_recv() {
+                Ok(n) => got.push(n),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        assert!(
+            matches!(got[0].change, crate::store::Change::Reset),
+            "{got:?}"
+        );
+        assert_eq!(got[1].seq, 6);
+        a.close().unwrap();
+    }
 }
