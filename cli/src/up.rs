@@ -19,11 +19,11 @@ pub struct UpArgs {
     /// ~/.local/share/interpose.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Keep the registry's records and history in this PostgreSQL database instead of the
-    /// data directory (`postgres://user:password@host:port/db`), shared with registry-svc
-    /// replicas on it.
-    #[arg(long, env = "INTERPOSE_STORE", hide_env_values = true)]
-    pub store: Option<String>,
+    /// Where the registry keeps records and history (the same as the `registry-svc`
+    /// binary's): the data directory, or a PostgreSQL database shared with registry-svc
+    /// replicas.
+    #[command(flatten)]
+    pub store: registry_svc::StoreArgs,
     /// gRPC listen address for every service; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:50051", value_parser = proto::serve::listen_addr)]
     pub grpc: SocketAddr,
@@ -71,7 +71,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let splicer = args.proxy.tls_splice(&dir)?;
     let ca_path = splicer.ca().cert_path();
 
-    let registry = registry_svc::open(&dir, args.store.as_deref(), &args.history.options())?;
+    let registry = registry_svc::open(&dir, &args.store, &args.history.options())?;
     let listener = tokio::net::TcpListener::bind(args.grpc)
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;

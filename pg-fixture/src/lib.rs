@@ -321,6 +321,45 @@ impl Cluster {
         command::run("pg_ctl start", pg_ctl, limit).map(drop)
     }
 
+    /// Turns TLS on with the server certificate `cert_pem` and its key `key_pem` (PEM),
+    /// restarting the server on the same port; plain connections are still taken (a client
+    /// asks for TLS with `sslmode`).
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = self.data_dir().join(name);
+            fs::write(&path, pem).map_err(io_error(&format!("writing {name}")))?;
+            // The server refuses a key others can read.
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(io_error(&format!("restricting {name}")))?;
+            self.account
+                .give(&path)
+                .map_err(io_error(&format!("handing {name} to the server")))?;
+        }
+        let conf = self.data_dir().join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).map_err(io_error("reading postgresql.conf"))?;
+        text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        fs::write(&conf, text).map_err(io_error("writing postgresql.conf"))?;
+        let mut pg_ctl = self.server_command("pg_ctl");
+        pg_ctl
+            .args([
+                "restart",
+                "-w",
+                "-s",
+                "-m",
+                "fast",
+                "-t",
+                &START_WAIT_SECS.to_string(),
+            ])
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.log_path())
+            .args(["-o", &format!("-p {}", self.port)]);
+        let limit = Duration::from_secs(START_WAIT_SECS) + PG_CTL_SLACK;
+        command::run("pg_ctl restart", pg_ctl, limit).map(drop)
+    }
+
     /// The last lines the server logged after byte `from` of its log.
     fn log_since(&self, from: u64) -> String {
         let log = fs::read(self.log_path()).unwrap_or_default();

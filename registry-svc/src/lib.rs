@@ -48,16 +48,16 @@ pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
 /// Opens the registry state kept in `data_dir`, with an error that names the path. The data
 /// directory is made private first (umask 077, modes 0700/0600 fixed where looser).
 /// `history` is its budget (see [`store::budget`]).
-/// With `store` (a `postgres://` URL) the records and history live in that database
+/// With `store.store` (a `postgres://` URL) the records and history live in that database
 /// instead, shared with any other registry process on it.
 pub fn open(
     data_dir: &std::path::Path,
-    store: Option<&str>,
+    store: &StoreArgs,
     history: &store::HistoryOptions,
 ) -> anyhow::Result<Arc<State>> {
     proto::private::prepare_data_dir(data_dir)
         .with_context(|| format!("preparing data directory {}", data_dir.display()))?;
-    if let Some(url) = store {
+    if let Some(url) = &store.store {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             anyhow::bail!(
                 "--store takes a postgres:// URL (without it the registry keeps its store \
@@ -65,7 +65,7 @@ pub fn open(
             );
         }
         return off_runtime(|| {
-            let pg = pg::PgStore::open(url, history)?;
+            let pg = pg::PgStore::open(url, store.store_ca.as_deref(), history)?;
             Ok::<_, store::StoreError>(State::with_backend(Box::new(pg)))
         })
         .context("opening the PostgreSQL store");
@@ -119,6 +119,23 @@ pub fn grpc_server(service: RegistryService) -> RegistryServer<RegistryService> 
         .max_encoding_message_size(MAX_MESSAGE)
 }
 
+/// Where the registry keeps its records and history: the data directory (sled), or a
+/// PostgreSQL database shared with other registry processes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct StoreArgs {
+    /// Keep records and history in this PostgreSQL database instead
+    /// (`postgres://user:password@host:port/db`; pass it in INTERPOSE_STORE to keep the
+    /// password out of the process list). Several registry-svc processes may share it and
+    /// serve the same API. TLS as its `sslmode` says (default `prefer`: when the server
+    /// offers it; `require` to insist), the server's certificate checked.
+    #[arg(long, env = "INTERPOSE_STORE", hide_env_values = true)]
+    pub store: Option<String>,
+    /// Trust the database server's certificate when this CA (a PEM file) signed it, besides
+    /// the system's roots.
+    #[arg(long, env = "INTERPOSE_STORE_CA", requires = "store")]
+    pub store_ca: Option<PathBuf>,
+}
+
 /// Command-line options of the standalone `registry-svc` binary.
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -133,11 +150,9 @@ pub struct Args {
     /// Directory for the registry's sled store (and its token and certificates).
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// Keep records and history in this PostgreSQL database instead
-    /// (`postgres://user:password@host:port/db`); several registry-svc processes may share
-    /// it and serve the same API.
-    #[arg(long, env = "INTERPOSE_STORE", hide_env_values = true)]
-    pub store: Option<String>,
+    /// Where records and history are kept, if not in the data directory.
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Bearer token every call must carry. Default: the one in DATA_DIR/token, generated
     /// on first start.
     #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
@@ -194,11 +209,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.no_auth {
         proto::serve::check_exposure(args.listen, None)?;
     }
-    let state = open(
-        &args.data_dir,
-        args.store.as_deref(),
-        &args.history.options(),
-    )?;
+    let state = open(&args.data_dir, &args.store, &args.history.options())?;
     let auth = proto::token::AuthOptions {
         token: args.token,
         token_file: args.token_file,

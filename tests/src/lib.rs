@@ -277,7 +277,11 @@ pub fn database_for(data_dir: &Path) -> anyhow::Result<String> {
 
 /// The count a query returns from the database of the registry keeping `data_dir`.
 pub async fn pg_count(data_dir: &Path, sql: &'static str) -> anyhow::Result<u64> {
-    let url = database_for(data_dir)?;
+    pg_count_at(database_for(data_dir)?, sql).await
+}
+
+/// The count a query returns from the database at `url`.
+pub async fn pg_count_at(url: String, sql: &'static str) -> anyhow::Result<u64> {
     tokio::task::spawn_blocking(move || {
         let mut client = postgres::Client::connect(&url, postgres::NoTls)?;
         let n: i64 = client.query_one(sql, &[])?.get(0);

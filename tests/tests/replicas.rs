@@ -375,3 +375,88 @@ async fn a_bad_or_unreachable_store_is_refused_at_start_naming_it() -> anyhow::R
     }
     Ok(())
 }
+
+/// With `sslmode=require` the registry talks to the database over TLS and checks its
+/// certificate: refused without the CA that signed it, served with `--store-ca`.
+#[tokio::test]
+async fn the_database_connection_is_encrypted_and_its_certificate_checked() -> anyhow::Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+    let dir = tempfile::tempdir()?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "lab database CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])?
+        .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))?;
+    let ca_pem = dir.path().join("db-ca.pem");
+    std::fs::write(&ca_pem, ca.pem())?;
+    let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+    let cluster = tokio::task::spawn_blocking(move || {
+        let cluster = pg_fixture::Cluster::start()?;
+        cluster.enable_tls(&cert_pem, &key_pem)?;
+        anyhow::Ok(cluster)
+    })
+    .await??;
+    // The server takes plain connections too: the test's own queries use them.
+    let plain = cluster.create_database()?;
+    let url = format!("{plain}?sslmode=require");
+
+    let refused = Registry::start_on(
+        &dir.path().join("no-ca"),
+        Some(url.clone()),
+        "127.0.0.1:0",
+        &["--token", TOKEN],
+    )
+    .await;
+    let err = match refused {
+        Ok(_) => anyhow::bail!("registry-svc started without trusting the database's CA"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("certificate"), "{err}");
+    assert!(err.contains("--store-ca"), "{err}");
+
+    let ca_arg = ca_pem.display().to_string();
+    let reg = Registry::start_on(
+        &dir.path().join("ca"),
+        Some(url.clone()),
+        "127.0.0.1:0",
+        &["--token", TOKEN, "--store-ca", &ca_arg],
+    )
+    .await?;
+    let mut client = tests::registry_client(&reg.url, Some(TOKEN)).await?;
+    let mut ingest = Ingest::open(&mut client, "node-t").await?;
+    ingest
+        .send_durable(vec![events::open(1, 40001, "tls.example", 443)])
+        .await?;
+    let list = client
+        .list_connections(ListConnectionsRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(list.connections.len(), 1);
+    let sessions = |encrypted: bool| {
+        let sql: &'static str = match encrypted {
+            true => {
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                     WHERE a.application_name = 'interpose-registry' AND s.ssl"
+            }
+            false => {
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                      WHERE a.application_name = 'interpose-registry' AND NOT s.ssl"
+            }
+        };
+        tests::pg_count_at(plain.clone(), sql)
+    };
+    assert!(
+        sessions(true).await? > 0,
+        "the registry's sessions are encrypted"
+    );
+    assert_eq!(sessions(false).await?, 0, "and none is not");
+    drop(reg);
+    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    Ok(())
+}

@@ -182,9 +182,14 @@ fn get_in(client: &mut impl GenericClient, id: u64) -> Result<Option<Connection>
 }
 
 impl PgStore {
-    /// Connects to the database at `url`, creating or migrating its schema.
-    pub fn open(url: &str, options: &HistoryOptions) -> Result<Self, StoreError> {
-        let pool = Pool::new(url)?;
+    /// Connects to the database at `url` (trusting the CA in the PEM file `ca` too, for its
+    /// TLS), creating or migrating its schema.
+    pub fn open(
+        url: &str,
+        ca: Option<&std::path::Path>,
+        options: &HistoryOptions,
+    ) -> Result<Self, StoreError> {
+        let pool = Pool::new(url, ca)?;
         let mut client = pool.get()?;
         let version = schema::migrate(&mut client)?;
         let row = client.query_one(
@@ -744,7 +749,7 @@ mod tests {
     }
 
     fn on(url: &str) -> PgStore {
-        PgStore::open(url, &HistoryOptions::default()).expect("open")
+        PgStore::open(url, None, &HistoryOptions::default()).expect("open")
     }
 
     fn open(id: u64) -> Connection {

@@ -3,11 +3,13 @@
 
 use std::{
     ops::{Deref, DerefMut},
-    sync::Mutex,
+    path::Path,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
-use postgres::{Client, Config, NoTls};
+use postgres::{Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::StoreError;
 
@@ -17,6 +19,9 @@ const IDLE: usize = 16;
 /// Connections to one database.
 pub struct Pool {
     config: Config,
+    /// TLS as the URL's `sslmode` asks (libpq's default, `prefer`: when the server offers
+    /// it), with the server's certificate checked against the system's roots and `--store-ca`.
+    tls: MakeRustlsConnect,
     /// The database as named in errors and logs (the URL without its password).
     pub(super) name: String,
     idle: Mutex<Vec<Client>>,
@@ -29,8 +34,9 @@ pub struct Conn<'a> {
 }
 
 impl Pool {
-    /// A pool for the database at `url` (`postgres://user:password@host:port/db`).
-    pub fn new(url: &str) -> Result<Self, StoreError> {
+    /// A pool for the database at `url` (`postgres://user:password@host:port/db`), whose
+    /// server certificate is also trusted when signed by the CA in the PEM file `ca`.
+    pub fn new(url: &str, ca: Option<&Path>) -> Result<Self, StoreError> {
         let mut config: Config = url
             .parse()
             .map_err(|e| StoreError::Invalid(format!("bad PostgreSQL URL in --store: {e}")))?;
@@ -42,6 +48,7 @@ impl Pool {
         let name = describe(&config);
         Ok(Self {
             config,
+            tls: tls(ca)?,
             name,
             idle: Mutex::new(Vec::new()),
         })
@@ -51,6 +58,7 @@ impl Pool {
     pub fn another(&self) -> Self {
         Self {
             config: self.config.clone(),
+            tls: self.tls.clone(),
             name: self.name.clone(),
             idle: Mutex::new(Vec::new()),
         }
@@ -58,12 +66,13 @@ impl Pool {
 
     /// A new connection of its own (the change feed's, which listens).
     pub fn connect(&self) -> Result<Client, StoreError> {
-        self.config.connect(NoTls).map_err(|e| {
-            StoreError::Database(format!(
-                "connecting to {}: {}",
-                self.name,
-                describe_error(&e)
-            ))
+        self.config.connect(self.tls.clone()).map_err(|e| {
+            let why = describe_error(&e);
+            let hint = match why.contains("certificate") {
+                true => " (trust the CA that signed it with --store-ca)",
+                false => "",
+            };
+            StoreError::Database(format!("connecting to {}: {why}{hint}", self.name))
         })
     }
 
@@ -79,6 +88,36 @@ impl Pool {
             client: Some(client),
         })
     }
+}
+
+/// The TLS client for the database: the system's roots and the CA in `ca`, if given.
+fn tls(ca: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system root rustls cannot use is no reason to refuse the others.
+        let _ = roots.add(cert);
+    }
+    if let Some(ca) = ca {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let bad = |why: String| StoreError::Invalid(format!("--store-ca {}: {why}", ca.display()));
+        let certs = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| bad(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no PEM certificate in it".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Invalid(format!("TLS to the database: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 impl Deref for Conn<'_> {
@@ -160,14 +199,14 @@ mod tests {
 
     #[test]
     fn the_database_is_named_without_its_password() {
-        let pool = Pool::new("postgres://lab:s3cret@127.0.0.1:5433/interpose").unwrap();
+        let pool = Pool::new("postgres://lab:s3cret@127.0.0.1:5433/interpose", None).unwrap();
         assert_eq!(pool.name, "postgres://lab@127.0.0.1:5433/interpose");
         assert!(!pool.name.contains("s3cret"));
     }
 
     #[test]
     fn a_bad_url_is_an_invalid_argument_naming_the_flag() {
-        let Err(StoreError::Invalid(why)) = Pool::new("postgres://[::1") else {
+        let Err(StoreError::Invalid(why)) = Pool::new("postgres://[::1", None) else {
             panic!("a bad URL was accepted");
         };
         assert!(why.contains("--store"), "{why}");
