@@ -309,16 +309,22 @@ impl Cluster {
     }
 
     fn pg_ctl_start(&self) -> Result<(), Error> {
+        self.pg_ctl_up("start", &[])
+    }
+
+    /// `pg_ctl ACTION` (start or restart) on the cluster's port, waiting until it serves.
+    fn pg_ctl_up(&self, action: &str, extra: &[&str]) -> Result<(), Error> {
         let mut pg_ctl = self.server_command("pg_ctl");
         pg_ctl
-            .args(["start", "-w", "-s", "-t", &START_WAIT_SECS.to_string()])
+            .args([action, "-w", "-s", "-t", &START_WAIT_SECS.to_string()])
+            .args(extra)
             .arg("-D")
             .arg(self.data_dir())
             .arg("-l")
             .arg(self.log_path())
             .args(["-o", &format!("-p {}", self.port)]);
         let limit = Duration::from_secs(START_WAIT_SECS) + PG_CTL_SLACK;
-        command::run("pg_ctl start", pg_ctl, limit).map(drop)
+        command::run(&format!("pg_ctl {action}"), pg_ctl, limit).map(drop)
     }
 
     /// Turns TLS on with the server certificate `cert_pem` and its key `key_pem` (PEM),
@@ -340,24 +346,7 @@ impl Cluster {
         let mut text = fs::read_to_string(&conf).map_err(io_error("reading postgresql.conf"))?;
         text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
         fs::write(&conf, text).map_err(io_error("writing postgresql.conf"))?;
-        let mut pg_ctl = self.server_command("pg_ctl");
-        pg_ctl
-            .args([
-                "restart",
-                "-w",
-                "-s",
-                "-m",
-                "fast",
-                "-t",
-                &START_WAIT_SECS.to_string(),
-            ])
-            .arg("-D")
-            .arg(self.data_dir())
-            .arg("-l")
-            .arg(self.log_path())
-            .args(["-o", &format!("-p {}", self.port)]);
-        let limit = Duration::from_secs(START_WAIT_SECS) + PG_CTL_SLACK;
-        command::run("pg_ctl restart", pg_ctl, limit).map(drop)
+        self.pg_ctl_up("restart", &["-m", "fast"])
     }
 
     /// The last lines the server logged after byte `from` of its log.

@@ -312,6 +312,13 @@ impl Registry {
         Self::start_on(data_dir, store, listen, extra).await
     }
 
+    /// Starts a replica on the database at `store` serving `token`, its own files in
+    /// `data_dir`.
+    pub async fn start_replica(data_dir: &Path, store: &str, token: &str) -> anyhow::Result<Self> {
+        let store = Some(store.to_string());
+        Self::start_on(data_dir, store, "127.0.0.1:0", &["--token", token]).await
+    }
+
     /// Starts a registry keeping its records and history in the database at `store` (one
     /// of several replicas, when they share it), else in `data_dir`.
     pub async fn start_on(

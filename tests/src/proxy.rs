@@ -226,6 +226,22 @@ impl Server {
     }
 }
 
+/// A loopback echo server running until the test ends: every connection gets its bytes
+/// back until it closes.
+pub async fn echo_server() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
 /// Reads until EOF (bounded wait).
 pub async fn read_to_end(s: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
     let mut v = Vec::new();

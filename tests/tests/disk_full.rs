@@ -14,7 +14,7 @@ use proto::{
 };
 use tests::{
     Up, eventually, interpose_ok,
-    proxy::{Server, all_connections, direction_bytes, history, payload, socks_connected},
+    proxy::{all_connections, direction_bytes, history, payload, socks_connected},
     registry_client,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -58,21 +58,6 @@ async fn history_health(url: &str) -> anyhow::Result<i32> {
         .status)
 }
 
-/// An echo server: every connection gets its bytes back until it closes.
-async fn echo_server() -> anyhow::Result<std::net::SocketAddr> {
-    let server = Server::bind().await?;
-    let addr = server.addr;
-    tokio::spawn(async move {
-        while let Ok(mut s) = server.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
 /// Sends `data` through the proxy to the echo server, reads it back, closes.
 async fn echo_through(
     socks: std::net::SocketAddr,
@@ -111,7 +96,7 @@ async fn a_full_disk_stops_only_history_which_is_counted_and_resumes() -> anyhow
         .proc
         .pid()
         .ok_or_else(|| anyhow::anyhow!("up has no pid"))?;
-    let echo = echo_server().await?;
+    let echo = tests::proxy::echo_server().await?;
     let url = up.grpc.clone();
 
     // History first, so that the history log is far larger than sled's files: the limit

@@ -26,21 +26,6 @@ use tokio::{
     process::Command,
 };
 
-/// A loopback server echoing everything back until the client closes.
-async fn echo_server() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
 /// One connection through the proxy: its client port (the record's `src_port`) and the
 /// bytes sent so far (echoed, so both directions' history).
 struct Conn {
@@ -236,7 +221,7 @@ async fn a_proxy_fails_over_to_the_next_registry_and_replays_what_the_dead_one_n
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (a, b) = two_registries(dir.path(), None).await?;
-    let echo = echo_server().await?;
+    let echo = tests::proxy::echo_server().await?;
     let (a_url, b_url) = (a.url.clone(), b.url.clone());
     let proxy =
         ProxyProc::start(dir.path(), &format!("{a_url},{b_url}"), "failover-1", &[]).await?;
@@ -257,7 +242,7 @@ async fn replicas_of_one_database_lose_nothing_and_record_nothing_twice_when_one
     let dir = tempfile::tempdir()?;
     let db = pg_fixture::Cluster::shared().create_database()?;
     let (a, b) = two_registries(dir.path(), Some(db)).await?;
-    let echo = echo_server().await?;
+    let echo = tests::proxy::echo_server().await?;
     let (a_url, b_url) = (a.url.clone(), b.url.clone());
     let registries = format!("{a_url},{b_url}");
     let proxy = ProxyProc::start(dir.path(), &registries, "failover-pg", &[]).await?;
@@ -288,7 +273,7 @@ async fn a_proxy_whose_first_registry_refuses_from_the_start_reports_to_the_next
     let dead = dead_url().await?;
     // The proxy takes the token of the first URL's server: B's.
     tests::set_token_file(&dead, tests::token_file(&b.url));
-    let echo = echo_server().await?;
+    let echo = tests::proxy::echo_server().await?;
     let proxy =
         ProxyProc::start(dir.path(), &format!("{dead},{}", b.url), "failover-2", &[]).await?;
     let mut reg_b = b.client().await?;
@@ -314,7 +299,7 @@ async fn a_registry_that_answers_but_fails_every_call_is_passed_over_like_a_dead
     let a = Registry::start(&dir.path().join("a")).await?;
     let b = Registry::start(&dir.path().join("b")).await?;
     tests::set_token_file(&a.url, tests::token_file(&b.url));
-    let echo = echo_server().await?;
+    let echo = tests::proxy::echo_server().await?;
     let registries = format!("{},{}", a.url, b.url);
     let proxy = ProxyProc::start(dir.path(), &registries, "failover-3", &[]).await?;
     let mut reg_b = b.client().await?;

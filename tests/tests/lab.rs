@@ -12,16 +12,17 @@ use std::{
     },
 };
 
-use proto::common::{ConnStatus, Direction};
+use proto::{
+    client::AuthChannel,
+    common::{ConnStatus, Connection, Direction},
+    registry::registry_client::RegistryClient,
+};
 use serde_json::Value;
 use tests::{
     Registry, WAIT,
     proxy::{ProxyProc, all_connections, direction_bytes, history, socks_connected},
 };
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "lab-token";
 /// Connections each proxy carries.
@@ -31,19 +32,46 @@ const HUNG_CONNS: usize = 6;
 /// Replica a hangs once its proxy has carried this many, and dies ten later.
 const KILL_AFTER: usize = 20;
 
-/// An echo server on loopback: every connection gets back what it sends.
-async fn echo_server() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
+/// A proxy-core reporting to `replicas` in that order, as `node`.
+async fn proxy(
+    dir: &std::path::Path,
+    replicas: [&Registry; 2],
+    node: &str,
+) -> anyhow::Result<ProxyProc> {
+    let urls = format!("{},{}", replicas[0].url, replicas[1].url);
+    ProxyProc::start(dir, &urls, node, &["--token", TOKEN]).await
+}
+
+/// Waits until `client`'s registry holds `n` records or more, all closed; returns them.
+async fn all_closed(
+    client: &RegistryClient<AuthChannel>,
+    n: usize,
+    place: &str,
+) -> anyhow::Result<Vec<Connection>> {
+    tests::eventually(&format!("every connection closed, {place}"), || {
+        let mut client = client.clone();
+        async move {
+            let all = all_connections(&mut client).await?;
+            let closed = all
+                .iter()
+                .filter(|r| r.status == ConnStatus::Disconnected as i32)
+                .count();
+            Ok((all.len() >= n && closed == all.len()).then_some(all))
         }
-    });
-    Ok(addr)
+    })
+    .await
+}
+
+/// Sends signal `name` to `replica` without waiting for it to exit.
+fn signal(replica: &Registry, name: &str) -> anyhow::Result<()> {
+    let pid = replica
+        .proc
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("the replica has exited"))?;
+    std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()?;
+    Ok(())
 }
 
 /// The bytes connection `i` of `proxy` sends (and gets back).
@@ -113,15 +141,7 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
     let url = pg_fixture::Cluster::shared().create_database()?;
     let mut replicas = Vec::new();
     for name in ["a", "b", "c"] {
-        replicas.push(
-            Registry::start_on(
-                &dir.path().join(name),
-                Some(url.clone()),
-                "127.0.0.1:0",
-                &["--token", TOKEN],
-            )
-            .await?,
-        );
+        replicas.push(Registry::start_replica(&dir.path().join(name), &url, TOKEN).await?);
     }
     let [a, b, c] =
         <[Registry; 3]>::try_from(replicas).map_err(|_| anyhow::anyhow!("three replicas"))?;
@@ -151,24 +171,12 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
     });
 
     // Proxy 1 reports to replica a (then b), proxy 2 to b (then a).
-    let p1 = ProxyProc::start(
-        dir.path(),
-        &format!("{},{}", a.url, b.url),
-        "p1",
-        &["--token", TOKEN],
-    )
-    .await?;
-    let p2 = ProxyProc::start(
-        dir.path(),
-        &format!("{},{}", b.url, a.url),
-        "p2",
-        &["--token", TOKEN],
-    )
-    .await?;
+    let p1 = proxy(dir.path(), [&a, &b], "p1").await?;
+    let p2 = proxy(dir.path(), [&b, &a], "p2").await?;
     // Proxy 1 carries a third of its connections, then replica a hangs (SIGSTOP: what
     // proxy 1 sends it now is never acknowledged) while proxy 1 carries another few, then
     // a dies (SIGKILL) and proxy 1 carries the rest.
-    let echo = echo_server().await?;
+    let echo = tests::proxy::echo_server().await?;
     let done1 = Arc::new(AtomicUsize::new(0));
     let (stage, stages) = tokio::sync::watch::channel(0usize);
     let waits = HashMap::from([(KILL_AFTER, 1), (KILL_AFTER + 10, 2)]);
@@ -194,13 +202,7 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
         carried(KILL_AFTER),
     )
     .await?;
-    let a_pid = a
-        .proc
-        .pid()
-        .ok_or_else(|| anyhow::anyhow!("replica a's pid"))?;
-    std::process::Command::new("kill")
-        .args(["-STOP", &a_pid.to_string()])
-        .status()?;
+    signal(&a, "STOP")?;
     stage.send_replace(1);
     tests::eventually(
         "proxy 1 to carry connections while a hangs",
@@ -214,18 +216,7 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
     // Every connection once, closed, with its bytes; history whole, nothing twice.
     let mut client = tests::registry_client(&c.url, Some(TOKEN)).await?;
     let expected = 2 * PER_PROXY;
-    let records = tests::eventually("every connection closed on the third replica", || {
-        let mut client = client.clone();
-        async move {
-            let all = all_connections(&mut client).await?;
-            let closed = all
-                .iter()
-                .filter(|r| r.status == ConnStatus::Disconnected as i32)
-                .count();
-            Ok((all.len() >= expected && closed == all.len()).then_some(all))
-        }
-    })
-    .await?;
+    let records = all_closed(&client, expected, "on the third replica").await?;
     assert_eq!(records.len(), expected, "one record per connection");
     let ids: HashSet<u64> = records.iter().map(|r| r.id).collect();
     assert_eq!(ids.len(), expected, "unique IDs");
@@ -299,54 +290,19 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
 async fn a_hung_replica_is_left_after_the_acknowledgement_timeout() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let url = pg_fixture::Cluster::shared().create_database()?;
-    let a = Registry::start_on(
-        &dir.path().join("a"),
-        Some(url.clone()),
-        "127.0.0.1:0",
-        &["--token", TOKEN],
-    )
-    .await?;
-    let b = Registry::start_on(
-        &dir.path().join("b"),
-        Some(url),
-        "127.0.0.1:0",
-        &["--token", TOKEN],
-    )
-    .await?;
-    let p = ProxyProc::start(
-        dir.path(),
-        &format!("{},{}", a.url, b.url),
-        "p",
-        &["--token", TOKEN],
-    )
-    .await?;
-    let echo = echo_server().await?;
+    let a = Registry::start_replica(&dir.path().join("a"), &url, TOKEN).await?;
+    let b = Registry::start_replica(&dir.path().join("b"), &url, TOKEN).await?;
+    let p = proxy(dir.path(), [&a, &b], "p").await?;
+    let echo = tests::proxy::echo_server().await?;
     let mut ports = Vec::new();
     for i in 0..HUNG_CONNS {
         if i == HUNG_CONNS / 2 {
-            let pid = a
-                .proc
-                .pid()
-                .ok_or_else(|| anyhow::anyhow!("replica a's pid"))?;
-            std::process::Command::new("kill")
-                .args(["-STOP", &pid.to_string()])
-                .status()?;
+            signal(&a, "STOP")?;
         }
         ports.push(echo_once(p.socks, echo, &payload(1, i), async {}).await?);
     }
     let mut client = tests::registry_client(&b.url, Some(TOKEN)).await?;
-    let records = tests::eventually("every connection closed, read through b", || {
-        let mut client = client.clone();
-        async move {
-            let all = all_connections(&mut client).await?;
-            let closed = all
-                .iter()
-                .filter(|r| r.status == ConnStatus::Disconnected as i32)
-                .count();
-            Ok((closed == HUNG_CONNS).then_some(all))
-        }
-    })
-    .await?;
+    let records = all_closed(&client, HUNG_CONNS, "read through b").await?;
     for (i, port) in ports.iter().enumerate() {
         let mine: Vec<_> = records
             .iter()
@@ -359,10 +315,6 @@ async fn a_hung_replica_is_left_after_the_acknowledgement_timeout() -> anyhow::R
     let log = p.proc.stderr();
     assert!(log.contains("no acknowledgement for 5 s"), "{log}");
     // Let the hung replica go, so that it can be stopped.
-    if let Some(pid) = a.proc.pid() {
-        std::process::Command::new("kill")
-            .args(["-CONT", &pid.to_string()])
-            .status()?;
-    }
+    signal(&a, "CONT")?;
     Ok(())
 }

@@ -22,8 +22,7 @@ async fn replicas(n: usize) -> anyhow::Result<(tempfile::TempDir, Vec<Registry>)
     let mut regs = Vec::new();
     for i in 0..n {
         let data = dir.path().join(format!("replica-{i}"));
-        let reg = Registry::start_on(&data, Some(url.clone()), "127.0.0.1:0", &["--token", TOKEN])
-            .await?;
+        let reg = Registry::start_replica(&data, &url, TOKEN).await?;
         regs.push(reg);
     }
     Ok((dir, regs))
@@ -206,13 +205,7 @@ async fn interpose_up_on_the_database_shares_it_with_a_replica() -> anyhow::Resu
     let dir = tempfile::tempdir()?;
     let url = pg_fixture::Cluster::shared().create_database()?;
     let up = tests::Up::start(&dir.path().join("up"), &["--store", &url, "--token", TOKEN]).await?;
-    let replica = Registry::start_on(
-        &dir.path().join("replica"),
-        Some(url),
-        "127.0.0.1:0",
-        &["--token", TOKEN],
-    )
-    .await?;
+    let replica = Registry::start_replica(&dir.path().join("replica"), &url, TOKEN).await?;
 
     let server = Server::bind().await?;
     let mut client_side = socks_connected(up.proc.addr("socks")?, server.addr).await?;

@@ -14,27 +14,9 @@ use tests::{
     eventually,
     proxy::{ProxyProc, socks_connect, wait_conn_by_port},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type R = anyhow::Result<()>;
-
-/// A loopback echo server running until the test ends.
-async fn echo_server() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(addr)
-}
 
 /// CONNECT to `host:port` through `socks`, then one echo round trip; returns how long the
 /// whole took.
@@ -74,7 +56,7 @@ async fn a_stalled_name_server_does_not_starve_other_names() -> R {
     let tmp = tempfile::tempdir()?;
     let reg = Registry::start(&tmp.path().join("reg")).await?;
     let dns = DnsServer::start().await?;
-    let echo = echo_server().await?;
+    let echo = tests::proxy::echo_server().await?;
     let proxy = ProxyProc::start(
         tmp.path(),
         &reg.url,
@@ -155,7 +137,7 @@ async fn a_client_beyond_its_lookup_share_is_refused_at_once() -> R {
     let tmp = tempfile::tempdir()?;
     let reg = Registry::start(&tmp.path().join("reg")).await?;
     let dns = DnsServer::start().await?;
-    let echo = echo_server().await?;
+    let echo = tests::proxy::echo_server().await?;
     let proxy = ProxyProc::start(
         tmp.path(),
         &reg.url,

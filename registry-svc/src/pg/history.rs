@@ -5,7 +5,9 @@
 //! segments are dropped whole (`DROP TABLE`, no row-by-row delete), or with `--history-full
 //! stop` new packets are refused and counted. Rotation and eviction run in transactions of
 //! their own after the commit that grew the history, under an advisory lock, never while
-//! holding the change counter: their table locks wait for writers, never the other way.
+//! holding the change counter: their table locks wait for writers, never the other way, and
+//! for 2 s at most (a writer hung inside its `COPY` must not queue everyone behind the
+//! drop; the rotation or eviction is tried again after the next commit).
 
 use std::collections::HashMap;
 
@@ -191,7 +193,7 @@ impl PgStore {
             if current == seg {
                 let next = seg + 1;
                 tx.batch_execute(&format!(
-                    "SET LOCAL lock_timeout = '10s';
+                    "SET LOCAL lock_timeout = '2s';
                      CREATE TABLE packets_{next} PARTITION OF packets FOR VALUES IN ({next});
                      INSERT INTO segments (seg) VALUES ({next});"
                 ))?;
@@ -223,7 +225,7 @@ impl PgStore {
         )?;
         let (packets, bytes, last_pos): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
         tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '10s'; DROP TABLE packets_{oldest};"
+            "SET LOCAL lock_timeout = '2s'; DROP TABLE packets_{oldest};"
         ))?;
         tx.execute(
             "UPDATE history_totals SET evicted_packets = evicted_packets + $1,
@@ -353,7 +355,7 @@ pub(super) fn purge(client: &mut postgres::Client, what: &Purge) -> Result<Purge
                 "SELECT seg, packets, bytes FROM segments WHERE packets > 0",
                 &[],
             )?;
-            tx.batch_execute("SET LOCAL lock_timeout = '10s'; TRUNCATE packets;")?;
+            tx.batch_execute("SET LOCAL lock_timeout = '2s'; TRUNCATE packets;")?;
             rows.iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2)))
                 .collect()

@@ -239,6 +239,11 @@ impl PgStore {
     fn write(&self, staged: Staged) -> Result<HashSet<u64>, StoreError> {
         let mut client = self.pool.get()?;
         let mut tx = client.transaction()?;
+        // Packets first: a registry that hangs inside its `COPY` then holds no row lock
+        // another replica could wait on (a hang between statements is ended by the server's
+        // idle-in-transaction timeout, a hang inside one by this statement timeout).
+        tx.batch_execute("SET LOCAL statement_timeout = '30s'")?;
+        let fresh = self.store_packets(&mut tx, staged.packets)?;
         // Each record's last state, in ID order (concurrent writers lock rows alike).
         let mut last: HashMap<u64, &Connection> = HashMap::new();
         for c in &staged.changes {
@@ -277,7 +282,6 @@ impl PgStore {
             .filter(|c| written.contains(&c.id))
             .map(Message::encode_to_vec)
             .collect();
-        let fresh = self.store_packets(&mut tx, staged.packets)?;
         for (node, losses) in &staged.losses {
             tx.execute(
                 "INSERT INTO nodes (name, losses) VALUES ($1, $2)

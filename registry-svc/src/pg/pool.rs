@@ -43,8 +43,11 @@ impl Pool {
         config
             .connect_timeout(Duration::from_secs(10))
             .application_name("interpose-registry")
-            // Notices ("already exists, skipping") are not worth a log line each.
-            .options("-c client_min_messages=warning");
+            // Notices ("already exists, skipping") are not worth a log line each. A registry
+            // that hangs or is cut off inside a transaction would hold its row locks (the
+            // change counter's among them) and stall every other replica: the server ends
+            // such a session after 5 s idle in its transaction, which rolls it back.
+            .options("-c client_min_messages=warning -c idle_in_transaction_session_timeout=5000");
         let name = describe(&config);
         Ok(Self {
             config,

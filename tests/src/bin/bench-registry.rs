@@ -217,27 +217,36 @@ fn cli_list(reg: &Registry, args: &[&str], want: usize) -> anyhow::Result<Vec<f6
     Ok(times)
 }
 
+/// Opens records 1 to `RECORDS`, 1,000 per batch.
+async fn fill_records(stream: &mut Ingest) -> anyhow::Result<()> {
+    for chunk in (1..=RECORDS).collect::<Vec<_>>().chunks(1000) {
+        let opens = chunk
+            .iter()
+            .map(|&id| events::open(id, 40000, "example.test", 443))
+            .collect();
+        stream.send_durable(opens).await?;
+    }
+    Ok(())
+}
+
+/// Milliseconds of `RUNS` lists of every record (`RECORDS` of them).
+async fn time_lists(client: &mut Client) -> anyhow::Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for _ in 0..RUNS {
+        let (t, n) = list_all(client, &ConnectionFilter::default()).await?;
+        anyhow::ensure!(n == RECORDS as usize, "listed {n} records");
+        times.push(t);
+    }
+    Ok(times)
+}
+
 async fn list_phase() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let reg = registry(dir.path()).await?;
     let mut client = reg.client().await?;
     let mut stream = Ingest::open(&mut client, "bench").await?;
-    for chunk in (1..=RECORDS).collect::<Vec<_>>().chunks(1000) {
-        stream
-            .send_durable(
-                chunk
-                    .iter()
-                    .map(|&id| events::open(id, 40000, "example.test", 443))
-                    .collect(),
-            )
-            .await?;
-    }
-    let mut times = Vec::new();
-    for _ in 0..RUNS {
-        let (t, n) = list_all(&mut client, &ConnectionFilter::default()).await?;
-        anyhow::ensure!(n == RECORDS as usize, "listed {n} records");
-        times.push(t);
-    }
+    fill_records(&mut stream).await?;
+    let times = time_lists(&mut client).await?;
     let cli_times = cli_list(&reg, &[], RECORDS as usize)?;
     println!("list: {RECORDS} records");
     println!(
@@ -548,22 +557,8 @@ async fn stores() -> anyhow::Result<()> {
         let reg = fresh(dir.path(), pg).await?;
         let mut client = reg.client().await?;
         let mut stream = Ingest::open(&mut client, "bench").await?;
-        for chunk in (1..=RECORDS).collect::<Vec<_>>().chunks(1000) {
-            stream
-                .send_durable(
-                    chunk
-                        .iter()
-                        .map(|&id| events::open(id, 40000, "example.test", 443))
-                        .collect(),
-                )
-                .await?;
-        }
-        let mut times = Vec::new();
-        for _ in 0..RUNS {
-            let (t, n) = list_all(&mut client, &ConnectionFilter::default()).await?;
-            anyhow::ensure!(n == RECORDS as usize, "listed {n} records");
-            times.push(t);
-        }
+        fill_records(&mut stream).await?;
+        let times = time_lists(&mut client).await?;
         println!(
             "  {name}: list {RECORDS} records, all pages: median {:.0} ms ({})",
             median(times.clone()),
