@@ -201,10 +201,19 @@ impl Liveness {
         }
     }
 
-    /// Closes every active record of `node` as closed by the proxy with `reason`.
+    /// Closes every active record of `node` as closed by the proxy with `reason`; when the
+    /// store fails, a node with no stream is looked at again a grace period later.
     fn close_node(&self, node: &str, reason: &str) {
         if let Err(e) = self.try_close_node(node, reason) {
-            tracing::error!(node, "closing the records of a lost node: {e}");
+            tracing::error!(
+                node,
+                "closing the records of a lost node (tried again later): {e}"
+            );
+            if let Some(n) = self.nodes().get_mut(node)
+                && n.streams == 0
+            {
+                n.gone_since = Some(Instant::now());
+            }
         }
     }
 
