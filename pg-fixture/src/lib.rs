@@ -346,6 +346,12 @@ impl Cluster {
         let mut text = fs::read_to_string(&conf).map_err(io_error("reading postgresql.conf"))?;
         text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
         fs::write(&conf, text).map_err(io_error("writing postgresql.conf"))?;
+        self.restart()
+    }
+
+    /// Restarts the server on the same port (fast: open sessions are ended), as an
+    /// administrator restarting a lab's database would.
+    pub fn restart(&self) -> Result<(), Error> {
         self.pg_ctl_up("restart", &["-m", "fast"])
     }
 

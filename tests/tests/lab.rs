@@ -318,3 +318,42 @@ async fn a_hung_replica_is_left_after_the_acknowledgement_timeout() -> anyhow::R
     signal(&a, "CONT")?;
     Ok(())
 }
+
+/// The database restarts under traffic (its sessions ended): the registry's failed commit
+/// is not acknowledged, the proxy replays it, the registry reconnects, and every connection
+/// is recorded once with its history.
+#[tokio::test]
+async fn a_database_restart_loses_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = Arc::new(tokio::task::spawn_blocking(pg_fixture::Cluster::start).await??);
+    let url = cluster.create_database()?;
+    let reg = Registry::start_replica(&dir.path().join("r"), &url, TOKEN).await?;
+    let p = ProxyProc::start(dir.path(), &reg.url, "p", &["--token", TOKEN]).await?;
+    let echo = tests::proxy::echo_server().await?;
+    let mut ports = Vec::new();
+    for i in 0..6 {
+        if i == 3 {
+            let cluster = cluster.clone();
+            tokio::task::spawn_blocking(move || cluster.restart()).await??;
+        }
+        ports.push(echo_once(p.socks, echo, &payload(1, i), async {}).await?);
+    }
+    let client = tests::registry_client(&reg.url, Some(TOKEN)).await?;
+    let records = all_closed(&client, 6, "after the database restarted").await?;
+    assert_eq!(records.len(), 6);
+    let mut client = client;
+    for (i, port) in ports.iter().enumerate() {
+        let mine: Vec<_> = records
+            .iter()
+            .filter(|r| r.src_port == u32::from(*port))
+            .collect();
+        assert_eq!(mine.len(), 1, "connection {i} recorded once");
+        let packets = history(&mut client, mine[0].id).await?;
+        assert_eq!(direction_bytes(&packets, Direction::C2s), payload(1, i));
+        assert_eq!(direction_bytes(&packets, Direction::S2c), payload(1, i));
+    }
+    drop(p);
+    drop(reg);
+    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    Ok(())
+}
