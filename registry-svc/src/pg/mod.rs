@@ -3,8 +3,9 @@
 //!
 //! - Record changes and history are staged in memory as the writer thread applies ingest
 //!   batches and written by [`Backend::commit`] (the committer's group commit) in one
-//!   transaction: records upserted, packets through `COPY`, the change feed and the arrival
-//!   log appended. A cleared record keeps a row without a body, so its ID never returns.
+//!   transaction: packets through `COPY`, records upserted, the change feed and the arrival
+//!   log appended. A registry that hangs inside a transaction is ended by the server's
+//!   timeouts before its row locks stall the other processes (see [`pool`]). A cleared record keeps a row without a body, so its ID never returns.
 //! - Every transaction that changes records or adds history takes its numbers from the one
 //!   `counter` row as its last step, so changes commit in number order. Each process
 //!   follows the `changes` table ([`feed`]), woken by `NOTIFY`, and publishes every change
@@ -456,6 +457,11 @@ impl Backend for PgStore {
     }
 
     fn record(&self, packets: Vec<Packet>, closed: Vec<Connection>) -> Result<(), StoreError> {
+        // Refused here, with this batch, not at the commit that other streams share.
+        for p in &packets {
+            key(p.conn_id)?;
+            key(p.seq)?;
+        }
         let mut p = self.pending();
         p.staged.packets.extend(packets);
         p.staged.closed.extend(closed);
