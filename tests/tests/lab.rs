@@ -62,6 +62,52 @@ async fn all_closed(
     .await
 }
 
+/// Checks that each connection `i` that `proxy` (node `node`) carried from client port
+/// `ports[i]` has exactly one record among `records`, with its byte counts, and a history
+/// holding every byte once in both directions, no packet twice.
+async fn recorded_once(
+    client: &mut RegistryClient<AuthChannel>,
+    records: &[Connection],
+    node: &str,
+    proxy: usize,
+    ports: &[u16],
+) -> anyhow::Result<()> {
+    for (i, port) in ports.iter().enumerate() {
+        let mine: Vec<_> = records
+            .iter()
+            .filter(|r| r.node == node && r.src_port == u32::from(*port))
+            .collect();
+        assert_eq!(
+            mine.len(),
+            1,
+            "{node} connection {i} (port {port}) recorded once"
+        );
+        let r = mine[0];
+        let data = payload(proxy, i);
+        assert_eq!(r.bytes_c2s, data.len() as u64, "{node} connection {i}");
+        assert_eq!(r.bytes_s2c, data.len() as u64, "{node} connection {i}");
+        let packets = history(client, r.id).await?;
+        let mut seqs: Vec<u64> = packets.iter().map(|p| p.seq).collect();
+        seqs.dedup();
+        assert_eq!(
+            seqs.len(),
+            packets.len(),
+            "{node} connection {i}: a packet twice"
+        );
+        assert_eq!(
+            direction_bytes(&packets, Direction::C2s),
+            data,
+            "{node} {i} c2s"
+        );
+        assert_eq!(
+            direction_bytes(&packets, Direction::S2c),
+            data,
+            "{node} {i} s2c"
+        );
+    }
+    Ok(())
+}
+
 /// Sends signal `name` to `replica` without waiting for it to exit.
 fn signal(replica: &Registry, name: &str) -> anyhow::Result<()> {
     let pid = replica
@@ -221,39 +267,7 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
     let ids: HashSet<u64> = records.iter().map(|r| r.id).collect();
     assert_eq!(ids.len(), expected, "unique IDs");
     for (proxy, node) in [(1, "p1"), (2, "p2")] {
-        for (i, port) in ports[proxy - 1].iter().enumerate() {
-            let mine: Vec<_> = records
-                .iter()
-                .filter(|r| r.node == node && r.src_port == u32::from(*port))
-                .collect();
-            assert_eq!(
-                mine.len(),
-                1,
-                "{node} connection {i} (port {port}) recorded once"
-            );
-            let r = mine[0];
-            let data = payload(proxy, i);
-            assert_eq!(r.bytes_c2s, data.len() as u64, "{node} connection {i}");
-            assert_eq!(r.bytes_s2c, data.len() as u64, "{node} connection {i}");
-            let packets = history(&mut client, r.id).await?;
-            let mut seqs: Vec<u64> = packets.iter().map(|p| p.seq).collect();
-            seqs.dedup();
-            assert_eq!(
-                seqs.len(),
-                packets.len(),
-                "{node} connection {i}: a packet twice"
-            );
-            assert_eq!(
-                direction_bytes(&packets, Direction::C2s),
-                data,
-                "{node} {i} c2s"
-            );
-            assert_eq!(
-                direction_bytes(&packets, Direction::S2c),
-                data,
-                "{node} {i} s2c"
-            );
-        }
+        recorded_once(&mut client, &records, node, proxy, &ports[proxy - 1]).await?;
     }
     let log = p1.proc.stderr();
     assert!(
@@ -303,15 +317,7 @@ async fn a_hung_replica_is_left_after_the_acknowledgement_timeout() -> anyhow::R
     }
     let mut client = tests::registry_client(&b.url, Some(TOKEN)).await?;
     let records = all_closed(&client, HUNG_CONNS, "read through b").await?;
-    for (i, port) in ports.iter().enumerate() {
-        let mine: Vec<_> = records
-            .iter()
-            .filter(|r| r.src_port == u32::from(*port))
-            .collect();
-        assert_eq!(mine.len(), 1, "connection {i} recorded once");
-        let packets = history(&mut client, mine[0].id).await?;
-        assert_eq!(direction_bytes(&packets, Direction::C2s), payload(1, i));
-    }
+    recorded_once(&mut client, &records, "p", 1, &ports).await?;
     let log = p.proc.stderr();
     assert!(log.contains("no acknowledgement for 5 s"), "{log}");
     // Let the hung replica go, so that it can be stopped.
@@ -342,16 +348,7 @@ async fn a_database_restart_loses_nothing() -> anyhow::Result<()> {
     let records = all_closed(&client, 6, "after the database restarted").await?;
     assert_eq!(records.len(), 6);
     let mut client = client;
-    for (i, port) in ports.iter().enumerate() {
-        let mine: Vec<_> = records
-            .iter()
-            .filter(|r| r.src_port == u32::from(*port))
-            .collect();
-        assert_eq!(mine.len(), 1, "connection {i} recorded once");
-        let packets = history(&mut client, mine[0].id).await?;
-        assert_eq!(direction_bytes(&packets, Direction::C2s), payload(1, i));
-        assert_eq!(direction_bytes(&packets, Direction::S2c), payload(1, i));
-    }
+    recorded_once(&mut client, &records, "p", 1, &ports).await?;
     drop(p);
     drop(reg);
     tokio::task::spawn_blocking(move || drop(cluster)).await?;
