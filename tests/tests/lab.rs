@@ -344,10 +344,9 @@ async fn a_database_restart_loses_nothing() -> anyhow::Result<()> {
         }
         ports.push(echo_once(p.socks, echo, &payload(1, i), async {}).await?);
     }
-    let client = tests::registry_client(&reg.url, Some(TOKEN)).await?;
+    let mut client = tests::registry_client(&reg.url, Some(TOKEN)).await?;
     let records = all_closed(&client, 6, "after the database restarted").await?;
     assert_eq!(records.len(), 6);
-    let mut client = client;
     recorded_once(&mut client, &records, "p", 1, &ports).await?;
     drop(p);
     drop(reg);
