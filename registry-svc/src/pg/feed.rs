@@ -83,13 +83,7 @@ fn follow(
         )?;
         let (pos, removed) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
         shared.removed.fetch_max(removed, Ordering::Relaxed);
-        shared.positions.send_if_modified(|p| {
-            let newer = pos > *p;
-            if newer {
-                *p = pos;
-            }
-            newer
-        });
+        shared.advance_position(pos);
         if trimmed.elapsed() >= TRIM_EVERY {
             client.execute(
                 "DELETE FROM changes WHERE at < now() - interval '5 minutes'",

@@ -16,7 +16,7 @@ use prost::Message;
 use proto::common::{Connection, Packet};
 
 use super::{PgStore, decode, key};
-use crate::store::{Followed, LogPage, Purge, Purged, StoreError, WhenFull};
+use crate::store::{Followed, LogPage, Purge, Purged, StoreError, WhenFull, budget::note_refusing};
 
 /// Advisory lock key that serialises segment rotation, eviction and purges.
 const SEGMENT_LOCK: i64 = 0x696e_7470_6f73_6502;
@@ -52,51 +52,35 @@ impl PgStore {
         tx: &mut Transaction<'_>,
         packets: Vec<Packet>,
     ) -> Result<Fresh, StoreError> {
-        let mut none = Fresh {
+        let none = |segment| Fresh {
             packets: 0,
             bytes: 0,
-            segment: 0,
+            segment,
             batch: 0,
             last: HashMap::new(),
         };
         if packets.is_empty() {
-            return Ok(none);
+            return Ok(none(0));
         }
         let segment: i64 = tx
             .query_one("SELECT max(seg) FROM segments", &[])?
             .get::<_, Option<i64>>(0)
             .unwrap_or(1);
-        none.segment = segment;
         let incoming: i64 = packets.iter().map(payload).sum();
-        let max = self.options.max_bytes as i64;
+        let max = self.options.max_bytes;
         if max > 0 && self.options.when_full == WhenFull::Stop {
             let stored: i64 = tx
                 .query_one("SELECT coalesce(sum(bytes), 0)::int8 FROM segments", &[])?
                 .get(0);
-            if stored.saturating_add(incoming) > max {
+            let refused = stored.saturating_add(incoming) > max as i64;
+            note_refusing(&self.refusing, refused, max);
+            if refused {
                 tx.execute(
                     "UPDATE history_totals SET refused_packets = refused_packets + $1,
                      refused_bytes = refused_bytes + $2",
                     &[&(packets.len() as i64), &incoming],
                 )?;
-                if !self
-                    .refusing
-                    .swap(true, std::sync::atomic::Ordering::Relaxed)
-                {
-                    tracing::warn!(
-                        max_bytes = max,
-                        "history reached its budget (--history-max-bytes, --history-full \
-                         stop): new packets are relayed but not recorded (counted in `conns \
-                         stats`) until history is purged"
-                    );
-                }
-                return Ok(none);
-            }
-            if self
-                .refusing
-                .swap(false, std::sync::atomic::Ordering::Relaxed)
-            {
-                tracing::warn!("history is below its budget again: recording resumes");
+                return Ok(none(segment));
             }
         }
         // Fresh packets are those past the last sequence number stored for their connection
@@ -137,7 +121,10 @@ impl PgStore {
         }
         drop(stored);
         if fresh.is_empty() {
-            return Ok(Fresh { last, ..none });
+            return Ok(Fresh {
+                last,
+                ..none(segment)
+            });
         }
         let batch: i64 = tx.query_one("SELECT nextval('batches')", &[])?.get(0);
         let sink = tx.copy_in(

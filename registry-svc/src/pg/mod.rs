@@ -74,6 +74,20 @@ struct Shared {
     stop: AtomicBool,
 }
 
+impl Shared {
+    /// Announces arrival position `pos` to followers, unless a later one was announced
+    /// (this process's commits and the feed both learn of positions).
+    fn advance_position(&self, pos: u64) {
+        self.positions.send_if_modified(|p| {
+            let newer = pos > *p;
+            if newer {
+                *p = pos;
+            }
+            newer
+        });
+    }
+}
+
 /// Writes applied but not yet committed, and the records they changed.
 #[derive(Default)]
 struct Pending {
@@ -117,12 +131,13 @@ fn is_active(c: &Connection) -> bool {
 }
 
 /// Numbers `changes` (ID, record after it or `None` when cleared) and, when `new_position`,
-/// the next arrival position: the transaction's last step before it commits.
+/// the next arrival position: the transaction's last step before it commits. Returns the
+/// last arrival position.
 fn number(
     tx: &mut Transaction<'_>,
     changes: &[(i64, Option<Vec<u8>>)],
     new_position: bool,
-) -> Result<(i64, i64), StoreError> {
+) -> Result<i64, StoreError> {
     let n = changes.len() as i64;
     let row = tx.query_one(
         "UPDATE counter SET seq = seq + $1, pos = pos + $2 RETURNING seq, pos",
@@ -140,7 +155,7 @@ fn number(
         )?;
     }
     tx.execute("SELECT pg_notify('interpose_changes', '')", &[])?;
-    Ok((seq, pos))
+    Ok(pos)
 }
 
 /// Records with IDs from `from` up (active ones only, when `active_only`), each passed to
@@ -294,7 +309,7 @@ impl PgStore {
         let mut position = None;
         let mut segment = None;
         if !changes.is_empty() || new_position {
-            let (_, pos) = number(&mut tx, &changes, new_position)?;
+            let pos = number(&mut tx, &changes, new_position)?;
             if new_position {
                 tx.execute(
                     "INSERT INTO arrivals (pos, batch, closed) VALUES ($1, $2, $3)",
@@ -315,20 +330,15 @@ impl PgStore {
         {
             let mut stored = self.stored_seqs.lock().unwrap_or_else(|e| e.into_inner());
             stored.extend(fresh.last);
-            for c in staged.closed.iter().chain(&staged.changes) {
+            // Closed records are among the changes (`closed` lists them for the log).
+            for c in &staged.changes {
                 if !is_active(c) {
                     stored.remove(&c.id);
                 }
             }
         }
         if let Some(pos) = position {
-            self.shared.positions.send_if_modified(|p| {
-                let newer = pos > *p;
-                if newer {
-                    *p = pos;
-                }
-                newer
-            });
+            self.shared.advance_position(pos);
         }
         if let Some((seg, bytes)) = segment {
             // Bookkeeping after the commit: a failure here loses nothing.

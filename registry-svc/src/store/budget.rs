@@ -70,6 +70,24 @@ impl HistoryOptions {
     }
 }
 
+/// Notes in `refusing` whether history at the `max_bytes` budget is being refused now,
+/// logging when that starts and when it ends (every store's `--history-full stop`).
+pub(crate) fn note_refusing(refusing: &AtomicBool, now: bool, max_bytes: u64) {
+    if refusing.swap(now, Ordering::Relaxed) == now {
+        return;
+    }
+    if now {
+        tracing::warn!(
+            max_bytes,
+            "history reached its budget (--history-max-bytes, --history-full stop): new \
+             packets are relayed but not recorded (counted in `conns stats`) until history \
+             is purged"
+        );
+    } else {
+        tracing::warn!("history is below its budget again: recording resumes");
+    }
+}
+
 const EVICTED_PACKETS: &[u8] = b"evicted_packets";
 const EVICTED_BYTES: &[u8] = b"evicted_bytes";
 const REFUSED_PACKETS: &[u8] = b"refused_packets";
@@ -122,21 +140,12 @@ impl Budget {
             return true;
         }
         if stored.saturating_add(bytes) <= max {
-            if self.refusing.swap(false, Ordering::Relaxed) {
-                tracing::warn!("history is below its budget again: recording resumes");
-            }
+            note_refusing(&self.refusing, false, max);
             return true;
         }
         self.refused_packets.fetch_add(packets, Ordering::Relaxed);
         self.refused_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if !self.refusing.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                max_bytes = max,
-                "history reached its budget (--history-max-bytes, --history-full stop): new \
-                 packets are relayed but not recorded (counted in `conns stats`) until \
-                 history is purged"
-            );
-        }
+        note_refusing(&self.refusing, true, max);
         false
     }
 
