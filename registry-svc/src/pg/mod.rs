@@ -292,10 +292,28 @@ impl PgStore {
             .filter(|c| written.contains(&c.id))
             .map(|c| (c.id as i64, Some(c.encode_to_vec())))
             .collect();
+        // A close is logged unless its record was cleared. Its change is usually in this
+        // commit; when an earlier commit took it (the committer ran between the writer's
+        // close and its log entry), the record's row says.
+        let earlier: Vec<i64> = staged
+            .closed
+            .iter()
+            .filter(|c| records.binary_search_by_key(&c.id, |r| r.id).is_err())
+            .map(|c| c.id as i64)
+            .collect();
+        let mut kept: HashSet<u64> = HashSet::new();
+        if !earlier.is_empty() {
+            for row in tx.query(
+                "SELECT id FROM conns WHERE id = ANY($1) AND body IS NOT NULL",
+                &[&earlier],
+            )? {
+                kept.insert(row.get::<_, i64>(0) as u64);
+            }
+        }
         let closed: Vec<Vec<u8>> = staged
             .closed
             .iter()
-            .filter(|c| written.contains(&c.id))
+            .filter(|c| written.contains(&c.id) || kept.contains(&c.id))
             .map(Message::encode_to_vec)
             .collect();
         for (node, losses) in &staged.losses {
@@ -876,6 +894,39 @@ mod tests {
         assert_eq!(seqs, vec![1, 2, 3]);
         assert!(matches!(got[2].change, crate::store::Change::Removed(1)));
         a.close().unwrap();
+    }
+
+    /// The committer may take the staged writes between a close and the `record` call that
+    /// logs it (the writer applies a batch while commits run): the close still reaches
+    /// the arrival log, and a close of a cleared record does not.
+    #[test]
+    fn a_close_committed_before_its_log_entry_is_still_logged() {
+        let s = store();
+        s.open_conn(open(1)).unwrap();
+        s.open_conn(open(2)).unwrap();
+        s.commit().unwrap();
+        let close = |id| ConnectionClosed {
+            id,
+            ..Default::default()
+        };
+        let closed: Vec<Connection> = [1, 2]
+            .into_iter()
+            .map(|id| s.close_conn(&close(id)).unwrap().unwrap())
+            .collect();
+        s.commit().unwrap();
+        s.clear(&[2]).unwrap();
+        s.record(Vec::new(), closed).unwrap();
+        s.commit().unwrap();
+        let page = s.log_after(0, 0, 100, 1 << 20).unwrap();
+        let logged: Vec<u64> = page
+            .items
+            .iter()
+            .filter_map(|(_, f)| match f {
+                crate::store::Followed::Closed(c) => Some(c.id),
+                crate::store::Followed::Packet(_) => None,
+            })
+            .collect();
+        assert_eq!(logged, vec![1]);
     }
 
     /// Changes trimmed before the feed read them (numbers taken, rows gone) make every
