@@ -8,10 +8,10 @@
 //! applied before it durable with one payload-log sync and one sled flush. A commit starts
 //! when the oldest batch waiting has waited [`COMMIT_INTERVAL`] (the store's
 //! `commit_interval`: none for PostgreSQL, whose changes watchers see only once committed)
-//! or [`COMMIT_BYTES`] of payload wait; while one commit runs the next group gathers. Acknowledgements are
-//! cumulative: the proxy's reporter drops every batch up to the one acknowledged, and since
-//! it sends its next batch only when its last one is acknowledged (or a batch is full), a
-//! longer interval means fewer, larger batches.
+//! or [`COMMIT_BYTES`] of payload wait; while one commit runs the next group gathers.
+//! Acknowledgements are cumulative: the proxy's reporter drops every batch up to the one
+//! acknowledged, and since it sends its next batch only when its last one is acknowledged
+//! (or a batch is full), a longer interval means fewer, larger batches.
 
 use std::{
     sync::{Arc, Condvar, Mutex, MutexGuard},
@@ -277,22 +277,118 @@ fn write(state: &State, mut jobs: mpsc::Receiver<Job>, shared: &Shared) {
 
 /// The committer: makes each due group durable, then acknowledges it.
 fn commit(state: &State, shared: &Shared) {
+    let mut carried = None;
     while let Some(group) = shared.next_group() {
-        let failed = state.commit().err().map(Status::from);
-        if let Some(status) = &failed {
-            tracing::error!(%status, "could not make ingested batches durable");
+        settle(state, group, &mut carried);
+    }
+}
+
+/// Makes `group` durable and acknowledges it, or fails its streams.
+///
+/// A commit makes durable everything applied before it, so it may take the writes of
+/// batches applied after its group was taken, which belong to the next group. When it fails
+/// those writes may be gone (a store that stages them, PostgreSQL's, drops what it took):
+/// the next group fails too, without a commit (`carried`), and its streams replay it.
+fn settle(state: &State, group: Vec<Waiting>, carried: &mut Option<Status>) {
+    let failed = match carried.take() {
+        Some(status) => Some(status),
+        None => {
+            let failed = state.commit().err().map(Status::from);
+            if let Some(status) = &failed {
+                tracing::error!(%status, "could not make ingested batches durable");
+                *carried = Some(status.clone());
+            }
+            failed
         }
-        for w in group {
-            w.stream.send_modify(|a| match &failed {
-                Some(status) => a.failed = Some(status.clone()),
-                None => {
-                    a.seq = a.seq.max(w.seq);
-                    a.rejected += w.rejected.count;
-                    if a.rejection.is_none() {
-                        a.rejection = w.rejected.first;
-                    }
+    };
+    for w in group {
+        w.stream.send_modify(|a| match &failed {
+            Some(status) => a.failed = Some(status.clone()),
+            None => {
+                a.seq = a.seq.max(w.seq);
+                a.rejected += w.rejected.count;
+                if a.rejection.is_none() {
+                    a.rejection = w.rejected.first;
                 }
-            });
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::{common::Connection, registry::Event};
+
+    use super::*;
+
+    /// Applies a batch opening record `id` and returns what waits for its commit.
+    fn applied(state: &State, id: u64, stream: &Arc<watch::Sender<Acked>>) -> Waiting {
+        let batch = IngestRequest {
+            node: "n".into(),
+            batch_seq: id,
+            events: vec![Event {
+                kind: Some(Kind::Opened(Connection {
+                    id,
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        let mut rejected = Rejected::default();
+        if let Err(e) = state.apply(batch, &mut rejected) {
+            panic!("applying batch {id}: {e}");
         }
+        Waiting {
+            stream: stream.clone(),
+            seq: id,
+            rejected,
+        }
+    }
+
+    /// Group 1 is taken; batch 2 is applied (group 2); the commit for group 1 fails, having
+    /// taken batch 2's writes with it. Group 2 must fail too (and be replayed), not be
+    /// acknowledged with its record lost.
+    #[test]
+    fn the_group_after_a_failed_commit_fails_too() {
+        let url = pg_fixture::Cluster::shared()
+            .create_database()
+            .expect("a database");
+        let pg = crate::pg::PgStore::open(&url, None, &Default::default()).expect("open");
+        let state = State::with_backend(Box::new(pg));
+        let stream = Arc::new(watch::channel(Acked::default()).0);
+        let group1 = vec![applied(&state, 1, &stream)];
+        let group2 = vec![applied(&state, 2, &stream)];
+        // The store's connections die under it: its next commit fails.
+        let mut admin = postgres::Client::connect(&url, postgres::NoTls).expect("admin");
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .expect("terminate");
+        let mut carried = None;
+        settle(&state, group1, &mut carried);
+        assert!(
+            stream.borrow().failed.is_some(),
+            "the failed commit fails group 1"
+        );
+        stream.send_modify(|a| a.failed = None);
+        settle(&state, group2, &mut carried);
+        assert!(
+            stream.borrow().failed.is_some(),
+            "group 2 is failed, not acknowledged: its record was in the failed commit"
+        );
+        assert_eq!(stream.borrow().seq, 0);
+        // What the failed commit took is gone from the database: only replays bring it back.
+        let mut stored = Vec::new();
+        state
+            .store
+            .scan_conns(0, &mut |c| {
+                stored.push(c.id);
+                true
+            })
+            .expect("scan");
+        assert!(stored.is_empty(), "{stored:?}");
     }
 }
