@@ -121,6 +121,12 @@ pub trait Backend: Send + Sync {
 
     /// Makes everything written so far durable.
     fn commit(&self) -> Result<(), StoreError>;
+    /// How many commits have failed in a way that lost what they took (a store that stages
+    /// writes until they are committed); 0 for a store whose writes stay applied when a
+    /// commit fails. See the ingest pipeline's `Settler`.
+    fn failed_commits(&self) -> u64 {
+        0
+    }
     /// How long the oldest batch applied waits for others before [`Backend::commit`] makes
     /// them durable together (the ingest committer's group commit).
     fn commit_interval(&self) -> Duration {

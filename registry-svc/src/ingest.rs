@@ -277,41 +277,63 @@ fn write(state: &State, mut jobs: mpsc::Receiver<Job>, shared: &Shared) {
 
 /// The committer: makes each due group durable, then acknowledges it.
 fn commit(state: &State, shared: &Shared) {
-    let mut carried = None;
+    let mut settler = Settler::new(state);
     while let Some(group) = shared.next_group() {
-        settle(state, group, &mut carried);
+        settler.settle(state, group);
     }
 }
 
-/// Makes `group` durable and acknowledges it, or fails its streams.
+/// Settles groups as the committer takes them, in order.
 ///
-/// A commit makes durable everything applied before it, so it may take the writes of
-/// batches applied after its group was taken, which belong to the next group. When it fails
-/// those writes may be gone (a store that stages them, PostgreSQL's, drops what it took):
-/// the next group fails too, without a commit (`carried`), and its streams replay it.
-fn settle(state: &State, group: Vec<Waiting>, carried: &mut Option<Status>) {
-    let failed = match carried.take() {
-        Some(status) => Some(status),
-        None => {
-            let failed = state.commit().err().map(Status::from);
-            if let Some(status) = &failed {
-                tracing::error!(%status, "could not make ingested batches durable");
-                *carried = Some(status.clone());
-            }
-            failed
+/// A commit makes durable everything applied before it, whoever starts it (the committer,
+/// or a clear, a purge or a liveness close), so it may take the writes of batches whose
+/// group is not settled yet. When it fails, a store that stages writes (PostgreSQL's) has
+/// lost them ([`crate::backend::Backend::failed_commits`]): every group that may hold such
+/// a batch fails, without being acknowledged, and its streams replay it. Those are the
+/// group settled across the failure and the first group taken after it.
+struct Settler {
+    /// Failed commits counted when the last group was taken.
+    seen: u64,
+}
+
+impl Settler {
+    fn new(state: &State) -> Self {
+        Self {
+            seen: state.store.failed_commits(),
         }
-    };
-    for w in group {
-        w.stream.send_modify(|a| match &failed {
-            Some(status) => a.failed = Some(status.clone()),
-            None => {
-                a.seq = a.seq.max(w.seq);
-                a.rejected += w.rejected.count;
-                if a.rejection.is_none() {
-                    a.rejection = w.rejected.first;
-                }
+    }
+
+    /// Makes `group` (just taken) durable and acknowledges it, or fails its streams.
+    fn settle(&mut self, state: &State, group: Vec<Waiting>) {
+        let at_take = state.store.failed_commits();
+        let lost_before = at_take > self.seen;
+        self.seen = at_take;
+        let failed = match state.commit() {
+            Err(e) => {
+                let status = Status::from(e);
+                tracing::error!(%status, "could not make ingested batches durable");
+                Some(status)
             }
-        });
+            Ok(()) if lost_before || state.store.failed_commits() > at_take => {
+                Some(Status::unavailable(
+                    "a registry commit that took this stream's last batches failed: send \
+                     them again",
+                ))
+            }
+            Ok(()) => None,
+        };
+        for w in group {
+            w.stream.send_modify(|a| match &failed {
+                Some(status) => a.failed = Some(status.clone()),
+                None => {
+                    a.seq = a.seq.max(w.seq);
+                    a.rejected += w.rejected.count;
+                    if a.rejection.is_none() {
+                        a.rejection = w.rejected.first;
+                    }
+                }
+            });
+        }
     }
 }
 
@@ -345,21 +367,20 @@ mod tests {
         }
     }
 
-    /// Group 1 is taken; batch 2 is applied (group 2); the commit for group 1 fails, having
-    /// taken batch 2's writes with it. Group 2 must fail too (and be replayed), not be
-    /// acknowledged with its record lost.
-    #[test]
-    fn the_group_after_a_failed_commit_fails_too() {
+    /// A state on a new PostgreSQL database, and a stream to acknowledge on.
+    fn on_postgres() -> (String, Arc<State>, Arc<watch::Sender<Acked>>) {
         let url = pg_fixture::Cluster::shared()
             .create_database()
             .expect("a database");
         let pg = crate::pg::PgStore::open(&url, None, &Default::default()).expect("open");
-        let state = State::with_backend(Box::new(pg));
         let stream = Arc::new(watch::channel(Acked::default()).0);
-        let group1 = vec![applied(&state, 1, &stream)];
-        let group2 = vec![applied(&state, 2, &stream)];
-        // The store's connections die under it: its next commit fails.
-        let mut admin = postgres::Client::connect(&url, postgres::NoTls).expect("admin");
+        (url, State::with_backend(Box::new(pg)), stream)
+    }
+
+    /// Ends every session on the database at `url` but this one: the store's next commit
+    /// fails.
+    fn cut_sessions(url: &str) {
+        let mut admin = postgres::Client::connect(url, postgres::NoTls).expect("admin");
         admin
             .execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -367,28 +388,67 @@ mod tests {
                 &[],
             )
             .expect("terminate");
-        let mut carried = None;
-        settle(&state, group1, &mut carried);
+    }
+
+    /// The records the database holds (committed ones only).
+    fn stored(state: &State) -> Vec<u64> {
+        let mut ids = Vec::new();
+        state
+            .store
+            .scan_conns(0, &mut |c| {
+                ids.push(c.id);
+                true
+            })
+            .expect("scan");
+        ids
+    }
+
+    /// Group 1 is taken; batch 2 is applied (group 2); the commit for group 1 fails, having
+    /// taken batch 2's writes with it. Group 2 must fail too (and be replayed), not be
+    /// acknowledged with its record lost.
+    #[test]
+    fn the_group_after_a_failed_commit_fails_too() {
+        let (url, state, stream) = on_postgres();
+        let mut settler = Settler::new(&state);
+        let group1 = vec![applied(&state, 1, &stream)];
+        let group2 = vec![applied(&state, 2, &stream)];
+        cut_sessions(&url);
+        settler.settle(&state, group1);
         assert!(
             stream.borrow().failed.is_some(),
             "the failed commit fails group 1"
         );
         stream.send_modify(|a| a.failed = None);
-        settle(&state, group2, &mut carried);
+        settler.settle(&state, group2);
         assert!(
             stream.borrow().failed.is_some(),
             "group 2 is failed, not acknowledged: its record was in the failed commit"
         );
         assert_eq!(stream.borrow().seq, 0);
         // What the failed commit took is gone from the database: only replays bring it back.
-        let mut stored = Vec::new();
-        state
-            .store
-            .scan_conns(0, &mut |c| {
-                stored.push(c.id);
-                true
-            })
-            .expect("scan");
-        assert!(stored.is_empty(), "{stored:?}");
+        assert!(stored(&state).is_empty(), "{:?}", stored(&state));
+    }
+
+    /// A commit that a clear starts fails after batch 1 was applied, taking its writes: the
+    /// group holding batch 1 fails though its own commit succeeds; the group after it,
+    /// whose batch was applied after the failure, is acknowledged.
+    #[test]
+    fn a_failed_commit_of_another_caller_fails_the_groups_it_took_from() {
+        let (url, state, stream) = on_postgres();
+        let mut settler = Settler::new(&state);
+        let group1 = vec![applied(&state, 1, &stream)];
+        cut_sessions(&url);
+        assert!(state.clear(&[1]).is_err(), "the clear's commit fails");
+        settler.settle(&state, group1);
+        assert!(
+            stream.borrow().failed.is_some(),
+            "group 1's writes were lost"
+        );
+        stream.send_modify(|a| a.failed = None);
+        let group2 = vec![applied(&state, 2, &stream)];
+        settler.settle(&state, group2);
+        assert!(stream.borrow().failed.is_none());
+        assert_eq!(stream.borrow().seq, 2);
+        assert_eq!(stored(&state), vec![2]);
     }
 }

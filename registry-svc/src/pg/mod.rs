@@ -62,6 +62,8 @@ pub struct PgStore {
     failing: watch::Sender<Option<String>>,
     /// Whether history is being refused at the budget now (for the log lines).
     refusing: AtomicBool,
+    /// Commits that failed, losing the staged writes they took.
+    failed_commits: AtomicU64,
     /// The last packet sequence number stored per open connection this process wrote
     /// (others are read from the database when their packets come).
     stored_seqs: Mutex<HashMap<u64, u64>>,
@@ -228,6 +230,7 @@ impl PgStore {
             failing: watch::channel(None).0,
             refusing: AtomicBool::new(false),
             stored_seqs: Mutex::default(),
+            failed_commits: AtomicU64::new(0),
         })
     }
 
@@ -573,6 +576,7 @@ impl Backend for PgStore {
                 Ok(())
             }
             Err(e) => {
+                self.failed_commits.fetch_add(1, Ordering::Relaxed);
                 let text = e.to_string();
                 self.failing.send_if_modified(|f| {
                     let changed = f.as_deref() != Some(text.as_str());
@@ -582,6 +586,10 @@ impl Backend for PgStore {
                 Err(e)
             }
         }
+    }
+
+    fn failed_commits(&self) -> u64 {
+        self.failed_commits.load(Ordering::Relaxed)
     }
 
     /// None: a commit is a transaction on the server, which batches concurrent commits
