@@ -17,7 +17,8 @@ use crate::{
 pub enum CaCommand {
     /// Write the CA certificate to a file, to install in the program under test.
     Export {
-        /// Where to write it.
+        /// Where to write it: a file path, or `-` for stdout (the summary line then goes to
+        /// stderr).
         #[arg(long)]
         out: std::path::PathBuf,
         /// DER instead of PEM (what Android and Windows importers often want).
@@ -37,7 +38,7 @@ pub enum CaCommand {
         #[arg(long)]
         out: std::path::PathBuf,
         /// The server's data directory. Default: the one `interpose up` uses.
-        #[arg(long)]
+        #[arg(long, env = "INTERPOSE_DATA_DIR", value_name = "DIR")]
         data_dir: Option<std::path::PathBuf>,
         /// How long the certificate is valid.
         #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
@@ -61,7 +62,7 @@ fn issue_client(
     let authority = proto::mtls::Authority::load_or_create(&proto::mtls::dir(&data_dir))?;
     let issued = authority.issue_client(name, valid_for)?;
     let [cert, key, ca] = proto::mtls::authority::write_client(&authority, &issued, name, out)?;
-    println!(
+    crate::say!(
         "issued client certificate CN={name}, valid for {} days:\n  --client-cert {} --client-key {} --ca-cert {}",
         valid_for.as_secs() / 86_400,
         cert.display(),
@@ -95,8 +96,17 @@ pub async fn run(server: &ServerArgs, cmd: CaCommand) -> anyhow::Result<()> {
                 .map_err(status)?
                 .into_inner();
             let bytes: &[u8] = if der { &c.der } else { c.pem.as_bytes() };
-            std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
-            println!("wrote CA certificate {} to {}", summary(&c), out.display());
+            if out.as_os_str() == "-" {
+                use std::io::Write;
+                let mut stdout = std::io::stdout().lock();
+                stdout.write_all(bytes)?;
+                stdout.flush()?;
+                eprintln!("wrote CA certificate {} to stdout", summary(&c));
+            } else {
+                std::fs::write(&out, bytes)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                crate::say!("wrote CA certificate {} to {}", summary(&c), out.display());
+            }
         }
         CaCommand::Regenerate => {
             let c = client
@@ -104,7 +114,7 @@ pub async fn run(server: &ServerArgs, cmd: CaCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("new CA certificate {} at {}", summary(&c), c.path);
+            crate::say!("new CA certificate {} at {}", summary(&c), c.path);
         }
         CaCommand::IssueClient { .. } => unreachable!("handled above"),
     }

@@ -10,49 +10,64 @@ use crate::ServerArgs;
 /// Largest response a client subcommand accepts.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// The data directory whose recorded server, token and client certificate a client uses:
+/// `--data-dir` (or `INTERPOSE_DATA_DIR`), else the one `interpose up` uses by default.
+pub fn data_dir(args: &ServerArgs) -> Option<std::path::PathBuf> {
+    proxy_core::cli::data_dir(args.data_dir.clone()).ok()
+}
+
 /// The token to send to `url` (the server URL as connected to, scheme included): see
-/// [`proto::token::for_client`]; the default data directory is the one `interpose up` uses
-/// without `--data-dir`.
-fn token(args: &ServerArgs, url: &str) -> anyhow::Result<Option<String>> {
-    let default_dir = proxy_core::cli::data_dir(None).ok();
+/// [`proto::token::for_client`], with the data directory of [`data_dir`].
+fn token(
+    args: &ServerArgs,
+    url: &str,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
     Ok(proto::token::for_client(
         args.token.clone(),
         args.token_file.as_deref(),
         url,
-        default_dir.as_deref(),
+        dir,
     )?)
 }
 
-/// The server to talk to: `--server`, except that the default URL means the `https://` URL
-/// of the same address when `interpose up --grpc-tls` recorded that in the default data
-/// directory (so a local `up --grpc-tls` needs no flags, as without TLS).
-fn server_to_use(args: &ServerArgs, default_dir: Option<&std::path::Path>) -> String {
-    let given = args.server.trim().trim_end_matches('/');
-    if given != proto::token::DEFAULT_SERVER {
-        return args.server.clone();
+/// The server to talk to: `--server` when given. Otherwise, with `--data-dir`, the URL
+/// `interpose up --data-dir DIR` recorded there (so that directory alone reaches it);
+/// without, the default URL, or the `https://` URL of the same address when
+/// `interpose up --grpc-tls` recorded that in the default data directory (so a local
+/// `up --grpc-tls` needs no flags, as without TLS).
+fn server_to_use(args: &ServerArgs, dir: Option<&std::path::Path>) -> anyhow::Result<String> {
+    if let Some(given) = &args.server {
+        return Ok(given.clone());
+    }
+    let recorded = dir
+        .and_then(|d| std::fs::read_to_string(d.join(proto::token::SERVER_FILE)).ok())
+        .map(|r| r.trim().trim_end_matches('/').to_string())
+        .unwrap_or_default();
+    if let Some(given_dir) = &args.data_dir {
+        anyhow::ensure!(
+            !recorded.is_empty(),
+            "no server recorded in {}: has `interpose up --data-dir {}` run? (or pass --server)",
+            given_dir.join(proto::token::SERVER_FILE).display(),
+            given_dir.display()
+        );
+        return Ok(recorded);
     }
     let tls_default = proto::token::DEFAULT_SERVER.replacen("http://", "https://", 1);
-    let recorded = default_dir
-        .and_then(|d| std::fs::read_to_string(d.join(proto::token::SERVER_FILE)).ok())
-        .unwrap_or_default();
-    if recorded.trim().trim_end_matches('/') == tls_default {
-        tls_default
+    if recorded == tls_default {
+        Ok(tls_default)
     } else {
-        args.server.clone()
+        Ok(proto::token::DEFAULT_SERVER.to_string())
     }
 }
 
 /// For an `https://` server: installs the client's TLS configuration, from the given files,
-/// else from the default data directory's `mtls` folder when the server is its own.
-fn install_tls(
-    args: &ServerArgs,
-    url: &str,
-    default_dir: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
+/// else from the data directory's `mtls` folder when the server is its own.
+fn install_tls(args: &ServerArgs, url: &str, dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     if !proto::client::is_https(url) {
         return Ok(());
     }
-    let own = default_dir.filter(|d| proto::token::belongs_to(url, d));
+    let own = dir.filter(|d| proto::token::belongs_to(url, d));
     proto::mtls::ClientTlsArgs {
         client_cert: args.client_cert.clone(),
         client_key: args.client_key.clone(),
@@ -64,17 +79,17 @@ fn install_tls(
 
 /// Connects to the server's channel.
 pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
-    let default_dir = proxy_core::cli::data_dir(None).ok();
-    let given = server_to_use(args, default_dir.as_deref());
+    let dir = data_dir(args);
+    let given = server_to_use(args, dir.as_deref())?;
     let server = proto::client::server_url(&given)?;
     if server.scheme_added {
         eprintln!(
-            "interpose: note: --server {:?} has no scheme; using {}",
-            args.server, server.url
+            "interpose: note: --server {given:?} has no scheme; using {}",
+            server.url
         );
     }
-    let token = token(args, &server.url)?;
-    install_tls(args, &server.url, default_dir.as_deref())?;
+    let token = token(args, &server.url, dir.as_deref())?;
+    install_tls(args, &server.url, dir.as_deref())?;
     proto::client::connect(&server.url, token.as_deref())
         .await
         .map_err(|e| match e {
@@ -83,7 +98,7 @@ pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
                     Some(tls) => anyhow!(tls),
                     None => anyhow!(
                         "cannot reach the Interpose server at {url} (is `interpose up` running? \
-                         set --server or INTERPOSE_SERVER)"
+                         set --server or INTERPOSE_SERVER, or --data-dir to the one it uses)"
                     ),
                 }
             }

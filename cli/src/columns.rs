@@ -50,6 +50,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: true,
         default: true,
         rank: 9,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "client",
@@ -58,7 +60,9 @@ pub const CONNECTION: &[Column<Connection>] = &[
         shrinks: true,
         right: false,
         default: true,
-        rank: 7,
+        rank: 6,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "target",
@@ -68,6 +72,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: true,
         rank: 9,
+        keeps_port: true,
+        pair: None,
     },
     Column {
         key: "sni",
@@ -77,6 +83,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: true,
         rank: 4,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "tls",
@@ -91,6 +99,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: true,
         rank: 5,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "status",
@@ -100,6 +110,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: true,
         rank: 8,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "closed_by",
@@ -109,6 +121,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: true,
         rank: 7,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "kind",
@@ -118,6 +132,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: true,
         rank: 3,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "c2s",
@@ -127,6 +143,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: true,
         default: true,
         rank: 5,
+        keeps_port: false,
+        pair: Some("s2c"),
     },
     Column {
         key: "s2c",
@@ -136,6 +154,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: true,
         default: true,
         rank: 5,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "duration",
@@ -145,6 +165,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: true,
         default: true,
         rank: 4,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "opened",
@@ -154,6 +176,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: true,
         rank: 2,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "reason",
@@ -163,6 +187,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: true,
         rank: 6,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "node",
@@ -172,6 +198,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: false,
         rank: 1,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "alpn",
@@ -181,6 +209,8 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: false,
         rank: 1,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "packets",
@@ -190,22 +220,45 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: true,
         default: false,
         rank: 1,
+        keeps_port: false,
+        pair: None,
     },
 ];
 
 /// One line of the `history` table: a packet, or under a modified one what was received.
-pub enum HistoryLine {
-    /// The packet as sent (`[dropped]` when it was not).
-    Sent(Packet),
-    /// The bytes the proxy received, when an edit or a drop changed them.
-    Original(Packet),
+pub struct HistoryLine {
+    /// The packet.
+    pub packet: Packet,
+    /// This line shows the bytes the proxy received (under a packet an edit or a drop
+    /// changed), not the packet as sent (`[dropped]` when it was not).
+    pub original: bool,
+    /// The packet's connection's target (`-` when its record is gone or not looked up).
+    pub target: String,
 }
 
 impl HistoryLine {
     /// The lines of one packet: two when an edit or a drop changed it.
-    pub fn of(p: Packet) -> impl Iterator<Item = HistoryLine> {
-        let original = p.modified.then(|| HistoryLine::Original(p.clone()));
-        std::iter::once(HistoryLine::Sent(p)).chain(original)
+    pub fn of(p: Packet, target: String) -> impl Iterator<Item = HistoryLine> {
+        let original = p.modified.then(|| HistoryLine {
+            packet: p.clone(),
+            original: true,
+            target: String::new(),
+        });
+        std::iter::once(HistoryLine {
+            packet: p,
+            original: false,
+            target,
+        })
+        .chain(original)
+    }
+
+    /// `cell` of the packet as sent; empty on the line of what was received.
+    fn sent(&self, cell: impl Fn(&Packet) -> String) -> String {
+        if self.original {
+            String::new()
+        } else {
+            cell(&self.packet)
+        }
     }
 }
 
@@ -222,78 +275,96 @@ pub const HISTORY: &[Column<HistoryLine>] = &[
     Column {
         key: "conn",
         header: "CONN",
-        cell: |l, _| match l {
-            HistoryLine::Sent(p) => p.conn_id.to_string(),
-            HistoryLine::Original(_) => String::new(),
-        },
+        cell: |l, _| l.sent(|p| p.conn_id.to_string()),
         shrinks: false,
         right: true,
         default: true,
         rank: 9,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "seq",
         header: "SEQ",
-        cell: |l, _| match l {
-            HistoryLine::Sent(p) => p.seq.to_string(),
-            HistoryLine::Original(_) => String::new(),
-        },
+        cell: |l, _| l.sent(|p| p.seq.to_string()),
         shrinks: false,
         right: true,
         default: true,
         rank: 8,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "dir",
         header: "DIR",
-        cell: |l, _| match l {
-            HistoryLine::Sent(p) => or_dash(name_of::<Direction>(p.direction)),
-            HistoryLine::Original(_) => String::new(),
-        },
+        cell: |l, _| l.sent(|p| or_dash(name_of::<Direction>(p.direction))),
         shrinks: false,
         right: false,
         default: true,
         rank: 8,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "time",
         header: "TIME",
-        cell: |l, v| match l {
-            HistoryLine::Sent(p) => packet_time(p, v),
-            HistoryLine::Original(_) => String::new(),
-        },
+        cell: |l, v| l.sent(|p| packet_time(p, v)),
         shrinks: false,
         right: false,
         default: true,
         rank: 5,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "len",
         header: "LEN",
-        cell: |l, _| match l {
-            HistoryLine::Sent(p) => p.data.len().to_string(),
-            HistoryLine::Original(p) => p.original.len().to_string(),
+        cell: |l, _| {
+            if l.original {
+                l.packet.original.len().to_string()
+            } else {
+                l.packet.data.len().to_string()
+            }
         },
         shrinks: false,
         right: true,
         default: true,
         rank: 7,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "data",
         header: "DATA",
-        cell: |l, _| match l {
-            HistoryLine::Sent(p) if p.dropped => "[dropped]".into(),
-            HistoryLine::Sent(p) if p.modified => {
+        cell: |l, _| {
+            let p = &l.packet;
+            if l.original {
+                format!("original: {}", preview(&p.original, PREVIEW))
+            } else if p.dropped {
+                "[dropped]".into()
+            } else if p.modified {
                 format!("[modified] {}", preview(&p.data, PREVIEW))
+            } else {
+                preview(&p.data, PREVIEW)
             }
-            HistoryLine::Sent(p) => preview(&p.data, PREVIEW),
-            HistoryLine::Original(p) => format!("original: {}", preview(&p.original, PREVIEW)),
         },
         shrinks: true,
         right: false,
         default: true,
         rank: 9,
+        keeps_port: false,
+        pair: None,
+    },
+    Column {
+        key: "target",
+        header: "TARGET",
+        cell: |l, _| l.sent(|_| l.target.clone()),
+        shrinks: true,
+        right: false,
+        default: false,
+        rank: 6,
+        keeps_port: true,
+        pair: None,
     },
 ];
 
@@ -312,6 +383,8 @@ pub const HELD: &[Column<HeldPacket>] = &[
         right: true,
         default: true,
         rank: 9,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "conn",
@@ -321,6 +394,8 @@ pub const HELD: &[Column<HeldPacket>] = &[
         right: true,
         default: true,
         rank: 8,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "dir",
@@ -330,6 +405,8 @@ pub const HELD: &[Column<HeldPacket>] = &[
         right: false,
         default: true,
         rank: 8,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "target",
@@ -339,6 +416,8 @@ pub const HELD: &[Column<HeldPacket>] = &[
         right: false,
         default: true,
         rank: 7,
+        keeps_port: true,
+        pair: None,
     },
     Column {
         key: "len",
@@ -348,6 +427,8 @@ pub const HELD: &[Column<HeldPacket>] = &[
         right: true,
         default: true,
         rank: 6,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "status",
@@ -357,6 +438,8 @@ pub const HELD: &[Column<HeldPacket>] = &[
         right: false,
         default: true,
         rank: 8,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "data",
@@ -366,6 +449,8 @@ pub const HELD: &[Column<HeldPacket>] = &[
         right: false,
         default: true,
         rank: 9,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "time",
@@ -375,6 +460,8 @@ pub const HELD: &[Column<HeldPacket>] = &[
         right: false,
         default: false,
         rank: 1,
+        keeps_port: false,
+        pair: None,
     },
     Column {
         key: "seq",
@@ -384,5 +471,7 @@ pub const HELD: &[Column<HeldPacket>] = &[
         right: true,
         default: false,
         rank: 1,
+        keeps_port: false,
+        pair: None,
     },
 ];

@@ -25,7 +25,7 @@ use crate::{
     ServerArgs,
     client::{registry, status},
     columns,
-    output::{ConnJson, TSV_HEADER, conn_json, conn_row, conn_tsv, now},
+    output::{ConnJson, TSV_HEADER, conn_json, conn_tsv},
     table,
 };
 
@@ -53,7 +53,8 @@ pub enum ConnsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove connection records (their packets stay in the history for PCAP export).
+    /// Remove connection records. Their packets stay in the history, but without the record
+    /// an export has no addresses or ports for them: PCAP exports then use placeholders.
     Clear {
         /// The IDs to remove.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -205,6 +206,11 @@ async fn list(
 }
 
 async fn watch(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> anyhow::Result<()> {
+    // Ctrl-C (or SIGTERM) ends the watch normally, even when the shell started it in the
+    // background with SIGINT ignored. Registered before any output: a signal sent once the
+    // first line is read is handled.
+    let stop = proto::serve::shutdown_signal();
+    tokio::pin!(stop);
     let mut client = registry(server).await?;
     let mut stream = client
         .watch_connections(WatchConnectionsRequest {
@@ -213,19 +219,32 @@ async fn watch(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
         .await
         .map_err(status)?
         .into_inner();
-    // The last status seen per ID tells an open from an update from a close.
-    let mut seen: HashMap<u64, i32> = HashMap::new();
+    // The last version seen per ID tells an open from an update from a close, and what an
+    // update changed.
+    let mut seen: HashMap<u64, Connection> = HashMap::new();
     let mut live = false;
+    let width = table::target_width(false).map(usize::from);
     let mut out = std::io::stdout();
-    while let Some(ev) = stream.message().await.map_err(status)? {
+    if !json {
+        writeln!(out, "{}", crate::watch::fit(crate::watch::header(), width))?;
+        out.flush()?;
+    }
+    loop {
+        let ev = tokio::select! {
+            ev = stream.message() => ev.map_err(status)?,
+            () = &mut stop => return Ok(()),
+        };
+        let Some(ev) = ev else { break };
         let kind = Kind::try_from(ev.kind).unwrap_or(Kind::Unspecified);
-        let (event, line) = match (kind, ev.connection) {
+        let line = match (kind, ev.connection) {
             (Kind::Upsert, Some(c)) => {
-                let before = seen.insert(c.id, c.status);
+                let before = seen.insert(c.id, c.clone());
                 let event = if !live {
                     "snapshot"
                 } else if c.status == ConnStatus::Disconnected as i32
-                    && before != Some(ConnStatus::Disconnected as i32)
+                    && before
+                        .as_ref()
+                        .is_none_or(|b| b.status != ConnStatus::Disconnected as i32)
                 {
                     "closed"
                 } else if before.is_none() {
@@ -233,48 +252,41 @@ async fn watch(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
                 } else {
                     "updated"
                 };
-                let line = if json {
+                if json {
                     json!({"event": event, "connection": conn_json(&c)}).to_string()
                 } else {
-                    format!("{} {:<8} {}", now(), event.to_uppercase(), conn_row(&c))
-                };
-                (event, line)
+                    crate::watch::line(event, &c, before.as_ref(), width)
+                }
             }
             (Kind::Removed, _) => {
                 seen.remove(&ev.id);
-                let line = if json {
+                if json {
                     json!({"event": "cleared", "id": ev.id}).to_string()
                 } else {
-                    format!("{} CLEARED  {:>6}", now(), ev.id)
-                };
-                ("cleared", line)
+                    crate::watch::cleared(ev.id, width)
+                }
             }
             (Kind::SnapshotEnd, _) => {
                 live = true;
-                let line = if json {
+                if json {
                     json!({"event": "snapshot_end"}).to_string()
                 } else {
-                    format!(
-                        "{} -- {} record(s); watching for changes --",
-                        now(),
-                        seen.len()
-                    )
-                };
-                ("snapshot_end", line)
+                    let n = seen.len();
+                    let records = if n == 1 { "record" } else { "records" };
+                    crate::watch::fit(format!("-- {n} {records}; watching for changes --"), width)
+                }
             }
             (Kind::Reset, _) => {
                 live = false;
                 seen.clear();
-                let line = if json {
+                if json {
                     json!({"event": "reset"}).to_string()
                 } else {
-                    format!("{} -- fell behind; starting over --", now())
-                };
-                ("reset", line)
+                    crate::watch::fit("-- fell behind; starting over --".into(), width)
+                }
             }
             _ => continue,
         };
-        let _ = event;
         writeln!(out, "{line}")?;
         out.flush()?;
     }
@@ -294,7 +306,16 @@ async fn clear(server: &ServerArgs, ids: &[u64], all: bool) -> anyhow::Result<()
     .map_err(status)?
     .into_inner()
     .cleared;
-    println!("cleared {cleared} connection record(s); their packets stay in the history");
+    let records = if cleared == 1 { "record" } else { "records" };
+    crate::say!(
+        "cleared {cleared} connection {records}; their packets stay in the history, but \
+         `interpose export` now writes {} with placeholder addresses and ports",
+        if cleared == 1 {
+            "that connection"
+        } else {
+            "those connections"
+        }
+    );
     Ok(())
 }
 
@@ -314,7 +335,7 @@ async fn copy(server: &ServerArgs, ids: &[u64], clipboard: bool) -> anyhow::Resu
         to_clipboard(&tsv)?;
         eprintln!("copied {} record(s) to the clipboard", ids.len());
     } else {
-        print!("{tsv}");
+        std::io::stdout().lock().write_all(tsv.as_bytes())?;
     }
     Ok(())
 }
@@ -402,7 +423,7 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
             "history_purged_bytes": s.history_purged_bytes,
             "losses": losses,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::say!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -412,8 +433,9 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
     if s.history_unwritten_packets > 0 {
         writeln!(
             out,
-            "history not written: {} packets, {} bytes (the registry's disk was full or failing)",
-            s.history_unwritten_packets, s.history_unwritten_bytes
+            "history not written: {} packets, {} (the registry's disk was full or failing)",
+            s.history_unwritten_packets,
+            table::size(s.history_unwritten_bytes)
         )?;
     }
     if !s.history_failing.is_empty() {
@@ -439,8 +461,10 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
     for (node, l) in &s.losses {
         writeln!(
             out,
-            "not recorded by node {node}: {} event(s), {} packet(s), {} byte(s)",
-            l.events_dropped, l.packets_dropped, l.bytes_dropped
+            "not recorded by node {node}: {} event(s), {} packet(s), {}",
+            l.events_dropped,
+            l.packets_dropped,
+            table::size(l.bytes_dropped)
         )?;
         if l.intercept_not_held > 0 {
             writeln!(

@@ -188,9 +188,13 @@ fn open(out: &str) -> anyhow::Result<Box<dyn Write>> {
 /// The one line printed at the end.
 fn summary_line(s: &ExportSummary, out: &str) -> String {
     let dest = if out == "-" { "stdout" } else { out };
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let mut line = format!(
-        "exported {} connections, {} packets, {} payload bytes ({} file bytes) to {dest}",
-        s.connections, s.packets, s.bytes, s.file_bytes
+        "exported {}, {}, {} ({} file bytes) to {dest}",
+        plural(s.connections, "connection", "connections"),
+        plural(s.packets, "packet", "packets"),
+        plural(s.bytes, "payload byte", "payload bytes"),
+        s.file_bytes
     );
     if s.placeholder_connections > 0 {
         let ids: Vec<String> = s.placeholder_ids.iter().map(u64::to_string).collect();

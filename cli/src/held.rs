@@ -143,7 +143,7 @@ pub async fn run(server: &ServerArgs, cmd: HeldCommand) -> anyhow::Result<()> {
         }
         HeldCommand::Drop { held_id } => {
             c.drop(DropRequest { held_id }).await.map_err(status)?;
-            println!("dropped held packet {held_id}");
+            crate::say!("dropped held packet {held_id}");
             Ok(())
         }
         HeldCommand::Edit { held_id } => edit(&mut c, held_id).await,
@@ -174,12 +174,24 @@ async fn list(c: &mut Client, json: bool, how: &TableArgs) -> anyhow::Result<()>
 }
 
 async fn watch(c: &mut Client, json: bool) -> anyhow::Result<()> {
+    // Ctrl-C (or SIGTERM) ends the watch normally, even when the shell started it in the
+    // background with SIGINT ignored.
+    let stop = proto::serve::shutdown_signal();
+    tokio::pin!(stop);
     let mut stream = c
         .watch_held(WatchHeldRequest {})
         .await
         .map_err(status)?
         .into_inner();
-    while let Some(ev) = stream.message().await.map_err(status)? {
+    if !json {
+        crate::say!("watching held packets (Ctrl-C to stop)");
+    }
+    loop {
+        let ev = tokio::select! {
+            ev = stream.message() => ev.map_err(status)?,
+            () = &mut stop => return Ok(()),
+        };
+        let Some(ev) = ev else { break };
         let name = match ev.kind() {
             Kind::Added => "added",
             Kind::Removed => "removed",
@@ -225,9 +237,9 @@ fn show(h: &HeldPacket) -> anyhow::Result<()> {
         &table::View::new(false),
         None,
     );
-    println!("{table}");
-    println!("\nhex:\n{}", dump(&p.data));
-    println!("text:\n{}", String::from_utf8_lossy(&p.data));
+    crate::say!("{table}");
+    crate::say!("\nhex:\n{}", dump(&p.data));
+    crate::say!("text:\n{}", String::from_utf8_lossy(&p.data));
     Ok(())
 }
 
@@ -241,8 +253,8 @@ async fn forward(c: &mut Client, held_id: u64, data: Option<Vec<u8>>) -> anyhow:
     .await
     .map_err(status)?;
     match len {
-        Some(n) => println!("forwarded held packet {held_id} with {n} replacement bytes"),
-        None => println!("forwarded held packet {held_id} unmodified"),
+        Some(n) => crate::say!("forwarded held packet {held_id} with {n} replacement bytes"),
+        None => crate::say!("forwarded held packet {held_id} unmodified"),
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ pub struct PurgeArgs {
 }
 
 /// A time as RFC 3339 or as an age before now.
-fn parse_time(s: &str) -> Result<SystemTime, String> {
+pub fn parse_time(s: &str) -> Result<SystemTime, String> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t);
     }
@@ -53,9 +53,11 @@ pub async fn run(server: &ServerArgs, args: PurgeArgs) -> anyhow::Result<()> {
         .map_err(status)
         .context("purging history")?
         .into_inner();
-    println!(
+    crate::say!(
         "purged {} packet(s), {} bytes; {} bytes of history files deleted",
-        p.packets, p.bytes, p.freed_bytes
+        p.packets,
+        p.bytes,
+        p.freed_bytes
     );
     Ok(())
 }

@@ -80,13 +80,13 @@ pub struct OnArgs {
     #[arg(long = "host")]
     pub hosts: Vec<String>,
     /// Only connections to this target port; repeat for several.
-    #[arg(long = "port")]
+    #[arg(long = "port", value_parser = clap::value_parser!(u16).range(1..))]
     pub ports: Vec<u16>,
     /// Only connections through this proxy node; repeat for several.
     #[arg(long = "node")]
     pub nodes: Vec<String>,
-    /// Only this connection ID; repeat for several.
-    #[arg(long = "conn")]
+    /// Only this connection ID (one the registry knows); repeat for several.
+    #[arg(long = "conn", value_parser = crate::history::conn_id)]
     pub conns: Vec<u64>,
     /// Only packets containing this text.
     #[arg(long, conflicts_with = "contains_hex")]
@@ -134,7 +134,7 @@ pub struct RuleAddArgs {
     #[arg(long = "host")]
     pub hosts: Vec<String>,
     /// Only connections to this target port; repeat for several.
-    #[arg(long = "port")]
+    #[arg(long = "port", value_parser = clap::value_parser!(u16).range(1..))]
     pub ports: Vec<u16>,
 }
 
@@ -158,6 +158,7 @@ pub async fn run(server: &ServerArgs, cmd: InterceptCommand) -> anyhow::Result<(
     let mut c = client(server).await?;
     match cmd {
         InterceptCommand::On(a) => {
+            check_known(server, &a.conns).await?;
             let contains =
                 text_or_hex(a.contains.as_deref(), a.contains_hex.as_deref(), "contains")?;
             let config = InterceptConfig {
@@ -172,7 +173,7 @@ pub async fn run(server: &ServerArgs, cmd: InterceptCommand) -> anyhow::Result<(
                 rules: Vec::new(),
             };
             let now = set(&mut c, config).await?;
-            println!("intercept on: {}", describe(&now));
+            crate::say!("intercept on: {}", describe(&now));
         }
         InterceptCommand::Off => {
             let mut config = c
@@ -182,10 +183,33 @@ pub async fn run(server: &ServerArgs, cmd: InterceptCommand) -> anyhow::Result<(
                 .into_inner();
             config.enabled = false;
             set(&mut c, config).await?;
-            println!("intercept off: every held packet was forwarded unmodified");
+            crate::say!("intercept off: every held packet was forwarded unmodified");
         }
         InterceptCommand::Status { json } => show_status(&mut c, json).await?,
         InterceptCommand::Rule(r) => rule(&mut c, r).await?,
+    }
+    Ok(())
+}
+
+/// Refuses connection IDs the registry has no record of (a typo would hold nothing, silently).
+/// A server without the registry service (a standalone intercept-svc) cannot check them.
+async fn check_known(server: &ServerArgs, ids: &[u64]) -> anyhow::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut registry = crate::client::registry(server).await?;
+    for &id in ids {
+        match registry
+            .get_connection(proto::registry::GetConnectionRequest { id })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::NotFound => bail!(
+                "--conn {id}: no connection with ID {id} (`interpose conns list` shows the IDs)"
+            ),
+            Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(()),
+            Err(s) => return Err(status(s)),
+        }
     }
     Ok(())
 }
@@ -274,20 +298,22 @@ async fn show_status(c: &mut InterceptClient<AuthChannel>, json: bool) -> anyhow
             "registry_connected": s.registry_connected,
             "rules": config.rules.iter().map(rule_json).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::say!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     if config.enabled {
-        println!("intercept: on ({})", describe(&config));
+        crate::say!("intercept: on ({})", describe(&config));
     } else {
-        println!("intercept: off");
+        crate::say!("intercept: off");
     }
-    println!("held: {} (at most {})", s.held, s.max_held);
-    println!(
+    crate::say!("held: {} (at most {})", s.held, s.max_held);
+    crate::say!(
         "forwarded without holding (queue full): {}; timed out: {}; released by off: {}",
-        s.overflow_forwarded, s.timed_out, s.released_by_off
+        s.overflow_forwarded,
+        s.timed_out,
+        s.released_by_off
     );
-    println!(
+    crate::say!(
         "registry: {}",
         if s.registry_connected {
             "following connection status"
@@ -295,7 +321,7 @@ async fn show_status(c: &mut InterceptClient<AuthChannel>, json: bool) -> anyhow
             "unreachable (held packets show their last known status)"
         }
     );
-    println!("replace rules: {}", config.rules.len());
+    crate::say!("replace rules: {}", config.rules.len());
     Ok(())
 }
 
@@ -329,7 +355,7 @@ async fn rule(c: &mut InterceptClient<AuthChannel>, cmd: RuleCommand) -> anyhow:
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("added rule {}", r.id);
+            crate::say!("added rule {}", r.id);
         }
         RuleCommand::List { json } => {
             let rules = c
@@ -340,12 +366,12 @@ async fn rule(c: &mut InterceptClient<AuthChannel>, cmd: RuleCommand) -> anyhow:
                 .rules;
             if json {
                 let v: Vec<Value> = rules.iter().map(rule_json).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                crate::say!("{}", serde_json::to_string_pretty(&v)?);
             } else if rules.is_empty() {
-                println!("no replace rules");
+                crate::say!("no replace rules");
             } else {
                 for r in &rules {
-                    println!(
+                    crate::say!(
                         "{:>4}  {:<4}  \"{}\" -> \"{}\"{}{}",
                         r.id,
                         dir_name(r.direction),
@@ -376,7 +402,7 @@ async fn rule(c: &mut InterceptClient<AuthChannel>, cmd: RuleCommand) -> anyhow:
             c.remove_rule(RemoveRuleRequest { id })
                 .await
                 .map_err(status)?;
-            println!("removed rule {id}");
+            crate::say!("removed rule {id}");
         }
     }
     Ok(())

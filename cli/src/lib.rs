@@ -16,24 +16,48 @@ pub mod intercept;
 pub mod output;
 pub mod table;
 pub mod up;
+pub mod watch;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+/// `println!` that returns from the enclosing function with the write error instead of
+/// panicking: a reader that closed the pipe (`| head`) ends the command quietly (see
+/// [`is_closed_stdout`]).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
 
 /// Where client subcommands find the server, and how they authenticate.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
-    /// gRPC URL of the Interpose server.
+    /// gRPC URL of the Interpose server. Default: the URL `interpose up` recorded in the data
+    /// directory (--data-dir), else http://127.0.0.1:50051.
     #[arg(
         long,
         global = true,
         env = "INTERPOSE_SERVER",
         hide_env_values = true,
-        default_value = "http://127.0.0.1:50051",
         help_heading = "Server"
     )]
-    pub server: String,
-    /// Bearer token for the server. Default: the token file of the default data directory,
-    /// sent only to the default server or to the URL `interpose up` recorded there.
+    pub server: Option<String>,
+    /// The data directory of the `interpose up` to talk to: its recorded server URL, token
+    /// and client certificate are used. Default: the user's data home, e.g.
+    /// ~/.local/share/interpose.
+    #[arg(
+        long,
+        global = true,
+        env = "INTERPOSE_DATA_DIR",
+        value_name = "DIR",
+        help_heading = "Server"
+    )]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Bearer token for the server. Default: the token file of the data directory
+    /// (--data-dir), sent only to the default server or to the URL `interpose up` recorded
+    /// there.
     #[arg(
         long,
         global = true,
@@ -51,8 +75,8 @@ pub struct ServerArgs {
     )]
     pub token_file: Option<std::path::PathBuf>,
     /// Client certificate (PEM) for an https:// server started with --grpc-tls, from
-    /// `interpose ca issue-client`. Default: the default data directory's
-    /// mtls/client-cert.pem, for the server `interpose up` recorded there.
+    /// `interpose ca issue-client`. Default: the data directory's mtls/client-cert.pem, for
+    /// the server `interpose up` recorded there.
     #[arg(
         long,
         global = true,
@@ -93,6 +117,8 @@ pub struct NotAClient {
     pub token: Option<String>,
     #[arg(long = "token-file", hide = true)]
     pub token_file: Option<std::path::PathBuf>,
+    #[arg(long = "data-dir", hide = true)]
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// Interpose: a TLS-intercepting SOCKS5 proxy for any TCP protocol.
@@ -141,12 +167,14 @@ pub enum Command {
 /// silently ignored; from the environment it is ignored.
 pub fn parse() -> Cli {
     let mut cmd = Cli::command();
-    let matches = cmd.get_matches_mut();
+    let matches = cmd
+        .try_get_matches_from_mut(std::env::args_os())
+        .unwrap_or_else(|e| usage_error(&Cli::command(), e));
     if let Some((name, sub)) = matches.subcommand() {
         let caught: &[&str] = match name {
             // (`up --client-cert` is its own: for upstream TLS servers.)
             "up" => &["server", "client_key", "ca_cert"],
-            "completions" | "man" => &["server", "token", "token_file"],
+            "completions" | "man" => &["server", "token", "token_file", "data_dir"],
             _ => &[],
         };
         for id in caught {
@@ -161,6 +189,57 @@ pub fn parse() -> Cli {
         }
     }
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// Prints a command-line error and exits. clap's usage line under an error lists every
+/// option it saw as given, those set from the environment too (`Usage: interpose export
+/// --out <OUT> --server <SERVER>`), which reads as if they were required: they are left out.
+fn usage_error(cmd: &clap::Command, e: clap::Error) -> ! {
+    if !e.use_stderr() {
+        e.exit();
+    }
+    let mut from_env = Vec::new();
+    env_options(cmd, &mut from_env);
+    let text = e.render().to_string();
+    for line in text.lines() {
+        if line.starts_with("Usage: ") {
+            eprintln!("{}", without_options(line, &from_env));
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    std::process::exit(e.exit_code());
+}
+
+/// The long names of the options of `cmd` and its subcommands whose environment variable is
+/// set.
+fn env_options(cmd: &clap::Command, out: &mut Vec<String>) {
+    for arg in cmd.get_arguments() {
+        if let (Some(var), Some(long)) = (arg.get_env(), arg.get_long())
+            && std::env::var_os(var).is_some_and(|v| !v.is_empty())
+        {
+            out.push(format!("--{long}"));
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        env_options(sub, out);
+    }
+}
+
+/// `line` without the options named in `drop` and their `<VALUE>`s.
+fn without_options(line: &str, drop: &[String]) -> String {
+    let mut words = line.split(' ').peekable();
+    let mut kept = Vec::new();
+    while let Some(w) = words.next() {
+        if drop.iter().any(|d| d == w) {
+            if words.peek().is_some_and(|v| v.starts_with('<')) {
+                words.next();
+            }
+            continue;
+        }
+        kept.push(w);
+    }
+    kept.join(" ")
 }
 
 /// Runs one command.

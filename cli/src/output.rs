@@ -192,25 +192,6 @@ pub fn target(c: &Connection) -> String {
     }
 }
 
-/// One line of `conns watch` (without `--json`).
-pub fn conn_row(c: &Connection) -> String {
-    let dst = target(c);
-    let tls = if c.tls { " tls" } else { "" };
-    format!(
-        "{:>6}  {:<22} {:<32} {:<13} {:<10} {:<6} {:<16} {:<28} {}{}",
-        c.id,
-        endpoint(&c.src_ip, c.src_port),
-        dst,
-        name_of::<ConnStatus>(c.status).unwrap_or("-"),
-        name_of::<ClosedBy>(c.closed_by).unwrap_or("-"),
-        name_of::<CloseKind>(c.close_kind).unwrap_or("-"),
-        format!("{}/{}", c.bytes_c2s, c.bytes_s2c),
-        rfc3339(c.opened_at.as_ref()).unwrap_or_else(|| "-".into()),
-        c.reason,
-        tls,
-    )
-}
-
 /// Bytes as text a terminal can show: printable ASCII kept, everything else escaped.
 pub fn preview(data: &[u8], max: usize) -> String {
     let mut s: String = data

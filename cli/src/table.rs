@@ -5,10 +5,10 @@
 use std::time::{Duration, SystemTime};
 
 use anyhow::bail;
-use comfy_table::{Cell, CellAlignment, ColumnConstraint, ContentArrangement, Row, Table, presets};
 
 /// How cells render values that depend on the reader: local or UTC times, and "now" for the
 /// duration of what is still open.
+#[derive(Clone)]
 pub struct View {
     /// Times in the local time zone instead of UTC.
     pub local_time: bool,
@@ -64,6 +64,12 @@ pub struct Column<T> {
     /// When the terminal is too narrow for every column even with long values cut, the
     /// columns with the lowest rank are left out first.
     pub rank: u8,
+    /// A cut value keeps its `:port` end (targets): the port matters more than the host's
+    /// tail.
+    pub keeps_port: bool,
+    /// The key of a column left out together with this one (C2S with S2C: one direction's
+    /// bytes alone mislead).
+    pub pair: Option<&'static str>,
 }
 
 /// The narrowest a shrinking column is cut to before whole columns are left out.
@@ -102,67 +108,41 @@ pub fn target_width(wide: bool) -> Option<u16> {
     if let Some(cols) = std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()) {
         return Some(cols);
     }
-    Table::new().width()
+    comfy_table::Table::new().width()
 }
 
 /// The table of `rows` as text lines (header first), each at most `width` columns wide: long
 /// values are cut first, then the lowest-ranked columns left out.
 pub fn render<T>(columns: &[&Column<T>], rows: &[T], view: &View, width: Option<u16>) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| columns.iter().map(|c| (c.cell)(r, view)).collect())
-        .collect();
-    let shown = match width {
-        Some(w) => fit(columns, &cells, usize::from(w)),
-        None => (0..columns.len()).collect(),
-    };
-    let mut table = Table::new();
-    table
-        .load_preset(presets::NOTHING)
-        .set_truncation_indicator("…")
-        .set_header(shown.iter().map(|&i| Cell::new(columns[i].header)));
-    match width {
-        Some(w) => {
-            table
-                .set_content_arrangement(ContentArrangement::Dynamic)
-                .set_width(w);
-        }
-        None => {
-            table
-                .set_content_arrangement(ContentArrangement::Disabled)
-                .force_no_tty();
-        }
+    let mut pager = Pager::new(columns.to_vec(), view.clone(), width);
+    pager.page(rows).join("\n")
+}
+
+/// `value` cut with an ellipsis to `width` characters; a `host:port` keeps its port.
+pub fn cut_keeping_port(value: &str, width: usize) -> String {
+    if value.chars().count() <= width {
+        return value.to_string();
     }
-    for r in &cells {
-        let mut row = Row::from(shown.iter().map(|&i| {
-            let cell = Cell::new(&r[i]);
-            if columns[i].right {
-                cell.set_alignment(CellAlignment::Right)
-            } else {
-                cell
-            }
-        }));
-        row.max_height(1);
-        table.add_row(row);
+    if let Some((host, port)) = value.rsplit_once(':')
+        && !port.is_empty()
+        && port.chars().all(|c| c.is_ascii_digit())
+        && port.len() + 2 < width
+    {
+        let keep = width - port.len() - 2;
+        let host: String = host.chars().take(keep).collect();
+        return format!("{host}…:{port}");
     }
-    for (pos, &i) in shown.iter().enumerate() {
-        let c = columns[i];
-        if let Some(col) = table.column_mut(pos) {
-            // Columns that do not shrink keep their content's width; the others share what
-            // is left and are cut with an ellipsis.
-            if !c.shrinks {
-                col.set_constraint(ColumnConstraint::ContentWidth);
-            }
-            // comfy-table pads every cell by one space each side; one between columns is
-            // enough.
-            col.set_padding((0, 1));
-        }
+    cut(value, width)
+}
+
+/// `value` cut with an ellipsis to `width` characters.
+fn cut(value: &str, width: usize) -> String {
+    if value.chars().count() <= width {
+        return value.to_string();
     }
-    table
-        .lines()
-        .map(|l| l.trim_end().to_string())
-        .collect::<Vec<_>>()
-        .join("\n")
+    let mut v: String = value.chars().take(width.saturating_sub(1)).collect();
+    v.push('…');
+    v
 }
 
 /// The columns (indexes) that fit in `width` with long values cut to [`MIN_SHRUNK`]: the
@@ -188,7 +168,11 @@ fn fit<T>(columns: &[&Column<T>], cells: &[Vec<String>], width: usize) -> Vec<us
         else {
             break;
         };
-        shown.remove(pos);
+        let gone = columns[shown[pos]];
+        shown.retain(|&i| {
+            let c = columns[i];
+            !std::ptr::eq(c, gone) && gone.pair != Some(c.key) && c.pair != Some(gone.key)
+        });
     }
     shown
 }
@@ -256,18 +240,37 @@ impl<'c, T> Pager<'c, T> {
         for (i, c) in self.columns.iter().enumerate() {
             self.widths[i] = self.widths[i].max(widest(c, cells.iter().map(|r| r[i].as_str())));
         }
-        // What the shrinking columns may take: the rest of the line, shared equally.
+        // What the shrinking columns may take: the rest of the line, shared equally, except
+        // that a column narrower than its share keeps its width and leaves the rest to others.
         let fixed: usize = shown
             .iter()
             .filter(|&&i| !self.columns[i].shrinks)
             .map(|&i| self.widths[i] + 1)
             .sum();
-        let shrinking = shown.iter().filter(|&&i| self.columns[i].shrinks).count();
-        let share = self.width.map(|w| {
-            (w.saturating_sub(fixed) / shrinking.max(1))
-                .saturating_sub(1)
-                .max(1)
-        });
+        let mut allowed: Vec<Option<usize>> = vec![None; self.columns.len()];
+        if let Some(w) = self.width {
+            let mut budget = w.saturating_sub(fixed);
+            let mut open: Vec<usize> = shown
+                .iter()
+                .copied()
+                .filter(|&i| self.columns[i].shrinks)
+                .collect();
+            while !open.is_empty() {
+                let share = budget / open.len();
+                let (small, big): (Vec<usize>, Vec<usize>) =
+                    open.iter().copied().partition(|&i| self.widths[i] < share);
+                if small.is_empty() {
+                    for i in big {
+                        allowed[i] = Some(share.saturating_sub(1).max(1));
+                    }
+                    break;
+                }
+                for i in small {
+                    budget -= self.widths[i] + 1;
+                }
+                open = big;
+            }
+        }
         lines.extend(cells);
         lines
             .iter()
@@ -277,14 +280,13 @@ impl<'c, T> Pager<'c, T> {
                     let c = self.columns[i];
                     let mut w = self.widths[i];
                     let mut v = row[i].clone();
-                    if c.shrinks
-                        && let Some(share) = share
-                    {
+                    if let Some(share) = allowed[i] {
                         w = w.min(share);
-                        if v.chars().count() > w {
-                            v = v.chars().take(w.saturating_sub(1)).collect();
-                            v.push('…');
-                        }
+                        v = if c.keeps_port {
+                            cut_keeping_port(&v, w)
+                        } else {
+                            cut(&v, w)
+                        };
                     }
                     if pos > 0 {
                         line.push(' ');
@@ -319,6 +321,16 @@ pub fn bytes(n: u64) -> String {
     format!("{v:.1} {unit}")
 }
 
+/// A byte count in words: `512 bytes`, `1 byte`, and from 10 KiB on with its size in units,
+/// `10737418240 bytes (10.0 GiB)` (the exact count stays, for comparing with `--json`).
+pub fn size(n: u64) -> String {
+    match n {
+        1 => "1 byte".into(),
+        n if n < 10 * 1024 => format!("{n} bytes"),
+        n => format!("{n} bytes ({})", bytes(n)),
+    }
+}
+
 /// A duration for a table: `850ms`, `12.3s`, `4m05s`, `2h03m`, `3d04h`.
 pub fn duration(d: Duration) -> String {
     let s = d.as_secs();
@@ -346,6 +358,8 @@ mod tests {
             right: false,
             default: true,
             rank: 9,
+            keeps_port: false,
+            pair: None,
         },
         Column {
             key: "n",
@@ -355,6 +369,8 @@ mod tests {
             right: true,
             default: true,
             rank: 8,
+            keeps_port: false,
+            pair: None,
         },
     ];
 
@@ -410,6 +426,8 @@ mod tests {
         assert_eq!(bytes(512), "512");
         assert_eq!(bytes(10 * 1024), "10.0 KiB");
         assert_eq!(bytes(3 << 30), "3.0 GiB");
+        assert_eq!(size(1), "1 byte");
+        assert_eq!(size(10_737_418_240), "10737418240 bytes (10.0 GiB)");
         assert_eq!(duration(Duration::from_millis(850)), "850ms");
         assert_eq!(duration(Duration::from_secs(245)), "4m05s");
         assert_eq!(duration(Duration::from_secs(7380)), "2h03m");

@@ -15,9 +15,9 @@ use proxy_core::{
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Data directory (registry store, CA). Default: the user's data home, e.g.
-    /// ~/.local/share/interpose.
-    #[arg(long)]
+    /// Data directory (registry store, CA, and the server URL and token clients given the
+    /// same --data-dir use). Default: the user's data home, e.g. ~/.local/share/interpose.
+    #[arg(long, env = "INTERPOSE_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Where the registry keeps records and history (the same as the `registry-svc`
     /// binary's): the data directory, or a PostgreSQL database shared with registry-svc
@@ -41,6 +41,12 @@ pub struct UpArgs {
     /// `--server` clap would list the clients' global one in `up --help`.
     #[arg(long, hide = true)]
     pub server: Option<String>,
+    /// Caught and refused as `server` is: a client option.
+    #[arg(long, hide = true)]
+    pub client_key: Option<PathBuf>,
+    /// Caught and refused as `server` is: a client option.
+    #[arg(long, hide = true)]
+    pub ca_cert: Option<PathBuf>,
     /// mTLS for the gRPC API (the same as the `registry-svc` binary's).
     #[command(flatten)]
     pub tls: proto::mtls::ServerTlsArgs,
@@ -125,7 +131,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
     let stop = proto::serve::shutdown_signal();
-    println!(
+    crate::say!(
         "ready socks={} grpc={url} ca={}{}{tls}",
         proxy.socks_addr(),
         ca_path.display(),

@@ -48,6 +48,9 @@ struct Follow {
     position: u64,
     /// After a resume: the position sent again, whose packets already written are skipped.
     repeated: u64,
+    /// The connection of the last snapshot packet: the snapshot sends each connection's
+    /// packets together, so when the next one starts, a closed one is complete and ends.
+    current: Option<u64>,
 }
 
 impl Job {
@@ -135,6 +138,9 @@ impl Job {
         }
         if let Some(p) = event.packet {
             let id = p.conn_id;
+            if !state.caught_up && state.current != Some(id) {
+                self.snapshot_moved_to(state, id);
+            }
             if !state.conns.contains_key(&id) {
                 let record = match state.snapshot.remove(&id) {
                     Some(c) => Some(c),
@@ -163,6 +169,33 @@ impl Job {
             self.caught_up(state);
         }
         Ok(())
+    }
+
+    /// The snapshot's packets moved on to connection `next` (ID order): the closed
+    /// connection before it, and those closed without packets with a lower ID, end now, so
+    /// their ends are written before the later connections' packets (in time order, as a
+    /// batch export writes them), not after the whole snapshot.
+    fn snapshot_moved_to(&mut self, state: &mut Follow, next: u64) {
+        let previous = state.current.replace(next);
+        let done = previous.and_then(|id| match state.conns.get(&id) {
+            Some(Conn::Open(o)) => o
+                .record
+                .as_ref()
+                .filter(|c| c.status == ConnStatus::Disconnected as i32)
+                .cloned(),
+            _ => None,
+        });
+        let mut closed: Vec<Connection> = state
+            .snapshot
+            .values()
+            .filter(|c| c.id < next && c.status == ConnStatus::Disconnected as i32)
+            .cloned()
+            .chain(done)
+            .collect();
+        closed.sort_unstable_by_key(|c| c.id);
+        for c in closed {
+            self.closed(state, c);
+        }
     }
 
     /// The end of the snapshot: the connections whose records were closed in it end now,

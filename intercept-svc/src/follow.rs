@@ -25,6 +25,12 @@ pub async fn follow_registry(shared: Arc<Shared>, registry: Arc<Replicas>) {
         let (index, channel) = registry.channel();
         match follow_once(&shared, channel, &mut backoff, &mut failures).await {
             Ok(()) => tracing::warn!("registry ended its connection watch; reopening"),
+            // A registry shutting down (this process's own, on SIGINT) is no failure to warn
+            // about: the watch reopens if the registry comes back.
+            Err(s) if s.message() == proto::serve::SHUTTING_DOWN => {
+                tracing::debug!("registry connection watch: {}", s.message());
+                registry.failed(index, &s);
+            }
             Err(s) => {
                 tracing::warn!(code = ?s.code(), "registry connection watch: {}", s.message());
                 registry.failed(index, &s);

@@ -743,7 +743,7 @@ async fn sequence_numbers_wrap_and_a_packet_over_64_kib_is_cut_into_mtu_segments
     )
     .await?;
     assert!(
-        summary.contains("exported 1 connections, 2 packets, 73000 payload bytes"),
+        summary.contains("exported 1 connection, 2 packets, 73000 payload bytes"),
         "{summary}"
     );
     let cap = read_capture(&file)?;
@@ -889,7 +889,7 @@ async fn filters_time_range_and_udp_associations_select_and_frame_what_was_asked
 
     let (file, summary) =
         export(&svc.url, dir.path(), "a.pcap", &["--dst-host", "a.example"]).await?;
-    assert!(summary.contains("exported 1 connections"), "{summary}");
+    assert!(summary.contains("exported 1 connection,"), "{summary}");
     let streams = reassemble(&read_capture(&file)?)?;
     assert_eq!(streams.len(), 1);
     assert_eq!(streams[0].c2s, b"to a");

@@ -136,7 +136,7 @@ async fn eviction_keeps_the_newest_history_within_the_budget_reports_it_and_surv
     );
     assert!(text.contains(&line), "{text}");
     assert!(
-        text.contains("budget 65536 bytes, when full: evict"),
+        text.contains("budget 65536 bytes (64.0 KiB), when full: evict"),
         "{text}"
     );
 

@@ -610,11 +610,16 @@ fn classify_upstream(e: io::Error, client_cert: ClientCertStatus) -> SpliceError
     }
 }
 
+/// An upstream certificate from a CA the proxy does not trust (self-signed, a private CA),
+/// with what to do about it.
+const UNKNOWN_ISSUER: &str = "unknown issuer (not signed by a trusted CA; for a self-signed or \
+     private CA, pass its certificate with --upstream-ca FILE)";
+
 /// Human text for an upstream certificate problem.
 fn certificate_error_text(c: &rustls::CertificateError) -> String {
     use rustls::CertificateError as E;
     match c {
-        E::UnknownIssuer => "unknown issuer (not signed by a trusted CA)".into(),
+        E::UnknownIssuer => UNKNOWN_ISSUER.into(),
         E::NotValidForName => "not valid for the server name".into(),
         E::Expired => "expired".into(),
         E::NotValidYet => "not valid yet".into(),
@@ -649,7 +654,7 @@ fn webpki_words(text: &str) -> String {
         "UnsupportedSignatureAlgorithm" | "UnsupportedSignatureAlgorithmForPublicKey" => {
             "the certificate is signed with an unsupported algorithm"
         }
-        "UnknownIssuer" => "unknown issuer (not signed by a trusted CA)",
+        "UnknownIssuer" => UNKNOWN_ISSUER,
         "PathLenConstraintViolated" => "the chain is longer than a CA allows (path length)",
         "NameConstraintViolation" => "the certificate breaks a CA's name constraints",
         "MaximumPathDepthExceeded" | "MaximumPathBuildCallsExceeded" => {
