@@ -106,11 +106,8 @@ impl ProxyArgs {
     pub fn tls_splice(&self, data_dir: &Path) -> anyhow::Result<Arc<Splicer>> {
         crate::tls::install_provider();
         let ca = Arc::new(load_or_create_ca(&data_dir.join("ca"))?);
-        let splicer = Arc::new(Splicer::new(ca, self.tls.to_options())?);
-        if splicer.insecure() {
-            tracing::warn!("--upstream-insecure: upstream certificates are not verified");
-        }
-        Ok(splicer)
+        // (An --upstream-insecure splicer warns once, where its verifier is made.)
+        Ok(Arc::new(Splicer::new(ca, self.tls.to_options())?))
     }
 
     /// The addresses `--deny` names, resolved now; a name that does not resolve is an error.

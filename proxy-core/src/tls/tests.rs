@@ -502,6 +502,13 @@ async fn untrusted_upstream_certificate_is_an_upstream_error_and_the_client_gets
     assert!(matches!(e, SpliceError::UpstreamCertificate(_)), "{e:?}");
     assert_eq!(e.closed_by(), ClosedBy::Proxy);
     assert!(e.reason().contains("unknown issuer"), "{}", e.reason());
+    // What to do about it: name the CA with --upstream-ca.
+    assert!(
+        e.reason()
+            .contains("pass its certificate with --upstream-ca FILE"),
+        "{}",
+        e.reason()
+    );
     assert!(e.is_upstream());
 }
 
