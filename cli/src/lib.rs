@@ -142,7 +142,7 @@ pub enum Command {
     Conns(conns::ConnsCommand),
     /// Search the proxy history (every packet relayed).
     ///
-    /// Columns (--columns): conn, seq, dir, time, len, data (all shown by default). A packet
+    /// Columns (--columns): conn, seq, dir, time, len, data (the default set), target. A packet
     /// forwarded with other bytes or dropped has a second line with the bytes received.
     History(history::HistoryArgs),
     /// The decrypted sessions as a PCAP or pcapng file for Wireshark.
