@@ -370,7 +370,7 @@ async fn export_and_intercept_services_read_the_next_registry_when_the_first_is_
     ensure!(out.ok, "export through the second URL: {}", out.stderr);
     assert!(
         out.stderr
-            .contains("exported 1 connections, 2 packets, 3002 payload bytes"),
+            .contains("exported 1 connection, 2 packets, 3002 payload bytes"),
         "{}",
         out.stderr
     );
