@@ -357,7 +357,13 @@ impl proto::hold::HoldSink for InterceptService {
         })
     }
 
-    fn hold(&self, req: pb::HoldRequest) -> proto::hold::Call<Verdict> {
+    fn hold(&self, mut req: pb::HoldRequest) -> proto::hold::Call<Verdict> {
+        // The packet's bytes share the relay's read block (up to 256 KiB for a packet of any
+        // size): the queue keeps a copy of just the packet, so what it holds is what
+        // `max_held_bytes` counts.
+        if let Some(p) = &mut req.packet {
+            p.data = bytes::Bytes::copy_from_slice(&p.data);
+        }
         let me = self.clone();
         Box::pin(async move { Ok(Intercept::hold(&me, Request::new(req)).await?.into_inner()) })
     }
