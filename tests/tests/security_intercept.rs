@@ -182,6 +182,7 @@ async fn an_amplifying_replace_rule_cannot_blow_up_the_process() -> anyhow::Resu
         assert!(c.await??.iter().all(|&b| b == b'A'));
     }
     let after = rss(up.proc.pid())?;
+    eprintln!("up RSS: {before} bytes before the attack, {after} after");
     // Stated bound: 512 MiB (the process idles near 70 MB; before the fix it reached 4 GB or
     // aborted).
     assert!(
@@ -261,6 +262,7 @@ async fn the_held_queue_is_bounded_by_bytes_and_lists_in_pages() -> anyhow::Resu
     assert_eq!(status(&c).await?.too_large_forwarded, 1);
     // Stated bound: 256 MiB (48 MiB held; before the budget, all 400 MiB were).
     let rss_now = rss(up.proc.pid())?;
+    eprintln!("up RSS with {} bytes held: {rss_now} bytes", st.held_bytes);
     assert!(rss_now < 256 << 20, "RSS {rss_now} bytes");
     // 48 MiB of packets: the CLI lists them all, a page at a time.
     let list = tests::held_list(s, 12).await?;
