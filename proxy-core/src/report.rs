@@ -584,9 +584,12 @@ impl Task {
         // MAX_UNACKED full batches in flight). Idle: no added latency; busy: few, large
         // batches and one wake-up per acknowledgement instead of one per event.
         let full = self.pending.len() >= BATCH_EVENTS || self.pending_bytes >= BATCH_BYTES;
+        // Batches without events (the hello, loss totals) do not hold events back: the first
+        // connection's events go out at once, as they did before the hello existed.
+        let idle = self.unacked.iter().all(|b| b.events == 0);
         if !self.pending.is_empty()
             && self.unacked.len() < MAX_UNACKED
-            && (full || self.unacked.is_empty() || shutting_down)
+            && (full || idle || shutting_down)
         {
             self.last_full = full;
             self.make_batches();
@@ -595,7 +598,7 @@ impl Task {
         self.pending.len() < BATCH_EVENTS
             && self.pending_bytes < BATCH_BYTES
             && self.unacked.len() < MAX_UNACKED
-            && (self.unacked.is_empty() || self.last_full || shutting_down)
+            && (idle || self.last_full || shutting_down)
     }
 
     async fn session(&mut self) -> SessionEnd {
