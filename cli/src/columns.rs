@@ -422,7 +422,8 @@ pub const HELD: &[Column<HeldPacket>] = &[
     Column {
         key: "len",
         header: "LEN",
-        cell: |h, _| held_cell(h, |p| p.data.len().to_string()),
+        // `len` is set also when the bytes are left out or no longer kept (abandoned).
+        cell: |h, _| held_cell(h, |p| (h.len as usize).max(p.data.len()).to_string()),
         shrinks: false,
         right: true,
         default: true,

@@ -396,7 +396,7 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
             .map(|(node, l)| {
                 (
                     node.clone(),
-                    json!({"events_dropped": l.events_dropped, "packets_dropped": l.packets_dropped, "bytes_dropped": l.bytes_dropped, "intercept_not_held": l.intercept_not_held}),
+                    json!({"events_dropped": l.events_dropped, "packets_dropped": l.packets_dropped, "bytes_dropped": l.bytes_dropped, "intercept_not_held": l.intercept_not_held, "intercept_hold_failed": l.intercept_hold_failed, "intercept_refused": l.intercept_refused, "rewrite_skipped": l.rewrite_skipped}),
                 )
             })
             .collect();
@@ -469,8 +469,18 @@ async fn stats(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
         if l.intercept_not_held > 0 {
             writeln!(
                 out,
-                "not held by node {node} (intercept service unreachable): {} packet(s)",
-                l.intercept_not_held
+                "not held by node {node}: {} packet(s) ({} failed hold call(s): the intercept \
+                 service unreachable, gone or failing, see the proxy's log; {} forwarded by \
+                 the intercept service without holding: its queue full or the packet too large)",
+                l.intercept_not_held, l.intercept_hold_failed, l.intercept_refused
+            )?;
+        }
+        if l.rewrite_skipped > 0 {
+            writeln!(
+                out,
+                "not rewritten by node {node}: {} packet(s) the replace rules would have grown \
+                 by more than 4 MiB (relayed as received)",
+                l.rewrite_skipped
             )?;
         }
     }

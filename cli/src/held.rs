@@ -10,7 +10,7 @@ use proto::{
     client::AuthChannel,
     common::{ClosedBy, ConnStatus, Direction},
     intercept::{
-        DropRequest, ForwardRequest, HeldPacket, ListHeldRequest, WatchHeldRequest,
+        DropRequest, ForwardRequest, GetHeldRequest, HeldPacket, ListHeldRequest, WatchHeldRequest,
         held_event::Kind, intercept_client::InterceptClient,
     },
     names::name_of,
@@ -80,10 +80,11 @@ pub fn held_json(h: &HeldPacket) -> Value {
         "conn_id": p.conn_id,
         "seq": p.seq,
         "direction": name_of::<Direction>(p.direction),
-        "len": p.data.len(),
+        "len": (h.len as usize).max(p.data.len()),
         "data_b64": base64::engine::general_purpose::STANDARD.encode(&p.data),
         "conn_status": name_of::<ConnStatus>(h.conn_status),
         "closed_by": name_of::<ClosedBy>(h.closed_by),
+        "abandoned": h.abandoned,
         "node": h.node,
         "dst_host": h.dst_host,
         "dst_port": h.dst_port,
@@ -97,6 +98,8 @@ pub fn status_text(h: &HeldPacket) -> String {
         name_of::<ClosedBy>(h.closed_by),
     ) {
         (Some("disconnected"), Some(by)) => format!("closed by {by}"),
+        // The proxy stopped waiting before the registry said how the connection ended.
+        (Some(_), _) if h.abandoned => "abandoned".into(),
         (Some(s), _) => s.to_string(),
         _ => "-".into(),
     }
@@ -112,7 +115,7 @@ fn row(h: &HeldPacket) -> String {
         p.conn_id,
         name_of::<Direction>(p.direction).unwrap_or("-"),
         format!("{}:{}", h.dst_host, h.dst_port),
-        p.data.len(),
+        (h.len as usize).max(p.data.len()),
         status,
         preview(&p.data, 60)
     )
@@ -153,12 +156,7 @@ pub async fn run(server: &ServerArgs, cmd: HeldCommand) -> anyhow::Result<()> {
 async fn list(c: &mut Client, json: bool, how: &TableArgs) -> anyhow::Result<()> {
     // A bad --columns fails before any network I/O.
     let columns = table::select(columns::HELD, how.columns.as_deref())?;
-    let held = c
-        .list_held(ListHeldRequest {})
-        .await
-        .map_err(status)?
-        .into_inner()
-        .held;
+    let held = list_all(c).await?;
     let mut out = std::io::stdout().lock();
     if json {
         let v: Vec<Value> = held.iter().map(held_json).collect();
@@ -211,21 +209,35 @@ async fn watch(c: &mut Client, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The held packet with `held_id`.
+/// Every held packet with its bytes, a page at a time (each page is bounded by the
+/// service, so no one message grows with the queue).
+async fn list_all(c: &mut Client) -> anyhow::Result<Vec<HeldPacket>> {
+    let mut held = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = c
+            .list_held(ListHeldRequest {
+                page_size: 0,
+                page_token,
+                omit_data: false,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        held.extend(page.held);
+        if page.next_page_token.is_empty() {
+            return Ok(held);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// The held packet with `held_id`, with its bytes.
 async fn get(c: &mut Client, held_id: u64) -> anyhow::Result<HeldPacket> {
-    c.list_held(ListHeldRequest {})
+    Ok(c.get_held(GetHeldRequest { held_id })
         .await
         .map_err(status)?
-        .into_inner()
-        .held
-        .into_iter()
-        .find(|h| h.held_id == held_id)
-        .ok_or_else(|| {
-            anyhow!(
-                "no held packet with ID {held_id} (already forwarded, dropped or timed out, or \
-                 never held)"
-            )
-        })
+        .into_inner())
 }
 
 fn show(h: &HeldPacket) -> anyhow::Result<()> {

@@ -296,6 +296,11 @@ async fn show_status(c: &mut InterceptClient<AuthChannel>, json: bool) -> anyhow
             "timed_out": s.timed_out,
             "released_by_off": s.released_by_off,
             "registry_connected": s.registry_connected,
+            "held_bytes": s.held_bytes,
+            "max_held_bytes": s.max_held_bytes,
+            "too_large_forwarded": s.too_large_forwarded,
+            "abandoned": s.abandoned,
+            "abandoned_expired": s.abandoned_expired,
             "rules": config.rules.iter().map(rule_json).collect::<Vec<_>>(),
         });
         crate::say!("{}", serde_json::to_string_pretty(&v)?);
@@ -306,12 +311,18 @@ async fn show_status(c: &mut InterceptClient<AuthChannel>, json: bool) -> anyhow
     } else {
         crate::say!("intercept: off");
     }
-    crate::say!("held: {} (at most {})", s.held, s.max_held);
     crate::say!(
-        "forwarded without holding (queue full): {}; timed out: {}; released by off: {}",
-        s.overflow_forwarded,
-        s.timed_out,
-        s.released_by_off
+        "held: {} (at most {}), {} bytes (at most {})",
+        s.held, s.max_held, s.held_bytes, s.max_held_bytes
+    );
+    crate::say!(
+        "forwarded without holding: {} (queue full), {} (packet above 4 MiB); timed out: {}; \
+         released by off: {}",
+        s.overflow_forwarded, s.too_large_forwarded, s.timed_out, s.released_by_off
+    );
+    crate::say!(
+        "abandoned (their proxy stopped waiting): {} listed, {} expired",
+        s.abandoned, s.abandoned_expired
     );
     crate::say!(
         "registry: {}",

@@ -1,6 +1,6 @@
 //! `interpose up`: every service in one process with a default data directory, the embedded
-//! default. The registry serves on one loopback gRPC port; the proxy reports to it over that
-//! same port, exactly as a remote proxy-core would.
+//! default. Every service serves on one loopback gRPC port; the proxy hands its records and
+//! its holds to the registry and the intercept queue in this process, without a socket.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -56,6 +56,9 @@ pub struct UpArgs {
     /// The proxy's options (the same as the `proxy-core` binary's).
     #[command(flatten)]
     pub proxy: ProxyArgs,
+    /// The held queue's bounds (the same as the `intercept-svc` binary's).
+    #[command(flatten)]
+    pub intercept: intercept_svc::Limits,
 }
 
 /// Runs every service until SIGINT or SIGTERM, then shuts down in order: the proxy first
@@ -107,9 +110,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let intercept = intercept_svc::Intercept::start(
         std::slice::from_ref(&url),
         auth.token.as_deref(),
-        intercept_svc::DEFAULT_MAX_HELD,
+        args.intercept,
     )?;
     server.add_service(intercept.grpc_service(server.drain()));
+    // The proxy holds through the queue itself: a hold crosses no socket (see proto::hold).
+    let hold_sink = intercept.hold_sink(server.drain());
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut serving = tokio::spawn(server.serve(listener, async {
         let _ = grpc_stopped.await;
@@ -126,6 +131,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     // Records and history go straight to the registry in this process, not through gRPC.
     config.local_registry = Some(proxy_core::LocalRegistry(Arc::new(registry_service)));
+    config.local_intercept = Some(proxy_core::LocalIntercept(hold_sink));
     let proxy = Proxy::start(config).await?;
     proto::token::record_server(&dir, &url)
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;

@@ -14,17 +14,19 @@ use std::{net::SocketAddr, sync::Arc};
 use anyhow::Context;
 use proto::{intercept::intercept_server::InterceptServer, serve::GrpcServer};
 
-pub use queue::{DEFAULT_MAX_HELD, MAX_REPLACEMENT};
+pub use queue::{DEFAULT_MAX_HELD, DEFAULT_MAX_HELD_BYTES, MAX_REPLACEMENT};
 pub use service::{InterceptService, Shared};
 
 /// Largest gRPC message the service accepts: a replacement at the limit plus framing, so
 /// that one just beyond the limit gets INVALID_ARGUMENT naming the limit.
 pub const MAX_MESSAGE: usize = 2 * MAX_REPLACEMENT;
 
-/// A running intercept queue: its gRPC service and the task following the registry.
+/// A running intercept queue: its gRPC service, the task following the registry and the
+/// one expiring abandoned packets.
 pub struct Intercept {
     shared: Arc<Shared>,
     follower: tokio::task::JoinHandle<()>,
+    expirer: tokio::task::JoinHandle<()>,
 }
 
 impl Intercept {
@@ -33,12 +35,24 @@ impl Intercept {
     pub fn start(
         registry_urls: &[String],
         token: Option<&str>,
-        max_held: usize,
+        limits: Limits,
     ) -> Result<Self, proto::client::ClientError> {
-        let shared = Shared::new(max_held);
+        let shared = Shared::new(limits.max_held, limits.max_held_bytes);
         let registry = Arc::new(proto::failover::Replicas::new(registry_urls, token)?);
         let follower = tokio::spawn(follow::follow_registry(shared.clone(), registry));
-        Ok(Self { shared, follower })
+        let expirer = tokio::spawn(shared.clone().expire_abandoned());
+        Ok(Self {
+            shared,
+            follower,
+            expirer,
+        })
+    }
+
+    /// The queue as a proxy in this same process holds through it (`interpose up`): no
+    /// socket, no HTTP/2 connection, and the same answers as over gRPC. Its holds and
+    /// configuration stream end when `drain` fires.
+    pub fn hold_sink(&self, drain: proto::serve::Drain) -> Arc<dyn proto::hold::HoldSink> {
+        Arc::new(InterceptService::new(self.shared.clone(), drain))
     }
 
     /// The gRPC service, ready to add to a server; its streams end when `drain` fires.
@@ -52,6 +66,61 @@ impl Intercept {
 impl Drop for Intercept {
     fn drop(&mut self) {
         self.follower.abort();
+        self.expirer.abort();
+    }
+}
+
+/// The held queue's bounds (the same flags for `intercept-svc` and `interpose up`).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Limits {
+    /// The most packets that may wait at once; a packet beyond it is forwarded without
+    /// holding, and counted.
+    #[arg(long, default_value_t = DEFAULT_MAX_HELD)]
+    pub max_held: usize,
+    /// The most payload bytes that may wait at once (e.g. 64MiB, 1GiB); a packet
+    /// beyond it is forwarded without holding, and counted. One packet may be at most 4 MiB.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub max_held_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_held: DEFAULT_MAX_HELD,
+            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
+        }
+    }
+}
+
+/// A byte size, as `--history-max-bytes` takes it: a number with an optional unit (B, KB,
+/// MB, GB in powers of 1000; KiB, MiB, GiB in powers of 1024; case-insensitive); more than 0.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 64MiB, 1GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1000,
+        "mb" | "m" => 1000_u64.pow(2),
+        "gb" | "g" => 1000_u64.pow(3),
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB, KB, MB, GB)"
+            ));
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!(
+            "{s:?}: the held queue needs room for at least 1 byte"
+        )),
+        Some(b) => Ok(b),
+        None => Err(format!("size {s:?} is too large")),
     }
 }
 
@@ -84,17 +153,16 @@ pub struct Args {
     /// mTLS, for this service's API and towards an https:// --registry.
     #[command(flatten)]
     pub mtls: proto::mtls::ServiceTlsArgs,
-    /// The most packets that may wait at once; a packet beyond it is forwarded without
-    /// holding, and counted.
-    #[arg(long, default_value_t = DEFAULT_MAX_HELD)]
-    pub max_held: usize,
+    /// The held queue's bounds.
+    #[command(flatten)]
+    pub limits: Limits,
 }
 
 /// Runs the standalone service until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     proto::serve::check_exposure(args.listen, args.token.as_deref())?;
     args.mtls.install_client()?;
-    let intercept = Intercept::start(&args.registry, args.token.as_deref(), args.max_held)?;
+    let intercept = Intercept::start(&args.registry, args.token.as_deref(), args.limits)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
@@ -107,4 +175,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("ready intercept-svc listen={addr}{tls}");
     server.serve(listener, stop).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("2 mb"), Ok(2_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("0").unwrap_err().contains("at least 1 byte"));
+        assert!(parse_bytes("ten").unwrap_err().contains("is not a size"));
+    }
 }

@@ -7,7 +7,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::Stream;
@@ -37,10 +37,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// An empty queue with intercept off.
-    pub fn new(max_held: usize) -> Arc<Self> {
+    /// An empty queue with intercept off, holding at most `max_held` packets and
+    /// `max_held_bytes` of payload.
+    pub fn new(max_held: usize, max_held_bytes: u64) -> Arc<Self> {
         Arc::new(Self {
-            queue: Mutex::new(Queue::new(max_held)),
+            queue: Mutex::new(Queue::new(max_held, max_held_bytes)),
             events: broadcast::channel(WATCH_BACKLOG).0,
             config: watch::channel(InterceptConfig::default()).0,
             registry_connected: AtomicBool::new(false),
@@ -72,7 +73,21 @@ impl Shared {
     pub fn conn_ended(&self, id: u64, end: Ended) {
         self.apply(|q| q.conn_ended(id, end));
     }
+
+    /// Removes abandoned packets past their expiry, every [`EXPIRE_EVERY`], for as long as
+    /// the task runs.
+    pub async fn expire_abandoned(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(EXPIRE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.apply(|q| q.expire(Instant::now()));
+        }
+    }
 }
+
+/// How often abandoned packets are checked for expiry.
+pub const EXPIRE_EVERY: Duration = Duration::from_millis(500);
 
 /// Sends each verdict to its waiting `Hold` call (a call already gone is fine).
 fn release(decided: impl IntoIterator<Item = (Waiter, Verdict)>) {
@@ -91,7 +106,7 @@ struct CancelOnDrop {
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         let id = self.held_id;
-        self.shared.apply(|q| q.cancel(id));
+        self.shared.apply(|q| q.cancel(id, Instant::now()));
     }
 }
 
@@ -150,9 +165,13 @@ impl InterceptService {
 
 fn status_of(e: QueueError) -> Status {
     match e {
-        QueueError::ZeroId | QueueError::TooLarge(_) | QueueError::EmptyPattern => {
-            Status::invalid_argument(e.to_string())
-        }
+        QueueError::ZeroId
+        | QueueError::TooLarge(_)
+        | QueueError::EmptyPattern
+        | QueueError::RuleTooLarge { .. }
+        | QueueError::TooManyRules
+        | QueueError::ConfigTooLarge(_)
+        | QueueError::BadPageToken(_) => Status::invalid_argument(e.to_string()),
         QueueError::NotFound(_) | QueueError::NoRule(_) => Status::not_found(e.to_string()),
         QueueError::Closed { .. } | QueueError::Abandoned { .. } => {
             Status::failed_precondition(e.to_string())
@@ -183,7 +202,7 @@ impl Intercept for InterceptService {
         let (released, now) = self
             .shared
             .apply(|q| (q.set_config(config), q.config().clone()));
-        release(released);
+        release(released.map_err(status_of)?);
         Ok(Response::new(now))
     }
 
@@ -222,10 +241,26 @@ impl Intercept for InterceptService {
 
     async fn list_held(
         &self,
-        _req: Request<pb::ListHeldRequest>,
+        req: Request<pb::ListHeldRequest>,
     ) -> Result<Response<pb::ListHeldResponse>, Status> {
-        let held = self.shared.apply(|q| q.list());
-        Ok(Response::new(pb::ListHeldResponse { held }))
+        let r = req.into_inner();
+        let (held, next_page_token) = self
+            .shared
+            .apply(|q| q.page(r.page_size as usize, &r.page_token, r.omit_data))
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ListHeldResponse {
+            held,
+            next_page_token,
+        }))
+    }
+
+    async fn get_held(
+        &self,
+        req: Request<pb::GetHeldRequest>,
+    ) -> Result<Response<pb::HeldPacket>, Status> {
+        let id = req.into_inner().held_id;
+        let held = self.shared.apply(|q| q.get(id)).map_err(status_of)?;
+        Ok(Response::new(held))
     }
 
     type WatchHeldStream = BoxStream<HeldEvent>;
@@ -306,5 +341,30 @@ impl Intercept for InterceptService {
         let mut s = self.shared.apply(|q| q.status());
         s.registry_connected = self.shared.registry_connected.load(Ordering::Relaxed);
         Ok(Response::new(s))
+    }
+}
+
+/// The in-process path of `interpose up`: the proxy holds through the service itself, with
+/// the same answers as over gRPC (see [`proto::hold`]).
+impl proto::hold::HoldSink for InterceptService {
+    fn watch_config(&self) -> proto::hold::Call<proto::hold::ConfigStream> {
+        let me = self.clone();
+        Box::pin(async move {
+            let stream = Intercept::watch_config(&me, Request::new(pb::WatchConfigRequest {}))
+                .await?
+                .into_inner();
+            Ok(stream as proto::hold::ConfigStream)
+        })
+    }
+
+    fn hold(&self, mut req: pb::HoldRequest) -> proto::hold::Call<Verdict> {
+        // The packet's bytes share the relay's read block (up to 256 KiB for a packet of any
+        // size): the queue keeps a copy of just the packet, so what it holds is what
+        // `max_held_bytes` counts.
+        if let Some(p) = &mut req.packet {
+            p.data = bytes::Bytes::copy_from_slice(&p.data);
+        }
+        let me = self.clone();
+        Box::pin(async move { Ok(Intercept::hold(&me, Request::new(req)).await?.into_inner()) })
     }
 }

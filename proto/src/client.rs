@@ -135,6 +135,16 @@ pub fn is_https(url: &str) -> bool {
 /// endpoint itself is plain (`http://` to the same authority): [`channel`] and
 /// [`lazy_channel`] put TLS under it, so tonic's own TLS features are not needed.
 pub fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
+    Ok(endpoint_without_keepalive(url)?
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true))
+}
+
+/// Like [`endpoint`], but without HTTP/2 keepalive: a dead peer is noticed by TCP keepalive
+/// alone (probes after 10 s idle, every 5 s, 6 unanswered), which the kernels answer, so a
+/// loaded machine that is slow to run the server process never makes its calls fail. For
+/// calls that must not fail for want of time while the server is alive (a proxy's holds).
+pub fn endpoint_without_keepalive(url: &str) -> Result<Endpoint, ClientError> {
     let plain = match url.trim().split_once("://") {
         Some((_, rest)) if is_https(url) => format!("http://{rest}"),
         _ => url.to_string(),
@@ -143,8 +153,9 @@ pub fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
         .map(|e| {
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_while_idle(true)
+                .tcp_keepalive(Some(Duration::from_secs(10)))
+                .tcp_keepalive_interval(Some(Duration::from_secs(5)))
+                .tcp_keepalive_retries(Some(6))
         })
         .map_err(|source| ClientError::BadUrl {
             url: url.to_string(),
@@ -233,6 +244,14 @@ impl tower_service::Service<http::Uri> for TlsConnector {
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
             let tcp = tokio::net::TcpStream::connect(authority).await?;
             tcp.set_nodelay(true)?;
+            // The same TCP keepalive a plain connection gets (see
+            // [`endpoint_without_keepalive`]): a peer host that vanished is noticed.
+            socket2::SockRef::from(&tcp).set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(10))
+                    .with_interval(Duration::from_secs(5))
+                    .with_retries(6),
+            )?;
             let mut stream = tls.connect(name, tcp).await?;
             await_verdict(&mut stream).await?;
             Ok(TokioIo::new(stream))

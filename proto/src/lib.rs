@@ -5,7 +5,8 @@
 //! the JSON/CLI names of the enums ([`names`]), timestamp conversion ([`time`]), serving with
 //! health, reflection and token checks ([`serve`]), connecting as a client ([`client`]) to one URL or to
 //! several replicas that fail over ([`failover`]), the
-//! API token ([`token`]), where a proxy's ingest stream goes ([`ingest`]), private data
+//! API token ([`token`]), where a proxy's ingest stream goes ([`ingest`]) and its holds go
+//! ([`hold`]), private data
 //! directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface deadline
 //! of every gRPC connection ([`preface`]), the bounds on unused connections ([`accept`]) and
 //! mutual TLS for the management plane ([`mtls`]).
@@ -14,6 +15,7 @@ pub mod accept;
 pub mod client;
 pub mod codec;
 pub mod failover;
+pub mod hold;
 pub mod ingest;
 pub mod limits;
 pub mod mtls;

@@ -162,6 +162,7 @@ impl ProxyArgs {
                 |n| n as usize,
             ),
             local_registry: None,
+            local_intercept: None,
         }
     }
 }

@@ -88,6 +88,19 @@ pub struct Config {
     /// The registry in this same process (`interpose up`), which takes the ingest stream
     /// without gRPC; `None` streams to `registry_urls`.
     pub local_registry: Option<LocalRegistry>,
+    /// The intercept queue in this same process (`interpose up`), which takes holds without
+    /// gRPC; `None` holds through `intercept`'s URL.
+    pub local_intercept: Option<LocalIntercept>,
+}
+
+/// An intercept queue in the proxy's own process, as the sink of its holds.
+#[derive(Clone)]
+pub struct LocalIntercept(pub Arc<dyn proto::hold::HoldSink>);
+
+impl std::fmt::Debug for LocalIntercept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalIntercept")
+    }
 }
 
 /// A registry in the proxy's own process, as the sink of its ingest stream.
@@ -185,17 +198,22 @@ impl Proxy {
         if cfg.splicer.is_some() {
             tls::install_provider();
         }
-        let holder = match &cfg.intercept {
-            Some(link) => Some(Arc::new(hold::Holder::start(
+        let holder = match (&cfg.intercept, &cfg.local_intercept) {
+            (Some(link), Some(local)) => Some(Arc::new(hold::Holder::start_local(
+                local.0.clone(),
+                &cfg.node,
+                link.fault,
+            ))),
+            (Some(link), None) => Some(Arc::new(hold::Holder::start(
                 &link.url,
                 cfg.token.as_deref(),
                 &cfg.node,
                 link.fault,
             )?)),
-            None => None,
+            (None, _) => None,
         };
         if let Some(h) = &holder {
-            reporter.count_not_held(h.not_held_counter());
+            reporter.count_intercept(h.counts());
         }
         let mut refuse = vec![socks_addr];
         refuse.extend(cfg.refuse.iter().copied());

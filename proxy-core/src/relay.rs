@@ -14,7 +14,9 @@
 //!
 //! While a packet waits for a verdict its pump reads ahead one packet, so that it notices
 //! its side ending (see [`held`]): a held packet never keeps a connection that both peers
-//! have closed open.
+//! have closed open. A held packet the connection ends under (its peers closed it, the other
+//! direction failed, or the proxy shut down) is recorded in the history as dropped, never
+//! lost from it: its record's close says why.
 //!
 //! A pump can also stop early at a packet boundary ([`Boundary`]): the TLS splice uses it
 //! to hand a ClientHello that shows up mid-stream to the TLS layer with both directions
@@ -193,8 +195,8 @@ pub async fn pump<R: PacketReader, W: PacketWriter>(
         let (mut passage, wait) = tap.packet(dir, data);
         if let Some(wait) = wait {
             // Boxed: the wait's state would otherwise be part of every pump's future.
-            match Box::pin(held(r, w, dir, tap, wait, &mut ahead)).await {
-                Ok(verdict) => passage.decide(verdict),
+            match Box::pin(held(r, w, dir, tap, wait, &mut ahead, passage)).await {
+                Ok(decided) => passage = decided,
                 Err(end) => return end,
             }
         }
@@ -212,6 +214,10 @@ pub async fn pump<R: PacketReader, W: PacketWriter>(
 /// done, so the held packet can no longer be relayed; intercept-svc then refuses its
 /// verdict, naming who closed the connection). A FIN while the other side is still open is
 /// passed on after the packet, as usual.
+///
+/// Returns the passage with its verdict applied. When the wait ends without one (an `Err`
+/// here, or this future dropped because the connection ended or the proxy shut down), the
+/// packet is recorded as dropped ([`Unsent`]).
 async fn held<R: PacketReader, W: PacketWriter>(
     r: &mut R,
     w: &mut W,
@@ -219,17 +225,26 @@ async fn held<R: PacketReader, W: PacketWriter>(
     tap: &Tap<'_>,
     mut wait: VerdictFuture,
     ahead: &mut Option<Ahead>,
-) -> Result<Verdict, PumpEnd> {
+    passage: Passage,
+) -> Result<Passage, PumpEnd> {
     let other = if dir == Direction::C2s {
         Direction::S2c
     } else {
         Direction::C2s
     };
+    let mut unsent = Unsent {
+        tap,
+        passage: Some(passage),
+    };
     loop {
         let at_end = matches!(ahead, Some(Ahead::End(PumpEnd::Eof)));
         tokio::select! {
             biased;
-            v = wait.as_mut() => return Ok(v),
+            v = wait.as_mut() => {
+                let mut p = unsent.take();
+                p.decide(v);
+                return Ok(p);
+            }
             read = r.read_packet(), if ahead.is_none() => match read {
                 Ok(Some(d)) => *ahead = Some(Ahead::Data(d)),
                 Ok(None) => {
@@ -242,6 +257,36 @@ async fn held<R: PacketReader, W: PacketWriter>(
                 let _ = w.shutdown_write().await;
                 return Err(PumpEnd::Eof);
             }
+        }
+    }
+}
+
+/// A held packet that has not been written: recorded in the history as dropped when it is
+/// let go without a verdict (see [`held`]).
+struct Unsent<'t, 'a> {
+    tap: &'t Tap<'a>,
+    passage: Option<Passage>,
+}
+
+impl Unsent<'_, '_> {
+    /// The passage, to be written: no longer recorded as dropped.
+    fn take(&mut self) -> Passage {
+        self.passage
+            .take()
+            .expect("an unsent passage is taken at most once")
+    }
+}
+
+impl Drop for Unsent<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.passage.take() {
+            tracing::debug!(
+                conn = self.tap.conn_id(),
+                seq = p.seq,
+                "the connection ended while a packet was held: recorded as dropped"
+            );
+            p.verdict = Verdict::Drop;
+            self.tap.passed(p);
         }
     }
 }

@@ -26,6 +26,8 @@
 //! Batches are the generated `IngestRequest`, whose packet payloads are `Bytes` (see the proto
 //! crate's build script): sending or replaying a batch clones reference counts, never the
 //! payloads, which gRPC copies once, into its frame.
+//! The first batch is empty (a hello): the registry learns the proxy's session as soon as the
+//! stream opens, before any connection.
 //! Every second a ticker sends a `ConnectionUpdate` with running counters for each active
 //! connection whose counters changed, so live byte counts show in the registry.
 
@@ -110,11 +112,32 @@ struct Inner {
     events: AtomicUsize,
     bytes: AtomicUsize,
     events_dropped: AtomicU64,
-    /// The intercept holder's count of packets it could not hold, once there is one.
-    not_held: std::sync::OnceLock<Arc<AtomicU64>>,
+    /// The intercept holder's counts of what it could not do, once there is one.
+    intercept: std::sync::OnceLock<Arc<InterceptCounts>>,
     packets_dropped: AtomicU64,
     bytes_dropped: AtomicU64,
     active: Mutex<HashMap<u64, Arc<ConnState>>>,
+}
+
+/// What intercept could not do on this proxy: counted by the holder
+/// ([`crate::hold::Holder`]) and sent to the registry with the losses
+/// (`ProxyLosses.intercept_*`, `rewrite_skipped`).
+#[derive(Debug, Default)]
+pub struct InterceptCounts {
+    /// Holds whose call failed (the intercept service unreachable, gone, or failing).
+    pub hold_failed: AtomicU64,
+    /// Holds the intercept service answered at once without holding (queue full, packet
+    /// too large).
+    pub refused: AtomicU64,
+    /// Packets the replace rules would have grown beyond the limit: relayed unchanged.
+    pub rewrite_skipped: AtomicU64,
+}
+
+impl InterceptCounts {
+    /// Packets selected for holding but not held, for either reason.
+    pub fn not_held(&self) -> u64 {
+        self.hold_failed.load(Relaxed) + self.refused.load(Relaxed)
+    }
 }
 
 /// The handle connection tasks report through. Cloning is cheap; no method awaits.
@@ -134,7 +157,7 @@ impl Inner {
             events: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
             events_dropped: AtomicU64::new(0),
-            not_held: std::sync::OnceLock::new(),
+            intercept: std::sync::OnceLock::new(),
             packets_dropped: AtomicU64::new(0),
             bytes_dropped: AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
@@ -154,7 +177,7 @@ impl Reporter {
     ) -> (Reporter, ReporterTask) {
         let (inner, rx) = Inner::new(history, queue_bound.max(1));
         let (stop_tx, stop_rx) = watch::channel(None);
-        let task = Task {
+        let mut task = Task {
             inner: inner.clone(),
             rx,
             sink,
@@ -169,6 +192,10 @@ impl Reporter {
             recovering: false,
             streaming_to: String::new(),
         };
+        // The hello: an empty first batch, sent as soon as the stream opens, so the registry
+        // learns this process's session at start (a restarted proxy's old records are closed
+        // then, not at its first connection or after the grace period).
+        task.make_batches_force();
         let join = tokio::spawn(task.run());
         let ticker = tokio::spawn(ticker(inner.clone(), stop_rx));
         (
@@ -186,9 +213,9 @@ impl Reporter {
         self.inner.history
     }
 
-    /// Reports `counter` (the intercept holder's packets not held) with the losses.
-    pub fn count_not_held(&self, counter: Arc<AtomicU64>) {
-        let _ = self.inner.not_held.set(counter);
+    /// Reports `counts` (what the intercept holder could not do) with the losses.
+    pub fn count_intercept(&self, counts: Arc<InterceptCounts>) {
+        let _ = self.inner.intercept.set(counts);
     }
 
     /// What had to be shed so far.
@@ -297,7 +324,16 @@ impl Inner {
             events_dropped: self.events_dropped.load(Relaxed),
             packets_dropped: self.packets_dropped.load(Relaxed),
             bytes_dropped: self.bytes_dropped.load(Relaxed),
-            intercept_not_held: self.not_held.get().map_or(0, |c| c.load(Relaxed)),
+            intercept_not_held: self.intercept.get().map_or(0, |c| c.not_held()),
+            intercept_hold_failed: self
+                .intercept
+                .get()
+                .map_or(0, |c| c.hold_failed.load(Relaxed)),
+            intercept_refused: self.intercept.get().map_or(0, |c| c.refused.load(Relaxed)),
+            rewrite_skipped: self
+                .intercept
+                .get()
+                .map_or(0, |c| c.rewrite_skipped.load(Relaxed)),
         }
     }
 
@@ -548,9 +584,12 @@ impl Task {
         // MAX_UNACKED full batches in flight). Idle: no added latency; busy: few, large
         // batches and one wake-up per acknowledgement instead of one per event.
         let full = self.pending.len() >= BATCH_EVENTS || self.pending_bytes >= BATCH_BYTES;
+        // Batches without events (the hello, loss totals) do not hold events back: the first
+        // connection's events go out at once, as they did before the hello existed.
+        let idle = self.unacked.iter().all(|b| b.events == 0);
         if !self.pending.is_empty()
             && self.unacked.len() < MAX_UNACKED
-            && (full || self.unacked.is_empty() || shutting_down)
+            && (full || idle || shutting_down)
         {
             self.last_full = full;
             self.make_batches();
@@ -559,7 +598,7 @@ impl Task {
         self.pending.len() < BATCH_EVENTS
             && self.pending_bytes < BATCH_BYTES
             && self.unacked.len() < MAX_UNACKED
-            && (self.unacked.is_empty() || self.last_full || shutting_down)
+            && (idle || self.last_full || shutting_down)
     }
 
     async fn session(&mut self) -> SessionEnd {
@@ -1004,7 +1043,7 @@ mod tests {
         let ts = Timestamp::default();
         reporter.packet(9, 1, Direction::C2s, ts, Bytes::from_static(b"first"));
         let delivered = async {
-            while sink.got.lock().unwrap().is_empty() {
+            while sink.got.lock().unwrap().len() < 2 {
                 sleep(Duration::from_millis(5)).await;
             }
         };
@@ -1013,7 +1052,11 @@ mod tests {
             .expect("delivered to replica 1");
         assert_eq!(*sink.opened.lock().unwrap(), [0, 1]);
         let got = sink.got.lock().unwrap().clone();
-        assert_eq!(&packets(&got[0])[0].data[..], b"first");
+        // The hello (empty) first, then the packet.
+        assert!(got[0].events.is_empty());
+        assert_eq!(got[0].session, session());
+        let with_packets: Vec<_> = got.iter().filter(|b| !b.events.is_empty()).collect();
+        assert_eq!(&packets(with_packets[0])[0].data[..], b"first");
         assert_eq!(task.flush(&reporter, Duration::from_secs(1)).await, 0);
     }
 

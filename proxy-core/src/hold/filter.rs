@@ -1,11 +1,36 @@
 //! The intercept configuration compiled for one proxy node, without I/O: which packets to
 //! hold, and the replace rules the proxy applies itself. Matching allocates nothing; only a
-//! rule that matches builds new bytes.
+//! rule that matches builds new bytes, and never more than the packet's length plus
+//! [`MAX_GROWTH`]: the output's size is computed before anything is allocated, and a packet
+//! the rules would grow further is left as it was ([`Rewrite::Skipped`]).
 
 use proto::{
     common::Direction,
     intercept::{InterceptConfig, ReplaceRule},
 };
+
+/// The most the replace rules, all together, may grow one packet (4 MiB). While the rules
+/// run, a packet of `n` bytes costs at most two buffers of `n` + `MAX_GROWTH` bytes.
+pub const MAX_GROWTH: usize = 4 << 20;
+
+/// What the replace rules did to a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rewrite {
+    /// No rule changed it.
+    Unchanged,
+    /// The rules made these bytes.
+    Rewritten(Vec<u8>),
+    /// A rule would have grown it beyond its length plus [`MAX_GROWTH`]: left as received
+    /// (no rule applied), for the caller to count.
+    Skipped,
+}
+
+/// A replacement would be larger than the limit it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge {
+    /// The size the output would have had.
+    pub would_be: u128,
+}
 
 /// The connection a packet belongs to, as the filters see it.
 #[derive(Debug, Clone, Copy)]
@@ -145,20 +170,26 @@ impl Compiled {
         self.hold.is_some() || !self.rules.is_empty()
     }
 
-    /// Applies the rules for this connection and direction in order; `None` when none
-    /// changed the bytes.
-    pub fn rewrite(&self, conn: &ConnMeta<'_>, dir: Direction, data: &[u8]) -> Option<Vec<u8>> {
+    /// Applies the rules for this connection and direction in order, never growing the
+    /// packet by more than [`MAX_GROWTH`] (see [`Rewrite::Skipped`]).
+    pub fn rewrite(&self, conn: &ConnMeta<'_>, dir: Direction, data: &[u8]) -> Rewrite {
+        let limit = data.len().saturating_add(MAX_GROWTH);
         let mut out: Option<Vec<u8>> = None;
         for r in &self.rules {
             if !r.target.matches(conn, dir) {
                 continue;
             }
             let current = out.as_deref().unwrap_or(data);
-            if let Some(next) = replace_all(current, &r.pattern, &r.replacement) {
-                out = Some(next);
+            match replace_all(current, &r.pattern, &r.replacement, limit) {
+                Ok(Some(next)) => out = Some(next),
+                Ok(None) => {}
+                Err(TooLarge { .. }) => return Rewrite::Skipped,
             }
         }
-        out.filter(|o| o.as_slice() != data)
+        match out {
+            Some(o) if o.as_slice() != data => Rewrite::Rewritten(o),
+            _ => Rewrite::Unchanged,
+        }
     }
 
     /// Whether a packet (after the rules) should be held.
@@ -181,10 +212,32 @@ pub fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Replaces each non-overlapping occurrence of `pattern` (non-empty), left to right, with
-/// `replacement`; `None` when `pattern` does not occur.
-pub fn replace_all(data: &[u8], pattern: &[u8], replacement: &[u8]) -> Option<Vec<u8>> {
-    let mut at = find(data, pattern, 0)?;
-    let mut out = Vec::with_capacity(data.len() + replacement.len());
+/// `replacement`; `Ok(None)` when `pattern` does not occur. The output's size is counted
+/// first: when it would pass `limit` bytes, nothing is allocated and the answer is
+/// [`TooLarge`].
+pub fn replace_all(
+    data: &[u8],
+    pattern: &[u8],
+    replacement: &[u8],
+    limit: usize,
+) -> Result<Option<Vec<u8>>, TooLarge> {
+    let Some(first) = find(data, pattern, 0) else {
+        return Ok(None);
+    };
+    let mut count: u128 = 0;
+    let mut next = Some(first);
+    while let Some(i) = next {
+        count += 1;
+        next = find(data, pattern, i + pattern.len());
+    }
+    // Occurrences do not overlap, so they take at most `data.len()` bytes.
+    let would_be =
+        data.len() as u128 - count * pattern.len() as u128 + count * replacement.len() as u128;
+    if would_be > limit as u128 {
+        return Err(TooLarge { would_be });
+    }
+    let mut at = first;
+    let mut out = Vec::with_capacity(would_be as usize);
     let mut copied = 0;
     loop {
         out.extend_from_slice(&data[copied..at]);
@@ -196,7 +249,7 @@ pub fn replace_all(data: &[u8], pattern: &[u8], replacement: &[u8]) -> Option<Ve
         }
     }
     out.extend_from_slice(&data[copied..]);
-    Some(out)
+    Ok(Some(out))
 }
 
 #[cfg(test)]
@@ -297,29 +350,90 @@ mod tests {
         assert!(c.is_active());
         assert_eq!(
             c.rewrite(&CONN, Direction::C2s, b"xax"),
-            Some(b"xCx".to_vec())
+            Rewrite::Rewritten(b"xCx".to_vec())
         );
-        assert_eq!(c.rewrite(&CONN, Direction::S2c, b"xax"), None);
-        assert_eq!(c.rewrite(&CONN, Direction::S2c, b"bb"), Some(b"C".to_vec()));
-        assert_eq!(c.rewrite(&CONN, Direction::C2s, b"zzz"), None);
+        assert_eq!(c.rewrite(&CONN, Direction::S2c, b"xax"), Rewrite::Unchanged);
+        assert_eq!(
+            c.rewrite(&CONN, Direction::S2c, b"bb"),
+            Rewrite::Rewritten(b"C".to_vec())
+        );
+        assert_eq!(c.rewrite(&CONN, Direction::C2s, b"zzz"), Rewrite::Unchanged);
         // Rules survive the service going away; holding does not.
-        assert!(
-            c.without_hold()
-                .rewrite(&CONN, Direction::S2c, b"bb")
-                .is_some()
+        assert_ne!(
+            c.without_hold().rewrite(&CONN, Direction::S2c, b"bb"),
+            Rewrite::Unchanged
+        );
+    }
+
+    const ANY: usize = usize::MAX;
+
+    #[test]
+    fn replace_all_edges() {
+        assert_eq!(
+            replace_all(b"aaa", b"aa", b"b", ANY),
+            Ok(Some(b"ba".to_vec()))
+        );
+        assert_eq!(replace_all(b"abc", b"abc", b"", ANY), Ok(Some(Vec::new())));
+        assert_eq!(replace_all(b"ab", b"abc", b"x", ANY), Ok(None));
+        assert_eq!(replace_all(b"", b"a", b"x", ANY), Ok(None));
+        assert_eq!(
+            replace_all(b"a\0b", b"\0", b"\0\0", ANY),
+            Ok(Some(b"a\0\0b".to_vec()))
+        );
+        // The limit is on the output, checked before allocating: exactly at it is fine.
+        assert_eq!(
+            replace_all(b"aa", b"a", b"bb", 4),
+            Ok(Some(b"bbbb".to_vec()))
+        );
+        assert_eq!(
+            replace_all(b"aa", b"a", b"bbb", 5),
+            Err(TooLarge { would_be: 6 })
         );
     }
 
     #[test]
-    fn replace_all_edges() {
-        assert_eq!(replace_all(b"aaa", b"aa", b"b"), Some(b"ba".to_vec()));
-        assert_eq!(replace_all(b"abc", b"abc", b""), Some(Vec::new()));
-        assert_eq!(replace_all(b"ab", b"abc", b"x"), None);
-        assert_eq!(replace_all(b"", b"a", b"x"), None);
-        assert_eq!(
-            replace_all(b"a\0b", b"\0", b"\0\0"),
-            Some(b"a\0\0b".to_vec())
+    fn an_amplifying_rule_is_skipped_without_allocating_its_output() {
+        // The attack of the report: 1 MiB per `A`, 10,000 `A`s would make 10 GB.
+        let cfg = InterceptConfig {
+            rules: vec![ReplaceRule {
+                id: 1,
+                pattern: b"A".to_vec(),
+                replacement: vec![b'x'; 1 << 20],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let c = Compiled::new(&cfg, "n");
+        let attack = vec![b'A'; 10_000];
+        assert_eq!(c.rewrite(&CONN, Direction::C2s, &attack), Rewrite::Skipped);
+        // Four fit in the 4 MiB of growth (each adds 1 MiB - 1 byte); five do not.
+        assert!(matches!(
+            c.rewrite(&CONN, Direction::C2s, b"AAAA"),
+            Rewrite::Rewritten(o) if o.len() == 4 << 20
+        ));
+        // Chained rules: the bound is on the packet as received, not on each step.
+        let chained = InterceptConfig {
+            rules: vec![
+                ReplaceRule {
+                    id: 1,
+                    pattern: b"A".to_vec(),
+                    replacement: vec![b'B'; 1024],
+                    ..Default::default()
+                },
+                ReplaceRule {
+                    id: 2,
+                    pattern: b"B".to_vec(),
+                    replacement: vec![b'C'; 1024],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let c = Compiled::new(&chained, "n");
+        assert!(
+            matches!(c.rewrite(&CONN, Direction::C2s, b"AAA"), Rewrite::Rewritten(o) if o.len() == 3 << 20)
         );
+        assert_eq!(c.rewrite(&CONN, Direction::C2s, b"AAAAA"), Rewrite::Skipped);
     }
 
     /// The reference: the standard library's string replace over bytes mapped one-to-one
@@ -341,7 +455,7 @@ mod tests {
             replacement in proptest::collection::vec(any::<u8>(), 0..6),
         ) {
             let want = reference(&data, &pattern, &replacement);
-            match replace_all(&data, &pattern, &replacement) {
+            match replace_all(&data, &pattern, &replacement, ANY).unwrap() {
                 Some(got) => prop_assert_eq!(got, want),
                 None => {
                     prop_assert!(find(&data, &pattern, 0).is_none());

@@ -8,12 +8,22 @@
 //! matches. Only for [`Check::Hold`] does the relay call [`Holder::hold`], one `Hold` call
 //! that returns the verdict.
 //!
+//! Where holds go is a [`HoldSink`]: intercept-svc over gRPC ([`Holder::start`]), or the
+//! queue in the same process ([`Holder::start_local`], `interpose up`), where a hold crosses
+//! no socket at all.
+//!
 //! Faults: a `Hold` that fails (the service is unreachable or dies while the packet waits)
 //! follows the [`FaultPolicy`] (default: forward as is, counted in [`HoldStats::not_held`]
-//! and logged). The bound: connecting gives up after [`CONNECT_TIMEOUT`] (2 s); a service
-//! that dies with the packet held fails the call as soon as its socket closes, and one that
-//! vanishes without closing is noticed by HTTP/2 keepalive within [`KEEPALIVE_INTERVAL`] +
-//! [`KEEPALIVE_TIMEOUT`] (3 s). A restarted service is picked up again by the same task.
+//! and logged with its cause). Nothing on the hold path gives up for want of time while the
+//! service is alive: no deadline, and no HTTP/2 keepalive (whose ping a loaded machine can
+//! answer late); connecting gives up after [`CONNECT_TIMEOUT`] (2 s); a service that dies
+//! with the packet held fails the call as soon as its socket closes, and a host that
+//! vanishes without closing is noticed by TCP keepalive, which the kernels answer (see
+//! [`proto::client::endpoint_without_keepalive`]: about 40 s). A restarted service is
+//! picked up again by the same task.
+//!
+//! Replace rules never grow a packet by more than [`filter::MAX_GROWTH`]; a packet they
+//! would grow further is relayed as received and counted ([`HoldStats::rewrite_skipped`]).
 
 pub mod filter;
 
@@ -27,22 +37,18 @@ use std::{
 
 use bytes::Bytes;
 use proto::{
-    client::{AuthChannel, ClientError, TokenInjector},
+    client::{ClientError, TokenInjector},
     common::{Direction, Packet},
-    intercept::{
-        HoldRequest, WatchConfigRequest, intercept_client::InterceptClient, verdict::Action,
-    },
+    hold::HoldSink,
+    intercept::{HoldRequest, intercept_client::InterceptClient, verdict::Action},
 };
-use tonic::service::interceptor::InterceptedService;
+use tonic::{Code, Status, service::interceptor::InterceptedService};
 
-pub use filter::{Compiled, ConnMeta};
+use crate::report::InterceptCounts;
+pub use filter::{Compiled, ConnMeta, Rewrite};
 
 /// How long connecting to intercept-svc may take before a `Hold` follows the fault policy.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// HTTP/2 keepalive ping interval on the channel to intercept-svc.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-/// How long an unanswered keepalive ping may wait before the channel counts as dead.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Largest verdict accepted (a replacement at intercept-svc's limit, with framing).
@@ -95,8 +101,15 @@ pub struct HoldStats {
     pub decided: u64,
     /// Packets that could not be held (a failed call, or a full queue).
     pub not_held: u64,
+    /// Of those, the failed calls.
+    pub hold_failed: u64,
+    /// Of those, the ones intercept-svc answered without holding (queue full, too large).
+    pub refused: u64,
     /// Packets rewritten by replace rules.
     pub rewritten: u64,
+    /// Packets the replace rules would have grown by more than [`filter::MAX_GROWTH`]:
+    /// relayed as received.
+    pub rewrite_skipped: u64,
     /// Configurations received over `WatchConfig`.
     pub configs: u64,
     /// Whether the `WatchConfig` stream is open now.
@@ -109,10 +122,10 @@ struct Inner {
     /// `compiled.is_active()`, readable without the lock.
     active: AtomicBool,
     compiled: RwLock<Arc<Compiled>>,
-    client: InterceptClient<AuthChannel>,
+    sink: Arc<dyn HoldSink>,
     hold_calls: AtomicU64,
     decided: AtomicU64,
-    not_held: Arc<AtomicU64>,
+    counts: Arc<InterceptCounts>,
     rewritten: AtomicU64,
     configs: AtomicU64,
     following: AtomicBool,
@@ -132,37 +145,41 @@ impl Drop for Holder {
 
 impl Holder {
     /// Starts following the intercept-svc at `url` (lazily: it need not be up) as node `node`.
+    /// The channel has no HTTP/2 keepalive (see the module documentation).
     pub fn start(
         url: &str,
         token: Option<&str>,
         node: &str,
         policy: FaultPolicy,
     ) -> Result<Self, ClientError> {
-        let endpoint = proto::client::endpoint(url)?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
+        let endpoint =
+            proto::client::endpoint_without_keepalive(url)?.connect_timeout(CONNECT_TIMEOUT);
         let channel = proto::client::lazy_channel(url, endpoint)?;
         let client =
             InterceptClient::new(InterceptedService::new(channel, TokenInjector::new(token)?))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);
+        Ok(Self::start_local(Arc::new(client), node, policy))
+    }
+
+    /// Starts following the intercept queue `sink` (in this process, for `interpose up`; or
+    /// any other [`HoldSink`]) as node `node`.
+    pub fn start_local(sink: Arc<dyn HoldSink>, node: &str, policy: FaultPolicy) -> Self {
         let inner = Arc::new(Inner {
             node: node.to_string(),
             policy,
             active: AtomicBool::new(false),
             compiled: RwLock::new(Arc::new(Compiled::default())),
-            client,
+            sink,
             hold_calls: AtomicU64::new(0),
             decided: AtomicU64::new(0),
-            not_held: Arc::new(AtomicU64::new(0)),
+            counts: Arc::default(),
             rewritten: AtomicU64::new(0),
             configs: AtomicU64::new(0),
             following: AtomicBool::new(false),
         });
         let task = tokio::spawn(follow_config(inner.clone()));
-        Ok(Self { inner, task })
+        Self { inner, task }
     }
 
     /// The counters.
@@ -171,17 +188,20 @@ impl Holder {
         HoldStats {
             hold_calls: i.hold_calls.load(Ordering::Relaxed),
             decided: i.decided.load(Ordering::Relaxed),
-            not_held: i.not_held.load(Ordering::Relaxed),
+            not_held: i.counts.not_held(),
+            hold_failed: i.counts.hold_failed.load(Ordering::Relaxed),
+            refused: i.counts.refused.load(Ordering::Relaxed),
             rewritten: i.rewritten.load(Ordering::Relaxed),
+            rewrite_skipped: i.counts.rewrite_skipped.load(Ordering::Relaxed),
             configs: i.configs.load(Ordering::Relaxed),
             following: i.following.load(Ordering::Relaxed),
         }
     }
 
-    /// The count of packets that could not be held (see [`HoldStats::not_held`]), shared so
-    /// the reporter can send it to the registry with the node's losses.
-    pub fn not_held_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.inner.not_held)
+    /// What the holder could not do (see [`InterceptCounts`]), shared so the reporter can
+    /// send it to the registry with the node's losses.
+    pub fn counts(&self) -> Arc<InterceptCounts> {
+        Arc::clone(&self.inner.counts)
     }
 
     /// What to do with a packet of `conn` read in `dir`: relay it, relay rewritten bytes, or
@@ -197,10 +217,32 @@ impl Holder {
             .compiled
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let rewritten = compiled.rewrite(conn, dir, data);
-        if rewritten.is_some() {
-            self.inner.rewritten.fetch_add(1, Ordering::Relaxed);
-        }
+        let rewritten = match compiled.rewrite(conn, dir, data) {
+            Rewrite::Unchanged => None,
+            Rewrite::Rewritten(r) => {
+                self.inner.rewritten.fetch_add(1, Ordering::Relaxed);
+                Some(r)
+            }
+            Rewrite::Skipped => {
+                let n = self
+                    .inner
+                    .counts
+                    .rewrite_skipped
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        conn = conn.id,
+                        skipped = n,
+                        "replace rules would grow a {}-byte packet by more than {} bytes: \
+                         relayed as received ({n} such packets so far)",
+                        data.len(),
+                        filter::MAX_GROWTH
+                    );
+                }
+                None
+            }
+        };
         let current = rewritten.as_deref().unwrap_or(data);
         match (compiled.holds(conn, dir, current), rewritten) {
             (true, rewritten) => Check::Hold {
@@ -235,16 +277,25 @@ impl Holder {
             dst_host: conn.dst_host.to_string(),
             dst_port: u32::from(conn.dst_port),
         };
-        let verdict = match i.client.clone().hold(req).await {
-            Ok(v) => v.into_inner(),
+        let verdict = match i.sink.hold(req).await {
+            Ok(v) => v,
             Err(s) => {
+                i.counts.hold_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(conn = conn.id, seq, code = ?s.code(), policy = ?i.policy,
-                    "intercept-svc could not hold the packet: {}", s.message());
+                    "packet not held: {}: {}", cause(&s), s.message());
                 return self.not_held(data);
             }
         };
         match verdict.action() {
-            Action::Forward if verdict.reason == "queue_full" => self.not_held(data),
+            Action::Forward if verdict.reason == "queue_full" || verdict.reason == "too_large" => {
+                let n = i.counts.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(conn = conn.id, seq, reason = %verdict.reason, refused = n,
+                        "packet not held: intercept-svc forwarded it without holding ({}); \
+                         {n} such packets so far", verdict.reason);
+                }
+                self.not_held(data)
+            }
             Action::Forward => {
                 i.decided.fetch_add(1, Ordering::Relaxed);
                 if verdict.replaced {
@@ -257,12 +308,21 @@ impl Holder {
                 i.decided.fetch_add(1, Ordering::Relaxed);
                 Decision::Drop
             }
-            Action::Unspecified => self.not_held(data),
+            Action::Unspecified => {
+                i.counts.hold_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    conn = conn.id,
+                    seq,
+                    "packet not held: intercept-svc answered \
+                    without an action"
+                );
+                self.not_held(data)
+            }
         }
     }
 
+    /// Follows the fault policy for a packet that was not held (already counted).
     fn not_held(&self, data: Bytes) -> Decision {
-        self.inner.not_held.fetch_add(1, Ordering::Relaxed);
         match self.inner.policy {
             FaultPolicy::Forward => Decision::NotHeld(data),
             FaultPolicy::Drop => Decision::Drop,
@@ -290,6 +350,20 @@ impl Inner {
     }
 }
 
+/// Why a hold call failed, in words that fit its status code.
+fn cause(s: &Status) -> &'static str {
+    match s.code() {
+        Code::Unavailable => "intercept-svc is unreachable or went away",
+        Code::Cancelled => "the hold call was cancelled (its connection to intercept-svc ended)",
+        Code::DeadlineExceeded => "the hold call timed out",
+        Code::Unauthenticated | Code::PermissionDenied => {
+            "intercept-svc refused the proxy's credentials"
+        }
+        Code::ResourceExhausted | Code::OutOfRange => "the packet was too large to send",
+        _ => "intercept-svc failed the hold call",
+    }
+}
+
 /// Follows `WatchConfig` for as long as the holder lives.
 async fn follow_config(inner: Arc<Inner>) {
     let mut backoff = MIN_BACKOFF;
@@ -305,15 +379,13 @@ async fn follow_config(inner: Arc<Inner>) {
 }
 
 async fn follow_once(inner: &Inner, backoff: &mut Duration) -> Result<(), tonic::Status> {
-    let mut stream = inner
-        .client
-        .clone()
-        .watch_config(WatchConfigRequest {})
-        .await?
-        .into_inner();
+    let mut stream = inner.sink.watch_config().await?;
     *backoff = MIN_BACKOFF;
     inner.following.store(true, Ordering::Relaxed);
-    while let Some(config) = stream.message().await? {
+    while let Some(config) = tokio_stream::StreamExt::next(&mut stream)
+        .await
+        .transpose()?
+    {
         inner.install(Compiled::new(&config, &inner.node));
         inner.configs.fetch_add(1, Ordering::Relaxed);
     }
