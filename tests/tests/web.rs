@@ -18,7 +18,7 @@ use proto::{
 use tests::{Proc, Up, WAIT, bin, eventually};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     process::Command,
 };
 
@@ -85,6 +85,7 @@ fn parse_reply(out: &[u8]) -> anyhow::Result<Reply> {
 /// curl `url` (HTTP/1.1) with `args`, sending `body` (a POST) when given.
 async fn curl(url: &str, args: &[&str], body: Option<Vec<u8>>) -> anyhow::Result<Reply> {
     let mut cmd = Command::new("curl");
+    // A version in `args` (--http2-prior-knowledge) overrides --http1.1: curl takes the last.
     cmd.args(["-sS", "-i", "--http1.1", "--max-time", "15"])
         .args(args)
         .arg(url)
@@ -350,6 +351,10 @@ async fn up_serves_the_page_with_its_security_headers() -> R {
             assert_eq!(file.header("content-security-policy"), Some(CSP));
         }
     }
+    // HTTP/2 without TLS (h2c) too.
+    let h2 = curl(&format!("{base}/"), &["--http2-prior-knowledge"], None).await?;
+    assert_eq!((h2.status, h2.body.as_slice()), (200, INDEX));
+    assert_eq!(h2.header("content-security-policy"), Some(CSP));
     let missing = curl(&format!("{base}/nope.js"), &[], None).await?;
     assert_eq!(missing.status, 404);
     assert_eq!(missing.header("content-security-policy"), Some(CSP));
@@ -595,6 +600,20 @@ async fn watch_connections_streams_through_grpc_web() -> R {
         upserts.iter().any(|c| c.status == 1),
         "seen active: {upserts:?}"
     );
+
+    // Shutting down ends the stream with the server's status and the process cleanly.
+    ensure!(
+        up.proc.terminate().await?,
+        "up exits cleanly with a stream open"
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, out.read_to_end(&mut rest))
+        .await
+        .context("the stream did not end")??;
+    buf.extend_from_slice(&rest);
+    let (_, trailers, _) = unframe(&buf)?;
+    let trailers = trailers.context("the stream's trailers")?;
+    assert!(trailers.contains("grpc-status:14"), "{trailers}");
     let _ = watch.kill().await;
     Ok(())
 }
@@ -718,5 +737,86 @@ async fn up_refuses_a_second_web_view_on_a_taken_address() -> R {
         err.contains(&format!("binding the web view on {addr}")) && err.contains("--no-web"),
         "{err}"
     );
+    Ok(())
+}
+
+/// Opens a WatchConnections call over its own HTTP/1.1 connection and returns it with the
+/// head of its answer (lower case).
+async fn open_watch(addr: SocketAddr, token: &str) -> anyhow::Result<(TcpStream, String)> {
+    let body = frame(&WatchConnectionsRequest::default());
+    let mut s = TcpStream::connect(addr).await?;
+    let head = format!(
+        "POST /interpose.registry.v1.Registry/WatchConnections HTTP/1.1\r\nHost: {addr}\r\n\
+         content-type: application/grpc-web+proto\r\nauthorization: Bearer {token}\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(&body).await?;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await?;
+            ensure!(n > 0, "closed before the answer's head");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        Ok(())
+    })
+    .await
+    .context("no answer in time")??;
+    Ok((s, String::from_utf8_lossy(&got).to_ascii_lowercase()))
+}
+
+#[tokio::test]
+async fn requests_and_calls_in_progress_are_bounded() -> R {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("data"), &[]).await?;
+    let token = tests::token(&up.grpc).context("up's token")?;
+    let base = base_of(&up.proc.field("web").context("web=")?);
+    let addr: SocketAddr = base.trim_start_matches("http://").parse()?;
+    let auth = format!("authorization: Bearer {token}");
+    let ct = "content-type: application/grpc-web+proto";
+    let list = format!("{base}/interpose.registry.v1.Registry/ListConnections");
+
+    // A body over the limit is refused by its declared length...
+    let big = vec![0u8; (1 << 20) + 1];
+    let refused = curl(&list, &["-H", ct, "-H", &auth], Some(big.clone())).await?;
+    assert_eq!(refused.status, 413);
+    assert!(String::from_utf8_lossy(&refused.body).contains("1048576 bytes"));
+    // ...or, sent in chunks without one, as it is read.
+    let chunked = curl(
+        &list,
+        &["-H", ct, "-H", &auth, "-H", "transfer-encoding: chunked"],
+        Some(big.clone()),
+    )
+    .await?;
+    assert_eq!(chunked.status, 200);
+    assert_eq!(grpc_status(&chunked)?.0, 3, "INVALID_ARGUMENT");
+    // The intercept service takes larger requests (held packets' replacements).
+    let intercept = format!("{base}/interpose.intercept.v1.Intercept/GetConfig");
+    let larger = curl(&intercept, &["-H", ct, "-H", &auth], Some(big)).await?;
+    assert_eq!(larger.status, 200);
+
+    // Calls in progress: the limit's worth of streams open, one more is refused...
+    let mut open = Vec::new();
+    for _ in 0..64 {
+        let (s, head) = open_watch(addr, &token).await?;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("grpc-status"), "{head}");
+        open.push(s);
+    }
+    let (_, head) = open_watch(addr, &token).await?;
+    assert!(
+        head.contains("grpc-status: 8"),
+        "RESOURCE_EXHAUSTED: {head}"
+    );
+    // ...until one ends.
+    drop(open.pop());
+    eventually("a call's slot freed", || async {
+        let (s, head) = open_watch(addr, &token).await?;
+        Ok((!head.contains("grpc-status")).then_some(s))
+    })
+    .await?;
     Ok(())
 }
