@@ -13,7 +13,12 @@ use crate::ServerArgs;
 pub struct WebCmdArgs {
     /// Where the web view listens (HTTP); port 0 picks a free port. Beyond loopback it needs
     /// a token (--token / --token-file: the one the services take).
-    #[arg(long, default_value = "127.0.0.1:50080", value_parser = proto::serve::listen_addr)]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:50080",
+        value_parser = proto::serve::listen_addr
+    )]
     pub listen: SocketAddr,
     /// gRPC URL of the registry; for registry-svc replicas serving one database, several
     /// (comma-separated or repeated), tried in turn. Default: --server.
