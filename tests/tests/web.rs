@@ -820,3 +820,23 @@ async fn requests_and_calls_in_progress_are_bounded() -> R {
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_web_view_reaches_an_mtls_api() -> R {
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("data"), &["--grpc-tls"]).await?;
+    assert!(up.grpc.starts_with("https://"), "{}", up.proc.ready);
+    let token = tests::token(&up.grpc).context("up's token")?;
+    let base = base_of(&up.proc.field("web").context("web=")?);
+    // Plain HTTP on loopback to the page; mTLS from the web view to the API.
+    let list = call::<ListConnectionsResponse>(
+        &base,
+        "/interpose.registry.v1.Registry/ListConnections",
+        &ListConnectionsRequest::default(),
+        Some(&token),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(list.connections.is_empty());
+    Ok(())
+}
