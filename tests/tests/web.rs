@@ -507,6 +507,36 @@ async fn grpc_web_calls_need_the_token_and_list_real_traffic() -> R {
         conns
     );
 
+    // A server stream of the export service: the capture, chunk by chunk, holds the bytes
+    // the target server sent.
+    let export = curl(
+        &format!("{base}/interpose.export.v1.Export/ExportCapture"),
+        &[
+            "-H",
+            "content-type: application/grpc-web+proto",
+            "-H",
+            &auth,
+        ],
+        Some(frame(&proto::export::ExportRequest::default())),
+    )
+    .await?;
+    assert_eq!(grpc_status(&export)?.0, 0, "{export:?}");
+    let (chunks, _, _) = unframe(&export.body)?;
+    let mut pcap = Vec::new();
+    for chunk in &chunks {
+        pcap.extend(proto::export::ExportChunk::decode(chunk.as_slice())?.data);
+    }
+    assert!(
+        pcap.starts_with(&[0xd4, 0xc3, 0xb2, 0xa1]),
+        "a little-endian PCAP"
+    );
+    let payload = b"through the web view";
+    assert_eq!(
+        pcap.windows(payload.len()).filter(|w| w == payload).count(),
+        2,
+        "both connections' answers"
+    );
+
     // Methods only proxies call are not forwarded.
     let (code, _) = call::<ListConnectionsResponse>(
         &base,
