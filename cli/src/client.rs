@@ -18,7 +18,7 @@ pub fn data_dir(args: &ServerArgs) -> Option<std::path::PathBuf> {
 
 /// The token to send to `url` (the server URL as connected to, scheme included): see
 /// [`proto::token::for_client`], with the data directory of [`data_dir`].
-fn token(
+pub(crate) fn token(
     args: &ServerArgs,
     url: &str,
     dir: Option<&std::path::Path>,
@@ -36,7 +36,10 @@ fn token(
 /// without, the default URL, or the `https://` URL of the same address when
 /// `interpose up --grpc-tls` recorded that in the default data directory (so a local
 /// `up --grpc-tls` needs no flags, as without TLS).
-fn server_to_use(args: &ServerArgs, dir: Option<&std::path::Path>) -> anyhow::Result<String> {
+pub(crate) fn server_to_use(
+    args: &ServerArgs,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
     if let Some(given) = &args.server {
         return Ok(given.clone());
     }
@@ -75,6 +78,11 @@ fn install_tls(args: &ServerArgs, url: &str, dir: Option<&std::path::Path>) -> a
     }
     .install(own)?;
     Ok(())
+}
+
+/// [`install_tls`] for `url`, with the data directory of [`data_dir`].
+pub(crate) fn install_tls_for(args: &ServerArgs, url: &str) -> anyhow::Result<()> {
+    install_tls(args, url, data_dir(args).as_deref())
 }
 
 /// Connects to the server's channel.

@@ -313,16 +313,23 @@ async fn show_status(c: &mut InterceptClient<AuthChannel>, json: bool) -> anyhow
     }
     crate::say!(
         "held: {} (at most {}), {} bytes (at most {})",
-        s.held, s.max_held, s.held_bytes, s.max_held_bytes
+        s.held,
+        s.max_held,
+        s.held_bytes,
+        s.max_held_bytes
     );
     crate::say!(
         "forwarded without holding: {} (queue full), {} (packet above 4 MiB); timed out: {}; \
          released by off: {}",
-        s.overflow_forwarded, s.too_large_forwarded, s.timed_out, s.released_by_off
+        s.overflow_forwarded,
+        s.too_large_forwarded,
+        s.timed_out,
+        s.released_by_off
     );
     crate::say!(
         "abandoned (their proxy stopped waiting): {} listed, {} expired",
-        s.abandoned, s.abandoned_expired
+        s.abandoned,
+        s.abandoned_expired
     );
     crate::say!(
         "registry: {}",

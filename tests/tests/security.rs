@@ -147,8 +147,15 @@ async fn the_api_wants_a_token_even_on_loopback() -> R {
     let tmp = tempfile::tempdir()?;
     let data = tmp.path().join("data");
     let up = Up::start(&data, &[]).await?;
-    let token_file = up.proc.field("token").expect("ready line ends with token=");
-    assert!(up.proc.ready.ends_with(&format!(" token={token_file}")));
+    let token_file = up.proc.field("token").expect("ready line has token=");
+    // token= comes last but for the web view's URL (appended after it).
+    assert!(
+        up.proc
+            .ready
+            .contains(&format!(" token={token_file} web=http://")),
+        "{}",
+        up.proc.ready
+    );
     assert_eq!(Path::new(&token_file), data.join("token"));
 
     // No token: UNAUTHENTICATED, from a plain gRPC client.
