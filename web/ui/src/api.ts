@@ -21,14 +21,25 @@ const KEY = 'interpose.token';
 let token: string | undefined;
 const listeners = new Set<() => void>();
 
-/** Takes `#token=` from the address bar once, keeps it, and removes it from the URL. */
-export function initToken(): void {
+/** Takes `#token=` from the address bar, keeps it, and removes it from the URL. */
+function takeHashToken(): string | undefined {
   const fromHash = tokenFromHash(window.location.hash);
-  if (fromHash) {
-    sessionStorage.setItem(KEY, fromHash);
-    history.replaceState(null, '', window.location.pathname + window.location.search);
-  }
+  if (fromHash) history.replaceState(null, '', window.location.pathname + window.location.search);
+  return fromHash;
+}
+
+/**
+ * Reads the token at start: from the URL `interpose up` printed, else from this tab's
+ * storage. A `#token=` pasted into an open tab later (no reload) is taken too.
+ */
+export function initToken(): void {
+  const fromHash = takeHashToken();
+  if (fromHash) sessionStorage.setItem(KEY, fromHash);
   token = sessionStorage.getItem(KEY) ?? undefined;
+  window.addEventListener('hashchange', () => {
+    const t = takeHashToken();
+    if (t) setToken(t);
+  });
 }
 
 /** The token in use, if any. */
@@ -51,7 +62,7 @@ export function onTokenChange(f: () => void): () => void {
 }
 
 const auth: Interceptor = (next) => async (req) => {
-  if (token) req.header.set('authorization', `Bearer ${token}`);
+  if (token && !req.header.has('authorization')) req.header.set('authorization', `Bearer ${token}`);
   try {
     return await next(req);
   } catch (e) {

@@ -36,7 +36,7 @@ export const CLEAR_WARNING =
   'ports (198.18.x.x / 198.19.x.x, server port 9), and their IDs no longer lead back to a ' +
   'record. Keep the records as long as you may need to export them.';
 
-export function ConnectionsTab(p: { nav: Nav; focusId?: bigint; active: boolean }) {
+export function ConnectionsTab(p: { nav: Nav; focus?: { id: bigint; n: number }; active: boolean }) {
   const v = useStore();
   const [status, setStatus] = useState<'all' | 'active' | 'disconnected'>('all');
   const [portPat, setPortPat] = useState('');
@@ -68,16 +68,17 @@ export function ConnectionsTab(p: { nav: Nav; focusId?: bigint; active: boolean 
 
   const indexOf = (id: bigint | undefined) => (id === undefined ? -1 : rows.findIndex((r) => r.id === id));
   const [cursor, setCursor] = useState<bigint | undefined>();
-  const focusIndex = indexOf(p.focusId ?? cursor);
+  const focusIndex = indexOf(cursor);
 
+  // A link from another tab selects its connection and scrolls to it.
   useEffect(() => {
-    if (p.focusId !== undefined) {
-      conns.selected = new Set([p.focusId]);
-      conns.anchor = p.focusId;
-      setCursor(p.focusId);
+    if (p.focus) {
+      conns.selected = new Set([p.focus.id]);
+      conns.anchor = p.focus.id;
+      setCursor(p.focus.id);
       conns.changedNow();
     }
-  }, [p.focusId]);
+  }, [p.focus]);
 
   const selectedRows = () => rows.filter((r) => conns.selected.has(r.id));
 

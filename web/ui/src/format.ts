@@ -116,9 +116,10 @@ export function connsTsv(rows: ConnLike[]): string {
   return [TSV_HEADER, ...rows.map(connTsv)].join('\n') + '\n';
 }
 
-/** "12.3 s", "4 min 5 s", "2 h 3 min": how long a connection lasted (or has lasted). */
+/** "6 ms", "12.3 s", "4 min 5 s", "2 h 3 min": how long a connection lasted (or has lasted). */
 export function duration(ms: number): string {
   if (ms < 0) ms = 0;
+  if (ms < 1000) return `${Math.round(ms)} ms`;
   if (ms < 60_000) return `${(ms / 1000).toFixed(1)} s`;
   const s = Math.floor(ms / 1000);
   if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;

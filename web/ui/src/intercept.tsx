@@ -153,7 +153,10 @@ export function InterceptTab(p: { active: boolean; openConn: (id: bigint) => voi
                 class={`held row ${h === picked ? 'sel' : ''} ${h.connStatus === 2 ? 'closed' : ''}`}
                 data-held={h.heldId.toString()}
                 data-conn={h.packet?.connId.toString()}
-                onClick={() => setPickedId(h.heldId)}
+                onClick={() => {
+                  setPickedId(h.heldId);
+                  setNote('');
+                }}
               >
                 <span>#{h.heldId.toString()}</span>
                 <span>
@@ -209,9 +212,15 @@ function ConfigForm(p: { cfg: InterceptConfig; setCfg: (c: InterceptConfig) => v
   const [hosts, setHosts] = useState(c.hosts.join(', '));
   const [ports, setPorts] = useState(c.ports.join(', '));
   const [contains, setContains] = useState(new TextDecoder().decode(c.contains));
+  const [enabled, setEnabled] = useState(c.enabled);
+  const [direction, setDirection] = useState(c.direction);
   const [rule, setRule] = useState({ pattern: '', replacement: '', direction: 0 });
+  // Saves run one after another, so a quick on/off/on reaches the service in order.
+  const chain = useRef<Promise<void>>(Promise.resolve());
 
-  async function save(enabled: boolean, direction: number) {
+  function save(nextEnabled: boolean, nextDirection: number) {
+    setEnabled(nextEnabled);
+    setDirection(nextDirection);
     const portList: number[] = [];
     for (const s of ports.split(/[\s,]+/).filter((x) => x)) {
       const n = Number(s);
@@ -221,23 +230,23 @@ function ConfigForm(p: { cfg: InterceptConfig; setCfg: (c: InterceptConfig) => v
       }
       portList.push(n);
     }
-    try {
-      const next = await intercept.setConfig({
-        config: {
-          ...c,
-          enabled,
-          direction,
-          hosts: hosts.split(/[\s,]+/).filter((x) => x),
-          ports: portList,
-          contains: new TextEncoder().encode(contains),
-          rules: [],
-        },
-      });
-      p.setCfg(next);
-      p.setErr('');
-    } catch (e) {
-      p.setErr(errText(e));
-    }
+    const config = {
+      ...c,
+      enabled: nextEnabled,
+      direction: nextDirection,
+      hosts: hosts.split(/[\s,]+/).filter((x) => x),
+      ports: portList,
+      contains: new TextEncoder().encode(contains),
+      rules: [],
+    };
+    chain.current = chain.current.then(async () => {
+      try {
+        p.setCfg(await intercept.setConfig({ config }));
+        p.setErr('');
+      } catch (e) {
+        p.setErr(errText(e));
+      }
+    });
   }
 
   async function addRule(e: Event) {
@@ -275,12 +284,12 @@ function ConfigForm(p: { cfg: InterceptConfig; setCfg: (c: InterceptConfig) => v
     <div class="config">
       <div class="toolbar">
         <label class="switch">
-          <input type="checkbox" data-testid="intercept-enabled" checked={c.enabled} onChange={(e) => save((e.target as HTMLInputElement).checked, c.direction)} />{' '}
+          <input type="checkbox" data-testid="intercept-enabled" checked={c.enabled} onChange={(e) => save((e.target as HTMLInputElement).checked, direction)} />{' '}
           Intercept {c.enabled ? 'on' : 'off'}
         </label>
         <label>
           Direction{' '}
-          <select data-testid="intercept-direction" value={String(c.direction)} onChange={(e) => save(c.enabled, Number((e.target as HTMLSelectElement).value))}>
+          <select data-testid="intercept-direction" value={String(direction)} onChange={(e) => save(enabled, Number((e.target as HTMLSelectElement).value))}>
             <option value="0">both</option>
             <option value="1">c2s</option>
             <option value="2">s2c</option>
@@ -289,7 +298,7 @@ function ConfigForm(p: { cfg: InterceptConfig; setCfg: (c: InterceptConfig) => v
         <label>Hosts <input value={hosts} placeholder="any" onInput={(e) => setHosts((e.target as HTMLInputElement).value)} /></label>
         <label>Ports <input data-testid="intercept-ports" value={ports} placeholder="any" onInput={(e) => setPorts((e.target as HTMLInputElement).value)} /></label>
         <label>Contains <input value={contains} placeholder="any" onInput={(e) => setContains((e.target as HTMLInputElement).value)} /></label>
-        <button data-testid="intercept-apply" onClick={() => save(c.enabled, c.direction)}>Apply filters</button>
+        <button data-testid="intercept-apply" onClick={() => save(enabled, direction)}>Apply filters</button>
       </div>
       <form class="toolbar" onSubmit={addRule}>
         <span>Replace rules:</span>

@@ -24,10 +24,10 @@ function Login() {
       setErr('Enter the token.');
       return;
     }
-    setToken(t);
     try {
-      // Checks the token before showing the tabs; a wrong one comes back here.
-      await registry.connectionStats({});
+      // Checks the token before keeping it and showing the tabs.
+      await registry.connectionStats({}, { headers: { authorization: `Bearer ${t}` } });
+      setToken(t);
     } catch (e2) {
       setErr(`That token was not accepted (${errText(e2)}).`);
     }
@@ -50,7 +50,7 @@ function App() {
   const [token, setTok] = useState(currentToken());
   const [tab, setTab] = useState<Tab>('connections');
   const [query, setQuery] = useState<Query>({ connIds: [], direction: 0, contains: '', hex: false });
-  const [focusId, setFocusId] = useState<bigint | undefined>();
+  const [focus, setFocus] = useState<{ id: bigint; n: number } | undefined>();
   const [exportSel, setExportSel] = useState<bigint[]>([]);
 
   useEffect(() => onTokenChange(() => setTok(currentToken())), []);
@@ -74,7 +74,7 @@ function App() {
   };
   const openConn = (id: bigint) => {
     setTab('connections');
-    setFocusId(id);
+    setFocus({ id, n: (focus?.n ?? 0) + 1 });
     if (!conns.records.has(id)) {
       registry.getConnection({ id }).then(
         (c) => conns.adopt(c),
@@ -103,7 +103,7 @@ function App() {
         <span class="grow" />
         <button class="link" onClick={() => setToken(undefined)}>Sign out</button>
       </nav>
-      <ConnectionsTab active={tab === 'connections'} nav={nav} focusId={focusId} />
+      <ConnectionsTab active={tab === 'connections'} nav={nav} focus={focus} />
       <HistoryTab active={tab === 'history'} query={query} setQuery={setQuery} openConn={openConn} />
       <InterceptTab active={tab === 'intercept'} openConn={openConn} />
       <ExportTab active={tab === 'export'} selection={exportSel} />
