@@ -89,7 +89,11 @@ fn tools() -> anyhow::Result<Option<String>> {
 fn npm_ci() -> anyhow::Result<()> {
     static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
     let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
-    if *done || ui_dir().join("node_modules/playwright-core/package.json").is_file() {
+    if *done
+        || ui_dir()
+            .join("node_modules/playwright-core/package.json")
+            .is_file()
+    {
         *done = true;
         return Ok(());
     }
@@ -199,7 +203,10 @@ fn strs(v: &Value) -> Vec<String> {
 
 /// A one-shot HTTP server on loopback: answers every request with `body` and closes first
 /// (no Content-Length, so the client reads to the end: the server's FIN comes first).
-async fn http_server(body: &'static str, tls: Option<&Pki>) -> anyhow::Result<std::net::SocketAddr> {
+async fn http_server(
+    body: &'static str,
+    tls: Option<&Pki>,
+) -> anyhow::Result<std::net::SocketAddr> {
     async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         s: &mut S,
         body: &str,
@@ -297,7 +304,10 @@ fn screenshot_dir(out: &Path) -> anyhow::Result<PathBuf> {
 async fn tshark(args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::time::timeout(
         WAIT,
-        Command::new("tshark").args(args).kill_on_drop(true).output(),
+        Command::new("tshark")
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
     )
     .await
     .context("tshark timed out")??;
@@ -323,7 +333,11 @@ async fn the_web_view_does_the_connection_tab_workflow_in_chromium() -> anyhow::
     .await?;
     let web = up.proc.field("web").context("web= in the ready line")?;
     let last = up.proc.ready.split_whitespace().last().unwrap_or_default();
-    ensure!(last.starts_with("web="), "web= is not the last field: {}", up.proc.ready);
+    ensure!(
+        last.starts_with("web="),
+        "web= is not the last field: {}",
+        up.proc.ready
+    );
     let (origin, token) = web
         .split_once("/#token=")
         .with_context(|| format!("web= has no #token=: {web}"))?;
@@ -365,10 +379,12 @@ async fn workflow(
     shots: &Path,
 ) -> anyhow::Result<()> {
     // No token, no data: the login form, and a wrong token is refused.
-    page.call("open", json!({"url": format!("{origin}/")})).await?;
+    page.call("open", json!({"url": format!("{origin}/")}))
+        .await?;
     let login = page.call("loginShown", Value::Null).await?;
     ensure!(login["rows"] == 0, "rows without a token: {login}");
-    page.call("login", json!({"token": "not-the-token"})).await?;
+    page.call("login", json!({"token": "not-the-token"}))
+        .await?;
     let err = page.call("loginError", Value::Null).await?;
     let err = err.as_str().unwrap_or_default();
     ensure!(err.contains("not accepted"), "{err}");
@@ -387,7 +403,10 @@ async fn workflow(
     client.write_all(b"hello-live").await?;
     let mut back = [0u8; 10];
     tokio::time::timeout(WAIT, client.read_exact(&mut back)).await??;
-    let rec = wait_record(up, "of the raw connection", |c| c.src_port == u32::from(port)).await?;
+    let rec = wait_record(up, "of the raw connection", |c| {
+        c.src_port == u32::from(port)
+    })
+    .await?;
     let live = rec.id.to_string();
     let cells = page
         .call("waitRow", json!({"id": live, "status": "active"}))
@@ -404,7 +423,10 @@ async fn workflow(
     let plain = http_server("plain-body", None).await?;
     let body = curl(up, &[&format!("http://127.0.0.1:{}/x", plain.port())]).await?;
     ensure!(body == "plain-body", "{body}");
-    let rec = wait_record(up, "of curl plain", |c| c.dst_port == u32::from(plain.port())).await?;
+    let rec = wait_record(up, "of curl plain", |c| {
+        c.dst_port == u32::from(plain.port())
+    })
+    .await?;
     let plain_id = rec.id.to_string();
     let cells = page
         .call(
@@ -440,26 +462,32 @@ async fn workflow(
     let cells = page
         .call("waitRow", json!({"id": tls_id, "status": tls_status}))
         .await?;
-    ensure!(strs(&cells)[4] == "localhost" && strs(&cells)[5] == "localhost", "{cells}");
+    ensure!(
+        strs(&cells)[4] == "localhost" && strs(&cells)[5] == "localhost",
+        "{cells}"
+    );
 
     // Selection by keyboard, then Copy: the clipboard holds `interpose conns copy`'s TSV.
     page.call("select", json!({"ids": [live], "modifier": "Control"}))
         .await?;
-    let sel = page.call("keys", json!({"keys": ["Shift+ArrowDown"]})).await?;
+    let sel = page
+        .call("keys", json!({"keys": ["Shift+ArrowDown"]}))
+        .await?;
     ensure!(strs(&sel) == [live.clone(), plain_id.clone()], "{sel}");
     let sel = page
-        .call("select", json!({"ids": [live, tls_id], "modifier": "Control"}))
+        .call(
+            "select",
+            json!({"ids": [live, tls_id], "modifier": "Control"}),
+        )
         .await?;
     ensure!(strs(&sel) == [live.clone(), tls_id.clone()], "{sel}");
-    page.call("menu", json!({"id": live, "item": "Copy"})).await?;
+    page.call("menu", json!({"id": live, "item": "Copy"}))
+        .await?;
     let clip = page.call("clipboard", Value::Null).await?;
     let cli = interpose_ok(&up.grpc, &["conns", "copy", &live, &tls_id]).await?;
     ensure!(clip == cli.as_str(), "clipboard {clip:?} != CLI {cli:?}");
-    page.call(
-        "screenshot",
-        json!({"path": shots.join("connections.png")}),
-    )
-    .await?;
+    page.call("screenshot", json!({"path": shots.join("connections.png")}))
+        .await?;
 
     // History: the connection's exact bytes; a contents search; the ID links back.
     page.call("tab", json!({"name": "history"})).await?;
@@ -485,7 +513,10 @@ async fn workflow(
         )
         .await?;
     let rows = rows.as_array().cloned().unwrap_or_default();
-    ensure!(rows.len() == 1 && rows[0]["conn"] == tls_id.as_str(), "{rows:?}");
+    ensure!(
+        rows.len() == 1 && rows[0]["conn"] == tls_id.as_str(),
+        "{rows:?}"
+    );
     let sel = page.call("followLink", json!({"conn": tls_id})).await?;
     ensure!(strs(&sel) == [tls_id.clone()], "{sel}");
 
@@ -500,7 +531,10 @@ async fn workflow(
     let (mut client, port) = through(up, Addr::Ip(server.addr)).await?;
     let mut srv = server.accept().await?;
     probe_until_held(&mut client, &mut srv).await?;
-    let rec = wait_record(up, "of the held connection", |c| c.src_port == u32::from(port)).await?;
+    let rec = wait_record(up, "of the held connection", |c| {
+        c.src_port == u32::from(port)
+    })
+    .await?;
     let held = rec.id.to_string();
     page.call("waitHeld", json!({"conn": held, "status": "active"}))
         .await?;
@@ -514,12 +548,12 @@ async fn workflow(
     page.call("waitHeld", json!({"conn": held, "status": "active"}))
         .await?;
     let st = page.call("pickHeld", json!({"conn": held})).await?;
-    ensure!(st["text"] == "hello-hold" && st["forwardDisabled"] == false, "{st}");
-    page.call(
-        "screenshot",
-        json!({"path": shots.join("intercept.png")}),
-    )
-    .await?;
+    ensure!(
+        st["text"] == "hello-hold" && st["forwardDisabled"] == false,
+        "{st}"
+    );
+    page.call("screenshot", json!({"path": shots.join("intercept.png")}))
+        .await?;
     page.call(
         "actHeld",
         json!({"text": "HELLO-EDITED!", "button": "forward-edited"}),
@@ -562,11 +596,17 @@ async fn workflow(
         st["forwardDisabled"] == true && st["forwardEditedDisabled"] == true,
         "{st}"
     );
-    ensure!(st["warning"].as_str().is_some_and(|w| w.contains("cannot be forwarded")), "{st}");
+    ensure!(
+        st["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("cannot be forwarded")),
+        "{st}"
+    );
     page.call("actHeld", json!({"button": "drop"})).await?;
     let note = page.call("interceptNote", Value::Null).await?;
     ensure!(
-        note.as_str().is_some_and(|n| n.contains("closed by the server")),
+        note.as_str()
+            .is_some_and(|n| n.contains("closed by the server")),
         "{note}"
     );
     page.call("waitHeldGone", json!({"conn": held})).await?;
@@ -712,7 +752,8 @@ async fn workflow(
 
     // A new tab without the token shows only the login form.
     page.call("newPage", Value::Null).await?;
-    page.call("open", json!({"url": format!("{origin}/")})).await?;
+    page.call("open", json!({"url": format!("{origin}/")}))
+        .await?;
     let login = page.call("loginShown", Value::Null).await?;
     ensure!(login["rows"] == 0, "{login}");
     Ok(())
