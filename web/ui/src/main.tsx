@@ -112,5 +112,7 @@ function App() {
 }
 
 initToken();
+// The benchmark (tests/src/bin/bench-web.rs) reads the store's live events through this.
+(window as unknown as { __interpose: unknown }).__interpose = { conns };
 const root = document.getElementById('app');
 if (root) render(<App />, root);

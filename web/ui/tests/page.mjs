@@ -279,6 +279,82 @@ const commands = {
     await page.screenshot({ path });
     return path;
   },
+  // ----- Benchmark commands (tests/src/bin/bench-web.rs) -----
+  /** Opens `url`; milliseconds to the first rendered row and to the end of the snapshot. */
+  async timeOpen({ url }) {
+    origin = new URL(url).origin;
+    const t0 = Date.now();
+    await page.goto(url);
+    await page.waitForSelector('.conn-row.row', { timeout: 120_000 });
+    const firstRows = Date.now() - t0;
+    await page.waitForFunction(() => window.__interpose?.conns.ready, null, { timeout: 300_000, polling: 50 });
+    const snapshot = Date.now() - t0;
+    return { firstRows, snapshot, kept: await page.evaluate(() => window.__interpose.conns.records.size) };
+  },
+  /** JS heap after a garbage collection, from the DevTools protocol (bytes). */
+  async heap() {
+    const cdp = await context.newCDPSession(page);
+    await cdp.send('HeapProfiler.collectGarbage');
+    await cdp.send('Performance.enable');
+    const { metrics } = await cdp.send('Performance.getMetrics');
+    const m = Object.fromEntries(metrics.map((x) => [x.name, x.value]));
+    await cdp.detach();
+    return { used: m.JSHeapUsedSize, total: m.JSHeapTotalSize, nodes: m.Nodes };
+  },
+  /** Milliseconds to scroll the table to the end and back, and to apply a host filter. */
+  async scrollFilter({ host }) {
+    const frame = () => page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+    const t0 = Date.now();
+    await page.evaluate(() => {
+      const el = document.querySelector('[data-testid="conn-table"] .vlist');
+      el.scrollTop = el.scrollHeight;
+    });
+    await frame();
+    const t1 = Date.now();
+    await page.evaluate(() => {
+      document.querySelector('[data-testid="conn-table"] .vlist').scrollTop = 0;
+    });
+    await frame();
+    const t2 = Date.now();
+    await page.fill('[data-testid="host-filter"]', host);
+    await frame();
+    const t3 = Date.now();
+    const shown = await page.innerText('.conns .footer');
+    await page.fill('[data-testid="host-filter"]', '');
+    await frame();
+    return { scrollEnd: t1 - t0, scrollTop: t2 - t1, filter: t3 - t2, shown };
+  },
+  /** Starts measuring live events: for each UPSERT, the time from its event (open or close) to the table's next render. */
+  async liveArm() {
+    await page.evaluate(() => {
+      const conns = window.__interpose.conns;
+      const b = { lat: [], final: new Map(), pending: [] };
+      window.__bench = b;
+      const ms = (t) => Number(t.seconds) * 1000 + t.nanos / 1e6;
+      conns.onLive = (c) => b.pending.push(c);
+      conns.subscribe(() => {
+        const now = Date.now();
+        for (const c of b.pending) {
+          const t = c.closedAt ?? c.openedAt;
+          if (t) b.lat.push(now - ms(t));
+          b.final.set(c.id.toString(), c.status);
+        }
+        b.pending = [];
+      });
+    });
+    return true;
+  },
+  /** Latency percentiles (ms) and how many connections reached their closed state. */
+  async liveResult() {
+    return page.evaluate(() => {
+      const b = window.__bench;
+      const lat = [...b.lat].sort((x, y) => x - y);
+      const pct = (p) => lat[Math.min(lat.length - 1, Math.floor((p / 100) * lat.length))];
+      let closed = 0;
+      for (const s of b.final.values()) if (s === 2) closed++;
+      return { events: lat.length, p50: pct(50), p99: pct(99), max: lat[lat.length - 1], closed, seen: b.final.size };
+    });
+  },
   /** Other-origin requests and console errors seen so far. */
   async hygiene() {
     return { foreign, consoleErrors };
