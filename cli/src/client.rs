@@ -13,7 +13,7 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// The token to send to `url` (the server URL as connected to, scheme included): see
 /// [`proto::token::for_client`]; the default data directory is the one `interpose up` uses
 /// without `--data-dir`.
-fn token(args: &ServerArgs, url: &str) -> anyhow::Result<Option<String>> {
+pub(crate) fn token(args: &ServerArgs, url: &str) -> anyhow::Result<Option<String>> {
     let default_dir = proxy_core::cli::data_dir(None).ok();
     Ok(proto::token::for_client(
         args.token.clone(),
@@ -60,6 +60,12 @@ fn install_tls(
     }
     .install(own)?;
     Ok(())
+}
+
+/// [`install_tls`] for `url`, with the default data directory `interpose up` uses.
+pub(crate) fn install_tls_for(args: &ServerArgs, url: &str) -> anyhow::Result<()> {
+    let default_dir = proxy_core::cli::data_dir(None).ok();
+    install_tls(args, url, default_dir.as_deref())
 }
 
 /// Connects to the server's channel.

@@ -16,6 +16,7 @@ pub mod intercept;
 pub mod output;
 pub mod table;
 pub mod up;
+pub mod web;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -130,6 +131,8 @@ pub enum Command {
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Serve the web view for services that run apart (a lab): the page `up` serves.
+    Web(web::WebCmdArgs),
     /// A shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
     Completions(completions::CompletionsArgs),
     /// The man page (roff) on stdout, or every page into a folder.
@@ -175,6 +178,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => export::run(&cli.server, args).await,
         Command::Intercept(cmd) => intercept::run(&cli.server, cmd).await,
         Command::Held(cmd) => held::run(&cli.server, cmd).await,
+        Command::Web(args) => web::run(&cli.server, args).await,
     }
 }
 

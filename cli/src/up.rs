@@ -1,6 +1,7 @@
 //! `interpose up`: every service in one process with a default data directory, the embedded
 //! default. The registry serves on one loopback gRPC port; the proxy reports to it over that
-//! same port, exactly as a remote proxy-core would.
+//! same port, exactly as a remote proxy-core would; so does the web view (`--web`), which
+//! forwards the page's gRPC-web calls to it like any other client.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -50,6 +51,9 @@ pub struct UpArgs {
     /// The proxy's options (the same as the `proxy-core` binary's).
     #[command(flatten)]
     pub proxy: ProxyArgs,
+    /// The web view (the page, in any browser, over the same API).
+    #[command(flatten)]
+    pub web: web::WebArgs,
 }
 
 /// Runs every service until SIGINT or SIGTERM, then shuts down in order: the proxy first
@@ -104,6 +108,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         intercept_svc::DEFAULT_MAX_HELD,
     )?;
     server.add_service(intercept.grpc_service(server.drain()));
+    // The web view forwards the page's calls to this same port, as any other client would.
+    let web = match args.web.web {
+        _ if args.web.no_web => None,
+        given => {
+            let addr = given.unwrap_or(web::DEFAULT_ADDR);
+            proto::serve::check_exposure(addr, auth.token.as_deref())?;
+            Some(web::WebServer::bind(addr, given.is_none()).await?)
+        }
+    };
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut serving = tokio::spawn(server.serve(listener, async {
         let _ = grpc_stopped.await;
@@ -123,10 +136,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let proxy = Proxy::start(config).await?;
     proto::token::record_server(&dir, &url)
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;
+    let web_field = web
+        .as_ref()
+        .map(|w| format!(" web={}", w.url(auth.token.as_deref())))
+        .unwrap_or_default();
+    let (stop_web, web_stopped) = tokio::sync::oneshot::channel::<()>();
+    let web_task = web.map(|w| {
+        let backends = web::Backends::all_at(&url);
+        let hosts = args.web.web_allow_host.clone();
+        tokio::spawn(async move {
+            w.serve(&backends, &hosts, async {
+                let _ = web_stopped.await;
+            })
+            .await
+        })
+    });
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
     let stop = proto::serve::shutdown_signal();
     println!(
-        "ready socks={} grpc={url} ca={}{}{tls}",
+        "ready socks={} grpc={url} ca={}{}{tls}{web_field}",
         proxy.socks_addr(),
         ca_path.display(),
         auth.ready_field()
@@ -137,12 +165,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         r = &mut serving => Some(r),
     };
     proxy.shutdown().await;
+    // The API's streams end as it drains, and with them the web view's.
     let _ = stop_grpc.send(());
+    let _ = stop_web.send(());
     let served = match served {
         Some(r) => r,
         None => serving.await,
     };
     served.context("gRPC server task")??;
+    if let Some(t) = web_task {
+        t.await.context("web view task")??;
+    }
     registry
         .flush()
         .await

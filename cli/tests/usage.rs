@@ -35,6 +35,7 @@ fn help_lists_every_subcommand() {
             "intercept",
             "held",
             "ca",
+            "web",
             "completions",
             "man",
             "help"

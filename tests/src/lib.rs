@@ -375,7 +375,8 @@ pub struct Up {
 }
 
 impl Up {
-    /// Starts `interpose up` on free loopback ports with its data in `data_dir`.
+    /// Starts `interpose up` on free loopback ports (the web view's too) with its data in
+    /// `data_dir`.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("interpose"));
         cmd.arg("up")
@@ -383,6 +384,9 @@ impl Up {
                 "--socks",
                 "127.0.0.1:0",
                 "--grpc",
+                "127.0.0.1:0",
+                // (A test's own --web or --no-web, in `extra`, overrides this.)
+                "--web",
                 "127.0.0.1:0",
                 "--data-dir",
             ])
