@@ -22,8 +22,9 @@ use serde_json::{Value, json};
 use tests::{
     Up, WAIT,
     browser::{Page, tools},
-    interpose_ok,
-    proxy::{Server, echo_server, read_to_end},
+    eventually, interpose_ok,
+    proxy::{Server, echo_server, history, read_to_end},
+    registry_client,
     tls::{Pki, proxy_ca, serve, socks, through, wait_record},
 };
 use tokio::{
@@ -314,6 +315,13 @@ async fn workflow(
         "{cells}"
     );
 
+    // The counts by status cover every record.
+    page.call(
+        "waitCounts",
+        json!({"text": "total 3 · active 0 · disconnected 3"}),
+    )
+    .await?;
+
     // Selection by keyboard, then Copy: the clipboard holds `interpose conns copy`'s TSV.
     page.call("select", json!({"ids": [live], "modifier": "Control"}))
         .await?;
@@ -336,7 +344,17 @@ async fn workflow(
     page.call("screenshot", json!({"path": shots.join("connections.png")}))
         .await?;
 
-    // History: the connection's exact bytes; a contents search; the ID links back.
+    // History: the connection's exact bytes; a contents search; the ID links back. The
+    // registry has them first (the page reads what it has).
+    let mut client = registry_client(&up.grpc, None).await?;
+    for id in [&live, &plain_id, &tls_id] {
+        let id: u64 = id.parse()?;
+        eventually("the history of the three connections", || {
+            let mut client = client.clone();
+            async move { Ok((history(&mut client, id).await?.len() >= 2).then_some(())) }
+        })
+        .await?;
+    }
     page.call("tab", json!({"name": "history"})).await?;
     let rows = page.call("historySearch", json!({"conn": live})).await?;
     let rows = rows.as_array().cloned().unwrap_or_default();

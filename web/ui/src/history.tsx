@@ -41,6 +41,8 @@ export function HistoryTab(p: {
   const [picked, setPicked] = useState<number>(-1);
   // Which search is current: a page of an older search that arrives late is ignored.
   const gen = useRef(0);
+  // The search whose loading last finished (tests wait on it in the footer).
+  const [doneGen, setDoneGen] = useState(0);
 
   // A new query from another tab (Show history, a link) fills in the fields.
   useEffect(() => {
@@ -68,10 +70,14 @@ export function HistoryTab(p: {
       needle = q.hex ? parseHex(q.contains) : new TextEncoder().encode(q.contains);
     } catch (e) {
       setErr(`Contents: ${errText(e)}`);
+      setDoneGen(g);
       return;
     }
     const ids = q.connIds.length ? q.connIds : [0n];
-    if (from.idx >= ids.length) return;
+    if (from.idx >= ids.length) {
+      setDoneGen(g);
+      return;
+    }
     setBusy(true);
     try {
       const r = await registry.searchHistory({
@@ -94,7 +100,10 @@ export function HistoryTab(p: {
     } catch (e) {
       setErr(errText(e));
     } finally {
-      setBusy(false);
+      if (g === gen.current) {
+        setBusy(false);
+        setDoneGen(g);
+      }
     }
   }
 
@@ -183,7 +192,7 @@ export function HistoryTab(p: {
               }}
             />
           </div>
-          <div class="footer" data-testid="history-footer">
+          <div class="footer" data-testid="history-footer" data-done={doneGen}>
             {packets.length} packets{more ? ' (scroll for more)' : ''}{busy ? ' · loading…' : ''}
             {packets.length >= MAX_PACKETS && ` · the first ${MAX_PACKETS} only: narrow the search`}
           </div>

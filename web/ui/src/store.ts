@@ -152,6 +152,7 @@ export class ConnStore {
               break;
           }
           this.changed();
+          if (this.ready) this.countsSoon();
         }
       } catch (e) {
         if (signal.aborted || isCanceled(e)) return;
@@ -161,6 +162,17 @@ export class ConnStore {
       // The stream ended (server restart, GOAWAY): start again with a fresh snapshot.
       await new Promise((r) => setTimeout(r, 1000));
     }
+  }
+
+  private countsTimer: ReturnType<typeof setTimeout> | undefined;
+
+  /** Refreshes the counts half a second after a live change (once per half second). */
+  private countsSoon(): void {
+    if (this.countsTimer) return;
+    this.countsTimer = setTimeout(() => {
+      this.countsTimer = undefined;
+      void this.refreshCounts();
+    }, 500);
   }
 
   /** Refreshes the counts by status over every record. */

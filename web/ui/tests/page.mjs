@@ -48,6 +48,13 @@ function watch(p) {
 let origin = '';
 watch(page);
 
+/** Waits two animation frames: the page has rendered what the last input changed. */
+const frames = () => page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+const selected = async () => {
+  await frames();
+  return page.locator('.conn-row.row.sel').evaluateAll((els) => els.map((e) => e.dataset.id));
+};
+
 const row = (id) => page.locator(`.conn-row.row[data-id="${id}"]`);
 
 /** Polls `f` until it returns a value that is not undefined (bounded by WAIT_MS). */
@@ -123,20 +130,24 @@ const commands = {
   async rowIds() {
     return page.locator('.conn-row.row').evaluateAll((els) => els.map((e) => e.dataset.id));
   },
-  async counts() {
-    return page.innerText('[data-testid="counts"]');
+  /** Waits until the counts by status read `text`. */
+  async waitCounts({ text }) {
+    return until(`counts "${text}"`, async () => {
+      const t = await page.innerText('[data-testid="counts"]');
+      return t === text ? t : undefined;
+    });
   },
   /** Clicks rows: the first plainly, then each with `modifier` (Control or Shift). */
   async select({ ids, modifier }) {
     await row(ids[0]).click();
     for (const id of ids.slice(1)) await row(id).click({ modifiers: [modifier] });
-    return page.locator('.conn-row.row.sel').evaluateAll((els) => els.map((e) => e.dataset.id));
+    return selected();
   },
   /** Keys on the focused table (e.g. "Shift+ArrowDown"); returns the selected IDs. */
   async keys({ keys }) {
     await page.focus('[data-testid="conn-table"]');
     for (const k of keys) await page.keyboard.press(k);
-    return page.locator('.conn-row.row.sel').evaluateAll((els) => els.map((e) => e.dataset.id));
+    return selected();
   },
   /** Right-clicks row `id` and picks `item` from the menu. */
   async menu({ id, item }) {
@@ -144,8 +155,12 @@ const commands = {
     await page.locator('[data-testid="context-menu"] button', { hasText: new RegExp(`^${item}$`) }).click();
     return true;
   },
+  /** The clipboard's text, once Copy has put something there (the profile starts empty). */
   async clipboard() {
-    return page.evaluate(() => navigator.clipboard.readText());
+    return until('text on the clipboard', async () => {
+      const t = await page.evaluate(() => navigator.clipboard.readText());
+      return t ? t : undefined;
+    });
   },
   /** The clear dialog's text; confirms it. */
   async confirmClear() {
@@ -160,14 +175,15 @@ const commands = {
     await page.selectOption('[data-testid="history-direction"]', String(direction ?? 0));
     const box = page.locator('.history input[type="checkbox"]').first();
     if ((await box.isChecked()) !== Boolean(hex)) await box.click();
+    const footer = page.locator('[data-testid="history-footer"]');
+    const before = Number(await footer.getAttribute('data-done'));
     await page.click('[data-testid="history-search"]');
+    // Each search is numbered; wait until this one (a later number) has loaded.
+    await until('the search to load', async () => (Number(await footer.getAttribute('data-done')) > before ? true : undefined));
     return commands.historyRows();
   },
-  /** The packets listed in the history tab, once loading has finished. */
+  /** The packets listed in the history tab. */
   async historyRows() {
-    await until('the history to load', async () =>
-      (await page.innerText('[data-testid="history-footer"]')).includes('loading') ? undefined : true,
-    );
     return page.locator('.pkt-row.row').evaluateAll((els) =>
       els.map((e) => ({ conn: e.dataset.conn, seq: e.dataset.seq, cells: [...e.children].map((c) => c.textContent) })),
     );
@@ -224,6 +240,7 @@ const commands = {
   /** Picks the held packet of `conn`; returns the editor's state. */
   async pickHeld({ conn }) {
     await page.locator(`.held.row[data-conn="${conn}"]`).first().click();
+    await frames();
     return {
       status: await page.innerText('[data-testid="picked-status"]'),
       forwardDisabled: await page.isDisabled('[data-testid="forward"]'),
