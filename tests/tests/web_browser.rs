@@ -346,7 +346,7 @@ async fn workflow(
 
     // History: the connection's exact bytes; a contents search; the ID links back. The
     // registry has them first (the page reads what it has).
-    let mut client = registry_client(&up.grpc, None).await?;
+    let client = registry_client(&up.grpc, None).await?;
     for id in [&live, &plain_id, &tls_id] {
         let id: u64 = id.parse()?;
         eventually("the history of the three connections", || {
