@@ -470,13 +470,20 @@ async fn grpc_web_calls_need_the_token_and_list_real_traffic() -> R {
     let auth = format!("authorization: Bearer {token}");
     let reply = curl(
         &format!("{base}{method}"),
-        &["-H", "content-type: application/grpc-web-text", "-H", &auth],
+        &[
+            "-H",
+            "content-type: application/grpc-web-text",
+            "-H",
+            "accept: application/grpc-web-text",
+            "-H",
+            &auth,
+        ],
         Some(body.into_bytes()),
     )
     .await?;
     assert_eq!(
         reply.header("content-type"),
-        Some("application/grpc-web-text")
+        Some("application/grpc-web-text+proto")
     );
     // Each frame is base64 on its own; every piece is a whole number of 4-character groups.
     let text = reply.body.trim_ascii();
@@ -610,7 +617,14 @@ async fn interpose_web_serves_a_separate_up_and_no_web_serves_nothing() -> R {
     let mut cmd = Command::new(bin("interpose"));
     cmd.args(["web", "--listen", "127.0.0.1:0", "--registry"])
         .arg(format!("{dead},{}", up.grpc))
-        .args(["--intercept", &up.grpc, "--export", &up.grpc])
+        .args([
+            "--intercept",
+            &up.grpc,
+            "--export",
+            &up.grpc,
+            "--ca",
+            &up.grpc,
+        ])
         .arg("--token-file")
         .arg(&token_file)
         .env_remove("INTERPOSE_TOKEN")
@@ -646,8 +660,16 @@ async fn interpose_web_serves_a_separate_up_and_no_web_serves_nothing() -> R {
     let (code, _) = call::<ListConnectionsResponse>(&base, method, &req, None)
         .await?
         .expect_err("no token");
-    assert_eq!(code, 16);
-    // The CA (at the registry's URL by default: up serves it there).
+    assert_eq!(
+        code, 16,
+        "UNAUTHENTICATED, not a failover to the dead replica"
+    );
+    // ...nor does such a call move the web view off the working replica.
+    let again = call::<ListConnectionsResponse>(&base, method, &req, Some(&token))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(again.connections.first().map(|c| c.id), Some(list[0].id));
+    // The CA service.
     let ca = call::<proto::ca::CaCertificate>(
         &base,
         "/interpose.ca.v1.CertificateAuthority/GetCaCertificate",

@@ -247,6 +247,14 @@ impl Inner {
     }
 }
 
+/// Whether an answer means the replica cannot serve, so the call goes to the next one:
+/// [`replica_failed`], except `Unauthenticated`. The web view forwards the token of whoever
+/// calls; a call without the lab's token says nothing about the replica, and must not move
+/// every page's calls away from a working one.
+fn fails_over(s: &Status) -> bool {
+    s.code() != tonic::Code::Unauthenticated && replica_failed(s)
+}
+
 /// One call as it is sent to a backend (again to the next replica when one fails).
 struct Call {
     method: Method,
@@ -266,8 +274,8 @@ impl Call {
     }
 
     /// Sends the call to the current replica, and to each next one while a replica fails
-    /// before answering ([`replica_failed`]: unreachable, or `Unavailable` /
-    /// `Unauthenticated` without a response body), at most once each.
+    /// before answering ([`fails_over`]: unreachable, or `Unavailable` without a response
+    /// body), at most once each.
     async fn send(&self, replicas: &Replicas, route: Route) -> http::Response<Body> {
         let mut left = replicas.count();
         loop {
@@ -281,7 +289,7 @@ impl Call {
             .await;
             let failed = match sent {
                 Ok(response) => match Status::from_header_map(response.headers()) {
-                    Some(s) if replica_failed(&s) => (s, Some(response.map(Body::new))),
+                    Some(s) if fails_over(&s) => (s, Some(response.map(Body::new))),
                     _ => return response.map(Body::new),
                 },
                 Err(e) => (
