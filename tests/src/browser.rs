@@ -136,8 +136,8 @@ impl Page {
     }
 
     async fn answer(&mut self, what: &str) -> anyhow::Result<Value> {
-        // The page's own waits are bounded by 20 s; this bounds a hung browser.
-        let line = tokio::time::timeout(Duration::from_secs(90), self.lines.next_line())
+        // The page's own waits are bounded by 60 s; this bounds a hung browser.
+        let line = tokio::time::timeout(Duration::from_secs(180), self.lines.next_line())
             .await
             .with_context(|| format!("the page driver did not answer {what}"))??;
         let Some(line) = line else {

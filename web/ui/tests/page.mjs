@@ -10,7 +10,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-const WAIT_MS = 20_000;
+// Generous: chromium on a loaded 2-core machine can take seconds per step; this only bounds a failure.
+const WAIT_MS = 60_000;
 const outDir = process.env.OUT_DIR ?? tmpdir();
 const profile = mkdtempSync(join(outDir, 'chromium-profile-'));
 
