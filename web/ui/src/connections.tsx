@@ -54,8 +54,11 @@ export function ConnectionsTab(p: { nav: Nav; focus?: { id: bigint; n: number };
 
   const rows = useMemo(() => {
     const out: Connection[] = [];
-    for (const id of conns.ids()) {
-      const c = conns.records.get(id);
+    // While the snapshot streams, the registry's first page stands in for it.
+    const source = !conns.ready && conns.preview.length > conns.records.size
+      ? conns.preview
+      : conns.ids().map((id) => conns.records.get(id));
+    for (const c of source) {
       if (!c) continue;
       if (status === 'active' && c.status !== 1) continue;
       if (status === 'disconnected' && c.status !== 2) continue;
