@@ -3,6 +3,7 @@
 //! and kills them when dropped.
 
 pub mod bench_server;
+pub mod browser;
 pub mod dns_server;
 pub mod load;
 pub mod pki;
