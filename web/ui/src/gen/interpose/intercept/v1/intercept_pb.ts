@@ -5,17 +5,32 @@
 // returns when a user decides. Users drive the queue with `ListHeld`, `WatchHeld`, `Forward`
 // and `Drop`.
 //
-// Limits (intercept-svc): at most `max_held` packets wait at once (default 1,000; see
-// `InterceptStatus`); a `Hold` beyond it is answered at once with `ACTION_FORWARD` and reason
-// "queue_full" and counted in `InterceptStatus.overflow_forwarded`. A replacement (`Forward`
-// with `replace`) may be at most 4 MiB (4,194,304 bytes).
+// Limits (intercept-svc): at most `max_held` packets (default 1,000) and `max_held_bytes` of
+// payload (default 256 MiB, `--max-held-bytes`) wait at once (see `InterceptStatus`); a `Hold`
+// beyond either is answered at once with `ACTION_FORWARD` and reason "queue_full" and counted
+// in `InterceptStatus.overflow_forwarded`. A `Hold` whose packet is larger than 4 MiB
+// (4,194,304 bytes) is answered at once with `ACTION_FORWARD` and reason "too_large" and
+// counted in `InterceptStatus.too_large_forwarded`. A replacement (`Forward` with `replace`)
+// may be at most 4 MiB. A packet whose proxy stopped waiting (its connection ended, or the
+// proxy went away) is *abandoned*: its bytes are let go at once, it no longer counts against
+// either limit, and it leaves the queue 30 s later (or after `hold_timeout_secs`, when that
+// is shorter); at most `max_held` abandoned packets stay listed (the oldest leave first).
+// No response is larger than 8 MiB: `ListHeld` pages (and can leave the bytes out), `GetHeld`
+// returns one packet.
 //
 // Replace rules (`AddRule`) are part of the configuration proxies follow: the proxy itself
 // rewrites matching packets, without a call to this service, and records them as modified.
+// A rule's pattern and replacement may each be at most 1 MiB (1,048,576 bytes), there may be
+// at most 256 rules, and the whole configuration (`InterceptConfig`, rules included, encoded)
+// at most 4 MiB; `AddRule` and `SetConfig` refuse more with INVALID_ARGUMENT naming the
+// limit. A proxy never lets the rules grow one packet by more than 4 MiB: a packet they would
+// grow further is relayed unchanged, as received, and counted
+// (`ProxyLosses.rewrite_skipped` in the registry's stats).
 //
 // Errors:
 //   INVALID_ARGUMENT     malformed request (zero ID, replacement larger than the limit, empty
-//                        rule pattern);
+//                        rule pattern, a rule or configuration beyond its limit, a bad page
+//                        token);
 //   NOT_FOUND            no held packet with that ID (already decided, or never held);
 //   FAILED_PRECONDITION  the packet's connection has closed; the message names who closed it
 //                        (or, before the registry has said so, that the proxy no longer
@@ -36,7 +51,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file interpose/intercept/v1/intercept.proto.
  */
 export const file_interpose_intercept_v1_intercept: GenFile = /*@__PURE__*/
-  fileDesc("CiZpbnRlcnBvc2UvaW50ZXJjZXB0L3YxL2ludGVyY2VwdC5wcm90bxIWaW50ZXJwb3NlLmludGVyY2VwdC52MSL1AQoPSW50ZXJjZXB0Q29uZmlnEg8KB2VuYWJsZWQYASABKAgSMQoJZGlyZWN0aW9uGAIgASgOMh4uaW50ZXJwb3NlLmNvbW1vbi52MS5EaXJlY3Rpb24SDQoFaG9zdHMYAyADKAkSDQoFcG9ydHMYBCADKA0SEAoIY29udGFpbnMYBSABKAwSGQoRaG9sZF90aW1lb3V0X3NlY3MYBiABKA0SDQoFbm9kZXMYByADKAkSEAoIY29ubl9pZHMYCCADKAQSMgoFcnVsZXMYCSADKAsyIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlIpABCgtSZXBsYWNlUnVsZRIKCgJpZBgBIAEoBBIxCglkaXJlY3Rpb24YAiABKA4yHi5pbnRlcnBvc2UuY29tbW9uLnYxLkRpcmVjdGlvbhIPCgdwYXR0ZXJuGAMgASgMEhMKC3JlcGxhY2VtZW50GAQgASgMEg0KBWhvc3RzGAUgAygJEg0KBXBvcnRzGAYgAygNIkMKDkFkZFJ1bGVSZXF1ZXN0EjEKBHJ1bGUYASABKAsyIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlIh8KEVJlbW92ZVJ1bGVSZXF1ZXN0EgoKAmlkGAEgASgEIhQKElJlbW92ZVJ1bGVSZXNwb25zZSISChBHZXRTdGF0dXNSZXF1ZXN0Is4BCg9JbnRlcmNlcHRTdGF0dXMSNwoGY29uZmlnGAEgASgLMicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWcSDAoEaGVsZBgCIAEoDRIQCghtYXhfaGVsZBgDIAEoDRIaChJvdmVyZmxvd19mb3J3YXJkZWQYBCABKAQSEQoJdGltZWRfb3V0GAUgASgEEhcKD3JlbGVhc2VkX2J5X29mZhgGIAEoBBIaChJyZWdpc3RyeV9jb25uZWN0ZWQYByABKAgiEgoQR2V0Q29uZmlnUmVxdWVzdCJLChBTZXRDb25maWdSZXF1ZXN0EjcKBmNvbmZpZxgBIAEoCzInLmludGVycG9zZS5pbnRlcmNlcHQudjEuSW50ZXJjZXB0Q29uZmlnIhQKEldhdGNoQ29uZmlnUmVxdWVzdCJsCgtIb2xkUmVxdWVzdBIMCgRub2RlGAEgASgJEisKBnBhY2tldBgCIAEoCzIbLmludGVycG9zZS5jb21tb24udjEuUGFja2V0EhAKCGRzdF9ob3N0GAMgASgJEhAKCGRzdF9wb3J0GAQgASgNIrgBCgdWZXJkaWN0EjYKBmFjdGlvbhgBIAEoDjImLmludGVycG9zZS5pbnRlcmNlcHQudjEuVmVyZGljdC5BY3Rpb24SEAoIcmVwbGFjZWQYAiABKAgSDAoEZGF0YRgDIAEoDBIOCgZyZWFzb24YBCABKAkiRQoGQWN0aW9uEhYKEkFDVElPTl9VTlNQRUNJRklFRBAAEhIKDkFDVElPTl9GT1JXQVJEEAESDwoLQUNUSU9OX0RST1AQAiL6AQoKSGVsZFBhY2tldBIPCgdoZWxkX2lkGAEgASgEEisKBnBhY2tldBgCIAEoCzIbLmludGVycG9zZS5jb21tb24udjEuUGFja2V0EgwKBG5vZGUYAyABKAkSEAoIZHN0X2hvc3QYBCABKAkSEAoIZHN0X3BvcnQYBSABKA0SNAoLY29ubl9zdGF0dXMYBiABKA4yHy5pbnRlcnBvc2UuY29tbW9uLnYxLkNvbm5TdGF0dXMSMAoJY2xvc2VkX2J5GAcgASgOMh0uaW50ZXJwb3NlLmNvbW1vbi52MS5DbG9zZWRCeRIUCgxjbG9zZV9yZWFzb24YCCABKAkiEQoPTGlzdEhlbGRSZXF1ZXN0IkQKEExpc3RIZWxkUmVzcG9uc2USMAoEaGVsZBgBIAMoCzIiLmludGVycG9zZS5pbnRlcmNlcHQudjEuSGVsZFBhY2tldCISChBXYXRjaEhlbGRSZXF1ZXN0ItYBCglIZWxkRXZlbnQSNAoEa2luZBgBIAEoDjImLmludGVycG9zZS5pbnRlcmNlcHQudjEuSGVsZEV2ZW50LktpbmQSMAoEaGVsZBgCIAEoCzIiLmludGVycG9zZS5pbnRlcmNlcHQudjEuSGVsZFBhY2tldBIPCgdoZWxkX2lkGAMgASgEIlAKBEtpbmQSFAoQS0lORF9VTlNQRUNJRklFRBAAEg4KCktJTkRfQURERUQQARIQCgxLSU5EX1JFTU9WRUQQAhIQCgxLSU5EX1VQREFURUQQAyJACg5Gb3J3YXJkUmVxdWVzdBIPCgdoZWxkX2lkGAEgASgEEg8KB3JlcGxhY2UYAiABKAgSDAoEZGF0YRgDIAEoDCIRCg9Gb3J3YXJkUmVzcG9uc2UiHgoLRHJvcFJlcXVlc3QSDwoHaGVsZF9pZBgBIAEoBCIOCgxEcm9wUmVzcG9uc2UyhggKCUludGVyY2VwdBJeCglHZXRDb25maWcSKC5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkdldENvbmZpZ1JlcXVlc3QaJy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkludGVyY2VwdENvbmZpZxJeCglTZXRDb25maWcSKC5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlNldENvbmZpZ1JlcXVlc3QaJy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkludGVyY2VwdENvbmZpZxJkCgtXYXRjaENvbmZpZxIqLmludGVycG9zZS5pbnRlcmNlcHQudjEuV2F0Y2hDb25maWdSZXF1ZXN0GicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWcwARJMCgRIb2xkEiMuaW50ZXJwb3NlLmludGVyY2VwdC52MS5Ib2xkUmVxdWVzdBofLmludGVycG9zZS5pbnRlcmNlcHQudjEuVmVyZGljdBJdCghMaXN0SGVsZBInLmludGVycG9zZS5pbnRlcmNlcHQudjEuTGlzdEhlbGRSZXF1ZXN0GiguaW50ZXJwb3NlLmludGVyY2VwdC52MS5MaXN0SGVsZFJlc3BvbnNlEloKCVdhdGNoSGVsZBIoLmludGVycG9zZS5pbnRlcmNlcHQudjEuV2F0Y2hIZWxkUmVxdWVzdBohLmludGVycG9zZS5pbnRlcmNlcHQudjEuSGVsZEV2ZW50MAESWgoHRm9yd2FyZBImLmludGVycG9zZS5pbnRlcmNlcHQudjEuRm9yd2FyZFJlcXVlc3QaJy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkZvcndhcmRSZXNwb25zZRJRCgREcm9wEiMuaW50ZXJwb3NlLmludGVyY2VwdC52MS5Ecm9wUmVxdWVzdBokLmludGVycG9zZS5pbnRlcmNlcHQudjEuRHJvcFJlc3BvbnNlElYKB0FkZFJ1bGUSJi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkFkZFJ1bGVSZXF1ZXN0GiMuaW50ZXJwb3NlLmludGVyY2VwdC52MS5SZXBsYWNlUnVsZRJjCgpSZW1vdmVSdWxlEikuaW50ZXJwb3NlLmludGVyY2VwdC52MS5SZW1vdmVSdWxlUmVxdWVzdBoqLmludGVycG9zZS5pbnRlcmNlcHQudjEuUmVtb3ZlUnVsZVJlc3BvbnNlEl4KCUdldFN0YXR1cxIoLmludGVycG9zZS5pbnRlcmNlcHQudjEuR2V0U3RhdHVzUmVxdWVzdBonLmludGVycG9zZS5pbnRlcmNlcHQudjEuSW50ZXJjZXB0U3RhdHVzYgZwcm90bzM", [file_interpose_common_v1_common]);
+  fileDesc("CiZpbnRlcnBvc2UvaW50ZXJjZXB0L3YxL2ludGVyY2VwdC5wcm90bxIWaW50ZXJwb3NlLmludGVyY2VwdC52MSL1AQoPSW50ZXJjZXB0Q29uZmlnEg8KB2VuYWJsZWQYASABKAgSMQoJZGlyZWN0aW9uGAIgASgOMh4uaW50ZXJwb3NlLmNvbW1vbi52MS5EaXJlY3Rpb24SDQoFaG9zdHMYAyADKAkSDQoFcG9ydHMYBCADKA0SEAoIY29udGFpbnMYBSABKAwSGQoRaG9sZF90aW1lb3V0X3NlY3MYBiABKA0SDQoFbm9kZXMYByADKAkSEAoIY29ubl9pZHMYCCADKAQSMgoFcnVsZXMYCSADKAsyIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlIpABCgtSZXBsYWNlUnVsZRIKCgJpZBgBIAEoBBIxCglkaXJlY3Rpb24YAiABKA4yHi5pbnRlcnBvc2UuY29tbW9uLnYxLkRpcmVjdGlvbhIPCgdwYXR0ZXJuGAMgASgMEhMKC3JlcGxhY2VtZW50GAQgASgMEg0KBWhvc3RzGAUgAygJEg0KBXBvcnRzGAYgAygNIkMKDkFkZFJ1bGVSZXF1ZXN0EjEKBHJ1bGUYASABKAsyIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlIh8KEVJlbW92ZVJ1bGVSZXF1ZXN0EgoKAmlkGAEgASgEIhQKElJlbW92ZVJ1bGVSZXNwb25zZSISChBHZXRTdGF0dXNSZXF1ZXN0IsUCCg9JbnRlcmNlcHRTdGF0dXMSNwoGY29uZmlnGAEgASgLMicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWcSDAoEaGVsZBgCIAEoDRIQCghtYXhfaGVsZBgDIAEoDRIaChJvdmVyZmxvd19mb3J3YXJkZWQYBCABKAQSEQoJdGltZWRfb3V0GAUgASgEEhcKD3JlbGVhc2VkX2J5X29mZhgGIAEoBBIaChJyZWdpc3RyeV9jb25uZWN0ZWQYByABKAgSEgoKaGVsZF9ieXRlcxgIIAEoBBIWCg5tYXhfaGVsZF9ieXRlcxgJIAEoBBIbChN0b29fbGFyZ2VfZm9yd2FyZGVkGAogASgEEhEKCWFiYW5kb25lZBgLIAEoDRIZChFhYmFuZG9uZWRfZXhwaXJlZBgMIAEoBCISChBHZXRDb25maWdSZXF1ZXN0IksKEFNldENvbmZpZ1JlcXVlc3QSNwoGY29uZmlnGAEgASgLMicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWciFAoSV2F0Y2hDb25maWdSZXF1ZXN0ImwKC0hvbGRSZXF1ZXN0EgwKBG5vZGUYASABKAkSKwoGcGFja2V0GAIgASgLMhsuaW50ZXJwb3NlLmNvbW1vbi52MS5QYWNrZXQSEAoIZHN0X2hvc3QYAyABKAkSEAoIZHN0X3BvcnQYBCABKA0iuAEKB1ZlcmRpY3QSNgoGYWN0aW9uGAEgASgOMiYuaW50ZXJwb3NlLmludGVyY2VwdC52MS5WZXJkaWN0LkFjdGlvbhIQCghyZXBsYWNlZBgCIAEoCBIMCgRkYXRhGAMgASgMEg4KBnJlYXNvbhgEIAEoCSJFCgZBY3Rpb24SFgoSQUNUSU9OX1VOU1BFQ0lGSUVEEAASEgoOQUNUSU9OX0ZPUldBUkQQARIPCgtBQ1RJT05fRFJPUBACIpoCCgpIZWxkUGFja2V0Eg8KB2hlbGRfaWQYASABKAQSKwoGcGFja2V0GAIgASgLMhsuaW50ZXJwb3NlLmNvbW1vbi52MS5QYWNrZXQSDAoEbm9kZRgDIAEoCRIQCghkc3RfaG9zdBgEIAEoCRIQCghkc3RfcG9ydBgFIAEoDRI0Cgtjb25uX3N0YXR1cxgGIAEoDjIfLmludGVycG9zZS5jb21tb24udjEuQ29ublN0YXR1cxIwCgljbG9zZWRfYnkYByABKA4yHS5pbnRlcnBvc2UuY29tbW9uLnYxLkNsb3NlZEJ5EhQKDGNsb3NlX3JlYXNvbhgIIAEoCRILCgNsZW4YCSABKA0SEQoJYWJhbmRvbmVkGAogASgIIksKD0xpc3RIZWxkUmVxdWVzdBIRCglwYWdlX3NpemUYASABKA0SEgoKcGFnZV90b2tlbhgCIAEoCRIRCglvbWl0X2RhdGEYAyABKAgiXQoQTGlzdEhlbGRSZXNwb25zZRIwCgRoZWxkGAEgAygLMiIuaW50ZXJwb3NlLmludGVyY2VwdC52MS5IZWxkUGFja2V0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIhCg5HZXRIZWxkUmVxdWVzdBIPCgdoZWxkX2lkGAEgASgEIhIKEFdhdGNoSGVsZFJlcXVlc3Qi1gEKCUhlbGRFdmVudBI0CgRraW5kGAEgASgOMiYuaW50ZXJwb3NlLmludGVyY2VwdC52MS5IZWxkRXZlbnQuS2luZBIwCgRoZWxkGAIgASgLMiIuaW50ZXJwb3NlLmludGVyY2VwdC52MS5IZWxkUGFja2V0Eg8KB2hlbGRfaWQYAyABKAQiUAoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASDgoKS0lORF9BRERFRBABEhAKDEtJTkRfUkVNT1ZFRBACEhAKDEtJTkRfVVBEQVRFRBADIkAKDkZvcndhcmRSZXF1ZXN0Eg8KB2hlbGRfaWQYASABKAQSDwoHcmVwbGFjZRgCIAEoCBIMCgRkYXRhGAMgASgMIhEKD0ZvcndhcmRSZXNwb25zZSIeCgtEcm9wUmVxdWVzdBIPCgdoZWxkX2lkGAEgASgEIg4KDERyb3BSZXNwb25zZTLdCAoJSW50ZXJjZXB0El4KCUdldENvbmZpZxIoLmludGVycG9zZS5pbnRlcmNlcHQudjEuR2V0Q29uZmlnUmVxdWVzdBonLmludGVycG9zZS5pbnRlcmNlcHQudjEuSW50ZXJjZXB0Q29uZmlnEl4KCVNldENvbmZpZxIoLmludGVycG9zZS5pbnRlcmNlcHQudjEuU2V0Q29uZmlnUmVxdWVzdBonLmludGVycG9zZS5pbnRlcmNlcHQudjEuSW50ZXJjZXB0Q29uZmlnEmQKC1dhdGNoQ29uZmlnEiouaW50ZXJwb3NlLmludGVyY2VwdC52MS5XYXRjaENvbmZpZ1JlcXVlc3QaJy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkludGVyY2VwdENvbmZpZzABEkwKBEhvbGQSIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkhvbGRSZXF1ZXN0Gh8uaW50ZXJwb3NlLmludGVyY2VwdC52MS5WZXJkaWN0El0KCExpc3RIZWxkEicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5MaXN0SGVsZFJlcXVlc3QaKC5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkxpc3RIZWxkUmVzcG9uc2USVQoHR2V0SGVsZBImLmludGVycG9zZS5pbnRlcmNlcHQudjEuR2V0SGVsZFJlcXVlc3QaIi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkhlbGRQYWNrZXQSWgoJV2F0Y2hIZWxkEiguaW50ZXJwb3NlLmludGVyY2VwdC52MS5XYXRjaEhlbGRSZXF1ZXN0GiEuaW50ZXJwb3NlLmludGVyY2VwdC52MS5IZWxkRXZlbnQwARJaCgdGb3J3YXJkEiYuaW50ZXJwb3NlLmludGVyY2VwdC52MS5Gb3J3YXJkUmVxdWVzdBonLmludGVycG9zZS5pbnRlcmNlcHQudjEuRm9yd2FyZFJlc3BvbnNlElEKBERyb3ASIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkRyb3BSZXF1ZXN0GiQuaW50ZXJwb3NlLmludGVyY2VwdC52MS5Ecm9wUmVzcG9uc2USVgoHQWRkUnVsZRImLmludGVycG9zZS5pbnRlcmNlcHQudjEuQWRkUnVsZVJlcXVlc3QaIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlEmMKClJlbW92ZVJ1bGUSKS5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlbW92ZVJ1bGVSZXF1ZXN0GiouaW50ZXJwb3NlLmludGVyY2VwdC52MS5SZW1vdmVSdWxlUmVzcG9uc2USXgoJR2V0U3RhdHVzEiguaW50ZXJwb3NlLmludGVyY2VwdC52MS5HZXRTdGF0dXNSZXF1ZXN0GicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRTdGF0dXNiBnByb3RvMw", [file_interpose_common_v1_common]);
 
 /**
  * What to hold.
@@ -291,6 +306,43 @@ export type InterceptStatus = Message<"interpose.intercept.v1.InterceptStatus"> 
    * @generated from field: bool registry_connected = 7;
    */
   registryConnected: boolean;
+
+  /**
+   * Payload bytes of the packets waiting now (abandoned ones keep none).
+   *
+   * @generated from field: uint64 held_bytes = 8;
+   */
+  heldBytes: bigint;
+
+  /**
+   * The most payload bytes that may wait at once (`--max-held-bytes`).
+   *
+   * @generated from field: uint64 max_held_bytes = 9;
+   */
+  maxHeldBytes: bigint;
+
+  /**
+   * Hold requests answered with a forward at once because the packet was larger than the
+   * per-packet limit (4 MiB).
+   *
+   * @generated from field: uint64 too_large_forwarded = 10;
+   */
+  tooLargeForwarded: bigint;
+
+  /**
+   * Listed packets whose proxy stopped waiting (abandoned; not counted in `held`).
+   *
+   * @generated from field: uint32 abandoned = 11;
+   */
+  abandoned: number;
+
+  /**
+   * Abandoned packets that left the queue by expiry (or because `max_held` abandoned ones
+   * were already listed).
+   *
+   * @generated from field: uint64 abandoned_expired = 12;
+   */
+  abandonedExpired: bigint;
 };
 
 /**
@@ -407,7 +459,8 @@ export type Verdict = Message<"interpose.intercept.v1.Verdict"> & {
   /**
    * Why: "user" (a Forward or Drop call), "timeout" (`hold_timeout_secs` passed),
    * "intercept_off" (intercept was off or was turned off), "queue_full" (`max_held` packets
-   * were already waiting: forwarded without holding), "connection_closed" (a user acted on a
+   * or `max_held_bytes` were already waiting: forwarded without holding), "too_large" (the
+   * packet is above the per-packet limit: forwarded without holding), "connection_closed" (a user acted on a
    * packet whose connection had closed: the proxy should not relay it).
    *
    * @generated from field: string reason = 4;
@@ -505,6 +558,23 @@ export type HeldPacket = Message<"interpose.intercept.v1.HeldPacket"> & {
    * @generated from field: string close_reason = 8;
    */
   closeReason: string;
+
+  /**
+   * The packet's length in bytes (also when its bytes are left out, see
+   * `ListHeldRequest.omit_data`, or no longer kept, see `abandoned`).
+   *
+   * @generated from field: uint32 len = 9;
+   */
+  len: number;
+
+  /**
+   * The proxy stopped waiting for the packet (its connection ended or its proxy went away):
+   * it can no longer be forwarded or dropped, its bytes are no longer kept (`packet.data` is
+   * empty), and it leaves the queue after a while (see the limits above).
+   *
+   * @generated from field: bool abandoned = 10;
+   */
+  abandoned: boolean;
 };
 
 /**
@@ -518,6 +588,28 @@ export const HeldPacketSchema: GenMessage<HeldPacket> = /*@__PURE__*/
  * @generated from message interpose.intercept.v1.ListHeldRequest
  */
 export type ListHeldRequest = Message<"interpose.intercept.v1.ListHeldRequest"> & {
+  /**
+   * Most packets in the page; 0 means 100, and more than 1,000 means 1,000. A page also
+   * ends before 6 MiB of packet bytes (it always holds at least one packet).
+   *
+   * @generated from field: uint32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * `next_page_token` of the previous page; empty for the first page.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Leave every packet's bytes out (`packet.data` empty; `len` still set): fetch one
+   * packet's bytes with `GetHeld`.
+   *
+   * @generated from field: bool omit_data = 3;
+   */
+  omitData: boolean;
 };
 
 /**
@@ -535,6 +627,13 @@ export type ListHeldResponse = Message<"interpose.intercept.v1.ListHeldResponse"
    * @generated from field: repeated interpose.intercept.v1.HeldPacket held = 1;
    */
   held: HeldPacket[];
+
+  /**
+   * Pass as `page_token` for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
 };
 
 /**
@@ -543,6 +642,25 @@ export type ListHeldResponse = Message<"interpose.intercept.v1.ListHeldResponse"
  */
 export const ListHeldResponseSchema: GenMessage<ListHeldResponse> = /*@__PURE__*/
   messageDesc(file_interpose_intercept_v1_intercept, 14);
+
+/**
+ * @generated from message interpose.intercept.v1.GetHeldRequest
+ */
+export type GetHeldRequest = Message<"interpose.intercept.v1.GetHeldRequest"> & {
+  /**
+   * The held packet's ID.
+   *
+   * @generated from field: uint64 held_id = 1;
+   */
+  heldId: bigint;
+};
+
+/**
+ * Describes the message interpose.intercept.v1.GetHeldRequest.
+ * Use `create(GetHeldRequestSchema)` to create a new message.
+ */
+export const GetHeldRequestSchema: GenMessage<GetHeldRequest> = /*@__PURE__*/
+  messageDesc(file_interpose_intercept_v1_intercept, 15);
 
 /**
  * @generated from message interpose.intercept.v1.WatchHeldRequest
@@ -555,7 +673,7 @@ export type WatchHeldRequest = Message<"interpose.intercept.v1.WatchHeldRequest"
  * Use `create(WatchHeldRequestSchema)` to create a new message.
  */
 export const WatchHeldRequestSchema: GenMessage<WatchHeldRequest> = /*@__PURE__*/
-  messageDesc(file_interpose_intercept_v1_intercept, 15);
+  messageDesc(file_interpose_intercept_v1_intercept, 16);
 
 /**
  * @generated from message interpose.intercept.v1.HeldEvent
@@ -582,7 +700,7 @@ export type HeldEvent = Message<"interpose.intercept.v1.HeldEvent"> & {
  * Use `create(HeldEventSchema)` to create a new message.
  */
 export const HeldEventSchema: GenMessage<HeldEvent> = /*@__PURE__*/
-  messageDesc(file_interpose_intercept_v1_intercept, 16);
+  messageDesc(file_interpose_intercept_v1_intercept, 17);
 
 /**
  * @generated from enum interpose.intercept.v1.HeldEvent.Kind
@@ -621,7 +739,7 @@ export enum HeldEvent_Kind {
  * Describes the enum interpose.intercept.v1.HeldEvent.Kind.
  */
 export const HeldEvent_KindSchema: GenEnum<HeldEvent_Kind> = /*@__PURE__*/
-  enumDesc(file_interpose_intercept_v1_intercept, 16, 0);
+  enumDesc(file_interpose_intercept_v1_intercept, 17, 0);
 
 /**
  * @generated from message interpose.intercept.v1.ForwardRequest
@@ -651,7 +769,7 @@ export type ForwardRequest = Message<"interpose.intercept.v1.ForwardRequest"> & 
  * Use `create(ForwardRequestSchema)` to create a new message.
  */
 export const ForwardRequestSchema: GenMessage<ForwardRequest> = /*@__PURE__*/
-  messageDesc(file_interpose_intercept_v1_intercept, 17);
+  messageDesc(file_interpose_intercept_v1_intercept, 18);
 
 /**
  * @generated from message interpose.intercept.v1.ForwardResponse
@@ -664,7 +782,7 @@ export type ForwardResponse = Message<"interpose.intercept.v1.ForwardResponse"> 
  * Use `create(ForwardResponseSchema)` to create a new message.
  */
 export const ForwardResponseSchema: GenMessage<ForwardResponse> = /*@__PURE__*/
-  messageDesc(file_interpose_intercept_v1_intercept, 18);
+  messageDesc(file_interpose_intercept_v1_intercept, 19);
 
 /**
  * @generated from message interpose.intercept.v1.DropRequest
@@ -681,7 +799,7 @@ export type DropRequest = Message<"interpose.intercept.v1.DropRequest"> & {
  * Use `create(DropRequestSchema)` to create a new message.
  */
 export const DropRequestSchema: GenMessage<DropRequest> = /*@__PURE__*/
-  messageDesc(file_interpose_intercept_v1_intercept, 19);
+  messageDesc(file_interpose_intercept_v1_intercept, 20);
 
 /**
  * @generated from message interpose.intercept.v1.DropResponse
@@ -694,7 +812,7 @@ export type DropResponse = Message<"interpose.intercept.v1.DropResponse"> & {
  * Use `create(DropResponseSchema)` to create a new message.
  */
 export const DropResponseSchema: GenMessage<DropResponse> = /*@__PURE__*/
-  messageDesc(file_interpose_intercept_v1_intercept, 20);
+  messageDesc(file_interpose_intercept_v1_intercept, 21);
 
 /**
  * @generated from service interpose.intercept.v1.Intercept
@@ -734,8 +852,9 @@ export const Intercept: GenService<{
   },
   /**
    * Proxy side: hold one packet until a verdict. Cancelling the call (the connection closed)
-   * leaves the packet listed, so that users see how its connection ended, until a user's
-   * `Forward` or `Drop` (refused with FAILED_PRECONDITION, and removed) or intercept off.
+   * leaves the packet listed as `abandoned`, so that users see how its connection ended,
+   * until a user's `Forward` or `Drop` (refused with FAILED_PRECONDITION, and removed),
+   * intercept off, or its expiry (see the limits above).
    *
    * @generated from rpc interpose.intercept.v1.Intercept.Hold
    */
@@ -745,7 +864,7 @@ export const Intercept: GenService<{
     output: typeof VerdictSchema;
   },
   /**
-   * Packets waiting for a verdict, oldest first.
+   * Packets waiting for a verdict, oldest first, a page at a time.
    *
    * @generated from rpc interpose.intercept.v1.Intercept.ListHeld
    */
@@ -753,6 +872,16 @@ export const Intercept: GenService<{
     methodKind: "unary";
     input: typeof ListHeldRequestSchema;
     output: typeof ListHeldResponseSchema;
+  },
+  /**
+   * One held packet with its bytes (NOT_FOUND when there is none).
+   *
+   * @generated from rpc interpose.intercept.v1.Intercept.GetHeld
+   */
+  getHeld: {
+    methodKind: "unary";
+    input: typeof GetHeldRequestSchema;
+    output: typeof HeldPacketSchema;
   },
   /**
    * The held packets now (as `ADDED`), then every addition and removal.
