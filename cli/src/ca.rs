@@ -1,7 +1,6 @@
 //! `interpose ca`: fetch or regenerate the proxy's CA certificate over gRPC, and issue
 //! client certificates for the management plane's mTLS (locally, from the data directory).
 
-use anyhow::Context;
 use clap::Subcommand;
 use proto::ca::{
     CaCertificate, GetCaCertificateRequest, RegenerateCaRequest,
@@ -23,6 +22,9 @@ pub enum CaCommand {
         /// DER instead of PEM (what Android and Windows importers often want).
         #[arg(long)]
         der: bool,
+        /// Replace the --out file if it exists (never a symbolic link; the file is 0600).
+        #[arg(long)]
+        force: bool,
     },
     /// Replace the CA with a fresh one; clients must then trust the new certificate.
     Regenerate,
@@ -88,14 +90,15 @@ pub async fn run(server: &ServerArgs, cmd: CaCommand) -> anyhow::Result<()> {
     }
     let mut client = CertificateAuthorityClient::new(channel(server).await?);
     match cmd {
-        CaCommand::Export { out, der } => {
+        CaCommand::Export { out, der, force } => {
+            proto::out_file::check(&out, force)?;
             let c = client
                 .get_ca_certificate(GetCaCertificateRequest {})
                 .await
                 .map_err(status)?
                 .into_inner();
             let bytes: &[u8] = if der { &c.der } else { c.pem.as_bytes() };
-            std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
+            proto::out_file::write(&out, bytes, force)?;
             println!("wrote CA certificate {} to {}", summary(&c), out.display());
         }
         CaCommand::Regenerate => {
