@@ -35,7 +35,10 @@ fn command(name: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin(name));
     cmd.args(args)
         .env_remove("INTERPOSE_TOKEN")
-        .env_remove("INTERPOSE_TOKEN_FILE");
+        .env_remove("INTERPOSE_TOKEN_FILE")
+        // A refusal is one line: no backtrace appended to it.
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
     cmd
 }
 

@@ -31,7 +31,10 @@ async fn run022(name: &str, args: &[&str], token: Option<&Path>) -> anyhow::Resu
         .args(args)
         .env_remove("INTERPOSE_TOKEN")
         .env_remove("INTERPOSE_TOKEN_FILE")
-        .env_remove("INTERPOSE_SERVER");
+        .env_remove("INTERPOSE_SERVER")
+        // A refusal is one line: no backtrace appended to it.
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
     if let Some(t) = token {
         cmd.env("INTERPOSE_TOKEN_FILE", t);
     }

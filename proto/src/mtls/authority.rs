@@ -324,7 +324,8 @@ pub fn write_client(
     let cert = out.join(format!("{name}-cert.pem"));
     let key = out.join(format!("{name}-key.pem"));
     for p in [&cert, &key] {
-        if p.exists() {
+        // A link counts as there, a dangling one too: nothing is written through it.
+        if fs::symlink_metadata(p).is_ok() {
             return Err(AuthorityError::Exists(p.clone()));
         }
     }
