@@ -547,6 +547,10 @@ async fn streams_are_bounded_per_connection_and_per_token() -> R {
         assert_eq!(err.code(), Code::ResourceExhausted);
     }
     let rss = tests::stats::rss_bytes(pid).context("registry RSS")?;
+    eprintln!(
+        "registry RSS with {per_token} streams open, 2,000 refused: {} MiB",
+        rss >> 20
+    );
     // Generous: an idle registry is ~30 MB; each open follow costs a task and a small channel.
     assert!(rss < 400 << 20, "registry RSS {} MiB", rss >> 20);
 
