@@ -1,7 +1,6 @@
 //! `interpose ca`: fetch or regenerate the proxy's CA certificate over gRPC, and issue
 //! client certificates for the management plane's mTLS (locally, from the data directory).
 
-use anyhow::Context;
 use clap::Subcommand;
 use proto::ca::{
     CaCertificate, GetCaCertificateRequest, RegenerateCaRequest,
@@ -24,6 +23,9 @@ pub enum CaCommand {
         /// DER instead of PEM (what Android and Windows importers often want).
         #[arg(long)]
         der: bool,
+        /// Replace the --out file if it exists (never a symbolic link; the file is 0600).
+        #[arg(long)]
+        force: bool,
     },
     /// Replace the CA with a fresh one; clients must then trust the new certificate.
     Regenerate,
@@ -89,7 +91,10 @@ pub async fn run(server: &ServerArgs, cmd: CaCommand) -> anyhow::Result<()> {
     }
     let mut client = CertificateAuthorityClient::new(channel(server).await?);
     match cmd {
-        CaCommand::Export { out, der } => {
+        CaCommand::Export { out, der, force } => {
+            if out.as_os_str() != "-" {
+                proto::out_file::check(&out, force)?;
+            }
             let c = client
                 .get_ca_certificate(GetCaCertificateRequest {})
                 .await
@@ -103,8 +108,7 @@ pub async fn run(server: &ServerArgs, cmd: CaCommand) -> anyhow::Result<()> {
                 stdout.flush()?;
                 eprintln!("wrote CA certificate {} to stdout", summary(&c));
             } else {
-                std::fs::write(&out, bytes)
-                    .with_context(|| format!("writing {}", out.display()))?;
+                proto::out_file::write(&out, bytes, force)?;
                 crate::say!("wrote CA certificate {} to {}", summary(&c), out.display());
             }
         }

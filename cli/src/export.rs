@@ -4,7 +4,6 @@
 
 use std::{
     io::{IsTerminal, Write},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -20,9 +19,14 @@ use crate::{
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Where to write the capture: a file path, or `-` for stdout.
+    /// Where to write the capture: a file path, or `-` for stdout. The file is created
+    /// with mode 0600 and appears whole when the export ends (a live export's file grows as
+    /// it goes); an existing file is refused unless --force, a symbolic link always.
     #[arg(long)]
     pub out: String,
+    /// Replace the --out file if it exists (never a symbolic link).
+    #[arg(long)]
+    pub force: bool,
     /// Only these connections (repeatable); default: every connection in the history.
     #[arg(long = "conn", value_name = "ID")]
     pub conns: Vec<u64>,
@@ -74,9 +78,12 @@ fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
         .map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))
 }
 
-/// Runs `interpose export`: the file is created only once the first chunk arrives, so a
-/// refused request leaves nothing behind.
+/// Runs `interpose export`: the destination is checked first (see [`Dest`]); the file is
+/// created only once the first chunk arrives, so a refused request leaves nothing behind.
 pub async fn run(server: &ServerArgs, args: ExportArgs) -> anyhow::Result<()> {
+    if args.out != "-" {
+        proto::out_file::check(std::path::Path::new(&args.out), args.force)?;
+    }
     let mut client = ExportClient::new(channel(server).await?).max_decoding_message_size(64 << 20);
     let format = if args.pcapng || args.follow {
         Format::Pcapng
@@ -99,34 +106,97 @@ pub async fn run(server: &ServerArgs, args: ExportArgs) -> anyhow::Result<()> {
         .await
         .map_err(status)?
         .into_inner();
-    if args.follow {
-        return follow(&mut stream, &args.out).await;
-    }
-    let mut out: Option<Box<dyn Write>> = None;
-    let mut progress = Progress::new(&args.out);
-    let written = receive(&mut stream, &mut out, &mut progress, &args.out).await;
-    progress.done();
-    let summary = match written {
-        Ok(summary) => summary,
-        Err(e) => {
-            // A capture cut short is not left behind looking complete.
-            if out.is_some() && args.out != "-" {
-                drop(out);
-                let _ = std::fs::remove_file(&args.out);
-            }
-            return Err(e);
-        }
+    let dest = Dest {
+        out: args.out.clone(),
+        force: args.force,
+        live: args.follow,
     };
+    if args.follow {
+        return follow(&mut stream, &dest).await;
+    }
+    let mut out: Option<Output> = None;
+    let mut progress = Progress::new(&args.out);
+    let written = receive(&mut stream, &mut out, &mut progress, &dest).await;
+    progress.done();
+    // A capture cut short is never put in place (its temporary file goes with `out`).
+    let summary = written?;
+    if let Some(out) = out {
+        out.finish()
+            .with_context(|| format!("writing {}", args.out))?;
+    }
     eprintln!("{}", summary_line(&summary, &args.out));
     Ok(())
+}
+
+/// Where a capture goes: stdout (`-`), a file written whole (a temporary file beside it,
+/// renamed into place at the end), or for a live export the file itself, created new. Every
+/// file is 0600 and never reached through a symbolic link (see [`proto::out_file`]).
+struct Dest {
+    out: String,
+    force: bool,
+    live: bool,
+}
+
+/// An open destination.
+enum Output {
+    Stdout(std::io::StdoutLock<'static>),
+    Staged(std::io::BufWriter<std::fs::File>, proto::out_file::Staged),
+    Live(std::io::BufWriter<std::fs::File>),
+}
+
+impl Dest {
+    fn open(&self) -> anyhow::Result<Output> {
+        if self.out == "-" {
+            return Ok(Output::Stdout(std::io::stdout().lock()));
+        }
+        let path = std::path::Path::new(&self.out);
+        if self.live {
+            let file = proto::out_file::create_replacing(path, self.force)?;
+            return Ok(Output::Live(std::io::BufWriter::with_capacity(
+                1 << 20,
+                file,
+            )));
+        }
+        let mut staged = proto::out_file::Staged::new(path, self.force)?;
+        let file = staged
+            .file()
+            .try_clone()
+            .with_context(|| format!("writing {}", self.out))?;
+        Ok(Output::Staged(
+            std::io::BufWriter::with_capacity(1 << 20, file),
+            staged,
+        ))
+    }
+}
+
+impl Output {
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Output::Stdout(w) => w,
+            Output::Staged(w, _) | Output::Live(w) => w,
+        }
+    }
+
+    /// Flushes, and puts a file written whole in place.
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Output::Stdout(mut w) => w.flush()?,
+            Output::Live(mut w) => w.flush()?,
+            Output::Staged(w, staged) => {
+                w.into_inner().map_err(|e| e.into_error())?;
+                staged.commit()?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Writes every chunk to `out` (opened on the first), returning the final summary.
 async fn receive(
     stream: &mut tonic::Streaming<proto::export::ExportChunk>,
-    out: &mut Option<Box<dyn Write>>,
+    out: &mut Option<Output>,
     progress: &mut Progress,
-    dest: &str,
+    dest: &Dest,
 ) -> anyhow::Result<ExportSummary> {
     loop {
         let chunk = stream
@@ -136,13 +206,13 @@ async fn receive(
             .ok_or_else(|| anyhow!("the export service ended the stream without a summary"))?;
         let w = match out {
             Some(w) => w,
-            None => out.insert(open(dest)?),
+            None => out.insert(dest.open()?),
         };
-        w.write_all(&chunk.data)
-            .with_context(|| format!("writing {dest}"))?;
+        w.writer()
+            .write_all(&chunk.data)
+            .with_context(|| format!("writing {}", dest.out))?;
         progress.add(chunk.data.len());
         if let Some(summary) = chunk.summary {
-            w.flush().with_context(|| format!("writing {dest}"))?;
             return Ok(summary);
         }
     }
@@ -153,9 +223,9 @@ async fn receive(
 /// ending is an error (the service or registry went away). A file keeps what was written.
 async fn follow(
     stream: &mut tonic::Streaming<proto::export::ExportChunk>,
-    dest: &str,
+    dest: &Dest,
 ) -> anyhow::Result<()> {
-    let mut out: Option<Box<dyn Write>> = None;
+    let mut out: Option<Output> = None;
     let stop = proto::serve::shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -165,24 +235,14 @@ async fn follow(
         };
         let chunk = chunk.ok_or_else(|| anyhow!("the export service ended the live export"))?;
         let w = match &mut out {
-            Some(w) => w,
-            None => out.insert(open(dest)?),
+            Some(w) => w.writer(),
+            None => out.insert(dest.open()?).writer(),
         };
         // A reader that closed the pipe (Wireshark quit) ends it quietly: `is_closed_stdout`.
         w.write_all(&chunk.data)
             .and_then(|()| w.flush())
-            .with_context(|| format!("writing {dest}"))?;
+            .with_context(|| format!("writing {}", dest.out))?;
     }
-}
-
-fn open(out: &str) -> anyhow::Result<Box<dyn Write>> {
-    if out == "-" {
-        return Ok(Box::new(std::io::stdout().lock()));
-    }
-    let path = PathBuf::from(out);
-    let file =
-        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, file)))
 }
 
 /// The one line printed at the end.

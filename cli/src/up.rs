@@ -28,16 +28,12 @@ pub struct UpArgs {
     /// gRPC listen address for every service; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:50051", value_parser = proto::serve::listen_addr)]
     pub grpc: SocketAddr,
-    /// Bearer token the gRPC API requires. Default: the one in DATA_DIR/token, generated on
-    /// first start (the ready line names the file).
-    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Read the token from this file instead.
-    #[arg(long, env = "INTERPOSE_TOKEN_FILE", conflicts_with = "token")]
-    pub token_file: Option<PathBuf>,
-    /// Serve the gRPC API without a token (loopback only; every local user can then call it).
-    #[arg(long, conflicts_with_all = ["token", "token_file"])]
-    pub no_auth: bool,
+    /// Who may call the gRPC API: the token (or `--no-auth`), as every server takes it.
+    #[command(flatten)]
+    pub auth: proto::token::AuthOptions,
+    /// Bounds on streaming calls, as every server takes them.
+    #[command(flatten)]
+    pub streams: proto::streams::StreamArgs,
     /// Caught and refused by [`crate::parse`]: `up` serves (on --grpc), and without its own
     /// `--server` clap would list the clients' global one in `up --help`.
     #[arg(long, hide = true)]
@@ -72,14 +68,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     proto::limits::raise_open_files();
     proto::limits::survive_file_size_limit();
     let dir = data_dir(args.data_dir)?;
-    proto::private::prepare_data_dir(&dir)
-        .with_context(|| format!("preparing data directory {}", dir.display()))?;
-    let auth = proto::token::AuthOptions {
-        token: args.token,
-        token_file: args.token_file,
-        no_auth: args.no_auth,
-    }
-    .resolve(args.grpc, &dir)?;
+    let auth = args.auth.settle("interpose up", args.grpc, Some(&dir))?;
     proto::serve::check_exposure(args.grpc, auth.token.as_deref())?;
     let splicer = args.proxy.tls_splice(&dir)?;
     let ca_path = splicer.ca().cert_path();
@@ -89,7 +78,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let grpc = listener.local_addr()?;
-    let mut server = GrpcServer::new(auth.token.clone());
+    let mut server = GrpcServer::with_auth(&auth, &args.streams);
     let tls = proto::mtls::serve_tls(&mut server, &args.tls, Some(&dir), grpc)?;
     // Its own services are clients of this port like any other, with the local certificate.
     let url = if args.tls.grpc_tls {

@@ -64,10 +64,13 @@ pub struct Args {
         value_parser = proto::failover::list_entry
     )]
     pub registry: Vec<String>,
-    /// Bearer token every call must carry (required to listen beyond loopback); also sent
-    /// to the registry.
-    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// Who may call: the token (or `--no-auth`), as every server takes it. The token is
+    /// also what this service sends to the registry.
+    #[command(flatten)]
+    pub auth: proto::token::AuthOptions,
+    /// Bounds on streaming calls, as every server takes them.
+    #[command(flatten)]
+    pub streams: proto::streams::StreamArgs,
     /// mTLS, for this service's API and towards an https:// --registry.
     #[command(flatten)]
     pub mtls: proto::mtls::ServiceTlsArgs,
@@ -75,19 +78,22 @@ pub struct Args {
 
 /// Runs the standalone exporter until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    proto::serve::check_exposure(args.listen, args.token.as_deref())?;
+    let auth = args
+        .auth
+        .settle("export-svc", args.listen, args.mtls.data_dir.as_deref())?;
+    proto::serve::check_exposure(args.listen, auth.token.as_deref())?;
     args.mtls.install_client()?;
-    let service = grpc_service(&args.registry, args.token.as_deref())?;
+    let service = grpc_service(&args.registry, auth.token.as_deref())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let mut server = GrpcServer::new(args.token);
+    let mut server = GrpcServer::with_auth(&auth, &args.streams);
     let tls = args.mtls.serve(&mut server, addr)?;
     server.add_service(service);
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
     let stop = proto::serve::shutdown_signal();
-    println!("ready export-svc listen={addr}{tls}");
+    println!("ready export-svc listen={addr}{}{tls}", auth.ready_field());
     server.serve(listener, stop).await?;
     Ok(())
 }

@@ -193,6 +193,19 @@ pub struct ConnInfo {
     /// The client's address.
     pub remote: SocketAddr,
     calls: Arc<Calls>,
+    /// Its streaming calls open now (see [`crate::streams`]).
+    pub(crate) streams: Arc<AtomicUsize>,
+}
+
+impl ConnInfo {
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        Self {
+            remote: SocketAddr::from(([127, 0, 0, 1], 1)),
+            calls: Arc::default(),
+            streams: Arc::default(),
+        }
+    }
 }
 
 /// An accepted gRPC connection, closed when unused for too long (see the module docs).
@@ -212,6 +225,7 @@ impl Conn {
             info: ConnInfo {
                 remote,
                 calls: Arc::default(),
+                streams: Arc::default(),
             },
             bounds,
             timer: Box::pin(tokio::time::sleep_until(accepted + bounds.first_call)),

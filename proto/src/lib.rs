@@ -9,7 +9,8 @@
 //! ([`hold`]), private data
 //! directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface deadline
 //! of every gRPC connection ([`preface`]), the bounds on unused connections ([`accept`]) and
-//! mutual TLS for the management plane ([`mtls`]).
+//! on streams ([`streams`]), mutual TLS for the management plane ([`mtls`]) and files
+//! written where the user asked ([`out_file`]).
 
 pub mod accept;
 pub mod client;
@@ -20,9 +21,11 @@ pub mod ingest;
 pub mod limits;
 pub mod mtls;
 pub mod names;
+pub mod out_file;
 pub mod preface;
 pub mod private;
 pub mod serve;
+pub mod streams;
 pub mod time;
 pub mod token;
 

@@ -204,12 +204,14 @@ pub struct ClientTlsArgs {
     pub ca_cert: Option<PathBuf>,
 }
 
-/// The mTLS options of a service with no data of its own (intercept-svc, export-svc): a
-/// data directory for the management CA and the default client files, and both sides.
+/// The mTLS options of a service with no store of its own (intercept-svc, export-svc): a
+/// data directory for its token, the management CA and the default client files, and both
+/// sides.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServiceTlsArgs {
-    /// Data directory: only for mTLS, whose management CA (`--grpc-tls`) and default client
-    /// certificate (for an https:// --registry) are in its `mtls` folder.
+    /// Data directory: its `token` file is this service's token when none is given
+    /// (generated on first start), and its `mtls` folder holds the management CA
+    /// (`--grpc-tls`) and the default client certificate (for an https:// --registry).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// mTLS for this service's gRPC API.

@@ -1,7 +1,8 @@
 //! Serving a set of Interpose gRPC services the way every process of the project does: with
 //! gRPC health and server reflection (v1 and v1alpha, since older grpcurl releases speak only
-//! v1alpha), a bearer-token check when a token is configured, and a refusal to expose the
-//! management API beyond loopback without one.
+//! v1alpha), a bearer-token check when a token is configured (settled by
+//! [`crate::token::AuthOptions::settle`]), bounds on streaming calls ([`crate::streams`]),
+//! and a refusal to expose the management API beyond loopback without a token.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -198,6 +199,7 @@ pub struct GrpcServer {
     preface_timeout: Duration,
     idle_timeout: Duration,
     tls: Option<Arc<rustls::ServerConfig>>,
+    streams: crate::streams::StreamLimits,
 }
 
 impl GrpcServer {
@@ -213,7 +215,25 @@ impl GrpcServer {
             preface_timeout: crate::preface::PREFACE_TIMEOUT,
             idle_timeout: crate::accept::IDLE_TIMEOUT,
             tls: None,
+            streams: crate::streams::StreamLimits::default(),
         }
+    }
+
+    /// An empty server checking the token `auth` settled on, with the stream bounds
+    /// `streams` (see [`crate::streams`]): how every server of the project starts.
+    pub fn with_auth(
+        auth: &crate::token::ServerAuth,
+        streams: &crate::streams::StreamArgs,
+    ) -> Self {
+        let mut server = Self::new(auth.token.clone());
+        server.stream_limits(streams.limits());
+        server
+    }
+
+    /// Sets the bounds on streaming calls (see [`crate::streams`]).
+    pub fn stream_limits(&mut self, limits: crate::streams::StreamLimits) -> &mut Self {
+        self.streams = limits;
+        self
     }
 
     /// Serves over TLS with `config` (see [`crate::mtls::server_config`]).
@@ -333,6 +353,8 @@ impl GrpcServer {
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .layer(crate::accept::CountCallsLayer)
             .layer(InterceptorLayer::new(self.token))
+            // Inside the token check: a refused caller takes no stream's place.
+            .layer(crate::streams::StreamLimitLayer::new(self.streams))
             .add_routes(self.routes.routes())
             .serve_with_incoming_shutdown(incoming, signal);
         let overdue = async move {

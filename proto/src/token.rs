@@ -1,6 +1,7 @@
 //! The management API's bearer token: where servers get it and how clients find it.
 //!
-//! A server (`interpose up`, `registry-svc`) requires a token by default, even on loopback:
+//! A server (`interpose up`, every `*-svc`, `proxy-core --listen`) requires a token by default,
+//! even on loopback:
 //! the one given (`--token`, `--token-file`), else the one in its data directory's `token`
 //! file, generated (32 random bytes, hex, mode 0600) on first start. `--no-auth` is the
 //! explicit opt-out, allowed on loopback only. A client sends the token given to it, else
@@ -45,6 +46,21 @@ pub enum TokenError {
     /// `--no-auth` together with a token.
     #[error("--no-auth and a token (--token, --token-file) exclude each other")]
     Conflict,
+    /// No token given and no data directory to keep one in.
+    #[error(
+        "{0} requires a token: pass --token or --token-file (e.g. the registry's), --data-dir \
+         DIR to use (or generate) DIR/token, or --no-auth (loopback only)"
+    )]
+    NoToken(String),
+    /// A `--token-file` of another user.
+    #[error(
+        "the token file {path} belongs to user {owner}, not to user {me} running this process \
+         or root: refusing a token another user chose"
+    )]
+    Foreign { path: PathBuf, owner: u32, me: u32 },
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    DataDir(#[from] private::DataDirError),
 }
 
 /// Reads a token file: its content without surrounding whitespace, never empty.
@@ -94,14 +110,22 @@ pub fn load_or_create(data_dir: &Path) -> Result<PathBuf, TokenError> {
     }
 }
 
-/// What a server was told about authentication.
-#[derive(Debug, Default, Clone)]
+/// What a server was told about authentication: the options every gRPC server takes
+/// (`interpose up`, registry-svc, intercept-svc, export-svc, proxy-core's `--listen`), the
+/// same way.
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct AuthOptions {
-    /// `--token`.
+    /// Bearer token every call to this server must carry (a service also sends it to the
+    /// registry and intercept service it calls). Default: the one in DATA_DIR/token,
+    /// generated on first start (mode 0600; the ready line names it as token=PATH).
+    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// `--token-file`.
+    /// Read the token from this file instead (it must belong to you or to root).
+    #[arg(long, env = "INTERPOSE_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
-    /// `--no-auth`.
+    /// Serve without a token (loopback only, and logged: every local user can then call the
+    /// API).
+    #[arg(long, conflicts_with_all = ["token", "token_file"])]
     pub no_auth: bool,
 }
 
@@ -126,9 +150,24 @@ impl ServerAuth {
 
 impl AuthOptions {
     /// Settles the token of a server listening on `listen` with its data in `data_dir`
-    /// (which must exist): the given token, else the given file, else the data directory's
-    /// own token file (generated when missing); none only with `--no-auth` on loopback.
+    /// (see [`AuthOptions::settle`]).
     pub fn resolve(self, listen: SocketAddr, data_dir: &Path) -> Result<ServerAuth, TokenError> {
+        self.settle("this server", listen, Some(data_dir))
+    }
+
+    /// Settles the token of server `what` listening on `listen`, the one way every server
+    /// does: `--no-auth` only on loopback (logged); else the given token, else the given
+    /// file, else `data_dir`'s own token file (generated when missing); with neither a token
+    /// nor a data directory the server refuses to start. `data_dir`, when given, is prepared
+    /// first ([`private::prepare_data_dir`]: refused when another user owns anything in it,
+    /// made private), and a token file there that other users could read is replaced by a
+    /// new token (logged): whoever read it must not keep access.
+    pub fn settle(
+        self,
+        what: &str,
+        listen: SocketAddr,
+        data_dir: Option<&Path>,
+    ) -> Result<ServerAuth, TokenError> {
         if self.no_auth {
             if self.token.is_some() || self.token_file.is_some() {
                 return Err(TokenError::Conflict);
@@ -136,7 +175,19 @@ impl AuthOptions {
             if !listen.ip().is_loopback() {
                 return Err(TokenError::NoAuthExposed(listen));
             }
-            tracing::warn!(%listen, "--no-auth: the management API accepts calls without a token from every local user");
+        }
+        if let Some(dir) = data_dir {
+            use std::os::unix::fs::MetadataExt;
+            // Seen before the data directory is made private, which tightens the file.
+            let exposed = fs::symlink_metadata(dir.join(TOKEN_FILE))
+                .is_ok_and(|m| m.is_file() && m.mode() & 0o077 != 0);
+            private::prepare_data_dir(dir)?;
+            if exposed {
+                replace(dir)?;
+            }
+        }
+        if self.no_auth {
+            tracing::warn!(%listen, "--no-auth: {what} accepts calls without a token from every local user");
             return Ok(ServerAuth::default());
         }
         if let Some(token) = self.token.filter(|t| !t.is_empty()) {
@@ -145,15 +196,75 @@ impl AuthOptions {
                 file: None,
             });
         }
-        let file = match self.token_file {
-            Some(f) => f,
-            None => load_or_create(data_dir)?,
+        let file = match (self.token_file, data_dir) {
+            (Some(f), _) => {
+                check_given_file(&f)?;
+                f
+            }
+            (None, Some(dir)) => load_or_create(dir)?,
+            (None, None) => return Err(TokenError::NoToken(what.to_string())),
         };
         Ok(ServerAuth {
             token: Some(read_file(&file)?),
             file: Some(file),
         })
     }
+}
+
+impl AuthOptions {
+    /// The token given (`--token`, else `--token-file`'s), for a process that only calls
+    /// servers with it; `None` when none was given.
+    pub fn client_token(&self) -> Result<Option<String>, TokenError> {
+        if let Some(t) = self.token.as_ref().filter(|t| !t.is_empty()) {
+            return Ok(Some(t.clone()));
+        }
+        match &self.token_file {
+            Some(f) => {
+                check_given_file(f)?;
+                read_file(f).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// Replaces `data_dir`'s token file by one with a new token: the old one was readable by
+/// other users, so whoever read it must lose access (logged as a warning).
+fn replace(data_dir: &Path) -> Result<(), TokenError> {
+    let path = data_dir.join(TOKEN_FILE);
+    let write_err = |source| TokenError::Write {
+        path: path.clone(),
+        source,
+    };
+    let tmp = data_dir.join(format!(".{TOKEN_FILE}.tmp.{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let token = generate().map_err(write_err)?;
+    private::write_new(&tmp, format!("{token}\n").as_bytes()).map_err(write_err)?;
+    fs::rename(&tmp, &path).map_err(write_err)?;
+    tracing::warn!(file = %path.display(), "the token file was readable by other users: replaced it with a new token (clients need the new one)");
+    Ok(())
+}
+
+/// A `--token-file` must belong to this user or to root: a file another user owns holds a
+/// token that user chose. One others can read is used, with a warning.
+fn check_given_file(path: &Path) -> Result<(), TokenError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).map_err(|source| TokenError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(TokenError::Foreign {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    if meta.mode() & 0o077 != 0 {
+        tracing::warn!(file = %path.display(), mode = format!("{:o}", meta.mode() & 0o7777), "the token file can be read by other users: make a new token and `chmod 600` its file");
+    }
+    Ok(())
 }
 
 /// Records in `data_dir` the URL a server started there serves on, so that clients send

@@ -200,9 +200,16 @@ pub struct Args {
     pub registry: Vec<String>,
     /// Optional gRPC listen address serving health, reflection and the CA service
     /// (`interpose ca export --server`); CONNECT to it is refused like CONNECT to the SOCKS
-    /// port.
+    /// port. It requires a token like every server (the ready line then ends with
+    /// grpc=ADDR, and token=PATH when the data directory's token is used).
     #[arg(long, value_parser = proto::serve::listen_addr)]
     pub listen: Option<SocketAddr>,
+    /// mTLS for --listen's gRPC API (the management CA in DATA_DIR/mtls).
+    #[command(flatten)]
+    pub grpc_tls: proto::mtls::ServerTlsArgs,
+    /// Bounds on streaming calls to --listen.
+    #[command(flatten)]
+    pub streams: proto::streams::StreamArgs,
     /// Data directory: the CA is kept (and created on first start) in its `ca` folder.
     /// Default: the user's data home, e.g. ~/.local/share/interpose, the same CA as
     /// `interpose up`.
@@ -212,9 +219,11 @@ pub struct Args {
     /// settings this proxy follows to hold and rewrite packets; without it nothing is held.
     #[arg(long, env = "INTERPOSE_INTERCEPT")]
     pub intercept: Option<String>,
-    /// Bearer token for the registry (and for --listen).
-    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// The token sent to the registry and intercept service and required on --listen (or
+    /// `--no-auth` for --listen), as every server takes it. With --listen and no token
+    /// given, the data directory's token (generated when missing) is both.
+    #[command(flatten)]
+    pub auth: proto::token::AuthOptions,
     /// The proxy's options.
     #[command(flatten)]
     pub proxy: ProxyArgs,
@@ -282,15 +291,39 @@ pub fn node_name() -> String {
 /// serving.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let dir = data_dir(args.data_dir.clone())?;
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    anyhow::ensure!(
+        args.listen.is_some() || !args.grpc_tls.grpc_tls,
+        "--grpc-tls is for the gRPC API of --listen: pass --listen ADDR too"
+    );
+    // The token of --listen is settled like every server's (which prepares the data
+    // directory); without --listen the data directory, which holds the CA key, is still
+    // refused when another user owns anything in it, and made private.
+    let served = match args.listen {
+        Some(addr) => {
+            let auth = args
+                .auth
+                .clone()
+                .settle("proxy-core --listen", addr, Some(&dir))?;
+            proto::serve::check_exposure(addr, auth.token.as_deref())?;
+            Some(auth)
+        }
+        None => {
+            proto::private::prepare_data_dir(&dir)?;
+            None
+        }
+    };
+    // What it sends to the registry and intercept service: the token it serves with, else
+    // the one given.
+    let token = match &served {
+        Some(auth) => auth.token.clone(),
+        None => args.auth.client_token()?,
+    };
     args.client_tls.install(Some(&dir))?;
     let splicer = args.proxy.tls_splice(&dir)?;
     let _ca_watch = splicer.watch_ca(CA_WATCH_EVERY);
     let mut refuse = Vec::new();
     let mut health = None;
     if let Some(addr) = args.listen {
-        proto::serve::check_exposure(addr, args.token.as_deref())?;
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding gRPC on {addr}"))?;
@@ -308,17 +341,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let cfg = args.proxy.config(
         args.registry.clone(),
-        args.token.clone(),
+        token,
         refuse,
         splicer.clone(),
         args.intercept.clone(),
     );
     let proxy = Proxy::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let health_task = health.map(|l| {
-        let mut server = proto::serve::GrpcServer::new(args.token.clone());
+    let mut ready_fields = String::new();
+    let mut health_task = None;
+    if let (Some(l), Some(auth)) = (health, &served) {
+        let addr = l.local_addr()?;
+        let mut server = proto::serve::GrpcServer::with_auth(auth, &args.streams);
+        let tls = proto::mtls::serve_tls(&mut server, &args.grpc_tls, Some(&dir), addr)?;
         server.add_service(CaService::server(splicer.clone()));
-        tokio::spawn(async move {
+        ready_fields = format!(" grpc={addr}{}{tls}", auth.ready_field());
+        health_task = Some(tokio::spawn(async move {
             if let Err(e) = server
                 .serve(l, async {
                     let _ = stop_rx.await;
@@ -327,12 +365,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             {
                 tracing::error!("gRPC health server: {e}");
             }
-        })
-    });
+        }));
+    }
     let stop = proto::serve::shutdown_signal();
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "ready proxy-core listen={}", proxy.socks_addr())?;
+        writeln!(
+            out,
+            "ready proxy-core listen={}{ready_fields}",
+            proxy.socks_addr()
+        )?;
         out.flush()?;
     }
     stop.await;

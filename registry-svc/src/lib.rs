@@ -55,8 +55,7 @@ pub fn open(
     store: &StoreArgs,
     history: &store::HistoryOptions,
 ) -> anyhow::Result<Arc<State>> {
-    proto::private::prepare_data_dir(data_dir)
-        .with_context(|| format!("preparing data directory {}", data_dir.display()))?;
+    proto::private::prepare_data_dir(data_dir)?;
     if let Some(url) = &store.store {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             anyhow::bail!(
@@ -153,13 +152,9 @@ pub struct Args {
     /// Where records and history are kept, if not in the data directory.
     #[command(flatten)]
     pub store: StoreArgs,
-    /// Bearer token every call must carry. Default: the one in DATA_DIR/token, generated
-    /// on first start.
-    #[arg(long, env = "INTERPOSE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Read the token from this file instead.
-    #[arg(long, env = "INTERPOSE_TOKEN_FILE", conflicts_with = "token")]
-    pub token_file: Option<PathBuf>,
+    /// Who may call: the token (or `--no-auth`), as every server takes it.
+    #[command(flatten)]
+    pub auth: proto::token::AuthOptions,
     /// How long a proxy node may have no ingest stream before its records still active are
     /// closed (closed by proxy, reason naming the node). A node that comes back as a new
     /// session (a restarted proxy) has them closed at once.
@@ -173,9 +168,9 @@ pub struct Args {
     /// (one that never starts a call is closed 10 s after it connects).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub grpc_idle_timeout: std::time::Duration,
-    /// Serve without a token (loopback only; every local user can then call the API).
-    #[arg(long, conflicts_with_all = ["token", "token_file"])]
-    pub no_auth: bool,
+    /// Bounds on streaming calls, as every server takes them.
+    #[command(flatten)]
+    pub streams: proto::streams::StreamArgs,
     /// The history's disk budget.
     #[command(flatten)]
     pub history: history_args::HistoryArgs,
@@ -205,23 +200,18 @@ fn report_history_health(state: &State, health: tonic_health::server::HealthRepo
 pub async fn run(args: Args) -> anyhow::Result<()> {
     proto::limits::raise_open_files();
     proto::limits::survive_file_size_limit();
-    // Refused before the data directory is touched.
-    if args.no_auth {
-        proto::serve::check_exposure(args.listen, None)?;
-    }
-    let state = open(&args.data_dir, &args.store, &args.history.options())?;
-    let auth = proto::token::AuthOptions {
-        token: args.token,
-        token_file: args.token_file,
-        no_auth: args.no_auth,
-    }
-    .resolve(args.listen, &args.data_dir)?;
+    // Settled first: `--no-auth` beyond loopback is refused before the data directory is
+    // touched, and a token file others could read is replaced before it is made private.
+    let auth = args
+        .auth
+        .settle("registry-svc", args.listen, Some(&args.data_dir))?;
     proto::serve::check_exposure(args.listen, auth.token.as_deref())?;
+    let state = open(&args.data_dir, &args.store, &args.history.options())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let mut server = GrpcServer::new(auth.token.clone());
+    let mut server = GrpcServer::with_auth(&auth, &args.streams);
     server
         .max_connection_age(args.grpc_max_age)
         .idle_timeout(args.grpc_idle_timeout);

@@ -497,7 +497,13 @@ async fn ca_export_and_regenerate_over_grpc() -> anyhow::Result<()> {
     assert_ne!(renewed, original);
     let out = interpose(
         &up.grpc,
-        &["ca", "export", "--out", pem_out.to_str().unwrap_or("")],
+        &[
+            "ca",
+            "export",
+            "--force",
+            "--out",
+            pem_out.to_str().unwrap_or(""),
+        ],
     )
     .await?;
     assert!(out.ok, "{}", out.stderr);

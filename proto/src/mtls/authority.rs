@@ -61,6 +61,12 @@ pub enum AuthorityError {
     /// Signing failed.
     #[error("generating a certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    /// The CA key belongs to another user, who could have planted it.
+    #[error(
+        "{path} belongs to user {owner}, not to user {me} running this process: refusing a \
+         management CA key another user could have planted"
+    )]
+    Foreign { path: PathBuf, owner: u32, me: u32 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AuthorityError + '_ {
@@ -125,6 +131,18 @@ impl Authority {
     }
 
     fn load(cert_path: &Path, key_path: &Path) -> Result<Self, AuthorityError> {
+        use std::os::unix::fs::MetadataExt;
+        let owner = fs::symlink_metadata(key_path)
+            .map_err(io_err(key_path))?
+            .uid();
+        let me = rustix::process::geteuid().as_raw();
+        if owner != me {
+            return Err(AuthorityError::Foreign {
+                path: key_path.to_owned(),
+                owner,
+                me,
+            });
+        }
         let cert_pem = fs::read_to_string(cert_path).map_err(io_err(cert_path))?;
         let key_pem = fs::read_to_string(key_path).map_err(io_err(key_path))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| AuthorityError::Corrupt {
@@ -306,7 +324,8 @@ pub fn write_client(
     let cert = out.join(format!("{name}-cert.pem"));
     let key = out.join(format!("{name}-key.pem"));
     for p in [&cert, &key] {
-        if p.exists() {
+        // A link counts as there, a dangling one too: nothing is written through it.
+        if fs::symlink_metadata(p).is_ok() {
             return Err(AuthorityError::Exists(p.clone()));
         }
     }

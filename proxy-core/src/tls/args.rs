@@ -26,7 +26,9 @@ pub struct TlsArgs {
     #[arg(long = "client-cert", value_name = "HOST=CERT,KEY", value_parser = parse_client_cert)]
     pub client_cert: Vec<ClientCertSpec>,
     /// Append NSS key-log lines (both legs) to this file, created with mode 0600, so
-    /// Wireshark can decrypt a raw capture of either leg.
+    /// Wireshark can decrypt a raw capture of either leg. A symbolic link is refused, and so
+    /// is an existing file another user owns or can read (its secrets may already be open
+    /// in their hands: remove it, or `chmod 600` it).
     #[arg(long = "keylog", value_name = "FILE")]
     pub keylog: Option<PathBuf>,
 }

@@ -9,7 +9,7 @@
 //!
 //! [`NssKeyLog`] writes NSS key-log lines (`--keylog FILE`) for both legs to one file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -70,6 +70,9 @@ pub enum UpstreamError {
     /// rustls rejected part of the configuration.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The key-log file cannot be used (a link, another user's, readable by others, ...).
+    #[error("--keylog: {0}")]
+    KeyLog(#[from] proto::out_file::OutFileError),
 }
 
 /// One `--client-cert HOST=CERT,KEY`: offer this certificate to matching upstream hosts.
@@ -443,7 +446,7 @@ impl Upstream {
 }
 
 /// `--keylog FILE`: NSS key-log lines (`LABEL <client_random hex> <secret hex>`) for both
-/// legs, appended to one file created with mode 0600.
+/// legs, appended to one private file (mode 0600, see [`NssKeyLog::open`]).
 pub struct NssKeyLog {
     path: PathBuf,
     file: Mutex<File>,
@@ -459,20 +462,12 @@ impl std::fmt::Debug for NssKeyLog {
 }
 
 impl NssKeyLog {
-    /// Opens (creating with mode 0600, appending) the key-log file.
+    /// Opens the key-log file for appending, creating it with mode 0600; never through a
+    /// symbolic link, and an existing file must be this user's and readable by nobody else
+    /// (see [`proto::out_file::append`]): it is refused rather than tightened, since anyone
+    /// who has it open already would go on reading the secrets.
     pub fn open(path: &Path) -> Result<NssKeyLog, UpstreamError> {
-        let mut opts = OpenOptions::new();
-        opts.append(true).create(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let file = opts.open(path).map_err(|source| UpstreamError::Io {
-            what: "key-log file",
-            path: path.to_owned(),
-            source,
-        })?;
+        let file = proto::out_file::append(path)?;
         tracing::warn!(file = %path.display(), "TLS session secrets of both legs are written to the key-log file");
         Ok(NssKeyLog {
             path: path.to_owned(),
