@@ -209,9 +209,11 @@ const commands = {
   /** Clicks the connection link of the first listed packet; returns the selected rows. */
   async followLink({ conn }) {
     await page.locator(`.pkt-row.row[data-conn="${conn}"] .conn-link`).first().click();
-    return until('the linked row selected', async () => {
+    // The link selects that row alone; waiting for exactly that (not "includes") keeps a
+    // render in between, with the tab's earlier selection still shown, from deciding it.
+    return until('the linked row selected alone', async () => {
       const sel = await page.locator('.conn-row.row.sel').evaluateAll((els) => els.map((e) => e.dataset.id));
-      return sel.includes(String(conn)) ? sel : undefined;
+      return sel.length === 1 && sel[0] === String(conn) ? sel : undefined;
     });
   },
   async setIntercept({ enabled, ports, direction }) {
