@@ -23,7 +23,12 @@ async fn servers_exit_cleanly_on_a_sigterm_sent_right_after_their_ready_line() -
 
         for svc in ["intercept-svc", "export-svc"] {
             let mut cmd = Command::new(bin(svc));
+            // A data directory of its own: the service generates its token there, as every
+            // server does without --token.
+            let data = tmp.path().join(format!("{svc}{round}"));
             cmd.args(["--listen", "127.0.0.1:0", "--registry", &registry])
+                .arg("--data-dir")
+                .arg(&data)
                 .env_remove("INTERPOSE_TOKEN");
             let log = tmp.path().join(format!("{svc}{round}.log"));
             let proc = Proc::start(cmd, log).await?;
