@@ -266,7 +266,7 @@ async fn turning_off_releases_every_held_packet_in_order() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    intercept_on(&up, &[]).await?;
+    intercept_on(&up, &["--direction", "c2s"]).await?;
     let c = client(s).await?;
     let mut watch = c
         .clone()
@@ -471,7 +471,7 @@ async fn held_edit_opens_the_editor_on_text_or_a_hex_dump() -> anyhow::Result<()
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    let (mut conn, _) = holding(&up, &[]).await?;
+    let (mut conn, _) = holding(&up, &["--direction", "c2s"]).await?;
     // Text: the editor (like most) ends the file with a newline; the packet had none.
     let text = script(
         dir.path(),

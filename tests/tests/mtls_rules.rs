@@ -163,7 +163,11 @@ async fn grpc_tls_speaks_only_tls_1_3_and_certifies_its_extra_names() -> R {
         .await?
         .err()
         .context("lab2.example is not certified")?;
-    assert!(err.to_string().contains("NotValidForName"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("certificate not valid for name \"lab2.example\""),
+        "{err}"
+    );
 
     // TLS 1.2 only, with the same certificate: no handshake.
     let tls12 = client(&ca, &cert, &key, &[&rustls::version::TLS12])?;
@@ -219,7 +223,11 @@ async fn server_and_client_certificates_cannot_stand_in_for_each_other() -> R {
         .await?
         .err()
         .context("a client certificate cannot serve")?;
-    assert!(err.to_string().contains("InvalidPurpose"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("certificate does not allow extended key usage for server authentication"),
+        "{err}"
+    );
     Ok(())
 }
 

@@ -70,7 +70,8 @@ async fn until(what: &str, cond: impl Fn() -> bool) {
 #[tokio::test]
 async fn stalled_lookups_hold_only_their_clients_share() {
     // A lookup bound far beyond the test's own steps: the stalled lookups are still pending
-    // throughout, however slow the machine (they are abandoned at the end, not awaited).
+    // throughout (until the resolver's own bound, two tries of 5 s, far beyond the few
+    // lookups checked meanwhile); they are abandoned at the end, not awaited.
     let (dns, _silent) = stalled(2, Duration::from_secs(600));
     let dns = std::sync::Arc::new(dns);
     let a: IpAddr = "127.0.0.1".parse().unwrap();
