@@ -102,14 +102,12 @@ async fn a_standalone_proxy_refuses_connect_to_its_intercept_service() -> R {
 /// Waits (far beyond the bound) until the proxy closes `s`; returns when.
 async fn closed_by_proxy(mut s: TcpStream) -> anyhow::Result<Instant> {
     let mut buf = [0u8; 64];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf))
-            .await
-            .context("the proxy never closed the stalled handshake")?
-        {
-            Ok(0) | Err(_) => return Ok(Instant::now()),
-            Ok(n) => anyhow::bail!("the proxy answered a stalled handshake: {:?}", &buf[..n]),
-        }
+    match tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf))
+        .await
+        .context("the proxy never closed the stalled handshake")?
+    {
+        Ok(0) | Err(_) => Ok(Instant::now()),
+        Ok(n) => anyhow::bail!("the proxy answered a stalled handshake: {:?}", &buf[..n]),
     }
 }
 

@@ -83,7 +83,9 @@ async fn a_stalled_name_server_does_not_starve_other_names() -> R {
         echo_through(socks, at("other.fast.test"), b"ping"),
         echo_through(socks, at("localhost"), b"ping"),
     );
-    (a?, b?, c?);
+    a?;
+    b?;
+    c?;
     assert!(
         slow.iter().all(|t| !t.is_finished()),
         "the fast names must be served during the stall, not after it"

@@ -552,7 +552,9 @@ mod tests {
         if usable > 0 {
             assert_eq!(got.expect("system roots").roots_len(), usable);
         } else {
-            let e = got.err().expect("no usable system roots is an error");
+            let Err(e) = got else {
+                panic!("no usable system roots must be an error");
+            };
             assert!(
                 e.to_string().contains(
                     "the system trust store has no usable roots (install ca-certificates)"
