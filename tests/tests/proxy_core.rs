@@ -466,12 +466,30 @@ async fn curl_socks5_hostname_works() -> R {
     assert_eq!(conns.dst_port, u32::from(http.port()));
     assert_eq!(conns.dst_ip, "127.0.0.1");
     assert_eq!(conns.closed_by, ClosedBy::Server as i32);
-    let h = tests::proxy::history(&mut rc, conns.id).await?;
-    let req = tests::proxy::direction_bytes(&h, Direction::C2s);
+    // The history arrives after the close: wait until it holds every counted byte.
+    let h = tests::eventually("curl's whole history", || {
+        let mut rc = rc.clone();
+        let c = conns.clone();
+        async move {
+            let h = tests::proxy::history(&mut rc, c.id).await?;
+            let (c2s, s2c) = (
+                tests::proxy::direction_bytes(&h, Direction::C2s),
+                tests::proxy::direction_bytes(&h, Direction::S2c),
+            );
+            let whole = c2s.len() as u64 == c.bytes_c2s && s2c.len() as u64 == c.bytes_s2c;
+            Ok(whole.then_some((c2s, s2c)))
+        }
+    })
+    .await?;
+    let (req, resp) = h;
     assert!(
         req.starts_with(b"GET /x HTTP/1.1\r\n"),
         "{:?}",
         String::from_utf8_lossy(&req)
+    );
+    assert_eq!(
+        resp,
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello through interpose\n"
     );
     // Client process lookup names curl.
     let c = wait_conn(&mut rc, conns.id, "named", |c| c.client_process.is_some()).await;
