@@ -46,24 +46,36 @@ fn help_lists_every_subcommand() {
 
 #[test]
 fn up_takes_every_proxy_flag() {
-    let out = interpose(&["up", "--help"]);
-    assert!(out.status.success());
-    let help = String::from_utf8_lossy(&out.stdout);
+    // Parsed, not grepped: clap reads the arguments in order, so `up FLAG [VALUE] --help`
+    // succeeds only when `up` knows FLAG and it takes a value exactly when one is given.
+    let unknown = interpose(&["up", "--no-such-flag", "--help"]);
+    assert!(!unknown.status.success(), "the check can fail");
     for flag in [
-        "--socks ",
-        "--node ",
-        "--history ",
-        "--socks-user ",
-        "--socks-pass ",
-        "--open-proxy",
-        "--queue-bound ",
-        "--upstream-ca ",
-        "--upstream-insecure",
-        "--passthrough ",
-        "--client-cert ",
-        "--keylog ",
+        &["--socks", "127.0.0.1:0"][..],
+        &["--node", "n"],
+        &["--history", "off"],
+        &["--socks-user", "u"],
+        &["--socks-pass", "p"],
+        &["--open-proxy"],
+        &["--queue-bound", "10"],
+        &["--upstream-ca", "/ca.pem"],
+        &["--upstream-insecure"],
+        &["--passthrough", "example.com"],
+        &["--client-cert", "example.com=/c.pem,/k.pem"],
+        &["--keylog", "/keys.log"],
     ] {
-        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+        let args: Vec<&str> = ["up"]
+            .iter()
+            .chain(flag)
+            .chain(&["--help"])
+            .copied()
+            .collect();
+        let out = interpose(&args);
+        assert!(
+            out.status.success(),
+            "{flag:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

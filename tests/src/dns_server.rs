@@ -1,6 +1,7 @@
 //! A tiny DNS server on 127.0.0.1 UDP for the resolver tests: names under `fast.test` get
 //! an A record 127.0.0.1 at once (and an empty answer for other types), names under
-//! `slow.test` are never answered (a stalled name server), anything else gets NXDOMAIN.
+//! `slow.test` are not answered (a stalled name server) until the test calls
+//! [`DnsServer::release`], anything else gets NXDOMAIN.
 
 use std::{
     collections::HashSet,
@@ -16,6 +17,8 @@ pub struct DnsServer {
     pub addr: SocketAddr,
     /// The `slow.test` names it was asked for (and did not answer).
     stalled: Arc<Mutex<HashSet<String>>>,
+    /// Tells the server to stop stalling.
+    release: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -26,14 +29,36 @@ impl DnsServer {
         let addr = sock.local_addr()?;
         let stalled = Arc::new(Mutex::new(HashSet::new()));
         let seen = stalled.clone();
+        let (release, mut released) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
-            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            // The stalled queries, answered (NXDOMAIN) on release.
+            let mut held: Vec<(Vec<u8>, String, u16, SocketAddr)> = Vec::new();
+            loop {
+                let stalling = !*released.borrow();
+                let (n, from) = tokio::select! {
+                    r = sock.recv_from(&mut buf) => match r {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    },
+                    r = released.changed(), if stalling => {
+                        if r.is_err() {
+                            return;
+                        }
+                        for (query, name, qtype, from) in held.drain(..) {
+                            let _ = sock.send_to(&answer(&query, &name, qtype), from).await;
+                        }
+                        continue;
+                    }
+                };
                 let Some((name, qtype, end)) = parse_query(&buf[..n]) else {
                     continue;
                 };
-                if name.ends_with("slow.test") {
-                    seen.lock().unwrap_or_else(|e| e.into_inner()).insert(name);
+                if stalling && name.ends_with("slow.test") {
+                    seen.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(name.clone());
+                    held.push((buf[..end].to_vec(), name, qtype, from));
                     continue;
                 }
                 let out = answer(&buf[..end], &name, qtype);
@@ -43,8 +68,15 @@ impl DnsServer {
         Ok(Self {
             addr,
             stalled,
+            release,
             task,
         })
+    }
+
+    /// Stops stalling: every `slow.test` query asked so far, and every later one, gets
+    /// NXDOMAIN.
+    pub fn release(&self) {
+        let _ = self.release.send(true);
     }
 
     /// How many distinct `slow.test` names it was asked for so far.

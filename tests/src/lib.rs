@@ -5,6 +5,7 @@
 pub mod bench_server;
 pub mod browser;
 pub mod dns_server;
+pub mod http;
 pub mod load;
 pub mod pki;
 pub mod proxy;
@@ -187,10 +188,8 @@ impl Proc {
     /// Sends signal `name` (e.g. "INT"), then waits at most [`WAIT`] for the process to
     /// exit; returns its success.
     pub async fn signal(mut self, name: &str) -> anyhow::Result<bool> {
-        if let Some(pid) = self.child.id() {
-            std::process::Command::new("kill")
-                .args([&format!("-{name}"), &pid.to_string()])
-                .status()?;
+        if self.child.id().is_some() {
+            self.send_signal(name)?;
         }
         let st = tokio::time::timeout(WAIT, self.child.wait())
             .await
@@ -198,10 +197,55 @@ impl Proc {
         Ok(st.success())
     }
 
+    /// Sends signal `name` (e.g. "STOP", which hangs it) without waiting for anything.
+    pub fn send_signal(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the process has exited")?;
+        let st = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(st.success(), "kill -{name} {pid}");
+        Ok(())
+    }
+
     /// The process's stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Every path under `root` (itself included) with its permission bits.
+fn modes(root: &Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).expect("stat");
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).expect("readdir") {
+                stack.push(e.expect("entry").path());
+            }
+        }
+        out.push((p.display().to_string(), meta.permissions().mode() & 0o7777));
+    }
+    out
+}
+
+/// Asserts that every folder under `root` (itself included) is 0700 and every file 0600.
+pub fn assert_private(root: &Path) {
+    let all = modes(root);
+    let loose: Vec<_> = all
+        .iter()
+        .filter(|(p, m)| {
+            let is_dir = Path::new(p).is_dir();
+            (is_dir && *m != 0o700) || (!is_dir && *m != 0o600)
+        })
+        .map(|(p, m)| format!("{p} {m:o}"))
+        .collect();
+    assert!(
+        loose.is_empty(),
+        "not private: {loose:?} (of {})",
+        all.len()
+    );
 }
 
 /// The token files of the servers the tests started, by gRPC URL: servers require a token by
@@ -359,6 +403,17 @@ pub async fn registry_client(
     Ok(RegistryClient::new(channel(url, token).await?).max_decoding_message_size(64 << 20))
 }
 
+/// The registry's connection statistics (`ConnectionStats`) at `url`.
+pub async fn connection_stats(
+    url: &str,
+) -> anyhow::Result<proto::registry::ConnectionStatsResponse> {
+    let mut client = registry_client(url, None).await?;
+    Ok(client
+        .connection_stats(proto::registry::ConnectionStatsRequest::default())
+        .await?
+        .into_inner())
+}
+
 /// A channel to `url` sending `token`, or (`None`) the token of the server the harness
 /// started at `url`, if any.
 pub async fn channel(url: &str, token: Option<&str>) -> anyhow::Result<AuthChannel> {
@@ -401,6 +456,49 @@ impl Up {
             proc,
             data_dir: data_dir.to_path_buf(),
         })
+    }
+}
+
+/// A standalone side service (`intercept-svc` or `export-svc`) on a free loopback port,
+/// in front of the registry at `registry`.
+pub struct Side {
+    pub proc: Proc,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+impl Side {
+    /// Starts `name` (`intercept-svc`, `export-svc`) with extra arguments; its log goes
+    /// into `dir`. It takes the registry's token (as `--token`) and wants it from its own
+    /// clients too, so the harness passes that token to clients of [`Side::url`].
+    pub async fn start(
+        name: &str,
+        dir: &Path,
+        registry: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_on(name, dir, "127.0.0.1:0", registry, extra).await
+    }
+
+    /// [`Side::start`] listening on `listen` (e.g. the address of one that was killed).
+    pub async fn start_on(
+        name: &str,
+        dir: &Path,
+        listen: &str,
+        registry: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin(name));
+        cmd.args(["--listen", listen, "--registry", registry])
+            .args(extra)
+            .env_remove("INTERPOSE_TOKEN");
+        if let Some(token) = self::token(registry) {
+            cmd.args(["--token", &token]);
+        }
+        let proc = Proc::start(cmd, dir.join(format!("{name}.log"))).await?;
+        let url = format!("http://{}", proc.addr("listen")?);
+        set_token_file(&url, token_file(registry));
+        Ok(Self { proc, url })
     }
 }
 

@@ -90,6 +90,7 @@ async fn read_until<T>(
     s: &mut TcpStream,
     buf: &mut Vec<u8>,
     parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, socks5::Socks5Error>,
+    bound: Duration,
 ) -> anyhow::Result<T> {
     loop {
         if let Some((m, n)) = parse(buf)? {
@@ -97,7 +98,7 @@ async fn read_until<T>(
             return Ok(m);
         }
         let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(WAIT, s.read(&mut byte))
+        let n = tokio::time::timeout(bound, s.read(&mut byte))
             .await
             .context("SOCKS reply timed out")??;
         if n == 0 {
@@ -109,10 +110,22 @@ async fn read_until<T>(
 
 /// Runs a SOCKS5 handshake on `stream` for `command` to `target`.
 pub async fn socks_request(
+    stream: TcpStream,
+    command: SocksCommand,
+    target: Addr,
+    auth: Option<(&str, &str)>,
+) -> anyhow::Result<SocksReply> {
+    socks_request_within(stream, command, target, auth, WAIT).await
+}
+
+/// [`socks_request`] waiting at most `bound` for the reply (for a test that keeps the
+/// proxy's answer pending on purpose, e.g. behind a stalled name server).
+pub async fn socks_request_within(
     mut stream: TcpStream,
     command: SocksCommand,
     target: Addr,
     auth: Option<(&str, &str)>,
+    bound: Duration,
 ) -> anyhow::Result<SocksReply> {
     let mut out = Vec::new();
     let method = if auth.is_some() {
@@ -157,7 +170,7 @@ pub async fn socks_request(
     );
     stream.write_all(&out).await?;
     let mut buf = Vec::new();
-    let r = read_until(&mut stream, &mut buf, socks5::parse_reply).await?;
+    let r = read_until(&mut stream, &mut buf, socks5::parse_reply, bound).await?;
     Ok(SocksReply {
         reply: r.reply,
         bound: r.bound,
@@ -200,6 +213,37 @@ pub async fn socks_connected(socks: SocketAddr, target: SocketAddr) -> anyhow::R
         bail!("SOCKS reply {:?}", r.reply);
     }
     Ok(r.stream)
+}
+
+/// CONNECTs through the proxy at `socks` to the echo server at `target`, sends `data`,
+/// half-closes, and checks the echo returns exactly `data` before it ends (bounded by
+/// [`WAIT`]).
+pub async fn echo_through(socks: SocketAddr, target: Addr, data: &[u8]) -> anyhow::Result<()> {
+    let r = socks_connect(socks, target.clone()).await?;
+    if r.reply != Reply::Succeeded {
+        bail!("{target:?}: SOCKS reply {:?}", r.reply);
+    }
+    let mut s = r.stream;
+    let (mut rd, mut wr) = s.split();
+    let send = async {
+        wr.write_all(data).await?;
+        wr.shutdown().await
+    };
+    let mut back = Vec::new();
+    let (sent, read) = tokio::time::timeout(WAIT, async {
+        tokio::join!(send, rd.read_to_end(&mut back))
+    })
+    .await
+    .context("the echo did not end in time")?;
+    sent?;
+    read?;
+    anyhow::ensure!(
+        back == data,
+        "{target:?}: the echo returned {} of {} bytes",
+        back.len(),
+        data.len()
+    );
+    Ok(())
 }
 
 /// A loopback TCP listener; `accept` hands out server-side streams.

@@ -5,7 +5,10 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, bail};
-use proto::common::{ConnStatus, Connection};
+use proto::{
+    common::{ConnStatus, Connection},
+    intercept::{HeldPacket, ListHeldRequest, intercept_client::InterceptClient},
+};
 use proxy_core::socks5::Addr;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::{
@@ -122,30 +125,77 @@ where
 
 /// Over a connection to an echo server through a proxy that is being told to hold packets
 /// (it follows intercept settings over a stream, so not at once): writes `probe` until one
-/// is not echoed within 300 ms, i.e. the proxy holds it (bounded by [`WAIT`]).
+/// is held, as intercept-svc at `intercept` (its gRPC URL) says; a probe that comes back
+/// echoed passed before the proxy had the setting, and the next one is sent. Returns the
+/// held packet (bounded by [`WAIT`]). The echo's silence is never taken for a hold.
 pub async fn probe_until_held<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     s: &mut S,
     probe: &[u8],
-) -> anyhow::Result<()> {
-    let start = std::time::Instant::now();
+    intercept: &str,
+) -> anyhow::Result<HeldPacket> {
+    let mut client = InterceptClient::new(crate::channel(intercept, None).await?);
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         s.write_all(probe).await?;
         s.flush().await?;
         let mut back = vec![0u8; probe.len()];
-        match tokio::time::timeout(
-            std::time::Duration::from_millis(300),
-            s.read_exact(&mut back),
-        )
-        .await
-        {
-            Ok(r) => {
-                r?;
-                anyhow::ensure!(back == probe, "the echo was not the probe");
+        let held = async {
+            loop {
+                let list = client
+                    .list_held(ListHeldRequest {})
+                    .await?
+                    .into_inner()
+                    .held;
+                if let Some(h) = list.into_iter().next() {
+                    return anyhow::Ok(h);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            Err(_) => return Ok(()),
+        };
+        // Either the probe is held (then no echo can come), or it passed and is echoed.
+        let outcome = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                h = held => h.map(Some),
+                r = s.read_exact(&mut back) => r.map(|_| None).map_err(anyhow::Error::from),
+            }
+        })
+        .await
+        .context("the proxy neither held nor passed the probe in time")??;
+        match outcome {
+            Some(h) => {
+                let data = h.packet.as_ref().map(|p| p.data.to_vec());
+                anyhow::ensure!(
+                    data.as_deref() == Some(probe),
+                    "held something else than the probe: {h:?}"
+                );
+                return Ok(h);
+            }
+            None => anyhow::ensure!(back == probe, "the echo was not the probe"),
         }
-        anyhow::ensure!(start.elapsed() < WAIT, "the proxy never held a packet");
     }
+}
+
+/// `intercept on ARGS` on `up`, then waits until its proxy holds packets (it follows the
+/// setting over a stream): a probe connection to an echo server sends until a packet is
+/// held (as intercept-svc says), which is then forwarded. `ARGS` must hold c2s packets to
+/// 127.0.0.1.
+pub async fn intercept_on(up: &Up, args: &[&str]) -> anyhow::Result<()> {
+    let mut on = vec!["intercept", "on"];
+    on.extend(args);
+    crate::interpose_ok(&up.grpc, &on).await?;
+    let server = serve(|mut s| async move { echo(&mut s).await }).await?;
+    let (mut probe, _) = through(up, Addr::Ip(server)).await?;
+    let held = probe_until_held(&mut probe, b"probe", &up.grpc).await?;
+    crate::interpose_ok(&up.grpc, &["held", "forward", &held.held_id.to_string()]).await?;
+    let mut back = [0u8; 5];
+    tokio::time::timeout(WAIT, probe.read_exact(&mut back))
+        .await
+        .context("the forwarded probe was not echoed")??;
+    anyhow::ensure!(
+        &back == b"probe",
+        "the forwarded probe came back as {back:?}"
+    );
+    Ok(())
 }
 
 /// Echoes what `s` reads until it ends (a TLS peer's missing close_notify included).

@@ -45,3 +45,29 @@ pub fn grpcurl() -> String {
     })
     .clone()
 }
+
+/// The variable a developer without some real client sets (to `1`) to skip the checks that
+/// need it; without it a missing client fails the test that names it (README, "Testing").
+pub const SKIP_MISSING_TOOLS: &str = "INTERPOSE_TEST_SKIP_MISSING_TOOLS";
+
+/// Whether [`SKIP_MISSING_TOOLS`] is set to `1`.
+pub fn skipping_missing_tools() -> bool {
+    std::env::var(SKIP_MISSING_TOOLS).is_ok_and(|v| v == "1")
+}
+
+/// The path of the real client `name` (curl, openssl, tshark) on PATH. A missing one fails
+/// the test (`.ci/run` installs it), unless [`SKIP_MISSING_TOOLS`]`=1`: then `None`, and the
+/// caller skips the checks that need it (saying so on stderr).
+pub fn required(name: &str) -> Option<PathBuf> {
+    if let Some(p) = on_path(name) {
+        return Some(p);
+    }
+    if skipping_missing_tools() {
+        eprintln!("{name} is not installed and {SKIP_MISSING_TOOLS}=1: skipping what needs it");
+        return None;
+    }
+    panic!(
+        "{name} is not installed: the tests drive the real {name} (.ci/run installs it with \
+         apt-get); set {SKIP_MISSING_TOOLS}=1 to skip what needs it"
+    );
+}

@@ -8,16 +8,13 @@
 
 use std::path::Path;
 
-use proto::{
-    common::ConnStatus,
-    registry::{ConnectionStatsRequest, ConnectionStatsResponse},
-};
+use proto::common::ConnStatus;
+use proxy_core::socks5::Addr;
 use tests::{
-    Up, eventually, interpose_ok,
-    proxy::{all_connections, direction_bytes, history, payload, socks_connected},
+    Up, connection_stats, eventually, interpose_ok,
+    proxy::{all_connections, direction_bytes, echo_through, history, payload},
     registry_client,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sets the soft file-size limit of process `pid` (`None`: unlimited).
 async fn set_file_size_limit(pid: u32, bytes: Option<u64>) -> anyhow::Result<()> {
@@ -38,14 +35,6 @@ fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-async fn stats(url: &str) -> anyhow::Result<ConnectionStatsResponse> {
-    let mut client = registry_client(url, None).await?;
-    Ok(client
-        .connection_stats(ConnectionStatsRequest::default())
-        .await?
-        .into_inner())
-}
-
 async fn history_health(url: &str) -> anyhow::Result<i32> {
     let ch = tests::channel(url, None).await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
@@ -56,31 +45,6 @@ async fn history_health(url: &str) -> anyhow::Result<i32> {
         .await?
         .into_inner()
         .status)
-}
-
-/// Sends `data` through the proxy to the echo server, reads it back, closes.
-async fn echo_through(
-    socks: std::net::SocketAddr,
-    echo: std::net::SocketAddr,
-    data: &[u8],
-) -> anyhow::Result<()> {
-    let mut s = socks_connected(socks, echo).await?;
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(data).await?;
-        w.shutdown().await
-    };
-    let mut back = Vec::new();
-    let (sent, read) = tokio::join!(send, r.read_to_end(&mut back));
-    sent?;
-    read?;
-    anyhow::ensure!(
-        back == data,
-        "echo returned {} of {} bytes",
-        back.len(),
-        data.len()
-    );
-    Ok(())
 }
 
 #[tokio::test]
@@ -101,7 +65,7 @@ async fn a_full_disk_stops_only_history_which_is_counted_and_resumes() -> anyhow
 
     // History first, so that the history log is far larger than sled's files: the limit
     // set at its size then stops history writes and nothing else.
-    echo_through(socks, echo, &payload(8 << 20, 1)).await?;
+    echo_through(socks, Addr::Ip(echo), &payload(8 << 20, 1)).await?;
     let log = data.join("registry").join("history").join("000001.seg");
     eventually("8 MiB each way in the history log", || async {
         Ok((file_len(&log) >= 16 << 20).then_some(()))
@@ -117,9 +81,9 @@ async fn a_full_disk_stops_only_history_which_is_counted_and_resumes() -> anyhow
     set_file_size_limit(pid, Some(limit)).await?;
 
     // The disk is "full": 25 connections, every record complete and closed.
-    let before = stats(&url).await?.history_packets;
+    let before = connection_stats(&url).await?.history_packets;
     for i in 0..25u8 {
-        echo_through(socks, echo, &payload(1000, i)).await?;
+        echo_through(socks, Addr::Ip(echo), &payload(1000, i)).await?;
     }
     let client = registry_client(&url, None).await?;
     eventually("26 complete records", || async {
@@ -135,7 +99,7 @@ async fn a_full_disk_stops_only_history_which_is_counted_and_resumes() -> anyhow
     })
     .await?;
     let full = eventually("the unwritten history counted", || async {
-        let s = stats(&url).await?;
+        let s = connection_stats(&url).await?;
         Ok((s.history_unwritten_packets >= 50).then_some(s))
     })
     .await?;
@@ -156,7 +120,7 @@ async fn a_full_disk_stops_only_history_which_is_counted_and_resumes() -> anyhow
     // Space returns: the next packets are recorded, with nothing else done.
     set_file_size_limit(pid, None).await?;
     let after = payload(3000, 99);
-    echo_through(socks, echo, &after).await?;
+    echo_through(socks, Addr::Ip(echo), &after).await?;
     let id = eventually("the record of the connection after", || async {
         let conns = all_connections(&mut client.clone()).await?;
         Ok(conns
@@ -174,7 +138,7 @@ async fn a_full_disk_stops_only_history_which_is_counted_and_resumes() -> anyhow
     })
     .await?;
     assert!(!packets.is_empty());
-    let s = stats(&url).await?;
+    let s = connection_stats(&url).await?;
     assert_eq!(s.history_failing, "", "{s:?}");
     assert_eq!(s.history_unwritten_packets, full.history_unwritten_packets);
     assert_eq!(history_health(&url).await?, SERVING);

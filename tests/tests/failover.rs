@@ -10,8 +10,11 @@ use std::{net::SocketAddr, path::Path};
 use anyhow::{Context, ensure};
 use proto::{
     client::AuthChannel,
-    common::{CloseKind, ClosedBy, ConnStatus, Direction},
-    intercept::{GetStatusRequest, intercept_client::InterceptClient},
+    common::{CloseKind, ClosedBy, ConnStatus, Direction, Packet},
+    intercept::{
+        ForwardRequest, GetStatusRequest, HoldRequest, InterceptConfig, ListHeldRequest,
+        SetConfigRequest, intercept_client::InterceptClient, verdict::Action,
+    },
     registry::registry_client::RegistryClient,
 };
 use tests::{
@@ -115,16 +118,6 @@ async fn dead_url() -> anyhow::Result<String> {
     Ok(format!("http://{}", l.local_addr()?))
 }
 
-/// Sends signal `name` to `proc` without waiting for it to end (`STOP` hangs it).
-fn signal(proc: &Proc, name: &str) -> anyhow::Result<()> {
-    let pid = proc.pid().context("the process is gone")?;
-    let st = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()?;
-    ensure!(st.success(), "kill -{name} {pid}");
-    Ok(())
-}
-
 /// Connections through a proxy whose registry `a` answers, then hangs (SIGSTOP: nothing
 /// more is acknowledged), then dies (SIGKILL), by phase.
 struct Phases {
@@ -142,7 +135,7 @@ impl Phases {
     async fn run(socks: SocketAddr, echo: SocketAddr, a: Registry) -> anyhow::Result<Self> {
         let before = Conn::whole(socks, echo, 3_000, 1).await?;
         assert_recorded(&mut a.client().await?, &before, "before").await?;
-        signal(&a.proc, "STOP")?;
+        a.proc.send_signal("STOP")?;
         let mut unacked = Vec::new();
         for i in 0..2 {
             unacked.push(Conn::whole(socks, echo, 5_000, 10 + i).await?);
@@ -389,5 +382,97 @@ async fn export_and_intercept_services_read_the_next_registry_when_the_first_is_
         }
     })
     .await?;
+    // ... and what it shows of a held packet's connection is B's record, as it changes.
+    client
+        .clone()
+        .set_config(SetConfigRequest {
+            config: Some(InterceptConfig {
+                enabled: true,
+                ..Default::default()
+            }),
+        })
+        .await?;
+    ingest
+        .send_durable(vec![events::open(2, 40002, "svc.example", 443)])
+        .await?;
+    let pending = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let req = HoldRequest {
+                node: "node-f".into(),
+                packet: Some(Packet {
+                    conn_id: 2,
+                    seq: 1,
+                    direction: Direction::C2s as i32,
+                    ts: Some(proto::time::now()),
+                    data: bytes::Bytes::from_static(b"held"),
+                    ..Default::default()
+                }),
+                dst_host: "svc.example".into(),
+                dst_port: 443,
+            };
+            anyhow::Ok(client.hold(req).await?.into_inner())
+        })
+    };
+    let held_conn = |want: ConnStatus| {
+        let client = client.clone();
+        async move {
+            tests::eventually("the held packet's record", || {
+                let mut client = client.clone();
+                async move {
+                    let held = client
+                        .list_held(ListHeldRequest {})
+                        .await?
+                        .into_inner()
+                        .held;
+                    Ok(held
+                        .into_iter()
+                        .find(|h| h.conn_status() == want)
+                        .map(|h| (h.closed_by(), h.close_reason)))
+                }
+            })
+            .await
+        }
+    };
+    held_conn(ConnStatus::Active).await?;
+    ingest
+        .send_durable(vec![events::close(
+            2,
+            ClosedBy::Server,
+            CloseKind::Fin,
+            "server sent FIN",
+        )])
+        .await?;
+    assert_eq!(
+        held_conn(ConnStatus::Disconnected).await?,
+        (ClosedBy::Server, "server sent FIN".to_string())
+    );
+    // Its verdict can no longer be relayed: intercept-svc says drop, naming why.
+    let mut client = client.clone();
+    let held = client
+        .list_held(ListHeldRequest {})
+        .await?
+        .into_inner()
+        .held;
+    let forwarded = client
+        .forward(ForwardRequest {
+            held_id: held[0].held_id,
+            replace: false,
+            data: Default::default(),
+        })
+        .await;
+    let err = forwarded.map(|_| ()).expect_err("the connection is closed");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .starts_with("connection 2 was closed by the server (server sent FIN)"),
+        "{}",
+        err.message()
+    );
+    let v = tokio::time::timeout(tests::WAIT, pending).await???;
+    assert_eq!(
+        (v.action(), v.reason.as_str()),
+        (Action::Drop, "connection_closed")
+    );
     Ok(())
 }

@@ -1,11 +1,8 @@
 //! The history's disk budget end to end: a real registry-svc with `--history-max-bytes`,
 //! fed through gRPC ingest as a proxy feeds it, inspected with `interpose conns stats`.
 
-use proto::{
-    common::Direction,
-    registry::{ConnectionStatsRequest, ConnectionStatsResponse, SearchHistoryRequest},
-};
-use tests::{Ingest, Registry, events, interpose, interpose_json};
+use proto::{common::Direction, registry::SearchHistoryRequest};
+use tests::{Ingest, Registry, connection_stats, events, interpose, interpose_json};
 
 /// 64 KiB: segments of 8 KiB, so packets of 4000 bytes fill one in three.
 const BUDGET: u64 = 64 * 1024;
@@ -40,14 +37,6 @@ async fn stored_seqs(reg: &Registry) -> anyhow::Result<Vec<u64>> {
     Ok(h.packets.iter().map(|p| p.seq).collect())
 }
 
-async fn stats(reg: &Registry) -> anyhow::Result<ConnectionStatsResponse> {
-    let mut client = reg.client().await?;
-    Ok(client
-        .connection_stats(ConnectionStatsRequest::default())
-        .await?
-        .into_inner())
-}
-
 /// Checks that the history is the newest packets up to at least `acked`, oldest evicted
 /// first and each evicted packet counted once; returns the first seq kept.
 async fn check_kept(reg: &Registry, acked: u64) -> anyhow::Result<u64> {
@@ -63,7 +52,7 @@ async fn check_kept(reg: &Registry, acked: u64) -> anyhow::Result<u64> {
         (first..=last).collect::<Vec<_>>(),
         "no gap: oldest first"
     );
-    let s = stats(reg).await?;
+    let s = connection_stats(&reg.url).await?;
     assert_eq!(
         s.history_packets,
         seqs.len() as u64,
@@ -95,7 +84,7 @@ async fn eviction_keeps_the_newest_history_within_the_budget_reports_it_and_surv
             .await?;
     }
     let first = check_kept(&reg, 40).await?;
-    let s = stats(&reg).await?;
+    let s = connection_stats(&reg.url).await?;
     assert!(first > 1, "something was evicted");
     assert_eq!(s.history_bytes, (41 - first) * PACKET as u64);
     assert!(
@@ -184,18 +173,28 @@ async fn sigkill_during_eviction_loses_nothing_acknowledged_and_leaves_no_dangli
                 seq += 2;
             }
         };
-        // Enough acknowledged to evict, then a little more, different each round, so the
-        // kill lands at different points of the work.
-        let enough = async {
-            while acked.get() < next + 20 {
+        // The kill lands while the registry evicts: this registry has evicted (its count
+        // grew since it started) and goes on acknowledging batches, each of which evicts
+        // again; a different number of batches each round, so the kill lands at different
+        // points of the work.
+        let evicted_at_start = connection_stats(&reg.url).await?.history_evicted_packets;
+        let evicting = async {
+            let mut since = None;
+            loop {
+                let s = connection_stats(&reg.url).await?;
+                if since.is_none() && s.history_evicted_packets > evicted_at_start {
+                    since = Some(acked.get());
+                }
+                if since.is_some_and(|at| acked.get() >= at + 2 * (round + 1)) {
+                    return anyhow::Ok(());
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50 + 100 * round)).await;
         };
         tokio::select! {
             e = sending => anyhow::bail!("ingest failed: {e:#}"),
-            done = tokio::time::timeout(std::time::Duration::from_secs(30), enough) => {
-                done.map_err(|_| anyhow::anyhow!("20 packets not acknowledged in 30 s"))?;
+            done = tokio::time::timeout(tests::WAIT, evicting) => {
+                done.map_err(|_| anyhow::anyhow!("no eviction under ingest in {:?}", tests::WAIT))??;
             }
         }
         reg.proc.kill().await;
@@ -207,7 +206,7 @@ async fn sigkill_during_eviction_loses_nothing_acknowledged_and_leaves_no_dangli
         let reg = start(&data).await?;
         let first = check_kept(&reg, acked).await?;
         assert!(first > 1);
-        let s = stats(&reg).await?;
+        let s = connection_stats(&reg.url).await?;
         assert!(
             s.history_bytes <= BUDGET + 2 * SEGMENT,
             "{}",
@@ -300,7 +299,7 @@ async fn purge_deletes_what_it_is_asked_to_and_says_what_it_removed() -> anyhow:
     let out = interpose(&reg.url, &["history", "purge", "--all"]).await?;
     let line = format!("purged 1 packet(s), {PACKET} bytes; ");
     assert!(out.stdout.starts_with(&line), "{}", out.stdout);
-    let s = stats(&reg).await?;
+    let s = connection_stats(&reg.url).await?;
     assert_eq!((s.history_bytes, s.history_packets), (0, 0));
     assert_eq!(s.history_purged_packets, 7);
     assert_eq!(s.history_purged_bytes, 4 * PACKET as u64 + 3 * 4);
@@ -371,7 +370,7 @@ async fn stop_at_the_budget_keeps_the_oldest_and_counts_what_it_refused() -> any
     }
     // 16,000 bytes hold four packets of 4000; the fifth and sixth are refused.
     assert_eq!(stored_seqs(&reg).await?, [1, 2, 3, 4]);
-    let s = stats(&reg).await?;
+    let s = connection_stats(&reg.url).await?;
     assert_eq!(
         (s.history_refused_packets, s.history_refused_bytes),
         (2, 8000)

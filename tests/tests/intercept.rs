@@ -1,9 +1,10 @@
-//! intercept-svc end to end: real `interpose up` and `intercept-svc` processes, the CLI as a
-//! user runs it, and the proxy side either as a gRPC client calling `Hold` exactly as a proxy
-//! does or as proxy-core's own [`Holder`]. (The relay's hold point is wired separately; these
-//! tests cover the service, the CLI and the proxy-side module.)
+//! intercept-svc end to end: real `interpose up` and `intercept-svc` processes and the CLI as
+//! a user runs it. Where `up` runs, packets come from real connections through its proxy; a
+//! standalone intercept-svc with no proxy gets `Hold` calls made exactly as a proxy makes
+//! them, and proxy-core's own [`Holder`] is driven directly where its own counters (calls
+//! made, configs seen) are what is checked.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, path::Path};
 
 use anyhow::Context;
 use base64::Engine;
@@ -16,12 +17,15 @@ use proto::{
     },
 };
 use proxy_core::hold::{Check, ConnMeta, Decision, FaultPolicy, Holder};
+use proxy_core::socks5::Addr;
 use serde_json::Value;
 use tests::{
-    Ingest, Proc, Registry, Up, WAIT, bin, events, eventually, held_list, interpose,
+    Ingest, Registry, Side, Up, WAIT, bin, events, eventually, held_list, interpose,
     interpose_columns, interpose_json, interpose_ok,
+    proxy::read_n,
+    tls::{disconnected, intercept_on, through, wait_record},
 };
-use tokio::{process::Command, task::JoinHandle};
+use tokio::{io::AsyncWriteExt, net::TcpStream, process::Command, task::JoinHandle};
 
 type Client = InterceptClient<AuthChannel>;
 
@@ -64,25 +68,54 @@ fn id_of(v: &Value) -> String {
     v["held_id"].to_string()
 }
 
-/// A standalone intercept-svc.
+/// A standalone intercept-svc on `listen` and its address.
 async fn intercept_svc(
     dir: &Path,
     listen: &str,
     registry: &str,
     extra: &[&str],
-) -> anyhow::Result<(Proc, SocketAddr)> {
-    let mut cmd = Command::new(bin("intercept-svc"));
-    cmd.args(["--listen", listen, "--registry", registry])
-        .args(extra)
-        .env_remove("INTERPOSE_TOKEN");
-    // intercept-svc takes the registry's token, and wants it from its own clients too.
-    if let Some(token) = tests::token(registry) {
-        cmd.args(["--token", &token]);
-    }
-    let proc = Proc::start(cmd, dir.join("intercept.log")).await?;
-    let addr = proc.addr("listen")?;
-    tests::set_token_file(&format!("http://{addr}"), tests::token_file(registry));
-    Ok((proc, addr))
+) -> anyhow::Result<(Side, SocketAddr)> {
+    let svc = Side::start_on("intercept-svc", dir, listen, registry, extra).await?;
+    let addr = svc.proc.addr("listen")?;
+    Ok((svc, addr))
+}
+
+/// `up` with intercept on for `args` (c2s to 127.0.0.1), its proxy known to hold (a probe
+/// was held and forwarded), and a connection through that proxy to an echo server: the
+/// stream, its record ID.
+async fn holding(up: &Up, args: &[&str]) -> anyhow::Result<(TcpStream, u64)> {
+    intercept_on(up, args).await?;
+    let echo = tests::proxy::echo_server().await?;
+    let (conn, port) = through(up, Addr::Ip(echo)).await?;
+    let rec = wait_record(up, "for the connection", |c| c.src_port == u32::from(port)).await?;
+    Ok((conn, rec.id))
+}
+
+/// Writes `data` on `conn`: the proxy holds it; returns its entry in `held list --json`.
+async fn send_held(up: &Up, conn: &mut TcpStream, data: &[u8]) -> anyhow::Result<Value> {
+    conn.write_all(data).await?;
+    let list = held_list(&up.grpc, 1).await?;
+    Ok(list[0].clone())
+}
+
+/// The c2s packets of connection `id` once it is closed and its history has `n` of them:
+/// (bytes sent, bytes received when edited, dropped).
+async fn c2s_history(up: &Up, id: u64, n: usize) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>, bool)>> {
+    wait_record(up, "closed", |c| c.id == id && disconnected(c)).await?;
+    let rc = tests::registry_client(&up.grpc, None).await?;
+    eventually(&format!("{n} c2s packets in the history"), || {
+        let mut rc = rc.clone();
+        async move {
+            let h = tests::proxy::history(&mut rc, id).await?;
+            let c2s: Vec<_> = h
+                .into_iter()
+                .filter(|p| p.direction == Direction::C2s as i32)
+                .map(|p| (p.data.to_vec(), p.original.to_vec(), p.dropped))
+                .collect();
+            Ok((c2s.len() == n).then_some(c2s))
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -92,39 +125,31 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
     let s = up.grpc.as_str();
     let out = interpose_ok(s, &["intercept", "on", "--direction", "c2s"]).await?;
     assert!(out.contains("intercept on: direction c2s"), "{out}");
-    let c = client(s).await?;
-    let cases: Vec<(Vec<&str>, Action, bool, Vec<u8>)> = vec![
-        (vec![], Action::Forward, false, vec![]),
+    let (mut conn, id) = holding(&up, &["--direction", "c2s"]).await?;
+    let cases: Vec<(Vec<&str>, Vec<u8>)> = vec![
+        (vec![], b"hello world".to_vec()),
         (
             vec!["--replace-text", "a much longer packet than before"],
-            Action::Forward,
-            true,
             b"a much longer packet than before".to_vec(),
         ),
-        (
-            vec!["--replace-text", "x"],
-            Action::Forward,
-            true,
-            b"x".to_vec(),
-        ),
-        (vec!["--replace-text", ""], Action::Forward, true, vec![]),
+        (vec!["--replace-text", "x"], b"x".to_vec()),
+        (vec!["--replace-text", ""], vec![]),
         (
             vec!["--replace-hex", "00ff0041 00"],
-            Action::Forward,
-            true,
             vec![0, 0xff, 0, 0x41, 0],
         ),
     ];
-    for (i, (args, action, replaced, data)) in cases.into_iter().enumerate() {
-        let pending = hold(&c, 1, i as u64 + 1, b"hello world");
-        let list = held_list(s, 1).await?;
-        assert_eq!(list[0]["conn_id"], 1);
-        assert_eq!(list[0]["direction"], "c2s");
-        assert_eq!(list[0]["len"], 11);
-        assert_eq!(list[0]["conn_status"], "active");
-        assert_eq!(list[0]["closed_by"], Value::Null);
+    // What the history must say of each c2s packet: (sent, received when edited, dropped).
+    let mut expected: Vec<(Vec<u8>, Vec<u8>, bool)> = Vec::new();
+    for (i, (args, data)) in cases.into_iter().enumerate() {
+        let held = send_held(&up, &mut conn, b"hello world").await?;
+        assert_eq!(held["conn_id"], id);
+        assert_eq!(held["direction"], "c2s");
+        assert_eq!(held["len"], 11);
+        assert_eq!(held["conn_status"], "active");
+        assert_eq!(held["closed_by"], Value::Null);
         assert_eq!(
-            list[0]["data_b64"],
+            held["data_b64"],
             base64::engine::general_purpose::STANDARD.encode("hello world")
         );
         if i == 0 {
@@ -149,62 +174,66 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
                 out.stdout
             );
         }
-        let id = id_of(&list[0]);
-        let mut cmd = vec!["held", "forward", id.as_str()];
+        let held_id = id_of(&held);
+        let mut cmd = vec!["held", "forward", held_id.as_str()];
         cmd.extend(args);
         interpose_ok(s, &cmd).await?;
-        let v = verdict(pending).await?;
-        assert_eq!(
-            (v.action(), v.replaced, &v.data[..], v.reason.as_str()),
-            (action, replaced, &data[..], "user")
-        );
+        // The server gets exactly the verdict's bytes (nothing, for an empty replacement:
+        // the next packet's echo would show any of them).
+        if !data.is_empty() {
+            assert_eq!(read_n(&mut conn, data.len()).await?, data);
+        }
+        let original = if data == b"hello world" {
+            vec![]
+        } else {
+            b"hello world".to_vec()
+        };
+        expected.push((data, original, false));
     }
     // A replacement file of binary bytes.
     let file = dir.path().join("r.bin");
     std::fs::write(&file, b"\0\x01\x02\0")?;
-    let pending = hold(&c, 1, 10, b"abc");
-    let id = id_of(&held_list(s, 1).await?[0]);
+    let held_id = id_of(&send_held(&up, &mut conn, b"abc").await?);
     interpose_ok(
         s,
         &[
             "held",
             "forward",
-            &id,
+            &held_id,
             "--replace-file",
             file.to_str().context("path")?,
         ],
     )
     .await?;
-    assert_eq!(verdict(pending).await?.data, &b"\0\x01\x02\0"[..]);
+    assert_eq!(read_n(&mut conn, 4).await?, b"\0\x01\x02\0");
+    expected.push((b"\0\x01\x02\0".to_vec(), b"abc".to_vec(), false));
     // Drop.
-    let pending = hold(&c, 1, 11, b"secret");
-    let id = id_of(&held_list(s, 1).await?[0]);
+    let held_id = id_of(&send_held(&up, &mut conn, b"secret").await?);
     assert_eq!(
-        interpose_ok(s, &["held", "drop", &id]).await?.trim(),
-        format!("dropped held packet {id}")
+        interpose_ok(s, &["held", "drop", &held_id]).await?.trim(),
+        format!("dropped held packet {held_id}")
     );
-    let v = verdict(pending).await?;
-    assert_eq!(v.action(), Action::Drop);
+    expected.push((vec![], b"secret".to_vec(), true));
     // The ID is gone now: a clear error, non-zero exit.
-    let again = interpose(s, &["held", "drop", &id]).await?;
+    let again = interpose(s, &["held", "drop", &held_id]).await?;
     assert!(!again.ok);
     assert!(
         again
             .stderr
-            .contains(&format!("no held packet with ID {id}")),
+            .contains(&format!("no held packet with ID {held_id}")),
         "{}",
         again.stderr
     );
     assert_eq!(again.stderr.trim().lines().count(), 1, "{}", again.stderr);
     // A replacement beyond 4 MiB is refused and the packet stays held.
-    let pending = hold(&c, 1, 12, b"big");
-    let id: u64 = held_list(s, 1).await?[0]["held_id"]
+    let c = client(s).await?;
+    let held_id = send_held(&up, &mut conn, b"big").await?["held_id"]
         .as_u64()
         .context("id")?;
     let err = c
         .clone()
         .forward(ForwardRequest {
-            held_id: id,
+            held_id,
             replace: true,
             data: vec![b'a'; MAX_REPLACEMENT + 1].into(),
         })
@@ -212,15 +241,23 @@ async fn forward_as_is_edited_any_length_and_drop() -> anyhow::Result<()> {
         .expect_err("oversized replacement");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("4194304"), "{}", err.message());
+    assert_eq!(held_list(s, 1).await?[0]["held_id"], held_id);
     let big = vec![b'b'; MAX_REPLACEMENT];
     c.clone()
         .forward(ForwardRequest {
-            held_id: id,
+            held_id,
             replace: true,
             data: big.clone().into(),
         })
         .await?;
-    assert_eq!(verdict(pending).await?.data, big);
+    // After the dropped "secret", the next bytes the server echoes are the 4 MiB.
+    assert!(
+        read_n(&mut conn, big.len()).await? == big,
+        "the 4 MiB replacement"
+    );
+    expected.push((big, b"big".to_vec(), false));
+    drop(conn);
+    assert!(c2s_history(&up, id, expected.len()).await? == expected);
     Ok(())
 }
 
@@ -229,26 +266,28 @@ async fn turning_off_releases_every_held_packet_in_order() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    interpose_ok(s, &["intercept", "on"]).await?;
+    intercept_on(&up, &["--direction", "c2s"]).await?;
     let c = client(s).await?;
     let mut watch = c
         .clone()
         .watch_held(WatchHeldRequest {})
         .await?
         .into_inner();
-    let mut pending = Vec::new();
-    for seq in 1..=3 {
-        pending.push(hold(&c, 7, seq, format!("p{seq}").as_bytes()));
-        held_list(s, seq as usize).await?;
+    // One direction of a connection waits while its packet is held: three connections.
+    let echo = tests::proxy::echo_server().await?;
+    let mut conns = Vec::new();
+    let mut ids = Vec::new();
+    for k in 1..=3 {
+        let (mut conn, _) = through(&up, Addr::Ip(echo)).await?;
+        conn.write_all(format!("p{k}").as_bytes()).await?;
+        let list = held_list(s, k).await?;
+        ids.push(list[k - 1]["held_id"].as_u64().context("held_id")?);
+        conns.push(conn);
     }
     let out = interpose_ok(s, &["intercept", "off"]).await?;
     assert!(out.contains("intercept off"), "{out}");
-    for p in pending {
-        let v = verdict(p).await?;
-        assert_eq!(
-            (v.action(), v.replaced, v.reason.as_str()),
-            (Action::Forward, false, "intercept_off")
-        );
+    for (k, conn) in conns.iter_mut().enumerate() {
+        assert_eq!(read_n(conn, 2).await?, format!("p{}", k + 1).as_bytes());
     }
     let mut removed = Vec::new();
     while removed.len() < 3 {
@@ -259,14 +298,16 @@ async fn turning_off_releases_every_held_packet_in_order() -> anyhow::Result<()>
             removed.push(ev.held_id);
         }
     }
-    assert_eq!(removed, [1, 2, 3]);
+    assert_eq!(removed, ids, "released oldest first");
     assert!(held_list(s, 0).await?.is_empty());
     let status = interpose_json(s, &["intercept", "status", "--json"]).await?;
     assert_eq!(status["enabled"], false);
     assert_eq!(status["released_by_off"], 3);
-    // Off: a Hold is answered at once.
-    let v = verdict(hold(&c, 7, 9, b"x")).await?;
-    assert_eq!(v.reason, "intercept_off");
+    // Off: packets pass at once (the proxy follows the setting; nothing is held again).
+    for conn in &mut conns {
+        assert_eq!(tests::tls::round_trip(conn, b"free").await?, b"free");
+    }
+    assert!(held_list(s, 0).await?.is_empty());
     Ok(())
 }
 
@@ -307,19 +348,32 @@ async fn a_hold_timeout_forwards_unmodified() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    interpose_ok(s, &["intercept", "on", "--timeout", "1"]).await?;
-    let c = client(s).await?;
-    let started = std::time::Instant::now();
-    let v = verdict(hold(&c, 3, 1, b"wait")).await?;
-    let took = started.elapsed();
-    assert_eq!(
-        (v.action(), v.replaced, v.reason.as_str()),
-        (Action::Forward, false, "timeout")
-    );
-    assert!(took >= Duration::from_millis(900), "{took:?}");
+    interpose_ok(
+        s,
+        &["intercept", "on", "--direction", "c2s", "--timeout", "1"],
+    )
+    .await?;
+    let echo = tests::proxy::echo_server().await?;
+    let (mut conn, port) = through(&up, Addr::Ip(echo)).await?;
+    // Held (as intercept-svc says), then nobody decides: the timeout forwards it as is.
+    tests::tls::probe_until_held(&mut conn, b"wait", s).await?;
+    assert_eq!(read_n(&mut conn, 4).await?, b"wait");
     let status = interpose_json(s, &["intercept", "status", "--json"]).await?;
     assert_eq!(status["timed_out"], 1);
     assert_eq!(status["held"], 0);
+    drop(conn);
+    let rec = wait_record(&up, "closed", |c| {
+        c.src_port == u32::from(port) && disconnected(c)
+    })
+    .await?;
+    let mut rc = tests::registry_client(s, None).await?;
+    let h = tests::proxy::history(&mut rc, rec.id).await?;
+    let last = h
+        .iter()
+        .rfind(|p| p.direction == Direction::C2s as i32)
+        .map(|p| (p.data.to_vec(), p.original.to_vec(), p.dropped));
+    // The last c2s packet is the one that waited: forwarded unmodified.
+    assert_eq!(last, Some((b"wait".to_vec(), vec![], false)));
     Ok(())
 }
 
@@ -401,13 +455,7 @@ async fn edit_with(server: &str, id: &str, script: &Path) -> anyhow::Result<test
     if let Some(file) = tests::token_file(server) {
         cmd.env("INTERPOSE_TOKEN_FILE", file);
     }
-    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
-    let out = tokio::time::timeout(WAIT, cmd.output()).await??;
-    Ok(tests::Output {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    tests::output(cmd).await
 }
 
 fn script(dir: &Path, name: &str, body: &str) -> anyhow::Result<std::path::PathBuf> {
@@ -423,21 +471,17 @@ async fn held_edit_opens_the_editor_on_text_or_a_hex_dump() -> anyhow::Result<()
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("d"), &[]).await?;
     let s = up.grpc.as_str();
-    interpose_ok(s, &["intercept", "on"]).await?;
-    let c = client(s).await?;
+    let (mut conn, _) = holding(&up, &["--direction", "c2s"]).await?;
     // Text: the editor (like most) ends the file with a newline; the packet had none.
     let text = script(
         dir.path(),
         "text.sh",
         r#"printf 'GET /admin HTTP/1.1\n' > "$1""#,
     )?;
-    let pending = hold(&c, 1, 1, b"GET / HTTP/1.1");
-    let id = id_of(&held_list(s, 1).await?[0]);
+    let id = id_of(&send_held(&up, &mut conn, b"GET / HTTP/1.1").await?);
     let out = edit_with(s, &id, &text).await?;
     assert!(out.ok, "{}", out.stderr);
-    let v = verdict(pending).await?;
-    assert!(v.replaced);
-    assert_eq!(v.data, &b"GET /admin HTTP/1.1"[..]);
+    assert_eq!(read_n(&mut conn, 19).await?, b"GET /admin HTTP/1.1");
     // Binary: a hex dump; the script turns the second byte into 41 and appends 00 42.
     let hex = script(
         dir.path(),
@@ -446,21 +490,19 @@ async fn held_edit_opens_the_editor_on_text_or_a_hex_dump() -> anyhow::Result<()
 sed -i 's/^00000000: 00 ff/00000000: 00 41/' "$1"
 echo '00 42' >> "$1""#,
     )?;
-    let pending = hold(&c, 1, 2, b"\0\xff\x01");
-    let id = id_of(&held_list(s, 1).await?[0]);
+    let id = id_of(&send_held(&up, &mut conn, b"\0\xff\x01").await?);
     let out = edit_with(s, &id, &hex).await?;
     assert!(out.ok, "{}", out.stderr);
-    assert_eq!(verdict(pending).await?.data, &b"\0\x41\x01\0\x42"[..]);
+    assert_eq!(read_n(&mut conn, 5).await?, b"\0\x41\x01\0\x42");
     // A failing editor leaves the packet held.
     let fail = script(dir.path(), "fail.sh", "exit 3")?;
-    let pending = hold(&c, 1, 3, b"keep");
-    let id = id_of(&held_list(s, 1).await?[0]);
+    let id = id_of(&send_held(&up, &mut conn, b"keep").await?);
     let out = edit_with(s, &id, &fail).await?;
     assert!(!out.ok);
     assert!(out.stderr.contains("still held"), "{}", out.stderr);
-    assert_eq!(held_list(s, 1).await?.len(), 1);
+    assert_eq!(id_of(&held_list(s, 1).await?[0]), id);
     interpose_ok(s, &["held", "forward", &id]).await?;
-    assert!(!verdict(pending).await?.replaced);
+    assert_eq!(read_n(&mut conn, 4).await?, b"keep");
     Ok(())
 }
 
@@ -621,19 +663,16 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
     );
     let kill = async {
         held_list(&url, 1).await?;
-        let killed = std::time::Instant::now();
-        svc.kill().await;
-        anyhow::Ok(killed)
+        svc.proc.kill().await;
+        anyhow::Ok(())
     };
+    // The hold ends with the policy's decision once the service is gone (not with its own
+    // timeout, which is far away: the setting has none).
     let (decision, killed) = tokio::join!(pending, kill);
-    let took = killed?.elapsed();
+    killed?;
     assert_eq!(
         decision.context("no decision")?,
         Decision::NotHeld(bytes::Bytes::from_static(b"held"))
-    );
-    assert!(
-        took < Duration::from_secs(3),
-        "policy applied after {took:?}"
     );
     assert_eq!(holder.stats().not_held, 1);
     // Unreachable: nothing is held, and a hold that races the config follows the policy in
@@ -642,17 +681,14 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
         Ok((holder.wants(&META, Direction::C2s, b"x") == Check::Pass).then_some(()))
     })
     .await?;
-    let started = std::time::Instant::now();
     assert_eq!(
-        holder
-            .hold(&META, 2, Direction::C2s, bytes::Bytes::from_static(b"z"))
-            .await,
+        tokio::time::timeout(
+            WAIT,
+            holder.hold(&META, 2, Direction::C2s, bytes::Bytes::from_static(b"z"))
+        )
+        .await
+        .context("no decision")?,
         Decision::NotHeld(bytes::Bytes::from_static(b"z"))
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
     );
     // A restarted service (intercept off until told otherwise) is picked up again.
     let (_svc2, _) = intercept_svc(dir.path(), &addr.to_string(), &reg.url, &[]).await?;
@@ -697,8 +733,8 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
 /// Writes `probe` until the proxy holds one (it follows the settings over a stream), which is
 /// then the one held packet; returns its held ID.
 async fn hold_a_probe(s: &mut tokio::net::TcpStream, url: &str) -> anyhow::Result<String> {
-    tests::tls::probe_until_held(s, b"probe").await?;
-    Ok(id_of(&held_list(url, 1).await?[0]))
+    let held = tests::tls::probe_until_held(s, b"probe", url).await?;
+    Ok(held.held_id.to_string())
 }
 
 #[tokio::test]
@@ -721,14 +757,12 @@ async fn a_real_proxy_forwards_its_held_packet_when_intercept_svc_dies_and_holds
     let mut s = tests::proxy::socks_connected(proxy.socks, server).await?;
     hold_a_probe(&mut s, &url).await?;
 
-    // SIGKILL with the packet held: the fault policy (forward) releases it at once.
-    let killed = std::time::Instant::now();
-    svc.kill().await;
+    // SIGKILL with the packet held: the fault policy (forward) releases it (the setting
+    // has no hold timeout, so nothing else could).
+    svc.proc.kill().await;
     let mut back = [0u8; 5];
     tokio::time::timeout(WAIT, s.read_exact(&mut back)).await??;
     assert_eq!(&back, b"probe");
-    let took = killed.elapsed();
-    assert!(took < Duration::from_secs(3), "released after {took:?}");
     // Recorded, not only logged: the node's losses in the registry count it.
     eventually("the packet not held in conns stats", || async {
         let v = interpose_json(&reg.url, &["conns", "stats", "--json"]).await?;

@@ -21,8 +21,8 @@ use tests::{
     proxy::{Server, history, read_to_end},
     registry_client,
     tls::{
-        Pki, disconnected, echo, probe_until_held, proxy_ca, serve, through, tls_connect,
-        wait_record,
+        Pki, disconnected, echo, intercept_on, probe_until_held, proxy_ca, serve, through,
+        tls_connect, wait_record,
     },
 };
 use tokio::{
@@ -34,27 +34,6 @@ use tokio::{
 fn held_data(held: &Value) -> anyhow::Result<Vec<u8>> {
     let b64 = held["data_b64"].as_str().context("data_b64")?;
     Ok(base64::engine::general_purpose::STANDARD.decode(b64)?)
-}
-
-/// `intercept on ARGS`, then waits until the proxy holds packets (it follows the setting
-/// over a stream): a probe connection to an echo server sends until a packet is held, which
-/// is then forwarded. `ARGS` must hold c2s packets to 127.0.0.1.
-async fn intercept_on(up: &Up, args: &[&str]) -> anyhow::Result<()> {
-    let mut on = vec!["intercept", "on"];
-    on.extend(args);
-    interpose_ok(&up.grpc, &on).await?;
-    let server = serve(|mut s| async move { echo(&mut s).await }).await?;
-    let (mut probe, _) = through(up, Addr::Ip(server)).await?;
-    probe_until_held(&mut probe, b"probe").await?;
-    let held = held_list(&up.grpc, 1).await?;
-    interpose_ok(
-        &up.grpc,
-        &["held", "forward", &held[0]["held_id"].to_string()],
-    )
-    .await?;
-    let mut back = [0u8; 5];
-    tokio::time::timeout(WAIT, probe.read_exact(&mut back)).await??;
-    Ok(())
 }
 
 /// The one held packet, once it is another than `previous`.
@@ -336,7 +315,7 @@ async fn server_to_client_packets_are_held_edited_and_dropped() -> anyhow::Resul
     let server = serve(|mut s| async move { echo(&mut s).await }).await?;
     interpose_ok(&up.grpc, &["intercept", "on", "--direction", "s2c"]).await?;
     let (mut s, port) = through(&up, Addr::Ip(server)).await?;
-    probe_until_held(&mut s, b"probe").await?;
+    probe_until_held(&mut s, b"probe", &up.grpc).await?;
     let first = next_held(&up, None).await?;
     assert_eq!(first["direction"], "s2c");
     assert_eq!(held_data(&first)?, b"probe");

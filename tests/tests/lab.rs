@@ -108,18 +108,6 @@ async fn recorded_once(
     Ok(())
 }
 
-/// Sends signal `name` to `replica` without waiting for it to exit.
-fn signal(replica: &Registry, name: &str) -> anyhow::Result<()> {
-    let pid = replica
-        .proc
-        .pid()
-        .ok_or_else(|| anyhow::anyhow!("the replica has exited"))?;
-    std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()?;
-    Ok(())
-}
-
 /// The bytes connection `i` of `proxy` sends (and gets back).
 fn payload(proxy: usize, i: usize) -> Vec<u8> {
     let mut p = format!("proxy {proxy} connection {i}: ").into_bytes();
@@ -248,7 +236,7 @@ async fn a_replica_killed_under_traffic_loses_nothing_and_records_nothing_twice(
         carried(KILL_AFTER),
     )
     .await?;
-    signal(&a, "STOP")?;
+    a.proc.send_signal("STOP")?;
     stage.send_replace(1);
     tests::eventually(
         "proxy 1 to carry connections while a hangs",
@@ -311,7 +299,7 @@ async fn a_hung_replica_is_left_after_the_acknowledgement_timeout() -> anyhow::R
     let mut ports = Vec::new();
     for i in 0..HUNG_CONNS {
         if i == HUNG_CONNS / 2 {
-            signal(&a, "STOP")?;
+            a.proc.send_signal("STOP")?;
         }
         ports.push(echo_once(p.socks, echo, &payload(1, i), async {}).await?);
     }
@@ -321,7 +309,7 @@ async fn a_hung_replica_is_left_after_the_acknowledgement_timeout() -> anyhow::R
     let log = p.proc.stderr();
     assert!(log.contains("no acknowledgement for 5 s"), "{log}");
     // Let the hung replica go, so that it can be stopped.
-    signal(&a, "CONT")?;
+    a.proc.send_signal("CONT")?;
     Ok(())
 }
 

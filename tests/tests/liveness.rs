@@ -111,9 +111,23 @@ async fn a_proxy_that_never_comes_back_is_closed_after_the_grace_period() -> R {
     let server = Server::bind().await?;
     let proxy = ProxyProc::start(dir.path(), &reg.url, "lab-2", &[]).await?;
     let (id, _c, _s) = open_conn(&reg, &proxy, &server).await?;
-    // Alive and reporting: the grace period does not apply.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Alive and reporting: the grace period does not apply. A ghost node that reports one
+    // record and goes away shows when the grace period has passed and the registry looked:
+    // its record is closed as lost then, while the live proxy's stays active.
     let mut rc = reg.client().await?;
+    const GHOST_ID: u64 = 1 << 40;
+    let mut ghost = Ingest::open(&mut rc, "ghost-2").await?;
+    ghost
+        .send_durable(vec![events::open(GHOST_ID, 40000, "example.com", 443)])
+        .await?;
+    drop(ghost);
+    wait_conn(
+        &mut rc,
+        GHOST_ID,
+        "the ghost's record closed as lost",
+        |c| closed_as_lost(c, "ghost-2", "lost"),
+    )
+    .await?;
     assert!(active(
         &rc.get_connection(proto::registry::GetConnectionRequest { id })
             .await?
@@ -126,6 +140,7 @@ async fn a_proxy_that_never_comes_back_is_closed_after_the_grace_period() -> R {
         closed_as_lost(c, "lab-2", "lost")
     })
     .await?;
+    // Never before the grace period (a lower bound only: a loaded machine takes longer).
     assert!(
         killed.elapsed() >= Duration::from_millis(900),
         "{:?}",
@@ -148,13 +163,20 @@ async fn after_a_registry_restart_records_of_absent_nodes_are_closed() -> R {
     drop(ingest);
     reg.proc.kill().await;
 
-    let reg = Registry::start_with(&data, "127.0.0.1:0", &["--node-grace", "1s"]).await?;
+    // Restarted, the registry gives an absent node its grace period (here longer than the
+    // test) before closing its records: the record is still active ...
+    let reg = Registry::start_with(&data, "127.0.0.1:0", &["--node-grace", "1h"]).await?;
     let mut rc = reg.client().await?;
     let rec = rc
         .get_connection(proto::registry::GetConnectionRequest { id: 7 })
         .await?
         .into_inner();
     assert!(active(&rec), "{rec:?}");
+    reg.proc.kill().await;
+
+    // ... and closed as lost once a (short) grace period has passed.
+    let reg = Registry::start_with(&data, "127.0.0.1:0", &["--node-grace", "1s"]).await?;
+    let mut rc = reg.client().await?;
     wait_conn(&mut rc, 7, "closed as lost", |c| {
         closed_as_lost(c, "ghost", "lost")
     })

@@ -416,8 +416,9 @@ async fn registry_killed_and_restarted_loses_nothing() -> R {
         f.srv.shutdown().await?;
         assert!(read_to_end(&mut f.client).await?.is_empty());
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
+    // (The relays of both have ended: each side read the other's FIN. Their closes wait in
+    // the proxy for the registry like the rest.)
     let reg = Registry::start_with(&data, &listen, &[]).await?;
     let mut rc = reg.client().await?;
     for (i, f) in flows.iter().enumerate() {
@@ -442,60 +443,15 @@ async fn registry_killed_and_restarted_loses_nothing() -> R {
     Ok(())
 }
 
-/// A tiny HTTP/1.0 server answering every request with `body`, then closing.
-async fn http_server(body: &'static str) -> anyhow::Result<SocketAddr> {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut b = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&b[..n]),
-                    }
-                }
-                // No Content-Length: the body ends with the server's FIN, so the server
-                // closes first and the record says so deterministically.
-                let resp = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}");
-                let _ = s.write_all(resp.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
 #[tokio::test]
 async fn curl_socks5_hostname_works() -> R {
     let (_dir, reg, proxy) = setup(&[]).await?;
-    let http = http_server("hello through interpose\n").await?;
-    let out = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new("curl")
-            .args([
-                "--silent",
-                "--show-error",
-                "--max-time",
-                "10",
-                "--socks5-hostname",
-                &proxy.socks.to_string(),
-                &format!("http://localhost:{}/x", http.port()),
-            ])
-            .output(),
-    )
-    .await??;
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello through interpose\n"
-    );
+    let http = tests::http::http_server("hello through interpose\n").await?;
+    let url = format!("http://localhost:{}/x", http.port());
+    let Some(body) = tests::http::curl(proxy.socks, &[], &url).await? else {
+        return Ok(());
+    };
+    assert_eq!(body, "hello through interpose\n");
 
     let mut rc = reg.client().await?;
     let conns = tests::eventually("curl's record closed", || {
@@ -510,12 +466,30 @@ async fn curl_socks5_hostname_works() -> R {
     assert_eq!(conns.dst_port, u32::from(http.port()));
     assert_eq!(conns.dst_ip, "127.0.0.1");
     assert_eq!(conns.closed_by, ClosedBy::Server as i32);
-    let h = tests::proxy::history(&mut rc, conns.id).await?;
-    let req = tests::proxy::direction_bytes(&h, Direction::C2s);
+    // The history arrives after the close: wait until it holds every counted byte.
+    let h = tests::eventually("curl's whole history", || {
+        let mut rc = rc.clone();
+        let c = conns.clone();
+        async move {
+            let h = tests::proxy::history(&mut rc, c.id).await?;
+            let (c2s, s2c) = (
+                tests::proxy::direction_bytes(&h, Direction::C2s),
+                tests::proxy::direction_bytes(&h, Direction::S2c),
+            );
+            let whole = c2s.len() as u64 == c.bytes_c2s && s2c.len() as u64 == c.bytes_s2c;
+            Ok(whole.then_some((c2s, s2c)))
+        }
+    })
+    .await?;
+    let (req, resp) = h;
     assert!(
         req.starts_with(b"GET /x HTTP/1.1\r\n"),
         "{:?}",
         String::from_utf8_lossy(&req)
+    );
+    assert_eq!(
+        resp,
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello through interpose\n"
     );
     // Client process lookup names curl.
     let c = wait_conn(&mut rc, conns.id, "named", |c| c.client_process.is_some()).await;
@@ -589,20 +563,23 @@ async fn udp_associate_relays_datagrams_as_packets() -> R {
 async fn socks_auth_is_enforced_when_configured() -> R {
     let (_dir, reg, proxy) = setup(&["--socks-user", "alice", "--socks-pass", "s3cret"]).await?;
     let server = Server::bind().await?;
-    // No-auth is refused at method selection.
-    let r = socks_connect(proxy.socks, Addr::Ip(server.addr)).await;
-    assert!(r.is_err());
-    let s = TcpStream::connect(proxy.socks).await?;
-    assert!(
-        socks_request(
-            s,
-            SocksCommand::Connect,
-            Addr::Ip(server.addr),
-            Some(("alice", "wrong"))
-        )
-        .await
-        .is_err()
-    );
+    // No-auth is refused at method selection: 0xFF (no acceptable methods), then the
+    // proxy closes.
+    let mut s = TcpStream::connect(proxy.socks).await?;
+    s.write_all(&[5, 1, 0]).await?;
+    assert_eq!(read_n(&mut s, 2).await?, [5, 0xFF]);
+    assert!(read_to_end(&mut s).await?.is_empty());
+    // A wrong password: user/password is chosen (0x02), the RFC 1929 status is a failure
+    // (0x01), then the proxy closes without reading a request.
+    let mut s = TcpStream::connect(proxy.socks).await?;
+    s.write_all(&[5, 1, 2]).await?;
+    assert_eq!(read_n(&mut s, 2).await?, [5, 2]);
+    s.write_all(&[
+        1, 5, b'a', b'l', b'i', b'c', b'e', 5, b'w', b'r', b'o', b'n', b'g',
+    ])
+    .await?;
+    assert_eq!(read_n(&mut s, 2).await?, [1, 1]);
+    assert!(read_to_end(&mut s).await?.is_empty());
     let s = TcpStream::connect(proxy.socks).await?;
     let r = socks_request(
         s,
@@ -618,27 +595,7 @@ async fn socks_auth_is_enforced_when_configured() -> R {
     Ok(())
 }
 
-#[tokio::test]
-async fn refuses_to_be_an_open_proxy_by_default() -> R {
-    let out = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(tests::bin("proxy-core"))
-            .args([
-                "--socks",
-                "0.0.0.0:0",
-                "--registry",
-                "http://127.0.0.1:9",
-                "--node",
-                "x",
-            ])
-            .output(),
-    )
-    .await??;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("open proxy"), "{err}");
-    Ok(())
-}
+// Refusing to be an open proxy by default: proxy-core/tests/open_proxy.rs.
 
 #[tokio::test]
 async fn graceful_shutdown_records_open_connections_as_closed_by_proxy() -> R {

@@ -544,13 +544,8 @@ async fn a_token_is_required_when_configured_and_exposure_without_one_is_refused
     ok.list_connections(ListConnectionsRequest::default())
         .await?;
 
-    // Beyond loopback without a token (--no-auth): refused before binding, with the reason.
-    let dir2 = tempfile::tempdir()?;
-    let err = Registry::start_with(dir2.path(), "0.0.0.0:0", &["--no-auth"])
-        .await
-        .err()
-        .expect("must refuse");
-    assert!(err.to_string().contains("without a token"), "{err}");
+    // (Beyond loopback without a token is refused before binding:
+    // registry-svc/tests/exposure.rs.)
     Ok(())
 }
 

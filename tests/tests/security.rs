@@ -10,56 +10,17 @@ use tonic::Code;
 
 type R = anyhow::Result<()>;
 
-/// Every path under `root` (itself included) with its permission bits.
-fn modes(root: &Path) -> Vec<(String, u32)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let meta = std::fs::symlink_metadata(&p).expect("stat");
-        if meta.is_dir() {
-            for e in std::fs::read_dir(&p).expect("readdir") {
-                stack.push(e.expect("entry").path());
-            }
-        }
-        out.push((p.display().to_string(), meta.permissions().mode() & 0o7777));
-    }
-    out
-}
-
-fn assert_private(root: &Path) {
-    let all = modes(root);
-    let loose: Vec<_> = all
-        .iter()
-        .filter(|(p, m)| {
-            let is_dir = Path::new(p).is_dir();
-            (is_dir && *m != 0o700) || (!is_dir && *m != 0o600)
-        })
-        .map(|(p, m)| format!("{p} {m:o}"))
-        .collect();
-    assert!(
-        loose.is_empty(),
-        "not private: {loose:?} (of {})",
-        all.len()
-    );
-}
-
 /// `interpose ARGS` with exactly the environment `env` adds (no token variables inherited).
 async fn interpose_env(args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<tests::Output> {
     let mut cmd = Command::new(tests::bin("interpose"));
     cmd.args(args)
         .env_remove("INTERPOSE_TOKEN")
         .env_remove("INTERPOSE_TOKEN_FILE")
-        .env_remove("INTERPOSE_SERVER")
-        .kill_on_drop(true);
+        .env_remove("INTERPOSE_SERVER");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = tokio::time::timeout(WAIT, cmd.output()).await??;
-    Ok(tests::Output {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    tests::output(cmd).await
 }
 
 #[tokio::test]
@@ -94,18 +55,6 @@ async fn up_keeps_its_data_dir_private_whatever_the_umask() -> R {
     drop(c);
     drop(s);
     let token = up.field("token").expect("token=");
-    let out = interpose_env(
-        &[
-            "history",
-            "--json",
-            "--server",
-            &grpc,
-            "--token-file",
-            &token,
-        ],
-        &[],
-    )
-    .await?;
     tests::eventually("the history", || {
         let grpc = grpc.clone();
         let token = token.clone();
@@ -122,15 +71,15 @@ async fn up_keeps_its_data_dir_private_whatever_the_umask() -> R {
                 &[],
             )
             .await?;
+            anyhow::ensure!(out.ok, "interpose history failed: {}", out.stderr);
             Ok(out.stdout.contains("c2s").then_some(()))
         }
     })
     .await?;
-    assert!(out.ok, "{}", out.stderr);
-    assert_private(&data);
+    tests::assert_private(&data);
     assert!(up.terminate().await?, "clean exit");
     // Also what was written at shutdown.
-    assert_private(&data);
+    tests::assert_private(&data);
     for f in [
         "token",
         "registry/history/000001.seg",
@@ -243,7 +192,7 @@ async fn the_cli_finds_the_default_data_dirs_token_by_itself() -> R {
     let grpc = up.field("grpc").expect("grpc=");
     let token = up.field("token").expect("token=");
     assert_eq!(Path::new(&token), xdg.join("interpose/token"));
-    assert_private(&xdg.join("interpose"));
+    tests::assert_private(&xdg.join("interpose"));
 
     // No token flags: the CLI sends the default data dir's token to the server `up` recorded.
     let out = interpose_env(&["conns", "list", "--json", "--server", &grpc], &env).await?;
@@ -354,7 +303,8 @@ async fn idle_grpc_connections_are_closed_and_streams_are_not_cut() -> R {
         .await?
         .into_inner();
 
-    // An HTTP/2 client (it answers pings) that makes no call is closed at the bound. (A
+    // An HTTP/2 client (it answers pings) that makes no call is closed at the bound (never
+    // before it; how long after is the machine's business). (A
     // connection that never sends the HTTP/2 preface is not: see SECURITY.md.)
     let h2_idle = async {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -365,7 +315,6 @@ async fn idle_grpc_connections_are_closed_and_streams_are_not_cut() -> R {
     };
     let t = h2_idle.await?;
     assert!(t >= std::time::Duration::from_millis(800), "{t:?}");
-    assert!(t < std::time::Duration::from_secs(5), "{t:?}");
 
     // The watch, older than the bound, still delivers.
     let mut rc = reg.client().await?;

@@ -56,36 +56,38 @@ fn stalled(per_client: usize, timeout: Duration) -> (Dns, std::net::UdpSocket) {
     (dns, silent)
 }
 
+/// Polls `cond` every 5 ms until it holds (a generous deadline; never a timing assertion).
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
 #[tokio::test]
-async fn stalled_lookups_time_out_and_hold_only_their_clients_share() {
-    let (dns, _silent) = stalled(2, Duration::from_millis(1500));
+async fn stalled_lookups_hold_only_their_clients_share() {
+    // A lookup bound far beyond the test's own steps: the stalled lookups are still pending
+    // throughout (until the resolver's own bound, two tries of 5 s, far beyond the few
+    // lookups checked meanwhile); they are abandoned at the end, not awaited.
+    let (dns, _silent) = stalled(2, Duration::from_secs(600));
     let dns = std::sync::Arc::new(dns);
     let a: IpAddr = "127.0.0.1".parse().unwrap();
     let b: IpAddr = "::1".parse().unwrap();
     let slow: Vec<_> = (0..2)
         .map(|i| {
             let dns = dns.clone();
-            tokio::spawn(async move {
-                let start = std::time::Instant::now();
-                (
-                    dns.lookup(a, &format!("s{i}.slow.test"), 80).await,
-                    start.elapsed(),
-                )
-            })
+            tokio::spawn(async move { dns.lookup(a, &format!("s{i}.slow.test"), 80).await })
         })
         .collect();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while dns.in_progress(a) < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("both lookups in progress");
+    until("both lookups in progress", || dns.in_progress(a) == 2).await;
 
-    // Beyond its share, client A is refused at once; client B is not affected, and names
-    // from /etc/hosts and IP literals resolve for A too, although the only name server is
+    // Beyond its share, client A is refused (without asking the silent server, so while
+    // its two lookups are still pending); client B is not affected, and names from
+    // /etc/hosts and IP literals resolve for A too, although the only name server is
     // silent and A's share is taken.
-    let start = std::time::Instant::now();
     assert_eq!(
         dns.lookup(a, "s9.slow.test", 80).await,
         Err(DnsError::TooMany {
@@ -111,26 +113,43 @@ async fn stalled_lookups_time_out_and_hold_only_their_clients_share() {
         let dns = dns.clone();
         tokio::spawn(async move { dns.lookup(b, "b.slow.test", 80).await })
     };
+    until("B's lookup in progress", || dns.in_progress(b) == 1).await;
     assert!(
-        start.elapsed() < Duration::from_millis(500),
+        slow.iter().all(|t| !t.is_finished()),
+        "A's stalled lookups are still pending"
+    );
+    assert_eq!(dns.in_progress(a), 2);
+
+    // Abandoned, the stalled lookups give the share back: a new lookup of A is admitted
+    // (it reaches the silent server instead of being refused).
+    for t in slow {
+        t.abort();
+    }
+    other.abort();
+    until("A's share back", || dns.in_progress(a) == 0).await;
+    let again = {
+        let dns = dns.clone();
+        tokio::spawn(async move { dns.lookup(a, "s10.slow.test", 80).await })
+    };
+    until("A's new lookup admitted", || dns.in_progress(a) == 1).await;
+    assert!(!again.is_finished(), "admitted, not refused");
+    again.abort();
+}
+
+#[tokio::test]
+async fn a_stalled_lookup_times_out_at_its_bound() {
+    let (dns, _silent) = stalled(2, Duration::from_millis(1500));
+    let a: IpAddr = "127.0.0.1".parse().unwrap();
+    let start = std::time::Instant::now();
+    let r = dns.lookup(a, "s0.slow.test", 80).await;
+    // Only a lower bound: a loaded machine may take longer, never less.
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
         "{:?}",
         start.elapsed()
     );
-    assert_eq!(
-        other.await.expect("join"),
-        Err(DnsError::TimedOut(Duration::from_millis(1500)))
-    );
-
-    for t in slow {
-        let (r, took) = t.await.expect("join");
-        assert_eq!(r, Err(DnsError::TimedOut(Duration::from_millis(1500))));
-        assert!(took >= Duration::from_millis(1400), "{took:?}");
-        assert!(took < Duration::from_secs(4), "{took:?}");
-    }
+    assert_eq!(r, Err(DnsError::TimedOut(Duration::from_millis(1500))));
     assert_eq!(dns.in_progress(a), 0);
-    // The share is back: a new lookup is not refused (it times out like the others).
-    let again = dns.lookup(a, "s10.slow.test", 80).await;
-    assert_eq!(again, Err(DnsError::TimedOut(Duration::from_millis(1500))));
 }
 
 #[tokio::test]

@@ -223,7 +223,11 @@ async fn a_client_fin_while_its_packet_is_held_follows_the_packet() {
         // A request, then FIN at once (`nc -N`); the server answers only after reading it.
         app.write_all(b"request").await.expect("write");
         app.shutdown().await.expect("fin");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The verdict comes only once the relay has read the FIN (while the packet is held),
+        // so the FIN is always the one that waits behind the packet.
+        tokio::time::timeout(WAIT, tap.wait_reading_ended(Direction::C2s))
+            .await
+            .expect("the relay read the client's FIN while the packet was held");
         let _ = verdict.send(Verdict::Forward);
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.expect("read");
