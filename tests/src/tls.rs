@@ -142,7 +142,7 @@ pub async fn probe_until_held<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + 
         let held = async {
             loop {
                 let list = client
-                    .list_held(ListHeldRequest {})
+                    .list_held(ListHeldRequest::default())
                     .await?
                     .into_inner()
                     .held;

@@ -421,7 +421,7 @@ async fn export_and_intercept_services_read_the_next_registry_when_the_first_is_
                 let mut client = client.clone();
                 async move {
                     let held = client
-                        .list_held(ListHeldRequest {})
+                        .list_held(ListHeldRequest::default())
                         .await?
                         .into_inner()
                         .held;
@@ -450,7 +450,7 @@ async fn export_and_intercept_services_read_the_next_registry_when_the_first_is_
     // Its verdict can no longer be relayed: intercept-svc says drop, naming why.
     let mut client = client.clone();
     let held = client
-        .list_held(ListHeldRequest {})
+        .list_held(ListHeldRequest::default())
         .await?
         .into_inner()
         .held;

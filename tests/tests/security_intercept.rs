@@ -81,8 +81,8 @@ async fn losses(server: &str, key: &str) -> anyhow::Result<u64> {
 /// then forwards that one held packet and reads its echo: afterwards the proxy holds what the
 /// configuration selects.
 async fn until_holding(s: &mut TcpStream, url: &str, probe: &[u8]) -> anyhow::Result<()> {
-    tests::tls::probe_until_held(s, probe).await?;
-    let id = tests::held_list(url, 1).await?[0]["held_id"].to_string();
+    let held = tests::tls::probe_until_held(s, probe, url).await?;
+    let id = held.held_id.to_string();
     interpose_ok(url, &["held", "forward", &id]).await?;
     tests::proxy::read_n(s, probe.len()).await?;
     Ok(())
