@@ -303,7 +303,8 @@ async fn standalone_intercept_and_export_services_serve_grpc_tls_behind_a_tls_re
             .to_string();
         let call: Vec<&str> = match name {
             "intercept-svc" => vec!["intercept", "status", "--json"],
-            _ => vec!["export", "--out", &pcap],
+            // --force: the refused calls below name the file the first one wrote.
+            _ => vec!["export", "--force", "--out", &pcap],
         };
         let with_cert = [
             "--server",
