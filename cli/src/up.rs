@@ -125,7 +125,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut config = args.proxy.config(
         vec![url.clone()],
         auth.token.clone(),
+        // No CONNECT reaches the gRPC port, the web view or what --deny names.
         std::iter::once(grpc)
+            .chain(web.as_ref().map(|w| w.local_addr()))
             .chain(args.proxy.denied().await?)
             .collect(),
         splicer.clone(),

@@ -56,7 +56,7 @@ async fn refused(
 }
 
 #[tokio::test]
-async fn up_refuses_connect_to_its_own_socks_and_grpc_ports() -> R {
+async fn up_refuses_connect_to_its_own_socks_grpc_and_web_ports() -> R {
     let dir = tempfile::tempdir()?;
     let up = Up::start(&dir.path().join("up"), &[]).await?;
     let socks = up.proc.addr("socks")?;
@@ -64,6 +64,15 @@ async fn up_refuses_connect_to_its_own_socks_and_grpc_ports() -> R {
     let grpc: SocketAddr = up.grpc.trim_start_matches("http://").parse()?;
     refused(socks, &up.grpc, Addr::Ip(socks), &own_port(socks)).await?;
     refused(socks, &up.grpc, Addr::Ip(grpc), &own_port(grpc)).await?;
+    // The web view's port too: it serves the page and forwards to the gRPC API.
+    let web_url = up.proc.field("web").context("web= in the ready line")?;
+    let web: SocketAddr = web_url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .parse()?;
+    refused(socks, &up.grpc, Addr::Ip(web), &own_port(web)).await?;
     // By name too: what the name resolves to is checked.
     let by_name = Addr::Domain("localhost".into(), grpc.port());
     let r = socks_connect(socks, by_name).await?;
