@@ -51,7 +51,13 @@ async fn all_closed(
     tests::eventually(&format!("every connection closed, {place}"), || {
         let mut client = client.clone();
         async move {
-            let all = all_connections(&mut client).await?;
+            // A call that meets a pooled database connection the restart ended answers
+            // UNAVAILABLE once; the next one takes a fresh connection.
+            let all = match all_connections(&mut client).await {
+                Ok(all) => all,
+                Err(e) if unavailable(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            };
             let closed = all
                 .iter()
                 .filter(|r| r.status == ConnStatus::Disconnected as i32)
@@ -60,6 +66,12 @@ async fn all_closed(
         }
     })
     .await
+}
+
+/// Whether `e` is a gRPC UNAVAILABLE (a transient failure the caller may retry).
+fn unavailable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tonic::Status>()
+        .is_some_and(|s| s.code() == tonic::Code::Unavailable)
 }
 
 /// Checks that each connection `i` that `proxy` (node `node`) carried from client port

@@ -141,15 +141,22 @@ impl DerefMut for Conn<'_> {
 }
 
 impl Drop for Conn<'_> {
+    /// Gives a working connection back. A broken one (the server restarted, or ended the
+    /// session) takes the idle ones with it: they were opened to the same server and would
+    /// each fail their next call, one caller after another, where a fresh connection works.
     fn drop(&mut self) {
-        if let Some(c) = self.client.take()
-            && !c.is_closed()
-        {
-            let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(c) = self.client.take() else { return };
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if !c.is_closed() {
             if idle.len() < IDLE {
                 idle.push(c);
             }
+            return;
         }
+        let stale = std::mem::take(&mut *idle);
+        drop(idle);
+        drop(c);
+        drop(stale);
     }
 }
 
