@@ -538,6 +538,32 @@ async fn interpose_in(server: &str, args: &[&str], width: Option<u16>) -> anyhow
     output(cmd).await
 }
 
+/// Runs `interpose ARGS` with nothing from the caller's Interpose settings: the
+/// `INTERPOSE_*` server, token and mTLS variables removed and the default data directory
+/// under `xdg` (`xdg/interpose`), plus `env`.
+pub async fn interpose_isolated(
+    xdg: &Path,
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> anyhow::Result<Output> {
+    let mut cmd = Command::new(bin("interpose"));
+    cmd.args(args).env("XDG_DATA_HOME", xdg).env("HOME", xdg);
+    for var in [
+        "INTERPOSE_SERVER",
+        "INTERPOSE_TOKEN",
+        "INTERPOSE_TOKEN_FILE",
+        "INTERPOSE_CLIENT_CERT",
+        "INTERPOSE_CLIENT_KEY",
+        "INTERPOSE_CA_CERT",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    output(cmd).await
+}
+
 /// Runs an `interpose` command to completion (bounded by [`WAIT`]) with no stdin.
 pub async fn output(mut cmd: Command) -> anyhow::Result<Output> {
     cmd.stdin(Stdio::null()).kill_on_drop(true);

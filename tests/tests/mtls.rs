@@ -21,22 +21,7 @@ type R = anyhow::Result<()>;
 /// Runs `interpose ARGS` with nothing from the caller's environment: `INTERPOSE_*` removed
 /// and the default data directory under `xdg` (`xdg/interpose`), plus `env`.
 async fn interpose(xdg: &Path, args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<Output> {
-    let mut cmd = Command::new(bin("interpose"));
-    cmd.args(args).env("XDG_DATA_HOME", xdg).env("HOME", xdg);
-    for var in [
-        "INTERPOSE_SERVER",
-        "INTERPOSE_TOKEN",
-        "INTERPOSE_TOKEN_FILE",
-        "INTERPOSE_CLIENT_CERT",
-        "INTERPOSE_CLIENT_KEY",
-        "INTERPOSE_CA_CERT",
-    ] {
-        cmd.env_remove(var);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    tests::output(cmd).await
+    tests::interpose_isolated(xdg, args, env).await
 }
 
 /// `interpose ca issue-client --name NAME --out OUT --data-dir DATA_DIR`; the three files.

@@ -19,19 +19,7 @@ type R = anyhow::Result<()>;
 
 /// Runs `interpose ARGS` with no `INTERPOSE_*` variable and no default data directory.
 async fn interpose(home: &Path, args: &[&str]) -> anyhow::Result<Output> {
-    let mut cmd = Command::new(bin("interpose"));
-    cmd.args(args).env("XDG_DATA_HOME", home).env("HOME", home);
-    for var in [
-        "INTERPOSE_SERVER",
-        "INTERPOSE_TOKEN",
-        "INTERPOSE_TOKEN_FILE",
-        "INTERPOSE_CLIENT_CERT",
-        "INTERPOSE_CLIENT_KEY",
-        "INTERPOSE_CA_CERT",
-    ] {
-        cmd.env_remove(var);
-    }
-    tests::output(cmd).await
+    tests::interpose_isolated(home, args, &[]).await
 }
 
 /// Issues a client certificate `name` from `data_dir`'s management CA into `out`:

@@ -174,19 +174,7 @@ async fn intercept_export_and_proxy_listen_require_a_token_by_default() -> R {
 
 /// `interpose ARGS` with only `env` from the caller's Interpose settings.
 async fn interpose(xdg: &Path, args: &[&str]) -> anyhow::Result<Output> {
-    let mut cmd = Command::new(bin("interpose"));
-    cmd.args(args).env("XDG_DATA_HOME", xdg).env("HOME", xdg);
-    for var in [
-        "INTERPOSE_SERVER",
-        "INTERPOSE_TOKEN",
-        "INTERPOSE_TOKEN_FILE",
-        "INTERPOSE_CLIENT_CERT",
-        "INTERPOSE_CLIENT_KEY",
-        "INTERPOSE_CA_CERT",
-    ] {
-        cmd.env_remove(var);
-    }
-    tests::output(cmd).await
+    tests::interpose_isolated(xdg, args, &[]).await
 }
 
 /// A registry, an intercept-svc and an export-svc on one data directory, all with
