@@ -169,6 +169,7 @@ pub async fn fetch_all(
                 filter: Some(filter.clone()),
                 page_size: 0,
                 page_token: token,
+                newest_first: false,
             })
             .await
             .map_err(status)?
@@ -215,6 +216,7 @@ async fn watch(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
     let mut stream = client
         .watch_connections(WatchConnectionsRequest {
             filter: Some(filter),
+            start_id: 0,
         })
         .await
         .map_err(status)?

@@ -398,6 +398,7 @@ impl Records {
                 filter: self.filter.clone(),
                 page_size: 1000,
                 page_token,
+                newest_first: false,
             };
             let page = registry
                 .call(|channel| {

@@ -73,6 +73,12 @@ pub trait Backend: Send + Sync {
         from: u64,
         f: &mut dyn FnMut(Connection) -> bool,
     ) -> Result<(), StoreError>;
+    /// Records with IDs below `below`, highest first, each passed to `f` until it says stop.
+    fn scan_conns_rev(
+        &self,
+        below: u64,
+        f: &mut dyn FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError>;
     /// [`Backend::scan_conns`] of the active records only, reading no closed ones.
     fn scan_active(
         &self,

@@ -130,6 +130,7 @@ impl Registry for RegistryService {
                     &req.filter.unwrap_or_default(),
                     req.page_size as usize,
                     &req.page_token,
+                    req.newest_first,
                 )
             })
             .await?;
@@ -156,10 +157,12 @@ impl Registry for RegistryService {
         req: Request<pb::WatchConnectionsRequest>,
     ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
         let (tx, rx) = mpsc::channel(256);
-        let filter = req.into_inner().filter.unwrap_or_default();
+        let req = req.into_inner();
+        let filter = req.filter.unwrap_or_default();
         tokio::spawn(crate::watcher::watch(
             self.state.clone(),
             filter,
+            req.start_id,
             tx,
             self.drain.clone(),
         ));

@@ -257,14 +257,16 @@ impl State {
         self.store.get(id)
     }
 
-    /// A page of records matching `filter`, from the ID in `token` onwards.
+    /// A page of records matching `filter`, from the ID in `token` onwards (downwards, when
+    /// `newest_first`).
     pub fn list(
         &self,
         filter: &ConnectionFilter,
         page_size: usize,
         token: &str,
+        newest_first: bool,
     ) -> Result<Page<Connection>, StoreError> {
-        let from = parse_token(token, "page token")?.unwrap_or(0);
+        let from = parse_token(token, "page token")?;
         let limit = if page_size == 0 {
             CONN_PAGE
         } else {
@@ -273,7 +275,7 @@ impl State {
         let mut items = Vec::new();
         let mut bytes = 0usize;
         let mut next = None;
-        self.store.scan_matching(filter, from, &mut |c| {
+        let mut take = |c: Connection| {
             let size = prost::Message::encoded_len(&c) + 8;
             if items.len() == limit || (bytes + size > PAGE_BYTES && !items.is_empty()) {
                 next = Some(c.id.to_string());
@@ -282,7 +284,17 @@ impl State {
             bytes += size;
             items.push(c);
             true
-        })?;
+        };
+        if newest_first {
+            // The token names the highest ID of the page; the first page starts at the top.
+            let below = from.map_or(u64::MAX, |id| id.saturating_add(1));
+            self.store.scan_conns_rev(below, &mut |c| {
+                !crate::filter::matches(filter, &c) || take(c)
+            })?;
+        } else {
+            self.store
+                .scan_matching(filter, from.unwrap_or(0), &mut take)?;
+        }
         Ok(Page { items, next })
     }
 
@@ -490,13 +502,15 @@ mod tests {
             }
         }
         assert_eq!(removed.len() as u64, N);
-        let all = state.list(&ConnectionFilter::default(), 0, "").unwrap();
+        let all = state
+            .list(&ConnectionFilter::default(), 0, "", false)
+            .unwrap();
         assert!(all.items.is_empty());
         // Cleared IDs stay cleared.
         state.apply_kinds((1..=3).map(open));
         assert!(
             state
-                .list(&ConnectionFilter::default(), 0, "")
+                .list(&ConnectionFilter::default(), 0, "", false)
                 .unwrap()
                 .items
                 .is_empty()

@@ -624,6 +624,22 @@ impl Store {
         Ok(())
     }
 
+    /// Records with IDs below `below`, highest first, each passed to `f` until it returns
+    /// false.
+    pub fn scan_conns_rev(
+        &self,
+        below: u64,
+        mut f: impl FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError> {
+        for kv in self.conns.range(..below.to_be_bytes()).rev() {
+            let (_, v) = kv?;
+            if !f(decode("connection record", &v)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the records `ids`: all of them, or none when any is unknown.
     pub fn clear(&self, ids: &[u64]) -> Result<Vec<u64>, StoreError> {
         for &id in ids {

@@ -46,16 +46,19 @@ struct View {
     unread: Option<u64>,
     /// IDs sent and still in the view; `None` when the filter matches every record.
     known: Option<HashSet<u64>>,
+    /// The lowest ID in the view: changes to records below it are not sent.
+    start: u64,
 }
 
 impl View {
-    fn new(filter: pb::ConnectionFilter) -> Self {
+    fn new(filter: pb::ConnectionFilter, start: u64) -> Self {
         let everything = filter == pb::ConnectionFilter::default();
         Self {
             filter,
             pages: Vec::new(),
-            unread: Some(0),
+            unread: Some(start),
             known: (!everything).then(HashSet::new),
+            start,
         }
     }
 
@@ -78,7 +81,7 @@ impl View {
             Change::Removed(id) => *id,
             Change::Reset => return None,
         };
-        if self.has_seen(n.seq, id) {
+        if id < self.start || self.has_seen(n.seq, id) {
             return None;
         }
         match n.change {
@@ -96,10 +99,17 @@ impl View {
     }
 }
 
-/// Streams a snapshot, then live changes; re-snapshots after a `RESET` when the watcher lags.
-pub async fn watch(state: Arc<State>, filter: pb::ConnectionFilter, tx: Tx, drain: Drain) {
+/// Streams a snapshot of the records from `start` up, then live changes to them;
+/// re-snapshots after a `RESET` when the watcher lags.
+pub async fn watch(
+    state: Arc<State>,
+    filter: pb::ConnectionFilter,
+    start: u64,
+    tx: Tx,
+    drain: Drain,
+) {
     loop {
-        let mut view = View::new(filter.clone());
+        let mut view = View::new(filter.clone(), start);
         let mut rx = state.hub.subscribe();
         let stop = match snapshot(&state, &mut view, &mut rx, &tx).await {
             Ok(()) => live(&mut view, &mut rx, &tx, &drain).await,
@@ -242,6 +252,7 @@ mod tests {
         tokio::spawn(watch(
             state.clone(),
             pb::ConnectionFilter::default(),
+            0,
             tx,
             server.drain(),
         ));
@@ -292,8 +303,24 @@ mod tests {
     }
 
     #[test]
+    fn a_view_from_a_start_id_sends_no_change_below_it() {
+        let mut v = View::new(pb::ConnectionFilter::default(), 100);
+        assert_eq!(v.unread, Some(100), "the snapshot starts at the start ID");
+        v.pages = vec![(u64::MAX, 10)];
+        v.unread = None;
+        assert!(v.event(numbered(11, 99)).is_none(), "below the start");
+        let removed = Numbered {
+            seq: 12,
+            change: Change::Removed(42),
+        };
+        assert!(v.event(removed).is_none(), "a removal below the start");
+        let ev = v.event(numbered(13, 100)).expect("the start ID itself");
+        assert_eq!((ev.kind, ev.id), (WatchKind::Upsert as i32, 100));
+    }
+
+    #[test]
     fn a_change_is_sent_only_if_the_page_that_read_its_record_is_older() {
-        let mut v = View::new(pb::ConnectionFilter::default());
+        let mut v = View::new(pb::ConnectionFilter::default(), 0);
         // Page 1 read IDs 0..=99 at change 10; page 2 read 100..=199 at change 20.
         v.pages = vec![(99, 10), (199, 20)];
         v.unread = Some(200);

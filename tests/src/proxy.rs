@@ -323,6 +323,7 @@ pub async fn all_connections(
                 filter: None,
                 page_size: 0,
                 page_token: token,
+                newest_first: false,
             })
             .await?
             .into_inner();

@@ -425,6 +425,67 @@ async fn bad_requests_get_the_right_status_codes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A watch from a start ID snapshots only the records from there up and sends no change to
+/// a lower one: what the web view opens with after listing the newest records.
+#[tokio::test]
+async fn a_watch_from_a_start_id_covers_only_the_records_from_there_up() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reg = Registry::start(dir.path()).await?;
+    let mut client = reg.client().await?;
+    let mut ingest = Ingest::open(&mut client, "n").await?;
+    ingest
+        .send_durable(
+            (1..=30)
+                .map(|id| events::open(id, 40000, "h", 80))
+                .collect(),
+        )
+        .await?;
+    let mut stream = client
+        .watch_connections(WatchConnectionsRequest {
+            filter: None,
+            start_id: 21,
+        })
+        .await?
+        .into_inner();
+    let mut next = async || -> anyhow::Result<WatchEvent> {
+        tokio::time::timeout(WAIT, stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("watch ended"))
+    };
+    let mut ids = Vec::new();
+    loop {
+        let e = next().await?;
+        match e.connection {
+            Some(c) => ids.push(c.id),
+            None if e.kind == Kind::SnapshotEnd as i32 => break,
+            None => anyhow::bail!("unexpected event in the snapshot: {e:?}"),
+        }
+    }
+    assert_eq!(ids, (21..=30).collect::<Vec<_>>());
+    // Closing 5 (below the start), then 25, then opening 31: the watch sends 25's close and
+    // 31's open, in that order, and nothing about 5.
+    ingest
+        .send_durable(vec![
+            events::close(5, ClosedBy::Client, CloseKind::Fin, "client sent FIN"),
+            events::close(25, ClosedBy::Server, CloseKind::Rst, "server sent RST"),
+            events::open(31, 40001, "h", 80),
+        ])
+        .await?;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let e = next().await?;
+        got.push((e.id, e.connection.map_or(0, |c| c.status)));
+    }
+    assert_eq!(
+        got,
+        vec![
+            (25, ConnStatus::Disconnected as i32),
+            (31, ConnStatus::Active as i32)
+        ]
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn paging_filters_and_stats() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -468,6 +529,48 @@ async fn paging_filters_and_stats() -> anyhow::Result<()> {
         token = page.next_page_token;
     }
     assert_eq!(ids, (1..=25).collect::<Vec<_>>());
+
+    // Newest first: pages of 10 from the top, each token the highest ID of the next page;
+    // with a filter, only its matches, still from the top.
+    let newest = |token: String, filter: Option<ConnectionFilter>| ListConnectionsRequest {
+        filter,
+        page_size: 10,
+        page_token: token,
+        newest_first: true,
+    };
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_connections(newest(token, None))
+            .await?
+            .into_inner();
+        pages.push(page.connections.iter().map(|c| c.id).collect::<Vec<_>>());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        pages,
+        vec![
+            (16..=25).rev().collect::<Vec<u64>>(),
+            (6..=15).rev().collect(),
+            (1..=5).rev().collect(),
+        ]
+    );
+    let closed = ConnectionFilter {
+        status: ConnStatus::Disconnected as i32,
+        ..Default::default()
+    };
+    let r = client
+        .list_connections(newest(String::new(), Some(closed)))
+        .await?
+        .into_inner();
+    assert_eq!(
+        r.connections.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![25, 20, 15, 10, 5]
+    );
 
     let f = ConnectionFilter {
         status: ConnStatus::Disconnected as i32,

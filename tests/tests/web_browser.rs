@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
+use proto::common::{CloseKind, ClosedBy};
 use proxy_core::socks5::Addr;
 use serde_json::{Value, json};
 use tests::{
@@ -622,4 +623,75 @@ async fn workflow(
     let login = page.call("loginShown", Value::Null).await?;
     ensure!(login["rows"] == 0, "{login}");
     Ok(())
+}
+
+/// IDs far above what `up`'s own proxy leases, for records the test writes itself.
+const BASE: u64 = 1 << 40;
+
+/// The page opens at the registry's newest page of records and watches only those (and
+/// newer), not every record: with 4,500 records it holds the newest 2,000, keeps them live,
+/// and brings older pages on request, moving its watch down so they are live too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_view_opens_at_the_newest_records_and_loads_older_ones_on_request()
+-> anyhow::Result<()> {
+    let Some(chromium) = tools()? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let up = Up::start(&dir.path().join("data"), &["--web", "127.0.0.1:0"]).await?;
+    let web = up.proc.field("web").context("web= in the ready line")?;
+    let mut client = registry_client(&up.grpc, None).await?;
+    let mut ingest = tests::Ingest::open(&mut client, "bench").await?;
+    ingest
+        .send_durable(
+            (1..=4500)
+                .map(|i| tests::events::open(BASE + i, 40000, "example.test", 443))
+                .collect(),
+        )
+        .await?;
+    let out = dir.path().join("browser");
+    std::fs::create_dir_all(&out)?;
+    let mut page = Page::start(&chromium, &out).await?;
+    let result = async {
+        page.call("open", json!({"url": web})).await?;
+        let w = page.call("waitWindow", json!({"size": 2000})).await?;
+        let id = |n: u64| (BASE + n).to_string();
+        ensure!(w["first"] == id(2501) && w["last"] == id(4500), "{w}");
+        ensure!(w["watchFrom"] == id(2501), "{w}");
+        ensure!(w["older"] == true && w["button"] == true, "{w}");
+        // A record in the window closes live; one below it is not held, so not sent.
+        let close = |n: u64| {
+            tests::events::close(
+                BASE + n,
+                ClosedBy::Server,
+                CloseKind::Fin,
+                "server sent FIN",
+            )
+        };
+        ingest.send_durable(vec![close(100), close(4400)]).await?;
+        page.call("waitStored", json!({"id": id(4400), "status": 2}))
+            .await?;
+        ensure!(page.call("stored", json!({"id": id(100)})).await? == false);
+        // Older pages: 2,000, then the last 500; the watch moves down with them.
+        page.call("loadOlder", Value::Null).await?;
+        let w = page.call("waitWindow", json!({"size": 4000})).await?;
+        ensure!(w["first"] == id(501) && w["watchFrom"] == id(501), "{w}");
+        page.call("loadOlder", Value::Null).await?;
+        let w = page.call("waitWindow", json!({"size": 4500})).await?;
+        ensure!(w["watchFrom"] == "0" && w["older"] == false, "{w}");
+        ensure!(
+            w["button"] == false,
+            "no button once everything is held: {w}"
+        );
+        page.call("waitStored", json!({"id": id(100), "status": 2}))
+            .await?;
+        // Now live from the bottom too.
+        ingest.send_durable(vec![close(1)]).await?;
+        page.call("waitStored", json!({"id": id(1), "status": 2}))
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    page.quit().await?;
+    result
 }

@@ -190,6 +190,32 @@ fn scan_in(
     }
 }
 
+/// Records with IDs below `below`, highest first, [`SCAN_ROWS`] per query.
+fn scan_rev_in(
+    client: &mut impl GenericClient,
+    below: u64,
+    f: &mut dyn FnMut(Connection) -> bool,
+) -> Result<(), StoreError> {
+    let mut below = key(below.min(i64::MAX as u64))?;
+    loop {
+        let rows = client.query(
+            "SELECT id, body FROM conns WHERE id < $1 AND body IS NOT NULL
+             ORDER BY id DESC LIMIT $2",
+            &[&below, &SCAN_ROWS],
+        )?;
+        for row in &rows {
+            let id: i64 = row.get(0);
+            if !f(decode("connection record", row.get::<_, &[u8]>(1))?) {
+                return Ok(());
+            }
+            below = id;
+        }
+        if (rows.len() as i64) < SCAN_ROWS {
+            return Ok(());
+        }
+    }
+}
+
 fn get_in(client: &mut impl GenericClient, id: u64) -> Result<Option<Connection>, StoreError> {
     let row = client.query_opt(
         "SELECT body FROM conns WHERE id = $1 AND body IS NOT NULL",
@@ -421,6 +447,14 @@ impl Backend for PgStore {
         f: &mut dyn FnMut(Connection) -> bool,
     ) -> Result<(), StoreError> {
         scan_in(&mut *self.pool.get()?, true, from, f)
+    }
+
+    fn scan_conns_rev(
+        &self,
+        below: u64,
+        f: &mut dyn FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError> {
+        scan_rev_in(&mut *self.pool.get()?, below, f)
     }
 
     fn clear(&self, ids: &[u64]) -> Result<Vec<u64>, StoreError> {

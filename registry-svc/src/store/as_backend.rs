@@ -34,6 +34,14 @@ impl Backend for Store {
         Store::scan_conns(self, from, f)
     }
 
+    fn scan_conns_rev(
+        &self,
+        below: u64,
+        f: &mut dyn FnMut(Connection) -> bool,
+    ) -> Result<(), StoreError> {
+        Store::scan_conns_rev(self, below, f)
+    }
+
     fn scan_active(
         &self,
         from: u64,

@@ -272,7 +272,10 @@ async fn watch_snapshot(client: &mut Client, active_only: bool) -> anyhow::Resul
     });
     let start = Instant::now();
     let mut stream = client
-        .watch_connections(WatchConnectionsRequest { filter })
+        .watch_connections(WatchConnectionsRequest {
+            filter,
+            start_id: 0,
+        })
         .await?
         .into_inner();
     let mut n = 0;

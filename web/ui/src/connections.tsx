@@ -5,7 +5,7 @@
  */
 import { useEffect, useMemo, useState } from 'preact/hooks';
 import type { Connection } from './gen/interpose/common/v1/common_pb';
-import { conns } from './store';
+import { PAGE, WINDOW, conns } from './store';
 import { errText, registry } from './api';
 import { VirtualList } from './virtual';
 import {
@@ -54,11 +54,7 @@ export function ConnectionsTab(p: { nav: Nav; focus?: { id: bigint; n: number };
 
   const rows = useMemo(() => {
     const out: Connection[] = [];
-    // While the snapshot streams, the registry's first page stands in for it.
-    const source = !conns.ready && conns.preview.length > conns.records.size
-      ? conns.preview
-      : conns.ids().map((id) => conns.records.get(id));
-    for (const c of source) {
+    for (const c of conns.ids().map((id) => conns.records.get(id))) {
       if (!c) continue;
       if (status === 'active' && c.status !== 1) continue;
       if (status === 'disconnected' && c.status !== 2) continue;
@@ -236,7 +232,18 @@ export function ConnectionsTab(p: { nav: Nav; focus?: { id: bigint; n: number };
       </div>
       <div class="footer">
         {rows.length} shown · {sel} selected
-        {conns.evicted > 0 && ` · the page keeps the newest ${conns.records.size} records; older ones stay in the registry (counts and exports include them)`}
+        {conns.olderToken !== '' && (
+          <>
+            {` · the page holds the newest ${conns.records.size} records; older ones stay in the registry (counts and exports include them) `}
+            {conns.canLoadOlder() ? (
+              <button data-testid="load-older" disabled={conns.loadingOlder} onClick={() => void conns.loadOlder()}>
+                {conns.loadingOlder ? 'Loading…' : `Load ${PAGE.toLocaleString()} older`}
+              </button>
+            ) : (
+              ` (it holds at most ${WINDOW.toLocaleString()}; "interpose conns list" lists every record)`
+            )}
+          </>
+        )}
         {!conns.ready && ' · loading…'}
       </div>
       {menu && (

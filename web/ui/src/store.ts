@@ -1,12 +1,18 @@
 /**
  * The Connections tab's live state, kept outside the components: a bounded window of the
- * newest connection records fed by `WatchConnections`, the counts by status from
- * `ConnectionStats`, and the selection the other tabs act on.
+ * newest connection records, the counts by status from `ConnectionStats`, and the selection
+ * the other tabs act on.
  *
- * Memory bound: the page keeps at most `WINDOW` records (the highest IDs); the registry
- * holds the rest, and the counts and the exports cover every record, not only the window.
- * Changes are applied at once but announced to the components at most every 100 ms, so a
- * burst of thousands of events per second costs one render per tick.
+ * Opening: the registry's newest page of records (`ListConnections`, newest first) is shown
+ * at once, then `WatchConnections` from the lowest ID of that page keeps exactly those
+ * records and every newer one live. So the page opens as fast with a million records as
+ * with ten: it never streams every record. Older records come a page at a time when the
+ * user asks ("Load older"), and the watch then moves down to cover them.
+ *
+ * Memory bound: the page keeps at most `WINDOW` records; the registry holds the rest, and
+ * the counts and the exports cover every record, not only the window. Changes are applied
+ * at once but announced to the components at most every 100 ms, so a burst of thousands of
+ * events per second costs one render per tick.
  */
 import type { Connection } from './gen/interpose/common/v1/common_pb';
 import { WatchEvent_Kind } from './gen/interpose/registry/v1/registry_pb';
@@ -14,6 +20,8 @@ import { errText, isCanceled, registry } from './api';
 
 /** The most records the page keeps in memory. */
 export const WINDOW = 20_000;
+/** Records fetched per page: the first page shown at open, and each "Load older". */
+export const PAGE = 2_000;
 
 type Listener = () => void;
 
@@ -41,11 +49,15 @@ export class ConnStore {
   /** Live events applied (after the snapshot); the benchmark reads it. */
   liveEvents = 0;
   /**
-   * The registry's first page of records, shown only while the watch's snapshot is still
-   * streaming (a large registry takes a while to send every record), so the table is never
-   * empty for long. Dropped once the snapshot is in; never merged into `records`.
+   * The lowest ID the watch covers (0n: every record); undefined until the first page is
+   * in. Records below it that the page holds were loaded by a link (`adopt`) and are not
+   * kept live.
    */
-  preview: Connection[] = [];
+  watchFrom: bigint | undefined;
+  /** The `ListConnections` token of the next older page; empty when none is left. */
+  olderToken = '';
+  /** True while a "Load older" page is on its way. */
+  loadingOlder = false;
   /** Called with each live UPSERT's record (the benchmark hooks in here). */
   onLive: ((c: Connection) => void) | undefined;
 
@@ -53,6 +65,8 @@ export class ConnStore {
   private listeners = new Set<Listener>();
   private pending: ReturnType<typeof setTimeout> | undefined;
   private abort: AbortController | undefined;
+  /** Aborts the current watch only (to restart it from a lower start ID). */
+  private watchAbort: AbortController | undefined;
   private statsTimer: ReturnType<typeof setInterval> | undefined;
 
   /** Record IDs in the window, ascending. */
@@ -99,6 +113,12 @@ export class ConnStore {
       }
       this.evicted += drop.length;
       this.sorted = undefined;
+      const lowest = this.ids()[0];
+      if (lowest !== undefined && lowest > 1n) {
+        // The evicted records are older ones now: "Load older" fetches them again.
+        this.olderToken = (lowest - 1n).toString();
+        if (this.watchFrom !== undefined && this.watchFrom < lowest) this.watchFrom = lowest;
+      }
     }
   }
 
@@ -109,13 +129,13 @@ export class ConnStore {
     this.changedNow();
   }
 
-  /** Starts the watch and the counts; restarts them after an error. */
+  /** Loads the newest page, starts the watch and the counts; restarts them after an error. */
   start(): void {
     this.stop();
     const abort = new AbortController();
     this.abort = abort;
-    void this.watch(abort.signal);
-    void this.loadPreview(abort.signal);
+    this.watchFrom = undefined;
+    void this.run(abort.signal);
     void this.refreshCounts();
     this.statsTimer = setInterval(() => void this.refreshCounts(), 2000);
   }
@@ -126,61 +146,125 @@ export class ConnStore {
     if (this.statsTimer) clearInterval(this.statsTimer);
   }
 
-  private async loadPreview(signal: AbortSignal): Promise<void> {
+  /** True when "Load older" can fetch another page into the window. */
+  canLoadOlder(): boolean {
+    return this.olderToken !== '' && this.records.size + PAGE <= WINDOW;
+  }
+
+  /**
+   * Fetches the next older page into the window and moves the watch down to cover it
+   * (its snapshot re-sends the window, so nothing shown goes stale).
+   */
+  async loadOlder(): Promise<void> {
+    if (!this.canLoadOlder() || this.loadingOlder) return;
+    this.loadingOlder = true;
+    this.changedNow();
     try {
-      const r = await registry.listConnections({ pageSize: 200 }, { signal });
-      if (!this.ready && !signal.aborted) {
-        this.preview = r.connections;
-        this.changedNow();
+      const r = await registry.listConnections({
+        pageSize: PAGE,
+        newestFirst: true,
+        pageToken: this.olderToken,
+      });
+      for (const c of r.connections) this.put(c);
+      this.olderToken = r.nextPageToken;
+      const lowest = r.connections.at(-1)?.id;
+      if (lowest !== undefined) {
+        this.watchFrom = r.nextPageToken ? lowest : 0n;
+        this.watchAbort?.abort();
       }
-    } catch {
-      // The watch reports connection trouble.
+    } catch (e) {
+      this.error = `Could not load older records (${errText(e)}).`;
+    } finally {
+      this.loadingOlder = false;
+      this.changedNow();
     }
   }
 
-  private async watch(signal: AbortSignal): Promise<void> {
+  /** The newest page (once), then the watch from its lowest ID, again after each failure. */
+  private async run(signal: AbortSignal): Promise<void> {
     while (!signal.aborted) {
+      const watchAbort = new AbortController();
+      this.watchAbort = watchAbort;
+      const onAbort = () => watchAbort.abort();
+      signal.addEventListener('abort', onAbort);
       try {
-        this.records.clear();
-        this.sorted = undefined;
-        this.ready = false;
-        for await (const ev of registry.watchConnections({}, { signal })) {
-          switch (ev.kind) {
-            case WatchEvent_Kind.UPSERT:
-              if (ev.connection) {
-                this.put(ev.connection);
-                if (this.ready) {
-                  this.liveEvents++;
-                  this.onLive?.(ev.connection);
-                }
-              }
-              break;
-            case WatchEvent_Kind.REMOVED:
-              this.records.delete(ev.id);
-              this.selected.delete(ev.id);
-              this.sorted = undefined;
-              if (this.ready) this.liveEvents++;
-              break;
-            case WatchEvent_Kind.SNAPSHOT_END:
-              this.ready = true;
-              this.preview = [];
-              this.error = '';
-              break;
-            case WatchEvent_Kind.RESET:
-              this.records.clear();
-              this.ready = false;
-              break;
-          }
-          this.changed();
-          if (this.ready) this.countsSoon();
-        }
+        if (this.watchFrom === undefined) await this.loadNewest(signal);
+        await this.watch(watchAbort.signal, this.watchFrom ?? 0n);
       } catch (e) {
-        if (signal.aborted || isCanceled(e)) return;
-        this.error = `The live view lost the registry (${errText(e)}); retrying.`;
-        this.changedNow();
+        if (signal.aborted) return;
+        // A watch stopped on purpose (to move its start) is not trouble.
+        if (!(watchAbort.signal.aborted && isCanceled(e))) {
+          this.error = `The live view lost the registry (${errText(e)}); retrying.`;
+          this.changedNow();
+        }
+      } finally {
+        signal.removeEventListener('abort', onAbort);
       }
-      // The stream ended (server restart, GOAWAY): start again with a fresh snapshot.
+      if (watchAbort.signal.aborted) continue;
+      // The stream ended (server restart, GOAWAY): start again.
       await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+
+  /** Shows the registry's newest page at once; the watch then starts at its lowest ID. */
+  private async loadNewest(signal: AbortSignal): Promise<void> {
+    const r = await registry.listConnections({ pageSize: PAGE, newestFirst: true }, { signal });
+    this.records.clear();
+    this.sorted = undefined;
+    for (const c of r.connections) this.put(c);
+    this.olderToken = r.nextPageToken;
+    // With every record in this page, the watch covers all (records opened later included).
+    this.watchFrom = r.nextPageToken ? (r.connections.at(-1)?.id ?? 0n) : 0n;
+    this.changedNow();
+  }
+
+  /**
+   * Applies the watch from `start`: its snapshot updates the records held (and removes those
+   * cleared meanwhile), then live changes.
+   */
+  private async watch(signal: AbortSignal, start: bigint): Promise<void> {
+    this.ready = false;
+    let seen = new Set<bigint>();
+    for await (const ev of registry.watchConnections({ startId: start }, { signal })) {
+      switch (ev.kind) {
+        case WatchEvent_Kind.UPSERT:
+          if (ev.connection) {
+            this.put(ev.connection);
+            if (this.ready) {
+              this.liveEvents++;
+              this.onLive?.(ev.connection);
+            } else {
+              seen.add(ev.connection.id);
+            }
+          }
+          break;
+        case WatchEvent_Kind.REMOVED:
+          this.records.delete(ev.id);
+          this.selected.delete(ev.id);
+          this.sorted = undefined;
+          if (this.ready) this.liveEvents++;
+          break;
+        case WatchEvent_Kind.SNAPSHOT_END:
+          // Records the watch covers that its snapshot did not send were cleared meanwhile.
+          for (const id of [...this.records.keys()]) {
+            if (id >= start && !seen.has(id)) {
+              this.records.delete(id);
+              this.selected.delete(id);
+            }
+          }
+          seen = new Set();
+          this.sorted = undefined;
+          this.ready = true;
+          this.error = '';
+          break;
+        case WatchEvent_Kind.RESET:
+          // A fresh snapshot follows; the records stay on screen until it ends.
+          seen = new Set();
+          this.ready = false;
+          break;
+      }
+      this.changed();
+      if (this.ready) this.countsSoon();
     }
   }
 

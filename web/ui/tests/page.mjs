@@ -128,6 +128,49 @@ const commands = {
       return true;
     });
   },
+  /** The Connections store's window: what it holds, where its watch starts, whether older records remain. */
+  async connWindow() {
+    return page.evaluate(() => {
+      const c = window.__interpose.conns;
+      const ids = c.ids();
+      return {
+        ready: c.ready,
+        loading: c.loadingOlder,
+        size: c.records.size,
+        first: ids[0]?.toString(),
+        last: ids.at(-1)?.toString(),
+        watchFrom: c.watchFrom?.toString(),
+        older: c.olderToken !== '',
+        button: !!document.querySelector('[data-testid="load-older"]'),
+        footer: document.querySelector('.conns .footer')?.textContent ?? '',
+      };
+    });
+  },
+  /** Waits until the store holds `size` records with its watch's snapshot in. */
+  async waitWindow({ size }) {
+    return until(`a window of ${size} records, live`, async () => {
+      const w = await commands.connWindow();
+      return w.ready && !w.loading && w.size === size ? w : undefined;
+    });
+  },
+  /** Waits until the store's record `id` has status number `status` (1 active, 2 disconnected). */
+  async waitStored({ id, status }) {
+    return until(`record ${id} with status ${status}`, () =>
+      page.evaluate(
+        ({ id, status }) => (window.__interpose.conns.records.get(BigInt(id))?.status === status ? true : undefined),
+        { id, status },
+      ),
+    );
+  },
+  /** Whether the store holds record `id`. */
+  async stored({ id }) {
+    return page.evaluate((id) => window.__interpose.conns.records.has(BigInt(id)), id);
+  },
+  /** Clicks "Load older". */
+  async loadOlder() {
+    await page.click('[data-testid="load-older"]');
+    return true;
+  },
   async rowIds() {
     return page.locator('.conn-row.row').evaluateAll((els) => els.map((e) => e.dataset.id));
   },
