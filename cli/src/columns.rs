@@ -434,7 +434,7 @@ pub const HELD: &[Column<HeldPacket>] = &[
     Column {
         key: "status",
         header: "STATUS",
-        cell: |h, _| crate::held::status_text(h),
+        cell: |h, _| status_text(h),
         shrinks: false,
         right: false,
         default: true,
@@ -476,3 +476,17 @@ pub const HELD: &[Column<HeldPacket>] = &[
         pair: None,
     },
 ];
+
+/// The live status of a held packet's connection: `active`, or `closed by server`.
+pub fn status_text(h: &HeldPacket) -> String {
+    match (
+        name_of::<ConnStatus>(h.conn_status),
+        name_of::<ClosedBy>(h.closed_by),
+    ) {
+        (Some("disconnected"), Some(by)) => format!("closed by {by}"),
+        // The proxy stopped waiting before the registry said how the connection ended.
+        (Some(_), _) if h.abandoned => "abandoned".into(),
+        (Some(s), _) => s.to_string(),
+        _ => "-".into(),
+    }
+}

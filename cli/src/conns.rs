@@ -26,7 +26,7 @@ use crate::{
     client::{registry, status},
     columns,
     output::{ConnJson, TSV_HEADER, conn_json, conn_tsv},
-    table,
+    table::{self, TableArgs},
 };
 
 #[derive(Debug, Subcommand)]
@@ -88,20 +88,6 @@ pub fn named<T: Named + Clone + Send + Sync>() -> impl TypedValueParser<Value = 
         // The possible-values parser let only listed names through.
         T::from_name(&name).unwrap_or(T::ALL[0])
     })
-}
-
-/// How a table is drawn.
-#[derive(Debug, Clone, Args)]
-pub struct TableArgs {
-    /// Never cut long values to fit the terminal.
-    #[arg(long)]
-    pub wide: bool,
-    /// Comma-separated columns to show, in order (`--help` lists them).
-    #[arg(long, value_name = "COLUMNS")]
-    pub columns: Option<String>,
-    /// Times in the local time zone (default UTC).
-    #[arg(long)]
-    pub local_time: bool,
 }
 
 /// Filters shared by list, watch and stats.

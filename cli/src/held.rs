@@ -21,11 +21,10 @@ use crate::{
     ServerArgs,
     client::status,
     columns,
-    conns::TableArgs,
     hexdump::{dump, parse_dump, parse_hex},
     intercept::client,
     output::{now, preview},
-    table,
+    table::{self, TableArgs},
 };
 
 #[derive(Debug, Subcommand)]
@@ -91,24 +90,10 @@ pub fn held_json(h: &HeldPacket) -> Value {
     })
 }
 
-/// The live status of a held packet's connection: `active`, or `closed by server`.
-pub fn status_text(h: &HeldPacket) -> String {
-    match (
-        name_of::<ConnStatus>(h.conn_status),
-        name_of::<ClosedBy>(h.closed_by),
-    ) {
-        (Some("disconnected"), Some(by)) => format!("closed by {by}"),
-        // The proxy stopped waiting before the registry said how the connection ended.
-        (Some(_), _) if h.abandoned => "abandoned".into(),
-        (Some(s), _) => s.to_string(),
-        _ => "-".into(),
-    }
-}
-
 /// A held packet on one `held watch` line.
 fn row(h: &HeldPacket) -> String {
     let p = h.packet.clone().unwrap_or_default();
-    let status = status_text(h);
+    let status = columns::status_text(h);
     format!(
         "{:>6} {:>6}  {:<4} {:<28} {:>6}  {:<16} {}",
         h.held_id,

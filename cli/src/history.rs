@@ -22,11 +22,10 @@ use crate::{
     ServerArgs,
     client::{registry, status},
     columns::{self, HistoryLine},
-    conns::TableArgs,
     hexdump::dump,
     history_purge::parse_time,
     output::{packet_json, target},
-    table,
+    table::{self, TableArgs},
 };
 
 /// A connection ID as an option takes it: 0 is no connection.

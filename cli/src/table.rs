@@ -5,6 +5,21 @@
 use std::time::{Duration, SystemTime};
 
 use anyhow::bail;
+use clap::Args;
+
+/// How a table is drawn.
+#[derive(Debug, Clone, Args)]
+pub struct TableArgs {
+    /// Never cut long values to fit the terminal.
+    #[arg(long)]
+    pub wide: bool,
+    /// Comma-separated columns to show, in order (`--help` lists them).
+    #[arg(long, value_name = "COLUMNS")]
+    pub columns: Option<String>,
+    /// Times in the local time zone (default UTC).
+    #[arg(long)]
+    pub local_time: bool,
+}
 
 /// How cells render values that depend on the reader: local or UTC times, and "now" for the
 /// duration of what is still open.
