@@ -21,7 +21,7 @@ impl HistoryArgs {
         HistoryOptions {
             max_bytes: self.history_max_bytes,
             when_full: self.history_full,
-            segment_bytes: None,
+            ..Default::default()
         }
     }
 }

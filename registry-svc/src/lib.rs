@@ -1,6 +1,7 @@
 //! registry-svc: the durable home of Interpose's connection records and proxy history.
 //!
-//! [`store`] keeps them in sled behind the [`backend::Backend`] trait, [`ingest`] writes and
+//! [`store`] keeps the records in sled and the history in a log of segment files, behind
+//! the [`backend::Backend`] trait; [`ingest`] writes and
 //! commits them, [`watch`] orders changes for live watchers ([`watcher`] serves one),
 //! [`state`] holds the operations and [`service`] serves them as
 //! `interpose.registry.v1.Registry`.

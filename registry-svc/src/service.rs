@@ -27,7 +27,7 @@ impl From<StoreError> for Status {
             StoreError::NotFound(_) => Status::not_found(e.to_string()),
             StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
             StoreError::Sled(_)
-            | StoreError::Payload(_)
+            | StoreError::History(_)
             | StoreError::Corrupt { .. }
             | StoreError::Task(_) => Status::internal(e.to_string()),
             // Another replica may serve the call: the client retries there.

@@ -1,99 +1,25 @@
-//! The arrival log: the order in which history packets and connection closes were recorded,
-//! so a follower (`FollowHistory`) can tail the history as it grows.
+//! The arrival order: the order in which history packets and connection closes were
+//! recorded, so a follower (`FollowHistory`) can tail the history as it grows.
 //!
-//! Every write of fresh packets or closed records takes the next *position* (1, 2, 3, ...):
-//! the packets are stored with it (`StoredPacket::recorded`) and one `arrivals` entry,
-//! position (8 bytes, big-endian) -> [`Arrival`], lists the runs they went into and the
-//! closed records as they were then. Positions are assigned under one lock and announced
-//! after the write, so a reader that has seen position N finds every entry up to N.
+//! Every write of fresh packets or closed records takes the next *position* (1, 2, 3, ...)
+//! and is one frame of the history log ([`super::log`]), so the log itself is the arrival
+//! order: a follower reads frames after its position, found through each segment's index of
+//! frame offsets. Positions are assigned under the log's writer lock and announced after the
+//! write, so a reader that has seen position N finds every frame up to N.
 //!
 //! A follower reads the log from disk at its own pace: however slow it is, the registry
-//! buffers nothing for it. Packets stored before the log existed have position 0; they are
-//! reached through a snapshot scan only.
+//! buffers nothing for it.
 
-use std::sync::{Mutex, MutexGuard};
-
-use prost::Message;
 use proto::common::{Connection, Packet};
 use tokio::sync::watch;
 
-use super::{Run, Store, StoreError, decode, split_history_key};
-
-/// One log entry: where the packets recorded at a position went, and the records closed.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Arrival {
-    /// History keys of the runs holding the position's packets, in key order.
-    #[prost(bytes = "vec", repeated, tag = "1")]
-    pub runs: Vec<Vec<u8>>,
-    /// Records closed at this position, as they were once closed.
-    #[prost(message, repeated, tag = "2")]
-    pub closed: Vec<Connection>,
-}
+use super::{Store, StoreError};
 
 /// One thing a follower is told, in log order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Followed {
     Packet(Packet),
     Closed(Box<Connection>),
-}
-
-/// The log's tree, its last position and the announcement of new positions.
-pub struct Arrivals {
-    tree: sled::Tree,
-    last: Mutex<u64>,
-    announce: watch::Sender<u64>,
-}
-
-impl Arrivals {
-    /// Opens the log in `db`, continuing after its last position.
-    pub fn open(db: &sled::Db) -> Result<Self, StoreError> {
-        let tree = db.open_tree("arrivals")?;
-        let last = match tree.last()? {
-            Some((k, _)) => position_of(&k),
-            None => 0,
-        };
-        Ok(Self {
-            tree,
-            last: Mutex::new(last),
-            announce: watch::channel(last).0,
-        })
-    }
-
-    /// Holds the log for one write; [`Arrivals::next`] is the position it takes.
-    pub fn lock(&self) -> MutexGuard<'_, u64> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Writes `entry` at the position after `*last` and announces it.
-    pub fn append(&self, last: &mut u64, entry: &Arrival) -> Result<(), StoreError> {
-        let n = *last + 1;
-        self.tree.insert(n.to_be_bytes(), entry.encode_to_vec())?;
-        *last = n;
-        self.announce.send_replace(n);
-        Ok(())
-    }
-
-    /// Deletes the entries up to position `last` (their packets were removed).
-    pub fn trim_through(&self, last: u64) -> Result<(), StoreError> {
-        for k in self.tree.range(..=last.to_be_bytes()).keys() {
-            self.tree.remove(k?)?;
-        }
-        Ok(())
-    }
-
-    /// The last position written.
-    pub fn position(&self) -> u64 {
-        *self.announce.borrow()
-    }
-
-    /// A receiver that wakes when a new position is written.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.announce.subscribe()
-    }
-}
-
-fn position_of(k: &[u8]) -> u64 {
-    <[u8; 8]>::try_from(k).map(u64::from_be_bytes).unwrap_or(0)
 }
 
 /// A page of the log read by a follower.
@@ -105,31 +31,19 @@ pub struct LogPage {
 }
 
 impl Store {
-    /// Stores `packets` (as [`Store::put_packets`]) and logs them, with the records
-    /// `closed`, at the next position. Nothing is logged when nothing is new.
-    pub fn record(&self, packets: Vec<Packet>, closed: Vec<Connection>) -> Result<(), StoreError> {
-        let mut last = self.arrivals.lock();
-        let runs = self.store_packets(packets, *last + 1)?;
-        if runs.is_empty() && closed.is_empty() {
-            return Ok(());
-        }
-        let runs = runs.iter().map(|k| k.to_vec()).collect();
-        self.arrivals.append(&mut last, &Arrival { runs, closed })
-    }
-
     /// The last position written to the arrival log.
     pub fn position(&self) -> u64 {
-        self.arrivals.position()
+        self.log.position()
     }
 
     /// A receiver that wakes when the arrival log grows.
     pub fn follow_positions(&self) -> watch::Receiver<u64> {
-        self.arrivals.subscribe()
+        self.log.subscribe()
     }
 
     /// What was recorded after position `after` (of connection `conn_id` only, unless 0),
-    /// up to about `max_bytes` of payload and at most `max_entries` positions. Runs removed
-    /// meanwhile are skipped.
+    /// up to about `max_bytes` of payload and at most `max_entries` positions. Segments
+    /// removed meanwhile are skipped.
     pub fn log_after(
         &self,
         after: u64,
@@ -137,50 +51,18 @@ impl Store {
         max_entries: usize,
         max_bytes: usize,
     ) -> Result<LogPage, StoreError> {
-        let mut page = LogPage {
-            items: Vec::new(),
-            last: after,
-        };
-        let mut bytes = 0;
-        let start = after.saturating_add(1).to_be_bytes();
-        for kv in self.arrivals.tree.range(start..).take(max_entries) {
-            let (k, v) = kv?;
-            let n = position_of(&k);
-            let entry: Arrival = decode("arrival log entry", &v)?;
-            for key in &entry.runs {
-                let Some((conn, _)) = split_history_key(key) else {
-                    continue;
-                };
-                if conn_id != 0 && conn != conn_id {
-                    continue;
-                }
-                let Some(run) = self.history.get(key)? else {
-                    continue;
-                };
-                let run: Run = decode("history run", &run)?;
-                for p in run
-                    .packets
+        let (frames, last) = self.log.after(after, conn_id, max_entries, max_bytes)?;
+        let mut items = Vec::new();
+        for f in frames {
+            let n = f.pos;
+            items.extend(f.packets.into_iter().map(|p| (n, Followed::Packet(p))));
+            items.extend(
+                f.closed
                     .into_iter()
-                    .filter(|p| p.recorded == n && self.holds(p))
-                {
-                    let p = self.load(p)?;
-                    bytes += p.data.len() + p.original.len();
-                    page.items.push((n, Followed::Packet(p)));
-                }
-            }
-            page.items.extend(
-                entry
-                    .closed
-                    .into_iter()
-                    .filter(|c| conn_id == 0 || c.id == conn_id)
                     .map(|c| (n, Followed::Closed(Box::new(c)))),
             );
-            page.last = n;
-            if bytes >= max_bytes {
-                break;
-            }
         }
-        Ok(page)
+        Ok(LogPage { items, last })
     }
 }
 
@@ -254,7 +136,7 @@ mod tests {
             let s = Store::open(&path).expect("open");
             s.record(vec![pkt(1, 1)], Vec::new()).unwrap();
             s.record(vec![pkt(1, 2)], Vec::new()).unwrap();
-            s.db.flush().unwrap();
+            s.commit().unwrap();
         }
         // A fresh sled handle of the same path in one process can hit the lock: use a copy.
         let copy = dir.path().join("copy");

@@ -1,24 +1,18 @@
 //! Purging history on request (`PurgeHistory`, `interpose history purge`): the packets of
 //! some connections, those recorded before a time, or all of it.
 //!
-//! The runs are rewritten without the purged packets, their `segment_runs` entries for
-//! segments they no longer reach removed and the counts written, in one sled transaction;
-//! after a flush, every closed segment that no entry points into any more is deleted. A
-//! segment still holding one kept packet stays (its purged bytes are freed when it is
-//! evicted or purged in full): files are deleted, never rewritten. A crash after the flush
-//! leaves a file nothing points into, deleted at the next open.
+//! The log is closed at the current position first, so every packet is in a closed segment.
+//! A segment all of whose packets go is deleted whole; one that keeps some is written anew
+//! without the purged packets (same positions, same order) and renamed over the old file.
+//! The counts are made durable before any file is deleted.
 //!
-//! Followers (`FollowHistory`) simply no longer see purged packets; the arrival log keeps
-//! its positions so that they continue across restarts.
+//! Followers (`FollowHistory`) simply no longer see purged packets; positions continue.
 
-use std::{collections::BTreeSet, sync::atomic::Ordering};
+use std::sync::atomic::Ordering;
 
-use prost::Message;
+use proto::common::Packet;
 
-use super::{
-    HISTORY_COUNT, Run, Store, StoreError, StoredPacket, budget::PURGED_BYTES,
-    budget::PURGED_PACKETS, decode, history_key, segment_run_key,
-};
+use super::{Store, StoreError, log::Summary};
 
 /// What to purge.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,95 +59,33 @@ fn before(ts: &Option<prost_types::Timestamp>, t: &prost_types::Timestamp) -> bo
 impl Store {
     /// Purges the history `what` selects; see the module documentation.
     pub fn purge(&self, what: &Purge) -> Result<Purged, StoreError> {
-        // Held throughout: no write interleaves with the rewrite of a run.
-        let _writes = self.arrivals.lock();
-        let keys: Vec<sled::IVec> = match what {
-            Purge::Conns(ids) => {
-                let mut keys = Vec::new();
-                for &id in ids {
-                    let range = history_key(id, 0)..=history_key(id, u64::MAX);
-                    for k in self.history.range(range).keys() {
-                        keys.push(k?);
-                    }
-                }
-                keys
-            }
-            Purge::Before(_) | Purge::All => {
-                self.history.iter().keys().collect::<Result<_, _>>()?
-            }
-        };
-        let purged_here = |p: &StoredPacket| match what {
-            Purge::Conns(_) | Purge::All => true,
+        let gone = |p: &Packet| match what {
+            Purge::Conns(ids) => ids.contains(&p.conn_id),
             Purge::Before(t) => before(&p.ts, t),
+            Purge::All => true,
         };
-        let mut out = Purged::default();
-        let mut runs: Vec<(sled::IVec, Option<Vec<u8>>)> = Vec::new();
-        let mut unindexed: Vec<[u8; 24]> = Vec::new();
-        let mut touched = BTreeSet::new();
-        for key in keys {
-            let Some(v) = self.history.get(&key)? else {
-                continue;
-            };
-            let mut run: Run = decode("history run", &v)?;
-            let segments = |r: &Run| -> BTreeSet<u64> {
-                r.packets
-                    .iter()
-                    .filter(|p| p.log_len > 0)
-                    .map(|p| p.segment)
-                    .collect()
-            };
-            let had = segments(&run);
-            let before_len = run.packets.len();
-            run.packets.retain(|p| {
-                let gone = purged_here(p);
-                if gone {
-                    out.packets += 1;
-                    out.bytes += p.log_len.max(p.data.len() as u64);
-                }
-                !gone
-            });
-            if run.packets.len() == before_len {
-                continue;
-            }
-            let has = segments(&run);
-            if let Ok(k16) = <[u8; 16]>::try_from(key.as_ref()) {
-                for &n in had.difference(&has) {
-                    unindexed.push(segment_run_key(n, &k16));
-                    touched.insert(n);
-                }
-            }
-            runs.push((key, (!run.packets.is_empty()).then(|| run.encode_to_vec())));
-        }
+        // A segment all of whose packets go is deleted without being read.
+        let keeps_none = |s: &Summary, conns: &[u64]| match what {
+            Purge::Conns(ids) => conns.iter().all(|c| ids.contains(c)),
+            Purge::Before(t) => s.untimed == 0 && s.max_ts < (t.seconds, t.nanos),
+            Purge::All => true,
+        };
+        let p = self.log.purge(&gone, *what == Purge::All, &keeps_none)?;
         let b = &self.budget;
-        b.purged_packets.fetch_add(out.packets, Ordering::Relaxed);
-        b.purged_bytes.fetch_add(out.bytes, Ordering::Relaxed);
-        let count = self
-            .history_count
-            .load(Ordering::Relaxed)
-            .saturating_sub(out.packets);
-        self.history_count.store(count, Ordering::Relaxed);
-        let meta = [
-            (PURGED_PACKETS, b.purged_packets.load(Ordering::Relaxed)),
-            (PURGED_BYTES, b.purged_bytes.load(Ordering::Relaxed)),
-            (HISTORY_COUNT, count),
-        ];
-        self.commit_trim(&runs, &unindexed, &meta, "purge")?;
-        self.db.flush()?;
-        let current = self.payloads.current();
-        let current_unused = self
-            .segment_runs
-            .scan_prefix(current.to_be_bytes())
-            .next()
-            .is_none();
-        if current_unused {
-            // Nothing kept is in the segment being written: start a fresh one so it can go.
-            self.payloads.close_current()?;
-            touched.insert(current);
+        b.purged_packets.fetch_add(p.packets, Ordering::Relaxed);
+        b.purged_bytes.fetch_add(p.bytes, Ordering::Relaxed);
+        // Counted and made durable before the files go: a crash in between leaves segments
+        // that a purge would delete again, never a count missing.
+        self.save_counts()?;
+        self.meta.flush()?;
+        for n in &p.emptied {
+            self.log.remove(*n)?;
         }
-        if *what == Purge::All {
-            touched.extend(self.payloads.numbers());
-        }
-        out.freed_bytes = self.delete_unreferenced(touched)?;
+        let out = Purged {
+            packets: p.packets,
+            bytes: p.bytes,
+            freed_bytes: p.freed,
+        };
         tracing::info!(
             packets = out.packets,
             bytes = out.bytes,
@@ -161,36 +93,6 @@ impl Store {
             "purged history on request"
         );
         Ok(out)
-    }
-
-    /// Deletes those of `segments` that are closed and that no entry points into; returns
-    /// the bytes freed. Segment 0 (a store from before segments) has no index: it goes
-    /// only when the history is empty.
-    pub(super) fn delete_unreferenced(
-        &self,
-        segments: impl IntoIterator<Item = u64>,
-    ) -> Result<u64, StoreError> {
-        let current = self.payloads.current();
-        let mut freed = 0;
-        for n in segments {
-            if n == current || !self.payloads.has(n) {
-                continue;
-            }
-            let referenced = match n {
-                0 => !self.history.is_empty(),
-                n => self
-                    .segment_runs
-                    .scan_prefix(n.to_be_bytes())
-                    .next()
-                    .is_some(),
-            };
-            if !referenced {
-                let before = self.payloads.total_bytes();
-                self.payloads.remove(n)?;
-                freed += before - self.payloads.total_bytes();
-            }
-        }
-        Ok(freed)
     }
 }
 
@@ -236,7 +138,9 @@ mod tests {
     fn purging_connections_frees_the_segments_only_they_used() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        // Segment 1: conn 1's two packets; segment 2: conn 2 and conn 1; segment 3: conn 2.
+        // Frames of two 500-byte packets take 1116 bytes, of one 572, and each closes its
+        // segment. Segment 1: conn 1's two packets; segment 2: conn 1 and conn 2; segment
+        // 3: conn 2.
         s.put_packets(vec![pkt(1, 1, 10), pkt(1, 2, 10)]).unwrap();
         s.put_packets(vec![pkt(2, 1, 20), pkt(1, 3, 20)]).unwrap();
         s.put_packets(vec![pkt(2, 2, 30)]).unwrap();
@@ -246,11 +150,15 @@ mod tests {
             Purged {
                 packets: 3,
                 bytes: 1500,
-                freed_bytes: 1000
+                freed_bytes: 1116 + (1116 - 572)
             }
         );
         assert_eq!(kept(&s), [(2, 1), (2, 2)]);
-        assert_eq!(s.payloads.numbers(), [2, 3], "segment 2 still holds (2, 1)");
+        assert_eq!(
+            s.log.numbers(),
+            [2, 3, 4],
+            "segment 2 was written anew with (2, 1)"
+        );
         assert_eq!((s.history_len(), s.budget().purged()), (2, (3, 1500)));
     }
 
@@ -267,7 +175,7 @@ mod tests {
             nanos: 0,
         };
         let got = s.purge(&Purge::Before(cut)).unwrap();
-        assert_eq!((got.packets, got.freed_bytes), (2, 1000));
+        assert_eq!((got.packets, got.freed_bytes), (2, 1116));
         assert_eq!(kept(&s), [(1, 3), (2, 1)]);
     }
 
@@ -283,7 +191,7 @@ mod tests {
             Purged {
                 packets: 3,
                 bytes: 1500,
-                freed_bytes: 1500
+                freed_bytes: 1116 + 572
             }
         );
         assert_eq!(
