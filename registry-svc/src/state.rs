@@ -11,7 +11,7 @@ use proto::{
 
 use crate::{
     backend::{Backend, PageAt},
-    store::{Change, Store, StoreError},
+    backend::{Change, StoreError, sled_store::Store},
     watch::Hub,
 };
 
@@ -114,13 +114,13 @@ impl State {
 
     /// Opens the store in `dir`.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
-        Self::open_with(dir, &crate::store::HistoryOptions::default())
+        Self::open_with(dir, &crate::backend::sled_store::HistoryOptions::default())
     }
 
     /// Opens the store in `dir` with the history budget `history`.
     pub fn open_with(
         dir: &Path,
-        history: &crate::store::HistoryOptions,
+        history: &crate::backend::sled_store::HistoryOptions,
     ) -> Result<Arc<Self>, StoreError> {
         Ok(Self::with_backend(Box::new(Store::open_with(
             dir, history,
@@ -236,7 +236,7 @@ impl State {
         let state = self.clone();
         tokio::task::spawn_blocking(move || f(&state))
             .await
-            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
+            .unwrap_or_else(|e| Err(StoreError::Task(e)))
     }
 
     /// Makes everything applied so far durable, blocking the calling thread.

@@ -101,7 +101,7 @@ mod tests {
     use proto::common::Packet;
 
     use super::*;
-    use crate::store::HistoryOptions;
+    use crate::backend::sled_store::HistoryOptions;
 
     fn pkt(conn_id: u64, seq: u64, secs: i64) -> Packet {
         Packet {

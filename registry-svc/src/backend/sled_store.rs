@@ -26,7 +26,7 @@ use std::{path::Path, sync::Mutex};
 use prost::Message;
 use proto::{
     common::{ConnStatus, Connection, Packet},
-    registry::{ConnectionClosed, ConnectionUpdate, Counters, ProxyLosses},
+    registry::{ConnectionClosed, ConnectionUpdate, ProxyLosses},
 };
 
 pub mod active;
@@ -36,89 +36,17 @@ pub mod budget;
 pub mod frame;
 pub mod log;
 mod migrate;
+pub mod payload;
 pub mod purge;
 pub mod unwritten;
 
+pub use crate::backend::StoreError;
 pub use arrivals::{Followed, LogPage};
 pub use budget::{HistoryOptions, WhenFull};
 pub use purge::{Purge, Purged};
 
 /// Largest block of IDs one lease may take.
 pub const MAX_LEASE: u32 = 65_536;
-
-/// What went wrong in the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// sled failed (I/O error, corruption detected by sled).
-    // Not a `#[source]`: the cause chain would print sled's debug text after the sentence.
-    #[error("registry store: {}", describe_sled(.0))]
-    Sled(sled::Error),
-    /// The history log failed.
-    #[error("registry history: {0}")]
-    History(#[from] std::io::Error),
-    /// A stored value does not decode.
-    #[error("corrupt {what} in the registry store: {source}")]
-    Corrupt {
-        what: &'static str,
-        source: prost::DecodeError,
-    },
-    /// No record with this ID.
-    #[error("no connection with ID {0}")]
-    NotFound(u64),
-    /// The request itself is wrong.
-    #[error("{0}")]
-    Invalid(String),
-    /// The task doing the store work panicked or was cancelled.
-    #[error("registry store task: {0}")]
-    Task(String),
-    /// The PostgreSQL database failed or cannot be reached.
-    #[error("registry database: {0}")]
-    Database(String),
-}
-
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        Self::Sled(e)
-    }
-}
-
-/// A sled error as a sentence: sled's own messages embed Rust debug text (`Os { code: 11,
-/// kind: WouldBlock, .. }`), which users should never see.
-fn describe_sled(e: &sled::Error) -> String {
-    match e {
-        // sled reports a held lock as an `Other` error with this text.
-        sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock") => {
-            "the data directory is in use by another Interpose process (another `interpose \
-             up` or registry-svc holds its lock)"
-                .to_string()
-        }
-        sled::Error::Io(io) => match io.raw_os_error() {
-            // The OS's words for the error, without sled's debug-formatted wrapping.
-            Some(code) => std::io::Error::from_raw_os_error(code).to_string(),
-            None if io.get_ref().is_some() => io.to_string(),
-            None => format!("I/O error ({})", io.kind()),
-        },
-        sled::Error::Corruption { at, .. } => match at {
-            Some(at) => format!("the store is corrupt (at {at})"),
-            None => "the store is corrupt".to_string(),
-        },
-        sled::Error::CollectionNotFound(_) => "a store collection is missing".to_string(),
-        sled::Error::Unsupported(what) => format!("unsupported: {what}"),
-        sled::Error::ReportableBug(what) => format!("internal sled error: {what}"),
-    }
-}
-
-/// A change to the connection records, as watchers see it.
-#[derive(Debug, Clone)]
-pub enum Change {
-    /// The record was created or changed.
-    Upsert(std::sync::Arc<Connection>),
-    /// The record was cleared.
-    Removed(u64),
-    /// Changes were missed (a store's feed fell behind what it keeps): every watcher starts
-    /// over from a new snapshot.
-    Reset,
-}
 
 /// The registry's store: records in sled, history in the log.
 pub struct Store {
@@ -308,7 +236,7 @@ impl Store {
         let Some(mut c) = self.get_opt(u.id)? else {
             return Ok(None);
         };
-        merge_update(&mut c, u);
+        crate::backend::model::merge_update(&mut c, u);
         self.put_conn(&c)?;
         Ok(Some(c))
     }
@@ -319,7 +247,7 @@ impl Store {
         let Some(mut c) = self.get_opt(e.id)? else {
             return Ok(None);
         };
-        apply_close(&mut c, e);
+        crate::backend::model::apply_close(&mut c, e);
         self.put_conn_status(&c)?;
         Ok(Some(c))
     }
@@ -463,56 +391,11 @@ impl Store {
     }
 }
 
-fn set_counters(c: &mut Connection, n: &Counters) {
-    // Counters only grow; a replayed older update must not shrink them.
-    c.bytes_c2s = c.bytes_c2s.max(n.bytes_c2s);
-    c.bytes_s2c = c.bytes_s2c.max(n.bytes_s2c);
-    c.packets_c2s = c.packets_c2s.max(n.packets_c2s);
-    c.packets_s2c = c.packets_s2c.max(n.packets_s2c);
-}
-
-/// A record as it is once `e` closed it (shared by every backend).
-pub(crate) fn apply_close(c: &mut Connection, e: &ConnectionClosed) {
-    c.status = ConnStatus::Disconnected as i32;
-    c.closed_at = e.closed_at;
-    c.closed_by = e.closed_by;
-    c.close_kind = e.close_kind;
-    c.reason.clone_from(&e.reason);
-    if let Some(n) = &e.counters {
-        set_counters(c, n);
-    }
-}
-
-/// A record as it is once `u` updated it (shared by every backend).
-pub(crate) fn merge_update(c: &mut Connection, u: &ConnectionUpdate) {
-    fn set(dst: &mut String, src: &str) {
-        if !src.is_empty() {
-            *dst = src.to_string();
-        }
-    }
-    set(&mut c.dst_ip, &u.dst_ip);
-    set(&mut c.sni, &u.sni);
-    set(&mut c.alpn, &u.alpn);
-    c.tls |= u.tls;
-    c.upstream_insecure |= u.upstream_insecure;
-    if u.client_tls.is_some() {
-        c.client_tls.clone_from(&u.client_tls);
-    }
-    if u.upstream_tls.is_some() {
-        c.upstream_tls.clone_from(&u.upstream_tls);
-    }
-    if u.client_process.is_some() {
-        c.client_process.clone_from(&u.client_process);
-    }
-    if let Some(n) = &u.counters {
-        set_counters(c, n);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Backend;
+    use crate::backend::{Records, model::merge_update};
+    use proto::registry::Counters;
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");

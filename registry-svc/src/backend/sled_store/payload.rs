@@ -1,7 +1,7 @@
-//! The payload log of stores from before the history log ([`crate::store::log`]): packet
+//! The payload log of stores from before the history log ([`crate::backend::sled_store::log`]): packet
 //! bytes appended to `history/NNNNNN.seg` files (or one `history.log`) and referenced from
 //! sled's old `history` tree by (segment, offset, length). Kept to read such a store once,
-//! when it is moved into the history log ([`crate::store`]'s `migrate`), and for its tests.
+//! when it is moved into the history log ([`crate::backend::sled_store`]'s `migrate`), and for its tests.
 
 use std::{
     collections::BTreeMap,

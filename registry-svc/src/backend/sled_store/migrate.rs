@@ -1,7 +1,7 @@
 //! Moving a store from before the history log into it, once, at open.
 //!
 //! Such a store keeps its history in sled: runs of packets in the `history` tree (payloads
-//! in `history/NNNNNN.seg` files or a single `history.log`, see [`crate::payload`]), with
+//! in `history/NNNNNN.seg` files or a single `history.log`, see [`crate::backend::sled_store::payload`]), with
 //! the `segment_runs` and `arrivals` trees beside them. Its packets are written to the log
 //! in (connection, seq) order, in batches, with a progress line every few seconds; then the
 //! log is synced, the old trees dropped and flushed, and the old files deleted.
@@ -20,8 +20,8 @@ use proto::{
     registry_store::{Run, StoredPacket},
 };
 
+use super::payload::PayloadLog;
 use super::{Store, StoreError, decode};
-use crate::payload::PayloadLog;
 
 /// Packets per batch written to the log.
 const BATCH_PACKETS: usize = 1_000;
