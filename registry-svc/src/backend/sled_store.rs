@@ -173,8 +173,6 @@ impl Store {
         Ok((first, next - 1))
     }
 
-    /// Stores history packets, idempotently: packets a run already holds (a replayed batch)
-
     /// Stores history packets, idempotently: packets already stored (a replayed batch) are
     /// skipped and the fresh ones logged (see [`Store::record`]).
     pub fn put_packets(&self, packets: Vec<Packet>) -> Result<(), StoreError> {
@@ -341,8 +339,6 @@ impl Store {
         }
         Ok(removed)
     }
-
-    /// History packets from position `(conn_id, seq)` onwards in (connection, seq) order
 
     /// History packets from position `(conn_id, seq)` onwards in (connection, seq) order
     /// (only that connection's when `only_conn`), each passed to `f` until it returns false.
