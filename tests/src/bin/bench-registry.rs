@@ -59,8 +59,15 @@ static BASELINE: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// Starts a registry whose history budget is out of the way of the growth phase.
 async fn registry(dir: &std::path::Path) -> anyhow::Result<Registry> {
     let baseline = BASELINE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // Long-lived gRPC connections: the phases keep one client for minutes.
+    let long = ["--grpc-max-age", "1h", "--grpc-idle-timeout", "1h"];
     let Some(bin) = baseline else {
-        return Registry::start_with(dir, "127.0.0.1:0", &["--history-max-bytes", "0"]).await;
+        return Registry::start_with(
+            dir,
+            "127.0.0.1:0",
+            &[&["--history-max-bytes", "0"][..], &long[..]].concat(),
+        )
+        .await;
     };
     let mut cmd = tokio::process::Command::new(bin);
     cmd.args([
@@ -71,7 +78,8 @@ async fn registry(dir: &std::path::Path) -> anyhow::Result<Registry> {
         "0",
         "--data-dir",
     ])
-    .arg(dir);
+    .arg(dir)
+    .args(long);
     let proc = tests::Proc::start(cmd, dir.with_extension("registry.log")).await?;
     let listen = proc.field("listen").context("listen= in the ready line")?;
     Ok(Registry {
