@@ -218,9 +218,10 @@ impl Store {
         &self.budget
     }
 
-    /// Bytes of history on disk (the log's segment files).
+    /// Bytes of history payload in the log (its segment files hold them and the frames'
+    /// headers, about 72 bytes a packet; the budget counts the files).
     pub fn history_bytes(&self) -> u64 {
-        self.log.total_bytes()
+        self.log.payload_bytes()
     }
 
     /// Bytes sled uses on disk (records and bookkeeping).
@@ -349,7 +350,7 @@ mod tests {
         // Segments of two frames; after each write the oldest go until four segments
         // remain: the last 8 packets, in segments 7 to 10.
         assert_eq!(seqs(&s), (13..=20).collect::<Vec<_>>());
-        assert_eq!(s.history_bytes(), 8 * FRAME);
+        assert_eq!(s.history_bytes(), 8 * 500);
         assert_eq!(s.budget().evicted(), (12, 6000));
         assert_eq!(s.history_len(), 8);
         assert_eq!(
@@ -386,7 +387,7 @@ mod tests {
         assert_eq!(seqs(&s), [1, 2, 3, 4]);
         assert_eq!(s.budget().refused(), (2, 1000));
         assert_eq!(s.budget().evicted(), (0, 0));
-        assert_eq!(s.history_bytes(), 4 * FRAME);
+        assert_eq!(s.history_bytes(), 4 * 500);
     }
 
     #[test]

@@ -564,6 +564,12 @@ impl HistoryLog {
         s.open.summary.len + s.closed.values().map(|c| c.summary.len).sum::<u64>()
     }
 
+    /// Payload bytes (data and original) of the packets in the log.
+    pub fn payload_bytes(&self) -> u64 {
+        let s = self.read_segments();
+        s.open.summary.payload + s.closed.values().map(|c| c.summary.payload).sum::<u64>()
+    }
+
     /// Stores `packets` and logs them with `closed` at the next arrival position: packets
     /// already stored (a replayed batch) are skipped, and `admits(packets, bytes, stored)`
     /// decides whether the fresh ones are kept.
