@@ -1,5 +1,5 @@
 //! `FollowHistory`: a snapshot of the records and history at one arrival position, then
-//! everything recorded after it, read from the arrival log (see [`crate::store::arrivals`]).
+//! everything recorded after it, read from the arrival log (see [`crate::backend::sled_store::arrivals`]).
 //!
 //! Memory stays bounded whatever the follower's speed: the task reads one page from disk
 //! (records included), sends it through a small channel (waiting while the follower is
@@ -17,8 +17,8 @@ use tonic::Status;
 
 use crate::{
     backend::PageAt,
+    backend::{StoreError, sled_store::Followed},
     state::{HistoryQuery, PAGE_BYTES, State},
-    store::{Followed, StoreError},
 };
 
 /// Arrival log entries read per page.
@@ -67,7 +67,7 @@ pub async fn follow(state: Arc<State>, req: FollowHistoryRequest, tx: Tx, drain:
 /// page's. A record read before a close recorded by then gets that close from the log
 /// before `caught_up`, so every record reaches the follower as it is at that position.
 async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End> {
-    let evicted_before = state.store.removed_position();
+    let evicted_before = blocking(state, |st| Ok(st.store.removed_position())).await?;
     // Each page read: the last ID it covered and the position it was read at.
     let mut pages: Vec<(u64, u64)> = Vec::new();
     let mut from = Some(0);
@@ -107,7 +107,7 @@ async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End>
     }
     closes_between_pages(state, conn_id, &pages, tx).await?;
     // Evicted while the snapshot was read: some of it may be missing.
-    let evicted = state.store.removed_position();
+    let evicted = blocking(state, |st| Ok(st.store.removed_position())).await?;
     if evicted > evicted_before {
         send(tx, gap(evicted.min(upto))).await?;
     }
@@ -168,13 +168,14 @@ async fn live(state: &Arc<State>, conn_id: u64, mut cursor: u64, tx: &Tx) -> Res
     loop {
         // Marked seen before the read: a position written after it wakes the wait below.
         positions.borrow_and_update();
-        let page = blocking(state, move |st| {
-            st.store.log_after(cursor, conn_id, LOG_PAGE, PAGE_BYTES)
+        // `evicted` is read after the page: positions up to it may have lost packets before
+        // or while the page was read (eviction removes whole segments, so later ones are
+        // whole).
+        let (page, evicted) = blocking(state, move |st| {
+            let page = st.store.log_after(cursor, conn_id, LOG_PAGE, PAGE_BYTES)?;
+            Ok((page, st.store.removed_position()))
         })
         .await?;
-        // Read after the page: positions up to it may have lost packets before or while
-        // the page was read (eviction removes whole segments, so later ones are whole).
-        let evicted = state.store.removed_position();
         if evicted > cursor {
             send(tx, gap(evicted)).await?;
         }

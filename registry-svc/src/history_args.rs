@@ -1,6 +1,6 @@
 //! The history budget's command-line options, shared by `registry-svc` and `interpose up`.
 
-use crate::store::{HistoryOptions, WhenFull};
+use crate::backend::sled_store::{HistoryOptions, WhenFull};
 
 /// `--history-max-bytes` and `--history-full`.
 #[derive(Debug, Clone, clap::Args)]
@@ -13,6 +13,12 @@ pub struct HistoryArgs {
     /// `stop` records no new history until some is purged. Either is counted and logged.
     #[arg(long, value_enum, default_value_t = WhenFull::Evict, value_name = "POLICY")]
     pub history_full: WhenFull,
+    /// Memory for the records' cache (sled's), e.g. 32MiB.
+    #[arg(long, default_value = "32MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub records_cache: u64,
+    /// Memory for closed history segments' indexes (read from disk again when dropped).
+    #[arg(long, default_value = "16MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub history_index_cache: u64,
 }
 
 impl HistoryArgs {
@@ -21,7 +27,11 @@ impl HistoryArgs {
         HistoryOptions {
             max_bytes: self.history_max_bytes,
             when_full: self.history_full,
-            segment_bytes: None,
+            records_cache_bytes: Some(self.records_cache),
+            index_cache_bytes: Some(
+                usize::try_from(self.history_index_cache).unwrap_or(usize::MAX),
+            ),
+            ..Default::default()
         }
     }
 }

@@ -31,8 +31,7 @@ use crate::{
     state::{Rejected, State},
 };
 
-/// Longest a batch waits for the commit that makes it durable.
-pub const COMMIT_INTERVAL: Duration = Duration::from_millis(5);
+pub use crate::backend::COMMIT_INTERVAL;
 /// Payload bytes waiting that start a commit at once.
 pub const COMMIT_BYTES: usize = 32 << 20;
 /// Batches (from all streams) queued for the writer; a full queue holds the streams back.
@@ -86,7 +85,7 @@ struct Shared {
     group: Mutex<Group>,
     wake: Condvar,
     /// How long the oldest batch waits for others to join its commit
-    /// ([`crate::backend::Backend::commit_interval`]).
+    /// ([`crate::backend::Durability::commit_interval`]).
     interval: Duration,
 }
 
@@ -288,7 +287,7 @@ fn commit(state: &State, shared: &Shared) {
 /// A commit makes durable everything applied before it, whoever starts it (the committer,
 /// or a clear, a purge or a liveness close), so it may take the writes of batches whose
 /// group is not settled yet. When it fails, a store that stages writes (PostgreSQL's) has
-/// lost them ([`crate::backend::Backend::failed_commits`]): every group that may hold such
+/// lost them ([`crate::backend::Durability::failed_commits`]): every group that may hold such
 /// a batch fails, without being acknowledged, and its streams replay it. Those are the
 /// group settled across the failure and the first group taken after it.
 struct Settler {
@@ -372,7 +371,7 @@ mod tests {
         let url = pg_fixture::Cluster::shared()
             .create_database()
             .expect("a database");
-        let pg = crate::pg::PgStore::open(&url, None, &Default::default()).expect("open");
+        let pg = crate::backend::pg::PgStore::open(&url, None, &Default::default()).expect("open");
         let stream = Arc::new(watch::channel(Acked::default()).0);
         (url, State::with_backend(Box::new(pg)), stream)
     }

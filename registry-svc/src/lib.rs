@@ -1,6 +1,8 @@
 //! registry-svc: the durable home of Interpose's connection records and proxy history.
 //!
-//! [`store`] keeps them in sled behind the [`backend::Backend`] trait, [`ingest`] writes and
+//! [`backend`] holds the storage contract and both stores: [`backend::sled_store`] keeps the
+//! records in sled and the history in a log of segment files, [`backend::pg`] keeps both in
+//! PostgreSQL; [`ingest`] writes and
 //! commits them, [`watch`] orders changes for live watchers ([`watcher`] serves one),
 //! [`state`] holds the operations and [`service`] serves them as
 //! `interpose.registry.v1.Registry`.
@@ -11,11 +13,8 @@ pub mod follow;
 pub mod history_args;
 pub mod ingest;
 pub mod liveness;
-pub mod payload;
-pub mod pg;
 pub mod service;
 pub mod state;
-pub mod store;
 pub mod watch;
 pub mod watcher;
 
@@ -47,13 +46,13 @@ pub fn store_path(data_dir: &std::path::Path) -> PathBuf {
 
 /// Opens the registry state kept in `data_dir`, with an error that names the path. The data
 /// directory is made private first (umask 077, modes 0700/0600 fixed where looser).
-/// `history` is its budget (see [`store::budget`]).
+/// `history` is its budget (see [`backend::sled_store::budget`]).
 /// With `store.store` (a `postgres://` URL) the records and history live in that database
 /// instead, shared with any other registry process on it.
 pub fn open(
     data_dir: &std::path::Path,
     store: &StoreArgs,
-    history: &store::HistoryOptions,
+    history: &backend::sled_store::HistoryOptions,
 ) -> anyhow::Result<Arc<State>> {
     proto::private::prepare_data_dir(data_dir)?;
     if let Some(url) = &store.store {
@@ -64,8 +63,8 @@ pub fn open(
             );
         }
         return off_runtime(|| {
-            let pg = pg::PgStore::open(url, store.store_ca.as_deref(), history)?;
-            Ok::<_, store::StoreError>(State::with_backend(Box::new(pg)))
+            let pg = backend::pg::PgStore::open(url, store.store_ca.as_deref(), history)?;
+            Ok::<_, backend::StoreError>(State::with_backend(Box::new(pg)))
         })
         .context("opening the PostgreSQL store");
     }

@@ -25,8 +25,8 @@ use proto::{
 };
 
 use crate::{
+    backend::{Change, StoreError},
     state::State,
-    store::{Change, StoreError},
 };
 
 /// How long a node may have no ingest stream before its active records are closed.

@@ -14,11 +14,11 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    backend::StoreError,
     follow::follow,
     ingest::Pipeline,
     liveness::Liveness,
     state::{HistoryQuery, State},
-    store::StoreError,
 };
 
 impl From<StoreError> for Status {
@@ -27,11 +27,11 @@ impl From<StoreError> for Status {
             StoreError::NotFound(_) => Status::not_found(e.to_string()),
             StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
             StoreError::Sled(_)
-            | StoreError::Payload(_)
+            | StoreError::History(_)
             | StoreError::Corrupt { .. }
             | StoreError::Task(_) => Status::internal(e.to_string()),
             // Another replica may serve the call: the client retries there.
-            StoreError::Database(_) => Status::unavailable(e.to_string()),
+            StoreError::Database { .. } => Status::unavailable(e.to_string()),
         }
     }
 }
@@ -182,7 +182,7 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::PurgeHistoryRequest>,
     ) -> Result<Response<pb::PurgeHistoryResponse>, Status> {
-        let what = crate::store::Purge::from_request(&req.into_inner())?;
+        let what = crate::backend::sled_store::Purge::from_request(&req.into_inner())?;
         let p = self.state.blocking(move |s| s.store.purge(&what)).await?;
         Ok(Response::new(pb::PurgeHistoryResponse {
             packets: p.packets,

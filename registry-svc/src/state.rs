@@ -11,7 +11,7 @@ use proto::{
 
 use crate::{
     backend::{Backend, PageAt},
-    store::{Change, Store, StoreError},
+    backend::{Change, StoreError, sled_store::Store},
     watch::Hub,
 };
 
@@ -114,13 +114,13 @@ impl State {
 
     /// Opens the store in `dir`.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
-        Self::open_with(dir, &crate::store::HistoryOptions::default())
+        Self::open_with(dir, &crate::backend::sled_store::HistoryOptions::default())
     }
 
     /// Opens the store in `dir` with the history budget `history`.
     pub fn open_with(
         dir: &Path,
-        history: &crate::store::HistoryOptions,
+        history: &crate::backend::sled_store::HistoryOptions,
     ) -> Result<Arc<Self>, StoreError> {
         Ok(Self::with_backend(Box::new(Store::open_with(
             dir, history,
@@ -236,7 +236,7 @@ impl State {
         let state = self.clone();
         tokio::task::spawn_blocking(move || f(&state))
             .await
-            .unwrap_or_else(|e| Err(StoreError::Task(e.to_string())))
+            .unwrap_or_else(|e| Err(StoreError::Task(e)))
     }
 
     /// Makes everything applied so far durable, blocking the calling thread.
@@ -362,10 +362,12 @@ impl State {
         let mut bytes = 0usize;
         let mut next = None;
         let upto = q.upto.unwrap_or(u64::MAX);
+        // Built once per query: the SIMD searcher's setup is not redone per packet.
+        let finder = memchr::memmem::Finder::new(&q.contains);
         self.store
             .scan_history_upto(start, q.conn_id != 0, upto, &mut |p| {
                 if q.direction.is_some_and(|d| d as i32 != p.direction)
-                    || !contains(&p.data, &q.contains)
+                    || !contains(&finder, &p.data)
                 {
                     return true;
                 }
@@ -468,9 +470,9 @@ fn shown(s: &str) -> String {
     }
 }
 
-/// True when `needle` occurs in `hay` (an empty needle always does).
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+/// True when the needle of `finder` occurs in `hay` (an empty needle always does).
+fn contains(finder: &memchr::memmem::Finder<'_>, hay: &[u8]) -> bool {
+    finder.needle().is_empty() || finder.find(hay).is_some()
 }
 
 #[cfg(test)]
@@ -520,9 +522,12 @@ mod tests {
 
     #[test]
     fn contains_finds_substrings() {
-        assert!(contains(b"hello world", b""));
-        assert!(contains(b"hello world", b"o w"));
-        assert!(!contains(b"hello", b"hello!"));
-        assert!(!contains(b"", b"x"));
+        assert!(contains(&memchr::memmem::Finder::new(b""), b"hello world"));
+        assert!(contains(
+            &memchr::memmem::Finder::new(b"o w"),
+            b"hello world"
+        ));
+        assert!(!contains(&memchr::memmem::Finder::new(b"hello!"), b"hello"));
+        assert!(!contains(&memchr::memmem::Finder::new(b"x"), b""));
     }
 }

@@ -15,18 +15,11 @@ use std::sync::{
 
 use tokio::sync::broadcast;
 
-use crate::store::Change;
+use crate::backend::Change;
+pub use crate::backend::Numbered;
 
 /// How many changes a slow watcher may fall behind before it is reset.
 const BACKLOG: usize = 16_384;
-
-/// A change with its place in the order of changes.
-#[derive(Debug, Clone)]
-pub struct Numbered {
-    /// 1, 2, 3, ... in publication order.
-    pub seq: u64,
-    pub change: Change,
-}
 
 /// Serialises record changes and fans them out to watchers.
 pub struct Hub {
@@ -81,16 +74,19 @@ impl Hub {
     }
 
     /// Hands publication to the store's own feed of numbered changes: `start` is given the
-    /// sender and says whether it took it (see [`crate::backend::Backend::start_feed`]).
+    /// sender and says whether it took it (see [`crate::backend::Feed::start_feed`]).
     pub fn feed_from(&self, start: impl FnOnce(broadcast::Sender<Numbered>) -> bool) {
         if start(self.tx.clone()) {
             self.store_feed.store(true, Ordering::Relaxed);
         }
     }
 
-    /// Subscribes to the changes published from now on.
+    /// Subscribes to the changes published from now on. Takes no lock (it is called on
+    /// async threads, and writers hold the lock across store I/O): a change published
+    /// while the subscription is made may be missed, but it is numbered at most the
+    /// sequence number of the first snapshot page, which is read under the lock after
+    /// this, so the snapshot holds it.
     pub fn subscribe(&self) -> broadcast::Receiver<Numbered> {
-        let _guard = self.lock();
         self.tx.subscribe()
     }
 

@@ -22,7 +22,12 @@ use tokio::sync::{
 };
 use tonic::Status;
 
-use crate::{backend::PageAt, filter::matches, state::State, store::Change, watch::Numbered};
+use crate::{
+    backend::{Change, PageAt},
+    filter::matches,
+    state::State,
+    watch::Numbered,
+};
 
 /// Records read per hold of the hub lock.
 const PAGE: usize = 4_096;

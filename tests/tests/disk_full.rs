@@ -66,7 +66,7 @@ async fn a_full_disk_stops_only_history_which_is_counted_and_resumes() -> anyhow
     // History first, so that the history log is far larger than sled's files: the limit
     // set at its size then stops history writes and nothing else.
     echo_through(socks, Addr::Ip(echo), &payload(8 << 20, 1)).await?;
-    let log = data.join("registry").join("history").join("000001.seg");
+    let log = data.join("registry").join("history").join("000001.log");
     eventually("8 MiB each way in the history log", || async {
         Ok((file_len(&log) >= 16 << 20).then_some(()))
     })

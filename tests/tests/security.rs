@@ -82,7 +82,7 @@ async fn up_keeps_its_data_dir_private_whatever_the_umask() -> R {
     tests::assert_private(&data);
     for f in [
         "token",
-        "registry/history/000001.seg",
+        "registry/history/000001.log",
         "ca/ca-key.pem",
         "ca/ca-cert.pem",
     ] {

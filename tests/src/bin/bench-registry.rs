@@ -10,8 +10,18 @@
 //! fresh data directory per run and prints medians. The growth phase stores
 //! `GROWTH_RECORDS` records (default 1,000,000) and `GROWTH_HISTORY_GIB` GiB of history
 //! (default 10) first; it needs that much free disk under the temp directory.
+//!
+//! With `BENCH_BASELINE=/path/to/registry-svc` (a release build of an earlier commit) the
+//! `small`, `large` and `growth` phases run twice in the same run, first on that binary
+//! ("before"), then on this workspace's ("after"), and print the ratios.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
 
 use proto::{
     common::{ConnStatus, Direction},
@@ -43,9 +53,54 @@ const RECORDS: u64 = 100_000;
 /// Active connections among the growth phase's records.
 const GROWTH_ACTIVE: u64 = 1_000;
 
+/// The registry binary the phases start when not the workspace's (`BENCH_BASELINE`).
+static BASELINE: Mutex<Option<PathBuf>> = Mutex::new(None);
+
 /// Starts a registry whose history budget is out of the way of the growth phase.
 async fn registry(dir: &std::path::Path) -> anyhow::Result<Registry> {
-    Registry::start_with(dir, "127.0.0.1:0", &["--history-max-bytes", "0"]).await
+    let baseline = BASELINE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // Long-lived gRPC connections: the phases keep one client for minutes.
+    let long = ["--grpc-max-age", "1h", "--grpc-idle-timeout", "1h"];
+    let Some(bin) = baseline else {
+        return Registry::start_with(
+            dir,
+            "127.0.0.1:0",
+            &[&["--history-max-bytes", "0"][..], &long[..]].concat(),
+        )
+        .await;
+    };
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--no-auth",
+        "--history-max-bytes",
+        "0",
+        "--data-dir",
+    ])
+    .arg(dir)
+    .args(long);
+    let proc = tests::Proc::start(cmd, dir.with_extension("registry.log")).await?;
+    let listen = proc.field("listen").context("listen= in the ready line")?;
+    Ok(Registry {
+        url: format!("http://{listen}"),
+        proc,
+    })
+}
+
+/// The largest RSS of process `pid` seen until `stop` is set, sampled every 50 ms.
+fn peak_rss(
+    pid: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut peak = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            peak = peak.max(rss_bytes(pid).unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        peak
+    })
 }
 
 /// Sends `packets` packets of `payload` bytes over connections `first..first + CONNS`
@@ -117,18 +172,19 @@ fn list(v: &[f64], unit: &str) -> String {
         .join(", ")
 }
 
-async fn small() -> anyhow::Result<()> {
+async fn small() -> anyhow::Result<f64> {
     let rates = ingest_runs(SMALL_PACKETS, SMALL_PAYLOAD, SMALL_BATCH).await?;
     println!(
         "ingest small: {SMALL_PACKETS} packets of {SMALL_PAYLOAD} B over {CONNS} connections, \
          batches of {SMALL_BATCH}, {WINDOW} batches in flight"
     );
     println!("  runs (packets/s): {}", list(&rates, ""));
-    println!("  median: {:.0} packets/s", median(rates));
-    Ok(())
+    let rate = median(rates);
+    println!("  median: {rate:.0} packets/s");
+    Ok(rate)
 }
 
-async fn large() -> anyhow::Result<()> {
+async fn large() -> anyhow::Result<f64> {
     let packets = LARGE_BYTES / LARGE_PAYLOAD as u64;
     let rates: Vec<f64> = ingest_runs(packets, LARGE_PAYLOAD, LARGE_BATCH)
         .await?
@@ -149,7 +205,7 @@ async fn large() -> anyhow::Result<()> {
          fdatasync, in the same temp dir): {:.2}x the disk",
         rate / disk
     );
-    Ok(())
+    Ok(rate)
 }
 
 /// The ceiling for durable history: MB/s of writing `LARGE_BYTES` to a file in the temp
@@ -313,6 +369,8 @@ async fn growth() -> anyhow::Result<()> {
     let mut client = reg.client().await?;
     let mut stream = Ingest::open(&mut client, "bench").await?;
     let rss_start = rss_bytes(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = peak_rss(pid, stop.clone());
 
     // The connections the ingest runs use: IDs 1..=100, before and after the growth.
     open_conns(&mut stream, 1).await?;
@@ -391,6 +449,8 @@ async fn growth() -> anyhow::Result<()> {
     let cli_times = cli_list(&reg, &["--status", "active"], want_active)?;
     let (all_watch, all_n) = watch_snapshot(&mut client, false).await?;
     let rss_end = rss_bytes(pid);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = peak.await?;
 
     println!("growth: {records} records ({GROWTH_ACTIVE} active) and {history_gib} GiB of history");
     println!(
@@ -427,6 +487,10 @@ async fn growth() -> anyhow::Result<()> {
         mib(rss_records),
         mib(rss_history),
         mib(rss_end)
+    );
+    println!(
+        "  registry RSS at its highest (sampled every 50 ms over the whole phase): {}",
+        mib(Some(peak))
     );
     reg.proc.kill().await;
     Ok(())
@@ -636,17 +700,45 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+    let passes: Vec<(&str, Option<PathBuf>)> = match std::env::var_os("BENCH_BASELINE") {
+        Some(bin) => vec![("before", Some(PathBuf::from(bin))), ("after", None)],
+        None => vec![("", None)],
+    };
+    let set = |bin: &Option<PathBuf>, label: &str| {
+        *BASELINE.lock().unwrap_or_else(|e| e.into_inner()) = bin.clone();
+        if !label.is_empty() {
+            println!("[{label}]");
+        }
+    };
     if run("small") {
-        small().await?;
+        let mut rates = Vec::new();
+        for (label, bin) in &passes {
+            set(bin, label);
+            rates.push(small().await?);
+        }
+        if let [before, after] = rates[..] {
+            println!("small: after / before {:.2}x", after / before);
+        }
     }
     if run("large") {
-        large().await?;
+        let mut rates = Vec::new();
+        for (label, bin) in &passes {
+            set(bin, label);
+            rates.push(large().await?);
+        }
+        if let [before, after] = rates[..] {
+            println!("large: after / before {:.2}x", after / before);
+        }
     }
+    set(&None, "");
     if run("list") {
         list_phase().await?;
     }
     if run("growth") {
-        growth().await?;
+        for (label, bin) in &passes {
+            set(bin, label);
+            growth().await?;
+        }
     }
     Ok(())
 }

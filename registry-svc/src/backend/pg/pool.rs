@@ -11,7 +11,7 @@ use std::{
 use postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::store::StoreError;
+use crate::backend::StoreError;
 
 /// Idle connections kept for reuse.
 const IDLE: usize = 16;
@@ -75,7 +75,10 @@ impl Pool {
                 true => " (trust the CA that signed it with --store-ca)",
                 false => "",
             };
-            StoreError::Database(format!("connecting to {}: {why}{hint}", self.name))
+            StoreError::Database {
+                message: format!("connecting to {}: {why}{hint}", self.name),
+                error: Some(Box::new(e)),
+            }
         })
     }
 
@@ -173,7 +176,10 @@ impl Drop for Pool {
 
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
-        StoreError::Database(describe_error(&e))
+        StoreError::Database {
+            message: describe_error(&e),
+            error: Some(Box::new(e)),
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! machine: several registry processes on one database serve the same API.
 //!
 //! - Record changes and history are staged in memory as the writer thread applies ingest
-//!   batches and written by [`Backend::commit`] (the committer's group commit) in one
+//!   batches and written by [`Durability::commit`] (the committer's group commit) in one
 //!   transaction: packets through `COPY`, records upserted, the change feed and the arrival
 //!   log appended. A registry that hangs inside a transaction is ended by the server's
 //!   timeouts before its row locks stall the other processes (see [`pool`]). A cleared record keeps a row without a body, so its ID never returns.
@@ -38,12 +38,11 @@ use proto::{
 };
 use tokio::sync::{broadcast, watch};
 
-use crate::{
-    backend::{Backend, PageAt, Usage, page_of},
-    store::{
-        HistoryOptions, LogPage, MAX_LEASE, Purge, Purged, StoreError, apply_close, merge_update,
-    },
-    watch::Numbered,
+use crate::backend::{
+    Durability, Feed, History, Nodes, Numbered, PageAt, Records, StoreError, Usage,
+    model::{apply_close, merge_update},
+    page_of,
+    sled_store::{HistoryOptions, LogPage, MAX_LEASE, Purge, Purged},
 };
 
 use pool::Pool;
@@ -397,7 +396,7 @@ impl PgStore {
     }
 }
 
-impl Backend for PgStore {
+impl Records for PgStore {
     fn open_conn(&self, mut c: Connection) -> Result<Option<Connection>, StoreError> {
         if c.id == 0 {
             return Err(StoreError::Invalid("connection ID 0 is reserved".into()));
@@ -520,7 +519,9 @@ impl Backend for PgStore {
             .get(0);
         Ok((first as u64, (first + n - 1) as u64))
     }
+}
 
+impl History for PgStore {
     fn record(&self, packets: Vec<Packet>, closed: Vec<Connection>) -> Result<(), StoreError> {
         // Refused here, with this batch, not at the commit that other streams share.
         for p in &packets {
@@ -578,6 +579,99 @@ impl Backend for PgStore {
         self.shared.removed.load(Ordering::Relaxed)
     }
 
+    fn usage(&self) -> Result<Usage, StoreError> {
+        let row = self.pool.get()?.query_one(
+            "SELECT (SELECT coalesce(sum(packets), 0)::int8 FROM segments),
+                    (SELECT coalesce(sum(bytes), 0)::int8 FROM segments),
+                    (pg_total_relation_size('conns') + pg_total_relation_size('changes')
+                     + pg_total_relation_size('arrivals'))::int8,
+                    t.evicted_packets, t.evicted_bytes, t.refused_packets, t.refused_bytes,
+                    t.purged_packets, t.purged_bytes
+             FROM history_totals t",
+            &[],
+        )?;
+        let n = |i: usize| row.get::<_, i64>(i) as u64;
+        Ok(Usage {
+            history_packets: n(0),
+            history_bytes: n(1),
+            records_bytes: n(2),
+            max_bytes: self.options.max_bytes,
+            when_full: self.options.when_full.name(),
+            evicted: (n(3), n(4)),
+            refused: (n(5), n(6)),
+            purged: (n(7), n(8)),
+            unwritten: (0, 0),
+            failing: self.failing.borrow().clone(),
+        })
+    }
+
+    fn history_failing(&self) -> watch::Receiver<Option<String>> {
+        self.failing.subscribe()
+    }
+}
+
+impl Nodes for PgStore {
+    fn set_losses(&self, node: &str, losses: &ProxyLosses) -> Result<(), StoreError> {
+        self.pending()
+            .staged
+            .losses
+            .insert(node.to_string(), *losses);
+        Ok(())
+    }
+
+    fn losses(&self) -> Result<Vec<(String, ProxyLosses)>, StoreError> {
+        self.pool
+            .get()?
+            .query(
+                "SELECT name, losses FROM nodes WHERE losses IS NOT NULL ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0), decode("loss report", r.get::<_, &[u8]>(1))?)))
+            .collect()
+    }
+
+    fn node_session(&self, node: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .pool
+            .get()?
+            .query_opt("SELECT session FROM nodes WHERE name = $1", &[&node])?
+            .map(|r| r.get(0)))
+    }
+
+    fn set_node_session(&self, node: &str, session: &str) -> Result<(), StoreError> {
+        self.pool.get()?.execute(
+            "INSERT INTO nodes (name, session, seen) VALUES ($1, $2, now())
+             ON CONFLICT (name) DO UPDATE SET session = excluded.session, seen = now()",
+            &[&node, &session],
+        )?;
+        Ok(())
+    }
+
+    fn touch_nodes(&self, nodes: &[String]) -> Result<(), StoreError> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        self.pool.get()?.execute(
+            "INSERT INTO nodes (name, seen) SELECT unnest($1::text[]), now()
+             ON CONFLICT (name) DO UPDATE SET seen = now()",
+            &[&nodes],
+        )?;
+        Ok(())
+    }
+
+    fn node_reported_within(&self, node: &str, grace: Duration) -> Result<bool, StoreError> {
+        let row = self.pool.get()?.query_opt(
+            "SELECT seen > now() - make_interval(secs => $2) FROM nodes WHERE name = $1",
+            &[&node, &grace.as_secs_f64()],
+        )?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<bool>>(0))
+            .unwrap_or(false))
+    }
+}
+
+impl Durability for PgStore {
     fn commit(&self) -> Result<(), StoreError> {
         let _one = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
         let (staged, generation) = {
@@ -636,74 +730,9 @@ impl Backend for PgStore {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.commit()
     }
+}
 
-    fn set_losses(&self, node: &str, losses: &ProxyLosses) -> Result<(), StoreError> {
-        self.pending()
-            .staged
-            .losses
-            .insert(node.to_string(), *losses);
-        Ok(())
-    }
-
-    fn losses(&self) -> Result<Vec<(String, ProxyLosses)>, StoreError> {
-        self.pool
-            .get()?
-            .query(
-                "SELECT name, losses FROM nodes WHERE losses IS NOT NULL ORDER BY name",
-                &[],
-            )?
-            .iter()
-            .map(|r| Ok((r.get(0), decode("loss report", r.get::<_, &[u8]>(1))?)))
-            .collect()
-    }
-
-    fn node_session(&self, node: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .pool
-            .get()?
-            .query_opt("SELECT session FROM nodes WHERE name = $1", &[&node])?
-            .map(|r| r.get(0)))
-    }
-
-    fn set_node_session(&self, node: &str, session: &str) -> Result<(), StoreError> {
-        self.pool.get()?.execute(
-            "INSERT INTO nodes (name, session, seen) VALUES ($1, $2, now())
-             ON CONFLICT (name) DO UPDATE SET session = excluded.session, seen = now()",
-            &[&node, &session],
-        )?;
-        Ok(())
-    }
-
-    fn usage(&self) -> Result<Usage, StoreError> {
-        let row = self.pool.get()?.query_one(
-            "SELECT (SELECT coalesce(sum(packets), 0)::int8 FROM segments),
-                    (SELECT coalesce(sum(bytes), 0)::int8 FROM segments),
-                    (pg_total_relation_size('conns') + pg_total_relation_size('changes')
-                     + pg_total_relation_size('arrivals'))::int8,
-                    t.evicted_packets, t.evicted_bytes, t.refused_packets, t.refused_bytes,
-                    t.purged_packets, t.purged_bytes
-             FROM history_totals t",
-            &[],
-        )?;
-        let n = |i: usize| row.get::<_, i64>(i) as u64;
-        Ok(Usage {
-            history_packets: n(0),
-            history_bytes: n(1),
-            records_bytes: n(2),
-            max_bytes: self.options.max_bytes,
-            when_full: self.options.when_full.name(),
-            evicted: (n(3), n(4)),
-            refused: (n(5), n(6)),
-            purged: (n(7), n(8)),
-            unwritten: (0, 0),
-            failing: self.failing.borrow().clone(),
-        })
-    }
-
-    fn history_failing(&self) -> watch::Receiver<Option<String>> {
-        self.failing.subscribe()
-    }
-
+impl Feed for PgStore {
     fn start_feed(&self, feed: broadcast::Sender<Numbered>) -> bool {
         feed::start(&self.pool, self.shared.clone(), feed)
     }
@@ -716,28 +745,6 @@ impl Backend for PgStore {
         only: u64,
     ) -> Option<Result<PageAt, StoreError>> {
         Some(self.read_page_at(filter, from, max, only))
-    }
-
-    fn touch_nodes(&self, nodes: &[String]) -> Result<(), StoreError> {
-        if nodes.is_empty() {
-            return Ok(());
-        }
-        self.pool.get()?.execute(
-            "INSERT INTO nodes (name, seen) SELECT unnest($1::text[]), now()
-             ON CONFLICT (name) DO UPDATE SET seen = now()",
-            &[&nodes],
-        )?;
-        Ok(())
-    }
-
-    fn node_reported_within(&self, node: &str, grace: Duration) -> Result<bool, StoreError> {
-        let row = self.pool.get()?.query_opt(
-            "SELECT seen > now() - make_interval(secs => $2) FROM nodes WHERE name = $1",
-            &[&node, &grace.as_secs_f64()],
-        )?;
-        Ok(row
-            .and_then(|r| r.get::<_, Option<bool>>(0))
-            .unwrap_or(false))
     }
 }
 
@@ -934,7 +941,7 @@ mod tests {
         }
         let seqs: Vec<u64> = got.iter().map(|n| n.seq).collect();
         assert_eq!(seqs, vec![1, 2, 3]);
-        assert!(matches!(got[2].change, crate::store::Change::Removed(1)));
+        assert!(matches!(got[2].change, crate::backend::Change::Removed(1)));
         a.close().unwrap();
     }
 
@@ -964,8 +971,8 @@ mod tests {
             .items
             .iter()
             .filter_map(|(_, f)| match f {
-                crate::store::Followed::Closed(c) => Some(c.id),
-                crate::store::Followed::Packet(_) => None,
+                crate::backend::sled_store::Followed::Closed(c) => Some(c.id),
+                crate::backend::sled_store::Followed::Packet(_) => None,
             })
             .collect();
         assert_eq!(logged, vec![1]);
@@ -995,7 +1002,7 @@ mod tests {
             }
         }
         assert!(
-            matches!(got[0].change, crate::store::Change::Reset),
+            matches!(got[0].change, crate::backend::Change::Reset),
             "{got:?}"
         );
         assert_eq!(got[1].seq, 6);

@@ -14,10 +14,7 @@ use postgres::Client;
 use tokio::sync::broadcast;
 
 use super::{Shared, decode, pool::Pool};
-use crate::{
-    store::{Change, StoreError},
-    watch::Numbered,
-};
+use crate::backend::{Change, Numbered, StoreError};
 
 /// Longest wait for a notification before looking anyway.
 const POLL: Duration = Duration::from_millis(200);

@@ -16,7 +16,10 @@ use prost::Message;
 use proto::common::{Connection, Packet};
 
 use super::{PgStore, decode, key};
-use crate::store::{Followed, LogPage, Purge, Purged, StoreError, WhenFull, budget::note_refusing};
+use crate::backend::{
+    StoreError,
+    sled_store::{Followed, LogPage, Purge, Purged, WhenFull, budget::note_refusing},
+};
 
 /// Advisory lock key that serialises segment rotation, eviction and purges.
 const SEGMENT_LOCK: i64 = 0x696e_7470_6f73_6502;

@@ -3,10 +3,10 @@
 
 use postgres::Client;
 
-use crate::store::StoreError;
+use crate::backend::StoreError;
 
 /// Every migration, by version.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../../migrations/0001_init.sql"))];
 
 /// Advisory lock key that serialises migrations between registry processes.
 const MIGRATION_LOCK: i64 = 0x696e_7470_6f73_6501;

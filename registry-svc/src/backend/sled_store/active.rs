@@ -75,7 +75,7 @@ mod tests {
         registry::{ConnectionClosed, ConnectionFilter},
     };
 
-    use crate::{backend::Backend, store::Store};
+    use crate::backend::{Records, sled_store::Store};
 
     fn ids(s: &Store, status: ConnStatus) -> Vec<u64> {
         let filter = ConnectionFilter {
@@ -83,7 +83,7 @@ mod tests {
             ..Default::default()
         };
         let mut got = Vec::new();
-        Backend::scan_matching(s, &filter, 0, &mut |c| {
+        Records::scan_matching(s, &filter, 0, &mut |c| {
             got.push(c.id);
             true
         })

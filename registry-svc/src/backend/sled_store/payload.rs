@@ -1,24 +1,7 @@
-//! The history's payload log: packet bytes appended to segment files and referenced from
-//! the sled history tree by (segment, offset, length).
-//!
-//! sled keeps values inside its B-tree nodes and writes any node larger than a quarter of a
-//! log segment as a separate blob file; with payloads in the tree, storing bulk history
-//! meant creating (and later deleting) a file per node write, at several CPU seconds per
-//! GiB. Appending to a file costs one copy into the page cache.
-//!
-//! Segments: `history/000001.seg`, `000002.seg`, ... Appends go to the newest; once it holds
-//! `segment_bytes`, the next append starts a new one (an append is never split, so one can
-//! exceed the size). The history budget evicts by deleting the oldest whole segments
-//! ([`PayloadLog::remove`]), never by rewriting a file. A store from before segments has one
-//! file `history.log`: it is read as segment 0 and is the first to be evicted.
-//!
-//! Crash safety: bytes are appended before the tree entry that references them is inserted,
-//! and [`PayloadLog::sync`] runs before the registry's flush and acknowledgement, so every
-//! acknowledged packet's bytes are durable (a segment is synced before the next one starts).
-//! sled also flushes on its own schedule, so after a power failure an unacknowledged entry
-//! can point past the durable end of a segment: such a packet counts as not held
-//! ([`PayloadLog::holds`]) and the proxy's replay of its batch stores it again. Bytes
-//! appended but never referenced are unreachable and harmless.
+//! The payload log of stores from before the history log ([`crate::backend::sled_store::log`]): packet
+//! bytes appended to `history/NNNNNN.seg` files (or one `history.log`) and referenced from
+//! sled's old `history` tree by (segment, offset, length). Kept to read such a store once,
+//! when it is moved into the history log ([`crate::backend::sled_store`]'s `migrate`), and for its tests.
 
 use std::{
     collections::BTreeMap,

@@ -1,4 +1,5 @@
-//! The sled [`Store`] as the registry's [`Backend`]: each method is the store's own.
+//! The sled [`Store`] as the registry's [`crate::backend::Backend`]: each method is the
+//! store's own.
 
 use proto::{
     common::{Connection, Packet},
@@ -7,9 +8,9 @@ use proto::{
 use tokio::sync::watch;
 
 use super::{LogPage, Purge, Purged, Store, StoreError};
-use crate::backend::{Backend, Usage};
+use crate::backend::{Durability, Feed, History, Nodes, Records, Usage};
 
-impl Backend for Store {
+impl Records for Store {
     fn open_conn(&self, c: Connection) -> Result<Option<Connection>, StoreError> {
         Store::open_conn(self, c)
     }
@@ -61,7 +62,9 @@ impl Backend for Store {
     fn lease(&self, count: u32) -> Result<(u64, u64), StoreError> {
         Store::lease(self, count)
     }
+}
 
+impl History for Store {
     fn record(&self, packets: Vec<Packet>, closed: Vec<Connection>) -> Result<(), StoreError> {
         Store::record(self, packets, closed)
     }
@@ -102,30 +105,6 @@ impl Backend for Store {
         self.budget().removed_position()
     }
 
-    fn commit(&self) -> Result<(), StoreError> {
-        Store::commit(self)
-    }
-
-    fn close(&self) -> Result<(), StoreError> {
-        Store::close(self)
-    }
-
-    fn set_losses(&self, node: &str, losses: &ProxyLosses) -> Result<(), StoreError> {
-        Store::set_losses(self, node, losses)
-    }
-
-    fn losses(&self) -> Result<Vec<(String, ProxyLosses)>, StoreError> {
-        Store::losses(self)
-    }
-
-    fn node_session(&self, node: &str) -> Result<Option<String>, StoreError> {
-        Store::node_session(self, node)
-    }
-
-    fn set_node_session(&self, node: &str, session: &str) -> Result<(), StoreError> {
-        Store::set_node_session(self, node, session)
-    }
-
     fn usage(&self) -> Result<Usage, StoreError> {
         let budget = self.budget();
         let unwritten = self.unwritten();
@@ -147,3 +126,34 @@ impl Backend for Store {
         self.unwritten().subscribe()
     }
 }
+
+impl Nodes for Store {
+    fn set_losses(&self, node: &str, losses: &ProxyLosses) -> Result<(), StoreError> {
+        Store::set_losses(self, node, losses)
+    }
+
+    fn losses(&self) -> Result<Vec<(String, ProxyLosses)>, StoreError> {
+        Store::losses(self)
+    }
+
+    fn node_session(&self, node: &str) -> Result<Option<String>, StoreError> {
+        Store::node_session(self, node)
+    }
+
+    fn set_node_session(&self, node: &str, session: &str) -> Result<(), StoreError> {
+        Store::set_node_session(self, node, session)
+    }
+}
+
+impl Durability for Store {
+    fn commit(&self) -> Result<(), StoreError> {
+        Store::commit(self)
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        Store::close(self)
+    }
+}
+
+/// Only this process writes the store: the hub numbers changes as they are made.
+impl Feed for Store {}
