@@ -204,11 +204,12 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(Response, usize)>, HttpError
 }
 
 /// The SOCKS reply a client gets when an HTTP upstream answers `status` to CONNECT:
-/// 407 and 403 are 0x02 (not allowed), 502 and 504 0x04 (host unreachable: the upstream
-/// could not reach the target), anything else 0x01.
+/// 407, 401 (tinyproxy's answer to wrong credentials) and 403 are 0x02 (not allowed), 502
+/// and 504 0x04 (host unreachable: the upstream could not reach the target), anything else
+/// 0x01.
 pub fn reply_for_status(status: u16) -> Reply {
     match status {
-        403 | 407 => Reply::NotAllowed,
+        401 | 403 | 407 => Reply::NotAllowed,
         502 | 504 => Reply::HostUnreachable,
         _ => Reply::GeneralFailure,
     }
@@ -361,6 +362,7 @@ mod tests {
             Err(HttpError::StatusLine)
         );
         assert_eq!(reply_for_status(407), Reply::NotAllowed);
+        assert_eq!(reply_for_status(401), Reply::NotAllowed);
         assert_eq!(reply_for_status(502), Reply::HostUnreachable);
         assert_eq!(reply_for_status(500), Reply::GeneralFailure);
     }

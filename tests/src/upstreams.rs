@@ -128,7 +128,7 @@ impl Upstream {
                  user.privileged: root\n\
                  user.unprivileged: nobody\n\
                  client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n\
-                 socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect log: error connect }}\n",
+                 socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }}\n",
                 log = log.display(),
                 method = if auth.is_some() { "username" } else { "none" },
             ),

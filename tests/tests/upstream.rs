@@ -87,10 +87,10 @@ async fn refused(
     reply: Reply,
 ) -> anyhow::Result<Connection> {
     let r = socks_connect(socks, target.clone()).await?;
-    assert_eq!(r.reply, reply, "{target}");
     let port = r.stream.local_addr()?.port();
     let mut rc = registry_client(registry, None).await?;
     let c = wait_conn_by_port(&mut rc, port, "refused", disconnected).await?;
+    assert_eq!(r.reply, reply, "{target}: {c:?}");
     assert_eq!(
         (c.closed_by, c.close_kind),
         (ClosedBy::Proxy as i32, CloseKind::Error as i32),
@@ -99,9 +99,11 @@ async fn refused(
     Ok(c)
 }
 
+/// The record of the connection from client port `port`, once closed (so every update it
+/// had is in).
 async fn record(registry: &str, port: u16) -> anyhow::Result<Connection> {
     let mut rc = registry_client(registry, None).await?;
-    wait_conn_by_port(&mut rc, port, "recorded", |_| true).await
+    wait_conn_by_port(&mut rc, port, "closed", disconnected).await
 }
 
 /// Every record and the proxy's log, for checking that a secret appears in neither.
@@ -306,14 +308,15 @@ async fn tinyproxy_with_basic_auth_as_the_http_connect_upstream() -> R {
     assert_eq!(rec.upstream, format!("http://{t}"));
     assert_eq!(rec.dst_ip, "");
 
-    for target in [wrong, none] {
+    // tinyproxy answers wrong credentials with 401, missing ones with 407.
+    for (target, answer) in [
+        (wrong, "HTTP/1.0 401 Unauthorized"),
+        (none, "HTTP/1.0 407 Proxy Authentication Required"),
+    ] {
         let rec = refused(proxy.socks, &reg.url, Addr::Ip(target), Reply::NotAllowed).await?;
         assert_eq!(
             rec.reason,
-            format!(
-                "upstream http://{t} refused CONNECT {target}: \
-                 \"HTTP/1.0 407 Proxy Authentication Required\""
-            )
+            format!("upstream http://{t} refused CONNECT {target}: \"{answer}\"")
         );
     }
     let rec = refused(proxy.socks, &reg.url, Addr::Ip(gone), Reply::GeneralFailure).await?;
