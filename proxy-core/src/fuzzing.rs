@@ -16,6 +16,8 @@ use crate::{
 
 /// A sans-I/O SOCKS5 parser: a message and its length, `None` for "need more bytes".
 type Parser<T> = fn(&[u8]) -> Result<Option<(T, usize)>, Socks5Error>;
+/// A sans-I/O HTTP CONNECT parser, in the same shape.
+type HttpParser<T> = fn(&[u8]) -> Result<Option<(T, usize)>, HttpError>;
 
 /// Fuzz target `socks5`: every SOCKS5 parser on `data` as it stands, then the handshake a
 /// client sends (greeting, RFC 1929 credentials when it offers them, request) in sequence.
@@ -93,10 +95,7 @@ fn check_message<T: Debug + PartialEq>(
 /// A message of `n` bytes has every shorter prefix asking for more, parses the same alone,
 /// and what it holds encodes back to a message that parses to the same.
 pub fn http_connect(data: &[u8]) {
-    fn prefixes<T: Debug + PartialEq + Clone>(
-        data: &[u8],
-        parse: fn(&[u8]) -> Result<Option<(T, usize)>, HttpError>,
-    ) -> Option<T> {
+    fn prefixes<T: Debug + PartialEq + Clone>(data: &[u8], parse: HttpParser<T>) -> Option<T> {
         let Ok(Some((msg, n))) = parse(data) else {
             return None;
         };

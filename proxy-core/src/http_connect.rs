@@ -272,9 +272,7 @@ pub fn encode_answer(status: u16, why: &str, out: &mut Vec<u8>) {
 /// (`METHOD SP`, e.g. `GET ` or `CONNECT `) rather than SOCKS: `Some(true)` yes,
 /// `Some(false)` no, `None` when too few bytes arrived to tell.
 pub fn looks_like_http(buf: &[u8]) -> Option<bool> {
-    let Some(&first) = buf.first() else {
-        return None;
-    };
+    let &first = buf.first()?;
     if !first.is_ascii_uppercase() {
         return Some(false);
     }

@@ -582,7 +582,7 @@ mod tests {
         assert_eq!(parse_method_choice(&[5]), Ok(None));
         assert_eq!(parse_method_choice(&[5, 2, 9]), Ok(Some((2, 2))));
         assert_eq!(
-            parse_method_choice(&[b'H', b'T']),
+            parse_method_choice(b"HT"),
             Err(Socks5Error::BadVersion(b'H', 5))
         );
         assert_eq!(parse_userpass_reply(&[1]), Ok(None));
