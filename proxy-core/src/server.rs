@@ -69,6 +69,14 @@ impl Ingress {
             Ingress::Http => "http",
         }
     }
+
+    /// The protocol's name in log lines: `SOCKS` or `HTTP CONNECT`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Ingress::Socks5 => "SOCKS",
+            Ingress::Http => "HTTP CONNECT",
+        }
+    }
 }
 
 /// The accept loop.
@@ -140,7 +148,7 @@ impl Listener {
                 Err(e) => {
                     tracing::warn!(
                         "accepting a {} connection failed: {e}; retrying in {backoff:?}",
-                        self.ingress.as_str()
+                        self.ingress.label()
                     );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -255,7 +263,7 @@ impl Handler {
             }) => r,
             () = self.shutdown.recv() => return None,
         };
-        let name = self.ingress.as_str();
+        let name = self.ingress.label();
         match accepted {
             Ok(Ok(a)) => Some(a),
             Ok(Err(Failed::Socks(HandshakeError::HttpOnSocksPort))) => {
@@ -385,7 +393,7 @@ impl Handler {
             return End::new(
                 ClosedBy::Client,
                 CloseKind::Error,
-                format!("writing the {} reply: {e}", self.ingress.as_str()),
+                format!("writing the {} reply: {e}", self.ingress.label()),
             );
         }
         let mut tap = Tap::new(state, &self.shared.reporter);

@@ -371,6 +371,24 @@ async fn http_connect_clients_get_interception_records_and_upstream_rules_like_s
         .await?
     };
     let plain = http_server("plain through the tunnel").await?;
+    let starttls = {
+        let acceptor = pki.acceptor(&[])?;
+        serve(move |mut s| {
+            let acceptor = acceptor.clone();
+            async move {
+                let peer = s.peer_addr()?;
+                s.write_all(b"220 ready\r\n").await?;
+                let mut cmd = [0u8; 10];
+                s.read_exact(&mut cmd).await?;
+                anyhow::ensure!(&cmd == b"STARTTLS\r\n", "unexpected command {cmd:?}");
+                s.write_all(format!("220 go ahead from {}\r\n", peer.ip()).as_bytes())
+                    .await?;
+                let mut tls = acceptor.accept(s).await?;
+                echo(&mut tls).await
+            }
+        })
+        .await?
+    };
     let d = dante.addr;
     let up = Up::start(
         &dir.path().join("up"),
@@ -453,6 +471,39 @@ async fn http_connect_clients_get_interception_records_and_upstream_rules_like_s
     })
     .await?;
     assert_eq!((rec.upstream.as_str(), rec.tls), ("", false));
+
+    // Late TLS (a STARTTLS-style greeting first) from an HTTP CONNECT client, through dante:
+    // the plaintext prefix is relayed, then the handshake is intercepted.
+    let mut s = TcpStream::connect(http).await?;
+    let req = format!(
+        "CONNECT localhost:{0} HTTP/1.1\r\nHost: localhost:{0}\r\n\r\n",
+        starttls.port()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
+    let mut answer = vec![0u8; established.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut answer)).await??;
+    assert_eq!(answer, established);
+    assert_eq!(greeting(&mut s).await?, "220 ready\r");
+    s.write_all(b"STARTTLS\r\n").await?;
+    assert_eq!(
+        greeting(&mut s).await?,
+        format!("220 go ahead from {DANTE_FROM}\r")
+    );
+    let name = ServerName::try_from("localhost")?;
+    let mut tls = tls_connect(&ca, name, s).await??;
+    assert_eq!(
+        round_trip(&mut tls, b"late and decrypted").await?,
+        b"late and decrypted"
+    );
+    drop(tls);
+    let rec = wait_record(&up, "the late-TLS CONNECT", |c| {
+        c.dst_port == u32::from(starttls.port()) && disconnected(c)
+    })
+    .await?;
+    assert!(rec.tls && rec.client_tls.is_some(), "{rec:?}");
+    assert_eq!(rec.ingress, "http");
+    assert_eq!(rec.upstream, format!("socks5h://{d}"));
 
     // A CONNECT the upstream refuses gets the matching HTTP status and the reason.
     let closed = free_port()?;
