@@ -27,8 +27,21 @@ use tokio::{
     net::TcpStream,
 };
 
-const RUNS: usize = 5;
-const BULK: u64 = 1 << 30;
+/// Runs per path (`BENCH_RUNS` overrides).
+fn runs() -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}
+/// Bytes per bulk download (`BENCH_BULK_MIB` overrides the 1 GiB).
+fn bulk_bytes() -> u64 {
+    std::env::var("BENCH_BULK_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1024)
+        << 20
+}
 const CPS_SECS: f64 = 2.0;
 const CPS_CLIENTS: usize = 16;
 
@@ -118,7 +131,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let off = start("chain-off", "off").await?;
     let on = start("chain-on", "on").await?;
-    let server = BenchServer::start(dir.path(), BULK, None).await?;
+    let (runs, bulk_len) = (runs(), bulk_bytes());
+    let server = BenchServer::start(dir.path(), bulk_len, None).await?;
     let paths = [
         ("dante alone", dante.addr),
         ("proxy-core (history off) -> dante", off.socks),
@@ -126,17 +140,21 @@ async fn main() -> anyhow::Result<()> {
     ];
 
     let mut bulk: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    for _ in 0..RUNS {
+    for run in 0..runs {
+        eprintln!("bulk run {run}");
         for (i, (name, p)) in paths.iter().enumerate() {
             let mut s = socks_connected(*p, server.addr).await?;
             s.set_nodelay(true)?;
-            let v = bench_download(&mut s, BULK)
+            let v = bench_download(&mut s, bulk_len)
                 .await
                 .with_context(|| format!("bulk via {name}"))?;
             bulk[i].push(v);
         }
     }
-    println!("bulk download of 1 GiB, median of {RUNS} interleaved runs:");
+    println!(
+        "bulk download of {} MiB, median of {runs} interleaved runs:",
+        bulk_len >> 20
+    );
     let base = median(bulk[0].clone());
     for (i, (name, _)) in paths.iter().enumerate() {
         let m = median(bulk[i].clone());
@@ -148,7 +166,8 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    for _ in 0..RUNS {
+    for run in 0..runs {
+        eprintln!("cps run {run}");
         for (i, (_, p)) in paths.iter().enumerate() {
             rates[i].push(cps(*p, server.addr).await?);
         }
