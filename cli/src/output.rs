@@ -75,6 +75,11 @@ pub struct ConnJson<'a> {
     pub upstream_tls: Option<TlsLegJson<'a>>,
     /// Upstream certificate verification was off (`--upstream-insecure`).
     pub upstream_insecure: bool,
+    /// How the client reached the proxy: `socks5` or `http` (HTTP CONNECT); empty in older
+    /// records.
+    pub ingress: &'a str,
+    /// The upstream proxy relayed through, as a URL without credentials; empty when direct.
+    pub upstream: &'a str,
 }
 
 impl<'a> From<&'a Connection> for ConnJson<'a> {
@@ -107,6 +112,8 @@ impl<'a> From<&'a Connection> for ConnJson<'a> {
             client_tls: c.client_tls.as_ref().map(TlsLegJson::from),
             upstream_tls: c.upstream_tls.as_ref().map(TlsLegJson::from),
             upstream_insecure: c.upstream_insecure,
+            ingress: &c.ingress,
+            upstream: &c.upstream,
         }
     }
 }
@@ -260,6 +267,8 @@ mod tests {
             "packets_c2s",
             "packets_s2c",
             "upstream_insecure",
+            "ingress",
+            "upstream",
         ];
         want.sort_unstable();
         assert_eq!(keys, want);

@@ -132,7 +132,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .collect(),
         splicer.clone(),
         Some(url.clone()),
-    );
+    )?;
     // Records and history go straight to the registry in this process, not through gRPC.
     config.local_registry = Some(proxy_core::LocalRegistry(Arc::new(registry_service)));
     config.local_intercept = Some(proxy_core::LocalIntercept(hold_sink));
@@ -156,8 +156,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     });
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
     let stop = proto::serve::shutdown_signal();
+    let http_field = proxy
+        .http_addr()
+        .map(|a| format!(" http={a}"))
+        .unwrap_or_default();
     crate::say!(
-        "ready socks={} grpc={url} ca={}{}{tls}{web_field}",
+        "ready socks={}{http_field} grpc={url} ca={}{}{tls}{web_field}",
         proxy.socks_addr(),
         ca_path.display(),
         auth.ready_field()

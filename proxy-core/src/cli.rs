@@ -53,9 +53,32 @@ pub struct ProxyArgs {
         hide_env_values = true
     )]
     pub socks_pass: Option<String>,
-    /// Allow SOCKS beyond loopback without authentication.
+    /// Allow SOCKS (and --http) beyond loopback without authentication.
     #[arg(long)]
     pub open_proxy: bool,
+    /// Also accept HTTP proxy clients (HTTP CONNECT) on this address; off unless given. A
+    /// bare port is on 127.0.0.1. Its connections are recorded, intercepted and routed as
+    /// SOCKS ones. With --socks-user/--socks-pass clients must send them as
+    /// `Proxy-Authorization: Basic`; beyond loopback it needs those or --open-proxy.
+    #[arg(long, value_name = "ADDR", value_parser = http_addr)]
+    pub http: Option<SocketAddr>,
+    /// Relay TCP connections through this upstream proxy:
+    /// socks5://[USER:PASS@]HOST:PORT (names resolved here), socks5h://... (names resolved
+    /// by the upstream) or http://... (CONNECT). USER and PASS are percent-encoded; they are
+    /// never logged or recorded (prefer the environment variable to the command line).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "INTERPOSE_UPSTREAM",
+        hide_env_values = true
+    )]
+    pub upstream: Option<String>,
+    /// Route targets matching PATTERN through URL or `direct` (repeatable; the first
+    /// matching rule wins, then --upstream, then direct). PATTERN is HOST or HOST:PORT with
+    /// HOST a glob over the name the client sent (`*.corp.example`, `*`), an IP or a CIDR
+    /// (`10.0.0.0/8`, matching targets given as IPs), and PORT a number or `*`.
+    #[arg(long = "upstream-rule", value_name = "PATTERN=URL|direct")]
+    pub upstream_rule: Vec<String>,
     /// Events buffered while the registry is unreachable.
     #[arg(long, default_value_t = DEFAULT_QUEUE_BOUND)]
     pub queue_bound: usize,
@@ -110,6 +133,25 @@ impl ProxyArgs {
         Ok(Arc::new(Splicer::new(ca, self.tls.to_options())?))
     }
 
+    /// The upstream routes `--upstream` and `--upstream-rule` ask for; errors never show
+    /// credentials.
+    pub fn routes(&self) -> anyhow::Result<crate::chain::Routes> {
+        let default = self
+            .upstream
+            .as_deref()
+            .map(crate::chain::Upstream::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--upstream: {e}"))?
+            .map(Arc::new);
+        let rules = self
+            .upstream_rule
+            .iter()
+            .map(|r| crate::chain::Rule::parse(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("--upstream-rule: {e}"))?;
+        Ok(crate::chain::Routes { rules, default })
+    }
+
     /// The addresses `--deny` names, resolved now; a name that does not resolve is an error.
     pub async fn denied(&self) -> anyhow::Result<Vec<SocketAddr>> {
         let mut out = Vec::new();
@@ -135,13 +177,15 @@ impl ProxyArgs {
         refuse: Vec<SocketAddr>,
         tls: Arc<Splicer>,
         intercept: Option<String>,
-    ) -> Config {
+    ) -> anyhow::Result<Config> {
         let fault = match self.intercept_fault {
             InterceptFault::Forward => FaultPolicy::Forward,
             InterceptFault::Drop => FaultPolicy::Drop,
         };
-        Config {
+        Ok(Config {
             socks: self.socks,
+            http: self.http,
+            routes: self.routes()?,
             registry_urls,
             token,
             node: self.node.clone().unwrap_or_else(node_name),
@@ -163,7 +207,15 @@ impl ProxyArgs {
             ),
             local_registry: None,
             local_intercept: None,
-        }
+        })
+    }
+}
+
+/// `--http`: a listen address, or a bare port on 127.0.0.1 (loopback by default).
+pub fn http_addr(s: &str) -> Result<SocketAddr, String> {
+    match s.parse::<u16>() {
+        Ok(port) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
+        Err(_) => proto::serve::listen_addr(s),
     }
 }
 
@@ -345,7 +397,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         refuse,
         splicer.clone(),
         args.intercept.clone(),
-    );
+    )?;
     let proxy = Proxy::start(cfg).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut ready_fields = String::new();
@@ -370,9 +422,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let stop = proto::serve::shutdown_signal();
     {
         let mut out = std::io::stdout().lock();
+        let http = proxy
+            .http_addr()
+            .map(|a| format!(" http={a}"))
+            .unwrap_or_default();
         writeln!(
             out,
-            "ready proxy-core listen={}{ready_fields}",
+            "ready proxy-core listen={}{http}{ready_fields}",
             proxy.socks_addr()
         )?;
         out.flush()?;
@@ -404,6 +460,35 @@ mod tests {
     struct Cmd {
         #[command(flatten)]
         proxy: ProxyArgs,
+    }
+
+    #[test]
+    fn upstream_flags_parse_and_errors_hide_credentials() {
+        use clap::Parser;
+        let c = Cmd::try_parse_from([
+            "p",
+            "--http",
+            "8080",
+            "--upstream",
+            "socks5h://u:secret@gw:1080",
+            "--upstream-rule",
+            "*.lan=direct",
+        ])
+        .expect("flags");
+        assert_eq!(c.proxy.http, Some("127.0.0.1:8080".parse().unwrap()));
+        let r = c.proxy.routes().expect("routes");
+        assert_eq!(r.rules.len(), 1);
+        assert_eq!(r.default.expect("default").to_string(), "socks5h://gw:1080");
+        let c = Cmd::try_parse_from(["p", "--http", "[::1]:0"]).expect("v6");
+        assert_eq!(c.proxy.http, Some("[::1]:0".parse().unwrap()));
+        for (flag, bad) in [
+            ("--upstream", "socks4://u:secret@gw:1080"),
+            ("--upstream-rule", "*=http://u:secret@gw"),
+        ] {
+            let c = Cmd::try_parse_from(["p", flag, bad]).expect("parses as text");
+            let e = c.proxy.routes().expect_err(bad).to_string();
+            assert!(e.starts_with(flag) && !e.contains("secret"), "{e}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::fmt::Debug;
 
 use crate::{
+    http_connect::{self, HttpError},
     sock_diag::{self, Answer},
     socks5::{self, Socks5Error},
     tls::detect::{self, Detection},
@@ -15,6 +16,8 @@ use crate::{
 
 /// A sans-I/O SOCKS5 parser: a message and its length, `None` for "need more bytes".
 type Parser<T> = fn(&[u8]) -> Result<Option<(T, usize)>, Socks5Error>;
+/// A sans-I/O HTTP CONNECT parser, in the same shape.
+type HttpParser<T> = fn(&[u8]) -> Result<Option<(T, usize)>, HttpError>;
 
 /// Fuzz target `socks5`: every SOCKS5 parser on `data` as it stands, then the handshake a
 /// client sends (greeting, RFC 1929 credentials when it offers them, request) in sequence.
@@ -24,6 +27,20 @@ pub fn socks5(data: &[u8]) {
     // RSV (byte 2) is not checked by the parser, and encoded as zero.
     check_message(data, socks5::parse_request, socks5::encode_request, &[2]);
     check_message(data, socks5::parse_reply, socks5::encode_reply, &[2]);
+    // The answers an upstream SOCKS5 proxy sends to Interpose as its client.
+    check_message(
+        data,
+        socks5::parse_method_choice,
+        |m, out| socks5::encode_method_choice(*m, out),
+        &[],
+    );
+    // Any status but 0 is a failure, encoded as 1.
+    check_message(
+        data,
+        socks5::parse_userpass_reply,
+        |ok, out| socks5::encode_userpass_reply(*ok, out),
+        &[1],
+    );
     if let Ok((header, at)) = socks5::parse_udp(data) {
         let mut out = Vec::new();
         socks5::encode_udp_header(&header, &mut out);
@@ -71,6 +88,54 @@ fn check_message<T: Debug + PartialEq>(
         assert!(a == b || ignored.contains(&i), "{msg:?}: byte {i} differs");
     }
     assert_eq!(parse(&data[..n]), Ok(Some((msg, n))));
+}
+
+/// Fuzz target `http_connect`: the CONNECT request parser (the `--http` port), the response
+/// parser (an `http://` upstream's answer) and the recognition of HTTP on the SOCKS port.
+/// A message of `n` bytes has every shorter prefix asking for more, parses the same alone,
+/// and what it holds encodes back to a message that parses to the same.
+pub fn http_connect(data: &[u8]) {
+    fn prefixes<T: Debug + PartialEq + Clone>(data: &[u8], parse: HttpParser<T>) -> Option<T> {
+        let Ok(Some((msg, n))) = parse(data) else {
+            return None;
+        };
+        assert!(
+            n <= data.len() && n <= http_connect::MAX_HEADER,
+            "length {n}"
+        );
+        for cut in [0, n / 2, n.saturating_sub(1)] {
+            assert_eq!(parse(&data[..cut]), Ok(None), "prefix {cut} of {n}");
+        }
+        assert_eq!(parse(&data[..n]), Ok(Some((msg.clone(), n))), "alone");
+        Some(msg)
+    }
+    if let Some(req) = prefixes(data, http_connect::parse_connect) {
+        let basic = req.basic.as_ref().and_then(|(u, p)| {
+            let u = std::str::from_utf8(u).ok().filter(|u| !u.contains(':'))?;
+            Some((u, std::str::from_utf8(p).ok()?))
+        });
+        if req.basic.is_none() || basic.is_some() {
+            let mut out = Vec::new();
+            http_connect::encode_connect(&req.target, basic, &mut out);
+            let back = http_connect::parse_connect(&out).expect("re-encoded CONNECT parses");
+            assert_eq!(back, Some((req, out.len())), "CONNECT re-encodes");
+        }
+    }
+    if let Some(resp) = prefixes(data, http_connect::parse_response) {
+        let mut out = Vec::new();
+        http_connect::encode_answer(resp.status, "", &mut out);
+        let (back, _) = http_connect::parse_response(&out)
+            .expect("answer parses")
+            .expect("whole answer");
+        assert_eq!(back.status, resp.status, "status re-encodes");
+    }
+    // Once the SOCKS port decides HTTP or not, more bytes never change it.
+    if let Some(decided) = http_connect::looks_like_http(data) {
+        for cut in 0..data.len().min(20) {
+            let early = http_connect::looks_like_http(&data[..cut]);
+            assert!(early.is_none() || early == Some(decided), "prefix {cut}");
+        }
+    }
 }
 
 /// Fuzz target `client_hello`: ClientHello detection on `data` agrees with the cheap check,
@@ -203,6 +268,24 @@ mod tests {
     }
 
     #[test]
+    fn http_connect_corpus_holds_and_has_real_requests_and_answers() {
+        let seeds = corpus("http_connect");
+        seeds.iter().for_each(|s| http_connect(s));
+        let requests = seeds
+            .iter()
+            .filter(|s| matches!(http_connect::parse_connect(s), Ok(Some(_))))
+            .count();
+        let answers = seeds
+            .iter()
+            .filter(|s| matches!(http_connect::parse_response(s), Ok(Some(_))))
+            .count();
+        assert!(
+            requests >= 2 && answers >= 2,
+            "{requests} requests, {answers} answers"
+        );
+    }
+
+    #[test]
     fn client_hello_corpus_holds_and_has_real_hellos() {
         let seeds = corpus("client_hello");
         seeds.iter().for_each(|s| client_hello(s));
@@ -258,6 +341,16 @@ mod tests {
         #[test]
         fn socks5_properties_hold_near_the_seeds(data in mutated("socks5")) {
             socks5(&data);
+        }
+
+        #[test]
+        fn http_connect_properties_hold(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            http_connect(&data);
+        }
+
+        #[test]
+        fn http_connect_properties_hold_near_the_seeds(data in mutated("http_connect")) {
+            http_connect(&data);
         }
 
         #[test]

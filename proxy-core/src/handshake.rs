@@ -5,7 +5,10 @@ use bytes::{Bytes, BytesMut};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::socks5::{self, Addr, Reply, ReplyMsg, Request, Socks5Error};
+use crate::{
+    http_connect,
+    socks5::{self, Addr, Reply, ReplyMsg, Request, Socks5Error},
+};
 
 /// The most bytes a handshake message may take (a request with a 255-byte name is 262).
 const MAX_MESSAGE: usize = 1024;
@@ -28,6 +31,10 @@ pub enum HandshakeError {
     /// Wrong username or password.
     #[error("SOCKS authentication failed for user {0:?}")]
     AuthFailed(String),
+    /// The client sent an HTTP request (an HTTP proxy client at the SOCKS port); its
+    /// request header has been read, and it has not been answered.
+    #[error("HTTP request on the SOCKS port")]
+    HttpOnSocksPort,
     /// Reading or writing the client failed.
     #[error("SOCKS handshake I/O: {0}")]
     Io(#[from] std::io::Error),
@@ -77,6 +84,28 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(MAX_MESSAGE);
+    // An HTTP proxy client at this port gets an answer it can show (see `HttpOnSocksPort`),
+    // not a silent close: read its request header first, so closing sends no reset.
+    loop {
+        match http_connect::looks_like_http(&buf) {
+            Some(false) => break,
+            Some(true) => {
+                while !http_connect::header_complete(&buf) && buf.len() < http_connect::MAX_HEADER {
+                    buf.reserve(1024);
+                    if s.read_buf(&mut buf).await? == 0 {
+                        break;
+                    }
+                }
+                return Err(HandshakeError::HttpOnSocksPort);
+            }
+            None => {
+                buf.reserve(MAX_MESSAGE);
+                if s.read_buf(&mut buf).await? == 0 {
+                    return Err(HandshakeError::Closed);
+                }
+            }
+        }
+    }
     let greeting = read_msg(s, &mut buf, socks5::parse_greeting).await?;
     let wanted = if auth.is_some() {
         socks5::METHOD_USERPASS
@@ -191,6 +220,22 @@ mod tests {
             srv.await.unwrap(),
             Err(HandshakeError::AuthFailed(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn http_is_recognised_and_its_header_read() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let srv = tokio::spawn(async move {
+            let r = accept(&mut server, None).await;
+            (r, server)
+        });
+        client.write_all(b"CONN").await.unwrap();
+        client
+            .write_all(b"ECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n")
+            .await
+            .unwrap();
+        let (r, _server) = srv.await.unwrap();
+        assert!(matches!(r, Err(HandshakeError::HttpOnSocksPort)));
     }
 
     #[tokio::test]

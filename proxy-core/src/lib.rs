@@ -4,6 +4,10 @@
 //!
 //! Modules, from the wire up:
 //! - [`socks5`]: the SOCKS5 wire format, sans I/O; [`handshake`]: its async shell.
+//! - [`http_connect`]: the HTTP CONNECT wire format, sans I/O; [`http_ingress`]: its async
+//!   shell on the `--http` listener.
+//! - [`chain`]: upstream proxies (`--upstream`, `--upstream-rule`), sans I/O;
+//!   [`chain::dial`]: the exchange with one.
 //! - [`server`]: listener and per-connection handler; [`shared`]: what handlers share;
 //!   [`shutdown`]: graceful shutdown.
 //! - [`dns`]: name resolution for CONNECT and UDP targets, bounded per lookup and client.
@@ -17,6 +21,7 @@
 //! - [`cli`]: the `proxy-core` binary's options.
 //! - `fuzzing` (tests and the `fuzzing` feature): the properties the fuzz targets check.
 
+pub mod chain;
 pub mod cli;
 pub mod conn;
 pub mod dns;
@@ -24,6 +29,8 @@ pub mod dns;
 pub mod fuzzing;
 pub mod handshake;
 pub mod hold;
+pub mod http_connect;
+pub mod http_ingress;
 pub mod ids;
 pub mod process;
 pub mod relay;
@@ -57,6 +64,10 @@ pub const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(3);
 pub struct Config {
     /// SOCKS listen address (port 0 picks a free port).
     pub socks: SocketAddr,
+    /// HTTP CONNECT listen address (`--http`); `None` serves none.
+    pub http: Option<SocketAddr>,
+    /// Which targets go through which upstream proxy (default: all direct).
+    pub routes: chain::Routes,
     /// The registry's gRPC URL, e.g. `http://127.0.0.1:50051`; several for replicas of one
     /// registry, which the proxy fails over between (see [`proto::failover`]).
     pub registry_urls: Vec<String>,
@@ -68,7 +79,7 @@ pub struct Config {
     pub history: bool,
     /// Required SOCKS username and password (RFC 1929); `None` for no authentication.
     pub auth: Option<(String, String)>,
-    /// Allow a SOCKS listener beyond loopback without authentication.
+    /// Allow a SOCKS or HTTP listener beyond loopback without authentication.
     pub open_proxy: bool,
     /// Events buffered while the registry is down (see [`report`] for what is shed first).
     pub queue_bound: usize,
@@ -126,12 +137,12 @@ pub struct InterceptLink {
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// SOCKS would be open to the network without authentication.
+    /// SOCKS or HTTP CONNECT would be open to the network without authentication.
     #[error(
-        "refusing to serve SOCKS on {0} without authentication: it would be an open proxy \
+        "refusing to serve {0} on {1} without authentication: it would be an open proxy \
          (set --socks-user/--socks-pass, pass --open-proxy, or listen on 127.0.0.1 / [::1])"
     )]
-    OpenProxy(SocketAddr),
+    OpenProxy(&'static str, SocketAddr),
     /// The node name is empty.
     #[error("the node name must not be empty")]
     EmptyNode,
@@ -141,9 +152,11 @@ pub enum StartError {
     /// The registry URL or token is unusable.
     #[error("registry client: {0}")]
     Registry(#[from] proto::client::ClientError),
-    /// The SOCKS address cannot be bound.
-    #[error("binding SOCKS on {addr}: {source}")]
+    /// The SOCKS or HTTP address cannot be bound.
+    #[error("binding {what} on {addr}: {source}")]
     Bind {
+        /// SOCKS or HTTP.
+        what: &'static str,
         /// The address.
         addr: SocketAddr,
         /// The failure.
@@ -154,6 +167,7 @@ pub enum StartError {
 /// A running proxy.
 pub struct Proxy {
     socks_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     stop: oneshot::Sender<()>,
     listener_task: JoinHandle<()>,
     shutdown_complete_rx: mpsc::Receiver<()>,
@@ -165,8 +179,12 @@ impl Proxy {
     /// Binds the SOCKS listener and starts serving. The registry need not be up: events are
     /// buffered and IDs leased as soon as it answers.
     pub async fn start(cfg: Config) -> Result<Proxy, StartError> {
-        if !cfg.socks.ip().is_loopback() && cfg.auth.is_none() && !cfg.open_proxy {
-            return Err(StartError::OpenProxy(cfg.socks));
+        let open = |a: SocketAddr| !a.ip().is_loopback() && cfg.auth.is_none() && !cfg.open_proxy;
+        if open(cfg.socks) {
+            return Err(StartError::OpenProxy("SOCKS", cfg.socks));
+        }
+        if let Some(http) = cfg.http.filter(|a| open(*a)) {
+            return Err(StartError::OpenProxy("HTTP CONNECT", http));
         }
         if cfg.node.is_empty() {
             return Err(StartError::EmptyNode);
@@ -177,16 +195,12 @@ impl Proxy {
             &cfg.registry_urls,
             cfg.token.as_deref(),
         )?);
-        let listener = TcpListener::bind(cfg.socks)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: cfg.socks,
-                source,
-            })?;
-        let socks_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: cfg.socks,
-            source,
-        })?;
+        let (listener, socks_addr) = bind("SOCKS", cfg.socks).await?;
+        let http = match cfg.http {
+            Some(a) => Some(bind("HTTP", a).await?),
+            None => None,
+        };
+        let http_addr = http.as_ref().map(|(_, a)| *a);
         let sink = match &cfg.local_registry {
             Some(local) => local.0.clone(),
             None => registry.clone() as Arc<dyn IngestSink>,
@@ -216,6 +230,7 @@ impl Proxy {
             reporter.count_intercept(h.counts());
         }
         let mut refuse = vec![socks_addr];
+        refuse.extend(http_addr);
         refuse.extend(cfg.refuse.iter().copied());
         let shared = Arc::new(shared::Shared {
             node: cfg.node.clone(),
@@ -227,29 +242,55 @@ impl Proxy {
             refuse,
             splicer: cfg.splicer.clone(),
             holder,
+            routes: cfg.routes.clone(),
+            http: http_addr,
+            http_warned: Default::default(),
         });
         let (notify_shutdown, _) = broadcast::channel(1);
         let (shutdown_complete_tx, shutdown_complete_rx) = mpsc::channel(1);
-        let mut l = server::Listener {
+        // Both listeners share the connection limit.
+        let limit = Arc::new(Semaphore::new(cfg.max_connections));
+        let refusing = Arc::new(Semaphore::new(server::MAX_REFUSING));
+        let listener_for = |listener, ingress| server::Listener {
             listener,
-            shared,
+            ingress,
+            shared: shared.clone(),
             max_connections: cfg.max_connections,
-            limit: Arc::new(Semaphore::new(cfg.max_connections)),
-            refusing: Arc::new(Semaphore::new(server::MAX_REFUSING)),
-            notify_shutdown,
-            shutdown_complete_tx,
+            limit: limit.clone(),
+            refusing: refusing.clone(),
+            notify_shutdown: notify_shutdown.clone(),
+            shutdown_complete_tx: shutdown_complete_tx.clone(),
         };
+        let mut socks_l = listener_for(listener, server::Ingress::Socks5);
+        let mut http_l = http.map(|(l, _)| listener_for(l, server::Ingress::Http));
+        drop((notify_shutdown, shutdown_complete_tx));
         let (stop, stop_rx) = oneshot::channel();
         let listener_task = tokio::spawn(async move {
+            let http = async {
+                match &mut http_l {
+                    Some(l) => l.run().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = l.run() => {}
+                () = socks_l.run() => {}
+                () = http => {}
                 _ = stop_rx => {}
             }
-            // Dropping `l` drops the broadcast sender: every handler shuts down.
+            // Dropping the listeners drops the broadcast senders: every handler shuts down.
         });
-        tracing::info!(%socks_addr, node = %cfg.node, history = cfg.history, max_connections = cfg.max_connections, "proxy-core serving SOCKS5");
+        tracing::info!(%socks_addr, http = ?http_addr, node = %cfg.node, history = cfg.history, max_connections = cfg.max_connections, "proxy-core serving SOCKS5");
+        if let Some(up) = &cfg.routes.default {
+            tracing::info!(upstream = %up, rules = cfg.routes.rules.len(), "relaying TCP through an upstream proxy");
+        } else if cfg.routes.any_upstream() {
+            tracing::info!(
+                rules = cfg.routes.rules.len(),
+                "relaying TCP through upstream proxies by rule"
+            );
+        }
         Ok(Proxy {
             socks_addr,
+            http_addr,
             stop,
             listener_task,
             shutdown_complete_rx,
@@ -261,6 +302,11 @@ impl Proxy {
     /// The bound SOCKS address.
     pub fn socks_addr(&self) -> SocketAddr {
         self.socks_addr
+    }
+
+    /// The bound HTTP CONNECT address, when `--http` was given.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The reporter, e.g. to read [`report::Reporter::losses`].
@@ -296,4 +342,15 @@ impl Proxy {
             "proxy-core stopped"
         );
     }
+}
+
+/// Binds the `what` listener (SOCKS or HTTP) on `addr`.
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { what, addr, source };
+    let l = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = l.local_addr().map_err(err)?;
+    Ok((l, bound))
 }

@@ -11,6 +11,13 @@
 //! the proxy with a reason naming the limit, so both the client and `conns list` say why.
 //! SOCKS5 has no "busy" answer at the greeting (0xFF there reads as an authentication
 //! problem), and answering the request lets the record name the target.
+//!
+//! The same listener and handler serve both ingresses ([`Ingress`]): the SOCKS port and the
+//! HTTP CONNECT port (`--http`). Only the first exchange differs ([`handshake`] or
+//! [`http_ingress`]) and how the answer is written ([`Handler::answer`]); records, the
+//! relay, TLS interception and the hold point are one code path. The route to the target
+//! (direct or through an upstream proxy, [`crate::chain`]) is chosen from the target before
+//! the record is made, so the record names it from the start.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -25,9 +32,11 @@ use tokio::{
 };
 
 use crate::{
+    chain::{self, Scheme, Upstream},
     conn::{ConnState, End},
-    handshake::{self, Accepted},
+    handshake::{self, Accepted, HandshakeError},
     hold::ConnHold,
+    http_connect, http_ingress,
     relay::{self, Tap},
     shared::Shared,
     shutdown::Shutdown,
@@ -43,10 +52,39 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the upstream connect may take (all addresses of a name together).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Which listener a client came in on; the record's `ingress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// The SOCKS5 port.
+    Socks5,
+    /// The HTTP CONNECT port (`--http`).
+    Http,
+}
+
+impl Ingress {
+    /// The record's value: `socks5` or `http`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ingress::Socks5 => "socks5",
+            Ingress::Http => "http",
+        }
+    }
+
+    /// The protocol's name in log lines: `SOCKS` or `HTTP CONNECT`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Ingress::Socks5 => "SOCKS",
+            Ingress::Http => "HTTP CONNECT",
+        }
+    }
+}
+
 /// The accept loop.
 pub struct Listener {
-    /// The bound SOCKS listener.
+    /// The bound listener.
     pub listener: TcpListener,
+    /// What its clients speak.
+    pub ingress: Ingress,
     /// Shared handler state.
     pub shared: Arc<Shared>,
     /// The connection limit (`--max-connections`), for the refusal's reason.
@@ -76,7 +114,8 @@ impl Listener {
                     if !full {
                         tracing::warn!(
                             limit = self.max_connections,
-                            "connection limit reached: refusing new SOCKS clients (--max-connections)"
+                            ingress = self.ingress.as_str(),
+                            "connection limit reached: refusing new clients (--max-connections)"
                         );
                         full = true;
                     }
@@ -89,6 +128,7 @@ impl Listener {
             };
             let handler = Handler {
                 shared: self.shared.clone(),
+                ingress: self.ingress,
                 shutdown: Shutdown::new(self.notify_shutdown.subscribe()),
                 over_limit,
                 _done: self.shutdown_complete_tx.clone(),
@@ -107,7 +147,8 @@ impl Listener {
                 Ok(x) => return x,
                 Err(e) => {
                     tracing::warn!(
-                        "accepting a SOCKS connection failed: {e}; retrying in {backoff:?}"
+                        "accepting a {} connection failed: {e}; retrying in {backoff:?}",
+                        self.ingress.label()
                     );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -120,6 +161,7 @@ impl Listener {
 /// Serves one client connection.
 pub struct Handler {
     shared: Arc<Shared>,
+    ingress: Ingress,
     shutdown: Shutdown,
     /// The connection limit this client is beyond (it is refused), if it is.
     over_limit: Option<usize>,
@@ -156,21 +198,31 @@ impl Handler {
             Ok(id) => id,
             Err(e) => {
                 tracing::warn!(%peer, target = %request.addr, "refusing the connection: {e}");
-                let _ = handshake::reply(&mut stream, Reply::GeneralFailure, None).await;
+                let why = format!("no connection ID available: {e}");
+                let _ = self
+                    .answer(&mut stream, Reply::GeneralFailure, None, &why)
+                    .await;
                 return;
             }
         };
         let state = Arc::new(ConnState::new(id));
-        let conn = self.record(id, peer, &request.addr, transport, opened_at);
+        // UDP associations are relayed directly (upstream proxies carry TCP streams).
+        let via = match transport {
+            Transport::Tcp => self.shared.routes.route(&request.addr).cloned(),
+            _ => None,
+        };
+        let mut conn = self.record(id, peer, &request.addr, transport, opened_at);
+        conn.ingress = self.ingress.as_str().to_string();
+        conn.upstream = via.as_ref().map(|u| u.to_string()).unwrap_or_default();
         self.shared.reporter.opened(conn, state.clone());
         self.shared.resolver.request(id, peer, local);
         let end = if let Some(limit) = self.over_limit {
             tracing::info!(%peer, target = %request.addr, "refused: connection limit {limit} reached");
-            let _ = handshake::reply(&mut stream, Reply::GeneralFailure, None).await;
-            End::proxy(
-                CloseKind::Error,
-                format!("refused: connection limit {limit} reached (--max-connections)"),
-            )
+            let why = format!("refused: connection limit {limit} reached (--max-connections)");
+            let _ = self
+                .answer(&mut stream, Reply::GeneralFailure, None, &why)
+                .await;
+            End::proxy(CloseKind::Error, why)
         } else if transport == Transport::Udp {
             udp::associate(
                 &self.shared,
@@ -183,8 +235,16 @@ impl Handler {
             )
             .await
         } else {
-            self.connect(stream, peer, local, &request.addr, leftover, &state)
-                .await
+            self.connect(
+                stream,
+                peer,
+                local,
+                &request.addr,
+                via.as_deref(),
+                leftover,
+                &state,
+            )
+            .await
         };
         tracing::debug!(id, %peer, target = %request.addr, reason = %end.reason, "connection ended");
         self.shared.reporter.closed(&state, &end);
@@ -193,22 +253,66 @@ impl Handler {
     /// The SOCKS handshake, bounded by [`HANDSHAKE_TIMEOUT`] and by shutdown; a failure is
     /// logged. Its own function so that its state is not kept for the connection's life.
     async fn handshake(&mut self, stream: &mut TcpStream, peer: SocketAddr) -> Option<Accepted> {
+        let auth = self.shared.auth.as_ref();
         let accepted = tokio::select! {
-            r = tokio::time::timeout(
-                HANDSHAKE_TIMEOUT,
-                handshake::accept(stream, self.shared.auth.as_ref()),
-            ) => r,
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                match self.ingress {
+                    Ingress::Socks5 => handshake::accept(stream, auth).await.map_err(Failed::Socks),
+                    Ingress::Http => http_ingress::accept(stream, auth).await.map_err(Failed::Http),
+                }
+            }) => r,
             () = self.shutdown.recv() => return None,
         };
+        let name = self.ingress.label();
         match accepted {
             Ok(Ok(a)) => Some(a),
+            Ok(Err(Failed::Socks(HandshakeError::HttpOnSocksPort))) => {
+                self.wrong_port(stream, peer).await;
+                None
+            }
             Ok(Err(e)) => {
-                tracing::info!(%peer, "SOCKS handshake failed: {e}");
+                tracing::info!(%peer, "{name} handshake failed: {e}");
                 None
             }
             Err(_) => {
-                tracing::info!(%peer, "SOCKS handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+                tracing::info!(%peer, "{name} handshake timed out after {HANDSHAKE_TIMEOUT:?}");
                 None
+            }
+        }
+    }
+
+    /// Answers an HTTP request that came to the SOCKS port with one line naming the HTTP
+    /// CONNECT port (or how to open one), and warns once per client address.
+    async fn wrong_port(&self, stream: &mut TcpStream, peer: SocketAddr) {
+        let why = match self.shared.http {
+            Some(http) => format!(
+                "this is Interpose's SOCKS5 port; HTTP proxy clients use its HTTP CONNECT port {http}"
+            ),
+            None => "this is Interpose's SOCKS5 port; for HTTP proxy clients start it with \
+                     --http 127.0.0.1:8080 and use that port"
+                .to_string(),
+        };
+        if self.shared.first_http_on_socks(peer.ip()) {
+            tracing::warn!(%peer, "HTTP request on the SOCKS port, answered: {why}");
+        } else {
+            tracing::debug!(%peer, "HTTP request on the SOCKS port");
+        }
+        let _ = http_ingress::answer(stream, 400, &why).await;
+    }
+
+    /// Answers the client's request: a SOCKS reply, or for an HTTP CONNECT client the
+    /// matching status (`why` is the body of an error).
+    async fn answer(
+        &self,
+        stream: &mut TcpStream,
+        reply: Reply,
+        bound: Option<SocketAddr>,
+        why: &str,
+    ) -> std::io::Result<()> {
+        match self.ingress {
+            Ingress::Socks5 => handshake::reply(stream, reply, bound).await,
+            Ingress::Http => {
+                http_ingress::answer(stream, http_connect::status_for_reply(reply), why).await
             }
         }
     }
@@ -243,28 +347,31 @@ impl Handler {
         }
     }
 
-    /// CONNECT: resolve, refuse our own ports, connect, reply, relay.
+    /// CONNECT: resolve, refuse our own ports, connect (directly or through `via`), reply,
+    /// relay.
+    #[allow(clippy::too_many_arguments)]
     async fn connect(
         &mut self,
         mut stream: TcpStream,
         peer: SocketAddr,
         local: SocketAddr,
         target: &Addr,
+        via: Option<&Upstream>,
         leftover: bytes::Bytes,
         state: &ConnState,
     ) -> End {
         let established = tokio::select! {
-            r = establish(&self.shared, peer.ip(), local, target) => r,
+            r = establish(&self.shared, peer.ip(), local, target, via) => r,
             () = self.shutdown.recv() => Err((Reply::GeneralFailure, End::proxy(CloseKind::Fin, "proxy shut down"))),
         };
-        let upstream = match established {
+        let (upstream, reached) = match established {
             Ok(u) => u,
             Err((code, end)) => {
-                let _ = handshake::reply(&mut stream, code, None).await;
+                let _ = self.answer(&mut stream, code, None, &end.reason).await;
                 return end;
             }
         };
-        if let (Addr::Domain(..), Ok(a)) = (target, upstream.peer_addr()) {
+        if let (Addr::Domain(..), Some(a)) = (target, reached) {
             self.shared
                 .reporter
                 .updated(proto::registry::ConnectionUpdate {
@@ -274,13 +381,19 @@ impl Handler {
                 });
         }
         let _ = upstream.set_nodelay(true);
-        if let Err(e) =
-            handshake::reply(&mut stream, Reply::Succeeded, upstream.local_addr().ok()).await
+        if let Err(e) = self
+            .answer(
+                &mut stream,
+                Reply::Succeeded,
+                upstream.local_addr().ok(),
+                "",
+            )
+            .await
         {
             return End::new(
                 ClosedBy::Client,
                 CloseKind::Error,
-                format!("writing the SOCKS reply: {e}"),
+                format!("writing the {} reply: {e}", self.ingress.label()),
             );
         }
         let mut tap = Tap::new(state, &self.shared.reporter);
@@ -292,7 +405,8 @@ impl Handler {
             tap.hold = Some(Arc::new(ConnHold::new(holder.clone(), &host, port)));
         }
         if let Some(splicer) = self.shared.splicer.clone() {
-            let peer = upstream.peer_addr();
+            // The target's address: through an upstream that resolved the name, unknown.
+            let peer = reached.ok_or(());
             let target = tls::Target {
                 host: match target {
                     Addr::Domain(h, _) => Some(h.clone()),
@@ -341,32 +455,127 @@ pub fn reaches(target: SocketAddr, own: SocketAddr, local: SocketAddr) -> bool {
         || (o.is_unspecified() && (t.is_loopback() || t == local.ip().to_canonical()))
 }
 
-/// Resolves (for `client`) and connects, or says which reply and record end the failure
-/// deserves.
+/// Why a handshake failed, for either ingress.
+enum Failed {
+    Socks(HandshakeError),
+    Http(http_ingress::IngressError),
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failed::Socks(e) => e.fmt(f),
+            Failed::Http(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Connects to `target`, directly or through `via`; returns the stream (to the target, or
+/// the tunnel through the upstream) and the target's address when it is known. A failure
+/// says which reply and record end it deserves.
 async fn establish(
     shared: &Shared,
     client: IpAddr,
     local: SocketAddr,
     target: &Addr,
-) -> Result<TcpStream, (Reply, End)> {
-    let refuse = &shared.refuse;
-    let addrs: Vec<SocketAddr> = match target {
-        Addr::Ip(a) => vec![*a],
-        Addr::Domain(host, port) => match shared.dns.lookup(client, host, *port).await {
-            Ok(v) => v,
-            Err(e) => {
-                return Err((
-                    Reply::HostUnreachable,
-                    End::proxy(CloseKind::Error, format!("resolve {host}: {e}")),
-                ));
-            }
-        },
+    via: Option<&Upstream>,
+) -> Result<(TcpStream, Option<SocketAddr>), (Reply, End)> {
+    let Some(up) = via else {
+        let s = direct(shared, client, local, target).await?;
+        let reached = s.peer_addr().ok();
+        return Ok((s, reached));
     };
-    if let Some(a) = addrs
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    // What the upstream is asked for: with socks5:// names are resolved here, like a direct
+    // connection's; with socks5h:// and http:// the upstream resolves them.
+    let ask = match (up.scheme, target) {
+        (Scheme::Socks5, Addr::Domain(..)) => {
+            let addrs = resolve(shared, client, target).await?;
+            refuse_own(shared, local, &addrs)?;
+            Addr::Ip(addrs[0])
+        }
+        (_, Addr::Ip(a)) => {
+            refuse_own(shared, local, &[*a])?;
+            target.clone()
+        }
+        (_, Addr::Domain(..)) => target.clone(),
+    };
+    let unreachable = |what: String| {
+        (
+            Reply::GeneralFailure,
+            End::proxy(
+                CloseKind::Error,
+                format!("upstream {up} unreachable: {what}"),
+            ),
+        )
+    };
+    let up_addrs = match chain::literal_addr(up) {
+        Some(a) => vec![a],
+        None => shared
+            .dns
+            .lookup(client, &up.host, up.port)
+            .await
+            .map_err(|e| unreachable(format!("resolve {}: {e}", up.host)))?,
+    };
+    // An upstream that is this proxy itself would loop.
+    refuse_own(shared, local, &up_addrs)?;
+    let mut s = connect_any(&up_addrs, deadline)
+        .await
+        .map_err(|(a, e)| unreachable(format!("connect to {a}: {e}")))?;
+    let _ = s.set_nodelay(true);
+    match tokio::time::timeout_at(deadline, chain::dial::open(&mut s, up, &ask)).await {
+        Ok(Ok(())) => Ok((
+            s,
+            match ask {
+                Addr::Ip(a) => Some(a),
+                Addr::Domain(..) => None,
+            },
+        )),
+        Ok(Err(refusal)) => Err((refusal.reply, End::proxy(CloseKind::Error, refusal.reason))),
+        Err(_) => Err((
+            Reply::HostUnreachable,
+            End::proxy(
+                CloseKind::Error,
+                format!("upstream {up} did not answer within {CONNECT_TIMEOUT:?}"),
+            ),
+        )),
+    }
+}
+
+/// Resolves `target` for `client`.
+async fn resolve(
+    shared: &Shared,
+    client: IpAddr,
+    target: &Addr,
+) -> Result<Vec<SocketAddr>, (Reply, End)> {
+    match target {
+        Addr::Ip(a) => Ok(vec![*a]),
+        Addr::Domain(host, port) => match shared.dns.lookup(client, host, *port).await {
+            Ok(v) if !v.is_empty() => Ok(v),
+            Ok(_) => Err((
+                Reply::HostUnreachable,
+                End::proxy(CloseKind::Error, format!("resolve {host}: no address")),
+            )),
+            Err(e) => Err((
+                Reply::HostUnreachable,
+                End::proxy(CloseKind::Error, format!("resolve {host}: {e}")),
+            )),
+        },
+    }
+}
+
+/// Refuses addresses that reach the proxy's own ports or what `--deny` names.
+fn refuse_own(
+    shared: &Shared,
+    local: SocketAddr,
+    addrs: &[SocketAddr],
+) -> Result<(), (Reply, End)> {
+    match addrs
         .iter()
-        .find(|a| refuse.iter().any(|own| reaches(**a, *own, local)))
+        .find(|a| shared.refuse.iter().any(|own| reaches(**a, *own, local)))
     {
-        return Err((
+        None => Ok(()),
+        Some(a) => Err((
             Reply::NotAllowed,
             End::proxy(
                 CloseKind::Error,
@@ -375,11 +584,17 @@ async fn establish(
                      (--deny)"
                 ),
             ),
-        ));
+        )),
     }
-    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+}
+
+/// Connects to the first of `addrs` that answers before `deadline`; else the last failure.
+async fn connect_any(
+    addrs: &[SocketAddr],
+    deadline: tokio::time::Instant,
+) -> Result<TcpStream, (SocketAddr, std::io::Error)> {
     let mut last: Option<(SocketAddr, std::io::Error)> = None;
-    for a in &addrs {
+    for a in addrs {
         match tokio::time::timeout_at(deadline, TcpStream::connect(a)).await {
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(e)) => last = Some((*a, e)),
@@ -395,12 +610,31 @@ async fn establish(
             }
         }
     }
-    let (a, e) =
-        last.unwrap_or_else(|| (addrs[0], std::io::Error::other("no address to connect to")));
-    Err((
-        Reply::for_connect_error(&e),
-        End::proxy(CloseKind::Error, format!("connect to {a}: {e}")),
-    ))
+    Err(last.unwrap_or_else(|| {
+        (
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            std::io::Error::other("no address to connect to"),
+        )
+    }))
+}
+
+/// Resolves (for `client`) and connects directly, or says which reply and record end the
+/// failure deserves.
+async fn direct(
+    shared: &Shared,
+    client: IpAddr,
+    local: SocketAddr,
+    target: &Addr,
+) -> Result<TcpStream, (Reply, End)> {
+    let addrs = resolve(shared, client, target).await?;
+    refuse_own(shared, local, &addrs)?;
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    connect_any(&addrs, deadline).await.map_err(|(a, e)| {
+        (
+            Reply::for_connect_error(&e),
+            End::proxy(CloseKind::Error, format!("connect to {a}: {e}")),
+        )
+    })
 }
 
 #[cfg(test)]

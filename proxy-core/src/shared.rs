@@ -1,11 +1,16 @@
 //! What every connection handler shares: the node name, SOCKS credentials, the reporter,
-//! the ID pool, the process resolver, the name resolver, the refused addresses, the TLS splice and the intercept
-//! holder.
+//! the ID pool, the process resolver, the name resolver, the refused addresses, the TLS splice, the intercept
+//! holder, the upstream routes and the HTTP CONNECT port.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
 
 use crate::{
-    dns::Dns, hold::Holder, ids::IdPool, process::Resolver, report::Reporter, tls::Splicer,
+    chain::Routes, dns::Dns, hold::Holder, ids::IdPool, process::Resolver, report::Reporter,
+    tls::Splicer,
 };
 
 /// What every handler shares.
@@ -28,4 +33,27 @@ pub struct Shared {
     pub splicer: Option<Arc<Splicer>>,
     /// Follows the intercept service; `None` holds nothing.
     pub holder: Option<Arc<Holder>>,
+    /// Which targets go through which upstream proxy.
+    pub routes: Routes,
+    /// The HTTP CONNECT listener (`--http`), named to HTTP clients that reach the SOCKS port.
+    pub http: Option<SocketAddr>,
+    /// Client addresses already warned about sending HTTP to the SOCKS port.
+    pub http_warned: Mutex<HashSet<IpAddr>>,
+}
+
+/// Most client addresses remembered in [`Shared::http_warned`]; beyond it the set starts
+/// over (a client may then be warned about again, never forgotten silently forever).
+pub const MAX_HTTP_WARNED: usize = 4096;
+
+impl Shared {
+    /// Whether `ip` is to be warned about sending HTTP to the SOCKS port: the first time.
+    pub fn first_http_on_socks(&self, ip: IpAddr) -> bool {
+        let Ok(mut seen) = self.http_warned.lock() else {
+            return true;
+        };
+        if seen.len() >= MAX_HTTP_WARNED {
+            seen.clear();
+        }
+        seen.insert(ip)
+    }
 }

@@ -229,6 +229,24 @@ pub fn encode_method_choice(method: u8, out: &mut Vec<u8>) {
     out.extend_from_slice(&[VERSION, method]);
 }
 
+/// Parses the method-selection answer `VER METHOD` (client side): the chosen method.
+pub fn parse_method_choice(buf: &[u8]) -> Result<Option<(u8, usize)>, Socks5Error> {
+    match buf {
+        [] | [VERSION] => Ok(None),
+        [VERSION, m, ..] => Ok(Some((*m, 2))),
+        [v, ..] => Err(Socks5Error::BadVersion(*v, VERSION)),
+    }
+}
+
+/// Parses the RFC 1929 answer `VER STATUS` (client side): whether it is success (0).
+pub fn parse_userpass_reply(buf: &[u8]) -> Result<Option<(bool, usize)>, Socks5Error> {
+    match buf {
+        [] | [AUTH_VERSION] => Ok(None),
+        [AUTH_VERSION, st, ..] => Ok(Some((*st == 0, 2))),
+        [v, ..] => Err(Socks5Error::BadVersion(*v, AUTH_VERSION)),
+    }
+}
+
 /// RFC 1929 username/password request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserPass {
@@ -394,6 +412,22 @@ impl Reply {
         }
     }
 
+    /// What the code means, as RFC 1928 names it.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Reply::Succeeded => "succeeded",
+            Reply::GeneralFailure => "general SOCKS server failure",
+            Reply::NotAllowed => "connection not allowed by ruleset",
+            Reply::NetworkUnreachable => "network unreachable",
+            Reply::HostUnreachable => "host unreachable",
+            Reply::ConnectionRefused => "connection refused",
+            Reply::TtlExpired => "TTL expired",
+            Reply::CommandNotSupported => "command not supported",
+            Reply::AddressTypeNotSupported => "address type not supported",
+            Reply::Other(_) => "unassigned code",
+        }
+    }
+
     /// The reply for a failed upstream connect.
     ///
     /// ECONNREFUSED is 0x05, ENETUNREACH 0x03, EHOSTUNREACH 0x04. A connect timeout is
@@ -544,6 +578,24 @@ mod tests {
     }
 
     #[test]
+    fn client_side_answers() {
+        assert_eq!(parse_method_choice(&[5]), Ok(None));
+        assert_eq!(parse_method_choice(&[5, 2, 9]), Ok(Some((2, 2))));
+        assert_eq!(
+            parse_method_choice(b"HT"),
+            Err(Socks5Error::BadVersion(b'H', 5))
+        );
+        assert_eq!(parse_userpass_reply(&[1]), Ok(None));
+        assert_eq!(parse_userpass_reply(&[1, 0]), Ok(Some((true, 2))));
+        assert_eq!(parse_userpass_reply(&[1, 1]), Ok(Some((false, 2))));
+        assert_eq!(
+            parse_userpass_reply(&[5, 0]),
+            Err(Socks5Error::BadVersion(5, 1))
+        );
+        assert_eq!(Reply::from_code(5).meaning(), "connection refused");
+    }
+
+    #[test]
     fn connect_errors_map_to_reply_codes() {
         use std::io::{Error, ErrorKind};
         let code = |k| Reply::for_connect_error(&Error::from(k)).code();
@@ -599,6 +651,8 @@ mod tests {
             let _ = parse_request(&buf);
             let _ = parse_reply(&buf);
             let _ = parse_udp(&buf);
+            let _ = parse_method_choice(&buf);
+            let _ = parse_userpass_reply(&buf);
         }
 
         #[test]

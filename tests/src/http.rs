@@ -62,3 +62,39 @@ pub async fn curl(socks: SocketAddr, args: &[&str], url: &str) -> anyhow::Result
     }
     Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
 }
+
+/// Runs curl with exactly `args` (`-sS` and a time bound added) and the environment
+/// variables `env` (proxy variables of the caller's own environment removed), bounded by
+/// [`WAIT`]; returns its whole output, success or not. `None` when curl is missing and the
+/// developer opted out.
+pub async fn curl_output(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Option<std::process::Output>> {
+    let Some(curl) = crate::tools::required("curl") else {
+        return Ok(None);
+    };
+    let mut cmd = tokio::process::Command::new(curl);
+    cmd.args(["-sS", "--max-time", "15"]).args(args);
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.envs(env.iter().copied());
+    let out = tokio::time::timeout(
+        WAIT,
+        cmd.stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("curl timed out")??;
+    Ok(Some(out))
+}

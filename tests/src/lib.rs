@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod stats;
 pub mod tls;
 pub mod tools;
+pub mod upstreams;
 
 use std::{
     path::{Path, PathBuf},

@@ -16,7 +16,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -121,6 +121,49 @@ where
         }
     });
     Ok(addr)
+}
+
+/// A TLS server speaking HTTP/1.1 or HTTP/2 (whichever ALPN picked); answers every
+/// request with `hello from PATH`.
+pub async fn https_server(pki: &Pki) -> anyhow::Result<SocketAddr> {
+    let acceptor = pki.acceptor(&[b"h2", b"http/1.1"])?;
+    serve(move |s| {
+        let acceptor = acceptor.clone();
+        async move {
+            let tls = acceptor.accept(s).await?;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let mut conn = h2::server::handshake(tls).await?;
+                while let Some(req) = conn.accept().await {
+                    let (req, mut respond) = req?;
+                    let body = format!("hello from {}", req.uri().path());
+                    let resp = ::http::Response::builder().status(200).body(())?;
+                    let mut send = respond.send_response(resp, false)?;
+                    send.send_data(bytes::Bytes::from(body), true)?;
+                }
+                return Ok(());
+            }
+            let mut r = BufReader::new(tls);
+            let mut request_line = String::new();
+            r.read_line(&mut request_line).await?;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).await? == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("?");
+            let body = format!("hello from {path}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let mut tls = r.into_inner();
+            tls.write_all(resp.as_bytes()).await?;
+            tls.shutdown().await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Over a connection to an echo server through a proxy that is being told to hold packets

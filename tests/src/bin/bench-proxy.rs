@@ -2,13 +2,13 @@
 //! request latency on one kept-alive connection, open-to-watch latency, and RSS with many
 //! idle connections; every baseline (a direct connection, Debian's dante-server) measured in
 //! the same run on loopback. Run with
-//! `cargo run --release -p tests --bin bench-proxy` (needs `danted` on PATH for the dante
-//! baseline; it is skipped otherwise). Prints medians over several runs.
+//! `cargo run --release -p tests --bin bench-proxy` (needs `danted` for the dante baseline,
+//! started by [`tests::upstreams`]; with `INTERPOSE_TEST_SKIP_MISSING_TOOLS=1` it is skipped
+//! when missing). Prints medians over several runs.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -230,75 +230,6 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("VmRSS")
 }
 
-/// Dante on a loopback port; killed (with its children) when dropped.
-struct Dante {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-}
-
-impl Dante {
-    async fn start(dir: &Path) -> anyhow::Result<Option<Self>> {
-        if std::process::Command::new("danted")
-            .arg("-v")
-            .output()
-            .is_err()
-        {
-            return Ok(None);
-        }
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?.port()
-        };
-        let conf = dir.join("danted.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "logoutput: stderr\n\
-                 internal: 127.0.0.1 port = {port}\n\
-                 external: 127.0.0.1\n\
-                 socksmethod: none\n\
-                 clientmethod: none\n\
-                 user.privileged: root\n\
-                 user.unprivileged: nobody\n\
-                 client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n\
-                 socks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n"
-            ),
-        )?;
-        let child = tokio::process::Command::new("danted")
-            .arg("-f")
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir.join("danted.pid"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("danted.log"))?)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()?;
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        for _ in 0..100 {
-            if TcpStream::connect(addr).await.is_ok() {
-                return Ok(Some(Self { child, addr }));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!(
-            "danted did not start: {}",
-            std::fs::read_to_string(dir.join("danted.log"))?
-        )
-    }
-}
-
-impl Drop for Dante {
-    fn drop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            // The process group we created for dante and its worker processes.
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", "--", &format!("-{pid}")])
-                .status();
-        }
-    }
-}
-
 /// Adds CPU seconds `used` to `path`'s totals.
 fn add_cpu<'a>(
     cpu: &mut HashMap<&'a str, HashMap<&'static str, f64>>,
@@ -347,7 +278,12 @@ async fn main() -> anyhow::Result<()> {
         "warn",
     )
     .await?;
-    let dante = Dante::start(dir.path()).await?;
+    let dante = tests::upstreams::Upstream::dante(
+        &dir.path().join("dante"),
+        std::net::Ipv4Addr::LOCALHOST,
+        None,
+    )
+    .await?;
     if dante.is_none() {
         println!("(danted not found: dante baseline skipped)");
     }
