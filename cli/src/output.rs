@@ -75,6 +75,13 @@ pub struct ConnJson<'a> {
     pub upstream_tls: Option<TlsLegJson<'a>>,
     /// Upstream certificate verification was off (`--upstream-insecure`).
     pub upstream_insecure: bool,
+    /// The connection this one replays (absent when it is not a replay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_of: Option<u64>,
+    /// The last packet before a late TLS handshake (STARTTLS, SSLRequest); absent when TLS
+    /// began with the first byte or was not intercepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_after_seq: Option<u64>,
 }
 
 impl<'a> From<&'a Connection> for ConnJson<'a> {
@@ -107,6 +114,8 @@ impl<'a> From<&'a Connection> for ConnJson<'a> {
             client_tls: c.client_tls.as_ref().map(TlsLegJson::from),
             upstream_tls: c.upstream_tls.as_ref().map(TlsLegJson::from),
             upstream_insecure: c.upstream_insecure,
+            replay_of: (c.replay_of != 0).then_some(c.replay_of),
+            tls_after_seq: (c.tls_after_seq != 0).then_some(c.tls_after_seq),
         }
     }
 }

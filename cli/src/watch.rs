@@ -52,6 +52,9 @@ fn start(event: &str, id: u64, target: &str) -> String {
 /// The client side of a record: address, process, TLS.
 fn client(c: &Connection) -> String {
     let mut s = format!("from {}", endpoint(&c.src_ip, c.src_port));
+    if c.replay_of != 0 {
+        s = format!("replay of {} {s}", c.replay_of);
+    }
     if let Some(p) = &c.client_process {
         s.push_str(&format!(" {}({})", p.name, p.pid));
     }

@@ -161,7 +161,8 @@ impl Handler {
             }
         };
         let state = Arc::new(ConnState::new(id));
-        let conn = self.record(id, peer, &request.addr, transport, opened_at);
+        let mut conn = self.record(id, peer, &request.addr, transport, opened_at);
+        conn.replay_of = self.shared.replays.claim(peer, id);
         self.shared.reporter.opened(conn, state.clone());
         self.shared.resolver.request(id, peer, local);
         let end = if let Some(limit) = self.over_limit {

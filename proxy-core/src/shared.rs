@@ -28,4 +28,6 @@ pub struct Shared {
     pub splicer: Option<Arc<Splicer>>,
     /// Follows the intercept service; `None` holds nothing.
     pub holder: Option<Arc<Holder>>,
+    /// This proxy's own replays, announced by their local address.
+    pub replays: crate::replay::Pending,
 }
