@@ -481,6 +481,10 @@ impl Outbound<'_> {
             else {
                 continue;
             };
+            if self.plan.pace == Pace::Wait && self.sent == 0 && seq > 1 {
+                // The server spoke first in the original: let it, as it did.
+                self.quiet().await;
+            }
             self.pace_before(ts).await;
             w.write_all(&data)
                 .await
