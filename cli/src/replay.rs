@@ -11,7 +11,7 @@ use proto::{
     common::Direction,
     registry::SearchHistoryRequest,
     replay::{
-        Comparison, Pace, PacketEdit, ReplayEvent, ReplayRequest, Replacement,
+        Comparison, Pace, PacketEdit, Replacement, ReplayEvent, ReplayRequest,
         replay_client::ReplayClient,
     },
 };
@@ -322,7 +322,10 @@ fn print_event(ev: &ReplayEvent, original: u64, hex: bool, several: bool) -> any
 
 /// The header line of one packet's block in the `--edit` file.
 fn block_header(seq: u64, hex: bool) -> String {
-    format!("=== packet {seq} ({}) ===", if hex { "hex" } else { "text" })
+    format!(
+        "=== packet {seq} ({}) ===",
+        if hex { "hex" } else { "text" }
+    )
 }
 
 /// `--edit`: writes the client packets (after the flags' edits are not applied: the file
@@ -423,7 +426,9 @@ pub fn render_edit_file(conn_id: u64, packets: &[(u64, Vec<u8>)]) -> String {
          hex blocks are a dump whose offsets and |text| column are ignored.\n"
     );
     for (seq, data) in packets {
-        let text = std::str::from_utf8(data).ok().filter(|t| !t.contains("\n=== packet "));
+        let text = std::str::from_utf8(data)
+            .ok()
+            .filter(|t| !t.contains("\n=== packet "));
         out.push_str(&block_header(*seq, text.is_none()));
         out.push('\n');
         match text {
@@ -481,10 +486,9 @@ pub fn parse_edit_file(text: &str) -> anyhow::Result<Vec<(u64, Vec<u8>)>> {
             current = Some((seq, hex, String::new()));
             continue;
         }
-        match &mut current {
-            Some((_, _, body)) => body.push_str(line),
-            // Before the first block: comments.
-            None => {}
+        // Lines before the first block are comments.
+        if let Some((_, _, body)) = &mut current {
+            body.push_str(line);
         }
     }
     finish(current.take(), &mut out)?;
@@ -509,10 +513,20 @@ mod tests {
     #[test]
     fn edited_and_deleted_blocks_are_read_as_such() {
         let file = render_edit_file(7, &[(1, b"a".to_vec()), (3, b"b".to_vec())]);
-        let edited = file.replace("=== packet 1 (text) ===\na\n", "").replace("\nb\n", "\nbee\n");
-        assert_eq!(parse_edit_file(&edited).unwrap(), vec![(3, b"bee".to_vec())]);
+        let edited = file
+            .replace("=== packet 1 (text) ===\na\n", "")
+            .replace("\nb\n", "\nbee\n");
+        assert_eq!(
+            parse_edit_file(&edited).unwrap(),
+            vec![(3, b"bee".to_vec())]
+        );
         let bad = format!("{file}=== packet 3 (text) ===\nx\n");
-        assert!(parse_edit_file(&bad).unwrap_err().to_string().contains("twice"));
+        assert!(
+            parse_edit_file(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
         assert!(
             parse_edit_file("=== packet x (text) ===\n")
                 .unwrap_err()

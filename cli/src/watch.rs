@@ -194,5 +194,9 @@ mod tests {
         assert!(header().chars().count() <= 80);
         let wide = line("opened", &before, None, None);
         assert!(wide.contains("from 127.0.0.1:50001"), "{wide}");
+        let mut replay = conn();
+        replay.replay_of = 7;
+        let l = line("opened", &replay, None, None);
+        assert!(l.contains("replay of 7 from 127.0.0.1:50001"), "{l}");
     }
 }

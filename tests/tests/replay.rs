@@ -15,7 +15,9 @@ use tests::{
     Up, WAIT, held_list, interpose, interpose_json, interpose_ok,
     proxy::{direction_bytes, history, socks_connected, wait_history},
     registry_client,
-    tls::{Pki, disconnected, intercept_on, proxy_ca, serve, socks, through, tls_connect, wait_record},
+    tls::{
+        Pki, disconnected, intercept_on, proxy_ca, serve, socks, through, tls_connect, wait_record,
+    },
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
@@ -116,7 +118,11 @@ async fn closed_record(up: &Up, id: u64) -> anyhow::Result<Connection> {
 async fn record_lines(up: &Up, server: SocketAddr, lines: &[&str]) -> anyhow::Result<Connection> {
     let (s, port) = through(up, Addr::Ip(server)).await?;
     let got = talk_lines(s, lines).await?;
-    let want: String = lines.iter().map(|l| format!("OK {l}\n")).collect::<String>() + "BYE\n";
+    let want: String = lines
+        .iter()
+        .map(|l| format!("OK {l}\n"))
+        .collect::<String>()
+        + "BYE\n";
     ensure!(got == want, "the original's answers: {got:?}");
     let rec = wait_record(up, "the original", |c| {
         c.src_port == u32::from(port) && disconnected(c)
@@ -129,7 +135,7 @@ async fn record_lines(up: &Up, server: SocketAddr, lines: &[&str]) -> anyhow::Re
 async fn a_line_protocol_is_replayed_with_edits_and_each_pacing() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let up = Up::start(data.path(), &[]).await?;
-    let server = serve(|s| serve_lines(s)).await?;
+    let server = serve(serve_lines).await?;
     let original = record_lines(&up, server, &["HELLO alice", "COUNT 3"]).await?;
     let id = original.id.to_string();
     let mut registry = registry_client(&up.grpc, None).await?;
@@ -139,7 +145,10 @@ async fn a_line_protocol_is_replayed_with_edits_and_each_pacing() -> anyhow::Res
         .filter(|p| p.direction == Direction::C2s as i32)
         .map(|p| p.seq)
         .collect();
-    ensure!(c2s_seqs.len() == 3, "three client packets: {original_history:?}");
+    ensure!(
+        c2s_seqs.len() == 3,
+        "three client packets: {original_history:?}"
+    );
 
     // As it was, with each pacing: the same answers, identical, a new linked record.
     for pace in ["wait", "recorded", "burst"] {
@@ -162,11 +171,15 @@ async fn a_line_protocol_is_replayed_with_edits_and_each_pacing() -> anyhow::Res
         ensure!(rec.replay_of == original.id, "{pace}: {rec:?}");
         let h = history(&mut registry, new_id).await?;
         ensure!(
-            direction_bytes(&h, Direction::C2s) == direction_bytes(&original_history, Direction::C2s),
+            direction_bytes(&h, Direction::C2s)
+                == direction_bytes(&original_history, Direction::C2s),
             "{pace}: the replay sent other bytes"
         );
         let summary = events(&evs, "summary");
-        ensure!(summary.len() == 1 && summary[0]["identical"] == 1, "{evs:?}");
+        ensure!(
+            summary.len() == 1 && summary[0]["identical"] == 1,
+            "{evs:?}"
+        );
     }
 
     // `conns list` shows the link, in the table and in JSON.
@@ -208,7 +221,17 @@ async fn a_line_protocol_is_replayed_with_edits_and_each_pacing() -> anyhow::Res
     let only = format!("{},{}", c2s_seqs[1], c2s_seqs[2]);
     let evs = replay_json(
         &up,
-        &[&id, "--packet", &packet_arg, "--only", &only, "--replace-hex", "37=38", "--pace", "burst"],
+        &[
+            &id,
+            "--packet",
+            &packet_arg,
+            "--only",
+            &only,
+            "--replace-hex",
+            "37=38",
+            "--pace",
+            "burst",
+        ],
     )
     .await?;
     ensure!(
@@ -219,7 +242,7 @@ async fn a_line_protocol_is_replayed_with_edits_and_each_pacing() -> anyhow::Res
     ensure!(finished(&evs)?["packets_sent"] == 2);
 
     // --to: the same packets to another server of the same protocol.
-    let other = serve(|s| serve_lines(s)).await?;
+    let other = serve(serve_lines).await?;
     let evs = replay_json(&up, &[&id, "--to", &other.to_string()]).await?;
     ensure!(events(&evs, "started")[0]["target"] == other.to_string());
     ensure!(finished(&evs)?["comparison"]["identical"] == true);
@@ -260,10 +283,19 @@ async fn a_line_protocol_is_replayed_with_edits_and_each_pacing() -> anyhow::Res
     let evs = replay_json(&up, &[&id, "--times", "3", "--concurrency", "2"]).await?;
     let ends = events(&evs, "finished");
     ensure!(ends.len() == 3, "{evs:?}");
-    ensure!(ends.iter().all(|f| f["comparison"]["identical"] == true), "{evs:?}");
-    ensure!(events(&evs, "data").is_empty(), "many runs print their ends only");
+    ensure!(
+        ends.iter().all(|f| f["comparison"]["identical"] == true),
+        "{evs:?}"
+    );
+    ensure!(
+        events(&evs, "data").is_empty(),
+        "many runs print their ends only"
+    );
     let summary = events(&evs, "summary");
-    ensure!(summary[0]["runs"] == 3 && summary[0]["identical"] == 3, "{evs:?}");
+    ensure!(
+        summary[0]["runs"] == 3 && summary[0]["identical"] == 3,
+        "{evs:?}"
+    );
 
     // Plain text output: the answers, then the comparison line.
     let text = interpose_ok(&up.grpc, &["replay", &id]).await?;
@@ -273,7 +305,10 @@ async fn a_line_protocol_is_replayed_with_edits_and_each_pacing() -> anyhow::Res
     // Bad input: named, non-zero, and the server keeps serving.
     for (args, says) in [
         (vec!["replay", "999999"], "no connection 999999"),
-        (vec!["replay", &id, "--only", "999"], "no client-to-server packet 999"),
+        (
+            vec!["replay", &id, "--only", "999"],
+            "no client-to-server packet 999",
+        ),
         (vec!["replay", &id, "--to", "nowhere"], "HOST:PORT"),
         (vec!["replay", &id, "--replace-text", "x"], "A=B"),
     ] {
@@ -297,7 +332,7 @@ async fn a_line_protocol_is_replayed_with_edits_and_each_pacing() -> anyhow::Res
 async fn replays_go_through_the_hold_point() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let up = Up::start(data.path(), &[]).await?;
-    let server = serve(|s| serve_lines(s)).await?;
+    let server = serve(serve_lines).await?;
     let original = record_lines(&up, server, &["HOLD ME"]).await?;
     intercept_on(&up, &["--direction", "c2s", "--host", "127.0.0.1"]).await?;
     let id = original.id.to_string();
@@ -312,17 +347,39 @@ async fn replays_go_through_the_hold_point() -> anyhow::Result<()> {
     let rec = wait_record(&up, "the replay", |c| c.id == conn_id).await?;
     ensure!(rec.replay_of == original.id, "{rec:?}");
     let held_id = held[0]["held_id"].to_string();
-    interpose_ok(&up.grpc, &["held", "forward", &held_id, "--replace-text", "HOLD YOU\n"]).await?;
+    interpose_ok(
+        &up.grpc,
+        &["held", "forward", &held_id, "--replace-text", "HOLD YOU\n"],
+    )
+    .await?;
     // The QUIT packet is held too.
     let held = held_list(&up.grpc, 1).await?;
-    interpose_ok(&up.grpc, &["held", "forward", &held[0]["held_id"].to_string()]).await?;
+    interpose_ok(
+        &up.grpc,
+        &["held", "forward", &held[0]["held_id"].to_string()],
+    )
+    .await?;
     let out = tokio::time::timeout(WAIT, replay).await???;
     ensure!(out.ok, "{}", out.stderr);
-    ensure!(out.stdout.contains("differs at server packet 1"), "{}", out.stdout);
+    ensure!(
+        out.stdout.contains("differs at server packet 1"),
+        "{}",
+        out.stdout
+    );
     let mut registry = registry_client(&up.grpc, None).await?;
     // The history has the edit: sent as forwarded, with what the replay sent as original.
-    let h = wait_history(&mut registry, conn_id, b"HOLD YOU\nQUIT\n", b"OK HOLD YOU\nBYE\n").await?;
-    ensure!(h.iter().any(|p| p.modified && &p.original[..] == b"HOLD ME\n"), "{h:?}");
+    let h = wait_history(
+        &mut registry,
+        conn_id,
+        b"HOLD YOU\nQUIT\n",
+        b"OK HOLD YOU\nBYE\n",
+    )
+    .await?;
+    ensure!(
+        h.iter()
+            .any(|p| p.modified && &p.original[..] == b"HOLD ME\n"),
+        "{h:?}"
+    );
     Ok(())
 }
 
@@ -362,7 +419,9 @@ async fn a_tls_connection_is_replayed_with_its_sni_and_alpn() -> anyhow::Result<
         c.src_port == u32::from(port) && disconnected(c)
     })
     .await?;
-    ensure!(original.client_tls.is_some() && original.sni == "localhost" && original.alpn == "lines/1");
+    ensure!(
+        original.client_tls.is_some() && original.sni == "localhost" && original.alpn == "lines/1"
+    );
     ensure!(original.tls_after_seq == 0, "{original:?}");
     let seen_original = seen.recv().await.context("server saw the original")?;
     let id = original.id.to_string();
@@ -370,17 +429,34 @@ async fn a_tls_connection_is_replayed_with_its_sni_and_alpn() -> anyhow::Result<
         let evs = replay_json(&up, &[&id, "--pace", pace]).await?;
         ensure!(events(&evs, "started")[0]["tls"] == true, "{evs:?}");
         let f = finished(&evs)?;
-        ensure!(f["error"].is_null() && f["comparison"]["identical"] == true, "{pace}: {f}");
+        ensure!(
+            f["error"].is_null() && f["comparison"]["identical"] == true,
+            "{pace}: {f}"
+        );
         ensure!(server_bytes(&evs) == b"OK SECRET 1\nOK SECRET 2\nBYE\n");
-        let seen_replay = tokio::time::timeout(WAIT, seen.recv()).await?.context("server saw the replay")?;
-        ensure!(seen_replay == seen_original, "{pace}: {seen_replay:?} vs {seen_original:?}");
-        let new_id = events(&evs, "started")[0]["conn_id"].as_u64().context("id")?;
+        let seen_replay = tokio::time::timeout(WAIT, seen.recv())
+            .await?
+            .context("server saw the replay")?;
+        ensure!(
+            seen_replay == seen_original,
+            "{pace}: {seen_replay:?} vs {seen_original:?}"
+        );
+        let new_id = events(&evs, "started")[0]["conn_id"]
+            .as_u64()
+            .context("id")?;
         let rec = closed_record(&up, new_id).await?;
         ensure!(rec.replay_of == original.id && rec.sni == "localhost" && rec.alpn == "lines/1");
-        ensure!(rec.client_tls.is_some() && rec.upstream_tls.is_some(), "{rec:?}");
+        ensure!(
+            rec.client_tls.is_some() && rec.upstream_tls.is_some(),
+            "{rec:?}"
+        );
     }
     // Edited over TLS: the decrypted bytes are edited, the server answers the new ones.
-    let evs = replay_json(&up, &[&id, "--replace-text", "SECRET=PUBLIC", "--pace", "burst"]).await?;
+    let evs = replay_json(
+        &up,
+        &[&id, "--replace-text", "SECRET=PUBLIC", "--pace", "burst"],
+    )
+    .await?;
     ensure!(server_bytes(&evs) == b"OK PUBLIC 1\nOK PUBLIC 2\nBYE\n");
     let cmp = &finished(&evs)?["comparison"];
     ensure!(cmp["packet"] == 1 && cmp["offset"] == 3, "{cmp}");
@@ -389,7 +465,9 @@ async fn a_tls_connection_is_replayed_with_its_sni_and_alpn() -> anyhow::Result<
 
 fn pki_root(pki: &Pki) -> anyhow::Result<rustls::pki_types::CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
-    Ok(rustls::pki_types::CertificateDer::from_pem_file(pki.ca_file())?)
+    Ok(rustls::pki_types::CertificateDer::from_pem_file(
+        pki.ca_file(),
+    )?)
 }
 
 /// STARTTLS: a plaintext greeting and command, then TLS on the same stream.
@@ -426,20 +504,31 @@ async fn late_tls_is_redone_at_the_same_point() -> anyhow::Result<()> {
     })
     .await?;
     // greeting (1), STARTTLS (2), go ahead (3), then TLS.
-    ensure!(original.tls_after_seq == 3 && original.client_tls.is_some(), "{original:?}");
+    ensure!(
+        original.tls_after_seq == 3 && original.client_tls.is_some(),
+        "{original:?}"
+    );
     let id = original.id.to_string();
     for pace in ["wait", "burst"] {
         let evs = replay_json(&up, &[&id, "--pace", pace]).await?;
         let f = finished(&evs)?;
-        ensure!(f["error"].is_null() && f["comparison"]["identical"] == true, "{pace}: {f}");
+        ensure!(
+            f["error"].is_null() && f["comparison"]["identical"] == true,
+            "{pace}: {f}"
+        );
         ensure!(
             server_bytes(&evs) == b"220 ready\n220 go ahead\nOK MAIL 1\nBYE\n",
             "{pace}: {:?}",
             String::from_utf8_lossy(&server_bytes(&evs))
         );
-        let new_id = events(&evs, "started")[0]["conn_id"].as_u64().context("id")?;
+        let new_id = events(&evs, "started")[0]["conn_id"]
+            .as_u64()
+            .context("id")?;
         let rec = closed_record(&up, new_id).await?;
-        ensure!(rec.replay_of == original.id && rec.client_tls.is_some(), "{pace}: {rec:?}");
+        ensure!(
+            rec.replay_of == original.id && rec.client_tls.is_some(),
+            "{pace}: {rec:?}"
+        );
         if pace == "wait" {
             // Paced as the original was: the same packets before the handshake (a burst may
             // see the server's two lines in one read).
@@ -483,7 +572,8 @@ fn pg_message_at(stream: &[u8], skip: usize, offset: usize) -> Option<u8> {
 
 /// The Done-when: psql over TLS through the proxy, then its connection replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_psql_session_over_tls_is_replayed_and_differs_at_backend_key_data() -> anyhow::Result<()> {
+async fn a_psql_session_over_tls_is_replayed_and_differs_at_backend_key_data() -> anyhow::Result<()>
+{
     if tests::tools::required("psql").is_none() {
         return Ok(());
     }
@@ -497,7 +587,10 @@ async fn a_psql_session_over_tls_is_replayed_and_differs_at_backend_key_data() -
         // its server nonce being new each time.
         let hba = cluster.dir().join("data").join("pg_hba.conf");
         let before = std::fs::read_to_string(&hba)?;
-        std::fs::write(&hba, format!("hostssl all all 127.0.0.1/32 password\n{before}"))?;
+        std::fs::write(
+            &hba,
+            format!("hostssl all all 127.0.0.1/32 password\n{before}"),
+        )?;
         cluster.restart()?;
         anyhow::Ok(cluster)
     })
@@ -533,7 +626,10 @@ async fn a_psql_session_over_tls_is_replayed_and_differs_at_backend_key_data() -
     })
     .await?;
     // SSLRequest (1) and its `S` (2) were plain; the rest was TLS, decrypted.
-    ensure!(original.tls_after_seq == 2 && original.client_tls.is_some(), "{original:?}");
+    ensure!(
+        original.tls_after_seq == 2 && original.client_tls.is_some(),
+        "{original:?}"
+    );
     let mut registry = registry_client(&up.grpc, None).await?;
     let original_s2c = direction_bytes(&history(&mut registry, original.id).await?, Direction::S2c);
 
@@ -555,11 +651,18 @@ async fn a_psql_session_over_tls_is_replayed_and_differs_at_backend_key_data() -
     ensure!(cmp["identical"] == false, "{cmp}");
     let at = cmp["stream_offset"].as_u64().context("stream_offset")? as usize;
     let kind = pg_message_at(&original_s2c, 1, at);
-    ensure!(kind == Some(b'K'), "the first difference ({cmp}) is in message {kind:?}");
-    let new_id = events(&evs, "started")[0]["conn_id"].as_u64().context("id")?;
+    ensure!(
+        kind == Some(b'K'),
+        "the first difference ({cmp}) is in message {kind:?}"
+    );
+    let new_id = events(&evs, "started")[0]["conn_id"]
+        .as_u64()
+        .context("id")?;
     let rec = closed_record(&up, new_id).await?;
-    ensure!(rec.replay_of == original.id && rec.tls_after_seq == 2, "{rec:?}");
+    ensure!(
+        rec.replay_of == original.id && rec.tls_after_seq == 2,
+        "{rec:?}"
+    );
     drop(cluster);
     Ok(())
 }
-

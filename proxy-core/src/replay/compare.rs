@@ -173,7 +173,11 @@ mod tests {
         let r = c.finish();
         assert!(!r.identical);
         assert_eq!((r.packet, r.seq, r.offset, r.stream_offset), (2, 4, 1, 7));
-        assert!(r.summary.contains("server packet 2 (seq 4), offset 1"), "{}", r.summary);
+        assert!(
+            r.summary.contains("server packet 2 (seq 4), offset 1"),
+            "{}",
+            r.summary
+        );
     }
 
     #[test]
@@ -182,7 +186,10 @@ mod tests {
         c.got(b"abcd");
         let r = c.finish();
         assert_eq!((r.identical, r.packet, r.offset), (false, 2, 1));
-        assert!(r.summary.contains("stopped after 4 of the original's 6 bytes"));
+        assert!(
+            r.summary
+                .contains("stopped after 4 of the original's 6 bytes")
+        );
         let mut c = fed(&[b"abc"]);
         c.got(b"abcdef");
         let r = c.finish();

@@ -31,7 +31,9 @@ pub enum EditError {
     #[error("packet sequence numbers start at 1")]
     ZeroSeq,
     /// A packet grew beyond [`MAX_EDITED_PACKET`].
-    #[error("the replacements would make packet {seq} {would_be} bytes (at most {MAX_EDITED_PACKET})")]
+    #[error(
+        "the replacements would make packet {seq} {would_be} bytes (at most {MAX_EDITED_PACKET})"
+    )]
     TooLarge {
         /// The packet.
         seq: u64,
@@ -171,7 +173,9 @@ mod tests {
         );
         assert_eq!(e.apply(4, Bytes::from_static(b"hello")).unwrap(), None);
         assert_eq!(
-            e.apply(5, Bytes::from_static(b"hello!")).unwrap().as_deref(),
+            e.apply(5, Bytes::from_static(b"hello!"))
+                .unwrap()
+                .as_deref(),
             Some(&b"bye!"[..])
         );
         assert_eq!(e.unknown_seqs(|s| s == 3), vec![5]);
@@ -184,8 +188,14 @@ mod tests {
         assert_eq!(Edits::new(&r).unwrap_err(), EditError::EmptyFind(1));
         let mut r = req();
         r.packets = vec![
-            PacketEdit { seq: 2, data: vec![] },
-            PacketEdit { seq: 2, data: vec![1] },
+            PacketEdit {
+                seq: 2,
+                data: vec![],
+            },
+            PacketEdit {
+                seq: 2,
+                data: vec![1],
+            },
         ];
         assert_eq!(Edits::new(&r).unwrap_err(), EditError::DuplicatePacket(2));
         let mut r = req();

@@ -52,11 +52,14 @@ pub const MAX_CONCURRENCY: u32 = 1_000;
 /// Events buffered towards a slow caller before the runs wait for it.
 const EVENTS_BOUND: usize = 256;
 
+/// Announced replays by local address: the original's ID, and where the new record's ID goes.
+type Announced = HashMap<SocketAddr, (u64, oneshot::Sender<u64>)>;
+
 /// The proxy's replays on their way in: local address -> (original ID, where to tell the
 /// new record's ID). The SOCKS handler claims an entry when it opens the record.
 #[derive(Clone, Default)]
 pub struct Pending {
-    map: Arc<Mutex<HashMap<SocketAddr, (u64, oneshot::Sender<u64>)>>>,
+    map: Arc<Mutex<Announced>>,
     /// Entries in `map`: the handler of an ordinary connection takes no lock while it is 0.
     len: Arc<AtomicUsize>,
 }
@@ -156,8 +159,7 @@ impl Replayer {
                 )));
             }
         };
-        let edits =
-            edit::Edits::new(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let edits = edit::Edits::new(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if req.conn_id == 0 {
             return Err(Status::invalid_argument("conn_id is required"));
         }
@@ -274,9 +276,8 @@ impl Replayer {
         } else {
             conn.sni.clone()
         };
-        let server_name = ServerName::try_from(name.clone()).map_err(|e| {
-            Status::failed_precondition(format!("TLS server name {name:?}: {e}"))
-        })?;
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|e| Status::failed_precondition(format!("TLS server name {name:?}: {e}")))?;
         let s2c_before = source::s2c_bytes_through(source, conn.tls_after_seq).await?;
         Ok(Some(run::TlsPlan {
             after_seq: conn.tls_after_seq,
@@ -394,7 +395,9 @@ pub fn parse_target(s: &str) -> Result<Addr, String> {
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("target {s:?}: {port:?} is not a port (1-65535)"))?;
     if host.is_empty() || host.len() > 255 || host.contains(['[', ']', ':', ' ', '/']) {
-        return Err(format!("target {s:?}: {host:?} is not a host name or IP address"));
+        return Err(format!(
+            "target {s:?}: {host:?} is not a host name or IP address"
+        ));
     }
     Ok(Addr::Domain(host.to_string(), port))
 }

@@ -253,7 +253,10 @@ async fn connect(plan: &RunPlan) -> Result<(TcpStream, u64), RunError> {
         Ok(Ok(s)) => Ok((s, id)),
         Ok(Err(e)) => Err(with_record(e, id)),
         Err(_) => Err(with_record(
-            format!("the proxy did not connect to {} within {SOCKS_TIMEOUT:?}", plan.target),
+            format!(
+                "the proxy did not connect to {} within {SOCKS_TIMEOUT:?}",
+                plan.target
+            ),
             id,
         )),
     }

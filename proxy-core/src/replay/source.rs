@@ -35,10 +35,9 @@ pub struct Recorded {
 impl Recorded {
     fn from_packet(p: Packet) -> Option<Self> {
         let dir = Direction::try_from(p.direction).unwrap_or(Direction::Unspecified);
-        let ts_nanos = p
-            .ts
-            .map(|t| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos))
-            .unwrap_or(0);
+        let ts_nanos =
+            p.ts.map(|t| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos))
+                .unwrap_or(0);
         let data = match dir {
             Direction::C2s if p.dropped => return None,
             Direction::C2s => p.data,

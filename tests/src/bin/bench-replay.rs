@@ -150,7 +150,10 @@ async fn main() -> anyhow::Result<()> {
     let sink = sink_server().await?;
     let ping = ping_server().await?;
 
-    println!("throughput: {} MiB client side, sink server, {RUNS} runs", BULK >> 20);
+    println!(
+        "throughput: {} MiB client side, sink server, {RUNS} runs",
+        BULK >> 20
+    );
     let (mut orig, mut rep) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
         let (bps, port) = original_bulk(socks, sink).await?;
@@ -187,7 +190,17 @@ async fn main() -> anyhow::Result<()> {
         orig.push(original_cps(socks, ping).await?);
         let evs = replay(
             &up,
-            &[&id, "--pace", "burst", "--settle", "10ms", "--times", &times, "--concurrency", &conc],
+            &[
+                &id,
+                "--pace",
+                "burst",
+                "--settle",
+                "10ms",
+                "--times",
+                &times,
+                "--concurrency",
+                &conc,
+            ],
         )
         .await?;
         let s = evs
