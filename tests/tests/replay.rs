@@ -316,6 +316,22 @@ async fn a_line_protocol_is_replayed_with_edits_and_each_pacing() -> anyhow::Res
         ensure!(!out.ok, "{args:?} succeeded");
         ensure!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
     }
+    // A connection whose history was purged has nothing to send: said so.
+    let purged = record_lines(&up, server, &["GONE"]).await?;
+    interpose_ok(
+        &up.grpc,
+        &["history", "purge", "--conn", &purged.id.to_string()],
+    )
+    .await?;
+    let out = interpose(&up.grpc, &["replay", &purged.id.to_string()]).await?;
+    ensure!(
+        !out.ok
+            && out
+                .stderr
+                .contains("no client-to-server packets in the history"),
+        "{}",
+        out.stderr
+    );
     // A server that is gone: the run fails, named, with the new record saying why.
     let gone = {
         let l = TcpListener::bind("127.0.0.1:0").await?;

@@ -31,7 +31,7 @@ use std::{
 
 use futures::StreamExt;
 use proto::{
-    common::{Connection, Transport},
+    common::{Connection, Direction, Transport},
     failover::Replicas,
     replay::{Pace, ReplayEvent, ReplayRequest, ReplaySummary},
 };
@@ -170,10 +170,23 @@ impl Replayer {
         } else {
             parse_target(&req.to).map_err(Status::invalid_argument)?
         };
-        let source = source::Source::new(self.registry.clone(), &conn).await?;
         if conn.packets_c2s == 0 {
             return Err(Status::failed_precondition(format!(
                 "connection {} has no client-to-server packets to replay",
+                conn.id
+            )));
+        }
+        let source = source::Source::new(self.registry.clone(), &conn).await?;
+        if source
+            .feed(Direction::C2s)
+            .recv()
+            .await
+            .transpose()?
+            .is_none()
+        {
+            return Err(Status::failed_precondition(format!(
+                "connection {} has no client-to-server packets in the history (recorded with \
+                 --history off, purged or evicted)",
                 conn.id
             )));
         }
@@ -251,12 +264,15 @@ impl Replayer {
         target: &Addr,
         source: &source::Source,
     ) -> Result<Option<run::TlsPlan>, Status> {
-        let Some(splicer) = &self.splicer else {
-            return Ok(None);
-        };
         if !conn.tls || conn.client_tls.is_none() {
             return Ok(None);
         }
+        let Some(splicer) = &self.splicer else {
+            return Err(Status::failed_precondition(format!(
+                "connection {} was intercepted TLS and this proxy does not intercept TLS",
+                conn.id
+            )));
+        };
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(splicer.ca().cert_der().clone())
