@@ -682,3 +682,94 @@ async fn a_psql_session_over_tls_is_replayed_and_differs_at_backend_key_data() -
     drop(cluster);
     Ok(())
 }
+
+/// A lab: a registry and two standalone proxies; a replay is made by the proxy `--proxy`
+/// names, which refuses another node's connection unless asked for any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_lab_the_original_node_replays_and_others_only_when_asked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let registry = tests::Registry::start(&dir.path().join("registry")).await?;
+    let mut grpc = Vec::new();
+    let mut proxies = Vec::new();
+    for node in ["alpha", "beta"] {
+        let data = dir.path().join(node);
+        let p = tests::proxy::ProxyProc::start(
+            dir.path(),
+            &registry.url,
+            node,
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data.display().to_string(),
+            ],
+        )
+        .await?;
+        grpc.push(format!("http://{}", p.proc.addr("grpc")?));
+        proxies.push(p);
+    }
+    let server = serve(serve_lines).await?;
+    let mut s = socks_connected(proxies[0].socks, server).await?;
+    s.set_nodelay(true)?;
+    let port = s.local_addr()?.port();
+    ensure!(talk_lines(s, &["LAB"]).await? == "OK LAB\nBYE\n");
+    let client = registry.client().await?;
+    let original = tests::eventually("the lab original", || {
+        let mut client = client.clone();
+        async move {
+            let all = tests::proxy::all_connections(&mut client).await?;
+            Ok(all
+                .into_iter()
+                .find(|c| c.src_port == u32::from(port) && disconnected(c)))
+        }
+    })
+    .await?;
+    let id = original.id.to_string();
+    let token = tests::token(&registry.url).context("the registry's token")?;
+    let replay = |proxy: String, extra: &'static [&'static str]| {
+        let (url, id, token) = (registry.url.clone(), id.clone(), token.clone());
+        async move {
+            let mut args = vec!["replay".to_string(), id, "--proxy".into(), proxy];
+            args.extend(["--token".into(), token, "--json".into()]);
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            interpose(&url, &args).await
+        }
+    };
+    let refused = replay(grpc[1].clone(), &[]).await?;
+    ensure!(!refused.ok, "{}", refused.stdout);
+    ensure!(
+        refused.stderr.contains("carried by node \"alpha\"") && refused.stderr.contains("\"beta\""),
+        "{}",
+        refused.stderr
+    );
+    for (proxy, extra, node) in [
+        (grpc[0].clone(), &[][..], "alpha"),
+        (grpc[1].clone(), &["--any-node"][..], "beta"),
+    ] {
+        let out = replay(proxy, extra).await?;
+        ensure!(out.ok, "{}", out.stderr);
+        let evs: Vec<Value> = out
+            .stdout
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        ensure!(
+            finished(&evs)?["comparison"]["identical"] == true,
+            "{evs:?}"
+        );
+        let new_id = events(&evs, "started")[0]["conn_id"]
+            .as_u64()
+            .context("id")?;
+        let rec = tests::eventually("the lab replay's record", || {
+            let mut client = client.clone();
+            async move {
+                let all = tests::proxy::all_connections(&mut client).await?;
+                Ok(all.into_iter().find(|c| c.id == new_id && disconnected(c)))
+            }
+        })
+        .await?;
+        ensure!(rec.node == node && rec.replay_of == original.id, "{rec:?}");
+    }
+    Ok(())
+}
