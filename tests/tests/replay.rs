@@ -709,7 +709,7 @@ async fn in_a_lab_the_original_node_replays_and_others_only_when_asked() -> anyh
         proxies.push(p);
     }
     let server = serve(serve_lines).await?;
-    let mut s = socks_connected(proxies[0].socks, server).await?;
+    let s = socks_connected(proxies[0].socks, server).await?;
     s.set_nodelay(true)?;
     let port = s.local_addr()?.port();
     ensure!(talk_lines(s, &["LAB"]).await? == "OK LAB\nBYE\n");
