@@ -117,6 +117,44 @@ async fn record_of(up: &Up, port: u16) -> anyhow::Result<u64> {
     Ok(rec.id)
 }
 
+/// Waits until the registry holds `bytes` client-to-server bytes of `id`'s history (the
+/// history is stored behind the record's close).
+async fn history_complete(up: &Up, id: u64, bytes: u64) -> anyhow::Result<()> {
+    for _ in 0..120 {
+        // A fresh connection each time: a failed poll is retried, not fatal.
+        let mut client = tests::registry_client(&up.grpc, None).await?;
+        let mut got = 0u64;
+        let mut token = String::new();
+        loop {
+            let page = match client
+                .search_history(proto::registry::SearchHistoryRequest {
+                    conn_id: id,
+                    direction: proto::common::Direction::C2s as i32,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(p) => p.into_inner(),
+                Err(e) => {
+                    eprintln!("  (history poll of {id}: {e}; retrying)");
+                    break;
+                }
+            };
+            got += page.packets.iter().map(|p| p.data.len() as u64).sum::<u64>();
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        if got == bytes {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    bail!("the history of {id} never reached {bytes} bytes")
+}
+
 /// The originals' connections per second: `CONCURRENCY` clients, `CONNS` connections.
 async fn original_cps(socks: SocketAddr, server: SocketAddr) -> anyhow::Result<f64> {
     let next = Arc::new(AtomicU64::new(0));
@@ -158,7 +196,9 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..RUNS {
         let (bps, port) = original_bulk(socks, sink).await?;
         orig.push(bps / f64::from(1 << 20));
-        let id = record_of(&up, port).await?.to_string();
+        let id = record_of(&up, port).await?;
+        history_complete(&up, id, BULK).await?;
+        let id = id.to_string();
         let evs = replay(&up, &[&id, "--pace", "burst", "--settle", "10ms"]).await?;
         let f = evs
             .iter()
