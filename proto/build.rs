@@ -11,6 +11,7 @@ const FILES: &[&str] = &[
     "interpose/intercept/v1/intercept.proto",
     "interpose/export/v1/export.proto",
     "interpose/ca/v1/ca.proto",
+    "interpose/replay/v1/replay.proto",
     "interpose/registry/store/v1/store.proto",
 ];
 
@@ -23,6 +24,7 @@ const BYTES_FIELDS: &[&str] = &[
     ".interpose.intercept.v1.ForwardRequest.data",
     ".interpose.export.v1.ExportChunk.data",
     ".interpose.registry.store.v1.StoredPacket",
+    ".interpose.replay.v1.ServerData.data",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -18,9 +18,14 @@ fn opened(c: &Connection) -> Option<std::time::SystemTime> {
 
 fn client(c: &Connection, _: &View) -> String {
     let addr = endpoint(&c.src_ip, c.src_port);
-    match &c.client_process {
+    let addr = match &c.client_process {
         Some(p) => format!("{addr} {}({})", p.name, p.pid),
         None => addr,
+    };
+    if c.replay_of != 0 {
+        format!("replay of {} {addr}", c.replay_of)
+    } else {
+        addr
     }
 }
 
@@ -187,6 +192,23 @@ pub const CONNECTION: &[Column<Connection>] = &[
         right: false,
         default: true,
         rank: 6,
+        keeps_port: false,
+        pair: None,
+    },
+    Column {
+        key: "replay_of",
+        header: "REPLAY OF",
+        cell: |c, _| {
+            if c.replay_of == 0 {
+                "-".into()
+            } else {
+                c.replay_of.to_string()
+            }
+        },
+        shrinks: false,
+        right: true,
+        default: false,
+        rank: 1,
         keeps_port: false,
         pair: None,
     },

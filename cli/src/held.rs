@@ -275,7 +275,7 @@ async fn edit(c: &mut Client, held_id: u64) -> anyhow::Result<()> {
         if text.is_some() { "txt" } else { "hex" }
     ));
     write_private(&path, content.as_bytes())?;
-    let edited = run_editor(&path);
+    let edited = run_editor(&path, "a held packet", "the packet is still held");
     let _ = std::fs::remove_file(&path);
     let edited = edited?;
     let new = match text {
@@ -298,7 +298,7 @@ async fn edit(c: &mut Client, held_id: u64) -> anyhow::Result<()> {
 }
 
 /// Creates `path` readable only by the user (the packet may hold secrets).
-fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -310,13 +310,18 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `$VISUAL` or `$EDITOR` (which may carry arguments) on `path` and reads it back.
-fn run_editor(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+/// Runs `$VISUAL` or `$EDITOR` (which may carry arguments) on `path` and reads it back;
+/// `what` is what is edited and `after_failure` what a failed editor leaves, for errors.
+pub(crate) fn run_editor(
+    path: &std::path::Path,
+    what: &str,
+    after_failure: &str,
+) -> anyhow::Result<Vec<u8>> {
     let editor = std::env::var("VISUAL")
         .ok()
         .filter(|e| !e.is_empty())
         .or_else(|| std::env::var("EDITOR").ok().filter(|e| !e.is_empty()))
-        .ok_or_else(|| anyhow!("set $EDITOR (or $VISUAL) to edit a held packet"))?;
+        .ok_or_else(|| anyhow!("set $EDITOR (or $VISUAL) to edit {what}"))?;
     let status = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!("{editor} \"$1\""))
@@ -325,7 +330,7 @@ fn run_editor(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
         .status()
         .with_context(|| format!("running the editor {editor:?}"))?;
     if !status.success() {
-        bail!("the editor {editor:?} failed ({status}); the packet is still held");
+        bail!("the editor {editor:?} failed ({status}); {after_failure}");
     }
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }

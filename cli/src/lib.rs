@@ -14,6 +14,7 @@ pub mod history_budget;
 pub mod history_purge;
 pub mod intercept;
 pub mod output;
+pub mod replay;
 pub mod table;
 pub mod up;
 pub mod watch;
@@ -154,6 +155,9 @@ pub enum Command {
     /// Held packets: list, watch, show, forward, drop, edit.
     #[command(subcommand)]
     Held(held::HeldCommand),
+    /// Send a recorded connection's client packets again (edits, pacing, load) and compare
+    /// the server's answers with the original's.
+    Replay(replay::ReplayArgs),
     /// The CA certificate that intercepted TLS connections chain to.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -257,6 +261,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => export::run(&cli.server, args).await,
         Command::Intercept(cmd) => intercept::run(&cli.server, cmd).await,
         Command::Held(cmd) => held::run(&cli.server, cmd).await,
+        Command::Replay(args) => replay::run(&cli.server, args).await,
         Command::Web(args) => web::run(&cli.server, args).await,
     }
 }

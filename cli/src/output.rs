@@ -80,6 +80,13 @@ pub struct ConnJson<'a> {
     pub ingress: &'a str,
     /// The upstream proxy relayed through, as a URL without credentials; empty when direct.
     pub upstream: &'a str,
+    /// The connection this one replays (absent when it is not a replay).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_of: Option<u64>,
+    /// The last packet before a late TLS handshake (STARTTLS, SSLRequest); absent when TLS
+    /// began with the first byte or was not intercepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_after_seq: Option<u64>,
 }
 
 impl<'a> From<&'a Connection> for ConnJson<'a> {
@@ -114,6 +121,8 @@ impl<'a> From<&'a Connection> for ConnJson<'a> {
             upstream_insecure: c.upstream_insecure,
             ingress: &c.ingress,
             upstream: &c.upstream,
+            replay_of: (c.replay_of != 0).then_some(c.replay_of),
+            tls_after_seq: (c.tls_after_seq != 0).then_some(c.tls_after_seq),
         }
     }
 }

@@ -94,6 +94,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )?;
     server.add_service(registry_svc::grpc_server(registry_service.clone()));
     server.add_service(tls::service::CaService::server(splicer.clone()));
+    // Replays are made by the proxy in this process, which starts after the API.
+    let (replay_service, replay_handle) = proxy_core::replay::service::ReplayService::late();
+    server.add_service(replay_service);
     // The exporter reads the registry over this same port, as a remote export-svc would.
     server.add_service(export_svc::grpc_service(
         std::slice::from_ref(&url),
@@ -137,6 +140,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     config.local_registry = Some(proxy_core::LocalRegistry(Arc::new(registry_service)));
     config.local_intercept = Some(proxy_core::LocalIntercept(hold_sink));
     let proxy = Proxy::start(config).await?;
+    replay_handle.set(proxy.replayer());
     proto::token::record_server(&dir, &url)
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;
     let web_field = web

@@ -52,6 +52,9 @@ fn start(event: &str, id: u64, target: &str) -> String {
 /// The client side of a record: address, process, TLS.
 fn client(c: &Connection) -> String {
     let mut s = format!("from {}", endpoint(&c.src_ip, c.src_port));
+    if c.replay_of != 0 {
+        s = format!("replay of {} {s}", c.replay_of);
+    }
     if let Some(p) = &c.client_process {
         s.push_str(&format!(" {}({})", p.name, p.pid));
     }
@@ -191,5 +194,9 @@ mod tests {
         assert!(header().chars().count() <= 80);
         let wide = line("opened", &before, None, None);
         assert!(wide.contains("from 127.0.0.1:50001"), "{wide}");
+        let mut replay = conn();
+        replay.replay_of = 7;
+        let l = line("opened", &replay, None, None);
+        assert!(l.contains("replay of 7 from 127.0.0.1:50001"), "{l}");
     }
 }

@@ -34,6 +34,7 @@ fn help_lists_every_subcommand() {
             "export",
             "intercept",
             "held",
+            "replay",
             "ca",
             "web",
             "completions",

@@ -63,6 +63,11 @@ pub mod interpose {
             tonic::include_proto!("interpose.ca.v1");
         }
     }
+    pub mod replay {
+        pub mod v1 {
+            tonic::include_proto!("interpose.replay.v1");
+        }
+    }
 }
 
 pub use interpose::ca::v1 as ca;
@@ -71,6 +76,7 @@ pub use interpose::export::v1 as export;
 pub use interpose::intercept::v1 as intercept;
 pub use interpose::registry::store::v1 as registry_store;
 pub use interpose::registry::v1 as registry;
+pub use interpose::replay::v1 as replay;
 
 /// The encoded `FileDescriptorSet` of every Interpose proto file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

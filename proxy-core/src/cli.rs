@@ -250,8 +250,9 @@ pub struct Args {
         value_parser = proto::failover::list_entry
     )]
     pub registry: Vec<String>,
-    /// Optional gRPC listen address serving health, reflection and the CA service
-    /// (`interpose ca export --server`); CONNECT to it is refused like CONNECT to the SOCKS
+    /// Optional gRPC listen address serving health, reflection, the CA service
+    /// (`interpose ca export --server`) and the Replay service (`interpose replay --proxy`:
+    /// replays of this node's connections); CONNECT to it is refused like CONNECT to the SOCKS
     /// port. It requires a token like every server (the ready line then ends with
     /// grpc=ADDR, and token=PATH when the data directory's token is used).
     #[arg(long, value_parser = proto::serve::listen_addr)]
@@ -407,6 +408,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let mut server = proto::serve::GrpcServer::with_auth(auth, &args.streams);
         let tls = proto::mtls::serve_tls(&mut server, &args.grpc_tls, Some(&dir), addr)?;
         server.add_service(CaService::server(splicer.clone()));
+        server.add_service(crate::replay::service::ReplayService::server(
+            proxy.replayer(),
+        ));
         ready_fields = format!(" grpc={addr}{}{tls}", auth.ready_field());
         health_task = Some(tokio::spawn(async move {
             if let Err(e) = server

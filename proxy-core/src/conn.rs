@@ -48,6 +48,11 @@ impl ConnState {
         self.seq.fetch_add(1, Relaxed) + 1
     }
 
+    /// The sequence number of the last packet counted (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.seq.load(Relaxed)
+    }
+
     /// The totals so far.
     pub fn counters(&self) -> Counters {
         Counters {

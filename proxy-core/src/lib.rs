@@ -18,6 +18,7 @@
 //! - [`report`]: the bounded, replaying event stream to the registry; [`ids`]: leased
 //!   connection IDs; [`process`]: which local process a client is; [`conn`]: per-connection
 //!   counters.
+//! - [`replay`]: recorded connections sent again through this proxy, and the Replay service.
 //! - [`cli`]: the `proxy-core` binary's options.
 //! - `fuzzing` (tests and the `fuzzing` feature): the properties the fuzz targets check.
 
@@ -34,6 +35,7 @@ pub mod http_ingress;
 pub mod ids;
 pub mod process;
 pub mod relay;
+pub mod replay;
 pub mod report;
 pub mod server;
 pub mod shared;
@@ -173,6 +175,7 @@ pub struct Proxy {
     shutdown_complete_rx: mpsc::Receiver<()>,
     reporter: report::Reporter,
     reporter_task: report::ReporterTask,
+    replayer: Arc<replay::Replayer>,
 }
 
 impl Proxy {
@@ -207,7 +210,7 @@ impl Proxy {
         };
         let (reporter, reporter_task) =
             report::Reporter::start(sink, cfg.node.clone(), cfg.history, cfg.queue_bound);
-        let ids = ids::IdPool::new(registry, cfg.node.clone());
+        let ids = ids::IdPool::new(registry.clone(), cfg.node.clone());
         let resolver = process::Resolver::start(reporter.clone());
         if cfg.splicer.is_some() {
             tls::install_provider();
@@ -229,6 +232,15 @@ impl Proxy {
         if let Some(h) = &holder {
             reporter.count_intercept(h.counts());
         }
+        let replays = replay::Pending::default();
+        let replayer = Arc::new(replay::Replayer {
+            node: cfg.node.clone(),
+            socks: socks_addr,
+            auth: cfg.auth.clone(),
+            registry,
+            splicer: cfg.splicer.clone(),
+            pending: replays.clone(),
+        });
         let mut refuse = vec![socks_addr];
         refuse.extend(http_addr);
         refuse.extend(cfg.refuse.iter().copied());
@@ -245,6 +257,7 @@ impl Proxy {
             routes: cfg.routes.clone(),
             http: http_addr,
             http_warned: Default::default(),
+            replays,
         });
         let (notify_shutdown, _) = broadcast::channel(1);
         let (shutdown_complete_tx, shutdown_complete_rx) = mpsc::channel(1);
@@ -296,7 +309,13 @@ impl Proxy {
             shutdown_complete_rx,
             reporter,
             reporter_task,
+            replayer,
         })
+    }
+
+    /// What makes this proxy's replays (for [`replay::service::ReplayService`]).
+    pub fn replayer(&self) -> Arc<replay::Replayer> {
+        self.replayer.clone()
     }
 
     /// The bound SOCKS address.

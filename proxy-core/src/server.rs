@@ -214,6 +214,7 @@ impl Handler {
         let mut conn = self.record(id, peer, &request.addr, transport, opened_at);
         conn.ingress = self.ingress.as_str().to_string();
         conn.upstream = via.as_ref().map(|u| u.to_string()).unwrap_or_default();
+        conn.replay_of = self.shared.replays.claim(peer, id);
         self.shared.reporter.opened(conn, state.clone());
         self.shared.resolver.request(id, peer, local);
         let end = if let Some(limit) = self.over_limit {

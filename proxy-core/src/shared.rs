@@ -39,6 +39,8 @@ pub struct Shared {
     pub http: Option<SocketAddr>,
     /// Client addresses already warned about sending HTTP to the SOCKS port.
     pub http_warned: Mutex<HashSet<IpAddr>>,
+    /// This proxy's own replays, announced by their local address.
+    pub replays: crate::replay::Pending,
 }
 
 /// Most client addresses remembered in [`Shared::http_warned`]; beyond it the set starts

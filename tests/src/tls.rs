@@ -31,6 +31,7 @@ use crate::{
 pub struct Pki {
     dir: tempfile::TempDir,
     chain: Vec<CertificateDer<'static>>,
+    cert_pem: String,
     key_pem: String,
 }
 
@@ -53,6 +54,7 @@ impl Pki {
         Ok(Pki {
             dir,
             chain: vec![cert.der().clone()],
+            cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
     }
@@ -60,6 +62,12 @@ impl Pki {
     /// The CA certificate's PEM file (what `--upstream-ca` takes).
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
+    }
+
+    /// The server certificate and its key, PEM (for servers configured by file, such as
+    /// PostgreSQL).
+    pub fn server_pem(&self) -> (&str, &str) {
+        (&self.cert_pem, &self.key_pem)
     }
 
     /// [`Pki::ca_file`] as an argument.

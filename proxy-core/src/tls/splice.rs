@@ -377,8 +377,11 @@ async fn terminate_and_relay(
             return handshake_end(&e);
         }
     };
-    tap.reporter
-        .updated(tls_update(tap.conn_id(), &spliced.summary));
+    let mut update = tls_update(tap.conn_id(), &spliced.summary);
+    // Where the TLS began, for a replay to redo it at the same point (both directions are
+    // paused at a packet boundary while the hello is handled).
+    update.tls_after_seq = tap.state.last_seq();
+    tap.reporter.updated(update);
     let mut client = TlsLeg::new(spliced.client, None);
     let mut server = TlsLeg::new(spliced.upstream, Some(spliced.summary));
     relay::relay(&mut client, &mut server, Bytes::new(), tap, shutdown.recv()).await

@@ -38,6 +38,9 @@ pub fn merge_update(c: &mut Connection, u: &ConnectionUpdate) {
     set(&mut c.alpn, &u.alpn);
     c.tls |= u.tls;
     c.upstream_insecure |= u.upstream_insecure;
+    if u.tls_after_seq != 0 {
+        c.tls_after_seq = u.tls_after_seq;
+    }
     if u.client_tls.is_some() {
         c.client_tls.clone_from(&u.client_tls);
     }

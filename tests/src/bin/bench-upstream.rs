@@ -173,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "fresh connections per second ({CPS_CLIENTS} clients, {CPS_SECS} s), median of {RUNS}:"
+        "fresh connections per second ({CPS_CLIENTS} clients, {CPS_SECS} s), median of {runs}:"
     );
     let base = median(rates[0].clone());
     for (i, (name, _)) in paths.iter().enumerate() {
