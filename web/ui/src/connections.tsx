@@ -14,6 +14,7 @@ import {
   duration,
   matchPattern,
   statusText,
+  via,
   tsMillis,
 } from './format';
 
@@ -184,7 +185,7 @@ export function ConnectionsTab(p: { nav: Nav; focus?: { id: bigint; n: number };
       {note && <div class="note" data-testid="conns-note">{note}</div>}
       <div class="thead conn-row">
         <span>ID</span><span>Src port</span><span>Dst port</span><span>Status</span><span>Dst host</span>
-        <span>SNI</span><span>Process</span><span>Bytes c→s</span><span>Bytes s→c</span><span>Duration</span><span>Node</span>
+        <span>SNI</span><span>Process</span><span>Via</span><span>Bytes c→s</span><span>Bytes s→c</span><span>Duration</span><span>Node</span>
       </div>
       <div
         class="table-wrap"
@@ -220,7 +221,8 @@ export function ConnectionsTab(p: { nav: Nav; focus?: { id: bigint; n: number };
                 <span class="status" data-testid="status" title={r.reason}>{statusText(r)}</span>
                 <span>{r.dstHost}</span>
                 <span>{r.sni}</span>
-                <span>{r.clientProcess ? `${r.clientProcess.name} (${r.clientProcess.pid})` : ''}</span>
+                <span>{r.replayOf ? `replay of ${r.replayOf}` : r.clientProcess ? `${r.clientProcess.name} (${r.clientProcess.pid})` : ''}</span>
+                <span title={r.upstream}>{via(r)}</span>
                 <span>{bytes(r.bytesC2s)}</span>
                 <span>{bytes(r.bytesS2c)}</span>
                 <span>{dur}</span>

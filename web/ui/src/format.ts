@@ -248,3 +248,10 @@ export function tokenFromHash(hash: string): string | undefined {
   }
   return undefined;
 }
+
+/** How a connection was carried: "SOCKS" or "HTTP" (its ingress), then "→ URL" when it went
+ * through an upstream proxy. Empty for records from before the ingress was recorded. */
+export function via(c: { ingress: string; upstream: string }): string {
+  const ingress = c.ingress === 'http' ? 'HTTP' : c.ingress === 'socks5' ? 'SOCKS' : '';
+  return c.upstream ? `${ingress} → ${c.upstream}` : ingress;
+}
