@@ -270,6 +270,10 @@ struct Unsent<'t, 'a> {
 
 impl Unsent<'_, '_> {
     /// The passage, to be written: no longer recorded as dropped.
+    #[expect(
+        clippy::expect_used,
+        reason = "present from construction; `held` takes it once, just before returning"
+    )]
     fn take(&mut self) -> Passage {
         self.passage
             .take()
