@@ -49,6 +49,7 @@ use proto::{
         ConnectionClosed, ConnectionUpdate, Event, IngestAck, IngestRequest, ProxyLosses,
         event::Kind,
     },
+    retry::{Backoff, Retry},
 };
 use tokio::{
     sync::{mpsc, watch},
@@ -74,8 +75,8 @@ pub const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 /// registries to go to leaves the one it streams to (a registry acknowledges once a batch is
 /// durable, normally within milliseconds).
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How a broken stream is reopened.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
 
 /// One queued event. Packets, by far the most frequent, are not boxed: no allocation each.
 enum Item {
@@ -486,23 +487,24 @@ struct Task {
 
 impl Task {
     async fn run(mut self) {
-        let mut backoff = MIN_BACKOFF;
-        let mut failures = 0u64;
+        let mut retry = RETRY.start(self.sink.replicas());
         loop {
-            match self.session().await {
+            let backoff = match self.session().await {
                 SessionEnd::Stopped => return,
                 SessionEnd::Failed { status, acked } => {
                     self.recovering = true;
                     if acked {
-                        backoff = MIN_BACKOFF;
-                        failures = 0;
+                        retry.succeeded();
                     }
-                    failures += 1;
-                    if self.fail_over(&status, failures) {
-                        continue;
+                    let wait = retry.failed();
+                    self.fail_over(&status, &retry);
+                    match wait {
+                        Some(wait) => wait,
+                        // Another registry is still untried in this round: no backoff.
+                        None => continue,
                     }
                 }
-            }
+            };
             let deadline = *self.stop.borrow();
             let wake = Instant::now() + backoff;
             match deadline {
@@ -518,19 +520,20 @@ impl Task {
                     }
                 }
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    /// Logs the failed stream (the `failures`th in a row) and moves the sink to its next
-    /// registry; returns whether to open the next stream at once, without backoff: with
-    /// several registries, until a stream to each has failed in a row.
-    fn fail_over(&self, status: &str, failures: u64) -> bool {
-        let replicas = self.sink.replicas().max(1) as u64;
+    /// Logs the failed stream (`retry` counts the failures in a row) and moves the sink to
+    /// its next registry.
+    fn fail_over(&self, status: &str, retry: &Retry) {
+        let replicas = retry.replicas();
         let from = &self.streaming_to;
         self.sink.next();
         let buffered = self.inner.events.load(Relaxed);
-        if replicas > 1 && (failures <= replicas || failures.is_power_of_two()) {
+        if !retry.worth_logging() {
+            return;
+        }
+        if replicas > 1 {
             let to = self.sink.target();
             tracing::warn!(
                 %from,
@@ -539,14 +542,13 @@ impl Task {
                 "failover: registry ingest stream to {from} failed ({status}); switching to \
                  {to}; relaying goes on, events are buffered and will be replayed"
             );
-        } else if replicas == 1 && (failures == 1 || failures.is_power_of_two()) {
+        } else {
             tracing::warn!(
                 buffered,
                 "registry ingest stream down ({status}); relaying goes on, \
                  events are buffered and will be replayed"
             );
         }
-        !failures.is_multiple_of(replicas)
     }
 
     fn give_up(&self) {
