@@ -20,7 +20,10 @@ use proto::{
 };
 use tokio::sync::{Semaphore, mpsc};
 
-use super::{MAX_BUFFERED_BYTES, losses::Losses};
+use super::losses::Losses;
+
+/// Most packet payload bytes buffered (queued plus unacknowledged) before packets are shed.
+pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
 
 /// One queued event. Packets, by far the most frequent, are not boxed: no allocation each.
 #[derive(Debug)]

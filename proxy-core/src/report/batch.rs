@@ -18,8 +18,12 @@ use std::{collections::VecDeque, sync::Arc};
 
 use proto::registry::{Event, IngestRequest, ProxyLosses, event::Kind};
 
-use super::{BATCH_BYTES, BATCH_EVENTS, admission::Item, losses::Losses};
+use super::{admission::Item, losses::Losses};
 
+/// Most events in one batch.
+pub const BATCH_EVENTS: usize = 1000;
+/// A batch is closed once its encoded size reaches this (one more packet may exceed it).
+pub const BATCH_BYTES: usize = 1 << 20;
 /// Most batches sent and awaiting acknowledgement; the queue waits behind them.
 pub(super) const MAX_UNACKED: usize = 64;
 

@@ -37,23 +37,14 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 
+pub use admission::MAX_BUFFERED_BYTES;
+pub use batch::{BATCH_BYTES, BATCH_EVENTS};
 pub use losses::InterceptCounts;
+pub use stream::ACK_TIMEOUT;
+pub use ticker::COUNTERS_INTERVAL;
 
 use crate::conn::{ConnState, End};
 use admission::{Admission, Class, Item};
-
-/// Most events in one batch.
-pub const BATCH_EVENTS: usize = 1000;
-/// A batch is closed once its encoded size reaches this (one more packet may exceed it).
-pub const BATCH_BYTES: usize = 1 << 20;
-/// Most packet payload bytes buffered (queued plus unacknowledged) before packets are shed.
-pub const MAX_BUFFERED_BYTES: usize = 256 << 20;
-/// How often counters of active connections are published.
-pub const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
-/// How long batches may wait in flight with no acknowledgement before a reporter with other
-/// registries to go to leaves the one it streams to (a registry acknowledges once a batch is
-/// durable, normally within milliseconds).
-pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The handle connection tasks report through. Cloning is cheap; no method awaits.
 #[derive(Clone)]

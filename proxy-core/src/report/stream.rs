@@ -24,10 +24,15 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::Status;
 
 use super::{
-    ACK_TIMEOUT, COUNTERS_INTERVAL,
     admission::{Admission, Item},
     batch::Batcher,
+    ticker::COUNTERS_INTERVAL,
 };
+
+/// How long batches may wait in flight with no acknowledgement before a reporter with other
+/// registries to go to leaves the one it streams to (a registry acknowledges once a batch is
+/// durable, normally within milliseconds).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a broken stream is reopened.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));

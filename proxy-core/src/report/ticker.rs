@@ -3,7 +3,7 @@
 //! registry. These updates are the first thing shed (see [`super::admission`]): the next
 //! tick carries the same totals.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use proto::registry::ConnectionUpdate;
 use tokio::{
@@ -12,10 +12,13 @@ use tokio::{
 };
 
 use super::{
-    COUNTERS_INTERVAL,
     admission::{Admission, Class, Item},
     live::Live,
 };
+
+/// How often counters of active connections are published (an empty batch with new loss
+/// totals goes out on the same beat).
+pub const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Publishes running counters of open connections every [`COUNTERS_INTERVAL`] until `stop`
 /// changes (or the queue closes).
