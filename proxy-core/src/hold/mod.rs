@@ -49,6 +49,7 @@ use proto::{
         verdict::{Action, Reason},
     },
     names::Named,
+    retry::{Backoff, Retry},
 };
 use tonic::{Code, Status, service::interceptor::InterceptedService};
 
@@ -60,8 +61,8 @@ pub use filter::{Compiled, ConnMeta, Rewrite};
 
 /// How long connecting to intercept-svc may take before a `Hold` follows the fault policy.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How the config watch is reopened after it fails or ends.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
 /// Largest verdict accepted (a replacement at intercept-svc's limit, with framing).
 const MAX_MESSAGE: usize = 8 << 20;
 
@@ -357,21 +358,23 @@ fn cause(s: &Status) -> &'static str {
 
 /// Follows `WatchConfig` for as long as the holder lives.
 async fn follow_config(inner: Arc<Inner>) {
-    let mut backoff = MIN_BACKOFF;
+    let mut retry = RETRY.start(1);
     loop {
-        if let Err(s) = follow_once(&inner, &mut backoff).await {
+        if let Err(s) = follow_once(&inner, &mut retry).await {
             tracing::debug!(code = ?s.code(), "intercept-svc config watch: {}", s.message());
         }
         inner.following.store(false, Ordering::Relaxed);
         inner.stop_holding();
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        // One intercept service: every end of the watch is a round of failures.
+        if let Some(wait) = retry.failed() {
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
-async fn follow_once(inner: &Inner, backoff: &mut Duration) -> Result<(), tonic::Status> {
+async fn follow_once(inner: &Inner, retry: &mut Retry) -> Result<(), tonic::Status> {
     let mut stream = inner.sink.watch_config().await?;
-    *backoff = MIN_BACKOFF;
+    retry.succeeded();
     inner.following.store(true, Ordering::Relaxed);
     while let Some(config) = tokio_stream::StreamExt::next(&mut stream)
         .await
