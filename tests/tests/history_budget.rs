@@ -101,8 +101,8 @@ async fn eviction_keeps_the_newest_history_within_the_budget_reports_it_and_surv
     assert!(s.records_bytes > 0);
     // Only whole segment files were deleted: what is left is the newest few.
     let files = if tests::on_postgres() {
-        // The segments are partitions of the database's packets table.
-        let sql = "SELECT count(*) FROM pg_inherits WHERE inhparent = 'packets'::regclass";
+        // The segments are partitions of the database's blocks table.
+        let sql = "SELECT count(*) FROM pg_inherits WHERE inhparent = 'blocks'::regclass";
         tests::pg_count(&data, sql).await?
     } else {
         // Each segment's frames (`.log`), beside the indexes of closed ones.
