@@ -60,9 +60,7 @@ fn make_v1(url: &str) -> anyhow::Result<()> {
          INSERT INTO segments (seg) VALUES (2);",
     )?;
     for (seg, batch, p) in old_history() {
-        let ts = p
-            .ts
-            .map(|t| t.seconds * 1_000_000_000 + i64::from(t.nanos));
+        let ts = p.ts.map(|t| t.seconds * 1_000_000_000 + i64::from(t.nanos));
         let size = (p.data.len() + p.original.len()) as i32;
         c.execute(
             "INSERT INTO packets (seg, conn_id, seq, batch, ts, bytes, body)
@@ -99,16 +97,17 @@ fn make_v1(url: &str) -> anyhow::Result<()> {
              (3, 3, ARRAY[$1::bytea])",
         &[&closed.encode_to_vec()],
     )?;
-    let (seg1, seg2) = old_history()
-        .iter()
-        .fold(((0i64, 0i64), (0i64, 0i64)), |(a, b), (seg, _, p)| {
-            let n = (p.data.len() + p.original.len()) as i64;
-            if *seg == 1 {
-                ((a.0 + 1, a.1 + n), b)
-            } else {
-                (a, (b.0 + 1, b.1 + n))
-            }
-        });
+    let (seg1, seg2) =
+        old_history()
+            .iter()
+            .fold(((0i64, 0i64), (0i64, 0i64)), |(a, b), (seg, _, p)| {
+                let n = (p.data.len() + p.original.len()) as i64;
+                if *seg == 1 {
+                    ((a.0 + 1, a.1 + n), b)
+                } else {
+                    (a, (b.0 + 1, b.1 + n))
+                }
+            });
     c.execute(
         "UPDATE segments SET packets = $1, bytes = $2, last_pos = 2 WHERE seg = 1",
         &[&seg1.0, &seg1.1],

@@ -61,7 +61,12 @@ static BASELINE: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// Starts a registry whose history budget is out of the way of the growth phase.
 async fn registry(dir: &std::path::Path) -> anyhow::Result<Registry> {
     // Long-lived gRPC connections: the phases keep one client for minutes.
-    registry_on(dir, None, &["--grpc-max-age", "1h", "--grpc-idle-timeout", "1h"]).await
+    registry_on(
+        dir,
+        None,
+        &["--grpc-max-age", "1h", "--grpc-idle-timeout", "1h"],
+    )
+    .await
 }
 
 /// Starts a registry with no history budget, keeping its store in the database at `store`

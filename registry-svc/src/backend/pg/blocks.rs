@@ -103,15 +103,12 @@ impl Encoded {
             } else {
                 bytes.chunks(piece).collect()
             };
-            pieces
-                .into_iter()
-                .enumerate()
-                .map(move |(part, body)| Row {
-                    desc,
-                    part: part as i32,
-                    parts,
-                    body,
-                })
+            pieces.into_iter().enumerate().map(move |(part, body)| Row {
+                desc,
+                part: part as i32,
+                parts,
+                body,
+            })
         })
     }
 }
@@ -182,19 +179,21 @@ mod tests {
             any::<bool>(),
             0i32..3,
         )
-            .prop_map(|(conn_id, seq, ts, data, original, dropped, direction)| Packet {
-                conn_id,
-                seq: u64::from(seq) + 1,
-                direction,
-                ts: ts.map(|(s, n)| prost_types::Timestamp {
-                    seconds: i64::from(s),
-                    nanos: n,
-                }),
-                data: data.into(),
-                modified: original.is_some(),
-                original: original.unwrap_or_default().into(),
-                dropped,
-            })
+            .prop_map(
+                |(conn_id, seq, ts, data, original, dropped, direction)| Packet {
+                    conn_id,
+                    seq: u64::from(seq) + 1,
+                    direction,
+                    ts: ts.map(|(s, n)| prost_types::Timestamp {
+                        seconds: i64::from(s),
+                        nanos: n,
+                    }),
+                    data: data.into(),
+                    modified: original.is_some(),
+                    original: original.unwrap_or_default().into(),
+                    dropped,
+                },
+            )
     }
 
     /// Packets sorted by (connection, seq) with no repeats, as a commit stores them.

@@ -35,6 +35,15 @@ const SCAN_ROWS: i64 = 128;
 /// Version 1 packet rows moved into blocks per round trip of the migration.
 const MOVE_ROWS: i32 = 20_000;
 
+/// What a commit's first statement read.
+pub(super) struct Now {
+    /// The current segment and the payload bytes in all segments.
+    pub segment: i64,
+    pub stored: i64,
+    /// The commit's batch number.
+    pub batch: i64,
+}
+
 /// What one commit stored.
 pub(super) struct Fresh {
     /// Packets new to the history (a replayed one is not) and their payload bytes.
@@ -157,6 +166,7 @@ impl PgStore {
         &self,
         tx: &mut Transaction<'_>,
         packets: Vec<Packet>,
+        now: &Now,
     ) -> Result<Fresh, StoreError> {
         let none = |segment| Fresh {
             packets: 0,
@@ -168,17 +178,11 @@ impl PgStore {
         if packets.is_empty() {
             return Ok(none(0));
         }
-        let segment: i64 = tx
-            .query_one("SELECT max(seg) FROM segments", &[])?
-            .get::<_, Option<i64>>(0)
-            .unwrap_or(1);
+        let segment = now.segment;
         let incoming: i64 = packets.iter().map(payload).sum();
         let max = self.options.max_bytes;
         if max > 0 && self.options.when_full == WhenFull::Stop {
-            let stored: i64 = tx
-                .query_one("SELECT coalesce(sum(bytes), 0)::int8 FROM segments", &[])?
-                .get(0);
-            let refused = stored.saturating_add(incoming) > max as i64;
+            let refused = now.stored.saturating_add(incoming) > max as i64;
             note_refusing(&self.refusing, refused, max);
             if refused {
                 tx.execute(
@@ -236,7 +240,7 @@ impl PgStore {
         }
         // Stable: each connection's packets stay in the (seq) order they were checked in.
         fresh.sort_by_key(|p| p.conn_id);
-        let batch: i64 = tx.query_one("SELECT nextval('batches')", &[])?.get(0);
+        let batch = now.batch;
         copy_blocks(tx, segment, batch, &fresh)?;
         Ok(Fresh {
             packets: fresh.len() as i64,

@@ -133,32 +133,63 @@ fn is_active(c: &Connection) -> bool {
     c.status == ConnStatus::Active as i32
 }
 
-/// Numbers `changes` (ID, record after it or `None` when cleared) and, when `new_position`,
-/// the next arrival position: the transaction's last step before it commits. Returns the
-/// last arrival position.
+/// What a commit adds to the arrival log: its batch number (0: no packets) and the records
+/// closed with it, and the segment its packets grew (segment, packets, bytes).
+struct Arrival<'a> {
+    batch: i64,
+    closed: &'a [Vec<u8>],
+    grown: Option<(i64, i64, i64)>,
+}
+
+/// Numbers `changes` (ID, record after it or `None` when cleared) and, with an `arrival`,
+/// takes the next arrival position, logs the arrival at it and counts its packets in their
+/// segment: the transaction's last statement before it commits (one round trip). Returns
+/// the last arrival position and the grown segment's bytes.
 fn number(
     tx: &mut Transaction<'_>,
     changes: &[(i64, Option<Vec<u8>>)],
-    new_position: bool,
-) -> Result<i64, StoreError> {
+    arrival: Option<Arrival<'_>>,
+) -> Result<(i64, Option<i64>), StoreError> {
     let n = changes.len() as i64;
+    let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
+    let bodies: Vec<Option<&[u8]>> = changes.iter().map(|c| c.1.as_deref()).collect();
+    let new_position = i64::from(arrival.is_some());
+    let (batch, closed, (seg, packets, bytes)) = match &arrival {
+        Some(a) => (a.batch, a.closed, a.grown.unwrap_or((0, 0, 0))),
+        None => (0, &[][..], (0, 0, 0)),
+    };
+    // The counter's row lock orders the commits; the other parts read its new numbers.
+    // A data-changing `WITH` part always runs; `n`, a plain one, runs because it is read.
     let row = tx.query_one(
-        "UPDATE counter SET seq = seq + $1, pos = pos + $2 RETURNING seq, pos",
-        &[&n, &i64::from(new_position)],
+        "WITH c AS (
+             UPDATE counter SET seq = seq + $1, pos = pos + $2 RETURNING seq, pos
+         ), n AS (
+             SELECT pg_notify('interpose_changes', '')
+         ), ch AS (
+             INSERT INTO changes (seq, id, body)
+             SELECT c.seq - $1 + u.ord, u.id, u.body
+             FROM c, unnest($3::int8[], $4::bytea[]) WITH ORDINALITY AS u(id, body, ord)
+         ), a AS (
+             INSERT INTO arrivals (pos, batch, closed)
+             SELECT c.pos, $5, $6 FROM c WHERE $2 > 0
+         ), s AS (
+             UPDATE segments SET packets = packets + $8, bytes = bytes + $9, last_pos = c.pos
+             FROM c WHERE segments.seg = $7 RETURNING segments.bytes
+         )
+         SELECT c.pos, (SELECT bytes FROM s), (SELECT count(*) FROM n) FROM c",
+        &[
+            &n,
+            &new_position,
+            &ids,
+            &bodies,
+            &batch,
+            &closed,
+            &seg,
+            &packets,
+            &bytes,
+        ],
     )?;
-    let (seq, pos): (i64, i64) = (row.get(0), row.get(1));
-    if n > 0 {
-        let seqs: Vec<i64> = (seq - n + 1..=seq).collect();
-        let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
-        let bodies: Vec<Option<&[u8]>> = changes.iter().map(|c| c.1.as_deref()).collect();
-        tx.execute(
-            "INSERT INTO changes (seq, id, body)
-             SELECT * FROM unnest($1::int8[], $2::int8[], $3::bytea[])",
-            &[&seqs, &ids, &bodies],
-        )?;
-    }
-    tx.execute("SELECT pg_notify('interpose_changes', '')", &[])?;
-    Ok(pos)
+    Ok((row.get(0), row.get(1)))
 }
 
 /// Records with IDs from `from` up (active ones only, when `active_only`), each passed to
@@ -288,8 +319,20 @@ impl PgStore {
         // Packets first: a registry that hangs inside its `COPY` then holds no row lock
         // another replica could wait on (a hang between statements is ended by the server's
         // idle-in-transaction timeout, a hang inside one by this statement timeout).
-        tx.batch_execute("SET LOCAL statement_timeout = '30s'")?;
-        let fresh = self.store_packets(&mut tx, staged.packets)?;
+        // The timeout, the current segment, the history's size and a batch number in one
+        // round trip (a batch number unused is a gap, which nothing minds).
+        let row = tx.query_one(
+            "SELECT set_config('statement_timeout', '30s', true), max(seg),
+                    coalesce(sum(bytes), 0)::int8, nextval('batches')
+             FROM segments",
+            &[],
+        )?;
+        let now = history::Now {
+            segment: row.get::<_, Option<i64>>(1).unwrap_or(1),
+            stored: row.get(2),
+            batch: row.get(3),
+        };
+        let fresh = self.store_packets(&mut tx, staged.packets, &now)?;
         // Each record's last state, in ID order (concurrent writers lock rows alike).
         let mut last: HashMap<u64, &Connection> = HashMap::new();
         for c in &staged.changes {
@@ -357,21 +400,17 @@ impl PgStore {
         let mut position = None;
         let mut segment = None;
         if !changes.is_empty() || new_position {
-            let pos = number(&mut tx, &changes, new_position)?;
+            let arrival = new_position.then_some(Arrival {
+                batch: fresh.batch,
+                closed: &closed,
+                grown: (fresh.packets > 0).then_some((fresh.segment, fresh.packets, fresh.bytes)),
+            });
+            let (pos, seg_bytes) = number(&mut tx, &changes, arrival)?;
             if new_position {
-                tx.execute(
-                    "INSERT INTO arrivals (pos, batch, closed) VALUES ($1, $2, $3)",
-                    &[&pos, &fresh.batch, &closed],
-                )?;
                 position = Some(pos as u64);
             }
-            if fresh.packets > 0 {
-                let row = tx.query_one(
-                    "UPDATE segments SET packets = packets + $2, bytes = bytes + $3,
-                     last_pos = $4 WHERE seg = $1 RETURNING bytes",
-                    &[&fresh.segment, &fresh.packets, &fresh.bytes, &pos],
-                )?;
-                segment = Some((fresh.segment, row.get::<_, i64>(0)));
+            if let Some(bytes) = seg_bytes {
+                segment = Some((fresh.segment, bytes));
             }
         }
         tx.commit()?;
@@ -759,7 +798,7 @@ impl PgStore {
             &[&keys],
         )?;
         let changes: Vec<(i64, Option<Vec<u8>>)> = keys.iter().map(|&k| (k, None)).collect();
-        number(&mut tx, &changes, false)?;
+        number(&mut tx, &changes, None)?;
         tx.commit()?;
         let mut p = self.pending();
         for id in ids {
@@ -1067,7 +1106,11 @@ mod tests {
             sent.iter().filter(|p| p.conn_id == conn).cloned().collect()
         };
         for conn in 1..=3 {
-            assert_eq!(packets_of(&s, (conn, 0), true), of(conn), "connection {conn}");
+            assert_eq!(
+                packets_of(&s, (conn, 0), true),
+                of(conn),
+                "connection {conn}"
+            );
         }
         // From inside a block, and on across the connections after it.
         assert_eq!(packets_of(&s, (1, 3), true), of(1)[2..]);
@@ -1133,7 +1176,10 @@ mod tests {
             (1..=4).map(|q| bytes_of(&packet(3, q))).sum::<u64>()
         );
         assert!(history(&s, 3).is_empty());
-        assert_eq!(count(&s, "SELECT count(*) FROM blocks WHERE conn_id = 3"), 0);
+        assert_eq!(
+            count(&s, "SELECT count(*) FROM blocks WHERE conn_id = 3"),
+            0
+        );
         // Before time 3: commit 1's blocks go whole; the others keep what is newer.
         let before = prost_types::Timestamp {
             seconds: 3,
@@ -1245,12 +1291,19 @@ mod tests {
             2
         );
         assert_eq!(
-            count(&s, "SELECT count(*) FROM pg_class WHERE relname = 'packets'"),
+            count(
+                &s,
+                "SELECT count(*) FROM pg_class WHERE relname = 'packets'"
+            ),
             0
         );
-        assert_eq!(count(&s, "SELECT max(version)::int8 FROM interpose_schema"), 2);
+        assert_eq!(
+            count(&s, "SELECT max(version)::int8 FROM interpose_schema"),
+            2
+        );
         // Ingest goes on after the moved history.
-        s.record(vec![packet(1, 3), packet(1, 4)], Vec::new()).unwrap();
+        s.record(vec![packet(1, 3), packet(1, 4)], Vec::new())
+            .unwrap();
         s.commit().unwrap();
         assert_eq!(history(&s, 1), vec![1, 2, 3, 4]);
     }
