@@ -157,7 +157,7 @@ async fn a_version_1_database_is_moved_into_blocks_and_served_as_it_was() -> any
     }
     let found: Vec<(u64, u64)> = client
         .search_history(SearchHistoryRequest {
-            contains: b"needle".to_vec().into(),
+            contains: b"needle".to_vec(),
             ..Default::default()
         })
         .await?
