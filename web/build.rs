@@ -3,6 +3,11 @@
 //! page is built by `npm ci && npm run build` in `ui/` (CI checks the committed build is
 //! current); this script never runs npm.
 
+#![expect(
+    clippy::expect_used,
+    reason = "a build script fails the build by panicking with its message"
+)]
+
 use std::{
     env, fs,
     path::{Path, PathBuf},

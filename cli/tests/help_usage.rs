@@ -3,6 +3,11 @@
 //! only what the command line must give, never an option the environment provides as if it
 //! were required; and `up --help` lists no client-only option.
 
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation fails the test"
+)]
+
 use std::process::Command;
 
 /// The client options' environment variables, each set to a plausible value.

@@ -2,6 +2,11 @@
 //! (Having an integration test also makes `cargo test` build this binary for the
 //! end-to-end tests in tests/.)
 
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation fails the test"
+)]
+
 use std::process::Command;
 
 fn interpose(args: &[&str]) -> std::process::Output {

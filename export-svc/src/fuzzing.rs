@@ -9,6 +9,11 @@
 //! (`fuzz/corpus/pcap_writer/`, decoded as the fuzzer decodes it) and over proptest's random
 //! inputs. [`capture`] panics when a property fails.
 
+#![allow(
+    clippy::expect_used,
+    reason = "a fuzz property fails by panicking, and the fuzzer reports the panic"
+)]
+
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,

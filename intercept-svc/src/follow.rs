@@ -9,21 +9,21 @@ use proto::{
     common::{ClosedBy, ConnStatus, Connection},
     failover::Replicas,
     registry::{WatchConnectionsRequest, registry_client::RegistryClient, watch_event::Kind},
+    retry::{Backoff, Retry},
 };
 
 use crate::{queue::Ended, service::Shared};
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How the watch is reopened after the registry goes away.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// Follows `registry` for as long as the task runs; with several replicas, a failed watch
 /// reopens on the next at once, and backs off only once each has failed in a row.
 pub async fn follow_registry(shared: Arc<Shared>, registry: Arc<Replicas>) {
-    let mut backoff = MIN_BACKOFF;
-    let mut failures = 0usize;
+    let mut retry = RETRY.start(registry.count());
     loop {
         let (index, channel) = registry.channel();
-        match follow_once(&shared, channel, &mut backoff, &mut failures).await {
+        match follow_once(&shared, channel, &mut retry).await {
             Ok(()) => tracing::warn!("registry ended its connection watch; reopening"),
             // A registry shutting down (this process's own, on SIGINT) is no failure to warn
             // about: the watch reopens if the registry comes back.
@@ -37,12 +37,9 @@ pub async fn follow_registry(shared: Arc<Shared>, registry: Arc<Replicas>) {
             }
         }
         shared.registry_connected.store(false, Ordering::Relaxed);
-        failures += 1;
-        if !failures.is_multiple_of(registry.count()) {
-            continue;
+        if let Some(wait) = retry.failed() {
+            tokio::time::sleep(wait).await;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -57,15 +54,13 @@ fn ended(c: &Connection) -> Option<Ended> {
 async fn follow_once(
     shared: &Shared,
     channel: AuthChannel,
-    backoff: &mut Duration,
-    failures: &mut usize,
+    retry: &mut Retry,
 ) -> Result<(), tonic::Status> {
     let mut stream = RegistryClient::new(channel)
         .watch_connections(WatchConnectionsRequest::default())
         .await?
         .into_inner();
-    *backoff = MIN_BACKOFF;
-    *failures = 0;
+    retry.succeeded();
     let mut snapshot = Some(HashMap::new());
     while let Some(ev) = stream.message().await? {
         match ev.kind() {

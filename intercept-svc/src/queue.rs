@@ -23,7 +23,8 @@ use proto::{
     common::{ClosedBy, ConnStatus, Packet},
     intercept::{
         HeldEvent, HeldPacket, InterceptConfig, InterceptStatus, ReplaceRule, Verdict,
-        held_event::Kind, verdict::Action,
+        held_event::Kind,
+        verdict::{Action, Reason},
     },
     names::name_of,
 };
@@ -35,7 +36,7 @@ pub const DEFAULT_MAX_HELD_BYTES: u64 = 256 << 20;
 /// The largest replacement a `Forward` may carry (4 MiB).
 pub const MAX_REPLACEMENT: usize = 4 << 20;
 /// The largest packet a `Hold` may hold (4 MiB); a larger one is forwarded at once with
-/// reason "too_large".
+/// [`Reason::TooLarge`].
 pub const MAX_HELD_PACKET: usize = 4 << 20;
 /// The largest pattern, and the largest replacement, of one replace rule (1 MiB).
 pub const MAX_RULE_BYTES: usize = 1 << 20;
@@ -175,13 +176,8 @@ pub struct Queue<W> {
 }
 
 /// A verdict that forwards the packet as it is.
-pub fn forward_as_is(reason: &str) -> Verdict {
-    Verdict {
-        action: Action::Forward as i32,
-        replaced: false,
-        data: Bytes::new(),
-        reason: reason.into(),
-    }
+pub fn forward_as_is(why: Reason) -> Verdict {
+    Verdict::because(Action::Forward, why)
 }
 
 impl<W> Queue<W> {
@@ -234,7 +230,7 @@ impl<W> Queue<W> {
         let released: Vec<(W, Verdict)> = ids
             .into_iter()
             .filter_map(|id| self.remove(id).flatten())
-            .map(|w| (w, forward_as_is("intercept_off")))
+            .map(|w| (w, forward_as_is(Reason::InterceptOff)))
             .collect();
         self.released_by_off += released.len() as u64;
         Ok(released)
@@ -288,7 +284,7 @@ impl<W> Queue<W> {
     ) -> (HoldOutcome, Option<W>) {
         if !self.config.enabled {
             return (
-                HoldOutcome::Immediate(forward_as_is("intercept_off")),
+                HoldOutcome::Immediate(forward_as_is(Reason::InterceptOff)),
                 Some(waiter),
             );
         }
@@ -296,14 +292,14 @@ impl<W> Queue<W> {
         if len > MAX_HELD_PACKET {
             self.too_large_forwarded += 1;
             return (
-                HoldOutcome::Immediate(forward_as_is("too_large")),
+                HoldOutcome::Immediate(forward_as_is(Reason::TooLarge)),
                 Some(waiter),
             );
         }
         if self.waiting >= self.max_held || self.held_bytes + len as u64 > self.max_held_bytes {
             self.overflow_forwarded += 1;
             return (
-                HoldOutcome::Immediate(forward_as_is("queue_full")),
+                HoldOutcome::Immediate(forward_as_is(Reason::QueueFull)),
                 Some(waiter),
             );
         }
@@ -403,12 +399,11 @@ impl<W> Queue<W> {
         let waiter = self.take_open(held_id)?;
         let verdict = match replacement {
             Some(data) => Verdict {
-                action: Action::Forward as i32,
                 replaced: true,
                 data,
-                reason: "user".into(),
+                ..forward_as_is(Reason::User)
             },
-            None => forward_as_is("user"),
+            None => forward_as_is(Reason::User),
         };
         Ok((waiter, verdict))
     }
@@ -416,14 +411,14 @@ impl<W> Queue<W> {
     /// A user drops a held packet.
     pub fn drop_packet(&mut self, held_id: u64) -> Result<(W, Verdict), Refused<W>> {
         let waiter = self.take_open(held_id)?;
-        Ok((waiter, verdict(Action::Drop, "user")))
+        Ok((waiter, verdict(Action::Drop, Reason::User)))
     }
 
     /// The packet's hold timeout passed: forward it as is (if it is still waiting).
     pub fn time_out(&mut self, held_id: u64) -> Option<(W, Verdict)> {
         let waiter = self.remove(held_id).flatten()?;
         self.timed_out += 1;
-        Some((waiter, forward_as_is("timeout")))
+        Some((waiter, forward_as_is(Reason::Timeout)))
     }
 
     /// The proxy stopped waiting (its call was cancelled, e.g. because the connection ended
@@ -561,7 +556,7 @@ impl<W> Queue<W> {
             let release = self
                 .remove(held_id)
                 .flatten()
-                .map(|w| Box::new((w, verdict(Action::Drop, "connection_closed"))));
+                .map(|w| Box::new((w, verdict(Action::Drop, Reason::ConnectionClosed))));
             return Err(Refused {
                 error: err,
                 release,
@@ -596,12 +591,8 @@ impl<W> Queue<W> {
 }
 
 /// A verdict without replacement bytes.
-fn verdict(action: Action, reason: &str) -> Verdict {
-    Verdict {
-        action: action as i32,
-        reason: reason.into(),
-        ..Default::default()
-    }
+fn verdict(action: Action, why: Reason) -> Verdict {
+    Verdict::because(action, why)
 }
 
 fn conn_of(h: &HeldPacket) -> u64 {
@@ -657,13 +648,16 @@ mod tests {
     fn off_answers_at_once_and_on_holds_with_fresh_ids() {
         let mut q = Queue::new(10, 1 << 30);
         let (out, w) = q.hold("n".into(), packet(1, b"a"), "h".into(), 1, 7u32);
-        assert_eq!(out, HoldOutcome::Immediate(forward_as_is("intercept_off")));
+        assert_eq!(
+            out,
+            HoldOutcome::Immediate(forward_as_is(Reason::InterceptOff))
+        );
         assert_eq!(w, Some(7));
         q.set_config(on()).unwrap();
         assert_eq!(hold(&mut q, 1, 1), HoldOutcome::Held(1));
         assert_eq!(hold(&mut q, 1, 2), HoldOutcome::Held(2));
         let (w, v) = q.forward(1, None).unwrap();
-        assert_eq!((w, v), (1, forward_as_is("user")));
+        assert_eq!((w, v), (1, forward_as_is(Reason::User)));
         // IDs are never reused, even after the queue empties.
         q.forward(2, None).unwrap();
         assert_eq!(hold(&mut q, 1, 3), HoldOutcome::Held(3));
@@ -721,7 +715,7 @@ mod tests {
         assert!(
             released
                 .iter()
-                .all(|(_, v)| *v == forward_as_is("intercept_off"))
+                .all(|(_, v)| *v == forward_as_is(Reason::InterceptOff))
         );
         assert!(q.list().is_empty());
         assert_eq!(q.config().rules.len(), 1);
@@ -736,7 +730,7 @@ mod tests {
         hold(&mut q, 1, 2);
         assert_eq!(
             hold(&mut q, 1, 3),
-            HoldOutcome::Immediate(forward_as_is("queue_full"))
+            HoldOutcome::Immediate(forward_as_is(Reason::QueueFull))
         );
         assert_eq!(q.status().overflow_forwarded, 1);
         assert_eq!(q.status().held, 2);
@@ -769,8 +763,8 @@ mod tests {
         );
         let (w, v) = *refused.release.unwrap();
         assert_eq!(
-            (w, v.action(), v.reason.as_str()),
-            (1, Action::Drop, "connection_closed")
+            (w, v.action(), v.why()),
+            (1, Action::Drop, Reason::ConnectionClosed)
         );
         assert_eq!(kinds(&mut q), [(Kind::Removed, 1)]);
         assert_eq!(q.list().len(), 1);
@@ -807,7 +801,7 @@ mod tests {
         q.set_config(on()).unwrap();
         hold(&mut q, 1, 1);
         hold(&mut q, 1, 2);
-        assert_eq!(q.time_out(1), Some((1, forward_as_is("timeout"))));
+        assert_eq!(q.time_out(1), Some((1, forward_as_is(Reason::Timeout))));
         assert_eq!(q.time_out(1), None);
         assert_eq!(q.cancel(2, Instant::now()), Some(2));
         assert_eq!(q.cancel(2, Instant::now()), None);
@@ -951,14 +945,14 @@ mod tests {
         assert_eq!(hold_len(&mut q, 1, 600, 1), HoldOutcome::Held(1));
         assert_eq!(
             hold_len(&mut q, 1, 401, 2),
-            HoldOutcome::Immediate(forward_as_is("queue_full"))
+            HoldOutcome::Immediate(forward_as_is(Reason::QueueFull))
         );
         assert_eq!(hold_len(&mut q, 1, 400, 3), HoldOutcome::Held(2));
         let mut big = Queue::new(100, u64::MAX);
         big.set_config(on()).unwrap();
         assert_eq!(
             hold_len(&mut big, 1, MAX_HELD_PACKET + 1, 1),
-            HoldOutcome::Immediate(forward_as_is("too_large"))
+            HoldOutcome::Immediate(forward_as_is(Reason::TooLarge))
         );
         assert_eq!(big.status().too_large_forwarded, 1);
         let s = q.status();

@@ -13,6 +13,7 @@ use std::{
 use futures::Stream;
 use proto::intercept::{
     self as pb, HeldEvent, InterceptConfig, Verdict, held_event::Kind, intercept_server::Intercept,
+    verdict::Reason,
 };
 use proto::serve::Drain;
 use tokio::sync::{broadcast, oneshot, watch};
@@ -150,7 +151,7 @@ impl InterceptService {
         let mut rx = rx;
         if timeout > 0 {
             tokio::select! {
-                v = &mut rx => return v.unwrap_or_else(|_| crate::queue::forward_as_is("cancelled")),
+                v = &mut rx => return v.unwrap_or_else(|_| crate::queue::forward_as_is(Reason::Cancelled)),
                 () = tokio::time::sleep(Duration::from_secs(u64::from(timeout))) => {}
             }
             if let Some((_, v)) = self.shared.apply(|q| q.time_out(held_id)) {
@@ -159,7 +160,7 @@ impl InterceptService {
         }
         // A verdict (a user's, or the release when intercept is turned off) is on its way.
         rx.await
-            .unwrap_or_else(|_| crate::queue::forward_as_is("cancelled"))
+            .unwrap_or_else(|_| crate::queue::forward_as_is(Reason::Cancelled))
     }
 }
 

@@ -1,6 +1,11 @@
 //! The fixture against the real PostgreSQL programs: clusters start, serve separate databases
 //! to real clients, and leave no process or directory behind.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation fails the test"
+)]
+
 use std::fs;
 use std::io::Read;
 use std::process::{Command, Stdio};

@@ -34,12 +34,14 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::preface::PrefaceDeadline;
+use crate::{preface::PrefaceDeadline, retry::Backoff};
 
 /// How long a new connection has to start its first call (the same bound as the preface's).
 pub const FIRST_CALL_TIMEOUT: Duration = crate::preface::PREFACE_TIMEOUT;
 /// Default bound on how long a connection may stay open with no call in progress.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the accept loop waits after an accept that failed (a fixed wait).
+const ACCEPT_RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(50));
 
 /// The time bounds of accepted connections.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +62,7 @@ pub(crate) fn incoming(
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
+        let mut retry = ACCEPT_RETRY.start(1);
         loop {
             let accepted = tokio::select! {
                 () = tx.closed() => return,
@@ -71,7 +74,7 @@ pub(crate) fn incoming(
                     // Out of descriptors, or a connection reset before accept: wait a little
                     // rather than spin, and keep serving.
                     tracing::debug!("gRPC accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(retry.failed().unwrap_or(ACCEPT_RETRY.min)).await;
                     continue;
                 }
             };

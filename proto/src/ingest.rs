@@ -4,17 +4,29 @@
 //! per recorded byte. Batches, acknowledgements and errors are the same either way. With
 //! several registry-svc replicas of one registry, [`Replicas`] streams to one at a time and
 //! moves to the next when a stream fails.
+//!
+//! A stream carries [`Batch`]es, shared: the reporter keeps each batch until it is
+//! acknowledged (to replay it on the next stream if this one breaks), so sending it hands
+//! over a reference, and gRPC encodes it in place ([`crate::codec::SharedCodec`]).
 
-use std::{future::Future, pin::Pin, sync::atomic::Ordering::Relaxed};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering::Relaxed},
+};
 
-use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::Status;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{GrpcMethod, Status};
 
 use crate::{
     client::AuthChannel,
     failover::Replicas,
     registry::{IngestAck, IngestRequest, registry_client::RegistryClient},
 };
+
+/// One ingest batch as a stream carries it: shared with the sender, who keeps it until it is
+/// acknowledged.
+pub type Batch = Arc<IngestRequest>;
 
 /// The acknowledgements of one ingest stream, ending with the error that ended it, if any.
 pub type Acks = Pin<Box<dyn Stream<Item = Result<IngestAck, Status>> + Send>>;
@@ -25,7 +37,7 @@ pub type Opening = Pin<Box<dyn Future<Output = Result<Acks, Status>> + Send>>;
 /// A registry that takes ingest streams.
 pub trait IngestSink: Send + Sync {
     /// Opens one ingest stream fed by `batches`.
-    fn open(&self, batches: ReceiverStream<IngestRequest>) -> Opening;
+    fn open(&self, batches: ReceiverStream<Batch>) -> Opening;
 
     /// Where the next stream goes, for logs.
     fn target(&self) -> String {
@@ -42,21 +54,43 @@ pub trait IngestSink: Send + Sync {
     fn next(&self) {}
 }
 
+/// `Registry.Ingest` on `channel`, encoding each shared batch in place (the generated
+/// client's `ingest` takes owned requests, which would mean a copy of each batch).
+fn ingest(channel: AuthChannel, batches: ReceiverStream<Batch>) -> Opening {
+    Box::pin(async move {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.map_err(|e| {
+            let e: tonic::codegen::StdError = e.into();
+            Status::unknown(format!("Service was not ready: {e}"))
+        })?;
+        let path = http::uri::PathAndQuery::from_static("/interpose.registry.v1.Registry/Ingest");
+        let mut req = tonic::Request::new(batches);
+        req.extensions_mut()
+            .insert(GrpcMethod::new("interpose.registry.v1.Registry", "Ingest"));
+        let codec = crate::codec::SharedCodec::<IngestRequest, IngestAck>::default();
+        let acks = grpc.streaming(req, path, codec).await?.into_inner();
+        Ok(Box::pin(acks) as Acks)
+    })
+}
+
+/// A client of one registry; tests use it. Each batch is copied into the generated client's
+/// request (it takes owned requests): [`Replicas`] is the sink that sends without copying.
 impl IngestSink for RegistryClient<AuthChannel> {
-    fn open(&self, batches: ReceiverStream<IngestRequest>) -> Opening {
+    fn open(&self, batches: ReceiverStream<Batch>) -> Opening {
         let mut client = self.clone();
         Box::pin(async move {
-            let acks = client.ingest(batches).await?.into_inner();
+            let owned = batches.map(Arc::unwrap_or_clone);
+            let acks = client.ingest(owned).await?.into_inner();
             Ok(Box::pin(acks) as Acks)
         })
     }
 }
 
 impl IngestSink for Replicas {
-    fn open(&self, batches: ReceiverStream<IngestRequest>) -> Opening {
+    fn open(&self, batches: ReceiverStream<Batch>) -> Opening {
         let (index, channel) = self.channel();
         self.streaming.store(index, Relaxed);
-        RegistryClient::new(channel).open(batches)
+        ingest(channel, batches)
     }
 
     fn target(&self) -> String {

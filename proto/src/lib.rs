@@ -4,7 +4,8 @@
 //! here and only here, with the small pieces every server and client of the project shares:
 //! the JSON/CLI names of the enums ([`names`]), timestamp conversion ([`time`]), serving with
 //! health, reflection and token checks ([`serve`]), connecting as a client ([`client`]) to one URL or to
-//! several replicas that fail over ([`failover`]), the
+//! several replicas that fail over ([`failover`]), the one retry policy of every loop that
+//! reconnects ([`retry`]), the
 //! API token ([`token`]), where a proxy's ingest stream goes ([`ingest`]) and its holds go
 //! ([`hold`]), private data
 //! directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface deadline
@@ -24,6 +25,7 @@ pub mod names;
 pub mod out_file;
 pub mod preface;
 pub mod private;
+pub mod retry;
 pub mod serve;
 pub mod streams;
 pub mod time;

@@ -1,7 +1,11 @@
 //! The stable lower-case names of the contract's enums, as the CLI prints them and as the
-//! `--json` output and the CLI's filters spell them (`c2s`, `active`, `client`, `fin`, ...).
+//! `--json` output and the CLI's filters spell them (`c2s`, `active`, `client`, `fin`, ...), and
+//! the old text of an intercept verdict's reason.
 
-use crate::common::{CloseKind, ClosedBy, ConnStatus, Direction};
+use crate::{
+    common::{CloseKind, ClosedBy, ConnStatus, Direction},
+    intercept::{Verdict, verdict::Reason},
+};
 
 /// An enum with a stable user-facing name for each meaningful value.
 pub trait Named: Sized + Copy + 'static {
@@ -61,6 +65,53 @@ impl Named for CloseKind {
     }
 }
 
+/// A verdict's reason by its old text (`Verdict.reason`, which intercept-svc still fills in for
+/// clients older than `Verdict.why`).
+impl Named for Reason {
+    const ALL: &'static [Self] = &[
+        Reason::User,
+        Reason::Timeout,
+        Reason::InterceptOff,
+        Reason::QueueFull,
+        Reason::TooLarge,
+        Reason::ConnectionClosed,
+        Reason::Cancelled,
+    ];
+    fn name(self) -> Option<&'static str> {
+        match self {
+            Reason::Unspecified => None,
+            Reason::User => Some("user"),
+            Reason::Timeout => Some("timeout"),
+            Reason::InterceptOff => Some("intercept_off"),
+            Reason::QueueFull => Some("queue_full"),
+            Reason::TooLarge => Some("too_large"),
+            Reason::ConnectionClosed => Some("connection_closed"),
+            Reason::Cancelled => Some("cancelled"),
+        }
+    }
+}
+
+impl Verdict {
+    /// A verdict `action` for reason `why`, with the old `reason` text filled in too.
+    pub fn because(action: crate::intercept::verdict::Action, why: Reason) -> Self {
+        Self {
+            action: action as i32,
+            why: why as i32,
+            reason: why.name().unwrap_or_default().to_string(),
+            ..Self::default()
+        }
+    }
+
+    /// Why: `why`, or, from an intercept-svc older than that field, the value its `reason`
+    /// text names ([`Reason::Unspecified`] when neither says).
+    pub fn cause(&self) -> Reason {
+        match self.why() {
+            Reason::Unspecified => Reason::from_name(&self.reason).unwrap_or(Reason::Unspecified),
+            why => why,
+        }
+    }
+}
+
 /// The name of a raw enum value as carried in a message (`i32`), or `None` when it is
 /// unspecified or unknown to this build.
 pub fn name_of<T: Named + TryFrom<i32>>(raw: i32) -> Option<&'static str> {
@@ -85,9 +136,35 @@ mod tests {
         for k in CloseKind::ALL {
             assert_eq!(CloseKind::from_name(k.name().unwrap()), Some(*k));
         }
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_name(r.name().unwrap()), Some(*r));
+        }
         assert_eq!(Direction::from_name("both"), None);
         assert_eq!(name_of::<ClosedBy>(0), None);
         assert_eq!(name_of::<ClosedBy>(99), None);
         assert_eq!(name_of::<ClosedBy>(2), Some("server"));
+    }
+
+    #[test]
+    fn a_verdict_carries_its_reason_as_a_value_and_as_the_old_text() {
+        use crate::intercept::verdict::Action;
+        let v = Verdict::because(Action::Forward, Reason::QueueFull);
+        assert_eq!(
+            (v.action(), v.why(), v.reason.as_str()),
+            (Action::Forward, Reason::QueueFull, "queue_full")
+        );
+        assert_eq!(v.cause(), Reason::QueueFull);
+        // From an intercept-svc older than `why`: the text says it.
+        let old = Verdict {
+            action: Action::Forward as i32,
+            reason: "too_large".into(),
+            ..Verdict::default()
+        };
+        assert_eq!(old.cause(), Reason::TooLarge);
+        let unknown = Verdict {
+            reason: "something new".into(),
+            ..Verdict::default()
+        };
+        assert_eq!(unknown.cause(), Reason::Unspecified);
     }
 }

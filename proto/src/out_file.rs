@@ -185,6 +185,10 @@ impl Staged {
     }
 
     /// The temporary file, to write the content to.
+    #[expect(
+        clippy::expect_used,
+        reason = "present from `create` until `commit`, which consumes self"
+    )]
     pub fn file(&mut self) -> &mut File {
         self.file.as_mut().expect("present until commit")
     }

@@ -5,6 +5,11 @@
 //! corpus (`fuzz/corpus/TARGET/`) and over proptest's random inputs. Each function panics
 //! when a property fails; none of them does I/O.
 
+#![allow(
+    clippy::expect_used,
+    reason = "a fuzz property fails by panicking, and the fuzzer reports the panic"
+)]
+
 use std::fmt::Debug;
 
 use crate::{

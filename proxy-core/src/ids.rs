@@ -23,6 +23,7 @@ use std::{
 use proto::{
     failover::Replicas,
     registry::{LeaseIdsRequest, registry_client::RegistryClient},
+    retry::Backoff,
 };
 use tokio::{sync::Notify, time::Instant};
 use tonic::Status;
@@ -36,6 +37,8 @@ pub const FAST_BLOCK: Duration = Duration::from_secs(2);
 /// How long a connection waits for IDs when the pool is empty.
 pub const ID_WAIT: Duration = Duration::from_secs(3);
 const LEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How a failed lease is retried.
+const LEASE_RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
 
 /// No connection ID could be had.
 #[derive(Debug, thiserror::Error)]
@@ -150,9 +153,7 @@ impl IdPool {
 /// Leases one block, retrying until the registry answers: at once from the next replica
 /// when there are several, with backoff once each has failed in a row.
 async fn fetch(inner: Arc<Inner>, size: u32) {
-    let mut backoff = Duration::from_millis(50);
-    let mut failures = 0u32;
-    let replicas = inner.registry.count() as u32;
+    let mut retry = LEASE_RETRY.start(inner.registry.count());
     loop {
         let (index, channel) = inner.registry.channel();
         let req = LeaseIdsRequest {
@@ -175,6 +176,8 @@ async fn fetch(inner: Arc<Inner>, size: u32) {
                         last = r.last,
                         "registry leased an invalid ID block"
                     );
+                    // No other replica would do better: wait without counting a failure.
+                    tokio::time::sleep(retry.backoff()).await;
                 } else {
                     if let Ok(mut s) = inner.state.lock() {
                         s.blocks.push_back((r.first, r.last));
@@ -191,20 +194,18 @@ async fn fetch(inner: Arc<Inner>, size: u32) {
                 }
             }
             Err(status) => {
-                failures += 1;
-                if failures <= replicas || failures.is_power_of_two() {
+                let wait = retry.failed();
+                if retry.worth_logging() {
                     let url = inner.registry.url(index);
                     tracing::warn!("leasing connection IDs from {url} failed: {status}");
                 }
                 inner.registry.failed(index, &status);
-                if !failures.is_multiple_of(replicas) {
-                    // Another replica is still untried in this round: no backoff.
-                    continue;
+                // None: another replica is still untried in this round, no backoff.
+                if let Some(wait) = wait {
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 

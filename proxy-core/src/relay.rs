@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 
 pub use self::{
     io::{Leg, MAX_READ, MIN_READ, PacketReader, PacketWriter, StreamWriter, TcpReader},
-    tap::{HeldPacket, Hold, Passage, Tap, Verdict, VerdictFuture},
+    tap::{Check, Fate, FateFuture, Hold, Passage, Tap, Waiting},
 };
 use crate::conn::End;
 
@@ -223,7 +223,7 @@ async fn held<R: PacketReader, W: PacketWriter>(
     w: &mut W,
     dir: Direction,
     tap: &Tap<'_>,
-    mut wait: VerdictFuture,
+    mut wait: FateFuture,
     ahead: &mut Option<Ahead>,
     passage: Passage,
 ) -> Result<Passage, PumpEnd> {
@@ -270,6 +270,10 @@ struct Unsent<'t, 'a> {
 
 impl Unsent<'_, '_> {
     /// The passage, to be written: no longer recorded as dropped.
+    #[expect(
+        clippy::expect_used,
+        reason = "present from construction; `held` takes it once, just before returning"
+    )]
     fn take(&mut self) -> Passage {
         self.passage
             .take()
@@ -285,7 +289,7 @@ impl Drop for Unsent<'_, '_> {
                 seq = p.seq,
                 "the connection ended while a packet was held: recorded as dropped"
             );
-            p.verdict = Verdict::Drop;
+            p.fate = Fate::Drop;
             self.tap.passed(p);
         }
     }

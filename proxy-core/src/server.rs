@@ -25,7 +25,10 @@ use std::{
     time::Duration,
 };
 
-use proto::common::{CloseKind, ClosedBy, ConnStatus, Connection, Transport};
+use proto::{
+    common::{CloseKind, ClosedBy, ConnStatus, Connection, Transport},
+    retry::Backoff,
+};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc},
@@ -51,6 +54,8 @@ pub const MAX_REFUSING: usize = 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the upstream connect may take (all addresses of a name together).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How an accept that failed (out of file descriptors, say) is retried.
+const ACCEPT_RETRY: Backoff = Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
 
 /// Which listener a client came in on; the record's `ingress`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,17 +146,18 @@ impl Listener {
     }
 
     async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        let mut backoff = Duration::from_millis(5);
+        let mut retry = ACCEPT_RETRY.start(1);
         loop {
             match self.listener.accept().await {
                 Ok(x) => return x,
                 Err(e) => {
+                    // One listener: every failure waits.
+                    let wait = retry.failed().unwrap_or(ACCEPT_RETRY.min);
                     tracing::warn!(
-                        "accepting a {} connection failed: {e}; retrying in {backoff:?}",
+                        "accepting a {} connection failed: {e}; retrying in {wait:?}",
                         self.ingress.label()
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

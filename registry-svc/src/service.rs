@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use proto::{
     common::{Connection, Direction},
-    ingest::{Acks, IngestSink, Opening},
+    ingest::{Acks, Batch, IngestSink, Opening},
     registry::{self as pb, IngestAck, IngestRequest, WatchEvent, registry_server::Registry},
     serve::Drain,
 };
@@ -67,10 +67,12 @@ impl RegistryService {
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
 /// The ingest stream of a proxy in this same process (`interpose up`): batches go to the
-/// writer as a gRPC stream's would, with no encoding or socket between.
+/// writer as a gRPC stream's would, with no encoding or socket between. The writer takes
+/// each batch by value and the proxy keeps its own until acknowledged (for a replay), so
+/// this is where a batch is copied (its payloads are `Bytes`: shared, not copied).
 impl IngestSink for RegistryService {
-    fn open(&self, batches: ReceiverStream<IngestRequest>) -> Opening {
-        let acks = self.serve_ingest(batches.map(Ok));
+    fn open(&self, batches: ReceiverStream<Batch>) -> Opening {
+        let acks = self.serve_ingest(batches.map(|b| Ok(Arc::unwrap_or_clone(b))));
         Box::pin(async move { Ok(Box::pin(acks) as Acks) })
     }
 }

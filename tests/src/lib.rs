@@ -2,6 +2,12 @@
 //! real processes on loopback with temporary data directories, waits for their ready lines,
 //! and kills them when dropped.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed expectation fails the test"
+)]
+
 pub mod bench_server;
 pub mod browser;
 pub mod dns_server;

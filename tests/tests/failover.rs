@@ -13,7 +13,9 @@ use proto::{
     common::{CloseKind, ClosedBy, ConnStatus, Direction, Packet},
     intercept::{
         ForwardRequest, GetStatusRequest, HoldRequest, InterceptConfig, ListHeldRequest,
-        SetConfigRequest, intercept_client::InterceptClient, verdict::Action,
+        SetConfigRequest,
+        intercept_client::InterceptClient,
+        verdict::{Action, Reason},
     },
     registry::registry_client::RegistryClient,
 };
@@ -471,8 +473,8 @@ async fn export_and_intercept_services_read_the_next_registry_when_the_first_is_
     );
     let v = tokio::time::timeout(tests::WAIT, pending).await???;
     assert_eq!(
-        (v.action(), v.reason.as_str()),
-        (Action::Drop, "connection_closed")
+        (v.action(), v.why()),
+        (Action::Drop, Reason::ConnectionClosed)
     );
     Ok(())
 }

@@ -43,8 +43,9 @@ async fn stored_seqs(reg: &Registry) -> anyhow::Result<Vec<u64>> {
 /// first and each evicted packet counted once; returns the first seq kept.
 async fn check_kept(reg: &Registry, acked: u64) -> anyhow::Result<u64> {
     let seqs = stored_seqs(reg).await?;
-    let first = *seqs.first().expect("some history is kept");
-    let last = *seqs.last().expect("some history is kept");
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        anyhow::bail!("no history is kept");
+    };
     assert!(
         last >= acked,
         "acknowledged packet {acked} is kept (last {last})"
@@ -364,7 +365,8 @@ async fn a_follower_behind_the_eviction_is_told_of_the_gap() -> anyhow::Result<(
 async fn stop_at_the_budget_keeps_the_oldest_and_counts_what_it_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let args = ["--history-max-bytes", "16KB", "--history-full", "stop"];
+    // 17,000 bytes of disk: four packets of 4000 with their frames' headers, not a fifth.
+    let args = ["--history-max-bytes", "17KB", "--history-full", "stop"];
     let reg = Registry::start_with(&data, "127.0.0.1:0", &args).await?;
     let mut client = reg.client().await?;
     let mut ingest = Ingest::open(&mut client, "n").await?;
@@ -376,7 +378,7 @@ async fn stop_at_the_budget_keeps_the_oldest_and_counts_what_it_refused() -> any
             .send_durable(vec![events::packet(1, seq, Direction::C2s, &payload(seq))])
             .await?;
     }
-    // 16,000 bytes hold four packets of 4000; the fifth and sixth are refused.
+    // The fifth and sixth are refused.
     assert_eq!(stored_seqs(&reg).await?, [1, 2, 3, 4]);
     let s = connection_stats(&reg.url).await?;
     assert_eq!(
@@ -400,7 +402,9 @@ async fn stop_at_the_budget_keeps_the_oldest_and_counts_what_it_refused() -> any
     // The record itself is kept and complete; a purge makes room and recording resumes.
     let out = interpose(&reg.url, &["history", "purge", "--conn", "1"]).await?;
     assert!(
-        out.stdout.contains("16000 bytes of history files deleted"),
+        // The four packets' 16,000 bytes, in four frames of 72 bytes of headers each.
+        out.stdout
+            .contains("purged 4 packet(s), 16000 bytes; 16288 bytes of history files deleted"),
         "{}",
         out.stdout
     );

@@ -13,10 +13,14 @@ use proto::{
     common::{CloseKind, ClosedBy, Direction, Packet},
     intercept::{
         ForwardRequest, GetStatusRequest, HoldRequest, InterceptConfig, SetConfigRequest, Verdict,
-        WatchHeldRequest, held_event::Kind, intercept_client::InterceptClient, verdict::Action,
+        WatchHeldRequest,
+        held_event::Kind,
+        intercept_client::InterceptClient,
+        verdict::{Action, Reason},
     },
 };
-use proxy_core::hold::{Check, ConnMeta, Decision, FaultPolicy, Holder};
+use proxy_core::hold::{ConnMeta, FaultPolicy, Holder};
+use proxy_core::relay::{Check, Fate};
 use proxy_core::socks5::Addr;
 use serde_json::Value;
 use tests::{
@@ -324,9 +328,10 @@ async fn beyond_max_held_packets_are_forwarded_and_counted() -> anyhow::Result<(
     let b = hold(&c, 1, 2, b"b");
     held_list(&s, 2).await?;
     let v = verdict(hold(&c, 1, 3, b"c")).await?;
+    // The reason as a value, and as the old text for clients older than `why`.
     assert_eq!(
-        (v.action(), v.reason.as_str()),
-        (Action::Forward, "queue_full")
+        (v.action(), v.why(), v.reason.as_str()),
+        (Action::Forward, Reason::QueueFull, "queue_full")
     );
     let status = interpose_json(&s, &["intercept", "status", "--json"]).await?;
     assert_eq!(
@@ -440,7 +445,10 @@ async fn a_packet_whose_connection_the_server_closed_cannot_be_forwarded() -> an
     assert!(held_list(s, 0).await?.is_empty());
     let v = verdict(pending).await?;
     assert_eq!(v.action(), Action::Drop);
-    assert_eq!(v.reason, "connection_closed");
+    assert_eq!(
+        (v.why(), v.reason.as_str()),
+        (Reason::ConnectionClosed, "connection_closed")
+    );
     Ok(())
 }
 
@@ -572,20 +580,41 @@ async fn holder_makes_no_hold_call_when_nothing_matches_and_holds_what_does() ->
         Check::Hold { rewritten: None }
     );
     let h = &holder;
+    // When the relay read the packet (long before this hold).
+    let read_at = prost_types::Timestamp {
+        seconds: 1_700_000_000,
+        nanos: 123,
+    };
     let decision = tokio::time::timeout(
         WAIT,
-        h.hold(&META, 1, Direction::C2s, bytes::Bytes::from_static(b"x")),
+        h.hold(
+            &META,
+            1,
+            Direction::C2s,
+            read_at,
+            bytes::Bytes::from_static(b"x"),
+        ),
     );
     let user = async {
         let id = id_of(&held_list(s, 1).await?[0]);
-        interpose_ok(s, &["held", "forward", &id, "--replace-hex", "7900"]).await
+        let held = client(s)
+            .await?
+            .get_held(proto::intercept::GetHeldRequest {
+                held_id: id.parse()?,
+            })
+            .await?
+            .into_inner();
+        interpose_ok(s, &["held", "forward", &id, "--replace-hex", "7900"]).await?;
+        anyhow::Ok(held.packet.and_then(|p| p.ts))
     };
-    let (decision, user) = tokio::join!(decision, user);
-    user?;
+    let (decision, held_ts) = tokio::join!(decision, user);
+    let held_ts = held_ts?;
     assert_eq!(
         decision.context("no decision")?,
-        Decision::ForwardReplaced(bytes::Bytes::from_static(b"y\0"))
+        Fate::Replace(bytes::Bytes::from_static(b"y\0"))
     );
+    // The service holds the packet with the time the proxy read it.
+    assert_eq!(held_ts, Some(read_at));
     assert_eq!(holder.stats().hold_calls, 1);
     // Replace rules apply in the proxy, without a call.
     interpose_ok(s, &["intercept", "off"]).await?;
@@ -659,7 +688,13 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
     let h = &holder;
     let pending = tokio::time::timeout(
         WAIT,
-        h.hold(&META, 1, Direction::C2s, bytes::Bytes::from_static(b"held")),
+        h.hold(
+            &META,
+            1,
+            Direction::C2s,
+            proto::time::now(),
+            bytes::Bytes::from_static(b"held"),
+        ),
     );
     let kill = async {
         held_list(&url, 1).await?;
@@ -670,11 +705,9 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
     // timeout, which is far away: the setting has none).
     let (decision, killed) = tokio::join!(pending, kill);
     killed?;
-    assert_eq!(
-        decision.context("no decision")?,
-        Decision::NotHeld(bytes::Bytes::from_static(b"held"))
-    );
-    assert_eq!(holder.stats().not_held, 1);
+    // Not held: forwarded as held (the policy), and counted as such.
+    assert_eq!(decision.context("no decision")?, Fate::Forward);
+    assert_eq!((holder.stats().not_held, holder.stats().decided), (1, 0));
     // Unreachable: nothing is held, and a hold that races the config follows the policy in
     // the connect timeout.
     eventually("holding stops", || async {
@@ -684,12 +717,19 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
     assert_eq!(
         tokio::time::timeout(
             WAIT,
-            holder.hold(&META, 2, Direction::C2s, bytes::Bytes::from_static(b"z"))
+            holder.hold(
+                &META,
+                2,
+                Direction::C2s,
+                proto::time::now(),
+                bytes::Bytes::from_static(b"z")
+            )
         )
         .await
         .context("no decision")?,
-        Decision::NotHeld(bytes::Bytes::from_static(b"z"))
+        Fate::Forward
     );
+    assert_eq!((holder.stats().not_held, holder.stats().decided), (2, 0));
     // A restarted service (intercept off until told otherwise) is picked up again.
     let (_svc2, _) = intercept_svc(dir.path(), &addr.to_string(), &reg.url, &[]).await?;
     let before = holder.stats().configs;
@@ -707,6 +747,7 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
             &META,
             3,
             Direction::C2s,
+            proto::time::now(),
             bytes::Bytes::from_static(b"again"),
         ),
     );
@@ -716,10 +757,8 @@ async fn holder_follows_the_policy_when_intercept_svc_is_killed_and_holds_again_
     };
     let (decision, user) = tokio::join!(pending, user);
     user?;
-    assert_eq!(
-        decision.context("no decision")?,
-        Decision::Forward(bytes::Bytes::from_static(b"again"))
-    );
+    assert_eq!(decision.context("no decision")?, Fate::Forward);
+    assert_eq!((holder.stats().not_held, holder.stats().decided), (2, 1));
     assert_eq!(holder.stats().hold_calls, calls + 1);
     let status = client(&url)
         .await?

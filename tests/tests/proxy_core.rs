@@ -203,10 +203,24 @@ async fn failed_connects_get_real_replies_and_proxy_records() -> R {
     s.write_all(&[5, 1, 0, 0x07, 1, 2, 3, 4, 0, 80]).await?;
     assert_eq!(read_n(&mut s, 2).await?, [5, 0x08]);
 
-    // Garbage instead of SOCKS: the proxy closes, and keeps serving.
+    // Garbage instead of SOCKS (a TLS ClientHello's start): the proxy closes.
+    let mut s = TcpStream::connect(proxy.socks).await?;
+    s.write_all(b"\x16\x03\x01\x00\x05hello").await?;
+    assert!(read_to_end(&mut s).await?.is_empty());
+    // HTTP instead of SOCKS: one line of HTTP that says where HTTP proxy clients go (this
+    // proxy has no --http port, so how to start one), then the proxy closes.
     let mut s = TcpStream::connect(proxy.socks).await?;
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
-    assert!(read_to_end(&mut s).await?.is_empty());
+    let answer = String::from_utf8(read_to_end(&mut s).await?)?;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(
+        answer.ends_with(
+            "this is Interpose's SOCKS5 port; for HTTP proxy clients start it with --http \
+             127.0.0.1:8080 and use that port\n"
+        ),
+        "{answer}"
+    );
+    // And it keeps serving.
     let server = Server::bind().await?;
     socks_connected(proxy.socks, server.addr).await?;
     Ok(())

@@ -1,6 +1,11 @@
 //! registry-svc end to end: a real server process on loopback, driven through gRPC the way
 //! proxies and users drive it.
 
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation fails the test"
+)]
+
 use std::collections::{HashMap, HashSet};
 
 use proto::{

@@ -2,6 +2,11 @@
 //! unique across them, a watcher on one sees the changes made through another once each,
 //! with no gap, and a clear on one is seen on all.
 
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation fails the test"
+)]
+
 use std::collections::{HashMap, HashSet};
 
 use proto::{

@@ -18,7 +18,9 @@ use proto::{
     common::{ClosedBy, ConnStatus, Direction, Packet},
     intercept::{
         AddRuleRequest, GetStatusRequest, HoldRequest, InterceptStatus, ListHeldRequest,
-        ReplaceRule, Verdict, intercept_client::InterceptClient,
+        ReplaceRule, Verdict,
+        intercept_client::InterceptClient,
+        verdict::{Action, Reason},
     },
 };
 use tests::{Registry, Up, interpose_json, interpose_ok, proxy::ProxyProc};
@@ -258,7 +260,7 @@ async fn the_held_queue_is_bounded_by_bytes_and_lists_in_pages() -> anyhow::Resu
     assert_eq!((st.max_held_bytes, st.overflow_forwarded), (48 << 20, 88));
     // One byte above the per-packet limit: forwarded without holding.
     let v = hold(&c, 1, 101, bytes::Bytes::from(vec![b'q'; (4 << 20) + 1])).await??;
-    assert_eq!(v.reason, "too_large");
+    assert_eq!((v.action(), v.why()), (Action::Forward, Reason::TooLarge));
     assert_eq!(status(&c).await?.too_large_forwarded, 1);
     // Stated bound: 256 MiB (48 MiB held; before the budget, all 400 MiB were).
     let rss_now = rss(up.proc.pid())?;
@@ -296,7 +298,7 @@ async fn the_held_queue_is_bounded_by_bytes_and_lists_in_pages() -> anyhow::Resu
     for p in pending {
         let v = tokio::time::timeout(tests::WAIT, p).await???;
         assert!(
-            ["intercept_off", "queue_full"].contains(&v.reason.as_str()),
+            [Reason::InterceptOff, Reason::QueueFull].contains(&v.why()),
             "{v:?}"
         );
     }

@@ -12,6 +12,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
+use proto::retry::Backoff;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tonic::body::Body;
 use tower_service::Service;
@@ -22,6 +23,12 @@ use crate::{
     host::HostCheck,
     limits,
 };
+
+/// How long the accept loop waits after an accept that failed (a fixed wait).
+const ACCEPT_RETRY: Backoff = Backoff::new(
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_millis(100),
+);
 
 /// The `Content-Security-Policy` of every answer: the page's own origin only, no inline
 /// script or style, no frames, no forms, no plugins.
@@ -287,6 +294,7 @@ impl WebServer {
         let connections = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
         let graceful = GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut retry = ACCEPT_RETRY.start(1);
         loop {
             let permit = tokio::select! {
                 () = &mut shutdown => break,
@@ -302,7 +310,7 @@ impl WebServer {
                     Err(e) => {
                         // Out of file descriptors and the like: wait, then go on.
                         tracing::warn!("web view: accepting a connection: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        tokio::time::sleep(retry.failed().unwrap_or(ACCEPT_RETRY.min)).await;
                         continue;
                     }
                 },

@@ -6,7 +6,9 @@
 //! packet the relay calls the synchronous [`Holder::wants`], which costs one atomic load when
 //! intercept is off and no rule exists, and no allocation and no gRPC call when nothing
 //! matches. Only for [`Check::Hold`] does the relay call [`Holder::hold`], one `Hold` call
-//! that returns the verdict.
+//! whose `intercept.Verdict` becomes the relay's [`Fate`] for the packet (the relay's words,
+//! [`Check`], [`Waiting`] and [`Fate`], live beside its [`crate::relay::Hold`]; this module
+//! implements that trait and translates to them).
 //!
 //! Where holds go is a [`HoldSink`]: intercept-svc over gRPC ([`Holder::start`]), or the
 //! queue in the same process ([`Holder::start_local`], `interpose up`), where a hold crosses
@@ -36,60 +38,42 @@ use std::{
 };
 
 use bytes::Bytes;
+use prost_types::Timestamp;
 use proto::{
     client::{ClientError, TokenInjector},
     common::{Direction, Packet},
     hold::HoldSink,
-    intercept::{HoldRequest, intercept_client::InterceptClient, verdict::Action},
+    intercept::{
+        HoldRequest,
+        intercept_client::InterceptClient,
+        verdict::{Action, Reason},
+    },
+    names::Named,
+    retry::{Backoff, Retry},
 };
 use tonic::{Code, Status, service::interceptor::InterceptedService};
 
-use crate::report::InterceptCounts;
+use crate::{
+    relay::{Check, Fate, FateFuture, Hold, Waiting},
+    report::InterceptCounts,
+};
 pub use filter::{Compiled, ConnMeta, Rewrite};
 
 /// How long connecting to intercept-svc may take before a `Hold` follows the fault policy.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How the config watch is reopened after it fails or ends.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
 /// Largest verdict accepted (a replacement at intercept-svc's limit, with framing).
 const MAX_MESSAGE: usize = 8 << 20;
 
 /// What happens to a packet whose `Hold` call fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum FaultPolicy {
-    /// Relay it as it is ([`Decision::NotHeld`]).
+    /// Relay it as it was held ([`Fate::Forward`]).
     #[default]
     Forward,
-    /// Never relay it ([`Decision::Drop`]).
+    /// Never relay it ([`Fate::Drop`]).
     Drop,
-}
-
-/// What the relay does with a packet it has just read (see [`Holder::wants`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Check {
-    /// Relay the bytes as read: nothing to rewrite or hold.
-    Pass,
-    /// Replace rules rewrote the packet: relay these bytes instead (a modified packet).
-    Rewritten(Bytes),
-    /// Hold the packet: pass `rewritten` (when rules changed it) or the bytes as read to
-    /// [`Holder::hold`].
-    Hold { rewritten: Option<Bytes> },
-}
-
-/// The verdict on a held packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Relay the bytes given to [`Holder::hold`] (a user forwarded them as they were, the hold
-    /// timed out, or intercept was turned off).
-    Forward(Bytes),
-    /// Relay these bytes instead: a user edited the packet.
-    ForwardReplaced(Bytes),
-    /// Relay nothing: a user dropped the packet, or it could not be held and the fault
-    /// policy is [`FaultPolicy::Drop`].
-    Drop,
-    /// The packet could not be held (intercept-svc unreachable or gone, or its queue full):
-    /// relay the bytes given to [`Holder::hold`] as they are.
-    NotHeld(Bytes),
 }
 
 /// Counters since the holder started.
@@ -253,15 +237,17 @@ impl Holder {
         }
     }
 
-    /// Holds packet `seq` of `conn` (bytes `data`, read in `dir`) until intercept-svc
-    /// decides; a failed call follows the fault policy (see the module documentation).
+    /// Holds packet `seq` of `conn` (bytes `data`, read in `dir` at `ts`) until
+    /// intercept-svc decides; a packet that could not be held follows the fault policy (see
+    /// the module documentation; counted in [`HoldStats::not_held`]).
     pub async fn hold(
         &self,
         conn: &ConnMeta<'_>,
         seq: u64,
         dir: Direction,
+        ts: Timestamp,
         data: Bytes,
-    ) -> Decision {
+    ) -> Fate {
         let i = &self.inner;
         i.hold_calls.fetch_add(1, Ordering::Relaxed);
         let req = HoldRequest {
@@ -270,8 +256,8 @@ impl Holder {
                 conn_id: conn.id,
                 seq,
                 direction: dir as i32,
-                ts: Some(proto::time::now()),
-                data: data.clone(),
+                ts: Some(ts),
+                data,
                 ..Default::default()
             }),
             dst_host: conn.dst_host.to_string(),
@@ -283,32 +269,38 @@ impl Holder {
                 i.counts.hold_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(conn = conn.id, seq, code = ?s.code(), policy = ?i.policy,
                     "packet not held: {}: {}", cause(&s), s.message());
-                return self.not_held(data);
+                return self.not_held();
             }
         };
-        match verdict.action() {
-            Action::Forward if verdict.reason == "queue_full" || verdict.reason == "too_large" => {
+        match (verdict.action(), verdict.cause()) {
+            (Action::Forward, why @ (Reason::QueueFull | Reason::TooLarge)) => {
                 let n = i.counts.refused.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    tracing::warn!(conn = conn.id, seq, reason = %verdict.reason, refused = n,
-                        "packet not held: intercept-svc forwarded it without holding ({}); \
-                         {n} such packets so far", verdict.reason);
+                    let why = why.name().unwrap_or_default();
+                    tracing::warn!(
+                        conn = conn.id,
+                        seq,
+                        reason = why,
+                        refused = n,
+                        "packet not held: intercept-svc forwarded it without holding ({why}); \
+                         {n} such packets so far"
+                    );
                 }
-                self.not_held(data)
+                self.not_held()
             }
-            Action::Forward => {
+            (Action::Forward, _) => {
                 i.decided.fetch_add(1, Ordering::Relaxed);
                 if verdict.replaced {
-                    Decision::ForwardReplaced(verdict.data)
+                    Fate::Replace(verdict.data)
                 } else {
-                    Decision::Forward(data)
+                    Fate::Forward
                 }
             }
-            Action::Drop => {
+            (Action::Drop, _) => {
                 i.decided.fetch_add(1, Ordering::Relaxed);
-                Decision::Drop
+                Fate::Drop
             }
-            Action::Unspecified => {
+            (Action::Unspecified, _) => {
                 i.counts.hold_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     conn = conn.id,
@@ -316,16 +308,16 @@ impl Holder {
                     "packet not held: intercept-svc answered \
                     without an action"
                 );
-                self.not_held(data)
+                self.not_held()
             }
         }
     }
 
     /// Follows the fault policy for a packet that was not held (already counted).
-    fn not_held(&self, data: Bytes) -> Decision {
+    fn not_held(&self) -> Fate {
         match self.inner.policy {
-            FaultPolicy::Forward => Decision::NotHeld(data),
-            FaultPolicy::Drop => Decision::Drop,
+            FaultPolicy::Forward => Fate::Forward,
+            FaultPolicy::Drop => Fate::Drop,
         }
     }
 }
@@ -366,21 +358,23 @@ fn cause(s: &Status) -> &'static str {
 
 /// Follows `WatchConfig` for as long as the holder lives.
 async fn follow_config(inner: Arc<Inner>) {
-    let mut backoff = MIN_BACKOFF;
+    let mut retry = RETRY.start(1);
     loop {
-        if let Err(s) = follow_once(&inner, &mut backoff).await {
+        if let Err(s) = follow_once(&inner, &mut retry).await {
             tracing::debug!(code = ?s.code(), "intercept-svc config watch: {}", s.message());
         }
         inner.following.store(false, Ordering::Relaxed);
         inner.stop_holding();
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        // One intercept service: every end of the watch is a round of failures.
+        if let Some(wait) = retry.failed() {
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
-async fn follow_once(inner: &Inner, backoff: &mut Duration) -> Result<(), tonic::Status> {
+async fn follow_once(inner: &Inner, retry: &mut Retry) -> Result<(), tonic::Status> {
     let mut stream = inner.sink.watch_config().await?;
-    *backoff = MIN_BACKOFF;
+    retry.succeeded();
     inner.following.store(true, Ordering::Relaxed);
     while let Some(config) = tokio_stream::StreamExt::next(&mut stream)
         .await
@@ -393,7 +387,7 @@ async fn follow_once(inner: &Inner, backoff: &mut Duration) -> Result<(), tonic:
 }
 
 /// The hold point's view of one connection: the [`Holder`] with the connection's target, as
-/// the relay's [`crate::relay::Hold`].
+/// the relay's [`Hold`].
 pub struct ConnHold {
     holder: Arc<Holder>,
     dst_host: Arc<str>,
@@ -419,12 +413,12 @@ impl ConnHold {
     }
 }
 
-impl crate::relay::Hold for ConnHold {
+impl Hold for ConnHold {
     fn check(&self, conn_id: u64, dir: Direction, data: &Bytes) -> Check {
         self.holder.wants(&self.meta(conn_id), dir, data)
     }
 
-    fn hold(&self, packet: crate::relay::HeldPacket) -> crate::relay::VerdictFuture {
+    fn hold(&self, packet: Waiting) -> FateFuture {
         let holder = self.holder.clone();
         let dst_host = self.dst_host.clone();
         let dst_port = self.dst_port;
@@ -434,16 +428,9 @@ impl crate::relay::Hold for ConnHold {
                 dst_host: &dst_host,
                 dst_port,
             };
-            match holder
-                .hold(&meta, packet.seq, packet.dir, packet.data)
+            holder
+                .hold(&meta, packet.seq, packet.dir, packet.ts, packet.data)
                 .await
-            {
-                // Forwarded as held, or not held at all (counted in the holder's stats and
-                // logged): either way the held bytes go on.
-                Decision::Forward(_) | Decision::NotHeld(_) => crate::relay::Verdict::Forward,
-                Decision::ForwardReplaced(b) => crate::relay::Verdict::Replace(b),
-                Decision::Drop => crate::relay::Verdict::Drop,
-            }
         })
     }
 }

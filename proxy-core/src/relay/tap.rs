@@ -2,9 +2,15 @@
 //! that passes it on, the same for every direction and for plain and TLS legs alike.
 //!
 //! [`Tap::packet`] numbers and counts the packet (sequence number and timestamp taken at the
-//! read) and asks the installed [`Hold`], if any, for a [`Verdict`]; the pump then writes
-//! what the resulting [`Passage`] says and hands it to [`Tap::passed`], which queues the
-//! history copy (after the write, so waking the reporter never delays the data).
+//! read) and asks the installed [`Hold`], if any, what to do with it ([`Check`]); a packet
+//! the hold keeps waits for its [`Fate`]. The pump then writes what the resulting [`Passage`]
+//! says and hands it to [`Tap::passed`], which queues the history copy (after the write, so
+//! waking the reporter never delays the data).
+//!
+//! These are the hold point's only words: [`Check`] (before), [`Waiting`] (a kept packet) and
+//! [`Fate`] (after), from the intercept client's decision to the write. The wire's
+//! `intercept.Verdict` and `intercept.HeldPacket` are the intercept service's; the client
+//! (`crate::hold`) translates them to these.
 //!
 //! With no hold installed (intercept off) [`Tap::packet`] is one branch and never waits; only
 //! a held packet comes with a (boxed) future to await.
@@ -23,7 +29,7 @@ use prost_types::Timestamp;
 use proto::common::Direction;
 use tokio::sync::Notify;
 
-use crate::{conn::ConnState, hold::Check, report::Reporter};
+use crate::{conn::ConnState, report::Reporter};
 
 /// History packets up to this size are copied out of the read block, so that a small packet
 /// waiting in the report queue does not pin a whole block.
@@ -38,10 +44,26 @@ pub fn record_copy(data: &Bytes) -> Bytes {
     }
 }
 
-/// What to do with a held packet.
+/// What the relay does with a packet it has just read ([`Hold::check`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Write the packet as it was received.
+pub enum Check {
+    /// Relay the bytes as read: nothing to rewrite or hold.
+    Pass,
+    /// Replace rules rewrote the packet: relay these bytes instead (a modified packet).
+    Rewritten(Bytes),
+    /// Hold the packet: [`Hold::hold`] gets `rewritten` (when rules changed it) or the bytes
+    /// as read.
+    Hold {
+        /// The bytes replace rules made, if they changed the packet.
+        rewritten: Option<Bytes>,
+    },
+}
+
+/// What becomes of a packet at the hold point: the verdict on a held packet (a user's, a
+/// timeout's, or the fault policy's when it could not be held), and what the pump writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Write the packet as it was held (as received, or as replace rules made it).
     Forward,
     /// Write these bytes instead (any length, empty included).
     Replace(Bytes),
@@ -49,32 +71,34 @@ pub enum Verdict {
     Drop,
 }
 
-/// A packet waiting at the hold point.
+/// A packet the hold keeps until its [`Fate`] is known.
 #[derive(Debug, Clone)]
-pub struct HeldPacket {
+pub struct Waiting {
     /// The connection.
     pub conn_id: u64,
     /// The packet's sequence number in its connection.
     pub seq: u64,
     /// Which way it was going.
     pub dir: Direction,
-    /// The bytes as received.
+    /// When it was read.
+    pub ts: Timestamp,
+    /// The bytes as held (as received, or as replace rules made them).
     pub data: Bytes,
 }
 
 /// The future a [`Hold`] returns for one held packet.
-pub type VerdictFuture = Pin<Box<dyn Future<Output = Verdict> + Send + 'static>>;
+pub type FateFuture = Pin<Box<dyn Future<Output = Fate> + Send + 'static>>;
 
-/// Rewrites and holds packets: the packet-intercept client ([`crate::hold::ConnHold`])
-/// implements this. The pump of the packet's direction waits for the verdict; the other
-/// direction keeps flowing. If the connection ends meanwhile the future is dropped.
+/// Rewrites and holds packets: the packet-intercept client (`hold::ConnHold`) implements
+/// this. The pump of the packet's direction waits for the fate; the other direction keeps
+/// flowing. If the connection ends meanwhile the future is dropped.
 pub trait Hold: Send + Sync {
     /// What to do with this packet: pass it, pass rewritten bytes (replace rules), or hold
     /// it. Called for every packet while the hold is installed, so it must be cheap and must
     /// not block.
     fn check(&self, conn_id: u64, dir: Direction, data: &Bytes) -> Check;
-    /// Waits for the verdict on `packet`; [`Verdict::Forward`] writes `packet.data`.
-    fn hold(&self, packet: HeldPacket) -> VerdictFuture;
+    /// Waits for the fate of `packet`; [`Fate::Forward`] writes `packet.data`.
+    fn hold(&self, packet: Waiting) -> FateFuture;
 }
 
 /// One packet through the hold point: what was received and what is to be written.
@@ -88,25 +112,25 @@ pub struct Passage {
     pub dir: Direction,
     /// The bytes as received.
     pub received: Bytes,
-    /// The verdict ([`Verdict::Forward`] unless a hold decided otherwise).
-    pub verdict: Verdict,
+    /// What to write ([`Fate::Forward`] unless replace rules or a hold decided otherwise).
+    pub fate: Fate,
 }
 
 impl Passage {
-    /// Applies the hold's verdict: [`Verdict::Forward`] sends the packet as held (with the
-    /// bytes replace rules made, if any); another verdict replaces that.
-    pub fn decide(&mut self, verdict: Verdict) {
-        if verdict != Verdict::Forward {
-            self.verdict = verdict;
+    /// Applies the hold's decision: [`Fate::Forward`] sends the packet as held (with the
+    /// bytes replace rules made, if any); another fate replaces that.
+    pub fn decide(&mut self, fate: Fate) {
+        if fate != Fate::Forward {
+            self.fate = fate;
         }
     }
 
     /// The bytes to write on (empty when dropped).
     pub fn to_send(&self) -> &[u8] {
-        match &self.verdict {
-            Verdict::Forward => &self.received,
-            Verdict::Replace(b) => b,
-            Verdict::Drop => &[],
+        match &self.fate {
+            Fate::Forward => &self.received,
+            Fate::Replace(b) => b,
+            Fate::Drop => &[],
         }
     }
 }
@@ -182,24 +206,25 @@ impl<'a> Tap<'a> {
     /// wait for its verdict (see [`Passage::decide`]). Not an `async fn`: only a held packet
     /// has a future to await, so a pump's future (and every idle connection's memory)
     /// carries no hold state.
-    pub fn packet(&self, dir: Direction, received: Bytes) -> (Passage, Option<VerdictFuture>) {
+    pub fn packet(&self, dir: Direction, received: Bytes) -> (Passage, Option<FateFuture>) {
         let ts = proto::time::now();
         let seq = self.state.record(dir, received.len());
-        let (verdict, wait) = match &self.hold {
-            None => (Verdict::Forward, None),
+        let (fate, wait) = match &self.hold {
+            None => (Fate::Forward, None),
             Some(hold) => match hold.check(self.state.id, dir, &received) {
-                Check::Pass => (Verdict::Forward, None),
-                Check::Rewritten(b) => (Verdict::Replace(b), None),
+                Check::Pass => (Fate::Forward, None),
+                Check::Rewritten(b) => (Fate::Replace(b), None),
                 Check::Hold { rewritten } => {
                     // The hold sees the bytes rules made; forwarding them as held sends them.
-                    let held = HeldPacket {
+                    let held = Waiting {
                         conn_id: self.state.id,
                         seq,
                         dir,
+                        ts,
                         data: rewritten.clone().unwrap_or_else(|| received.clone()),
                     };
-                    let verdict = rewritten.map_or(Verdict::Forward, Verdict::Replace);
-                    (verdict, Some(hold.hold(held)))
+                    let fate = rewritten.map_or(Fate::Forward, Fate::Replace);
+                    (fate, Some(hold.hold(held)))
                 }
             },
         };
@@ -208,7 +233,7 @@ impl<'a> Tap<'a> {
             ts,
             dir,
             received,
-            verdict,
+            fate,
         };
         (passage, wait)
     }
@@ -220,15 +245,15 @@ impl<'a> Tap<'a> {
             return;
         }
         let (id, seq, dir, ts) = (self.state.id, p.seq, p.dir, p.ts);
-        match p.verdict {
-            Verdict::Forward => self
+        match p.fate {
+            Fate::Forward => self
                 .reporter
                 .packet(id, seq, dir, ts, record_copy(&p.received)),
-            Verdict::Replace(b) if b == p.received => {
+            Fate::Replace(b) if b == p.received => {
                 self.reporter
                     .packet(id, seq, dir, ts, record_copy(&p.received));
             }
-            Verdict::Replace(b) => self.reporter.modified_packet(
+            Fate::Replace(b) => self.reporter.modified_packet(
                 id,
                 seq,
                 dir,
@@ -237,7 +262,7 @@ impl<'a> Tap<'a> {
                 record_copy(&p.received),
                 false,
             ),
-            Verdict::Drop => self.reporter.modified_packet(
+            Fate::Drop => self.reporter.modified_packet(
                 id,
                 seq,
                 dir,
@@ -265,18 +290,15 @@ mod tests {
 
     #[test]
     fn a_passage_sends_what_its_verdict_says() {
-        let p = |verdict| Passage {
+        let p = |fate| Passage {
             seq: 1,
             ts: Timestamp::default(),
             dir: Direction::C2s,
             received: Bytes::from_static(b"abc"),
-            verdict,
+            fate,
         };
-        assert_eq!(p(Verdict::Forward).to_send(), b"abc");
-        assert_eq!(
-            p(Verdict::Replace(Bytes::from_static(b"xy"))).to_send(),
-            b"xy"
-        );
-        assert_eq!(p(Verdict::Drop).to_send(), b"");
+        assert_eq!(p(Fate::Forward).to_send(), b"abc");
+        assert_eq!(p(Fate::Replace(Bytes::from_static(b"xy"))).to_send(), b"xy");
+        assert_eq!(p(Fate::Drop).to_send(), b"");
     }
 }

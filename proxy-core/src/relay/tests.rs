@@ -7,7 +7,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::{tap::HeldPacket, tap::VerdictFuture, *};
+use super::*;
 use crate::{conn::ConnState, report::Reporter};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -67,26 +67,26 @@ pub(crate) fn reporter() -> Reporter {
 
 /// Replaces `edit` with `EDITED`, drops `drop`, forwards everything else; c2s only. Every
 /// verdict is also sent on the channel.
-struct Editor(tokio::sync::mpsc::UnboundedSender<Verdict>);
+struct Editor(tokio::sync::mpsc::UnboundedSender<Fate>);
 
 impl Hold for Editor {
-    fn check(&self, _: u64, dir: Direction, _: &Bytes) -> crate::hold::Check {
+    fn check(&self, _: u64, dir: Direction, _: &Bytes) -> Check {
         if dir == Direction::C2s {
-            crate::hold::Check::Hold { rewritten: None }
+            Check::Hold { rewritten: None }
         } else {
-            crate::hold::Check::Pass
+            Check::Pass
         }
     }
 
-    fn hold(&self, p: HeldPacket) -> VerdictFuture {
+    fn hold(&self, p: Waiting) -> FateFuture {
         let told = self.0.clone();
         Box::pin(async move {
             // A real hold waits for a user; this one yields once to prove the pump waits.
             tokio::task::yield_now().await;
             let v = match &p.data[..] {
-                b"edit" => Verdict::Replace(Bytes::from_static(b"EDITED")),
-                b"drop" => Verdict::Drop,
-                _ => Verdict::Forward,
+                b"edit" => Fate::Replace(Bytes::from_static(b"EDITED")),
+                b"drop" => Fate::Drop,
+                _ => Fate::Forward,
             };
             let _ = told.send(v.clone());
             v
@@ -108,11 +108,11 @@ async fn the_hold_point_forwards_replaces_and_drops_and_counts_what_was_received
         for (send, verdict, expect) in [
             (
                 &b"edit"[..],
-                Verdict::Replace(Bytes::from_static(b"EDITED")),
+                Fate::Replace(Bytes::from_static(b"EDITED")),
                 &b"EDITED"[..],
             ),
-            (b"drop", Verdict::Drop, b""),
-            (b"keep", Verdict::Forward, b"keep"),
+            (b"drop", Fate::Drop, b""),
+            (b"keep", Fate::Forward, b"keep"),
         ] {
             app.write_all(send).await.expect("write");
             // One packet at a time: the next write waits for this verdict.
@@ -180,31 +180,31 @@ async fn a_reset_is_passed_on_as_a_reset() {
 }
 
 /// Holds the first client packet until the test sends its verdict; passes the rest.
-struct Gate(std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<Verdict>>>);
+struct Gate(std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<Fate>>>);
 
 impl Gate {
-    fn new() -> (Arc<Self>, tokio::sync::oneshot::Sender<Verdict>) {
+    fn new() -> (Arc<Self>, tokio::sync::oneshot::Sender<Fate>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         (Arc::new(Self(std::sync::Mutex::new(Some(rx)))), tx)
     }
 }
 
 impl Hold for Gate {
-    fn check(&self, _: u64, dir: Direction, _: &Bytes) -> crate::hold::Check {
+    fn check(&self, _: u64, dir: Direction, _: &Bytes) -> Check {
         let first = self.0.lock().is_ok_and(|g| g.is_some());
         if dir == Direction::C2s && first {
-            crate::hold::Check::Hold { rewritten: None }
+            Check::Hold { rewritten: None }
         } else {
-            crate::hold::Check::Pass
+            Check::Pass
         }
     }
 
-    fn hold(&self, _: HeldPacket) -> VerdictFuture {
+    fn hold(&self, _: Waiting) -> FateFuture {
         let rx = self.0.lock().ok().and_then(|mut g| g.take());
         Box::pin(async move {
             match rx {
-                Some(rx) => rx.await.unwrap_or(Verdict::Drop),
-                None => Verdict::Drop,
+                Some(rx) => rx.await.unwrap_or(Fate::Drop),
+                None => Fate::Drop,
             }
         })
     }
@@ -228,7 +228,7 @@ async fn a_client_fin_while_its_packet_is_held_follows_the_packet() {
         tokio::time::timeout(WAIT, tap.wait_reading_ended(Direction::C2s))
             .await
             .expect("the relay read the client's FIN while the packet was held");
-        let _ = verdict.send(Verdict::Forward);
+        let _ = verdict.send(Fate::Forward);
         let mut got = Vec::new();
         server.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"request");
@@ -278,4 +278,61 @@ async fn when_both_sides_sent_fin_while_a_packet_is_held_the_connection_ends() {
         end,
         End::new(ClosedBy::Server, CloseKind::Fin, "server sent FIN")
     );
+}
+
+/// Holds every packet and keeps what it was given.
+#[derive(Default)]
+struct Keeper(std::sync::Mutex<Vec<Waiting>>);
+
+impl Hold for Keeper {
+    fn check(&self, _: u64, _: Direction, data: &Bytes) -> Check {
+        let rewritten = (&data[..] == b"rule").then(|| Bytes::from_static(b"RULE"));
+        Check::Hold { rewritten }
+    }
+
+    fn hold(&self, p: Waiting) -> FateFuture {
+        if let Ok(mut kept) = self.0.lock() {
+            kept.push(p);
+        }
+        Box::pin(std::future::ready(Fate::Forward))
+    }
+}
+
+#[tokio::test]
+async fn the_hold_gets_the_packet_as_read_with_its_sequence_and_read_time() {
+    let state = ConnState::new(7);
+    let reporter = reporter();
+    let keeper = Arc::new(Keeper::default());
+    let mut tap = Tap::new(&state, &reporter);
+    tap.hold = Some(keeper.clone());
+    let (first, wait) = tap.packet(Direction::C2s, Bytes::from_static(b"abc"));
+    assert!(wait.is_some(), "held");
+    let (second, _) = tap.packet(Direction::S2c, Bytes::from_static(b"rule"));
+    let kept = keeper.0.lock().expect("lock").clone();
+    let seen: Vec<_> = kept
+        .iter()
+        .map(|w| (w.conn_id, w.seq, w.dir, w.ts, w.data.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                7,
+                first.seq,
+                Direction::C2s,
+                first.ts,
+                Bytes::from_static(b"abc")
+            ),
+            // The hold sees the bytes the rules made; forwarding them as held sends those.
+            (
+                7,
+                second.seq,
+                Direction::S2c,
+                second.ts,
+                Bytes::from_static(b"RULE")
+            ),
+        ]
+    );
+    assert_ne!(first.seq, second.seq);
+    assert_eq!(second.fate, Fate::Replace(Bytes::from_static(b"RULE")));
 }

@@ -28,8 +28,8 @@ use anyhow::Context;
 use proto::{
     common::{ConnStatus, Direction},
     registry::{
-        ConnectionFilter, ListConnectionsRequest, WatchConnectionsRequest, event::Kind,
-        registry_client::RegistryClient, watch_event,
+        ConnectionFilter, ListConnectionsRequest, SearchHistoryRequest, WatchConnectionsRequest,
+        event::Kind, registry_client::RegistryClient, watch_event,
     },
 };
 use tests::{
@@ -267,6 +267,29 @@ async fn list_all(client: &mut Client, filter: &ConnectionFilter) -> anyhow::Res
     }
 }
 
+/// Seconds a `SearchHistory` for bytes stored nowhere takes to page through everything (so
+/// every packet's payload is searched), and the packets it found (none is expected).
+async fn search_everything(client: &mut Client) -> anyhow::Result<(f64, usize)> {
+    let start = Instant::now();
+    let mut n = 0;
+    let mut token = String::new();
+    loop {
+        let page = client
+            .search_history(SearchHistoryRequest {
+                contains: b"no such bytes \xfe\xff".to_vec(),
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        n += page.packets.len();
+        if page.next_page_token.is_empty() {
+            return Ok((start.elapsed().as_secs_f64(), n));
+        }
+        token = page.next_page_token;
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -453,6 +476,13 @@ async fn growth() -> anyhow::Result<()> {
     )
     .await?;
 
+    // Search by contents over the whole history (the grown store's 10 GiB and the small
+    // packets), as `interpose history --grep` does with no other condition.
+    let (search_secs, found) = search_everything(&mut client).await?;
+    anyhow::ensure!(found == 0, "the search found {found} packets");
+    let searched = (history_gib << 30) + 2 * SMALL_PACKETS * SMALL_PAYLOAD as u64;
+    let rss_search = rss_bytes(pid);
+
     let active = ConnectionFilter {
         status: ConnStatus::Active as i32,
         ..Default::default()
@@ -503,12 +533,19 @@ async fn growth() -> anyhow::Result<()> {
     );
     println!("  watch snapshot of all {all_n} records: {all_watch:.0} ms");
     println!(
+        "  search by contents over all the history ({:.2} GB of payload): {search_secs:.1} s, \
+         {:.2} GB/s",
+        searched as f64 / 1e9,
+        searched as f64 / 1e9 / search_secs
+    );
+    println!(
         "  registry RSS: start {}, after 1M small packets {}, after the records {}, after the \
-         history {}, at the end {}",
+         history {}, after the search {}, at the end {}",
         mib(rss_start),
         mib(rss_empty),
         mib(rss_records),
         mib(rss_history),
+        mib(rss_search),
         mib(rss_end)
     );
     println!(

@@ -128,6 +128,7 @@ fn tls(ca: Option<&Path>) -> Result<MakeRustlsConnect, StoreError> {
 
 impl Deref for Conn<'_> {
     type Target = Client;
+    #[expect(clippy::expect_used, reason = "taken only by drop")]
     fn deref(&self) -> &Client {
         self.client
             .as_ref()
@@ -136,6 +137,7 @@ impl Deref for Conn<'_> {
 }
 
 impl DerefMut for Conn<'_> {
+    #[expect(clippy::expect_used, reason = "taken only by drop")]
     fn deref_mut(&mut self) -> &mut Client {
         self.client
             .as_mut()

@@ -7,9 +7,9 @@
 //
 // Limits (intercept-svc): at most `max_held` packets (default 1,000) and `max_held_bytes` of
 // payload (default 256 MiB, `--max-held-bytes`) wait at once (see `InterceptStatus`); a `Hold`
-// beyond either is answered at once with `ACTION_FORWARD` and reason "queue_full" and counted
+// beyond either is answered at once with `ACTION_FORWARD` and `REASON_QUEUE_FULL` and counted
 // in `InterceptStatus.overflow_forwarded`. A `Hold` whose packet is larger than 4 MiB
-// (4,194,304 bytes) is answered at once with `ACTION_FORWARD` and reason "too_large" and
+// (4,194,304 bytes) is answered at once with `ACTION_FORWARD` and `REASON_TOO_LARGE` and
 // counted in `InterceptStatus.too_large_forwarded`. A replacement (`Forward` with `replace`)
 // may be at most 4 MiB. A packet whose proxy stopped waiting (its connection ended, or the
 // proxy went away) is *abandoned*: its bytes are let go at once, it no longer counts against
@@ -51,7 +51,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file interpose/intercept/v1/intercept.proto.
  */
 export const file_interpose_intercept_v1_intercept: GenFile = /*@__PURE__*/
-  fileDesc("CiZpbnRlcnBvc2UvaW50ZXJjZXB0L3YxL2ludGVyY2VwdC5wcm90bxIWaW50ZXJwb3NlLmludGVyY2VwdC52MSL1AQoPSW50ZXJjZXB0Q29uZmlnEg8KB2VuYWJsZWQYASABKAgSMQoJZGlyZWN0aW9uGAIgASgOMh4uaW50ZXJwb3NlLmNvbW1vbi52MS5EaXJlY3Rpb24SDQoFaG9zdHMYAyADKAkSDQoFcG9ydHMYBCADKA0SEAoIY29udGFpbnMYBSABKAwSGQoRaG9sZF90aW1lb3V0X3NlY3MYBiABKA0SDQoFbm9kZXMYByADKAkSEAoIY29ubl9pZHMYCCADKAQSMgoFcnVsZXMYCSADKAsyIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlIpABCgtSZXBsYWNlUnVsZRIKCgJpZBgBIAEoBBIxCglkaXJlY3Rpb24YAiABKA4yHi5pbnRlcnBvc2UuY29tbW9uLnYxLkRpcmVjdGlvbhIPCgdwYXR0ZXJuGAMgASgMEhMKC3JlcGxhY2VtZW50GAQgASgMEg0KBWhvc3RzGAUgAygJEg0KBXBvcnRzGAYgAygNIkMKDkFkZFJ1bGVSZXF1ZXN0EjEKBHJ1bGUYASABKAsyIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlIh8KEVJlbW92ZVJ1bGVSZXF1ZXN0EgoKAmlkGAEgASgEIhQKElJlbW92ZVJ1bGVSZXNwb25zZSISChBHZXRTdGF0dXNSZXF1ZXN0IsUCCg9JbnRlcmNlcHRTdGF0dXMSNwoGY29uZmlnGAEgASgLMicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWcSDAoEaGVsZBgCIAEoDRIQCghtYXhfaGVsZBgDIAEoDRIaChJvdmVyZmxvd19mb3J3YXJkZWQYBCABKAQSEQoJdGltZWRfb3V0GAUgASgEEhcKD3JlbGVhc2VkX2J5X29mZhgGIAEoBBIaChJyZWdpc3RyeV9jb25uZWN0ZWQYByABKAgSEgoKaGVsZF9ieXRlcxgIIAEoBBIWCg5tYXhfaGVsZF9ieXRlcxgJIAEoBBIbChN0b29fbGFyZ2VfZm9yd2FyZGVkGAogASgEEhEKCWFiYW5kb25lZBgLIAEoDRIZChFhYmFuZG9uZWRfZXhwaXJlZBgMIAEoBCISChBHZXRDb25maWdSZXF1ZXN0IksKEFNldENvbmZpZ1JlcXVlc3QSNwoGY29uZmlnGAEgASgLMicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWciFAoSV2F0Y2hDb25maWdSZXF1ZXN0ImwKC0hvbGRSZXF1ZXN0EgwKBG5vZGUYASABKAkSKwoGcGFja2V0GAIgASgLMhsuaW50ZXJwb3NlLmNvbW1vbi52MS5QYWNrZXQSEAoIZHN0X2hvc3QYAyABKAkSEAoIZHN0X3BvcnQYBCABKA0iuAEKB1ZlcmRpY3QSNgoGYWN0aW9uGAEgASgOMiYuaW50ZXJwb3NlLmludGVyY2VwdC52MS5WZXJkaWN0LkFjdGlvbhIQCghyZXBsYWNlZBgCIAEoCBIMCgRkYXRhGAMgASgMEg4KBnJlYXNvbhgEIAEoCSJFCgZBY3Rpb24SFgoSQUNUSU9OX1VOU1BFQ0lGSUVEEAASEgoOQUNUSU9OX0ZPUldBUkQQARIPCgtBQ1RJT05fRFJPUBACIpoCCgpIZWxkUGFja2V0Eg8KB2hlbGRfaWQYASABKAQSKwoGcGFja2V0GAIgASgLMhsuaW50ZXJwb3NlLmNvbW1vbi52MS5QYWNrZXQSDAoEbm9kZRgDIAEoCRIQCghkc3RfaG9zdBgEIAEoCRIQCghkc3RfcG9ydBgFIAEoDRI0Cgtjb25uX3N0YXR1cxgGIAEoDjIfLmludGVycG9zZS5jb21tb24udjEuQ29ublN0YXR1cxIwCgljbG9zZWRfYnkYByABKA4yHS5pbnRlcnBvc2UuY29tbW9uLnYxLkNsb3NlZEJ5EhQKDGNsb3NlX3JlYXNvbhgIIAEoCRILCgNsZW4YCSABKA0SEQoJYWJhbmRvbmVkGAogASgIIksKD0xpc3RIZWxkUmVxdWVzdBIRCglwYWdlX3NpemUYASABKA0SEgoKcGFnZV90b2tlbhgCIAEoCRIRCglvbWl0X2RhdGEYAyABKAgiXQoQTGlzdEhlbGRSZXNwb25zZRIwCgRoZWxkGAEgAygLMiIuaW50ZXJwb3NlLmludGVyY2VwdC52MS5IZWxkUGFja2V0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIhCg5HZXRIZWxkUmVxdWVzdBIPCgdoZWxkX2lkGAEgASgEIhIKEFdhdGNoSGVsZFJlcXVlc3Qi1gEKCUhlbGRFdmVudBI0CgRraW5kGAEgASgOMiYuaW50ZXJwb3NlLmludGVyY2VwdC52MS5IZWxkRXZlbnQuS2luZBIwCgRoZWxkGAIgASgLMiIuaW50ZXJwb3NlLmludGVyY2VwdC52MS5IZWxkUGFja2V0Eg8KB2hlbGRfaWQYAyABKAQiUAoES2luZBIUChBLSU5EX1VOU1BFQ0lGSUVEEAASDgoKS0lORF9BRERFRBABEhAKDEtJTkRfUkVNT1ZFRBACEhAKDEtJTkRfVVBEQVRFRBADIkAKDkZvcndhcmRSZXF1ZXN0Eg8KB2hlbGRfaWQYASABKAQSDwoHcmVwbGFjZRgCIAEoCBIMCgRkYXRhGAMgASgMIhEKD0ZvcndhcmRSZXNwb25zZSIeCgtEcm9wUmVxdWVzdBIPCgdoZWxkX2lkGAEgASgEIg4KDERyb3BSZXNwb25zZTLdCAoJSW50ZXJjZXB0El4KCUdldENvbmZpZxIoLmludGVycG9zZS5pbnRlcmNlcHQudjEuR2V0Q29uZmlnUmVxdWVzdBonLmludGVycG9zZS5pbnRlcmNlcHQudjEuSW50ZXJjZXB0Q29uZmlnEl4KCVNldENvbmZpZxIoLmludGVycG9zZS5pbnRlcmNlcHQudjEuU2V0Q29uZmlnUmVxdWVzdBonLmludGVycG9zZS5pbnRlcmNlcHQudjEuSW50ZXJjZXB0Q29uZmlnEmQKC1dhdGNoQ29uZmlnEiouaW50ZXJwb3NlLmludGVyY2VwdC52MS5XYXRjaENvbmZpZ1JlcXVlc3QaJy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkludGVyY2VwdENvbmZpZzABEkwKBEhvbGQSIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkhvbGRSZXF1ZXN0Gh8uaW50ZXJwb3NlLmludGVyY2VwdC52MS5WZXJkaWN0El0KCExpc3RIZWxkEicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5MaXN0SGVsZFJlcXVlc3QaKC5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkxpc3RIZWxkUmVzcG9uc2USVQoHR2V0SGVsZBImLmludGVycG9zZS5pbnRlcmNlcHQudjEuR2V0SGVsZFJlcXVlc3QaIi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkhlbGRQYWNrZXQSWgoJV2F0Y2hIZWxkEiguaW50ZXJwb3NlLmludGVyY2VwdC52MS5XYXRjaEhlbGRSZXF1ZXN0GiEuaW50ZXJwb3NlLmludGVyY2VwdC52MS5IZWxkRXZlbnQwARJaCgdGb3J3YXJkEiYuaW50ZXJwb3NlLmludGVyY2VwdC52MS5Gb3J3YXJkUmVxdWVzdBonLmludGVycG9zZS5pbnRlcmNlcHQudjEuRm9yd2FyZFJlc3BvbnNlElEKBERyb3ASIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkRyb3BSZXF1ZXN0GiQuaW50ZXJwb3NlLmludGVyY2VwdC52MS5Ecm9wUmVzcG9uc2USVgoHQWRkUnVsZRImLmludGVycG9zZS5pbnRlcmNlcHQudjEuQWRkUnVsZVJlcXVlc3QaIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlEmMKClJlbW92ZVJ1bGUSKS5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlbW92ZVJ1bGVSZXF1ZXN0GiouaW50ZXJwb3NlLmludGVyY2VwdC52MS5SZW1vdmVSdWxlUmVzcG9uc2USXgoJR2V0U3RhdHVzEiguaW50ZXJwb3NlLmludGVyY2VwdC52MS5HZXRTdGF0dXNSZXF1ZXN0GicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRTdGF0dXNiBnByb3RvMw", [file_interpose_common_v1_common]);
+  fileDesc("CiZpbnRlcnBvc2UvaW50ZXJjZXB0L3YxL2ludGVyY2VwdC5wcm90bxIWaW50ZXJwb3NlLmludGVyY2VwdC52MSL1AQoPSW50ZXJjZXB0Q29uZmlnEg8KB2VuYWJsZWQYASABKAgSMQoJZGlyZWN0aW9uGAIgASgOMh4uaW50ZXJwb3NlLmNvbW1vbi52MS5EaXJlY3Rpb24SDQoFaG9zdHMYAyADKAkSDQoFcG9ydHMYBCADKA0SEAoIY29udGFpbnMYBSABKAwSGQoRaG9sZF90aW1lb3V0X3NlY3MYBiABKA0SDQoFbm9kZXMYByADKAkSEAoIY29ubl9pZHMYCCADKAQSMgoFcnVsZXMYCSADKAsyIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlIpABCgtSZXBsYWNlUnVsZRIKCgJpZBgBIAEoBBIxCglkaXJlY3Rpb24YAiABKA4yHi5pbnRlcnBvc2UuY29tbW9uLnYxLkRpcmVjdGlvbhIPCgdwYXR0ZXJuGAMgASgMEhMKC3JlcGxhY2VtZW50GAQgASgMEg0KBWhvc3RzGAUgAygJEg0KBXBvcnRzGAYgAygNIkMKDkFkZFJ1bGVSZXF1ZXN0EjEKBHJ1bGUYASABKAsyIy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlcGxhY2VSdWxlIh8KEVJlbW92ZVJ1bGVSZXF1ZXN0EgoKAmlkGAEgASgEIhQKElJlbW92ZVJ1bGVSZXNwb25zZSISChBHZXRTdGF0dXNSZXF1ZXN0IsUCCg9JbnRlcmNlcHRTdGF0dXMSNwoGY29uZmlnGAEgASgLMicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWcSDAoEaGVsZBgCIAEoDRIQCghtYXhfaGVsZBgDIAEoDRIaChJvdmVyZmxvd19mb3J3YXJkZWQYBCABKAQSEQoJdGltZWRfb3V0GAUgASgEEhcKD3JlbGVhc2VkX2J5X29mZhgGIAEoBBIaChJyZWdpc3RyeV9jb25uZWN0ZWQYByABKAgSEgoKaGVsZF9ieXRlcxgIIAEoBBIWCg5tYXhfaGVsZF9ieXRlcxgJIAEoBBIbChN0b29fbGFyZ2VfZm9yd2FyZGVkGAogASgEEhEKCWFiYW5kb25lZBgLIAEoDRIZChFhYmFuZG9uZWRfZXhwaXJlZBgMIAEoBCISChBHZXRDb25maWdSZXF1ZXN0IksKEFNldENvbmZpZ1JlcXVlc3QSNwoGY29uZmlnGAEgASgLMicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWciFAoSV2F0Y2hDb25maWdSZXF1ZXN0ImwKC0hvbGRSZXF1ZXN0EgwKBG5vZGUYASABKAkSKwoGcGFja2V0GAIgASgLMhsuaW50ZXJwb3NlLmNvbW1vbi52MS5QYWNrZXQSEAoIZHN0X2hvc3QYAyABKAkSEAoIZHN0X3BvcnQYBCABKA0isAMKB1ZlcmRpY3QSNgoGYWN0aW9uGAEgASgOMiYuaW50ZXJwb3NlLmludGVyY2VwdC52MS5WZXJkaWN0LkFjdGlvbhIQCghyZXBsYWNlZBgCIAEoCBIMCgRkYXRhGAMgASgMEg4KBnJlYXNvbhgEIAEoCRIzCgN3aHkYBSABKA4yJi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlZlcmRpY3QuUmVhc29uIkUKBkFjdGlvbhIWChJBQ1RJT05fVU5TUEVDSUZJRUQQABISCg5BQ1RJT05fRk9SV0FSRBABEg8KC0FDVElPTl9EUk9QEAIiwAEKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIPCgtSRUFTT05fVVNFUhABEhIKDlJFQVNPTl9USU1FT1VUEAISGAoUUkVBU09OX0lOVEVSQ0VQVF9PRkYQAxIVChFSRUFTT05fUVVFVUVfRlVMTBAEEhQKEFJFQVNPTl9UT09fTEFSR0UQBRIcChhSRUFTT05fQ09OTkVDVElPTl9DTE9TRUQQBhIUChBSRUFTT05fQ0FOQ0VMTEVEEAcimgIKCkhlbGRQYWNrZXQSDwoHaGVsZF9pZBgBIAEoBBIrCgZwYWNrZXQYAiABKAsyGy5pbnRlcnBvc2UuY29tbW9uLnYxLlBhY2tldBIMCgRub2RlGAMgASgJEhAKCGRzdF9ob3N0GAQgASgJEhAKCGRzdF9wb3J0GAUgASgNEjQKC2Nvbm5fc3RhdHVzGAYgASgOMh8uaW50ZXJwb3NlLmNvbW1vbi52MS5Db25uU3RhdHVzEjAKCWNsb3NlZF9ieRgHIAEoDjIdLmludGVycG9zZS5jb21tb24udjEuQ2xvc2VkQnkSFAoMY2xvc2VfcmVhc29uGAggASgJEgsKA2xlbhgJIAEoDRIRCglhYmFuZG9uZWQYCiABKAgiSwoPTGlzdEhlbGRSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoDRISCgpwYWdlX3Rva2VuGAIgASgJEhEKCW9taXRfZGF0YRgDIAEoCCJdChBMaXN0SGVsZFJlc3BvbnNlEjAKBGhlbGQYASADKAsyIi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkhlbGRQYWNrZXQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiEKDkdldEhlbGRSZXF1ZXN0Eg8KB2hlbGRfaWQYASABKAQiEgoQV2F0Y2hIZWxkUmVxdWVzdCLWAQoJSGVsZEV2ZW50EjQKBGtpbmQYASABKA4yJi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkhlbGRFdmVudC5LaW5kEjAKBGhlbGQYAiABKAsyIi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkhlbGRQYWNrZXQSDwoHaGVsZF9pZBgDIAEoBCJQCgRLaW5kEhQKEEtJTkRfVU5TUEVDSUZJRUQQABIOCgpLSU5EX0FEREVEEAESEAoMS0lORF9SRU1PVkVEEAISEAoMS0lORF9VUERBVEVEEAMiQAoORm9yd2FyZFJlcXVlc3QSDwoHaGVsZF9pZBgBIAEoBBIPCgdyZXBsYWNlGAIgASgIEgwKBGRhdGEYAyABKAwiEQoPRm9yd2FyZFJlc3BvbnNlIh4KC0Ryb3BSZXF1ZXN0Eg8KB2hlbGRfaWQYASABKAQiDgoMRHJvcFJlc3BvbnNlMt0ICglJbnRlcmNlcHQSXgoJR2V0Q29uZmlnEiguaW50ZXJwb3NlLmludGVyY2VwdC52MS5HZXRDb25maWdSZXF1ZXN0GicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWcSXgoJU2V0Q29uZmlnEiguaW50ZXJwb3NlLmludGVyY2VwdC52MS5TZXRDb25maWdSZXF1ZXN0GicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5JbnRlcmNlcHRDb25maWcSZAoLV2F0Y2hDb25maWcSKi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLldhdGNoQ29uZmlnUmVxdWVzdBonLmludGVycG9zZS5pbnRlcmNlcHQudjEuSW50ZXJjZXB0Q29uZmlnMAESTAoESG9sZBIjLmludGVycG9zZS5pbnRlcmNlcHQudjEuSG9sZFJlcXVlc3QaHy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlZlcmRpY3QSXQoITGlzdEhlbGQSJy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkxpc3RIZWxkUmVxdWVzdBooLmludGVycG9zZS5pbnRlcmNlcHQudjEuTGlzdEhlbGRSZXNwb25zZRJVCgdHZXRIZWxkEiYuaW50ZXJwb3NlLmludGVyY2VwdC52MS5HZXRIZWxkUmVxdWVzdBoiLmludGVycG9zZS5pbnRlcmNlcHQudjEuSGVsZFBhY2tldBJaCglXYXRjaEhlbGQSKC5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLldhdGNoSGVsZFJlcXVlc3QaIS5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkhlbGRFdmVudDABEloKB0ZvcndhcmQSJi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkZvcndhcmRSZXF1ZXN0GicuaW50ZXJwb3NlLmludGVyY2VwdC52MS5Gb3J3YXJkUmVzcG9uc2USUQoERHJvcBIjLmludGVycG9zZS5pbnRlcmNlcHQudjEuRHJvcFJlcXVlc3QaJC5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkRyb3BSZXNwb25zZRJWCgdBZGRSdWxlEiYuaW50ZXJwb3NlLmludGVyY2VwdC52MS5BZGRSdWxlUmVxdWVzdBojLmludGVycG9zZS5pbnRlcmNlcHQudjEuUmVwbGFjZVJ1bGUSYwoKUmVtb3ZlUnVsZRIpLmludGVycG9zZS5pbnRlcmNlcHQudjEuUmVtb3ZlUnVsZVJlcXVlc3QaKi5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLlJlbW92ZVJ1bGVSZXNwb25zZRJeCglHZXRTdGF0dXMSKC5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkdldFN0YXR1c1JlcXVlc3QaJy5pbnRlcnBvc2UuaW50ZXJjZXB0LnYxLkludGVyY2VwdFN0YXR1c2IGcHJvdG8z", [file_interpose_common_v1_common]);
 
 /**
  * What to hold.
@@ -457,15 +457,18 @@ export type Verdict = Message<"interpose.intercept.v1.Verdict"> & {
   data: Uint8Array;
 
   /**
-   * Why: "user" (a Forward or Drop call), "timeout" (`hold_timeout_secs` passed),
-   * "intercept_off" (intercept was off or was turned off), "queue_full" (`max_held` packets
-   * or `max_held_bytes` were already waiting: forwarded without holding), "too_large" (the
-   * packet is above the per-packet limit: forwarded without holding), "connection_closed" (a user acted on a
-   * packet whose connection had closed: the proxy should not relay it).
+   * Why, in words: the name of `why` in lower case without its prefix ("user", "timeout",
+   * "intercept_off", "queue_full", "too_large", "connection_closed", "cancelled"). Kept for
+   * clients older than `why`; read `why`.
    *
    * @generated from field: string reason = 4;
    */
   reason: string;
+
+  /**
+   * @generated from field: interpose.intercept.v1.Verdict.Reason why = 5;
+   */
+  why: Verdict_Reason;
 };
 
 /**
@@ -504,6 +507,76 @@ export enum Verdict_Action {
  */
 export const Verdict_ActionSchema: GenEnum<Verdict_Action> = /*@__PURE__*/
   enumDesc(file_interpose_intercept_v1_intercept, 11, 0);
+
+/**
+ * Why the packet got this verdict.
+ *
+ * @generated from enum interpose.intercept.v1.Verdict.Reason
+ */
+export enum Verdict_Reason {
+  /**
+   * Not set: an intercept-svc older than `why` (read `reason`).
+   *
+   * @generated from enum value: REASON_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A user's `Forward` or `Drop`.
+   *
+   * @generated from enum value: REASON_USER = 1;
+   */
+  USER = 1,
+
+  /**
+   * `hold_timeout_secs` passed: forwarded as held.
+   *
+   * @generated from enum value: REASON_TIMEOUT = 2;
+   */
+  TIMEOUT = 2,
+
+  /**
+   * Intercept was off or was turned off: forwarded as held.
+   *
+   * @generated from enum value: REASON_INTERCEPT_OFF = 3;
+   */
+  INTERCEPT_OFF = 3,
+
+  /**
+   * `max_held` packets or `max_held_bytes` were already waiting: forwarded without holding.
+   *
+   * @generated from enum value: REASON_QUEUE_FULL = 4;
+   */
+  QUEUE_FULL = 4,
+
+  /**
+   * The packet is above the per-packet limit: forwarded without holding.
+   *
+   * @generated from enum value: REASON_TOO_LARGE = 5;
+   */
+  TOO_LARGE = 5,
+
+  /**
+   * A user acted on a packet whose connection had closed: the proxy should not relay it.
+   *
+   * @generated from enum value: REASON_CONNECTION_CLOSED = 6;
+   */
+  CONNECTION_CLOSED = 6,
+
+  /**
+   * The service let the packet go without a decision (e.g. it is shutting down):
+   * forwarded as held.
+   *
+   * @generated from enum value: REASON_CANCELLED = 7;
+   */
+  CANCELLED = 7,
+}
+
+/**
+ * Describes the enum interpose.intercept.v1.Verdict.Reason.
+ */
+export const Verdict_ReasonSchema: GenEnum<Verdict_Reason> = /*@__PURE__*/
+  enumDesc(file_interpose_intercept_v1_intercept, 11, 1);
 
 /**
  * A packet waiting for a verdict, with its connection's live status from the registry.

@@ -146,7 +146,7 @@ export type ProxyLosses = Message<"interpose.registry.v1.ProxyLosses"> & {
 
   /**
    * Of those, holds the intercept service answered at once without holding: its queue was
-   * full ("queue_full") or the packet above its per-packet limit ("too_large").
+   * full (`REASON_QUEUE_FULL`) or the packet above its per-packet limit (`REASON_TOO_LARGE`).
    *
    * @generated from field: uint64 intercept_refused = 6;
    */
