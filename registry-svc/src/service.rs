@@ -29,6 +29,7 @@ impl From<StoreError> for Status {
             StoreError::Sled(_)
             | StoreError::History(_)
             | StoreError::Corrupt { .. }
+            | StoreError::CorruptFrame { .. }
             | StoreError::Task(_) => Status::internal(e.to_string()),
             // Another replica may serve the call: the client retries there.
             StoreError::Database { .. } => Status::unavailable(e.to_string()),

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 
+pub mod frame;
 pub mod model;
 pub mod pg;
 pub mod sled_store;
@@ -41,6 +42,12 @@ pub enum StoreError {
     Corrupt {
         what: &'static str,
         source: prost::DecodeError,
+    },
+    /// Stored history packets do not decode (a block of framed packets cut short).
+    #[error("corrupt {what} in the registry store: {source}")]
+    CorruptFrame {
+        what: &'static str,
+        source: frame::FrameError,
     },
     /// No record with this ID.
     #[error("no connection with ID {0}")]

@@ -33,7 +33,7 @@ pub mod active;
 pub mod arrivals;
 mod as_backend;
 pub mod budget;
-pub mod frame;
+pub use crate::backend::frame;
 pub mod log;
 mod migrate;
 pub mod payload;

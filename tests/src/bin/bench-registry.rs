@@ -13,7 +13,9 @@
 //!
 //! With `BENCH_BASELINE=/path/to/registry-svc` (a release build of an earlier commit) the
 //! `small`, `large` and `growth` phases run twice in the same run, first on that binary
-//! ("before"), then on this workspace's ("after"), and print the ratios.
+//! ("before"), then on this workspace's ("after"), and print the ratios; `stores` then
+//! measures PostgreSQL's ingest on that binary too ("postgres before"), between sled's and
+//! the workspace's PostgreSQL, and prints each PostgreSQL / sled ratio.
 
 use std::{
     path::PathBuf,
@@ -58,14 +60,30 @@ static BASELINE: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 /// Starts a registry whose history budget is out of the way of the growth phase.
 async fn registry(dir: &std::path::Path) -> anyhow::Result<Registry> {
-    let baseline = BASELINE.lock().unwrap_or_else(|e| e.into_inner()).clone();
     // Long-lived gRPC connections: the phases keep one client for minutes.
-    let long = ["--grpc-max-age", "1h", "--grpc-idle-timeout", "1h"];
+    registry_on(
+        dir,
+        None,
+        &["--grpc-max-age", "1h", "--grpc-idle-timeout", "1h"],
+    )
+    .await
+}
+
+/// Starts a registry with no history budget, keeping its store in the database at `store`
+/// or else in `dir`: the baseline binary when one is set (`BENCH_BASELINE`), else the
+/// workspace's.
+async fn registry_on(
+    dir: &std::path::Path,
+    store: Option<String>,
+    extra: &[&str],
+) -> anyhow::Result<Registry> {
+    let baseline = BASELINE.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let Some(bin) = baseline else {
-        return Registry::start_with(
+        return Registry::start_on(
             dir,
+            store,
             "127.0.0.1:0",
-            &[&["--history-max-bytes", "0"][..], &long[..]].concat(),
+            &[&["--history-max-bytes", "0"][..], extra].concat(),
         )
         .await;
     };
@@ -79,7 +97,12 @@ async fn registry(dir: &std::path::Path) -> anyhow::Result<Registry> {
         "--data-dir",
     ])
     .arg(dir)
-    .args(long);
+    .args(extra)
+    .env_remove("INTERPOSE_TOKEN")
+    .env_remove("INTERPOSE_STORE");
+    if let Some(url) = store {
+        cmd.env("INTERPOSE_STORE", url);
+    }
     let proc = tests::Proc::start(cmd, dir.with_extension("registry.log")).await?;
     let listen = proc.field("listen").context("listen= in the ready line")?;
     Ok(Registry {
@@ -546,7 +569,7 @@ async fn fresh(
     cluster: Option<&pg_fixture::Cluster>,
 ) -> anyhow::Result<Registry> {
     let store = cluster.map(|c| c.create_database()).transpose()?;
-    Registry::start_on(dir, store, "127.0.0.1:0", &["--history-max-bytes", "0"]).await
+    registry_on(dir, store, &[]).await
 }
 
 /// Median rate of `RUNS` ingest runs on fresh stores.
@@ -636,7 +659,16 @@ async fn stores() -> anyhow::Result<()> {
         "stores: sled against PostgreSQL (durable throwaway cluster on 127.0.0.1, fsync on, \
          data in the same temp dir), medians of 3 runs on fresh stores"
     );
-    for (name, pg) in [("sled", None), ("postgres", Some(&cluster))] {
+    // With a baseline binary, PostgreSQL is measured on it too ("postgres before").
+    let mut passes = vec![("sled", None, None)];
+    if let Some(bin) = std::env::var_os("BENCH_BASELINE") {
+        passes.push(("postgres before", Some(&cluster), Some(PathBuf::from(bin))));
+    }
+    passes.push(("postgres", Some(&cluster), None));
+    // (name, small packets/s, 16 KiB MB/s)
+    let mut rates: Vec<(&str, f64, f64)> = Vec::new();
+    for (name, pg, bin) in passes {
+        *BASELINE.lock().unwrap_or_else(|e| e.into_inner()) = bin.clone();
         let (small, runs) = store_ingest(pg, STORES_SMALL, SMALL_PAYLOAD, SMALL_BATCH).await?;
         println!(
             "  {name}: ingest {STORES_SMALL} packets of {SMALL_PAYLOAD} B, batches of \
@@ -657,6 +689,12 @@ async fn stores() -> anyhow::Result<()> {
             mbs(large),
             list(&runs.into_iter().map(mbs).collect::<Vec<_>>(), "")
         );
+        rates.push((name, small, mbs(large)));
+        if bin.is_some() {
+            // The baseline's ingest only: list and latency are not what it is kept for.
+            *BASELINE.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            continue;
+        }
         let dir = tempfile::tempdir()?;
         let reg = fresh(dir.path(), pg).await?;
         let mut client = reg.client().await?;
@@ -677,6 +715,15 @@ async fn stores() -> anyhow::Result<()> {
             percentile(&mut lat, 0.99),
             percentile(&mut lat, 1.0)
         );
+    }
+    if let Some(&(_, sled_small, sled_large)) = rates.first() {
+        for &(name, small, large) in &rates[1..] {
+            println!(
+                "  {name} / sled: small packets {:.2}x, 16 KiB {:.2}x",
+                small / sled_small,
+                large / sled_large
+            );
+        }
     }
     // Two ingest streams on one database: both through one replica, then one each.
     let url = cluster.create_database()?;

@@ -1,5 +1,6 @@
-//! Proxy history on PostgreSQL: packets stored once per `(conn_id, seq)` in
-//! segments (list partitions of `packets`), the arrival log, the retention budget and purge.
+//! Proxy history on PostgreSQL: packets stored in blocks (one row per connection per commit,
+//! [`blocks`]) in segments (list partitions of `blocks`), the arrival log, the retention
+//! budget and purge.
 //!
 //! A segment is rotated when it holds the budget's segment size; at the budget the oldest
 //! segments are dropped whole (`DROP TABLE`, no row-by-row delete), or with `--history-full
@@ -8,14 +9,20 @@
 //! holding the change counter: their table locks wait for writers, never the other way, and
 //! for 2 s at most (a writer hung inside its `COPY` must not queue everyone behind the
 //! drop; the rotation or eviction is tried again after the next commit).
+//!
+//! A connection's blocks never overlap in seq (a commit stores only packets past the last
+//! one stored), so `(conn_id, first_seq)` orders blocks as their packets are ordered.
 
 use std::collections::HashMap;
 
 use postgres::{GenericClient, Transaction, binary_copy::BinaryCopyInWriter, types::Type};
-use prost::Message;
 use proto::common::{Connection, Packet};
 
-use super::{PgStore, decode, key};
+use super::{
+    PgStore,
+    blocks::{self, Joiner, PIECE},
+    decode, key,
+};
 use crate::backend::{
     StoreError,
     sled_store::{Followed, LogPage, Purge, Purged, WhenFull, budget::note_refusing},
@@ -23,8 +30,19 @@ use crate::backend::{
 
 /// Advisory lock key that serialises segment rotation, eviction and purges.
 const SEGMENT_LOCK: i64 = 0x696e_7470_6f73_6502;
-/// Packets read per round trip of a history scan.
-const SCAN_ROWS: i64 = 512;
+/// Block rows read per round trip of a history scan.
+const SCAN_ROWS: i64 = 128;
+/// Version 1 packet rows moved into blocks per round trip of the migration.
+const MOVE_ROWS: i32 = 20_000;
+
+/// What a commit's first statement read.
+pub(super) struct Now {
+    /// The current segment and the payload bytes in all segments.
+    pub segment: i64,
+    pub stored: i64,
+    /// The commit's batch number.
+    pub batch: i64,
+}
 
 /// What one commit stored.
 pub(super) struct Fresh {
@@ -43,9 +61,103 @@ fn payload(p: &Packet) -> i64 {
     (p.data.len() + p.original.len()) as i64
 }
 
-fn nanos(p: &Packet) -> Option<i64> {
-    p.ts.as_ref()
-        .map(|t| t.seconds.saturating_mul(1_000_000_000) + i64::from(t.nanos))
+fn corrupt(source: crate::backend::frame::FrameError) -> StoreError {
+    StoreError::CorruptFrame {
+        what: "history block",
+        source,
+    }
+}
+
+/// Writes the blocks of `packets` (sorted by (connection, seq), no repeats) into segment
+/// `seg` with batch number `batch` through one `COPY`.
+fn copy_blocks(
+    tx: &mut Transaction<'_>,
+    seg: i64,
+    batch: i64,
+    packets: &[Packet],
+) -> Result<(), StoreError> {
+    let enc = blocks::encode(packets);
+    let sink = tx.copy_in(
+        "COPY blocks (seg, batch, conn_id, first_seq, last_seq, part, parts, packets, bytes, \
+         ts_min, ts_max, untimed, body) FROM STDIN BINARY",
+    )?;
+    let mut w = BinaryCopyInWriter::new(
+        sink,
+        &[
+            Type::INT8,
+            Type::INT8,
+            Type::INT8,
+            Type::INT8,
+            Type::INT8,
+            Type::INT4,
+            Type::INT4,
+            Type::INT4,
+            Type::INT8,
+            Type::INT8,
+            Type::INT8,
+            Type::BOOL,
+            Type::BYTEA,
+        ],
+    );
+    for row in enc.rows(PIECE) {
+        let d = row.desc;
+        w.write(&[
+            &seg,
+            &batch,
+            &key(d.conn)?,
+            &key(d.first_seq)?,
+            &key(d.last_seq)?,
+            &row.part,
+            &row.parts,
+            &(d.packets as i32),
+            &(d.bytes as i64),
+            &d.ts_min,
+            &d.ts_max,
+            &d.untimed,
+            &row.body,
+        ])?;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+/// Joins block rows (conn_id, first_seq, part, parts, packets, body at columns 0 to 5)
+/// into packets.
+struct Reader {
+    joiner: Joiner,
+}
+
+impl Reader {
+    fn new() -> Self {
+        Self {
+            joiner: Joiner::default(),
+        }
+    }
+
+    /// Adds one row; the packets of the block it completes, each passed to `f`.
+    fn add(
+        &mut self,
+        row: &postgres::Row,
+        f: &mut dyn FnMut(Packet) -> bool,
+    ) -> Result<bool, StoreError> {
+        let block = (row.get::<_, i64>(0), row.get::<_, i64>(1));
+        let (part, parts, count): (i32, i32, i32) = (row.get(2), row.get(3), row.get(4));
+        let Some(bytes) = self
+            .joiner
+            .add(block, part, parts, row.get::<_, Vec<u8>>(5))
+            .map_err(corrupt)?
+        else {
+            return Ok(true);
+        };
+        let mut packets = Vec::with_capacity(count.max(0) as usize);
+        blocks::decode(&bytes, count.max(0) as usize, |p| packets.push(p)).map_err(corrupt)?;
+        for p in packets {
+            if !f(p) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 impl PgStore {
@@ -54,6 +166,7 @@ impl PgStore {
         &self,
         tx: &mut Transaction<'_>,
         packets: Vec<Packet>,
+        now: &Now,
     ) -> Result<Fresh, StoreError> {
         let none = |segment| Fresh {
             packets: 0,
@@ -65,17 +178,11 @@ impl PgStore {
         if packets.is_empty() {
             return Ok(none(0));
         }
-        let segment: i64 = tx
-            .query_one("SELECT max(seg) FROM segments", &[])?
-            .get::<_, Option<i64>>(0)
-            .unwrap_or(1);
+        let segment = now.segment;
         let incoming: i64 = packets.iter().map(payload).sum();
         let max = self.options.max_bytes;
         if max > 0 && self.options.when_full == WhenFull::Stop {
-            let stored: i64 = tx
-                .query_one("SELECT coalesce(sum(bytes), 0)::int8 FROM segments", &[])?
-                .get(0);
-            let refused = stored.saturating_add(incoming) > max as i64;
+            let refused = now.stored.saturating_add(incoming) > max as i64;
             note_refusing(&self.refusing, refused, max);
             if refused {
                 tx.execute(
@@ -101,8 +208,10 @@ impl PgStore {
         };
         let mut last: HashMap<u64, u64> = HashMap::new();
         if !unknown.is_empty() {
+            // A connection's last block is the one with the highest first seq.
             for row in tx.query(
-                "SELECT c, (SELECT max(seq) FROM packets WHERE conn_id = c)
+                "SELECT c, (SELECT last_seq FROM blocks WHERE conn_id = c
+                            ORDER BY first_seq DESC, part DESC LIMIT 1)
                  FROM unnest($1::int8[]) AS c",
                 &[&unknown],
             )? {
@@ -110,8 +219,8 @@ impl PgStore {
                 last.insert(row.get::<_, i64>(0) as u64, seq.unwrap_or(0) as u64);
             }
         }
-        let mut fresh: Vec<&Packet> = Vec::with_capacity(packets.len());
-        for p in &packets {
+        let mut fresh: Vec<Packet> = Vec::with_capacity(packets.len());
+        for p in packets {
             let known = last
                 .get(&p.conn_id)
                 .or_else(|| stored.get(&p.conn_id))
@@ -129,40 +238,13 @@ impl PgStore {
                 ..none(segment)
             });
         }
-        let batch: i64 = tx.query_one("SELECT nextval('batches')", &[])?.get(0);
-        let sink = tx.copy_in(
-            "COPY packets (seg, conn_id, seq, batch, ts, bytes, body) FROM STDIN BINARY",
-        )?;
-        let mut w = BinaryCopyInWriter::new(
-            sink,
-            &[
-                Type::INT8,
-                Type::INT8,
-                Type::INT8,
-                Type::INT8,
-                Type::INT8,
-                Type::INT4,
-                Type::BYTEA,
-            ],
-        );
-        let mut bytes = 0i64;
-        for p in &fresh {
-            let size = payload(p);
-            bytes += size;
-            w.write(&[
-                &segment,
-                &key(p.conn_id)?,
-                &key(p.seq)?,
-                &batch,
-                &nanos(p),
-                &(size as i32),
-                &p.encode_to_vec(),
-            ])?;
-        }
-        w.finish()?;
+        // Stable: each connection's packets stay in the (seq) order they were checked in.
+        fresh.sort_by_key(|p| p.conn_id);
+        let batch = now.batch;
+        copy_blocks(tx, segment, batch, &fresh)?;
         Ok(Fresh {
             packets: fresh.len() as i64,
-            bytes,
+            bytes: fresh.iter().map(payload).sum(),
             segment,
             batch,
             last,
@@ -184,7 +266,7 @@ impl PgStore {
                 let next = seg + 1;
                 tx.batch_execute(&format!(
                     "SET LOCAL lock_timeout = '2s';
-                     CREATE TABLE packets_{next} PARTITION OF packets FOR VALUES IN ({next});
+                     CREATE TABLE blocks_{next} PARTITION OF blocks FOR VALUES IN ({next});
                      INSERT INTO segments (seg) VALUES ({next});"
                 ))?;
             }
@@ -215,7 +297,7 @@ impl PgStore {
         )?;
         let (packets, bytes, last_pos): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
         tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '2s'; DROP TABLE packets_{oldest};"
+            "SET LOCAL lock_timeout = '2s'; DROP TABLE blocks_{oldest};"
         ))?;
         tx.execute(
             "UPDATE history_totals SET evicted_packets = evicted_packets + $1,
@@ -246,33 +328,58 @@ pub(super) fn scan(
     upto: u64,
     f: &mut dyn FnMut(Packet) -> bool,
 ) -> Result<(), StoreError> {
+    let (conn0, seq0) = (
+        key(start.0.min(i64::MAX as u64))?,
+        key(start.1.min(i64::MAX as u64))?,
+    );
+    // The block holding `start` may begin before it.
+    let first: i64 = client
+        .query_opt(
+            "SELECT first_seq FROM blocks WHERE conn_id = $1 AND first_seq <= $2
+             ORDER BY first_seq DESC LIMIT 1",
+            &[&conn0, &seq0],
+        )?
+        .map_or(seq0, |r| r.get(0));
     let mut sql = String::from(
-        "SELECT p.conn_id, p.seq, p.body FROM packets p WHERE (p.conn_id, p.seq) >= ($1, $2)",
+        "SELECT b.conn_id, b.first_seq, b.part, b.parts, b.packets, b.body FROM blocks b
+         WHERE (b.conn_id, b.first_seq, b.part) > ($1, $2, $3)",
     );
     if only_conn {
-        sql.push_str(" AND p.conn_id = $1");
+        sql.push_str(" AND b.conn_id = $5");
     }
     let limit_upto = upto < i64::MAX as u64;
     if limit_upto {
         sql.push_str(
-            " AND EXISTS (SELECT 1 FROM arrivals a WHERE a.batch = p.batch AND a.pos <= $4)",
+            " AND EXISTS (SELECT 1 FROM arrivals a WHERE a.batch = b.batch AND a.pos <= $6)",
         );
     }
-    sql.push_str(" ORDER BY p.conn_id, p.seq LIMIT $3");
-    let (mut conn, mut seq) = (
-        key(start.0.min(i64::MAX as u64))?,
-        key(start.1.min(i64::MAX as u64))?,
-    );
+    sql.push_str(" ORDER BY b.conn_id, b.first_seq, b.part LIMIT $4");
     let upto = upto.min(i64::MAX as u64) as i64;
+    let mut after: (i64, i64, i32) = (conn0, first, -1);
+    // The next packet that may be passed on: from `start`, never one twice.
+    let mut next = (start.0, start.1);
+    let mut reader = Reader::new();
+    let mut pass = |p: Packet| {
+        if (p.conn_id, p.seq) < next {
+            return true;
+        }
+        next = (p.conn_id, p.seq.saturating_add(1));
+        f(p)
+    };
     loop {
-        let rows = if limit_upto {
-            client.query(&sql, &[&conn, &seq, &SCAN_ROWS, &upto])?
-        } else {
-            client.query(&sql, &[&conn, &seq, &SCAN_ROWS])?
+        let (c, s, part) = &after;
+        let rows = match (only_conn, limit_upto) {
+            (false, false) => client.query(&sql, &[c, s, part, &SCAN_ROWS])?,
+            (true, false) => client.query(&sql, &[c, s, part, &SCAN_ROWS, &conn0])?,
+            (false, true) => {
+                let sql = sql.replace("$6", "$5");
+                client.query(&sql, &[c, s, part, &SCAN_ROWS, &upto])?
+            }
+            (true, true) => client.query(&sql, &[c, s, part, &SCAN_ROWS, &conn0, &upto])?,
         };
         for row in &rows {
-            (conn, seq) = (row.get(0), row.get::<_, i64>(1).saturating_add(1));
-            if !f(decode("history packet", row.get::<_, &[u8]>(2))?) {
+            after = (row.get(0), row.get(1), row.get(2));
+            if !reader.add(row, &mut pass)? {
                 return Ok(());
             }
         }
@@ -306,19 +413,24 @@ pub(super) fn log_after(
         if batch != 0 {
             let rows = if conn_id == 0 {
                 client.query(
-                    "SELECT body FROM packets WHERE batch = $1 ORDER BY conn_id, seq",
+                    "SELECT conn_id, first_seq, part, parts, packets, body FROM blocks
+                     WHERE batch = $1 ORDER BY conn_id, first_seq, part",
                     &[&batch],
                 )?
             } else {
                 client.query(
-                    "SELECT body FROM packets WHERE batch = $1 AND conn_id = $2 ORDER BY seq",
+                    "SELECT conn_id, first_seq, part, parts, packets, body FROM blocks
+                     WHERE batch = $1 AND conn_id = $2 ORDER BY first_seq, part",
                     &[&batch, &key(conn_id)?],
                 )?
             };
-            for row in rows {
-                let p: Packet = decode("history packet", row.get::<_, &[u8]>(0))?;
-                bytes += p.data.len() + p.original.len();
-                page.items.push((n, Followed::Packet(p)));
+            let mut reader = Reader::new();
+            for row in &rows {
+                reader.add(row, &mut |p| {
+                    bytes += p.data.len() + p.original.len();
+                    page.items.push((n, Followed::Packet(p)));
+                    true
+                })?;
             }
         }
         for body in entry.get::<_, Vec<Vec<u8>>>(2) {
@@ -335,20 +447,23 @@ pub(super) fn log_after(
     Ok(page)
 }
 
+/// Packets and payload bytes removed, per segment.
+type PerSegment = HashMap<i64, (i64, i64)>;
+
 /// Deletes history on request, counting what went.
 pub(super) fn purge(client: &mut postgres::Client, what: &Purge) -> Result<Purged, StoreError> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SEGMENT_LOCK])?;
-    let per_segment: Vec<(i64, i64, i64)> = match what {
+    let mut per_segment = PerSegment::new();
+    match what {
         Purge::All => {
-            let rows = tx.query(
+            for r in tx.query(
                 "SELECT seg, packets, bytes FROM segments WHERE packets > 0",
                 &[],
-            )?;
-            tx.batch_execute("SET LOCAL lock_timeout = '2s'; TRUNCATE packets;")?;
-            rows.iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect()
+            )? {
+                per_segment.insert(r.get(0), (r.get(1), r.get(2)));
+            }
+            tx.batch_execute("SET LOCAL lock_timeout = '2s'; TRUNCATE blocks;")?;
         }
         Purge::Conns(ids) => {
             let keys = ids
@@ -357,21 +472,26 @@ pub(super) fn purge(client: &mut postgres::Client, what: &Purge) -> Result<Purge
                 .collect::<Result<Vec<_>, _>>()?;
             deleted(
                 &mut tx,
-                "DELETE FROM packets WHERE conn_id = ANY($1) RETURNING seg, bytes",
+                "DELETE FROM blocks WHERE conn_id = ANY($1)",
                 &keys,
-            )?
+                &mut per_segment,
+            )?;
         }
         Purge::Before(t) => {
             let before = t.seconds.saturating_mul(1_000_000_000) + i64::from(t.nanos);
+            // Blocks all of whose packets go are deleted whole...
             deleted(
                 &mut tx,
-                "DELETE FROM packets WHERE ts < $1 RETURNING seg, bytes",
+                "DELETE FROM blocks WHERE ts_max < $1 AND NOT untimed",
                 &before,
-            )?
+                &mut per_segment,
+            )?;
+            // ... and those that keep some are written anew without the others.
+            rewrite_before(&mut tx, before, &mut per_segment)?;
         }
-    };
+    }
     let (mut packets, mut bytes) = (0i64, 0i64);
-    for (seg, n, b) in &per_segment {
+    for (seg, (n, b)) in &per_segment {
         packets += n;
         bytes += b;
         tx.execute(
@@ -395,20 +515,139 @@ pub(super) fn purge(client: &mut postgres::Client, what: &Purge) -> Result<Purge
     })
 }
 
-/// Runs a `DELETE ... RETURNING seg, bytes` with one parameter; the packets and bytes it
-/// removed per segment.
+/// Runs `delete` (a `DELETE FROM blocks` with one parameter) and adds the packets and
+/// bytes of the blocks it removed to `per_segment` (each block counted once, by its first
+/// piece).
 fn deleted(
     tx: &mut Transaction<'_>,
     delete: &str,
     param: &(dyn postgres::types::ToSql + Sync),
-) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+    per_segment: &mut PerSegment,
+) -> Result<(), StoreError> {
     let sql = format!(
-        "WITH d AS ({delete})
-         SELECT seg, count(*)::int8, coalesce(sum(bytes), 0)::int8 FROM d GROUP BY seg"
+        "WITH d AS ({delete} RETURNING seg, part, packets, bytes)
+         SELECT seg, coalesce(sum(packets) FILTER (WHERE part = 0), 0)::int8,
+                coalesce(sum(bytes) FILTER (WHERE part = 0), 0)::int8
+         FROM d GROUP BY seg"
     );
-    Ok(tx
-        .query(&sql, &[param])?
+    for r in tx.query(&sql, &[param])? {
+        let e = per_segment.entry(r.get(0)).or_default();
+        e.0 += r.get::<_, i64>(1);
+        e.1 += r.get::<_, i64>(2);
+    }
+    Ok(())
+}
+
+/// Rewrites the blocks holding packets captured before `before` (ns) and others: each
+/// block is read whole, deleted, and written again with the kept packets only.
+fn rewrite_before(
+    tx: &mut Transaction<'_>,
+    before: i64,
+    per_segment: &mut PerSegment,
+) -> Result<(), StoreError> {
+    let rows = tx.query(
+        "SELECT conn_id, first_seq, part, parts, packets, body, seg, batch FROM blocks
+         WHERE ts_min < $1 ORDER BY conn_id, first_seq, part",
+        &[&before],
+    )?;
+    let mut joiner = Joiner::default();
+    for row in &rows {
+        let block: (i64, i64) = (row.get(0), row.get(1));
+        let (part, parts, count): (i32, i32, i32) = (row.get(2), row.get(3), row.get(4));
+        let Some(bytes) = joiner
+            .add(block, part, parts, row.get::<_, Vec<u8>>(5))
+            .map_err(corrupt)?
+        else {
+            continue;
+        };
+        let (seg, batch): (i64, i64) = (row.get(6), row.get(7));
+        let mut kept = Vec::new();
+        let (mut gone, mut gone_bytes) = (0i64, 0i64);
+        blocks::decode(&bytes, count.max(0) as usize, |p| {
+            if blocks::nanos(&p).is_some_and(|ts| ts < before) {
+                gone += 1;
+                gone_bytes += payload(&p);
+            } else {
+                kept.push(p);
+            }
+        })
+        .map_err(corrupt)?;
+        tx.execute(
+            "DELETE FROM blocks WHERE conn_id = $1 AND first_seq = $2 AND batch = $3",
+            &[&block.0, &block.1, &batch],
+        )?;
+        if !kept.is_empty() {
+            copy_blocks(tx, seg, batch, &kept)?;
+        }
+        let e = per_segment.entry(seg).or_default();
+        e.0 += gone;
+        e.1 += gone_bytes;
+    }
+    Ok(())
+}
+
+/// Moves the history of a version 1 database (a row per packet in `packets`, partitioned
+/// by segment) into blocks, segment by segment, then drops `packets`; a progress line per
+/// segment. Each batch's packets become its blocks, in the same segment with the same
+/// batch number, so the arrival log and the budget's counts stay as they were.
+pub(super) fn move_v1_packets(tx: &mut Transaction<'_>) -> Result<(), StoreError> {
+    let total: i64 = tx.query_one("SELECT count(*) FROM packets", &[])?.get(0);
+    let segments: Vec<i64> = tx
+        .query("SELECT seg FROM segments ORDER BY seg", &[])?
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect())
+        .map(|r| r.get(0))
+        .collect();
+    if total > 0 {
+        tracing::info!(
+            packets = total,
+            segments = segments.len(),
+            "moving the history into blocks (once; the registry serves when it is done)"
+        );
+    }
+    let mut moved = 0i64;
+    for (i, &seg) in segments.iter().enumerate() {
+        tx.batch_execute(&format!(
+            "CREATE TABLE blocks_{seg} PARTITION OF blocks FOR VALUES IN ({seg})"
+        ))?;
+        let portal = tx.bind(
+            "SELECT batch, body FROM packets WHERE seg = $1 ORDER BY batch, conn_id, seq",
+            &[&seg],
+        )?;
+        loop {
+            let rows = tx.query_portal(&portal, MOVE_ROWS)?;
+            let mut batch: Option<i64> = None;
+            let mut packets: Vec<Packet> = Vec::new();
+            for row in &rows {
+                let b: i64 = row.get(0);
+                if batch.is_some_and(|c| c != b) {
+                    copy_blocks(tx, seg, batch.unwrap_or(b), &packets)?;
+                    packets.clear();
+                }
+                batch = Some(b);
+                packets.push(decode("history packet", row.get::<_, &[u8]>(1))?);
+            }
+            if let Some(b) = batch {
+                // A batch cut by the round trip becomes two blocks per connection, with
+                // ranges that do not overlap: read as one.
+                copy_blocks(tx, seg, b, &packets)?;
+            }
+            moved += rows.len() as i64;
+            if (rows.len() as i32) < MOVE_ROWS {
+                break;
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                segment = i + 1,
+                of = segments.len(),
+                packets = moved,
+                "moving the history into blocks"
+            );
+        }
+    }
+    tx.batch_execute("DROP TABLE packets")?;
+    if total > 0 {
+        tracing::info!(packets = moved, "the history is in blocks");
+    }
+    Ok(())
 }

@@ -13,9 +13,11 @@
 //!   one snapshot with the number it reflects. So a watcher on any process sees each change
 //!   once, with no gap.
 //! - IDs are leased from one row: unique across every process, never reused.
-//! - History lives in segments, list partitions of `packets`, dropped whole at the budget
-//!   ([`history`]).
+//! - History lives in blocks, a row per connection per commit holding its packets framed
+//!   as the sled store frames them ([`blocks`]), in segments, list partitions of `blocks`,
+//!   dropped whole at the budget ([`history`]).
 
+mod blocks;
 mod feed;
 mod history;
 mod pool;
@@ -131,32 +133,63 @@ fn is_active(c: &Connection) -> bool {
     c.status == ConnStatus::Active as i32
 }
 
-/// Numbers `changes` (ID, record after it or `None` when cleared) and, when `new_position`,
-/// the next arrival position: the transaction's last step before it commits. Returns the
-/// last arrival position.
+/// What a commit adds to the arrival log: its batch number (0: no packets) and the records
+/// closed with it, and the segment its packets grew (segment, packets, bytes).
+struct Arrival<'a> {
+    batch: i64,
+    closed: &'a [Vec<u8>],
+    grown: Option<(i64, i64, i64)>,
+}
+
+/// Numbers `changes` (ID, record after it or `None` when cleared) and, with an `arrival`,
+/// takes the next arrival position, logs the arrival at it and counts its packets in their
+/// segment: the transaction's last statement before it commits (one round trip). Returns
+/// the last arrival position and the grown segment's bytes.
 fn number(
     tx: &mut Transaction<'_>,
     changes: &[(i64, Option<Vec<u8>>)],
-    new_position: bool,
-) -> Result<i64, StoreError> {
+    arrival: Option<Arrival<'_>>,
+) -> Result<(i64, Option<i64>), StoreError> {
     let n = changes.len() as i64;
+    let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
+    let bodies: Vec<Option<&[u8]>> = changes.iter().map(|c| c.1.as_deref()).collect();
+    let new_position = i64::from(arrival.is_some());
+    let (batch, closed, (seg, packets, bytes)) = match &arrival {
+        Some(a) => (a.batch, a.closed, a.grown.unwrap_or((0, 0, 0))),
+        None => (0, &[][..], (0, 0, 0)),
+    };
+    // The counter's row lock orders the commits; the other parts read its new numbers.
+    // A data-changing `WITH` part always runs; `n`, a plain one, runs because it is read.
     let row = tx.query_one(
-        "UPDATE counter SET seq = seq + $1, pos = pos + $2 RETURNING seq, pos",
-        &[&n, &i64::from(new_position)],
+        "WITH c AS (
+             UPDATE counter SET seq = seq + $1, pos = pos + $2 RETURNING seq, pos
+         ), n AS (
+             SELECT pg_notify('interpose_changes', '')
+         ), ch AS (
+             INSERT INTO changes (seq, id, body)
+             SELECT c.seq - $1 + u.ord, u.id, u.body
+             FROM c, unnest($3::int8[], $4::bytea[]) WITH ORDINALITY AS u(id, body, ord)
+         ), a AS (
+             INSERT INTO arrivals (pos, batch, closed)
+             SELECT c.pos, $5, $6 FROM c WHERE $2 > 0
+         ), s AS (
+             UPDATE segments SET packets = packets + $8, bytes = bytes + $9, last_pos = c.pos
+             FROM c WHERE segments.seg = $7 RETURNING segments.bytes
+         )
+         SELECT c.pos, (SELECT bytes FROM s), (SELECT count(*) FROM n) FROM c",
+        &[
+            &n,
+            &new_position,
+            &ids,
+            &bodies,
+            &batch,
+            &closed,
+            &seg,
+            &packets,
+            &bytes,
+        ],
     )?;
-    let (seq, pos): (i64, i64) = (row.get(0), row.get(1));
-    if n > 0 {
-        let seqs: Vec<i64> = (seq - n + 1..=seq).collect();
-        let ids: Vec<i64> = changes.iter().map(|c| c.0).collect();
-        let bodies: Vec<Option<&[u8]>> = changes.iter().map(|c| c.1.as_deref()).collect();
-        tx.execute(
-            "INSERT INTO changes (seq, id, body)
-             SELECT * FROM unnest($1::int8[], $2::int8[], $3::bytea[])",
-            &[&seqs, &ids, &bodies],
-        )?;
-    }
-    tx.execute("SELECT pg_notify('interpose_changes', '')", &[])?;
-    Ok(pos)
+    Ok((row.get(0), row.get(1)))
 }
 
 /// Records with IDs from `from` up (active ones only, when `active_only`), each passed to
@@ -286,8 +319,20 @@ impl PgStore {
         // Packets first: a registry that hangs inside its `COPY` then holds no row lock
         // another replica could wait on (a hang between statements is ended by the server's
         // idle-in-transaction timeout, a hang inside one by this statement timeout).
-        tx.batch_execute("SET LOCAL statement_timeout = '30s'")?;
-        let fresh = self.store_packets(&mut tx, staged.packets)?;
+        // The timeout, the current segment, the history's size and a batch number in one
+        // round trip (a batch number unused is a gap, which nothing minds).
+        let row = tx.query_one(
+            "SELECT set_config('statement_timeout', '30s', true), max(seg),
+                    coalesce(sum(bytes), 0)::int8, nextval('batches')
+             FROM segments",
+            &[],
+        )?;
+        let now = history::Now {
+            segment: row.get::<_, Option<i64>>(1).unwrap_or(1),
+            stored: row.get(2),
+            batch: row.get(3),
+        };
+        let fresh = self.store_packets(&mut tx, staged.packets, &now)?;
         // Each record's last state, in ID order (concurrent writers lock rows alike).
         let mut last: HashMap<u64, &Connection> = HashMap::new();
         for c in &staged.changes {
@@ -355,21 +400,17 @@ impl PgStore {
         let mut position = None;
         let mut segment = None;
         if !changes.is_empty() || new_position {
-            let pos = number(&mut tx, &changes, new_position)?;
+            let arrival = new_position.then_some(Arrival {
+                batch: fresh.batch,
+                closed: &closed,
+                grown: (fresh.packets > 0).then_some((fresh.segment, fresh.packets, fresh.bytes)),
+            });
+            let (pos, seg_bytes) = number(&mut tx, &changes, arrival)?;
             if new_position {
-                tx.execute(
-                    "INSERT INTO arrivals (pos, batch, closed) VALUES ($1, $2, $3)",
-                    &[&pos, &fresh.batch, &closed],
-                )?;
                 position = Some(pos as u64);
             }
-            if fresh.packets > 0 {
-                let row = tx.query_one(
-                    "UPDATE segments SET packets = packets + $2, bytes = bytes + $3,
-                     last_pos = $4 WHERE seg = $1 RETURNING bytes",
-                    &[&fresh.segment, &fresh.packets, &fresh.bytes, &pos],
-                )?;
-                segment = Some((fresh.segment, row.get::<_, i64>(0)));
+            if let Some(bytes) = seg_bytes {
+                segment = Some((fresh.segment, bytes));
             }
         }
         tx.commit()?;
@@ -757,7 +798,7 @@ impl PgStore {
             &[&keys],
         )?;
         let changes: Vec<(i64, Option<Vec<u8>>)> = keys.iter().map(|&k| (k, None)).collect();
-        number(&mut tx, &changes, false)?;
+        number(&mut tx, &changes, None)?;
         tx.commit()?;
         let mut p = self.pending();
         for id in ids {
@@ -1007,5 +1048,263 @@ mod tests {
         );
         assert_eq!(got[1].seq, 6);
         a.close().unwrap();
+    }
+
+    fn packets_of(s: &PgStore, start: (u64, u64), only_conn: bool) -> Vec<Packet> {
+        let mut got = Vec::new();
+        s.scan_history_upto(start, only_conn, u64::MAX, &mut |p| {
+            got.push(p);
+            true
+        })
+        .unwrap();
+        got
+    }
+
+    fn count(s: &PgStore, sql: &str) -> i64 {
+        s.pool.get().unwrap().query_one(sql, &[]).unwrap().get(0)
+    }
+
+    fn at(seconds: i64) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds, nanos: 0 })
+    }
+
+    /// One commit over three connections, interleaved, with payloads larger than a row's
+    /// piece, edited packets and packets without a time: a row per connection (pieces
+    /// aside), and each connection's history read back byte-exact, from its start or from
+    /// inside a block, and in arrival order.
+    #[test]
+    fn a_batch_spanning_connections_reads_back_per_connection_byte_exact() {
+        let s = store();
+        let big = |seed: u8, n: usize| -> bytes::Bytes {
+            (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        };
+        let mut sent = Vec::new();
+        for seq in 1..=4u64 {
+            for conn in [3u64, 1, 2] {
+                let mut p = packet(conn, seq);
+                p.direction = if seq % 2 == 0 { 2 } else { 1 };
+                p.ts = if conn == 2 { None } else { at(seq as i64) };
+                if conn == 1 {
+                    p.data = big(seq as u8, 20_000 + seq as usize);
+                }
+                if conn == 3 && seq == 2 {
+                    p.modified = true;
+                    p.original = big(7, 9_000);
+                    p.dropped = true;
+                }
+                sent.push(p);
+            }
+        }
+        for conn in 1..=3 {
+            s.open_conn(open(conn)).unwrap();
+        }
+        s.record(sent.clone(), Vec::new()).unwrap();
+        s.commit().unwrap();
+        assert_eq!(count(&s, "SELECT count(*) FROM blocks WHERE part = 0"), 3);
+        assert!(count(&s, "SELECT max(parts)::int8 FROM blocks") >= 11);
+        let of = |conn: u64| -> Vec<Packet> {
+            sent.iter().filter(|p| p.conn_id == conn).cloned().collect()
+        };
+        for conn in 1..=3 {
+            assert_eq!(
+                packets_of(&s, (conn, 0), true),
+                of(conn),
+                "connection {conn}"
+            );
+        }
+        // From inside a block, and on across the connections after it.
+        assert_eq!(packets_of(&s, (1, 3), true), of(1)[2..]);
+        let mut from_2_3 = of(2)[2..].to_vec();
+        from_2_3.extend(of(3));
+        assert_eq!(packets_of(&s, (2, 3), false), from_2_3);
+        // The arrival order: one position, its packets by (connection, seq).
+        let page = s.log_after(0, 0, 10, 1 << 30).unwrap();
+        let logged: Vec<Packet> = page
+            .items
+            .into_iter()
+            .map(|(pos, f)| match f {
+                crate::backend::sled_store::Followed::Packet(p) => {
+                    assert_eq!(pos, 1);
+                    p
+                }
+                crate::backend::sled_store::Followed::Closed(c) => panic!("closed {c:?}"),
+            })
+            .collect();
+        let mut by_key = sent.clone();
+        by_key.sort_by_key(|p| (p.conn_id, p.seq));
+        assert_eq!(logged, by_key);
+        let page = s.log_after(0, 3, 10, 1 << 30).unwrap();
+        assert_eq!(page.items.len(), 4);
+        // A replay of the batch stores nothing new.
+        s.record(sent.clone(), Vec::new()).unwrap();
+        s.commit().unwrap();
+        assert_eq!(count(&s, "SELECT count(*) FROM blocks WHERE part = 0"), 3);
+        assert_eq!(s.usage().unwrap().history_packets, 12);
+    }
+
+    /// A purge by connection deletes whole blocks; one by time deletes the blocks all of
+    /// whose packets are older and rewrites those that keep some (packets without a time
+    /// are kept); the counts follow.
+    #[test]
+    fn purges_delete_whole_blocks_and_rewrite_the_ones_that_keep_packets() {
+        let s = store();
+        for conn in 1..=3 {
+            s.open_conn(open(conn)).unwrap();
+        }
+        // Commit 1: times 1 and 2; commit 2: times 3 and 4, and one without a time.
+        for (seqs, times) in [([1, 2], [1, 2]), ([3, 4], [3, 4])] {
+            let mut batch = Vec::new();
+            for conn in 1..=3 {
+                for (seq, t) in seqs.iter().zip(times) {
+                    let mut p = packet(conn, *seq);
+                    p.ts = at(t);
+                    batch.push(p);
+                }
+            }
+            s.record(batch, Vec::new()).unwrap();
+            s.commit().unwrap();
+        }
+        let mut untimed = packet(1, 5);
+        untimed.ts = None;
+        s.record(vec![untimed], Vec::new()).unwrap();
+        s.commit().unwrap();
+        let bytes_of = |p: &Packet| p.data.len() as u64;
+        let gone = s.purge(&Purge::Conns(vec![3])).unwrap();
+        assert_eq!(gone.packets, 4);
+        assert_eq!(
+            gone.bytes,
+            (1..=4).map(|q| bytes_of(&packet(3, q))).sum::<u64>()
+        );
+        assert!(history(&s, 3).is_empty());
+        assert_eq!(
+            count(&s, "SELECT count(*) FROM blocks WHERE conn_id = 3"),
+            0
+        );
+        // Before time 3: commit 1's blocks go whole; the others keep what is newer.
+        let before = prost_types::Timestamp {
+            seconds: 3,
+            nanos: 0,
+        };
+        let rows = count(&s, "SELECT count(*) FROM blocks");
+        let gone = s.purge(&Purge::Before(before)).unwrap();
+        assert_eq!(gone.packets, 4);
+        assert_eq!(history(&s, 1), vec![3, 4, 5]);
+        assert_eq!(history(&s, 2), vec![3, 4]);
+        assert_eq!(count(&s, "SELECT count(*) FROM blocks"), rows - 2);
+        // Before time 4: the blocks holding times 3 and 4 are rewritten.
+        let before = prost_types::Timestamp {
+            seconds: 4,
+            nanos: 0,
+        };
+        let gone = s.purge(&Purge::Before(before)).unwrap();
+        assert_eq!(gone.packets, 2);
+        assert_eq!(history(&s, 1), vec![4, 5]);
+        assert_eq!(history(&s, 2), vec![4]);
+        let u = s.usage().unwrap();
+        assert_eq!(u.history_packets, 3);
+        assert_eq!(u.purged.0, 10);
+        // A follower finds the kept packets at their positions still.
+        let page = s.log_after(0, 1, 10, 1 << 30).unwrap();
+        let positions: Vec<u64> = page.items.iter().map(|(pos, _)| *pos).collect();
+        assert_eq!(positions, vec![2, 3]);
+        let gone = s.purge(&Purge::All).unwrap();
+        assert_eq!(gone.packets, 3);
+        assert_eq!(count(&s, "SELECT count(*) FROM blocks"), 0);
+        assert_eq!(s.usage().unwrap().history_packets, 0);
+    }
+
+    /// A database of schema version 1 (a row per packet) is moved into blocks when a
+    /// registry opens it: the same history, positions and counts, and `packets` is gone.
+    #[test]
+    fn a_version_1_database_is_moved_into_blocks_at_open() {
+        let url = database();
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.batch_execute(
+            "CREATE TABLE interpose_schema (version integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO interpose_schema (version) VALUES (1);",
+        )
+        .unwrap();
+        c.batch_execute(include_str!("../../../migrations/0001_init.sql"))
+            .unwrap();
+        c.batch_execute(
+            "CREATE TABLE packets_2 PARTITION OF packets FOR VALUES IN (2);
+             INSERT INTO segments (seg) VALUES (2);",
+        )
+        .unwrap();
+        // Two segments, three batches; batch 2 spans connections 1 and 2.
+        let rows: Vec<(i64, i64, Packet)> = vec![
+            (1, 1, packet(1, 1)),
+            (1, 1, packet(1, 2)),
+            (1, 2, packet(2, 1)),
+            (1, 2, packet(1, 3)),
+            (2, 3, packet(2, 2)),
+        ];
+        for (seg, batch, p) in &rows {
+            c.execute(
+                "INSERT INTO packets (seg, conn_id, seq, batch, ts, bytes, body)
+                 VALUES ($1, $2, $3, $4, NULL, $5, $6)",
+                &[
+                    seg,
+                    &(p.conn_id as i64),
+                    &(p.seq as i64),
+                    batch,
+                    &(p.data.len() as i32),
+                    &p.encode_to_vec(),
+                ],
+            )
+            .unwrap();
+        }
+        c.batch_execute(
+            "INSERT INTO arrivals (pos, batch, closed) VALUES (1, 1, '{}'), (2, 2, '{}'),
+                 (3, 3, '{}');
+             UPDATE counter SET pos = 3;
+             UPDATE segments SET packets = 4, bytes = 12, last_pos = 2 WHERE seg = 1;
+             UPDATE segments SET packets = 1, bytes = 3, last_pos = 3 WHERE seg = 2;
+             INSERT INTO conns (id, active, body) VALUES (1, true, ''), (2, true, '');",
+        )
+        .unwrap();
+        let s = on(&url);
+        assert_eq!(history(&s, 1), vec![1, 2, 3]);
+        assert_eq!(history(&s, 2), vec![1, 2]);
+        assert_eq!(packets_of(&s, (1, 0), true)[2], packet(1, 3));
+        let page = s.log_after(0, 0, 10, 1 << 30).unwrap();
+        let order: Vec<(u64, u64, u64)> = page
+            .items
+            .iter()
+            .map(|(pos, f)| match f {
+                crate::backend::sled_store::Followed::Packet(p) => (*pos, p.conn_id, p.seq),
+                crate::backend::sled_store::Followed::Closed(_) => (*pos, 0, 0),
+            })
+            .collect();
+        assert_eq!(
+            order,
+            vec![(1, 1, 1), (1, 1, 2), (2, 1, 3), (2, 2, 1), (3, 2, 2)]
+        );
+        assert_eq!(s.position(), 3);
+        assert_eq!(s.usage().unwrap().history_packets, 5);
+        assert_eq!(
+            count(
+                &s,
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'blocks'::regclass"
+            ),
+            2
+        );
+        assert_eq!(
+            count(
+                &s,
+                "SELECT count(*) FROM pg_class WHERE relname = 'packets'"
+            ),
+            0
+        );
+        assert_eq!(
+            count(&s, "SELECT max(version)::int8 FROM interpose_schema"),
+            2
+        );
+        // Ingest goes on after the moved history.
+        s.record(vec![packet(1, 3), packet(1, 4)], Vec::new())
+            .unwrap();
+        s.commit().unwrap();
+        assert_eq!(history(&s, 1), vec![1, 2, 3, 4]);
     }
 }

@@ -1,12 +1,17 @@
 //! The database schema: versioned migrations, kept in `registry-svc/migrations/`, applied
-//! in order at start by whichever registry process gets there first.
+//! in order at start by whichever registry process gets there first, in one transaction
+//! (a registry killed halfway leaves the database as it was). Version 2 also moves version
+//! 1's history rows into blocks, logging its progress.
 
 use postgres::Client;
 
 use crate::backend::StoreError;
 
 /// Every migration, by version.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../../migrations/0001_init.sql")),
+    (2, include_str!("../../../migrations/0002_blocks.sql")),
+];
 
 /// Advisory lock key that serialises migrations between registry processes.
 const MIGRATION_LOCK: i64 = 0x696e_7470_6f73_6501;
@@ -42,6 +47,10 @@ pub fn migrate(client: &mut Client) -> Result<i32, StoreError> {
     for &(version, sql) in MIGRATIONS.iter().filter(|&&(v, _)| v > current) {
         tracing::info!(version, "migrating the registry database");
         tx.batch_execute(sql)?;
+        if version == 2 {
+            // Version 1's packets, one row each, move into blocks.
+            super::history::move_v1_packets(&mut tx)?;
+        }
         tx.execute(
             "INSERT INTO interpose_schema (version) VALUES ($1)",
             &[&version],

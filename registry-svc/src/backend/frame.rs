@@ -14,6 +14,10 @@
 //!
 //! A frame whose header or checksum does not hold is where a crash tore the log: recovery
 //! keeps everything before it ([`scan`]).
+//!
+//! Both stores use this format: the sled store's segment files hold whole frames
+//! ([`crate::backend::sled_store::log`]); the PostgreSQL store keeps each block's packet
+//! records, cut out of a frame, in rows of its own ([`crate::backend::pg`]).
 
 use bytes::Bytes;
 use proto::common::{Connection, Packet};
