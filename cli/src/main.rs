@@ -2,6 +2,11 @@
 
 use std::process::ExitCode;
 
+/// jemalloc rather than glibc's malloc, as registry-svc: `interpose up` holds the registry
+/// (see registry-svc's `main.rs` and `docs/BENCHMARKS.md`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = cli::parse();
