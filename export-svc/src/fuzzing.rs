@@ -429,28 +429,9 @@ impl FrameSink for Frames {
 mod tests {
     use super::*;
 
-    fn corpus() -> Vec<Vec<u8>> {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/pcap_writer");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|f| f.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(
-            files.len() >= 3,
-            "{} holds a handful of seeds",
-            dir.display()
-        );
-        files
-            .iter()
-            .map(|f| std::fs::read(f).expect("corpus file"))
-            .collect()
-    }
-
     #[test]
     fn pcap_writer_corpus_holds_and_covers_both_formats_and_transports() {
-        let seeds = corpus();
+        let seeds = proto::fuzz_corpus::seeds("pcap_writer").unwrap_or_else(|e| panic!("{e}"));
         let inputs: Vec<Capture> = seeds
             .iter()
             .map(|s| Capture::arbitrary_take_rest(Unstructured::new(s)).expect("seed decodes"))

@@ -616,6 +616,7 @@ const UNKNOWN_ISSUER: &str = "unknown issuer (not signed by a trusted CA; for a 
      private CA, pass its certificate with --upstream-ca FILE)";
 
 /// Human text for an upstream certificate problem.
+#[allow(deprecated)] // `UnsupportedSignatureAlgorithm` is still what older verifiers return
 fn certificate_error_text(c: &rustls::CertificateError) -> String {
     use rustls::CertificateError as E;
     match c {
