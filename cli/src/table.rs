@@ -87,6 +87,80 @@ pub struct Column<T> {
     pub pair: Option<&'static str>,
 }
 
+impl<T> Column<T> {
+    /// A shown-by-default column of `rank` with every other property off.
+    const fn new(
+        key: &'static str,
+        header: &'static str,
+        rank: u8,
+        cell: fn(&T, &View) -> String,
+    ) -> Self {
+        Self {
+            key,
+            header,
+            cell,
+            shrinks: false,
+            right: false,
+            default: true,
+            rank,
+            keeps_port: false,
+            pair: None,
+        }
+    }
+
+    /// A right-aligned column kept at full width (numbers, sizes, times).
+    pub const fn number(
+        key: &'static str,
+        header: &'static str,
+        rank: u8,
+        cell: fn(&T, &View) -> String,
+    ) -> Self {
+        let mut c = Self::new(key, header, rank, cell);
+        c.right = true;
+        c
+    }
+
+    /// A left-aligned column whose long values are cut to fit (host names, reasons).
+    pub const fn cut(
+        key: &'static str,
+        header: &'static str,
+        rank: u8,
+        cell: fn(&T, &View) -> String,
+    ) -> Self {
+        let mut c = Self::new(key, header, rank, cell);
+        c.shrinks = true;
+        c
+    }
+
+    /// A left-aligned column kept at full width (states, protocols, dates).
+    pub const fn fixed(
+        key: &'static str,
+        header: &'static str,
+        rank: u8,
+        cell: fn(&T, &View) -> String,
+    ) -> Self {
+        Self::new(key, header, rank, cell)
+    }
+
+    /// The same column, shown only when `--columns` names it.
+    pub const fn on_request(mut self) -> Self {
+        self.default = false;
+        self
+    }
+
+    /// The same column, keeping its `:port` end when cut.
+    pub const fn keeps_port(mut self) -> Self {
+        self.keeps_port = true;
+        self
+    }
+
+    /// The same column, left out together with column `key`.
+    pub const fn paired_with(mut self, key: &'static str) -> Self {
+        self.pair = Some(key);
+        self
+    }
+}
+
 /// The narrowest a shrinking column is cut to before whole columns are left out.
 const MIN_SHRUNK: usize = 12;
 
