@@ -47,60 +47,68 @@ fn or_dash(s: Option<&str>) -> String {
 
 /// Every column of `conns list`, default ones first.
 pub const CONNECTION: &[Column<Connection>] = &[
-    Column::number("id", "ID", 9, |c: &Connection, _| c.id.to_string()),
-    Column::cut("client", "CLIENT", 6, client),
-    Column::cut("target", "TARGET", 9, |c: &Connection, _| output::target(c)).keeps_port(),
-    Column::cut("sni", "SNI", 4, |c: &Connection, _| or_dash(Some(&c.sni))),
+    Column::new("id", "ID", 9, |c: &Connection, _| c.id.to_string()).right_aligned(),
+    Column::new("client", "CLIENT", 6, client).cut_to_fit(),
+    Column::new("target", "TARGET", 9, |c: &Connection, _| output::target(c))
+        .cut_to_fit()
+        .keeps_port(),
+    Column::new("sni", "SNI", 4, |c: &Connection, _| or_dash(Some(&c.sni))).cut_to_fit(),
     // ✗: the client spoke TLS but nothing was decrypted (passthrough, failed handshake).
-    Column::fixed("tls", "TLS", 5, |c: &Connection, _| {
+    Column::new("tls", "TLS", 5, |c: &Connection, _| {
         match (c.tls, c.client_tls.is_some()) {
             (true, true) => "tls".into(),
             (true, false) => "tls✗".into(),
             (false, _) => "-".into(),
         }
     }),
-    Column::fixed("status", "STATUS", 8, |c: &Connection, _| {
+    Column::new("status", "STATUS", 8, |c: &Connection, _| {
         or_dash(name_of::<ConnStatus>(c.status))
     }),
-    Column::fixed("closed_by", "CLOSED BY", 7, |c: &Connection, _| {
+    Column::new("closed_by", "CLOSED BY", 7, |c: &Connection, _| {
         or_dash(name_of::<ClosedBy>(c.closed_by))
     }),
-    Column::fixed("kind", "KIND", 3, |c: &Connection, _| {
+    Column::new("kind", "KIND", 3, |c: &Connection, _| {
         or_dash(name_of::<CloseKind>(c.close_kind))
     }),
-    Column::number("c2s", "C2S", 5, |c: &Connection, _| {
+    Column::new("c2s", "C2S", 5, |c: &Connection, _| {
         table::bytes(c.bytes_c2s)
     })
+    .right_aligned()
     .paired_with("s2c"),
-    Column::number("s2c", "S2C", 5, |c: &Connection, _| {
+    Column::new("s2c", "S2C", 5, |c: &Connection, _| {
         table::bytes(c.bytes_s2c)
-    }),
-    Column::number("duration", "DURATION", 4, duration),
-    Column::fixed("opened", "OPENED", 2, |c: &Connection, v| {
+    })
+    .right_aligned(),
+    Column::new("duration", "DURATION", 4, duration).right_aligned(),
+    Column::new("opened", "OPENED", 2, |c: &Connection, v| {
         opened(c).map_or_else(|| "-".into(), |t| v.time(t))
     }),
-    Column::cut("reason", "REASON", 6, |c: &Connection, _| {
+    Column::new("reason", "REASON", 6, |c: &Connection, _| {
         or_dash(Some(&c.reason))
-    }),
-    Column::number("replay_of", "REPLAY OF", 1, |c: &Connection, _| {
+    })
+    .cut_to_fit(),
+    Column::new("replay_of", "REPLAY OF", 1, |c: &Connection, _| {
         if c.replay_of == 0 {
             "-".into()
         } else {
             c.replay_of.to_string()
         }
     })
+    .right_aligned()
     .on_request(),
-    Column::cut("node", "NODE", 1, |c: &Connection, _| {
+    Column::new("node", "NODE", 1, |c: &Connection, _| {
         or_dash(Some(&c.node))
     })
+    .cut_to_fit()
     .on_request(),
-    Column::fixed("alpn", "ALPN", 1, |c: &Connection, _| {
+    Column::new("alpn", "ALPN", 1, |c: &Connection, _| {
         or_dash(Some(&c.alpn))
     })
     .on_request(),
-    Column::number("packets", "PACKETS", 1, |c: &Connection, _| {
+    Column::new("packets", "PACKETS", 1, |c: &Connection, _| {
         format!("{}/{}", c.packets_c2s, c.packets_s2c)
     })
+    .right_aligned()
     .on_request(),
 ];
 
@@ -151,26 +159,29 @@ fn packet_time(p: &Packet, v: &View) -> String {
 
 /// Every column of `history`, default ones first.
 pub const HISTORY: &[Column<HistoryLine>] = &[
-    Column::number("conn", "CONN", 9, |l: &HistoryLine, _| {
+    Column::new("conn", "CONN", 9, |l: &HistoryLine, _| {
         l.sent(|p| p.conn_id.to_string())
-    }),
-    Column::number("seq", "SEQ", 8, |l: &HistoryLine, _| {
+    })
+    .right_aligned(),
+    Column::new("seq", "SEQ", 8, |l: &HistoryLine, _| {
         l.sent(|p| p.seq.to_string())
-    }),
-    Column::fixed("dir", "DIR", 8, |l: &HistoryLine, _| {
+    })
+    .right_aligned(),
+    Column::new("dir", "DIR", 8, |l: &HistoryLine, _| {
         l.sent(|p| or_dash(name_of::<Direction>(p.direction)))
     }),
-    Column::fixed("time", "TIME", 5, |l: &HistoryLine, v| {
+    Column::new("time", "TIME", 5, |l: &HistoryLine, v| {
         l.sent(|p| packet_time(p, v))
     }),
-    Column::number("len", "LEN", 7, |l: &HistoryLine, _| {
+    Column::new("len", "LEN", 7, |l: &HistoryLine, _| {
         if l.original {
             l.packet.original.len().to_string()
         } else {
             l.packet.data.len().to_string()
         }
-    }),
-    Column::cut("data", "DATA", 9, |l: &HistoryLine, _| {
+    })
+    .right_aligned(),
+    Column::new("data", "DATA", 9, |l: &HistoryLine, _| {
         let p = &l.packet;
         if l.original {
             format!("original: {}", preview(&p.original, PREVIEW))
@@ -181,10 +192,12 @@ pub const HISTORY: &[Column<HistoryLine>] = &[
         } else {
             preview(&p.data, PREVIEW)
         }
-    }),
-    Column::cut("target", "TARGET", 6, |l: &HistoryLine, _| {
+    })
+    .cut_to_fit(),
+    Column::new("target", "TARGET", 6, |l: &HistoryLine, _| {
         l.sent(|_| l.target.clone())
     })
+    .cut_to_fit()
     .on_request()
     .keeps_port(),
 ];
@@ -196,32 +209,37 @@ fn held_cell(h: &HeldPacket, cell: impl Fn(&Packet) -> String) -> String {
 
 /// Every column of `held list`, default ones first.
 pub const HELD: &[Column<HeldPacket>] = &[
-    Column::number("held", "HELD", 9, |h: &HeldPacket, _| h.held_id.to_string()),
-    Column::number("conn", "CONN", 8, |h: &HeldPacket, _| {
+    Column::new("held", "HELD", 9, |h: &HeldPacket, _| h.held_id.to_string()).right_aligned(),
+    Column::new("conn", "CONN", 8, |h: &HeldPacket, _| {
         held_cell(h, |p| p.conn_id.to_string())
-    }),
-    Column::fixed("dir", "DIR", 8, |h: &HeldPacket, _| {
+    })
+    .right_aligned(),
+    Column::new("dir", "DIR", 8, |h: &HeldPacket, _| {
         held_cell(h, |p| or_dash(name_of::<Direction>(p.direction)))
     }),
-    Column::cut("target", "TARGET", 7, |h: &HeldPacket, _| {
+    Column::new("target", "TARGET", 7, |h: &HeldPacket, _| {
         format!("{}:{}", h.dst_host, h.dst_port)
     })
+    .cut_to_fit()
     .keeps_port(),
     // `len` is set also when the bytes are left out or no longer kept (abandoned).
-    Column::number("len", "LEN", 6, |h: &HeldPacket, _| {
+    Column::new("len", "LEN", 6, |h: &HeldPacket, _| {
         held_cell(h, |p| (h.len as usize).max(p.data.len()).to_string())
-    }),
-    Column::fixed("status", "STATUS", 8, |h: &HeldPacket, _| status_text(h)),
-    Column::cut("data", "DATA", 9, |h: &HeldPacket, _| {
+    })
+    .right_aligned(),
+    Column::new("status", "STATUS", 8, |h: &HeldPacket, _| status_text(h)),
+    Column::new("data", "DATA", 9, |h: &HeldPacket, _| {
         held_cell(h, |p| preview(&p.data, PREVIEW))
-    }),
-    Column::fixed("time", "TIME", 1, |h: &HeldPacket, v| {
+    })
+    .cut_to_fit(),
+    Column::new("time", "TIME", 1, |h: &HeldPacket, v| {
         held_cell(h, |p| packet_time(p, v))
     })
     .on_request(),
-    Column::number("seq", "SEQ", 1, |h: &HeldPacket, _| {
+    Column::new("seq", "SEQ", 1, |h: &HeldPacket, _| {
         held_cell(h, |p| p.seq.to_string())
     })
+    .right_aligned()
     .on_request(),
 ];
 

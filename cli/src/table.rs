@@ -88,8 +88,9 @@ pub struct Column<T> {
 }
 
 impl<T> Column<T> {
-    /// A shown-by-default column of `rank` with every other property off.
-    const fn new(
+    /// A shown-by-default, left-aligned column of `rank` kept at full width; the methods
+    /// below change that.
+    pub const fn new(
         key: &'static str,
         header: &'static str,
         rank: u8,
@@ -108,38 +109,16 @@ impl<T> Column<T> {
         }
     }
 
-    /// A right-aligned column kept at full width (numbers, sizes, times).
-    pub const fn number(
-        key: &'static str,
-        header: &'static str,
-        rank: u8,
-        cell: fn(&T, &View) -> String,
-    ) -> Self {
-        let mut c = Self::new(key, header, rank, cell);
-        c.right = true;
-        c
+    /// The same column, right-aligned (numbers, sizes, times).
+    pub const fn right_aligned(mut self) -> Self {
+        self.right = true;
+        self
     }
 
-    /// A left-aligned column whose long values are cut to fit (host names, reasons).
-    pub const fn cut(
-        key: &'static str,
-        header: &'static str,
-        rank: u8,
-        cell: fn(&T, &View) -> String,
-    ) -> Self {
-        let mut c = Self::new(key, header, rank, cell);
-        c.shrinks = true;
-        c
-    }
-
-    /// A left-aligned column kept at full width (states, protocols, dates).
-    pub const fn fixed(
-        key: &'static str,
-        header: &'static str,
-        rank: u8,
-        cell: fn(&T, &View) -> String,
-    ) -> Self {
-        Self::new(key, header, rank, cell)
+    /// The same column, its long values cut to fit (host names, reasons).
+    pub const fn cut_to_fit(mut self) -> Self {
+        self.shrinks = true;
+        self
     }
 
     /// The same column, shown only when `--columns` names it.
