@@ -2,21 +2,21 @@
 //! connection records and proxy history, which it reads over gRPC (so it runs on any host).
 //!
 //! The framing is sans-I/O: [`wire`] writes Ethernet/IP/TCP/UDP headers, [`endpoints`]
-//! picks a stream's addresses, [`session`] turns one connection into frames and
+//! picks a stream's addresses, [`frames`] turns one connection into frames and
 //! [`capture`] frames them as a capture file. [`plan`] checks a request, [`job`] runs it
-//! page by page against the registry (a live export, `follow`, tails the registry's
+//! page by page against the registry (a live export, `follow`, in `live`, tails the registry's
 //! `FollowHistory` instead) and [`service`] serves it. `fuzzing` (tests and the `fuzzing`
 //! feature) holds the properties the PCAP writer's fuzz target checks.
 
 pub mod capture;
 pub mod endpoints;
-mod follow;
+pub mod frames;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod job;
+mod live;
 pub mod plan;
 pub mod service;
-pub mod session;
 pub mod wire;
 
 use std::net::SocketAddr;

@@ -2,11 +2,11 @@
 //! packets it selects until a user forwards (optionally edited) or drops them.
 //!
 //! [`queue`] is the state machine (no I/O), [`service`] serves it as
-//! `interpose.intercept.v1.Intercept`, and [`follow`] keeps each held packet's connection
+//! `interpose.intercept.v1.Intercept`, and [`registry_watch`] keeps each held packet's connection
 //! status current from the registry.
 
-pub mod follow;
 pub mod queue;
+pub mod registry_watch;
 pub mod service;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -15,7 +15,7 @@ use anyhow::Context;
 use proto::{intercept::intercept_server::InterceptServer, serve::GrpcServer};
 
 pub use queue::{DEFAULT_MAX_HELD, DEFAULT_MAX_HELD_BYTES, MAX_REPLACEMENT};
-pub use service::{InterceptService, Shared};
+pub use service::{InterceptService, InterceptState};
 
 /// Largest gRPC message the service accepts: a replacement at the limit plus framing, so
 /// that one just beyond the limit gets INVALID_ARGUMENT naming the limit.
@@ -24,7 +24,7 @@ pub const MAX_MESSAGE: usize = 2 * MAX_REPLACEMENT;
 /// A running intercept queue: its gRPC service, the task following the registry and the
 /// one expiring abandoned packets.
 pub struct Intercept {
-    shared: Arc<Shared>,
+    shared: Arc<InterceptState>,
     follower: tokio::task::JoinHandle<()>,
     expirer: tokio::task::JoinHandle<()>,
 }
@@ -37,9 +37,9 @@ impl Intercept {
         token: Option<&str>,
         limits: Limits,
     ) -> Result<Self, proto::client::ClientError> {
-        let shared = Shared::new(limits.max_held, limits.max_held_bytes);
+        let shared = InterceptState::new(limits.max_held, limits.max_held_bytes);
         let registry = Arc::new(proto::failover::Replicas::new(registry_urls, token)?);
-        let follower = tokio::spawn(follow::follow_registry(shared.clone(), registry));
+        let follower = tokio::spawn(registry_watch::watch_registry(shared.clone(), registry));
         let expirer = tokio::spawn(shared.clone().expire_abandoned());
         Ok(Self {
             shared,
