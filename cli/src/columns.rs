@@ -47,204 +47,69 @@ fn or_dash(s: Option<&str>) -> String {
 
 /// Every column of `conns list`, default ones first.
 pub const CONNECTION: &[Column<Connection>] = &[
-    Column {
-        key: "id",
-        header: "ID",
-        cell: |c, _| c.id.to_string(),
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 9,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "client",
-        header: "CLIENT",
-        cell: client,
-        shrinks: true,
-        right: false,
-        default: true,
-        rank: 6,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "target",
-        header: "TARGET",
-        cell: |c, _| output::target(c),
-        shrinks: true,
-        right: false,
-        default: true,
-        rank: 9,
-        keeps_port: true,
-        pair: None,
-    },
-    Column {
-        key: "sni",
-        header: "SNI",
-        cell: |c, _| or_dash(Some(&c.sni)),
-        shrinks: true,
-        right: false,
-        default: true,
-        rank: 4,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "tls",
-        header: "TLS",
-        // ✗: the client spoke TLS but nothing was decrypted (passthrough, failed handshake).
-        cell: |c, _| match (c.tls, c.client_tls.is_some()) {
+    Column::new("id", "ID", 9, |c: &Connection, _| c.id.to_string()).right_aligned(),
+    Column::new("client", "CLIENT", 6, client).cut_to_fit(),
+    Column::new("target", "TARGET", 9, |c: &Connection, _| output::target(c))
+        .cut_to_fit()
+        .keeps_port(),
+    Column::new("sni", "SNI", 4, |c: &Connection, _| or_dash(Some(&c.sni))).cut_to_fit(),
+    // ✗: the client spoke TLS but nothing was decrypted (passthrough, failed handshake).
+    Column::new("tls", "TLS", 5, |c: &Connection, _| {
+        match (c.tls, c.client_tls.is_some()) {
             (true, true) => "tls".into(),
             (true, false) => "tls✗".into(),
             (false, _) => "-".into(),
-        },
-        shrinks: false,
-        right: false,
-        default: true,
-        rank: 5,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "status",
-        header: "STATUS",
-        cell: |c, _| or_dash(name_of::<ConnStatus>(c.status)),
-        shrinks: false,
-        right: false,
-        default: true,
-        rank: 8,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "closed_by",
-        header: "CLOSED BY",
-        cell: |c, _| or_dash(name_of::<ClosedBy>(c.closed_by)),
-        shrinks: false,
-        right: false,
-        default: true,
-        rank: 7,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "kind",
-        header: "KIND",
-        cell: |c, _| or_dash(name_of::<CloseKind>(c.close_kind)),
-        shrinks: false,
-        right: false,
-        default: true,
-        rank: 3,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "c2s",
-        header: "C2S",
-        cell: |c, _| table::bytes(c.bytes_c2s),
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 5,
-        keeps_port: false,
-        pair: Some("s2c"),
-    },
-    Column {
-        key: "s2c",
-        header: "S2C",
-        cell: |c, _| table::bytes(c.bytes_s2c),
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 5,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "duration",
-        header: "DURATION",
-        cell: duration,
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 4,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "opened",
-        header: "OPENED",
-        cell: |c, v| opened(c).map_or_else(|| "-".into(), |t| v.time(t)),
-        shrinks: false,
-        right: false,
-        default: true,
-        rank: 2,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "reason",
-        header: "REASON",
-        cell: |c, _| or_dash(Some(&c.reason)),
-        shrinks: true,
-        right: false,
-        default: true,
-        rank: 6,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "replay_of",
-        header: "REPLAY OF",
-        cell: |c, _| {
-            if c.replay_of == 0 {
-                "-".into()
-            } else {
-                c.replay_of.to_string()
-            }
-        },
-        shrinks: false,
-        right: true,
-        default: false,
-        rank: 1,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "node",
-        header: "NODE",
-        cell: |c, _| or_dash(Some(&c.node)),
-        shrinks: true,
-        right: false,
-        default: false,
-        rank: 1,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "alpn",
-        header: "ALPN",
-        cell: |c, _| or_dash(Some(&c.alpn)),
-        shrinks: false,
-        right: false,
-        default: false,
-        rank: 1,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "packets",
-        header: "PACKETS",
-        cell: |c, _| format!("{}/{}", c.packets_c2s, c.packets_s2c),
-        shrinks: false,
-        right: true,
-        default: false,
-        rank: 1,
-        keeps_port: false,
-        pair: None,
-    },
+        }
+    }),
+    Column::new("status", "STATUS", 8, |c: &Connection, _| {
+        or_dash(name_of::<ConnStatus>(c.status))
+    }),
+    Column::new("closed_by", "CLOSED BY", 7, |c: &Connection, _| {
+        or_dash(name_of::<ClosedBy>(c.closed_by))
+    }),
+    Column::new("kind", "KIND", 3, |c: &Connection, _| {
+        or_dash(name_of::<CloseKind>(c.close_kind))
+    }),
+    Column::new("c2s", "C2S", 5, |c: &Connection, _| {
+        table::bytes(c.bytes_c2s)
+    })
+    .right_aligned()
+    .paired_with("s2c"),
+    Column::new("s2c", "S2C", 5, |c: &Connection, _| {
+        table::bytes(c.bytes_s2c)
+    })
+    .right_aligned(),
+    Column::new("duration", "DURATION", 4, duration).right_aligned(),
+    Column::new("opened", "OPENED", 2, |c: &Connection, v| {
+        opened(c).map_or_else(|| "-".into(), |t| v.time(t))
+    }),
+    Column::new("reason", "REASON", 6, |c: &Connection, _| {
+        or_dash(Some(&c.reason))
+    })
+    .cut_to_fit(),
+    Column::new("replay_of", "REPLAY OF", 1, |c: &Connection, _| {
+        if c.replay_of == 0 {
+            "-".into()
+        } else {
+            c.replay_of.to_string()
+        }
+    })
+    .right_aligned()
+    .on_request(),
+    Column::new("node", "NODE", 1, |c: &Connection, _| {
+        or_dash(Some(&c.node))
+    })
+    .cut_to_fit()
+    .on_request(),
+    Column::new("alpn", "ALPN", 1, |c: &Connection, _| {
+        or_dash(Some(&c.alpn))
+    })
+    .on_request(),
+    Column::new("packets", "PACKETS", 1, |c: &Connection, _| {
+        format!("{}/{}", c.packets_c2s, c.packets_s2c)
+    })
+    .right_aligned()
+    .on_request(),
 ];
 
 /// One line of the `history` table: a packet, or under a modified one what was received.
@@ -294,100 +159,47 @@ fn packet_time(p: &Packet, v: &View) -> String {
 
 /// Every column of `history`, default ones first.
 pub const HISTORY: &[Column<HistoryLine>] = &[
-    Column {
-        key: "conn",
-        header: "CONN",
-        cell: |l, _| l.sent(|p| p.conn_id.to_string()),
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 9,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "seq",
-        header: "SEQ",
-        cell: |l, _| l.sent(|p| p.seq.to_string()),
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 8,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "dir",
-        header: "DIR",
-        cell: |l, _| l.sent(|p| or_dash(name_of::<Direction>(p.direction))),
-        shrinks: false,
-        right: false,
-        default: true,
-        rank: 8,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "time",
-        header: "TIME",
-        cell: |l, v| l.sent(|p| packet_time(p, v)),
-        shrinks: false,
-        right: false,
-        default: true,
-        rank: 5,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "len",
-        header: "LEN",
-        cell: |l, _| {
-            if l.original {
-                l.packet.original.len().to_string()
-            } else {
-                l.packet.data.len().to_string()
-            }
-        },
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 7,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "data",
-        header: "DATA",
-        cell: |l, _| {
-            let p = &l.packet;
-            if l.original {
-                format!("original: {}", preview(&p.original, PREVIEW))
-            } else if p.dropped {
-                "[dropped]".into()
-            } else if p.modified {
-                format!("[modified] {}", preview(&p.data, PREVIEW))
-            } else {
-                preview(&p.data, PREVIEW)
-            }
-        },
-        shrinks: true,
-        right: false,
-        default: true,
-        rank: 9,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "target",
-        header: "TARGET",
-        cell: |l, _| l.sent(|_| l.target.clone()),
-        shrinks: true,
-        right: false,
-        default: false,
-        rank: 6,
-        keeps_port: true,
-        pair: None,
-    },
+    Column::new("conn", "CONN", 9, |l: &HistoryLine, _| {
+        l.sent(|p| p.conn_id.to_string())
+    })
+    .right_aligned(),
+    Column::new("seq", "SEQ", 8, |l: &HistoryLine, _| {
+        l.sent(|p| p.seq.to_string())
+    })
+    .right_aligned(),
+    Column::new("dir", "DIR", 8, |l: &HistoryLine, _| {
+        l.sent(|p| or_dash(name_of::<Direction>(p.direction)))
+    }),
+    Column::new("time", "TIME", 5, |l: &HistoryLine, v| {
+        l.sent(|p| packet_time(p, v))
+    }),
+    Column::new("len", "LEN", 7, |l: &HistoryLine, _| {
+        if l.original {
+            l.packet.original.len().to_string()
+        } else {
+            l.packet.data.len().to_string()
+        }
+    })
+    .right_aligned(),
+    Column::new("data", "DATA", 9, |l: &HistoryLine, _| {
+        let p = &l.packet;
+        if l.original {
+            format!("original: {}", preview(&p.original, PREVIEW))
+        } else if p.dropped {
+            "[dropped]".into()
+        } else if p.modified {
+            format!("[modified] {}", preview(&p.data, PREVIEW))
+        } else {
+            preview(&p.data, PREVIEW)
+        }
+    })
+    .cut_to_fit(),
+    Column::new("target", "TARGET", 6, |l: &HistoryLine, _| {
+        l.sent(|_| l.target.clone())
+    })
+    .cut_to_fit()
+    .on_request()
+    .keeps_port(),
 ];
 
 /// A cell of a held packet's packet (`-` when the service sent none).
@@ -397,106 +209,38 @@ fn held_cell(h: &HeldPacket, cell: impl Fn(&Packet) -> String) -> String {
 
 /// Every column of `held list`, default ones first.
 pub const HELD: &[Column<HeldPacket>] = &[
-    Column {
-        key: "held",
-        header: "HELD",
-        cell: |h, _| h.held_id.to_string(),
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 9,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "conn",
-        header: "CONN",
-        cell: |h, _| held_cell(h, |p| p.conn_id.to_string()),
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 8,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "dir",
-        header: "DIR",
-        cell: |h, _| held_cell(h, |p| or_dash(name_of::<Direction>(p.direction))),
-        shrinks: false,
-        right: false,
-        default: true,
-        rank: 8,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "target",
-        header: "TARGET",
-        cell: |h, _| format!("{}:{}", h.dst_host, h.dst_port),
-        shrinks: true,
-        right: false,
-        default: true,
-        rank: 7,
-        keeps_port: true,
-        pair: None,
-    },
-    Column {
-        key: "len",
-        header: "LEN",
-        // `len` is set also when the bytes are left out or no longer kept (abandoned).
-        cell: |h, _| held_cell(h, |p| (h.len as usize).max(p.data.len()).to_string()),
-        shrinks: false,
-        right: true,
-        default: true,
-        rank: 6,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "status",
-        header: "STATUS",
-        cell: |h, _| status_text(h),
-        shrinks: false,
-        right: false,
-        default: true,
-        rank: 8,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "data",
-        header: "DATA",
-        cell: |h, _| held_cell(h, |p| preview(&p.data, PREVIEW)),
-        shrinks: true,
-        right: false,
-        default: true,
-        rank: 9,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "time",
-        header: "TIME",
-        cell: |h, v| held_cell(h, |p| packet_time(p, v)),
-        shrinks: false,
-        right: false,
-        default: false,
-        rank: 1,
-        keeps_port: false,
-        pair: None,
-    },
-    Column {
-        key: "seq",
-        header: "SEQ",
-        cell: |h, _| held_cell(h, |p| p.seq.to_string()),
-        shrinks: false,
-        right: true,
-        default: false,
-        rank: 1,
-        keeps_port: false,
-        pair: None,
-    },
+    Column::new("held", "HELD", 9, |h: &HeldPacket, _| h.held_id.to_string()).right_aligned(),
+    Column::new("conn", "CONN", 8, |h: &HeldPacket, _| {
+        held_cell(h, |p| p.conn_id.to_string())
+    })
+    .right_aligned(),
+    Column::new("dir", "DIR", 8, |h: &HeldPacket, _| {
+        held_cell(h, |p| or_dash(name_of::<Direction>(p.direction)))
+    }),
+    Column::new("target", "TARGET", 7, |h: &HeldPacket, _| {
+        format!("{}:{}", h.dst_host, h.dst_port)
+    })
+    .cut_to_fit()
+    .keeps_port(),
+    // `len` is set also when the bytes are left out or no longer kept (abandoned).
+    Column::new("len", "LEN", 6, |h: &HeldPacket, _| {
+        held_cell(h, |p| (h.len as usize).max(p.data.len()).to_string())
+    })
+    .right_aligned(),
+    Column::new("status", "STATUS", 8, |h: &HeldPacket, _| status_text(h)),
+    Column::new("data", "DATA", 9, |h: &HeldPacket, _| {
+        held_cell(h, |p| preview(&p.data, PREVIEW))
+    })
+    .cut_to_fit(),
+    Column::new("time", "TIME", 1, |h: &HeldPacket, v| {
+        held_cell(h, |p| packet_time(p, v))
+    })
+    .on_request(),
+    Column::new("seq", "SEQ", 1, |h: &HeldPacket, _| {
+        held_cell(h, |p| p.seq.to_string())
+    })
+    .right_aligned()
+    .on_request(),
 ];
 
 /// The live status of a held packet's connection: `active`, or `closed by server`.

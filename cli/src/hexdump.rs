@@ -17,6 +17,7 @@ pub enum HexError {
 pub fn dump(data: &[u8]) -> String {
     let mut out = String::new();
     for (i, chunk) in data.chunks(16).enumerate() {
+        // One group a byte, spaced for editing: a layout, not proto::hex's plain encoding.
         let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
         let text: String = chunk
             .iter()

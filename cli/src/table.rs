@@ -87,6 +87,59 @@ pub struct Column<T> {
     pub pair: Option<&'static str>,
 }
 
+impl<T> Column<T> {
+    /// A shown-by-default, left-aligned column of `rank` kept at full width; the methods
+    /// below change that.
+    pub const fn new(
+        key: &'static str,
+        header: &'static str,
+        rank: u8,
+        cell: fn(&T, &View) -> String,
+    ) -> Self {
+        Self {
+            key,
+            header,
+            cell,
+            shrinks: false,
+            right: false,
+            default: true,
+            rank,
+            keeps_port: false,
+            pair: None,
+        }
+    }
+
+    /// The same column, right-aligned (numbers, sizes, times).
+    pub const fn right_aligned(mut self) -> Self {
+        self.right = true;
+        self
+    }
+
+    /// The same column, its long values cut to fit (host names, reasons).
+    pub const fn cut_to_fit(mut self) -> Self {
+        self.shrinks = true;
+        self
+    }
+
+    /// The same column, shown only when `--columns` names it.
+    pub const fn on_request(mut self) -> Self {
+        self.default = false;
+        self
+    }
+
+    /// The same column, keeping its `:port` end when cut.
+    pub const fn keeps_port(mut self) -> Self {
+        self.keeps_port = true;
+        self
+    }
+
+    /// The same column, left out together with column `key`.
+    pub const fn paired_with(mut self, key: &'static str) -> Self {
+        self.pair = Some(key);
+        self
+    }
+}
+
 /// The narrowest a shrinking column is cut to before whole columns are left out.
 const MIN_SHRUNK: usize = 12;
 

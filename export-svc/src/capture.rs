@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use crate::session::FrameSink;
+use crate::frames::FrameSink;
 
 /// Snap length in every header: what older libpcap releases still accept.
 pub const SNAPLEN: u32 = 262_144;

@@ -30,7 +30,7 @@ use pcap_file::{
 
 use crate::{
     capture::{CaptureWriter, Format},
-    session::{Ending, FrameSink, Side, TcpSession, UdpSession},
+    frames::{Ending, FrameSink, Side, TcpSession, UdpSession},
     wire::{self, CLIENT_MAC, SERVER_MAC, flags},
 };
 
@@ -50,7 +50,7 @@ pub struct Capture {
     pub comment: Option<String>,
     pub start_ts: u64,
     pub packets: Vec<Packet>,
-    pub ending: End,
+    pub ending: StreamEnd,
 }
 
 /// One recorded packet.
@@ -63,7 +63,7 @@ pub struct Packet {
 
 /// How the TCP stream ended (`true`: the client first).
 #[derive(Debug, Clone, Copy, Arbitrary)]
-pub enum End {
+pub enum StreamEnd {
     Open,
     Fin(bool),
     Rst(bool),
@@ -105,9 +105,9 @@ pub fn capture(c: &Capture) {
             s.data(&mut w, p.ts, side(p.from_client), &p.data);
         }
         let ending = match c.ending {
-            End::Open => Ending::Open,
-            End::Fin(client_first) => Ending::Fin(side(client_first)),
-            End::Rst(client_first) => Ending::Rst(side(client_first)),
+            StreamEnd::Open => Ending::Open,
+            StreamEnd::Fin(client_first) => Ending::Fin(side(client_first)),
+            StreamEnd::Rst(client_first) => Ending::Rst(side(client_first)),
         };
         s.end(&mut w, c.start_ts, ending);
     }
@@ -187,7 +187,7 @@ fn check_udp(c: &Capture, segments: &[Segment]) {
         .iter()
         .flat_map(|p| {
             p.data
-                .chunks(crate::session::MAX_DATAGRAM)
+                .chunks(crate::frames::MAX_DATAGRAM)
                 .map(move |d| (p.from_client, d))
         })
         .collect();
@@ -222,12 +222,12 @@ fn check_tcp(c: &Capture, segments: &[Segment]) {
         .map(|s| s.from_client)
         .collect();
     match c.ending {
-        End::Open => assert!(fins.is_empty() && rsts.is_empty(), "an open stream ended"),
-        End::Fin(client_first) => {
+        StreamEnd::Open => assert!(fins.is_empty() && rsts.is_empty(), "an open stream ended"),
+        StreamEnd::Fin(client_first) => {
             assert_eq!(fins, [client_first, !client_first], "FIN order");
             assert!(rsts.is_empty(), "RST on a FIN close");
         }
-        End::Rst(client) => {
+        StreamEnd::Rst(client) => {
             assert_eq!(rsts, [client], "RST side");
             assert!(tcp.last().is_some_and(|s| s.flags & flags::RST != 0));
         }
@@ -429,28 +429,9 @@ impl FrameSink for Frames {
 mod tests {
     use super::*;
 
-    fn corpus() -> Vec<Vec<u8>> {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/pcap_writer");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|f| f.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(
-            files.len() >= 3,
-            "{} holds a handful of seeds",
-            dir.display()
-        );
-        files
-            .iter()
-            .map(|f| std::fs::read(f).expect("corpus file"))
-            .collect()
-    }
-
     #[test]
     fn pcap_writer_corpus_holds_and_covers_both_formats_and_transports() {
-        let seeds = corpus();
+        let seeds = proto::fuzz_corpus::seeds("pcap_writer").unwrap_or_else(|e| panic!("{e}"));
         let inputs: Vec<Capture> = seeds
             .iter()
             .map(|s| Capture::arbitrary_take_rest(Unstructured::new(s)).expect("seed decodes"))

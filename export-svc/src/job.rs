@@ -21,8 +21,8 @@ use tonic::{Code, Status};
 use crate::{
     capture::CaptureWriter,
     endpoints::Endpoints,
+    frames::{Ending, FrameSink, Side, TcpSession, UdpSession},
     plan::{Plan, comment, ending},
-    session::{Ending, FrameSink, Side, TcpSession, UdpSession},
 };
 
 /// Chunk size the file is sent in.

@@ -2,21 +2,21 @@
 //! connection records and proxy history, which it reads over gRPC (so it runs on any host).
 //!
 //! The framing is sans-I/O: [`wire`] writes Ethernet/IP/TCP/UDP headers, [`endpoints`]
-//! picks a stream's addresses, [`session`] turns one connection into frames and
+//! picks a stream's addresses, [`frames`] turns one connection into frames and
 //! [`capture`] frames them as a capture file. [`plan`] checks a request, [`job`] runs it
-//! page by page against the registry (a live export, `follow`, tails the registry's
+//! page by page against the registry (a live export, `follow`, in `live`, tails the registry's
 //! `FollowHistory` instead) and [`service`] serves it. `fuzzing` (tests and the `fuzzing`
 //! feature) holds the properties the PCAP writer's fuzz target checks.
 
 pub mod capture;
 pub mod endpoints;
-mod follow;
+pub mod frames;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod job;
+mod live;
 pub mod plan;
 pub mod service;
-pub mod session;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -54,42 +54,29 @@ pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:50053", value_parser = proto::serve::listen_addr)]
     pub listen: SocketAddr,
-    /// gRPC URL of the registry to read records and history from; for registry-svc
-    /// replicas serving one database, several (comma-separated or repeated), tried in turn.
-    #[arg(
-        long,
-        required = true,
-        value_name = "URL[,URL...]",
-        value_delimiter = ',',
-        value_parser = proto::failover::list_entry
-    )]
-    pub registry: Vec<String>,
-    /// Who may call: the token (or `--no-auth`), as every server takes it. The token is
-    /// also what this service sends to the registry.
+    /// The registry to read from, who may call, streaming bounds and mTLS.
     #[command(flatten)]
-    pub auth: proto::token::AuthOptions,
-    /// Bounds on streaming calls, as every server takes them.
-    #[command(flatten)]
-    pub streams: proto::streams::StreamArgs,
-    /// mTLS, for this service's API and towards an https:// --registry.
-    #[command(flatten)]
-    pub mtls: proto::mtls::ServiceTlsArgs,
+    pub service: proto::serve::RegistryReaderArgs,
 }
 
 /// Runs the standalone exporter until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let auth = args
+    let Args {
+        listen,
+        service: flags,
+    } = args;
+    let auth = flags
         .auth
-        .settle("export-svc", args.listen, args.mtls.data_dir.as_deref())?;
-    proto::serve::check_exposure(args.listen, auth.token.as_deref())?;
-    args.mtls.install_client()?;
-    let service = grpc_service(&args.registry, auth.token.as_deref())?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+        .settle("export-svc", listen, flags.mtls.data_dir.as_deref())?;
+    proto::serve::check_exposure(listen, auth.token.as_deref())?;
+    flags.mtls.install_client()?;
+    let service = grpc_service(&flags.registry, auth.token.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding gRPC on {}", args.listen))?;
+        .with_context(|| format!("binding gRPC on {listen}"))?;
     let addr = listener.local_addr()?;
-    let mut server = GrpcServer::with_auth(&auth, &args.streams);
-    let tls = args.mtls.serve(&mut server, addr)?;
+    let mut server = GrpcServer::with_auth(&auth, &flags.streams);
+    let tls = flags.mtls.serve(&mut server, addr)?;
     server.add_service(service);
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
     let stop = proto::serve::shutdown_signal();

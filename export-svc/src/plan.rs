@@ -12,7 +12,7 @@ use tonic::Status;
 use crate::{
     capture::Format,
     endpoints::{Endpoints, PortMap},
-    session::{Ending, Side},
+    frames::{Ending, Side},
 };
 
 /// A checked export request.

@@ -2,11 +2,11 @@
 //! packets it selects until a user forwards (optionally edited) or drops them.
 //!
 //! [`queue`] is the state machine (no I/O), [`service`] serves it as
-//! `interpose.intercept.v1.Intercept`, and [`follow`] keeps each held packet's connection
+//! `interpose.intercept.v1.Intercept`, and [`registry_watch`] keeps each held packet's connection
 //! status current from the registry.
 
-pub mod follow;
 pub mod queue;
+pub mod registry_watch;
 pub mod service;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -15,7 +15,7 @@ use anyhow::Context;
 use proto::{intercept::intercept_server::InterceptServer, serve::GrpcServer};
 
 pub use queue::{DEFAULT_MAX_HELD, DEFAULT_MAX_HELD_BYTES, MAX_REPLACEMENT};
-pub use service::{InterceptService, Shared};
+pub use service::{InterceptService, InterceptState};
 
 /// Largest gRPC message the service accepts: a replacement at the limit plus framing, so
 /// that one just beyond the limit gets INVALID_ARGUMENT naming the limit.
@@ -24,7 +24,7 @@ pub const MAX_MESSAGE: usize = 2 * MAX_REPLACEMENT;
 /// A running intercept queue: its gRPC service, the task following the registry and the
 /// one expiring abandoned packets.
 pub struct Intercept {
-    shared: Arc<Shared>,
+    shared: Arc<InterceptState>,
     follower: tokio::task::JoinHandle<()>,
     expirer: tokio::task::JoinHandle<()>,
 }
@@ -37,9 +37,9 @@ impl Intercept {
         token: Option<&str>,
         limits: Limits,
     ) -> Result<Self, proto::client::ClientError> {
-        let shared = Shared::new(limits.max_held, limits.max_held_bytes);
+        let shared = InterceptState::new(limits.max_held, limits.max_held_bytes);
         let registry = Arc::new(proto::failover::Replicas::new(registry_urls, token)?);
-        let follower = tokio::spawn(follow::follow_registry(shared.clone(), registry));
+        let follower = tokio::spawn(registry_watch::watch_registry(shared.clone(), registry));
         let expirer = tokio::spawn(shared.clone().expire_abandoned());
         Ok(Self {
             shared,
@@ -135,27 +135,9 @@ pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:50052", value_parser = proto::serve::listen_addr)]
     pub listen: SocketAddr,
-    /// gRPC URL of the registry, for the live status of held packets' connections; for
-    /// registry-svc replicas serving one database, several (comma-separated or repeated),
-    /// tried in turn.
-    #[arg(
-        long,
-        required = true,
-        value_name = "URL[,URL...]",
-        value_delimiter = ',',
-        value_parser = proto::failover::list_entry
-    )]
-    pub registry: Vec<String>,
-    /// Who may call: the token (or `--no-auth`), as every server takes it. The token is
-    /// also what this service sends to the registry.
+    /// The registry to read from, who may call, streaming bounds and mTLS.
     #[command(flatten)]
-    pub auth: proto::token::AuthOptions,
-    /// Bounds on streaming calls, as every server takes them.
-    #[command(flatten)]
-    pub streams: proto::streams::StreamArgs,
-    /// mTLS, for this service's API and towards an https:// --registry.
-    #[command(flatten)]
-    pub mtls: proto::mtls::ServiceTlsArgs,
+    pub service: proto::serve::RegistryReaderArgs,
     /// The held queue's bounds.
     #[command(flatten)]
     pub limits: Limits,
@@ -163,18 +145,23 @@ pub struct Args {
 
 /// Runs the standalone service until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let auth = args
+    let Args {
+        listen,
+        service: flags,
+        limits,
+    } = args;
+    let auth = flags
         .auth
-        .settle("intercept-svc", args.listen, args.mtls.data_dir.as_deref())?;
-    proto::serve::check_exposure(args.listen, auth.token.as_deref())?;
-    args.mtls.install_client()?;
-    let intercept = Intercept::start(&args.registry, auth.token.as_deref(), args.limits)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+        .settle("intercept-svc", listen, flags.mtls.data_dir.as_deref())?;
+    proto::serve::check_exposure(listen, auth.token.as_deref())?;
+    flags.mtls.install_client()?;
+    let intercept = Intercept::start(&flags.registry, auth.token.as_deref(), limits)?;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding gRPC on {}", args.listen))?;
+        .with_context(|| format!("binding gRPC on {listen}"))?;
     let addr = listener.local_addr()?;
-    let mut server = GrpcServer::with_auth(&auth, &args.streams);
-    let tls = args.mtls.serve(&mut server, addr)?;
+    let mut server = GrpcServer::with_auth(&auth, &flags.streams);
+    let tls = flags.mtls.serve(&mut server, addr)?;
     server.add_service(intercept.grpc_service(server.drain()));
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
     let stop = proto::serve::shutdown_signal();

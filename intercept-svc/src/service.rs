@@ -29,7 +29,7 @@ type Waiter = oneshot::Sender<Verdict>;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The queue shared by the gRPC handlers and the registry follower.
-pub struct Shared {
+pub struct InterceptState {
     queue: Mutex<Queue<Waiter>>,
     events: broadcast::Sender<HeldEvent>,
     config: watch::Sender<InterceptConfig>,
@@ -37,7 +37,7 @@ pub struct Shared {
     pub registry_connected: AtomicBool,
 }
 
-impl Shared {
+impl InterceptState {
     /// An empty queue with intercept off, holding at most `max_held` packets and
     /// `max_held_bytes` of payload.
     pub fn new(max_held: usize, max_held_bytes: u64) -> Arc<Self> {
@@ -100,7 +100,7 @@ fn release(decided: impl IntoIterator<Item = (Waiter, Verdict)>) {
 /// Tells the queue when a `Hold` call ends without a verdict (the proxy cancelled it): the
 /// packet stays listed until a user acts on it; after a verdict it is gone already.
 struct CancelOnDrop {
-    shared: Arc<Shared>,
+    shared: Arc<InterceptState>,
     held_id: u64,
 }
 
@@ -114,14 +114,14 @@ impl Drop for CancelOnDrop {
 /// The gRPC service.
 #[derive(Clone)]
 pub struct InterceptService {
-    shared: Arc<Shared>,
+    shared: Arc<InterceptState>,
     drain: Drain,
 }
 
 impl InterceptService {
     /// A service over `shared` whose streams and pending holds end when `drain` fires (so a
     /// graceful shutdown is not held up by them; a proxy then follows its fault policy).
-    pub fn new(shared: Arc<Shared>, drain: Drain) -> Self {
+    pub fn new(shared: Arc<InterceptState>, drain: Drain) -> Self {
         Self { shared, drain }
     }
 

@@ -469,6 +469,7 @@ fn random_password() -> Result<String, Error> {
             source: errno.into(),
         },
     )?;
+    // Not proto::hex: this test fixture stays free of the proto crate's server stack.
     Ok(bytes.iter().fold(String::new(), |mut hex, byte| {
         let _ = write!(hex, "{byte:02x}");
         hex

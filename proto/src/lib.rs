@@ -17,6 +17,8 @@ pub mod accept;
 pub mod client;
 pub mod codec;
 pub mod failover;
+pub mod fuzz_corpus;
+pub mod hex;
 pub mod hold;
 pub mod ingest;
 pub mod limits;

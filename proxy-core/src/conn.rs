@@ -73,7 +73,7 @@ impl ConnState {
 
 /// How a connection ended: the side whose end came first, how, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct End {
+pub struct ConnEnd {
     /// Who ended it.
     pub closed_by: ClosedBy,
     /// FIN, RST or another failure.
@@ -82,7 +82,7 @@ pub struct End {
     pub reason: String,
 }
 
-impl End {
+impl ConnEnd {
     /// An end by `closed_by`.
     pub fn new(closed_by: ClosedBy, kind: CloseKind, reason: impl Into<String>) -> Self {
         Self {

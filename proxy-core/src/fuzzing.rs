@@ -241,23 +241,7 @@ mod tests {
 
     /// The seed inputs of fuzz target `target`, as checked in.
     pub(crate) fn corpus(target: &str) -> Vec<Vec<u8>> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fuzz/corpus")
-            .join(target);
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .map(|f| f.expect("corpus entry").path())
-            .collect();
-        files.sort();
-        assert!(
-            files.len() >= 3,
-            "{} holds a handful of seeds",
-            dir.display()
-        );
-        files
-            .iter()
-            .map(|f| std::fs::read(f).expect("corpus file"))
-            .collect()
+        proto::fuzz_corpus::seeds(target).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!   shell on the `--http` listener.
 //! - [`chain`]: upstream proxies (`--upstream`, `--upstream-rule`), sans I/O;
 //!   [`chain::dial`]: the exchange with one.
-//! - [`server`]: listener and per-connection handler; [`shared`]: what handlers share;
+//! - [`server`]: listener and per-connection handler; [`state`]: the process state handlers share;
 //!   [`shutdown`]: graceful shutdown.
 //! - [`dns`]: name resolution for CONNECT and UDP targets, bounded per lookup and client.
 //! - [`relay`]: the one relay (a pump per direction with half-close, resets, and the hold
@@ -38,10 +38,10 @@ pub mod relay;
 pub mod replay;
 pub mod report;
 pub mod server;
-pub mod shared;
 pub mod shutdown;
 pub mod sock_diag;
 pub mod socks5;
+pub mod state;
 pub mod tls;
 pub mod udp;
 
@@ -244,7 +244,7 @@ impl Proxy {
         let mut refuse = vec![socks_addr];
         refuse.extend(http_addr);
         refuse.extend(cfg.refuse.iter().copied());
-        let shared = Arc::new(shared::Shared {
+        let shared = Arc::new(state::ProxyState {
             node: cfg.node.clone(),
             auth: cfg.auth.clone(),
             reporter: reporter.clone(),

@@ -39,7 +39,7 @@ pub use self::{
     io::{Leg, MAX_READ, MIN_READ, PacketReader, PacketWriter, StreamWriter, TcpReader},
     tap::{Check, Fate, FateFuture, Hold, Passage, Tap, Waiting},
 };
-use crate::conn::End;
+use crate::conn::ConnEnd;
 
 /// How one pump ended.
 #[derive(Debug)]
@@ -313,9 +313,9 @@ fn side(s: ClosedBy) -> &'static str {
 }
 
 /// Classifies a pump's end: (end, fatal). `from`/`to` are the reading and writing sides.
-pub fn classify(end: PumpEnd, from: ClosedBy, to: ClosedBy) -> (End, bool) {
+pub fn classify(end: PumpEnd, from: ClosedBy, to: ClosedBy) -> (ConnEnd, bool) {
     let reset = |s| {
-        End::new(
+        ConnEnd::new(
             s,
             CloseKind::Rst,
             format!("{} reset the connection (RST)", side(s)),
@@ -323,12 +323,12 @@ pub fn classify(end: PumpEnd, from: ClosedBy, to: ClosedBy) -> (End, bool) {
     };
     match end {
         PumpEnd::Eof => (
-            End::new(from, CloseKind::Fin, format!("{} sent FIN", side(from))),
+            ConnEnd::new(from, CloseKind::Fin, format!("{} sent FIN", side(from))),
             false,
         ),
         PumpEnd::Read(e) if is_reset(&e) => (reset(from), true),
         PumpEnd::Read(e) => (
-            End::new(
+            ConnEnd::new(
                 from,
                 CloseKind::Error,
                 format!("reading from {}: {e}", side(from)),
@@ -337,20 +337,23 @@ pub fn classify(end: PumpEnd, from: ClosedBy, to: ClosedBy) -> (End, bool) {
         ),
         PumpEnd::Write(e) if is_reset(&e) => (reset(to), true),
         PumpEnd::Write(e) => (
-            End::new(
+            ConnEnd::new(
                 to,
                 CloseKind::Error,
                 format!("writing to {}: {e}", side(to)),
             ),
             true,
         ),
-        PumpEnd::Stopped(_) => (End::proxy(CloseKind::Error, "relay stopped early"), true),
+        PumpEnd::Stopped(_) => (
+            ConnEnd::proxy(CloseKind::Error, "relay stopped early"),
+            true,
+        ),
     }
 }
 
 /// Passes a reset on as a reset: when the connection ended abruptly by one side's RST, the
 /// side that did not reset gets one too. Call once the pumps are gone.
-pub fn pass_reset(first: &End, fatal: bool, client: &impl Leg, server: &impl Leg) {
+pub fn pass_reset(first: &ConnEnd, fatal: bool, client: &impl Leg, server: &impl Leg) {
     if fatal && first.kind == CloseKind::Rst {
         match first.closed_by {
             ClosedBy::Client => server.reset(),
@@ -369,7 +372,7 @@ pub async fn relay<C: Leg, S: Leg>(
     pending: Bytes,
     tap: &Tap<'_>,
     shutdown: impl Future<Output = ()>,
-) -> End {
+) -> ConnEnd {
     let (first, fatal) = {
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.split();
@@ -391,7 +394,7 @@ pub async fn relay<C: Leg, S: Leg>(
         );
         tokio::pin!(c2s, s2c, shutdown);
         let (mut c2s_done, mut s2c_done) = (false, false);
-        let mut first: Option<End> = None;
+        let mut first: Option<ConnEnd> = None;
         let mut fatal = false;
         while !(c2s_done && s2c_done) {
             let (end, is_fatal) = tokio::select! {
@@ -404,7 +407,7 @@ pub async fn relay<C: Leg, S: Leg>(
                     classify(e, ClosedBy::Server, ClosedBy::Client)
                 }
                 () = &mut shutdown => {
-                    (End::proxy(CloseKind::Fin, "proxy shut down"), true)
+                    (ConnEnd::proxy(CloseKind::Fin, "proxy shut down"), true)
                 }
             };
             first.get_or_insert(end);
@@ -415,7 +418,7 @@ pub async fn relay<C: Leg, S: Leg>(
         }
         (first, fatal)
     };
-    let first = first.unwrap_or_else(|| End::proxy(CloseKind::Error, "relay ended"));
+    let first = first.unwrap_or_else(|| ConnEnd::proxy(CloseKind::Error, "relay ended"));
     pass_reset(&first, fatal, client, server);
     first
 }

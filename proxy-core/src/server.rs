@@ -36,14 +36,14 @@ use tokio::{
 
 use crate::{
     chain::{self, Scheme, Upstream},
-    conn::{ConnState, End},
+    conn::{ConnEnd, ConnState},
     handshake::{self, Accepted, HandshakeError},
     hold::ConnHold,
     http_connect, http_ingress,
     relay::{self, Tap},
-    shared::Shared,
     shutdown::Shutdown,
     socks5::{Addr, Command, Reply},
+    state::ProxyState,
     tls, udp,
 };
 
@@ -91,7 +91,7 @@ pub struct Listener {
     /// What its clients speak.
     pub ingress: Ingress,
     /// Shared handler state.
-    pub shared: Arc<Shared>,
+    pub shared: Arc<ProxyState>,
     /// The connection limit (`--max-connections`), for the refusal's reason.
     pub max_connections: usize,
     /// Connection limit: one permit per connection served.
@@ -166,7 +166,7 @@ impl Listener {
 
 /// Serves one client connection.
 pub struct Handler {
-    shared: Arc<Shared>,
+    shared: Arc<ProxyState>,
     ingress: Ingress,
     shutdown: Shutdown,
     /// The connection limit this client is beyond (it is refused), if it is.
@@ -229,7 +229,7 @@ impl Handler {
             let _ = self
                 .answer(&mut stream, Reply::GeneralFailure, None, &why)
                 .await;
-            End::proxy(CloseKind::Error, why)
+            ConnEnd::proxy(CloseKind::Error, why)
         } else if transport == Transport::Udp {
             udp::associate(
                 &self.shared,
@@ -366,10 +366,10 @@ impl Handler {
         via: Option<&Upstream>,
         leftover: bytes::Bytes,
         state: &ConnState,
-    ) -> End {
+    ) -> ConnEnd {
         let established = tokio::select! {
             r = establish(&self.shared, peer.ip(), local, target, via) => r,
-            () = self.shutdown.recv() => Err((Reply::GeneralFailure, End::proxy(CloseKind::Fin, "proxy shut down"))),
+            () = self.shutdown.recv() => Err((Reply::GeneralFailure, ConnEnd::proxy(CloseKind::Fin, "proxy shut down"))),
         };
         let (upstream, reached) = match established {
             Ok(u) => u,
@@ -397,7 +397,7 @@ impl Handler {
             )
             .await
         {
-            return End::new(
+            return ConnEnd::new(
                 ClosedBy::Client,
                 CloseKind::Error,
                 format!("writing the {} reply: {e}", self.ingress.label()),
@@ -481,12 +481,12 @@ impl std::fmt::Display for Failed {
 /// the tunnel through the upstream) and the target's address when it is known. A failure
 /// says which reply and record end it deserves.
 async fn establish(
-    shared: &Shared,
+    shared: &ProxyState,
     client: IpAddr,
     local: SocketAddr,
     target: &Addr,
     via: Option<&Upstream>,
-) -> Result<(TcpStream, Option<SocketAddr>), (Reply, End)> {
+) -> Result<(TcpStream, Option<SocketAddr>), (Reply, ConnEnd)> {
     let Some(up) = via else {
         let s = direct(shared, client, local, target).await?;
         let reached = s.peer_addr().ok();
@@ -510,7 +510,7 @@ async fn establish(
     let unreachable = |what: String| {
         (
             Reply::GeneralFailure,
-            End::proxy(
+            ConnEnd::proxy(
                 CloseKind::Error,
                 format!("upstream {up} unreachable: {what}"),
             ),
@@ -538,10 +538,13 @@ async fn establish(
                 Addr::Domain(..) => None,
             },
         )),
-        Ok(Err(refusal)) => Err((refusal.reply, End::proxy(CloseKind::Error, refusal.reason))),
+        Ok(Err(refusal)) => Err((
+            refusal.reply,
+            ConnEnd::proxy(CloseKind::Error, refusal.reason),
+        )),
         Err(_) => Err((
             Reply::HostUnreachable,
-            End::proxy(
+            ConnEnd::proxy(
                 CloseKind::Error,
                 format!("upstream {up} did not answer within {CONNECT_TIMEOUT:?}"),
             ),
@@ -551,21 +554,21 @@ async fn establish(
 
 /// Resolves `target` for `client`.
 async fn resolve(
-    shared: &Shared,
+    shared: &ProxyState,
     client: IpAddr,
     target: &Addr,
-) -> Result<Vec<SocketAddr>, (Reply, End)> {
+) -> Result<Vec<SocketAddr>, (Reply, ConnEnd)> {
     match target {
         Addr::Ip(a) => Ok(vec![*a]),
         Addr::Domain(host, port) => match shared.dns.lookup(client, host, *port).await {
             Ok(v) if !v.is_empty() => Ok(v),
             Ok(_) => Err((
                 Reply::HostUnreachable,
-                End::proxy(CloseKind::Error, format!("resolve {host}: no address")),
+                ConnEnd::proxy(CloseKind::Error, format!("resolve {host}: no address")),
             )),
             Err(e) => Err((
                 Reply::HostUnreachable,
-                End::proxy(CloseKind::Error, format!("resolve {host}: {e}")),
+                ConnEnd::proxy(CloseKind::Error, format!("resolve {host}: {e}")),
             )),
         },
     }
@@ -573,10 +576,10 @@ async fn resolve(
 
 /// Refuses addresses that reach the proxy's own ports or what `--deny` names.
 fn refuse_own(
-    shared: &Shared,
+    shared: &ProxyState,
     local: SocketAddr,
     addrs: &[SocketAddr],
-) -> Result<(), (Reply, End)> {
+) -> Result<(), (Reply, ConnEnd)> {
     match addrs
         .iter()
         .find(|a| shared.refuse.iter().any(|own| reaches(**a, *own, local)))
@@ -584,7 +587,7 @@ fn refuse_own(
         None => Ok(()),
         Some(a) => Err((
             Reply::NotAllowed,
-            End::proxy(
+            ConnEnd::proxy(
                 CloseKind::Error,
                 format!(
                     "refused: {a} is the proxy's own SOCKS or management port, or denied \
@@ -628,18 +631,18 @@ async fn connect_any(
 /// Resolves (for `client`) and connects directly, or says which reply and record end the
 /// failure deserves.
 async fn direct(
-    shared: &Shared,
+    shared: &ProxyState,
     client: IpAddr,
     local: SocketAddr,
     target: &Addr,
-) -> Result<TcpStream, (Reply, End)> {
+) -> Result<TcpStream, (Reply, ConnEnd)> {
     let addrs = resolve(shared, client, target).await?;
     refuse_own(shared, local, &addrs)?;
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     connect_any(&addrs, deadline).await.map_err(|(a, e)| {
         (
             Reply::for_connect_error(&e),
-            End::proxy(CloseKind::Error, format!("connect to {a}: {e}")),
+            ConnEnd::proxy(CloseKind::Error, format!("connect to {a}: {e}")),
         )
     })
 }

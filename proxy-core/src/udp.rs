@@ -23,13 +23,13 @@ use tokio::{
 };
 
 use crate::{
-    conn::{ConnState, End},
+    conn::{ConnEnd, ConnState},
     dns::Dns,
     handshake,
     report::Reporter,
-    shared::Shared,
     shutdown::Shutdown,
     socks5::{self, Addr, Reply, UdpHeader},
+    state::ProxyState,
 };
 
 const DATAGRAM: usize = 65_536;
@@ -73,19 +73,19 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 
 /// Runs one association on `control` until it ends; returns how.
 pub async fn associate(
-    shared: &Shared,
+    shared: &ProxyState,
     mut control: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     requested: &Addr,
     state: &ConnState,
     shutdown: &mut Shutdown,
-) -> End {
+) -> ConnEnd {
     let relay = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
         Ok(s) => s,
         Err(e) => {
             let _ = handshake::reply(&mut control, Reply::GeneralFailure, None).await;
-            return End::proxy(
+            return ConnEnd::proxy(
                 CloseKind::Error,
                 format!("binding the UDP relay socket: {e}"),
             );
@@ -93,7 +93,7 @@ pub async fn associate(
     };
     let bound = relay.local_addr().ok();
     if let Err(e) = handshake::reply(&mut control, Reply::Succeeded, bound).await {
-        return End::new(
+        return ConnEnd::new(
             ClosedBy::Client,
             CloseKind::Error,
             format!("writing the SOCKS reply: {e}"),
@@ -114,12 +114,12 @@ pub async fn associate(
     loop {
         tokio::select! {
             r = control.read(&mut ctl) => match r {
-                Ok(0) => return End::new(ClosedBy::Client, CloseKind::Fin, "client closed the UDP control connection (FIN)"),
+                Ok(0) => return ConnEnd::new(ClosedBy::Client, CloseKind::Fin, "client closed the UDP control connection (FIN)"),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    return End::new(ClosedBy::Client, CloseKind::Rst, "client reset the UDP control connection (RST)");
+                    return ConnEnd::new(ClosedBy::Client, CloseKind::Rst, "client reset the UDP control connection (RST)");
                 }
-                Err(e) => return End::new(ClosedBy::Client, CloseKind::Error, format!("reading the UDP control connection: {e}")),
+                Err(e) => return ConnEnd::new(ClosedBy::Client, CloseKind::Error, format!("reading the UDP control connection: {e}")),
             },
             r = relay.recv_from(&mut cbuf) => {
                 match r {
@@ -128,7 +128,7 @@ pub async fn associate(
                 }
             }
             r = recv_opt(&out.upstream, &mut ubuf) => forward_back(&relay, &ubuf, r, out.client, state, shared).await,
-            () = shutdown.recv() => return End::proxy(CloseKind::Fin, "proxy shut down"),
+            () = shutdown.recv() => return ConnEnd::proxy(CloseKind::Fin, "proxy shut down"),
         }
     }
 }
@@ -215,7 +215,7 @@ async fn forward_back(
     r: io::Result<(usize, SocketAddr)>,
     client: Option<SocketAddr>,
     state: &ConnState,
-    shared: &Shared,
+    shared: &ProxyState,
 ) {
     let (Ok((n, from)), Some(client)) = (r, client) else {
         return;

@@ -24,10 +24,10 @@
 //! [`proto::client::endpoint_without_keepalive`]: about 40 s). A restarted service is
 //! picked up again by the same task.
 //!
-//! Replace rules never grow a packet by more than [`filter::MAX_GROWTH`]; a packet they
+//! Replace rules never grow a packet by more than [`rules::MAX_GROWTH`]; a packet they
 //! would grow further is relayed as received and counted ([`HoldStats::rewrite_skipped`]).
 
-pub mod filter;
+pub mod rules;
 
 use std::{
     sync::{
@@ -57,7 +57,7 @@ use crate::{
     relay::{Check, Fate, FateFuture, Hold, Waiting},
     report::InterceptCounts,
 };
-pub use filter::{Compiled, ConnMeta, Rewrite};
+pub use rules::{Compiled, ConnMeta, Rewrite};
 
 /// How long connecting to intercept-svc may take before a `Hold` follows the fault policy.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -91,7 +91,7 @@ pub struct HoldStats {
     pub refused: u64,
     /// Packets rewritten by replace rules.
     pub rewritten: u64,
-    /// Packets the replace rules would have grown by more than [`filter::MAX_GROWTH`]:
+    /// Packets the replace rules would have grown by more than [`rules::MAX_GROWTH`]:
     /// relayed as received.
     pub rewrite_skipped: u64,
     /// Configurations received over `WatchConfig`.
@@ -221,7 +221,7 @@ impl Holder {
                         "replace rules would grow a {}-byte packet by more than {} bytes: \
                          relayed as received ({n} such packets so far)",
                         data.len(),
-                        filter::MAX_GROWTH
+                        rules::MAX_GROWTH
                     );
                 }
                 None

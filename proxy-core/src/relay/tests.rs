@@ -17,7 +17,7 @@ fn classification_names_the_right_side() {
     let (e, fatal) = classify(PumpEnd::Eof, ClosedBy::Client, ClosedBy::Server);
     assert_eq!(
         e,
-        End::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
+        ConnEnd::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
     );
     assert!(!fatal);
     let (e, fatal) = classify(
@@ -27,7 +27,7 @@ fn classification_names_the_right_side() {
     );
     assert_eq!(
         e,
-        End::new(
+        ConnEnd::new(
             ClosedBy::Server,
             CloseKind::Rst,
             "server reset the connection (RST)"
@@ -135,7 +135,7 @@ async fn the_hold_point_forwards_replaces_and_drops_and_counts_what_was_received
         .expect("relay ended in time");
     assert_eq!(
         end,
-        End::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
+        ConnEnd::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
     );
     let c = state.counters();
     // Counters count what was received.
@@ -162,7 +162,7 @@ async fn a_reset_is_passed_on_as_a_reset() {
     .expect("relay ended in time");
     assert_eq!(
         end,
-        End::new(
+        ConnEnd::new(
             ClosedBy::Client,
             CloseKind::Rst,
             "client reset the connection (RST)"
@@ -243,7 +243,7 @@ async fn a_client_fin_while_its_packet_is_held_follows_the_packet() {
         .expect("relay ended in time");
     assert_eq!(
         end,
-        End::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
+        ConnEnd::new(ClosedBy::Client, CloseKind::Fin, "client sent FIN")
     );
 }
 
@@ -276,7 +276,7 @@ async fn when_both_sides_sent_fin_while_a_packet_is_held_the_connection_ends() {
         .expect("relay ended in time");
     assert_eq!(
         end,
-        End::new(ClosedBy::Server, CloseKind::Fin, "server sent FIN")
+        ConnEnd::new(ClosedBy::Server, CloseKind::Fin, "server sent FIN")
     );
 }
 

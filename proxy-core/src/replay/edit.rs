@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use bytes::Bytes;
 use proto::replay::ReplayRequest;
 
-use crate::hold::filter::replace_all;
+use crate::hold::rules::replace_all;
 
 /// Most replace rules in one request.
 pub const MAX_REPLACEMENTS: usize = 64;

@@ -444,7 +444,7 @@ struct Outbound<'a> {
     held_back: Option<Recorded>,
     progress: watch::Receiver<Progress>,
     /// The first packet's recorded time (for `PACE_RECORDED`).
-    first_ts: Option<i128>,
+    first_ts: Option<u64>,
     start: TokioInstant,
     sent: u64,
     bytes: u64,
@@ -530,7 +530,7 @@ impl Outbound<'_> {
     }
 
     /// `PACE_RECORDED`: waits until this packet's recorded offset from the first.
-    async fn pace_before(&mut self, ts: i128) {
+    async fn pace_before(&mut self, ts: u64) {
         if self.plan.pace != Pace::Recorded {
             return;
         }
@@ -538,7 +538,7 @@ impl Outbound<'_> {
         if self.sent == 0 {
             self.start = TokioInstant::now();
         }
-        let after = u64::try_from(ts - first).unwrap_or(0);
+        let after = ts.saturating_sub(first);
         tokio::time::sleep_until(self.start + Duration::from_nanos(after)).await;
     }
 

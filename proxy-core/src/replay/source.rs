@@ -26,7 +26,7 @@ pub struct Recorded {
     /// Its sequence number.
     pub seq: u64,
     /// When the proxy read it (nanoseconds since the epoch).
-    pub ts_nanos: i128,
+    pub ts_nanos: u64,
     /// For client-to-server packets the bytes the server received (dropped packets are
     /// left out); for server-to-client ones the bytes the server sent.
     pub data: bytes::Bytes,
@@ -35,9 +35,7 @@ pub struct Recorded {
 impl Recorded {
     fn from_packet(p: Packet) -> Option<Self> {
         let dir = Direction::try_from(p.direction).unwrap_or(Direction::Unspecified);
-        let ts_nanos =
-            p.ts.map(|t| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos))
-                .unwrap_or(0);
+        let ts_nanos = p.ts.as_ref().map_or(0, proto::time::unix_nanos);
         let data = match dir {
             Direction::C2s if p.dropped => return None,
             Direction::C2s => p.data,

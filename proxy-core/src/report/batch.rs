@@ -163,7 +163,7 @@ impl Batcher {
 
 /// This process's ingest session (`IngestRequest.session`): random, picked once, so the
 /// registry tells a restarted proxy from a reconnecting one.
-pub(super) fn session() -> &'static str {
+pub(super) fn ingest_session() -> &'static str {
     static SESSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SESSION.get_or_init(|| {
         let nanos = std::time::SystemTime::now()
@@ -189,7 +189,7 @@ impl Builder {
             batch_seq: seq,
             events: Vec::with_capacity(64),
             losses: None,
-            session: session().to_string(),
+            session: ingest_session().to_string(),
         };
         Self {
             len: prost::Message::encoded_len(&request),

@@ -98,7 +98,7 @@ fn a_batch_carries_node_sequence_session_events_and_losses() {
     let batch = b.finish(&losses, &mut sent);
     let req = &batch.request;
     assert_eq!((req.node.as_str(), req.batch_seq), ("node-a", 42));
-    assert_eq!(req.session, session());
+    assert_eq!(req.session, ingest_session());
     assert_eq!(req.events.len(), 3);
     assert!(matches!(&req.events[0].kind, Some(Kind::Opened(c)) if c.dst_host == "example"));
     let p = packets(req)[0];

@@ -43,7 +43,7 @@ pub use losses::InterceptCounts;
 pub use stream::ACK_TIMEOUT;
 pub use ticker::COUNTERS_INTERVAL;
 
-use crate::conn::{ConnState, End};
+use crate::conn::{ConnEnd, ConnState};
 use admission::{Admission, Class, Item};
 
 /// The handle connection tasks report through. Cloning is cheap; no method awaits.
@@ -166,7 +166,7 @@ impl Reporter {
     }
 
     /// A connection ended, with its final counters.
-    pub fn closed(&self, state: &ConnState, end: &End) {
+    pub fn closed(&self, state: &ConnState, end: &ConnEnd) {
         self.live.remove(state.id);
         let closed = ConnectionClosed {
             id: state.id,

@@ -103,7 +103,7 @@ async fn history_off_queues_no_packets_but_records_and_the_live_table() {
     reporter.opened(conn, state.clone());
     reporter.packet(4, 1, Direction::C2s, Timestamp::default(), "x".into());
     assert_eq!(reporter.active().len(), 1);
-    let end = End::proxy(proto::common::CloseKind::Fin, "test");
+    let end = ConnEnd::proxy(proto::common::CloseKind::Fin, "test");
     reporter.closed(&state, &end);
     assert!(reporter.active().is_empty());
     let kinds: Vec<&str> = std::iter::from_fn(|| rx.try_recv().ok())
@@ -177,7 +177,7 @@ async fn a_failed_stream_moves_to_the_next_registry() {
     let got = sink.got.lock().unwrap().clone();
     // The hello (empty) first, then the packet.
     assert!(got[0].events.is_empty());
-    assert_eq!(got[0].session, batch::session());
+    assert_eq!(got[0].session, batch::ingest_session());
     let with_packets: Vec<_> = got.iter().filter(|b| !b.events.is_empty()).collect();
     assert_eq!(&packets(with_packets[0])[0].data[..], b"first");
     assert_eq!(task.flush(&reporter, Duration::from_secs(1)).await, 0);

@@ -616,6 +616,7 @@ const UNKNOWN_ISSUER: &str = "unknown issuer (not signed by a trusted CA; for a 
      private CA, pass its certificate with --upstream-ca FILE)";
 
 /// Human text for an upstream certificate problem.
+#[allow(deprecated)] // `UnsupportedSignatureAlgorithm` is still what older verifiers return
 fn certificate_error_text(c: &rustls::CertificateError) -> String {
     use rustls::CertificateError as E;
     match c {
@@ -626,55 +627,98 @@ fn certificate_error_text(c: &rustls::CertificateError) -> String {
         E::BadSignature => "bad signature".into(),
         E::Revoked => "revoked".into(),
         E::BadEncoding => "malformed certificate".into(),
-        // webpki's errors reach us wrapped in `Other`, and print as Rust debug text
-        // (`Other(OtherError(CaUsedAsEndEntity))`): name them in words instead.
-        E::Other(o) => webpki_words(&o.to_string()),
-        other => rustls::Error::InvalidCertificate(other.clone())
-            .to_string()
-            .trim_start_matches("invalid peer certificate: ")
-            .to_owned(),
+        E::InvalidPurpose => "the certificate is not valid for server authentication".into(),
+        E::UnhandledCriticalExtension => {
+            "the certificate has an unsupported critical extension".into()
+        }
+        E::UnknownRevocationStatus => "its revocation status is unknown".into(),
+        E::ExpiredRevocationList => "the certificate revocation list expired".into(),
+        E::UnsupportedSignatureAlgorithm
+        | E::UnsupportedSignatureAlgorithmContext { .. }
+        | E::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+            "the certificate is signed with an unsupported algorithm".into()
+        }
+        E::InvalidOcspResponse => "the OCSP response is invalid".into(),
+        E::ApplicationVerificationFailure => "rejected by the certificate verifier".into(),
+        // The verifier's own errors that rustls has no variant for reach us wrapped in
+        // `Other`: recognise them by type, and name them in words.
+        E::Other(o) => match o.0.downcast_ref::<webpki::Error>() {
+            Some(w) => webpki_error_text(w).into(),
+            None => o.to_string(),
+        },
+        // The variants with context (`ExpiredContext`, `NotValidForNameContext`,
+        // `InvalidPurposeContext`, ...) print sentences that name the times and names.
+        other => other.to_string(),
     }
 }
 
-/// A certificate verifier's error name (`CaUsedAsEndEntity`, possibly wrapped as
-/// `Other(OtherError(..))`) as words a user reads.
-fn webpki_words(text: &str) -> String {
-    // The innermost name: the last identifier that opens no further parenthesis.
-    let name = text
-        .split(['(', ')', ' ', '{', '}', ','])
-        .filter(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric()))
-        .rfind(|w| !matches!(*w, "Other" | "OtherError"))
-        .unwrap_or(text);
-    let known = match name {
-        "CaUsedAsEndEntity" => {
+/// A certificate verifier (webpki) error as words a user reads. Its own Display is its
+/// Debug text (`CaUsedAsEndEntity`), which is not for users.
+fn webpki_error_text(e: &webpki::Error) -> &'static str {
+    use webpki::Error as W;
+    #[allow(deprecated)]
+    match e {
+        W::CaUsedAsEndEntity => {
             "the server's certificate is a CA certificate used as an end-entity certificate"
         }
-        "EndEntityUsedAsCa" => "an end-entity certificate is used as a CA in the chain",
-        "RequiredEkuNotFound" => "the certificate is not valid for server authentication",
-        "UnsupportedSignatureAlgorithm" | "UnsupportedSignatureAlgorithmForPublicKey" => {
+        W::EndEntityUsedAsCa => "an end-entity certificate is used as a CA in the chain",
+        W::RequiredEkuNotFound | W::RequiredEkuNotFoundContext(_) => {
+            "the certificate is not valid for server authentication"
+        }
+        W::EmptyEkuExtension => "the certificate has an empty extended key usage",
+        W::UnsupportedSignatureAlgorithm
+        | W::UnsupportedSignatureAlgorithmForPublicKey
+        | W::UnsupportedSignatureAlgorithmContext(_)
+        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
+        | W::SignatureAlgorithmMismatch => {
             "the certificate is signed with an unsupported algorithm"
         }
-        "UnknownIssuer" => UNKNOWN_ISSUER,
-        "PathLenConstraintViolated" => "the chain is longer than a CA allows (path length)",
-        "NameConstraintViolation" => "the certificate breaks a CA's name constraints",
-        "MaximumPathDepthExceeded" | "MaximumPathBuildCallsExceeded" => {
+        W::UnknownIssuer => UNKNOWN_ISSUER,
+        W::CertDistrusted => "the certificate is distrusted",
+        W::PathLenConstraintViolated => "the chain is longer than a CA allows (path length)",
+        W::NameConstraintViolation => "the certificate breaks a CA's name constraints",
+        W::MalformedNameConstraint | W::InvalidNetworkMaskConstraint => {
+            "a CA's name constraints are malformed"
+        }
+        W::MaximumPathDepthExceeded | W::MaximumPathBuildCallsExceeded => {
             "the certificate chain is too long"
         }
-        "InvalidCertValidity" => "the certificate's validity period is malformed",
-        _ => "",
-    };
-    if !known.is_empty() {
-        return known.to_string();
-    }
-    // Unknown names: split the CamelCase into lower-case words.
-    let mut words = String::new();
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            words.push(' ');
+        W::MaximumSignatureChecksExceeded | W::MaximumNameConstraintComparisonsExceeded => {
+            "the certificate chain is too costly to verify"
         }
-        words.push(c.to_ascii_lowercase());
+        W::InvalidCertValidity => "the certificate's validity period is malformed",
+        W::BadDer | W::BadDerTime | W::TrailingData(_) => "malformed certificate",
+        W::ExtensionValueInvalid | W::MalformedExtensions => {
+            "the certificate has a malformed extension"
+        }
+        W::UnsupportedCriticalExtension => "the certificate has an unsupported critical extension",
+        W::InvalidSerialNumber => "the certificate's serial number is malformed",
+        W::UnsupportedCertVersion => "the certificate's version is unsupported",
+        W::MalformedDnsIdentifier => "the certificate has a malformed DNS name",
+        W::UnsupportedNameType => "the certificate names the server with an unsupported name type",
+        W::InvalidCrlNumber
+        | W::UnsupportedCrlIssuingDistributionPoint
+        | W::UnsupportedCrlVersion
+        | W::UnsupportedDeltaCrl
+        | W::UnsupportedIndirectCrl
+        | W::UnsupportedRevocationReason
+        | W::UnsupportedRevocationReasonsPartitioning
+        | W::CrlExpired { .. }
+        | W::IssuerNotCrlSigner
+        | W::InvalidCrlSignatureForPublicKey
+        | W::UnsupportedCrlSignatureAlgorithm
+        | W::UnsupportedCrlSignatureAlgorithmForPublicKey
+        | W::UnsupportedCrlSignatureAlgorithmContext(_)
+        | W::UnsupportedCrlSignatureAlgorithmForPublicKeyContext(_)
+        | W::UnknownRevocationStatus => "the certificate's revocation could not be checked",
+        W::CertRevoked => "revoked",
+        W::CertExpired { .. } => "expired",
+        W::CertNotValidYet { .. } => "not valid yet",
+        W::CertNotValidForName(_) => "not valid for the server name",
+        W::InvalidSignatureForPublicKey => "bad signature",
+        // A variant added in a later webpki.
+        _ => "rejected by the certificate verifier",
     }
-    words
 }
 
 fn classify_client(e: io::Error) -> SpliceError {
@@ -692,49 +736,162 @@ fn classify_client(e: io::Error) -> SpliceError {
 }
 
 #[cfg(test)]
-mod certificate_words {
+mod classification {
+    //! The splice's failure reasons over constructed errors: each typed error becomes the
+    //! variant and words the connection record shows.
+    use std::io;
     use std::sync::Arc;
 
-    /// An error that prints its name as webpki's do (Display is Debug).
-    #[derive(Debug)]
-    struct Named(&'static str);
+    use rustls::{AlertDescription, CertificateError, OtherError};
 
-    impl std::fmt::Display for Named {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(self.0)
-        }
+    use super::{ClientCertStatus, SpliceError, classify_client, classify_upstream};
+
+    /// A rustls error inside an `io::Error`, as tokio-rustls hands it over.
+    fn wrapped(e: rustls::Error) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, e)
     }
 
-    impl std::error::Error for Named {}
-
-    fn text(name: &'static str) -> String {
-        super::certificate_error_text(&rustls::CertificateError::Other(rustls::OtherError(
-            Arc::new(Named(name)),
+    fn verifier(e: webpki::Error) -> io::Error {
+        wrapped(rustls::Error::InvalidCertificate(CertificateError::Other(
+            OtherError(Arc::new(e)),
         )))
+    }
+
+    fn upstream(e: io::Error) -> String {
+        classify_upstream(e, ClientCertStatus::NotRequested).reason()
     }
 
     #[test]
     fn verifier_errors_read_as_sentences_never_debug_text() {
         assert_eq!(
-            text("CaUsedAsEndEntity"),
-            "the server's certificate is a CA certificate used as an end-entity certificate"
-        );
-        assert_eq!(text("SomeFutureProblem"), "some future problem");
-        for name in [
-            "CaUsedAsEndEntity",
-            "RequiredEkuNotFound",
-            "SomeFutureProblem",
-        ] {
-            let t = text(name);
-            for debug in ["Other(", "OtherError", "kind:", "Os {"] {
-                assert!(!t.contains(debug), "{t}");
-            }
-        }
-        let e = super::SpliceError::UpstreamCertificate(text("CaUsedAsEndEntity"));
-        assert_eq!(
-            e.to_string(),
+            upstream(verifier(webpki::Error::CaUsedAsEndEntity)),
             "upstream certificate rejected: the server's certificate is a CA certificate used \
              as an end-entity certificate"
         );
+        for e in [
+            webpki::Error::CaUsedAsEndEntity,
+            webpki::Error::EndEntityUsedAsCa,
+            webpki::Error::PathLenConstraintViolated,
+            webpki::Error::MaximumPathDepthExceeded,
+            webpki::Error::UnsupportedCriticalExtension,
+            webpki::Error::InvalidCrlNumber,
+        ] {
+            let name = format!("{e:?}");
+            let t = upstream(verifier(e));
+            assert!(t.starts_with("upstream certificate rejected: "), "{t}");
+            for debug in ["Other(", "OtherError", "kind:", "Os {", name.as_str()] {
+                assert!(!t.contains(debug), "{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn another_verifiers_error_reads_as_its_display() {
+        #[derive(Debug)]
+        struct Pinned;
+        impl std::fmt::Display for Pinned {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("certificate is not the pinned one")
+            }
+        }
+        impl std::error::Error for Pinned {}
+        let e = wrapped(rustls::Error::InvalidCertificate(CertificateError::Other(
+            OtherError(Arc::new(Pinned)),
+        )));
+        assert_eq!(
+            upstream(e),
+            "upstream certificate rejected: certificate is not the pinned one"
+        );
+    }
+
+    #[test]
+    fn rustls_certificate_errors_keep_their_reasons() {
+        let cert = |c| upstream(wrapped(rustls::Error::InvalidCertificate(c)));
+        assert!(cert(CertificateError::UnknownIssuer).starts_with(
+            "upstream certificate rejected: unknown issuer (not signed by a trusted CA"
+        ),);
+        assert_eq!(
+            cert(CertificateError::Expired),
+            "upstream certificate rejected: expired"
+        );
+        assert_eq!(
+            cert(CertificateError::NotValidForName),
+            "upstream certificate rejected: not valid for the server name"
+        );
+        assert_eq!(
+            cert(CertificateError::InvalidPurpose),
+            "upstream certificate rejected: the certificate is not valid for server \
+             authentication"
+        );
+        assert_eq!(
+            cert(CertificateError::InvalidPurposeContext {
+                required: rustls::ExtendedKeyPurpose::ServerAuth,
+                presented: vec![rustls::ExtendedKeyPurpose::ClientAuth],
+            }),
+            "upstream certificate rejected: certificate does not allow extended key usage for \
+             server authentication, allows client authentication"
+        );
+    }
+
+    #[test]
+    fn upstream_alerts_and_closes_depend_on_the_client_certificate_request() {
+        let alert = || {
+            wrapped(rustls::Error::AlertReceived(
+                AlertDescription::CertificateRequired,
+            ))
+        };
+        let e = classify_upstream(alert(), ClientCertStatus::RequestedNoneAvailable);
+        assert!(
+            matches!(e, SpliceError::ServerDemandedClientCert(ref t) if t == "server sent alert certificate required"),
+            "{e:?}"
+        );
+        let e = classify_upstream(alert(), ClientCertStatus::Sent);
+        assert_eq!(
+            e.reason(),
+            "upstream TLS handshake failed: server sent alert certificate required"
+        );
+        let eof = || io::Error::from(io::ErrorKind::UnexpectedEof);
+        let e = classify_upstream(eof(), ClientCertStatus::RequestedNoneAvailable);
+        assert!(
+            matches!(e, SpliceError::ServerDemandedClientCert(_)),
+            "{e:?}"
+        );
+        let e = classify_upstream(eof(), ClientCertStatus::NotRequested);
+        assert!(
+            matches!(e, SpliceError::UpstreamIo(ref io) if io.kind() == io::ErrorKind::UnexpectedEof),
+            "{e:?}"
+        );
+        let e = classify_upstream(
+            wrapped(rustls::Error::HandshakeNotComplete),
+            ClientCertStatus::NotRequested,
+        );
+        assert!(matches!(e, SpliceError::UpstreamHandshake(_)), "{e:?}");
+    }
+
+    #[test]
+    fn client_alerts_eof_and_resets() {
+        let alert = |a| classify_client(wrapped(rustls::Error::AlertReceived(a)));
+        let e = alert(AlertDescription::UnknownCA);
+        assert!(matches!(
+            e,
+            SpliceError::ClientRejectedCertificate(AlertDescription::UnknownCA)
+        ));
+        assert_eq!(e.reason(), "client rejected certificate: unknown CA");
+        let e = alert(AlertDescription::ProtocolVersion);
+        assert_eq!(
+            e.reason(),
+            "client aborted the TLS handshake: protocol version"
+        );
+        let e = classify_client(io::Error::from(io::ErrorKind::UnexpectedEof));
+        assert!(matches!(e, SpliceError::ClientClosed), "{e:?}");
+        let e = classify_client(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(
+            matches!(e, SpliceError::ClientIo(ref io) if io.kind() == io::ErrorKind::ConnectionReset),
+            "{e:?}"
+        );
+        let e = classify_client(wrapped(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::NoCipherSuitesInCommon,
+        )));
+        assert!(matches!(e, SpliceError::ClientHandshake(_)), "{e:?}");
     }
 }

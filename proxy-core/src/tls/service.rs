@@ -28,8 +28,7 @@ impl CaService {
 pub fn describe(ca: &Ca) -> CaCertificate {
     let der = ca.cert_der().as_ref();
     let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    let mut sha256 = String::with_capacity(64);
-    super::upstream::hex_into(&mut sha256, digest.as_ref());
+    let sha256 = proto::hex::encode(digest.as_ref());
     let not_after = ca.not_after();
     CaCertificate {
         pem: ca.cert_pem().to_string(),

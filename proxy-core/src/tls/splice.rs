@@ -30,7 +30,7 @@ use tokio::{
 };
 
 use crate::{
-    conn::End,
+    conn::ConnEnd,
     relay::{
         self, Boundary, Leg, MAX_READ, MIN_READ, PacketCheck, PacketReader, PumpEnd, Resume, Start,
         StreamWriter, Tap, classify, io::reset_tcp, pump,
@@ -61,7 +61,7 @@ pub async fn splice(
     tls: &Splicer,
     tap: &Tap<'_>,
     shutdown: &mut Shutdown,
-) -> End {
+) -> ConnEnd {
     let mut st = PhaseState {
         first: None,
         server_done: false,
@@ -74,7 +74,7 @@ pub async fn splice(
                 let first = st
                     .first
                     .take()
-                    .unwrap_or_else(|| End::proxy(CloseKind::Error, "relay ended"));
+                    .unwrap_or_else(|| ConnEnd::proxy(CloseKind::Error, "relay ended"));
                 relay::pass_reset(&first, fatal, &client, &upstream);
                 return first;
             }
@@ -119,7 +119,7 @@ pub async fn splice(
 /// What carries over from one plain phase to the next.
 struct PhaseState {
     /// The first end seen (the record's end).
-    first: Option<End>,
+    first: Option<ConnEnd>,
     /// The server-to-client direction has ended.
     server_done: bool,
     /// How the client-to-server direction starts: bytes read but not relayed yet, and the
@@ -221,7 +221,7 @@ async fn plain_phase(
                 }
             },
             () = shutdown.recv() => {
-                st.first.get_or_insert(End::proxy(CloseKind::Fin, "proxy shut down"));
+                st.first.get_or_insert(ConnEnd::proxy(CloseKind::Fin, "proxy shut down"));
                 return Phase::Done(true);
             }
         }
@@ -251,7 +251,7 @@ async fn pause_server(
             }
         }
         Err(_) => {
-            st.first.get_or_insert(End::proxy(
+            st.first.get_or_insert(ConnEnd::proxy(
                 CloseKind::Error,
                 format!(
                     "the client started TLS while the server-to-client direction was stuck for {PAUSE_TIMEOUT:?}"
@@ -327,13 +327,13 @@ pub fn tls_update(id: u64, s: &TlsSummary) -> ConnectionUpdate {
 }
 
 /// The record end for a failed TLS handshake.
-pub fn handshake_end(e: &SpliceError) -> End {
+pub fn handshake_end(e: &SpliceError) -> ConnEnd {
     let kind = match e {
         SpliceError::ClientClosed => CloseKind::Fin,
         SpliceError::ClientIo(io) if io.kind() == io::ErrorKind::ConnectionReset => CloseKind::Rst,
         _ => CloseKind::Error,
     };
-    End::new(e.closed_by(), kind, e.reason())
+    ConnEnd::new(e.closed_by(), kind, e.reason())
 }
 
 /// A TLS stream whose TCP socket can be reached (to make its close a reset).
@@ -365,10 +365,10 @@ async fn terminate_and_relay(
     tls: &Splicer,
     tap: &Tap<'_>,
     shutdown: &mut Shutdown,
-) -> End {
+) -> ConnEnd {
     let spliced = tokio::select! {
         r = tls.terminate(client, prefix, hello, upstream, target) => r,
-        () = shutdown.recv() => return End::proxy(CloseKind::Fin, "proxy shut down"),
+        () = shutdown.recv() => return ConnEnd::proxy(CloseKind::Fin, "proxy shut down"),
     };
     let spliced = match spliced {
         Ok(s) => s,

@@ -1096,7 +1096,7 @@ async fn start_product_relay(
     upstream: SocketAddr,
 ) -> (
     SocketAddr,
-    mpsc::UnboundedReceiver<(crate::conn::End, proto::registry::Counters)>,
+    mpsc::UnboundedReceiver<(crate::conn::ConnEnd, proto::registry::Counters)>,
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -1146,7 +1146,7 @@ async fn start_product_relay(
 /// handshake itself is not application data).
 async fn close_and_check_counts(
     mut tls: tokio_rustls::client::TlsStream<TcpStream>,
-    rx: &mut mpsc::UnboundedReceiver<(crate::conn::End, proto::registry::Counters)>,
+    rx: &mut mpsc::UnboundedReceiver<(crate::conn::ConnEnd, proto::registry::Counters)>,
     c2s: u64,
     s2c: u64,
 ) {
@@ -1157,7 +1157,7 @@ async fn close_and_check_counts(
         .expect("relay alive");
     assert_eq!(
         end,
-        crate::conn::End::new(
+        crate::conn::ConnEnd::new(
             ClosedBy::Client,
             proto::common::CloseKind::Fin,
             "client sent FIN"

@@ -477,24 +477,15 @@ impl NssKeyLog {
     }
 }
 
-/// Appends `bytes` as lower-case hex.
-pub fn hex_into(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-}
-
 impl KeyLog for NssKeyLog {
     fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
         let mut line =
             String::with_capacity(label.len() + 2 * (client_random.len() + secret.len()) + 3);
         line.push_str(label);
         line.push(' ');
-        hex_into(&mut line, client_random);
+        proto::hex::encode_into(&mut line, client_random);
         line.push(' ');
-        hex_into(&mut line, secret);
+        proto::hex::encode_into(&mut line, secret);
         line.push('\n');
         let mut f = match self.file.lock() {
             Ok(f) => f,

@@ -48,7 +48,7 @@ pub enum Ending {
 }
 
 /// One end of a stream: its station, next sequence number and IPv4 identification.
-struct End {
+struct TcpPeer {
     station: Station,
     next_seq: u32,
     ip_id: u16,
@@ -56,8 +56,8 @@ struct End {
 
 /// A TCP stream being written: the state needed to number the next segment.
 pub struct TcpSession {
-    client: End,
-    server: End,
+    client: TcpPeer,
+    server: TcpPeer,
     mss: usize,
     last_ts: u64,
     /// The comment for the first frame, taken when it is written.
@@ -74,7 +74,7 @@ impl TcpSession {
         isn: (u32, u32),
         comment: Option<String>,
     ) -> Self {
-        let end = |mac, addr, seq| End {
+        let end = |mac, addr, seq| TcpPeer {
             station: Station { mac, addr },
             next_seq: seq,
             ip_id: 1,

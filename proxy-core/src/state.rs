@@ -13,8 +13,8 @@ use crate::{
     tls::Splicer,
 };
 
-/// What every handler shares.
-pub struct Shared {
+/// The proxy process's state that every connection handler shares.
+pub struct ProxyState {
     /// This proxy's node name.
     pub node: String,
     /// Required SOCKS credentials, if any.
@@ -43,11 +43,11 @@ pub struct Shared {
     pub replays: crate::replay::Pending,
 }
 
-/// Most client addresses remembered in [`Shared::http_warned`]; beyond it the set starts
+/// Most client addresses remembered in [`ProxyState::http_warned`]; beyond it the set starts
 /// over (a client may then be warned about again, never forgotten silently forever).
 pub const MAX_HTTP_WARNED: usize = 4096;
 
-impl Shared {
+impl ProxyState {
     /// Whether `ip` is to be warned about sending HTTP to the SOCKS port: the first time.
     pub fn first_http_on_socks(&self, ip: IpAddr) -> bool {
         let Ok(mut seen) = self.http_warned.lock() else {

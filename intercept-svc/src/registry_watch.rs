@@ -12,14 +12,14 @@ use proto::{
     retry::{Backoff, Retry},
 };
 
-use crate::{queue::Ended, service::Shared};
+use crate::{queue::Ended, service::InterceptState};
 
 /// How the watch is reopened after the registry goes away.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// Follows `registry` for as long as the task runs; with several replicas, a failed watch
 /// reopens on the next at once, and backs off only once each has failed in a row.
-pub async fn follow_registry(shared: Arc<Shared>, registry: Arc<Replicas>) {
+pub async fn watch_registry(shared: Arc<InterceptState>, registry: Arc<Replicas>) {
     let mut retry = RETRY.start(registry.count());
     loop {
         let (index, channel) = registry.channel();
@@ -52,7 +52,7 @@ fn ended(c: &Connection) -> Option<Ended> {
 
 /// One watch stream: a snapshot (collected, then applied at once) and live changes.
 async fn follow_once(
-    shared: &Shared,
+    shared: &InterceptState,
     channel: AuthChannel,
     retry: &mut Retry,
 ) -> Result<(), tonic::Status> {
