@@ -56,7 +56,7 @@ pub struct Args {
     pub listen: SocketAddr,
     /// The registry to read from, who may call, streaming bounds and mTLS.
     #[command(flatten)]
-    pub service: proto::serve::RegistryReaderArgs,
+    pub service: proto::registry_reader::RegistryReaderArgs,
 }
 
 /// Runs the standalone exporter until SIGINT or SIGTERM.

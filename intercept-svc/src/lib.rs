@@ -137,7 +137,7 @@ pub struct Args {
     pub listen: SocketAddr,
     /// The registry to read from, who may call, streaming bounds and mTLS.
     #[command(flatten)]
-    pub service: proto::serve::RegistryReaderArgs,
+    pub service: proto::registry_reader::RegistryReaderArgs,
     /// The held queue's bounds.
     #[command(flatten)]
     pub limits: Limits,

@@ -27,6 +27,7 @@ pub mod names;
 pub mod out_file;
 pub mod preface;
 pub mod private;
+pub mod registry_reader;
 pub mod retry;
 pub mod serve;
 pub mod streams;
