@@ -11,6 +11,7 @@ use std::{
 
 use fallible_iterator::FallibleIterator;
 use postgres::Client;
+use proto::retry::Backoff;
 use tokio::sync::broadcast;
 
 use super::{Shared, decode, pool::Pool};
@@ -22,6 +23,14 @@ const POLL: Duration = Duration::from_millis(200);
 const ROWS: i64 = 10_000;
 /// How often changes older than five minutes are trimmed.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
+/// The wait after the database refused a connection: a fixed second, so a database that is
+/// down is asked once a second until it is back.
+const CONNECT_RETRY: Backoff =
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(1)).growth(1);
+/// The wait after a connection broke while following: short and fixed, since the next
+/// connection usually works at once (the server restarted, or ended an idle session).
+const FOLLOW_RETRY: Backoff =
+    Backoff::new(Duration::from_millis(250), Duration::from_millis(250)).growth(1);
 
 /// Starts the feed thread, publishing the changes numbered after the current last one.
 pub(super) fn start(pool: &Pool, shared: Arc<Shared>, feed: broadcast::Sender<Numbered>) -> bool {
@@ -48,18 +57,29 @@ pub(super) fn start(pool: &Pool, shared: Arc<Shared>, feed: broadcast::Sender<Nu
 /// Follows the feed until the store stops, reconnecting after failures.
 fn run(pool: &Pool, mut last: i64, shared: &Shared, feed: &broadcast::Sender<Numbered>) {
     let mut trimmed = Instant::now();
+    // One database, so every failure is a round of failures: `failed` always says to wait.
+    let mut connecting = CONNECT_RETRY.start(1);
+    let mut following = FOLLOW_RETRY.start(1);
     while !shared.stop.load(Ordering::Relaxed) {
         let mut client = match pool.connect() {
-            Ok(c) => c,
+            Ok(c) => {
+                connecting.succeeded();
+                c
+            }
             Err(e) => {
                 tracing::warn!("change feed: {e}; retrying");
-                std::thread::sleep(Duration::from_secs(1));
+                if let Some(wait) = connecting.failed() {
+                    std::thread::sleep(wait);
+                }
                 continue;
             }
         };
+        // `follow` returns only once the store stops, or with the error that broke it.
         if let Err(e) = follow(&mut client, &mut last, shared, feed, &mut trimmed) {
             tracing::warn!("change feed: {e}; reconnecting");
-            std::thread::sleep(Duration::from_millis(250));
+            if let Some(wait) = following.failed() {
+                std::thread::sleep(wait);
+            }
         }
     }
 }
