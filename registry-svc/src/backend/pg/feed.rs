@@ -14,7 +14,7 @@ use postgres::Client;
 use proto::retry::Backoff;
 use tokio::sync::broadcast;
 
-use super::{Shared, decode, pool::Pool};
+use super::{FeedState, decode, pool::Pool};
 use crate::backend::{Change, Numbered, StoreError};
 
 /// Longest wait for a notification before looking anyway.
@@ -27,13 +27,17 @@ const TRIM_EVERY: Duration = Duration::from_secs(30);
 /// down is asked once a second until it is back.
 const CONNECT_RETRY: Backoff =
     Backoff::new(Duration::from_secs(1), Duration::from_secs(1)).growth(1);
-/// The wait after a connection broke while following: short and fixed, since the next
+/// The wait after a connection broke while listening: short and fixed, since the next
 /// connection usually works at once (the server restarted, or ended an idle session).
-const FOLLOW_RETRY: Backoff =
+const LISTEN_RETRY: Backoff =
     Backoff::new(Duration::from_millis(250), Duration::from_millis(250)).growth(1);
 
 /// Starts the feed thread, publishing the changes numbered after the current last one.
-pub(super) fn start(pool: &Pool, shared: Arc<Shared>, feed: broadcast::Sender<Numbered>) -> bool {
+pub(super) fn start(
+    pool: &Pool,
+    shared: Arc<FeedState>,
+    feed: broadcast::Sender<Numbered>,
+) -> bool {
     let pool = pool.another();
     let last = match pool.get().and_then(|mut c| {
         Ok(c.query_one("SELECT seq FROM counter", &[])?
@@ -55,11 +59,11 @@ pub(super) fn start(pool: &Pool, shared: Arc<Shared>, feed: broadcast::Sender<Nu
 }
 
 /// Follows the feed until the store stops, reconnecting after failures.
-fn run(pool: &Pool, mut last: i64, shared: &Shared, feed: &broadcast::Sender<Numbered>) {
+fn run(pool: &Pool, mut last: i64, shared: &FeedState, feed: &broadcast::Sender<Numbered>) {
     let mut trimmed = Instant::now();
     // One database, so every failure is a round of failures: `failed` always says to wait.
     let mut connecting = CONNECT_RETRY.start(1);
-    let mut following = FOLLOW_RETRY.start(1);
+    let mut listening = LISTEN_RETRY.start(1);
     while !shared.stop.load(Ordering::Relaxed) {
         let mut client = match pool.connect() {
             Ok(c) => {
@@ -74,20 +78,21 @@ fn run(pool: &Pool, mut last: i64, shared: &Shared, feed: &broadcast::Sender<Num
                 continue;
             }
         };
-        // `follow` returns only once the store stops, or with the error that broke it.
-        if let Err(e) = follow(&mut client, &mut last, shared, feed, &mut trimmed) {
+        // `listen` returns only once the store stops, or with the error that broke it.
+        if let Err(e) = listen(&mut client, &mut last, shared, feed, &mut trimmed) {
             tracing::warn!("change feed: {e}; reconnecting");
-            if let Some(wait) = following.failed() {
+            if let Some(wait) = listening.failed() {
                 std::thread::sleep(wait);
             }
         }
     }
 }
 
-fn follow(
+/// Publishes changes over one connection, listening for `NOTIFY`, until the store stops.
+fn listen(
     client: &mut Client,
     last: &mut i64,
-    shared: &Shared,
+    shared: &FeedState,
     feed: &broadcast::Sender<Numbered>,
     trimmed: &mut Instant,
 ) -> Result<(), StoreError> {
