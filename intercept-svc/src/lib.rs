@@ -92,35 +92,13 @@ impl Default for Limits {
     }
 }
 
-/// A byte size, as `--history-max-bytes` takes it: a number with an optional unit (B, KB,
-/// MB, GB in powers of 1000; KiB, MiB, GiB in powers of 1024; case-insensitive); more than 0.
+/// `--max-held-bytes`: a byte size as [`proto::size::parse`] reads it, more than 0.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 64MiB, 1GiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" | "k" => 1000,
-        "mb" | "m" => 1000_u64.pow(2),
-        "gb" | "g" => 1000_u64.pow(3),
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use KiB, MiB, GiB, KB, MB, GB)"
-            ));
-        }
-    };
-    match n.checked_mul(mult) {
-        Some(0) => Err(format!(
+    match proto::size::parse(s)? {
+        0 => Err(format!(
             "{s:?}: the held queue needs room for at least 1 byte"
         )),
-        Some(b) => Ok(b),
-        None => Err(format!("size {s:?} is too large")),
+        b => Ok(b),
     }
 }
 

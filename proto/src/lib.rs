@@ -3,15 +3,14 @@
 //! Generated code for the four services (and for the registry's stored history format) lives
 //! here and only here, with the small pieces every server and client of the project shares:
 //! the JSON/CLI names of the enums ([`names`]), timestamp conversion ([`time`]), serving with
-//! health, reflection and token checks ([`serve`]), connecting as a client ([`client`]) to one URL or to
-//! several replicas that fail over ([`failover`]), the one retry policy of every loop that
-//! reconnects ([`retry`]), the
-//! API token ([`token`]), where a proxy's ingest stream goes ([`ingest`]) and its holds go
-//! ([`hold`]), private data
-//! directories ([`private`]), the open-files limit ([`limits`]), the HTTP/2 preface deadline
-//! of every gRPC connection ([`preface`]), the bounds on unused connections ([`accept`]) and
-//! on streams ([`streams`]), mutual TLS for the management plane ([`mtls`]) and files
-//! written where the user asked ([`out_file`]).
+//! health, reflection and token checks ([`serve`]), connecting as a client ([`client`]) to
+//! one URL or to several replicas that fail over ([`failover`]), the one retry policy of
+//! every loop that reconnects ([`retry`]), the API token ([`token`]), where a proxy's ingest
+//! stream goes ([`ingest`]) and its holds go ([`hold`]), private data directories
+//! ([`private`]), byte sizes on the command line ([`size`]), the open-files limit
+//! ([`limits`]), the HTTP/2 preface deadline of every gRPC connection ([`preface`]), the
+//! bounds on unused connections ([`accept`]) and on streams ([`streams`]), mutual TLS for
+//! the management plane ([`mtls`]) and files written where the user asked ([`out_file`]).
 
 pub mod accept;
 pub mod client;
@@ -30,6 +29,7 @@ pub mod private;
 pub mod registry_reader;
 pub mod retry;
 pub mod serve;
+pub mod size;
 pub mod streams;
 pub mod time;
 pub mod token;

@@ -29,16 +29,16 @@ const RECORD_PAGE: usize = 4_096;
 type Tx = mpsc::Sender<Result<FollowHistoryEvent, Status>>;
 
 /// Why the stream ends.
-enum End {
+enum FollowEnd {
     /// The follower went away.
     Gone,
     /// A failure to send to the follower.
     Failed(Status),
 }
 
-impl From<StoreError> for End {
+impl From<StoreError> for FollowEnd {
     fn from(e: StoreError) -> Self {
-        End::Failed(e.into())
+        FollowEnd::Failed(e.into())
     }
 }
 
@@ -53,9 +53,9 @@ pub async fn follow(state: Arc<State>, req: FollowHistoryRequest, tx: Tx, drain:
     };
     let end = tokio::select! {
         end = run => end,
-        () = drain.wait() => Err(End::Failed(Drain::status())),
+        () = drain.wait() => Err(FollowEnd::Failed(Drain::status())),
     };
-    if let Err(End::Failed(status)) = end {
+    if let Err(FollowEnd::Failed(status)) = end {
         let _ = tx.send(Err(status)).await;
     }
 }
@@ -66,7 +66,7 @@ pub async fn follow(state: Arc<State>, req: FollowHistoryRequest, tx: Tx, drain:
 /// applied) with the arrival position it was read at; the snapshot's position is the last
 /// page's. A record read before a close recorded by then gets that close from the log
 /// before `caught_up`, so every record reaches the follower as it is at that position.
-async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, End> {
+async fn snapshot(state: &Arc<State>, conn_id: u64, tx: &Tx) -> Result<u64, FollowEnd> {
     let evicted_before = blocking(state, |st| Ok(st.store.removed_position())).await?;
     // Each page read: the last ID it covered and the position it was read at.
     let mut pages: Vec<(u64, u64)> = Vec::new();
@@ -130,7 +130,7 @@ async fn closes_between_pages(
     conn_id: u64,
     pages: &[(u64, u64)],
     tx: &Tx,
-) -> Result<(), End> {
+) -> Result<(), FollowEnd> {
     let (Some(&(_, first)), Some(&(_, upto))) = (pages.first(), pages.last()) else {
         return Ok(());
     };
@@ -163,7 +163,7 @@ async fn closes_between_pages(
 }
 
 /// Sends everything recorded after `cursor`, waiting for more whenever it has caught up.
-async fn live(state: &Arc<State>, conn_id: u64, mut cursor: u64, tx: &Tx) -> Result<(), End> {
+async fn live(state: &Arc<State>, conn_id: u64, mut cursor: u64, tx: &Tx) -> Result<(), FollowEnd> {
     let mut positions = state.store.follow_positions();
     loop {
         // Marked seen before the read: a position written after it wakes the wait below.
@@ -196,10 +196,10 @@ async fn live(state: &Arc<State>, conn_id: u64, mut cursor: u64, tx: &Tx) -> Res
         tokio::select! {
             changed = positions.changed() => {
                 if changed.is_err() {
-                    return Err(End::Failed(Status::unavailable("the registry store closed")));
+                    return Err(FollowEnd::Failed(Status::unavailable("the registry store closed")));
                 }
             }
-            () = tx.closed() => return Err(End::Gone),
+            () = tx.closed() => return Err(FollowEnd::Gone),
         }
     }
 }
@@ -229,16 +229,16 @@ fn connection(c: Connection, position: u64) -> FollowHistoryEvent {
     }
 }
 
-async fn send(tx: &Tx, event: FollowHistoryEvent) -> Result<(), End> {
-    tx.send(Ok(event)).await.map_err(|_| End::Gone)
+async fn send(tx: &Tx, event: FollowHistoryEvent) -> Result<(), FollowEnd> {
+    tx.send(Ok(event)).await.map_err(|_| FollowEnd::Gone)
 }
 
 /// Runs a store read off the async threads.
 async fn blocking<T: Send + 'static>(
     state: &Arc<State>,
     f: impl FnOnce(&State) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, End> {
-    state.blocking(f).await.map_err(End::from)
+) -> Result<T, FollowEnd> {
+    state.blocking(f).await.map_err(FollowEnd::from)
 }
 
 #[cfg(test)]

@@ -81,7 +81,7 @@ struct Group {
 
 /// The group, shared by writer and committer.
 #[derive(Default)]
-struct Shared {
+struct CommitQueue {
     group: Mutex<Group>,
     wake: Condvar,
     /// How long the oldest batch waits for others to join its commit
@@ -89,7 +89,7 @@ struct Shared {
     interval: Duration,
 }
 
-impl Shared {
+impl CommitQueue {
     fn lock(&self) -> MutexGuard<'_, Group> {
         self.group.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -147,9 +147,9 @@ impl Pipeline {
     /// and every stream using it are dropped, after a last commit.
     pub fn start(state: Arc<State>) -> std::io::Result<Self> {
         let (jobs, rx) = mpsc::channel(QUEUE);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(CommitQueue {
             interval: state.store.commit_interval(),
-            ..Shared::default()
+            ..CommitQueue::default()
         });
         let (st, sh) = (state.clone(), shared.clone());
         std::thread::Builder::new()
@@ -251,7 +251,7 @@ fn payload_bytes(batch: &IngestRequest) -> usize {
 }
 
 /// The writer: applies batches in arrival order and passes them to the committer.
-fn write(state: &State, mut jobs: mpsc::Receiver<Job>, shared: &Shared) {
+fn write(state: &State, mut jobs: mpsc::Receiver<Job>, shared: &CommitQueue) {
     while let Some(Job { batch, stream }) = jobs.blocking_recv() {
         let bytes = payload_bytes(&batch);
         let seq = batch.batch_seq;
@@ -275,7 +275,7 @@ fn write(state: &State, mut jobs: mpsc::Receiver<Job>, shared: &Shared) {
 }
 
 /// The committer: makes each due group durable, then acknowledges it.
-fn commit(state: &State, shared: &Shared) {
+fn commit(state: &State, shared: &CommitQueue) {
     let mut settler = Settler::new(state);
     while let Some(group) = shared.next_group() {
         settler.settle(state, group);

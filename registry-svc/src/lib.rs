@@ -3,7 +3,7 @@
 //! [`backend`] holds the storage contract and both stores: [`backend::sled_store`] keeps the
 //! records in sled and the history in a log of segment files, [`backend::pg`] keeps both in
 //! PostgreSQL; [`ingest`] writes and
-//! commits them, [`watch`] orders changes for live watchers ([`watcher`] serves one),
+//! commits them, [`hub`] orders changes for live watchers ([`watcher`] serves one),
 //! [`state`] holds the operations and [`service`] serves them as
 //! `interpose.registry.v1.Registry`.
 
@@ -11,11 +11,11 @@ pub mod backend;
 pub mod filter;
 pub mod follow;
 pub mod history_args;
+pub mod hub;
 pub mod ingest;
 pub mod liveness;
 pub mod service;
 pub mod state;
-pub mod watch;
 pub mod watcher;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};

@@ -12,7 +12,7 @@ use proto::{
 use crate::{
     backend::{Backend, PageAt},
     backend::{Change, StoreError, sled_store::Store},
-    watch::Hub,
+    hub::Hub,
 };
 
 /// Default and largest page of connection records.

@@ -2,7 +2,7 @@
 //! then live changes, each change exactly once.
 //!
 //! Each page is read under the hub lock with the sequence number of the last change before
-//! it ([`Hub::read`](crate::watch::Hub::read)); between pages writers go on. A live change
+//! it ([`Hub::read`](crate::hub::Hub::read)); between pages writers go on. A live change
 //! to a record the snapshot has already read is sent only if it is newer than the page that
 //! read the record; a change to a record not read yet is left to the page that will read it.
 //! So no lock is held across a whole-store scan and no whole-store list is built: a watcher
@@ -25,8 +25,8 @@ use tonic::Status;
 use crate::{
     backend::{Change, PageAt},
     filter::matches,
+    hub::Numbered,
     state::State,
-    watch::Numbered,
 };
 
 /// Records read per hold of the hub lock.

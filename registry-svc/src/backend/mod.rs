@@ -6,7 +6,7 @@
 //! Every method may block on disk or network: the registry calls them on its writer and
 //! committer threads ([`crate::ingest`]) or on the blocking pool ([`crate::State::blocking`]),
 //! never on the async threads. Writes that change a record are made while the caller holds
-//! the watch hub's lock ([`crate::watch`]), so watchers see each change once.
+//! the watch hub's lock ([`crate::hub`]), so watchers see each change once.
 
 use proto::{
     common::{ConnStatus, Connection, Packet},

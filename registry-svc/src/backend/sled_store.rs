@@ -18,7 +18,7 @@
 //! ([`migrate`]).
 //!
 //! It is the registry's [`crate::backend::Backend`] (`as_backend.rs`). Writes that change a
-//! record are made while the caller holds the [`crate::watch::Hub`] lock, so watchers see
+//! record are made while the caller holds the [`crate::hub::Hub`] lock, so watchers see
 //! every change exactly once.
 
 use std::{path::Path, sync::Mutex};

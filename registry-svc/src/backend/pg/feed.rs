@@ -11,9 +11,10 @@ use std::{
 
 use fallible_iterator::FallibleIterator;
 use postgres::Client;
+use proto::retry::Backoff;
 use tokio::sync::broadcast;
 
-use super::{Shared, decode, pool::Pool};
+use super::{FeedState, decode, pool::Pool};
 use crate::backend::{Change, Numbered, StoreError};
 
 /// Longest wait for a notification before looking anyway.
@@ -22,9 +23,21 @@ const POLL: Duration = Duration::from_millis(200);
 const ROWS: i64 = 10_000;
 /// How often changes older than five minutes are trimmed.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
+/// The wait after the database refused a connection: a fixed second, so a database that is
+/// down is asked once a second until it is back.
+const CONNECT_RETRY: Backoff =
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(1)).growth(1);
+/// The wait after a connection broke while listening: short and fixed, since the next
+/// connection usually works at once (the server restarted, or ended an idle session).
+const LISTEN_RETRY: Backoff =
+    Backoff::new(Duration::from_millis(250), Duration::from_millis(250)).growth(1);
 
 /// Starts the feed thread, publishing the changes numbered after the current last one.
-pub(super) fn start(pool: &Pool, shared: Arc<Shared>, feed: broadcast::Sender<Numbered>) -> bool {
+pub(super) fn start(
+    pool: &Pool,
+    shared: Arc<FeedState>,
+    feed: broadcast::Sender<Numbered>,
+) -> bool {
     let pool = pool.another();
     let last = match pool.get().and_then(|mut c| {
         Ok(c.query_one("SELECT seq FROM counter", &[])?
@@ -46,28 +59,40 @@ pub(super) fn start(pool: &Pool, shared: Arc<Shared>, feed: broadcast::Sender<Nu
 }
 
 /// Follows the feed until the store stops, reconnecting after failures.
-fn run(pool: &Pool, mut last: i64, shared: &Shared, feed: &broadcast::Sender<Numbered>) {
+fn run(pool: &Pool, mut last: i64, shared: &FeedState, feed: &broadcast::Sender<Numbered>) {
     let mut trimmed = Instant::now();
+    // One database, so every failure is a round of failures: `failed` always says to wait.
+    let mut connecting = CONNECT_RETRY.start(1);
+    let mut listening = LISTEN_RETRY.start(1);
     while !shared.stop.load(Ordering::Relaxed) {
         let mut client = match pool.connect() {
-            Ok(c) => c,
+            Ok(c) => {
+                connecting.succeeded();
+                c
+            }
             Err(e) => {
                 tracing::warn!("change feed: {e}; retrying");
-                std::thread::sleep(Duration::from_secs(1));
+                if let Some(wait) = connecting.failed() {
+                    std::thread::sleep(wait);
+                }
                 continue;
             }
         };
-        if let Err(e) = follow(&mut client, &mut last, shared, feed, &mut trimmed) {
+        // `listen` returns only once the store stops, or with the error that broke it.
+        if let Err(e) = listen(&mut client, &mut last, shared, feed, &mut trimmed) {
             tracing::warn!("change feed: {e}; reconnecting");
-            std::thread::sleep(Duration::from_millis(250));
+            if let Some(wait) = listening.failed() {
+                std::thread::sleep(wait);
+            }
         }
     }
 }
 
-fn follow(
+/// Publishes changes over one connection, listening for `NOTIFY`, until the store stops.
+fn listen(
     client: &mut Client,
     last: &mut i64,
-    shared: &Shared,
+    shared: &FeedState,
     feed: &broadcast::Sender<Numbered>,
     trimmed: &mut Instant,
 ) -> Result<(), StoreError> {

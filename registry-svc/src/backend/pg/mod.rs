@@ -59,7 +59,7 @@ pub struct PgStore {
     pending: Mutex<Pending>,
     /// One commit at a time from this process (the committer, liveness, a clear).
     commit_lock: Mutex<()>,
-    shared: Arc<Shared>,
+    shared: Arc<FeedState>,
     failing: watch::Sender<Option<String>>,
     /// Whether history is being refused at the budget now (for the log lines).
     refusing: AtomicBool,
@@ -71,13 +71,13 @@ pub struct PgStore {
 }
 
 /// What the change feed's thread updates.
-struct Shared {
+struct FeedState {
     positions: watch::Sender<u64>,
     removed: AtomicU64,
     stop: AtomicBool,
 }
 
-impl Shared {
+impl FeedState {
     /// Announces arrival position `pos` to followers, unless a later one was announced
     /// (this process's commits and the feed both learn of positions).
     fn advance_position(&self, pos: u64) {
@@ -280,7 +280,7 @@ impl PgStore {
             options: options.clone(),
             pending: Mutex::default(),
             commit_lock: Mutex::new(()),
-            shared: Arc::new(Shared {
+            shared: Arc::new(FeedState {
                 positions: watch::channel(pos as u64).0,
                 removed: AtomicU64::new(removed as u64),
                 stop: AtomicBool::new(false),

@@ -1,5 +1,6 @@
 //! A small pool of database connections: the writer, the committer and the blocking pool
 //! each take one for a call and give it back, so no call waits on another's round trip.
+// Kept over `r2d2_postgres`: its errors are text only, and a broken connection leaves the idle ones.
 
 use std::{
     ops::{Deref, DerefMut},
@@ -71,7 +72,7 @@ impl Pool {
     pub fn connect(&self) -> Result<Client, StoreError> {
         self.config.connect(self.tls.clone()).map_err(|e| {
             let why = describe_error(&e);
-            let hint = match why.contains("certificate") {
+            let hint = match certificate_refused(&e) {
                 true => " (trust the CA that signed it with --store-ca)",
                 false => "",
             };
@@ -196,6 +197,24 @@ pub fn describe_error(e: &postgres::Error) -> String {
     }
 }
 
+/// Whether TLS to the database failed because this side refused the server's certificate:
+/// some cause of `e` is rustls's `InvalidCertificate` (tokio-rustls wraps it in an I/O error).
+fn certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            return matches!(tls, rustls::Error::InvalidCertificate(_));
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// `postgres://user@host:port/db`, never the password.
 fn describe(config: &Config) -> String {
     let host = match config.get_hosts().first() {
@@ -220,6 +239,45 @@ mod tests {
         let pool = Pool::new("postgres://lab:s3cret@127.0.0.1:5433/interpose", None).unwrap();
         assert_eq!(pool.name, "postgres://lab@127.0.0.1:5433/interpose");
         assert!(!pool.name.contains("s3cret"));
+    }
+
+    #[test]
+    fn a_refused_server_certificate_is_told_apart_from_other_failures() {
+        use rustls::{CertificateError, Error as Tls};
+        // As tokio-rustls reports a failed handshake: the rustls error inside an I/O error.
+        let wrapped = |tls: Tls| std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        let unknown = wrapped(Tls::InvalidCertificate(CertificateError::UnknownIssuer));
+        assert!(certificate_refused(&unknown));
+        let expired = Tls::InvalidCertificate(CertificateError::Expired);
+        assert!(certificate_refused(&expired));
+        // A cause further down the chain is found too.
+        let outer = Outer(unknown);
+        assert!(certificate_refused(&outer));
+        // Other TLS failures, and errors that only mention a certificate, get no hint.
+        let alert = wrapped(Tls::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure,
+        ));
+        assert!(!certificate_refused(&alert));
+        let words = std::io::Error::other("the certificate table is full");
+        assert!(!certificate_refused(&words));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!certificate_refused(&refused));
+    }
+
+    /// An error whose source is an I/O error, as `postgres::Error` is for a failed handshake.
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("error performing TLS handshake")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 
     #[test]
