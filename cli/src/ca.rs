@@ -61,9 +61,9 @@ fn issue_client(
         "no data directory at {}: pass the server's --data-dir",
         data_dir.display()
     );
-    let authority = proto::mtls::Authority::load_or_create(&proto::mtls::dir(&data_dir))?;
+    let authority = platform::mtls::Authority::load_or_create(&platform::mtls::dir(&data_dir))?;
     let issued = authority.issue_client(name, valid_for)?;
-    let [cert, key, ca] = proto::mtls::authority::write_client(&authority, &issued, name, out)?;
+    let [cert, key, ca] = platform::mtls::authority::write_client(&authority, &issued, name, out)?;
     crate::say!(
         "issued client certificate CN={name}, valid for {} days:\n  --client-cert {} --client-key {} --ca-cert {}",
         valid_for.as_secs() / 86_400,
@@ -93,7 +93,7 @@ pub async fn run(server: &ServerArgs, cmd: CaCommand) -> anyhow::Result<()> {
     match cmd {
         CaCommand::Export { out, der, force } => {
             if out.as_os_str() != "-" {
-                proto::out_file::check(&out, force)?;
+                platform::out_file::check(&out, force)?;
             }
             let c = client
                 .get_ca_certificate(GetCaCertificateRequest {})
@@ -108,7 +108,7 @@ pub async fn run(server: &ServerArgs, cmd: CaCommand) -> anyhow::Result<()> {
                 stdout.flush()?;
                 eprintln!("wrote CA certificate {} to stdout", summary(&c));
             } else {
-                proto::out_file::write(&out, bytes, force)?;
+                platform::out_file::write(&out, bytes, force)?;
                 crate::say!("wrote CA certificate {} to {}", summary(&c), out.display());
             }
         }

@@ -2,7 +2,8 @@
 //! clear line.
 
 use anyhow::anyhow;
-use proto::{client::AuthChannel, registry::registry_client::RegistryClient};
+use platform::client::AuthChannel;
+use proto::registry::registry_client::RegistryClient;
 use tonic::{Code, Status};
 
 use crate::ServerArgs;
@@ -17,13 +18,13 @@ pub fn data_dir(args: &ServerArgs) -> Option<std::path::PathBuf> {
 }
 
 /// The token to send to `url` (the server URL as connected to, scheme included): see
-/// [`proto::token::for_client`], with the data directory of [`data_dir`].
+/// [`platform::token::for_client`], with the data directory of [`data_dir`].
 pub(crate) fn token(
     args: &ServerArgs,
     url: &str,
     dir: Option<&std::path::Path>,
 ) -> anyhow::Result<Option<String>> {
-    Ok(proto::token::for_client(
+    Ok(platform::token::for_client(
         args.token.clone(),
         args.token_file.as_deref(),
         url,
@@ -44,34 +45,34 @@ pub(crate) fn server_to_use(
         return Ok(given.clone());
     }
     let recorded = dir
-        .and_then(|d| std::fs::read_to_string(d.join(proto::token::SERVER_FILE)).ok())
+        .and_then(|d| std::fs::read_to_string(d.join(platform::token::SERVER_FILE)).ok())
         .map(|r| r.trim().trim_end_matches('/').to_string())
         .unwrap_or_default();
     if let Some(given_dir) = &args.data_dir {
         anyhow::ensure!(
             !recorded.is_empty(),
             "no server recorded in {}: has `interpose up --data-dir {}` run? (or pass --server)",
-            given_dir.join(proto::token::SERVER_FILE).display(),
+            given_dir.join(platform::token::SERVER_FILE).display(),
             given_dir.display()
         );
         return Ok(recorded);
     }
-    let tls_default = proto::token::DEFAULT_SERVER.replacen("http://", "https://", 1);
+    let tls_default = platform::token::DEFAULT_SERVER.replacen("http://", "https://", 1);
     if recorded == tls_default {
         Ok(tls_default)
     } else {
-        Ok(proto::token::DEFAULT_SERVER.to_string())
+        Ok(platform::token::DEFAULT_SERVER.to_string())
     }
 }
 
 /// For an `https://` server: installs the client's TLS configuration, from the given files,
 /// else from the data directory's `mtls` folder when the server is its own.
 fn install_tls(args: &ServerArgs, url: &str, dir: Option<&std::path::Path>) -> anyhow::Result<()> {
-    if !proto::client::is_https(url) {
+    if !platform::client::is_https(url) {
         return Ok(());
     }
-    let own = dir.filter(|d| proto::token::belongs_to(url, d));
-    proto::mtls::ClientTlsArgs {
+    let own = dir.filter(|d| platform::token::belongs_to(url, d));
+    platform::mtls::ClientTlsArgs {
         client_cert: args.client_cert.clone(),
         client_key: args.client_key.clone(),
         ca_cert: args.ca_cert.clone(),
@@ -89,7 +90,7 @@ pub(crate) fn install_tls_for(args: &ServerArgs, url: &str) -> anyhow::Result<()
 pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
     let dir = data_dir(args);
     let given = server_to_use(args, dir.as_deref())?;
-    let server = proto::client::server_url(&given)?;
+    let server = platform::client::server_url(&given)?;
     if server.scheme_added {
         eprintln!(
             "interpose: note: --server {given:?} has no scheme; using {}",
@@ -98,11 +99,11 @@ pub async fn channel(args: &ServerArgs) -> anyhow::Result<AuthChannel> {
     }
     let token = token(args, &server.url, dir.as_deref())?;
     install_tls(args, &server.url, dir.as_deref())?;
-    proto::client::connect(&server.url, token.as_deref())
+    platform::client::connect(&server.url, token.as_deref())
         .await
         .map_err(|e| match e {
-            proto::client::ClientError::Unreachable { url, source } => {
-                match proto::mtls::explain(&source) {
+            platform::client::ClientError::Unreachable { url, source } => {
+                match platform::mtls::explain(&source) {
                     Some(tls) => anyhow!(tls),
                     None => anyhow!(
                         "cannot reach the Interpose server at {url} (is `interpose up` running? \
@@ -127,7 +128,7 @@ const NOT_GRPC: &str = "the server does not speak gRPC (HTTP/2): is --server an 
 
 /// A gRPC failure as the one line a user should see.
 pub fn status(s: Status) -> anyhow::Error {
-    if let Some(tls) = std::error::Error::source(&s).and_then(proto::mtls::explain) {
+    if let Some(tls) = std::error::Error::source(&s).and_then(platform::mtls::explain) {
         return anyhow!(tls);
     }
     let msg = s.message();
@@ -137,7 +138,9 @@ pub fn status(s: Status) -> anyhow::Error {
             "not authorised: {msg} (pass --token-file with the token= file of the server's \
              ready line, or --token)"
         ),
-        Code::Unavailable if msg == proto::serve::SHUTTING_DOWN => anyhow!("the server shut down"),
+        Code::Unavailable if msg == platform::serve::SHUTTING_DOWN => {
+            anyhow!("the server shut down")
+        }
         Code::Unavailable => anyhow!("server unavailable: {msg}"),
         Code::Unimplemented => anyhow!("the server does not offer this service: {msg}"),
         // What tonic reports when the peer is not an HTTP/2 gRPC server at all.

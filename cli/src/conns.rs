@@ -196,7 +196,7 @@ async fn watch(server: &ServerArgs, filter: ConnectionFilter, json: bool) -> any
     // Ctrl-C (or SIGTERM) ends the watch normally, even when the shell started it in the
     // background with SIGINT ignored. Registered before any output: a signal sent once the
     // first line is read is handled.
-    let stop = proto::serve::shutdown_signal();
+    let stop = platform::serve::shutdown_signal();
     tokio::pin!(stop);
     let mut client = registry(server).await?;
     let mut stream = client

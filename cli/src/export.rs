@@ -82,7 +82,7 @@ fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
 /// created only once the first chunk arrives, so a refused request leaves nothing behind.
 pub async fn run(server: &ServerArgs, args: ExportArgs) -> anyhow::Result<()> {
     if args.out != "-" {
-        proto::out_file::check(std::path::Path::new(&args.out), args.force)?;
+        platform::out_file::check(std::path::Path::new(&args.out), args.force)?;
     }
     let mut client = ExportClient::new(channel(server).await?).max_decoding_message_size(64 << 20);
     let format = if args.pcapng || args.follow {
@@ -130,7 +130,7 @@ pub async fn run(server: &ServerArgs, args: ExportArgs) -> anyhow::Result<()> {
 
 /// Where a capture goes: stdout (`-`), a file written whole (a temporary file beside it,
 /// renamed into place at the end), or for a live export the file itself, created new. Every
-/// file is 0600 and never reached through a symbolic link (see [`proto::out_file`]).
+/// file is 0600 and never reached through a symbolic link (see [`platform::out_file`]).
 struct Dest {
     out: String,
     force: bool,
@@ -140,7 +140,10 @@ struct Dest {
 /// An open destination.
 enum Output {
     Stdout(std::io::StdoutLock<'static>),
-    Staged(std::io::BufWriter<std::fs::File>, proto::out_file::Staged),
+    Staged(
+        std::io::BufWriter<std::fs::File>,
+        platform::out_file::Staged,
+    ),
     Live(std::io::BufWriter<std::fs::File>),
 }
 
@@ -151,13 +154,13 @@ impl Dest {
         }
         let path = std::path::Path::new(&self.out);
         if self.live {
-            let file = proto::out_file::create_replacing(path, self.force)?;
+            let file = platform::out_file::create_replacing(path, self.force)?;
             return Ok(Output::Live(std::io::BufWriter::with_capacity(
                 1 << 20,
                 file,
             )));
         }
-        let mut staged = proto::out_file::Staged::new(path, self.force)?;
+        let mut staged = platform::out_file::Staged::new(path, self.force)?;
         let file = staged
             .file()
             .try_clone()
@@ -226,7 +229,7 @@ async fn follow(
     dest: &Dest,
 ) -> anyhow::Result<()> {
     let mut out: Option<Output> = None;
-    let stop = proto::serve::shutdown_signal();
+    let stop = platform::serve::shutdown_signal();
     tokio::pin!(stop);
     loop {
         let chunk = tokio::select! {

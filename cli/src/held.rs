@@ -6,8 +6,8 @@ use std::{io::Write, path::PathBuf};
 use anyhow::{Context, anyhow, bail};
 use base64::Engine;
 use clap::Subcommand;
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::{ClosedBy, ConnStatus, Direction},
     intercept::{
         DropRequest, ForwardRequest, GetHeldRequest, HeldPacket, ListHeldRequest, WatchHeldRequest,
@@ -159,7 +159,7 @@ async fn list(c: &mut Client, json: bool, how: &TableArgs) -> anyhow::Result<()>
 async fn watch(c: &mut Client, json: bool) -> anyhow::Result<()> {
     // Ctrl-C (or SIGTERM) ends the watch normally, even when the shell started it in the
     // background with SIGINT ignored.
-    let stop = proto::serve::shutdown_signal();
+    let stop = platform::serve::shutdown_signal();
     tokio::pin!(stop);
     let mut stream = c
         .watch_held(WatchHeldRequest {})

@@ -8,8 +8,8 @@ use std::{
 
 use anyhow::bail;
 use clap::Args;
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::{Direction, Packet},
     names::name_of,
     registry::{

@@ -4,8 +4,8 @@
 use anyhow::{Context, bail};
 use base64::Engine;
 use clap::{Args, Subcommand, ValueEnum};
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::Direction,
     intercept::{
         AddRuleRequest, GetConfigRequest, GetStatusRequest, InterceptConfig, RemoveRuleRequest,

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Args;
-use proto::serve::GrpcServer;
+use platform::serve::GrpcServer;
 use proxy_core::{
     Proxy,
     cli::{ProxyArgs, data_dir},
@@ -26,14 +26,14 @@ pub struct UpArgs {
     #[command(flatten)]
     pub store: registry_svc::StoreArgs,
     /// gRPC listen address for every service; port 0 picks a free port.
-    #[arg(long, default_value = "127.0.0.1:50051", value_parser = proto::serve::listen_addr)]
+    #[arg(long, default_value = "127.0.0.1:50051", value_parser = platform::serve::listen_addr)]
     pub grpc: SocketAddr,
     /// Who may call the gRPC API: the token (or `--no-auth`), as every server takes it.
     #[command(flatten)]
-    pub auth: proto::token::AuthOptions,
+    pub auth: platform::token::AuthOptions,
     /// Bounds on streaming calls, as every server takes them.
     #[command(flatten)]
-    pub streams: proto::streams::StreamArgs,
+    pub streams: platform::streams::StreamArgs,
     /// Caught and refused by [`crate::parse`]: `up` serves (on --grpc), and without its own
     /// `--server` clap would list the clients' global one in `up --help`.
     #[arg(long, hide = true)]
@@ -46,7 +46,7 @@ pub struct UpArgs {
     pub ca_cert: Option<PathBuf>,
     /// mTLS for the gRPC API (the same as the `registry-svc` binary's).
     #[command(flatten)]
-    pub tls: proto::mtls::ServerTlsArgs,
+    pub tls: platform::mtls::ServerTlsArgs,
     /// The history's disk budget (the same as the `registry-svc` binary's).
     #[command(flatten)]
     pub history: registry_svc::history_args::HistoryArgs,
@@ -64,12 +64,12 @@ pub struct UpArgs {
 /// Runs every service until SIGINT or SIGTERM, then shuts down in order: the proxy first
 /// (so open connections are recorded as ended), then the API, then the store's last flush.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    proto::serve::init_tracing();
-    proto::limits::raise_open_files();
-    proto::limits::survive_file_size_limit();
+    platform::serve::init_tracing();
+    platform::limits::raise_open_files();
+    platform::limits::survive_file_size_limit();
     let dir = data_dir(args.data_dir)?;
     let auth = args.auth.settle("interpose up", args.grpc, Some(&dir))?;
-    proto::serve::check_exposure(args.grpc, auth.token.as_deref())?;
+    platform::serve::check_exposure(args.grpc, auth.token.as_deref())?;
     let splicer = args.proxy.tls_splice(&dir)?;
     let ca_path = splicer.ca().cert_path();
 
@@ -79,10 +79,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding gRPC on {}", args.grpc))?;
     let grpc = listener.local_addr()?;
     let mut server = GrpcServer::with_auth(&auth, &args.streams);
-    let tls = proto::mtls::serve_tls(&mut server, &args.tls, Some(&dir), grpc)?;
+    let tls = platform::mtls::serve_tls(&mut server, &args.tls, Some(&dir), grpc)?;
     // Its own services are clients of this port like any other, with the local certificate.
     let url = if args.tls.grpc_tls {
-        proto::mtls::ClientTlsArgs::default().install(Some(&dir))?;
+        platform::mtls::ClientTlsArgs::default().install(Some(&dir))?;
         format!("https://{grpc}")
     } else {
         format!("http://{grpc}")
@@ -109,14 +109,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         args.intercept,
     )?;
     server.add_service(intercept.grpc_service(server.drain()));
-    // The proxy holds through the queue itself: a hold crosses no socket (see proto::hold).
+    // The proxy holds through the queue itself: a hold crosses no socket (see platform::hold).
     let hold_sink = intercept.hold_sink(server.drain());
     // The web view forwards the page's calls to this same port, as any other client would.
     let web = match args.web.web {
         _ if args.web.no_web => None,
         given => {
             let addr = given.unwrap_or(web::DEFAULT_ADDR);
-            proto::serve::check_exposure(addr, auth.token.as_deref())?;
+            platform::serve::check_exposure(addr, auth.token.as_deref())?;
             Some(web::WebServer::bind(addr, given.is_none()).await?)
         }
     };
@@ -141,7 +141,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     config.local_intercept = Some(proxy_core::LocalIntercept(hold_sink));
     let proxy = Proxy::start(config).await?;
     replay_handle.set(proxy.replayer());
-    proto::token::record_server(&dir, &url)
+    platform::token::record_server(&dir, &url)
         .with_context(|| format!("recording the server URL in {}", dir.display()))?;
     let web_field = web
         .as_ref()
@@ -159,7 +159,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         })
     });
     // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
-    let stop = proto::serve::shutdown_signal();
+    let stop = platform::serve::shutdown_signal();
     let http_field = proxy
         .http_addr()
         .map(|a| format!(" http={a}"))

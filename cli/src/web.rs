@@ -17,7 +17,7 @@ pub struct WebCmdArgs {
         long,
         value_name = "ADDR",
         default_value = "127.0.0.1:50080",
-        value_parser = proto::serve::listen_addr
+        value_parser = platform::serve::listen_addr
     )]
     pub listen: SocketAddr,
     /// gRPC URL of the registry; for registry-svc replicas serving one database, several
@@ -26,18 +26,18 @@ pub struct WebCmdArgs {
         long,
         value_name = "URL[,URL...]",
         value_delimiter = ',',
-        value_parser = proto::failover::list_entry
+        value_parser = platform::failover::list_entry
     )]
     pub registry: Vec<String>,
     /// gRPC URL of the intercept service. Default: the first registry URL (`interpose up`
     /// serves every service on one port).
-    #[arg(long, value_name = "URL", value_parser = proto::failover::list_entry)]
+    #[arg(long, value_name = "URL", value_parser = platform::failover::list_entry)]
     pub intercept: Option<String>,
     /// gRPC URL of the export service. Default: the first registry URL.
-    #[arg(long, value_name = "URL", value_parser = proto::failover::list_entry)]
+    #[arg(long, value_name = "URL", value_parser = platform::failover::list_entry)]
     pub export: Option<String>,
     /// gRPC URL of the CA service (a proxy-core's --listen). Default: the first registry URL.
-    #[arg(long, value_name = "URL", value_parser = proto::failover::list_entry)]
+    #[arg(long, value_name = "URL", value_parser = platform::failover::list_entry)]
     pub ca: Option<String>,
     /// Another host name the web view answers to (it refuses every other Host header, a
     /// guard against DNS rebinding): NAME on the listen port, or NAME:PORT. Repeatable.
@@ -48,11 +48,11 @@ pub struct WebCmdArgs {
 /// Serves until SIGINT or SIGTERM; prints `ready web listen=ADDR url=URL` once serving (the
 /// URL carries the token, when one is known, in its fragment).
 pub async fn run(server: &ServerArgs, args: WebCmdArgs) -> anyhow::Result<()> {
-    proto::serve::init_tracing();
+    platform::serve::init_tracing();
     let registry = if args.registry.is_empty() {
         let dir = crate::client::data_dir(server);
         let given = crate::client::server_to_use(server, dir.as_deref())?;
-        vec![proto::client::server_url(&given)?.url]
+        vec![platform::client::server_url(&given)?.url]
     } else {
         args.registry
     };
@@ -66,7 +66,7 @@ pub async fn run(server: &ServerArgs, args: WebCmdArgs) -> anyhow::Result<()> {
     // The page sends its own token with each call; this one only goes into the ready URL
     // (and decides whether listening beyond loopback is allowed).
     let token = crate::client::token(server, &first, crate::client::data_dir(server).as_deref())?;
-    proto::serve::check_exposure(args.listen, token.as_deref())?;
+    platform::serve::check_exposure(args.listen, token.as_deref())?;
     for url in backends
         .registry
         .iter()
@@ -75,7 +75,7 @@ pub async fn run(server: &ServerArgs, args: WebCmdArgs) -> anyhow::Result<()> {
         crate::client::install_tls_for(server, url)?;
     }
     let web = web::WebServer::bind(args.listen, false).await?;
-    let stop = proto::serve::shutdown_signal();
+    let stop = platform::serve::shutdown_signal();
     crate::say!(
         "ready web listen={} url={}",
         web.local_addr(),

@@ -5,11 +5,10 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
+use platform::{client::AuthChannel, failover::Replicas};
 use proto::{
-    client::AuthChannel,
     common::{Connection, Direction, Packet, Transport},
     export::{ExportChunk, ExportSummary},
-    failover::Replicas,
     registry::{
         GetConnectionRequest, ListConnectionsRequest, SearchHistoryRequest,
         registry_client::RegistryClient,
@@ -31,7 +30,7 @@ const CHUNK: usize = 1 << 20;
 const PIECE: usize = 1460 * 1440 / 20 * 2;
 
 /// The registry export-svc reads through: its replicas (often one), each read going on to
-/// the next when one fails (see [`proto::failover`]).
+/// the next when one fails (see [`platform::failover`]).
 pub type Registry = Arc<Replicas>;
 
 /// A client of `channel` that takes replies as large as export-svc reads.

@@ -22,7 +22,8 @@ pub mod wire;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use proto::{export::export_server::ExportServer, serve::GrpcServer};
+use platform::serve::Bound;
+use proto::export::export_server::ExportServer;
 
 pub use service::ExportService;
 
@@ -31,12 +32,12 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// The gRPC service reading from the registry at `registry_urls` (connecting on first use,
 /// so it can start before the registry; several URLs are replicas it fails over between,
-/// see [`proto::failover`]), ready to add to a server.
+/// see [`platform::failover`]), ready to add to a server.
 pub fn grpc_service(
     registry_urls: &[String],
     token: Option<&str>,
 ) -> anyhow::Result<ExportServer<ExportService>> {
-    let registry = proto::failover::Replicas::new(registry_urls, token)
+    let registry = platform::failover::Replicas::new(registry_urls, token)
         .with_context(|| format!("registry URL {}", registry_urls.join(",")))?;
     Ok(ExportServer::new(ExportService::new(std::sync::Arc::new(
         registry,
@@ -52,11 +53,11 @@ pub fn grpc_service(
 )]
 pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:50053", value_parser = proto::serve::listen_addr)]
+    #[arg(long, default_value = "127.0.0.1:50053", value_parser = platform::serve::listen_addr)]
     pub listen: SocketAddr,
     /// The registry to read from, who may call, streaming bounds and mTLS.
     #[command(flatten)]
-    pub service: proto::registry_reader::RegistryReaderArgs,
+    pub service: platform::registry_reader::RegistryReaderArgs,
 }
 
 /// Runs the standalone exporter until SIGINT or SIGTERM.
@@ -68,19 +69,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let auth = flags
         .auth
         .settle("export-svc", listen, flags.mtls.data_dir.as_deref())?;
-    proto::serve::check_exposure(listen, auth.token.as_deref())?;
+    platform::serve::check_exposure(listen, auth.token.as_deref())?;
     flags.mtls.install_client()?;
     let service = grpc_service(&flags.registry, auth.token.as_deref())?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding gRPC on {listen}"))?;
-    let addr = listener.local_addr()?;
-    let mut server = GrpcServer::with_auth(&auth, &flags.streams);
-    let tls = flags.mtls.serve(&mut server, addr)?;
-    server.add_service(service);
-    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
-    let stop = proto::serve::shutdown_signal();
-    println!("ready export-svc listen={addr}{}{tls}", auth.ready_field());
-    server.serve(listener, stop).await?;
+    let mut bound = Bound::bind(listen, &auth, &flags.streams).await?;
+    let tls = flags.mtls.serve(&mut bound.server, bound.addr)?;
+    bound.server.add_service(service);
+    bound
+        .serve_until_signal("export-svc", &format!("{}{tls}", auth.ready_field()))
+        .await?;
     Ok(())
 }

@@ -87,7 +87,7 @@ impl Job {
             // repeated packets are skipped, and a repeated close finds its stream ended.
             if !state.caught_up
                 || self.registry.count() < 2
-                || !proto::failover::replica_failed(&failed)
+                || !platform::failover::replica_failed(&failed)
             {
                 return Err(failed.into());
             }
@@ -107,7 +107,7 @@ impl Job {
 
     /// Opens `FollowHistory` on `channel`: from a snapshot, or after position `after`.
     async fn open_follow(
-        channel: proto::client::AuthChannel,
+        channel: platform::client::AuthChannel,
         conn_id: u64,
         after: Option<u64>,
     ) -> Result<Streaming<FollowHistoryEvent>, Stop> {

@@ -4,6 +4,6 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    proto::serve::init_tracing();
+    platform::serve::init_tracing();
     export_svc::run(export_svc::Args::parse()).await
 }

@@ -11,8 +11,8 @@ pub mod service;
 
 use std::{net::SocketAddr, sync::Arc};
 
-use anyhow::Context;
-use proto::{intercept::intercept_server::InterceptServer, serve::GrpcServer};
+use platform::serve::Bound;
+use proto::intercept::intercept_server::InterceptServer;
 
 pub use queue::{DEFAULT_MAX_HELD, DEFAULT_MAX_HELD_BYTES, MAX_REPLACEMENT};
 pub use service::{InterceptService, InterceptState};
@@ -31,14 +31,14 @@ pub struct Intercept {
 
 impl Intercept {
     /// Starts following the registry at `registry_urls` (lazily: it need not be up yet;
-    /// several URLs are replicas it fails over between, see [`proto::failover`]).
+    /// several URLs are replicas it fails over between, see [`platform::failover`]).
     pub fn start(
         registry_urls: &[String],
         token: Option<&str>,
         limits: Limits,
-    ) -> Result<Self, proto::client::ClientError> {
+    ) -> Result<Self, platform::client::ClientError> {
         let shared = InterceptState::new(limits.max_held, limits.max_held_bytes);
-        let registry = Arc::new(proto::failover::Replicas::new(registry_urls, token)?);
+        let registry = Arc::new(platform::failover::Replicas::new(registry_urls, token)?);
         let follower = tokio::spawn(registry_watch::watch_registry(shared.clone(), registry));
         let expirer = tokio::spawn(shared.clone().expire_abandoned());
         Ok(Self {
@@ -51,12 +51,12 @@ impl Intercept {
     /// The queue as a proxy in this same process holds through it (`interpose up`): no
     /// socket, no HTTP/2 connection, and the same answers as over gRPC. Its holds and
     /// configuration stream end when `drain` fires.
-    pub fn hold_sink(&self, drain: proto::serve::Drain) -> Arc<dyn proto::hold::HoldSink> {
+    pub fn hold_sink(&self, drain: platform::serve::Drain) -> Arc<dyn platform::hold::HoldSink> {
         Arc::new(InterceptService::new(self.shared.clone(), drain))
     }
 
     /// The gRPC service, ready to add to a server; its streams end when `drain` fires.
-    pub fn grpc_service(&self, drain: proto::serve::Drain) -> InterceptServer<InterceptService> {
+    pub fn grpc_service(&self, drain: platform::serve::Drain) -> InterceptServer<InterceptService> {
         InterceptServer::new(InterceptService::new(self.shared.clone(), drain))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
@@ -111,11 +111,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 )]
 pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:50052", value_parser = proto::serve::listen_addr)]
+    #[arg(long, default_value = "127.0.0.1:50052", value_parser = platform::serve::listen_addr)]
     pub listen: SocketAddr,
     /// The registry to read from, who may call, streaming bounds and mTLS.
     #[command(flatten)]
-    pub service: proto::registry_reader::RegistryReaderArgs,
+    pub service: platform::registry_reader::RegistryReaderArgs,
     /// The held queue's bounds.
     #[command(flatten)]
     pub limits: Limits,
@@ -131,23 +131,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let auth = flags
         .auth
         .settle("intercept-svc", listen, flags.mtls.data_dir.as_deref())?;
-    proto::serve::check_exposure(listen, auth.token.as_deref())?;
+    platform::serve::check_exposure(listen, auth.token.as_deref())?;
     flags.mtls.install_client()?;
     let intercept = Intercept::start(&flags.registry, auth.token.as_deref(), limits)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding gRPC on {listen}"))?;
-    let addr = listener.local_addr()?;
-    let mut server = GrpcServer::with_auth(&auth, &flags.streams);
-    let tls = flags.mtls.serve(&mut server, addr)?;
-    server.add_service(intercept.grpc_service(server.drain()));
-    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
-    let stop = proto::serve::shutdown_signal();
-    println!(
-        "ready intercept-svc listen={addr}{}{tls}",
-        auth.ready_field()
-    );
-    server.serve(listener, stop).await?;
+    let mut bound = Bound::bind(listen, &auth, &flags.streams).await?;
+    let tls = flags.mtls.serve(&mut bound.server, bound.addr)?;
+    bound
+        .server
+        .add_service(intercept.grpc_service(bound.server.drain()));
+    bound
+        .serve_until_signal("intercept-svc", &format!("{}{tls}", auth.ready_field()))
+        .await?;
     Ok(())
 }
 

@@ -4,6 +4,6 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    proto::serve::init_tracing();
+    platform::serve::init_tracing();
     intercept_svc::run(intercept_svc::Args::parse()).await
 }

@@ -4,12 +4,14 @@
 
 use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Duration};
 
-use proto::{
+use platform::{
     client::AuthChannel,
-    common::{ClosedBy, ConnStatus, Connection},
     failover::Replicas,
-    registry::{WatchConnectionsRequest, registry_client::RegistryClient, watch_event::Kind},
     retry::{Backoff, Retry},
+};
+use proto::{
+    common::{ClosedBy, ConnStatus, Connection},
+    registry::{WatchConnectionsRequest, registry_client::RegistryClient, watch_event::Kind},
 };
 
 use crate::{queue::Ended, service::InterceptState};
@@ -27,7 +29,7 @@ pub async fn watch_registry(shared: Arc<InterceptState>, registry: Arc<Replicas>
             Ok(()) => tracing::warn!("registry ended its connection watch; reopening"),
             // A registry shutting down (this process's own, on SIGINT) is no failure to warn
             // about: the watch reopens if the registry comes back.
-            Err(s) if s.message() == proto::serve::SHUTTING_DOWN => {
+            Err(s) if s.message() == platform::serve::SHUTTING_DOWN => {
                 tracing::debug!("registry connection watch: {}", s.message());
                 registry.failed(index, &s);
             }

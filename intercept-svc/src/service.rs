@@ -11,11 +11,11 @@ use std::{
 };
 
 use futures::Stream;
+use platform::serve::Drain;
 use proto::intercept::{
     self as pb, HeldEvent, InterceptConfig, Verdict, held_event::Kind, intercept_server::Intercept,
     verdict::Reason,
 };
-use proto::serve::Drain;
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio_stream::{StreamExt, wrappers::WatchStream};
 use tonic::{Request, Response, Status};
@@ -346,19 +346,19 @@ impl Intercept for InterceptService {
 }
 
 /// The in-process path of `interpose up`: the proxy holds through the service itself, with
-/// the same answers as over gRPC (see [`proto::hold`]).
-impl proto::hold::HoldSink for InterceptService {
-    fn watch_config(&self) -> proto::hold::Call<proto::hold::ConfigStream> {
+/// the same answers as over gRPC (see [`platform::hold`]).
+impl platform::hold::HoldSink for InterceptService {
+    fn watch_config(&self) -> platform::hold::Call<platform::hold::ConfigStream> {
         let me = self.clone();
         Box::pin(async move {
             let stream = Intercept::watch_config(&me, Request::new(pb::WatchConfigRequest {}))
                 .await?
                 .into_inner();
-            Ok(stream as proto::hold::ConfigStream)
+            Ok(stream as platform::hold::ConfigStream)
         })
     }
 
-    fn hold(&self, mut req: pb::HoldRequest) -> proto::hold::Call<Verdict> {
+    fn hold(&self, mut req: pb::HoldRequest) -> platform::hold::Call<Verdict> {
         // The packet's bytes share the relay's read block (up to 256 KiB for a packet of any
         // size): the queue keeps a copy of just the packet, so what it holds is what
         // `max_held_bytes` counts.

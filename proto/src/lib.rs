@@ -1,38 +1,20 @@
 //! The Interpose gRPC contract.
 //!
-//! Generated code for the four services (and for the registry's stored history format) lives
-//! here and only here, with the small pieces every server and client of the project shares:
-//! the JSON/CLI names of the enums ([`names`]), timestamp conversion ([`time`]), serving with
-//! health, reflection and token checks ([`serve`]), connecting as a client ([`client`]) to
-//! one URL or to several replicas that fail over ([`failover`]), the one retry policy of
-//! every loop that reconnects ([`retry`]), the API token ([`token`]), where a proxy's ingest
-//! stream goes ([`ingest`]) and its holds go ([`hold`]), private data directories
-//! ([`private`]), byte sizes on the command line ([`size`]), the open-files limit
-//! ([`limits`]), the HTTP/2 preface deadline of every gRPC connection ([`preface`]), the
-//! bounds on unused connections ([`accept`]) and on streams ([`streams`]), mutual TLS for
-//! the management plane ([`mtls`]) and files written where the user asked ([`out_file`]).
+//! Generated code for the six services (and for the registry's stored history format) lives
+//! here and only here, with the few pure pieces every user of the messages shares: the
+//! codec the generated code uses ([`codec`]), the JSON/CLI names of the enums ([`names`]),
+//! timestamp conversion ([`time`]), hex ([`hex`]), byte sizes on the command line ([`size`])
+//! and the fuzz targets' seed inputs ([`fuzz_corpus`]). A client in Rust, a fuzz target or a
+//! test that wants the messages depends on this crate alone; the server stack every
+//! Interpose process shares (serving, tokens, mTLS, failover, retry) is the `platform`
+//! crate's.
 
-pub mod accept;
-pub mod client;
 pub mod codec;
-pub mod failover;
 pub mod fuzz_corpus;
 pub mod hex;
-pub mod hold;
-pub mod ingest;
-pub mod limits;
-pub mod mtls;
 pub mod names;
-pub mod out_file;
-pub mod preface;
-pub mod private;
-pub mod registry_reader;
-pub mod retry;
-pub mod serve;
 pub mod size;
-pub mod streams;
 pub mod time;
-pub mod token;
 
 /// Generated code, nested as the protobuf packages are so that cross-package paths resolve.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

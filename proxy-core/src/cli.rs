@@ -34,7 +34,7 @@ pub enum OnOff {
 pub struct ProxyArgs {
     /// SOCKS5 listen address (port 0 picks a free port). Beyond loopback it needs
     /// --socks-user/--socks-pass or --open-proxy.
-    #[arg(long, default_value = "127.0.0.1:1080", value_parser = proto::serve::listen_addr)]
+    #[arg(long, default_value = "127.0.0.1:1080", value_parser = platform::serve::listen_addr)]
     pub socks: SocketAddr,
     /// This proxy's node name in every record (default: the host name).
     #[arg(long)]
@@ -167,7 +167,7 @@ impl ProxyArgs {
     }
 
     /// The proxy's configuration: reporting to `registry_urls` (replicas of one registry,
-    /// tried in turn, see [`proto::failover`]) with `token`, refusing
+    /// tried in turn, see [`platform::failover`]) with `token`, refusing
     /// CONNECT to `refuse` (besides its own SOCKS port), splicing TLS with `tls`, following
     /// the intercept service at `intercept` when given.
     pub fn config(
@@ -202,7 +202,7 @@ impl ProxyArgs {
                 per_client: self.dns_per_client as usize,
             },
             max_connections: self.max_connections.map_or_else(
-                || default_max_connections(proto::limits::open_files()),
+                || default_max_connections(platform::limits::open_files()),
                 |n| n as usize,
             ),
             local_registry: None,
@@ -215,7 +215,7 @@ impl ProxyArgs {
 pub fn http_addr(s: &str) -> Result<SocketAddr, String> {
     match s.parse::<u16>() {
         Ok(port) => Ok(SocketAddr::from(([127, 0, 0, 1], port))),
-        Err(_) => proto::serve::listen_addr(s),
+        Err(_) => platform::serve::listen_addr(s),
     }
 }
 
@@ -247,7 +247,7 @@ pub struct Args {
         default_value = "http://127.0.0.1:50051",
         value_name = "URL[,URL...]",
         value_delimiter = ',',
-        value_parser = proto::failover::list_entry
+        value_parser = platform::failover::list_entry
     )]
     pub registry: Vec<String>,
     /// Optional gRPC listen address serving health, reflection, the CA service
@@ -255,14 +255,14 @@ pub struct Args {
     /// replays of this node's connections); CONNECT to it is refused like CONNECT to the SOCKS
     /// port. It requires a token like every server (the ready line then ends with
     /// grpc=ADDR, and token=PATH when the data directory's token is used).
-    #[arg(long, value_parser = proto::serve::listen_addr)]
+    #[arg(long, value_parser = platform::serve::listen_addr)]
     pub listen: Option<SocketAddr>,
     /// mTLS for --listen's gRPC API (the management CA in DATA_DIR/mtls).
     #[command(flatten)]
-    pub grpc_tls: proto::mtls::ServerTlsArgs,
+    pub grpc_tls: platform::mtls::ServerTlsArgs,
     /// Bounds on streaming calls to --listen.
     #[command(flatten)]
-    pub streams: proto::streams::StreamArgs,
+    pub streams: platform::streams::StreamArgs,
     /// Data directory: the CA is kept (and created on first start) in its `ca` folder.
     /// Default: the user's data home, e.g. ~/.local/share/interpose, the same CA as
     /// `interpose up`.
@@ -276,13 +276,13 @@ pub struct Args {
     /// `--no-auth` for --listen), as every server takes it. With --listen and no token
     /// given, the data directory's token (generated when missing) is both.
     #[command(flatten)]
-    pub auth: proto::token::AuthOptions,
+    pub auth: platform::token::AuthOptions,
     /// The proxy's options.
     #[command(flatten)]
     pub proxy: ProxyArgs,
     /// mTLS towards an https:// --registry or --intercept.
     #[command(flatten)]
-    pub client_tls: proto::mtls::ClientTlsArgs,
+    pub client_tls: platform::mtls::ClientTlsArgs,
 }
 
 /// The socket addresses of an endpoint given as `HOST:PORT` or as a URL
@@ -357,11 +357,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .auth
                 .clone()
                 .settle("proxy-core --listen", addr, Some(&dir))?;
-            proto::serve::check_exposure(addr, auth.token.as_deref())?;
+            platform::serve::check_exposure(addr, auth.token.as_deref())?;
             Some(auth)
         }
         None => {
-            proto::private::prepare_data_dir(&dir)?;
+            platform::private::prepare_data_dir(&dir)?;
             None
         }
     };
@@ -405,8 +405,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut health_task = None;
     if let (Some(l), Some(auth)) = (health, &served) {
         let addr = l.local_addr()?;
-        let mut server = proto::serve::GrpcServer::with_auth(auth, &args.streams);
-        let tls = proto::mtls::serve_tls(&mut server, &args.grpc_tls, Some(&dir), addr)?;
+        let mut server = platform::serve::GrpcServer::with_auth(auth, &args.streams);
+        let tls = platform::mtls::serve_tls(&mut server, &args.grpc_tls, Some(&dir), addr)?;
         server.add_service(CaService::server(splicer.clone()));
         server.add_service(crate::replay::service::ReplayService::server(
             proxy.replayer(),
@@ -423,7 +423,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         }));
     }
-    let stop = proto::serve::shutdown_signal();
+    let stop = platform::serve::shutdown_signal();
     {
         let mut out = std::io::stdout().lock();
         let http = proxy

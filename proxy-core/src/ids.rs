@@ -20,11 +20,8 @@ use std::{
     time::Duration,
 };
 
-use proto::{
-    failover::Replicas,
-    registry::{LeaseIdsRequest, registry_client::RegistryClient},
-    retry::Backoff,
-};
+use platform::{failover::Replicas, retry::Backoff};
+use proto::registry::{LeaseIdsRequest, registry_client::RegistryClient};
 use tokio::{sync::Notify, time::Instant};
 use tonic::Status;
 

@@ -45,7 +45,7 @@ pub mod state;
 pub mod tls;
 pub mod udp;
 
-use proto::ingest::IngestSink;
+use platform::ingest::IngestSink;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
@@ -71,7 +71,7 @@ pub struct Config {
     /// Which targets go through which upstream proxy (default: all direct).
     pub routes: chain::Routes,
     /// The registry's gRPC URL, e.g. `http://127.0.0.1:50051`; several for replicas of one
-    /// registry, which the proxy fails over between (see [`proto::failover`]).
+    /// registry, which the proxy fails over between (see [`platform::failover`]).
     pub registry_urls: Vec<String>,
     /// Bearer token for the registry, if it requires one.
     pub token: Option<String>,
@@ -108,7 +108,7 @@ pub struct Config {
 
 /// An intercept queue in the proxy's own process, as the sink of its holds.
 #[derive(Clone)]
-pub struct LocalIntercept(pub Arc<dyn proto::hold::HoldSink>);
+pub struct LocalIntercept(pub Arc<dyn platform::hold::HoldSink>);
 
 impl std::fmt::Debug for LocalIntercept {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,7 +153,7 @@ pub enum StartError {
     Dns(#[from] dns::DnsConfigError),
     /// The registry URL or token is unusable.
     #[error("registry client: {0}")]
-    Registry(#[from] proto::client::ClientError),
+    Registry(#[from] platform::client::ClientError),
     /// The SOCKS or HTTP address cannot be bound.
     #[error("binding {what} on {addr}: {source}")]
     Bind {
@@ -194,7 +194,7 @@ impl Proxy {
         }
         let dns = dns::Dns::new(&cfg.dns)?;
         // The registry's replicas (often one), for ID leases and the ingest stream alike.
-        let registry = Arc::new(proto::failover::Replicas::new(
+        let registry = Arc::new(platform::failover::Replicas::new(
             &cfg.registry_urls,
             cfg.token.as_deref(),
         )?);

@@ -25,10 +25,8 @@ use std::{
     time::Duration,
 };
 
-use proto::{
-    common::{CloseKind, ClosedBy, ConnStatus, Connection, Transport},
-    retry::Backoff,
-};
+use platform::retry::Backoff;
+use proto::common::{CloseKind, ClosedBy, ConnStatus, Connection, Transport};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc},

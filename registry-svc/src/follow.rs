@@ -7,10 +7,10 @@
 
 use std::sync::Arc;
 
+use platform::serve::Drain;
 use proto::{
     common::{Connection, Packet},
     registry::{FollowHistoryEvent, FollowHistoryRequest},
-    serve::Drain,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -259,7 +259,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = State::with_open_records(&dir.path().join("db"), N);
         let (tx, mut rx) = mpsc::channel(1);
-        let server = proto::serve::GrpcServer::new(None);
+        let server = platform::serve::GrpcServer::new(None);
         tokio::spawn(follow(
             state.clone(),
             FollowHistoryRequest::default(),

@@ -18,10 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proto::{
-    registry::{IngestAck, IngestRequest, event::Kind},
-    serve::Drain,
-};
+use platform::serve::Drain;
+use proto::registry::{IngestAck, IngestRequest, event::Kind};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;

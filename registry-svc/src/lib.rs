@@ -21,7 +21,8 @@ pub mod watcher;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
-use proto::{registry::registry_server::RegistryServer, serve::GrpcServer};
+use platform::serve::{Bound, GrpcServer};
+use proto::registry::registry_server::RegistryServer;
 
 pub use service::RegistryService;
 pub use state::State;
@@ -54,7 +55,7 @@ pub fn open(
     store: &StoreArgs,
     history: &backend::sled_store::HistoryOptions,
 ) -> anyhow::Result<Arc<State>> {
-    proto::private::prepare_data_dir(data_dir)?;
+    platform::private::prepare_data_dir(data_dir)?;
     if let Some(url) = &store.store {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             anyhow::bail!(
@@ -69,7 +70,7 @@ pub fn open(
         .context("opening the PostgreSQL store");
     }
     let path = store_path(data_dir);
-    proto::private::create_dir(&path)
+    platform::private::create_dir(&path)
         .with_context(|| format!("creating registry store {}", path.display()))?;
     State::open_with(&path, history)
         .with_context(|| format!("opening registry store {}", path.display()))
@@ -91,7 +92,7 @@ pub fn grpc_service(
 }
 
 /// The registry service as [`grpc_service`] starts it, before it is wrapped for gRPC: a
-/// proxy in the same process can take it as its ingest sink (`proto::ingest::IngestSink`).
+/// proxy in the same process can take it as its ingest sink (`platform::ingest::IngestSink`).
 pub fn service(
     state: Arc<State>,
     node_grace: std::time::Duration,
@@ -143,7 +144,7 @@ pub struct StoreArgs {
 )]
 pub struct Args {
     /// gRPC listen address (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:50051", value_parser = proto::serve::listen_addr)]
+    #[arg(long, default_value = "127.0.0.1:50051", value_parser = platform::serve::listen_addr)]
     pub listen: SocketAddr,
     /// Directory for the registry's sled store (and its token and certificates).
     #[arg(long)]
@@ -153,7 +154,7 @@ pub struct Args {
     pub store: StoreArgs,
     /// Who may call: the token (or `--no-auth`), as every server takes it.
     #[command(flatten)]
-    pub auth: proto::token::AuthOptions,
+    pub auth: platform::token::AuthOptions,
     /// How long a proxy node may have no ingest stream before its records still active are
     /// closed (closed by proxy, reason naming the node). A node that comes back as a new
     /// session (a restarted proxy) has them closed at once.
@@ -169,13 +170,13 @@ pub struct Args {
     pub grpc_idle_timeout: std::time::Duration,
     /// Bounds on streaming calls, as every server takes them.
     #[command(flatten)]
-    pub streams: proto::streams::StreamArgs,
+    pub streams: platform::streams::StreamArgs,
     /// The history's disk budget.
     #[command(flatten)]
     pub history: history_args::HistoryArgs,
     /// mTLS for the gRPC API.
     #[command(flatten)]
-    pub tls: proto::mtls::ServerTlsArgs,
+    pub tls: platform::mtls::ServerTlsArgs,
 }
 
 /// Keeps [`HISTORY_HEALTH`] in step with whether history can be written.
@@ -197,32 +198,25 @@ fn report_history_health(state: &State, health: tonic_health::server::HealthRepo
 
 /// Runs the standalone registry until SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    proto::limits::raise_open_files();
-    proto::limits::survive_file_size_limit();
+    platform::limits::raise_open_files();
+    platform::limits::survive_file_size_limit();
     // Settled first: `--no-auth` beyond loopback is refused before the data directory is
     // touched, and a token file others could read is replaced before it is made private.
     let auth = args
         .auth
         .settle("registry-svc", args.listen, Some(&args.data_dir))?;
-    proto::serve::check_exposure(args.listen, auth.token.as_deref())?;
+    platform::serve::check_exposure(args.listen, auth.token.as_deref())?;
     let state = open(&args.data_dir, &args.store, &args.history.options())?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding gRPC on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let mut server = GrpcServer::with_auth(&auth, &args.streams);
+    let mut bound = Bound::bind(args.listen, &auth, &args.streams).await?;
+    let server = &mut bound.server;
     server
         .max_connection_age(args.grpc_max_age)
         .idle_timeout(args.grpc_idle_timeout);
-    server.add_service(grpc_service(state.clone(), args.node_grace, &server)?);
-    let tls = proto::mtls::serve_tls(&mut server, &args.tls, Some(&args.data_dir), addr)?;
-    // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
-    let stop = proto::serve::shutdown_signal();
-    println!(
-        "ready registry-svc listen={addr}{}{tls}",
-        auth.ready_field()
-    );
-    server.serve(listener, stop).await?;
+    server.add_service(grpc_service(state.clone(), args.node_grace, server)?);
+    let tls = platform::mtls::serve_tls(server, &args.tls, Some(&args.data_dir), bound.addr)?;
+    bound
+        .serve_until_signal("registry-svc", &format!("{}{tls}", auth.ready_field()))
+        .await?;
     state.flush().await.context("flushing the registry store")?;
     Ok(())
 }

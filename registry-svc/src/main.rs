@@ -10,6 +10,6 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    proto::serve::init_tracing();
+    platform::serve::init_tracing();
     registry_svc::run(registry_svc::Args::parse()).await
 }

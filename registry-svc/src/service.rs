@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
+use platform::{
+    ingest::{Acks, Batch, IngestSink, Opening},
+    serve::Drain,
+};
 use proto::{
     common::{Connection, Direction},
-    ingest::{Acks, Batch, IngestSink, Opening},
     registry::{self as pb, IngestAck, IngestRequest, WatchEvent, registry_server::Registry},
-    serve::Drain,
 };
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};

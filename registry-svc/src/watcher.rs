@@ -11,10 +11,10 @@
 
 use std::{collections::HashSet, sync::Arc};
 
+use platform::serve::Drain;
 use proto::{
     common::Connection,
     registry::{self as pb, WatchEvent, watch_event::Kind as WatchKind},
-    serve::Drain,
 };
 use tokio::sync::{
     broadcast::{self, error::RecvError, error::TryRecvError},
@@ -253,7 +253,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = State::with_open_records(&dir.path().join("db"), N);
         let (tx, mut rx) = mpsc::channel(1);
-        let server = proto::serve::GrpcServer::new(None);
+        let server = platform::serve::GrpcServer::new(None);
         tokio::spawn(watch(
             state.clone(),
             pb::ConnectionFilter::default(),

@@ -28,7 +28,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use proto::{client::AuthChannel, registry::registry_client::RegistryClient};
+use platform::client::AuthChannel;
+use proto::registry::registry_client::RegistryClient;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -292,7 +293,7 @@ pub fn token_file(url: &str) -> Option<PathBuf> {
 
 /// The token of the server at `url`, if it has a token file.
 pub fn token(url: &str) -> Option<String> {
-    proto::token::read_file(&token_file(url)?).ok()
+    platform::token::read_file(&token_file(url)?).ok()
 }
 
 /// Whether this test binary is the PostgreSQL twin of a test file (`registry_pg` runs
@@ -425,7 +426,7 @@ pub async fn connection_stats(
 /// started at `url`, if any.
 pub async fn channel(url: &str, token: Option<&str>) -> anyhow::Result<AuthChannel> {
     let known = self::token(url);
-    Ok(proto::client::connect(url, token.or(known.as_deref())).await?)
+    Ok(platform::client::connect(url, token.or(known.as_deref())).await?)
 }
 
 /// `interpose up` with every service in one process.

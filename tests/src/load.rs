@@ -18,8 +18,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::{ClosedBy, ConnStatus, Connection, Direction},
     registry::{ConnectionStatsRequest, registry_client::RegistryClient},
 };
@@ -232,7 +232,7 @@ fn sample_peak(pid: u32) -> Arc<AtomicU64> {
 /// Runs the load against a fresh `up` in `dir` (servers included) and checks the outcome.
 pub async fn run(dir: &Path, cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     proxy_core::tls::install_provider();
-    proto::limits::raise_open_files();
+    platform::limits::raise_open_files();
     let pki = UpstreamPki::create(dir, "load upstream CA")?;
     let (plain_dir, tls_dir) = (dir.join("plain-server"), dir.join("tls-server"));
     std::fs::create_dir_all(&plain_dir)?;

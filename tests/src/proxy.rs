@@ -5,8 +5,8 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, bail};
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::{Connection, Direction, Packet},
     registry::{
         GetConnectionRequest, ListConnectionsRequest, SearchHistoryRequest,

@@ -23,7 +23,7 @@ use proto::{
 };
 use tests::{Ingest, Registry, WAIT, events};
 
-type Client = proto::registry::registry_client::RegistryClient<proto::client::AuthChannel>;
+type Client = proto::registry::registry_client::RegistryClient<platform::client::AuthChannel>;
 
 /// Kill rounds (each a restart, a random amount of ingest, a kill and a check).
 const ROUNDS: u64 = 8;

@@ -275,7 +275,7 @@ async fn standalone_registry_and_proxy_keep_their_files_private_whatever_the_uma
         .env_remove("INTERPOSE_STORE");
     let reg = tests::Proc::start(cmd, tmp.path().join("reg.log")).await?;
     let url = format!("http://{}", reg.addr("listen")?);
-    let token = proto::token::read_file(&reg_dir.join("token"))?;
+    let token = platform::token::read_file(&reg_dir.join("token"))?;
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
         .arg(

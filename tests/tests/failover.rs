@@ -8,8 +8,8 @@
 use std::{net::SocketAddr, path::Path};
 
 use anyhow::{Context, ensure};
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::{CloseKind, ClosedBy, ConnStatus, Direction, Packet},
     intercept::{
         ForwardRequest, GetStatusRequest, HoldRequest, InterceptConfig, ListHeldRequest,
@@ -324,7 +324,7 @@ async fn service(
     let mut cmd = Command::new(bin(name));
     cmd.args(["--listen", "127.0.0.1:0", "--registry", registries])
         .env_remove("INTERPOSE_TOKEN")
-        .env("INTERPOSE_TOKEN", proto::token::read_file(token)?);
+        .env("INTERPOSE_TOKEN", platform::token::read_file(token)?);
     let proc = Proc::start(cmd, dir.join(format!("{name}.log"))).await?;
     let url = format!("http://{}", proc.field("listen").context("listen=")?);
     tests::set_token_file(&url, Some(token.to_path_buf()));

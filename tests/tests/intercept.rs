@@ -8,8 +8,8 @@ use std::{net::SocketAddr, path::Path};
 
 use anyhow::Context;
 use base64::Engine;
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::{CloseKind, ClosedBy, Direction, Packet},
     intercept::{
         ForwardRequest, GetStatusRequest, HoldRequest, InterceptConfig, SetConfigRequest, Verdict,

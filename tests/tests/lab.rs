@@ -12,8 +12,8 @@ use std::{
     },
 };
 
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::{ConnStatus, Connection, Direction},
     registry::registry_client::RegistryClient,
 };

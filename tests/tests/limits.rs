@@ -89,7 +89,7 @@ async fn closed_at(mut s: TcpStream) -> anyhow::Result<Instant> {
     }
 }
 
-/// The documented bound (`proto::preface::PREFACE_TIMEOUT`).
+/// The documented bound (`platform::preface::PREFACE_TIMEOUT`).
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A TCP client that connects to `addr` and sends nothing: how long until it is closed.
@@ -170,7 +170,7 @@ async fn grpc_connections_without_a_preface_are_closed_and_normal_clients_are_no
     watch_still_delivers(&reg, &mut watch, 9).await
 }
 
-/// The documented bound on a connection's first call (`proto::accept::FIRST_CALL_TIMEOUT`).
+/// The documented bound on a connection's first call (`platform::accept::FIRST_CALL_TIMEOUT`).
 const FIRST_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client that sends the whole HTTP/2 preface and an empty SETTINGS frame, then nothing:

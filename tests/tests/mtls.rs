@@ -199,7 +199,7 @@ async fn a_proxy_reports_to_a_registry_served_with_mtls() -> R {
         .env_remove("INTERPOSE_TOKEN");
     let reg = Proc::start(cmd, tmp.path().join("reg.log")).await?;
     let url = format!("https://{}", reg.addr("listen")?);
-    let token = proto::token::read_file(&reg_dir.join("token"))?;
+    let token = platform::token::read_file(&reg_dir.join("token"))?;
     let [cert, key, ca] = issue(&xdg, &reg_dir, "proxy1", &tmp.path().join("p")).await?;
 
     let mut cmd = Command::new(bin("proxy-core"));
@@ -239,7 +239,7 @@ async fn a_proxy_reports_to_a_registry_served_with_mtls() -> R {
     drop(upstream);
 
     // Its record, read by this test as another mTLS client of the registry.
-    proto::mtls::ClientTlsArgs {
+    platform::mtls::ClientTlsArgs {
         client_cert: Some(cert.into()),
         client_key: Some(key.into()),
         ca_cert: Some(ca.into()),

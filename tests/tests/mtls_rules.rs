@@ -246,7 +246,7 @@ async fn standalone_intercept_and_export_services_serve_grpc_tls_behind_a_tls_re
     let reg = Proc::start(cmd, tmp.path().join("reg.log")).await?;
     let reg_url = format!("https://{}", reg.addr("listen")?);
     let token_file = reg_dir.join("token");
-    let token = proto::token::read_file(&token_file)?;
+    let token = platform::token::read_file(&token_file)?;
     let token_arg = token_file.display().to_string();
 
     for name in ["intercept-svc", "export-svc"] {

@@ -20,7 +20,7 @@ use tests::{Ingest, Registry, WAIT, events, registry_client};
 use tonic::Code;
 
 async fn list_ids(
-    client: &mut proto::registry::registry_client::RegistryClient<proto::client::AuthChannel>,
+    client: &mut proto::registry::registry_client::RegistryClient<platform::client::AuthChannel>,
 ) -> anyhow::Result<Vec<u64>> {
     let r = client
         .list_connections(ListConnectionsRequest::default())

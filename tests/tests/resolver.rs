@@ -38,7 +38,7 @@ const PENDING: Duration = Duration::from_secs(300);
 
 #[tokio::test]
 async fn a_stalled_name_server_does_not_starve_other_names() -> R {
-    proto::limits::raise_open_files();
+    platform::limits::raise_open_files();
     let tmp = tempfile::tempdir()?;
     let reg = Registry::start(&tmp.path().join("reg")).await?;
     let dns = DnsServer::start().await?;

@@ -108,7 +108,7 @@ async fn the_api_wants_a_token_even_on_loopback() -> R {
     assert_eq!(Path::new(&token_file), data.join("token"));
 
     // No token: UNAUTHENTICATED, from a plain gRPC client.
-    let ch = proto::client::connect(&up.grpc, None).await?;
+    let ch = platform::client::connect(&up.grpc, None).await?;
     let mut anon = proto::registry::registry_client::RegistryClient::new(ch);
     let err = anon
         .list_connections(ListConnectionsRequest::default())
@@ -150,7 +150,7 @@ async fn the_api_wants_a_token_even_on_loopback() -> R {
     let reg = Registry::start(&tmp.path().join("reg")).await?;
     assert!(reg.proc.field("token").is_some(), "{}", reg.proc.ready);
     let err = proto::registry::registry_client::RegistryClient::new(
-        proto::client::connect(&reg.url, None).await?,
+        platform::client::connect(&reg.url, None).await?,
     )
     .list_connections(ListConnectionsRequest::default())
     .await

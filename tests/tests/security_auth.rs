@@ -21,7 +21,7 @@ const NO_REGISTRY: &str = "http://127.0.0.1:9";
 
 /// A unary call every server answers (gRPC health), with `token` or none.
 async fn health(url: &str, token: Option<&str>) -> Result<(), tonic::Status> {
-    let channel = proto::client::connect(url, token)
+    let channel = platform::client::connect(url, token)
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     tonic_health::pb::health_client::HealthClient::new(channel)
@@ -93,7 +93,7 @@ async fn intercept_export_and_proxy_listen_require_a_token_by_default() -> R {
         assert_eq!(file, data.join("token"));
         assert_eq!(mode(&file), 0o600);
         assert_eq!(mode(&data), 0o700);
-        let token = proto::token::read_file(&file)?;
+        let token = platform::token::read_file(&file)?;
         let err = health(&url, None).await.expect_err("no token");
         assert_eq!(err.code(), Code::Unauthenticated, "{err}");
         let err = health(&url, Some("guess")).await.expect_err("wrong token");
@@ -150,11 +150,11 @@ async fn intercept_export_and_proxy_listen_require_a_token_by_default() -> R {
     let file = PathBuf::from(proxy.field("token").context("token=")?);
     assert_eq!(file, data.join("token"));
     assert_eq!(mode(&file), 0o600);
-    let token = proto::token::read_file(&file)?;
+    let token = platform::token::read_file(&file)?;
     let err = health(&url, None).await.expect_err("no token");
     assert_eq!(err.code(), Code::Unauthenticated);
     let mut ca = proto::ca::certificate_authority_client::CertificateAuthorityClient::new(
-        proto::client::connect(&url, None).await?,
+        platform::client::connect(&url, None).await?,
     );
     let err = ca
         .regenerate_ca(proto::ca::RegenerateCaRequest {})
@@ -162,7 +162,7 @@ async fn intercept_export_and_proxy_listen_require_a_token_by_default() -> R {
         .expect_err("anyone could replace the CA");
     assert_eq!(err.code(), Code::Unauthenticated);
     let mut ca = proto::ca::certificate_authority_client::CertificateAuthorityClient::new(
-        proto::client::connect(&url, Some(&token)).await?,
+        platform::client::connect(&url, Some(&token)).await?,
     );
     let cert = ca
         .get_ca_certificate(proto::ca::GetCaCertificateRequest {})
@@ -312,7 +312,7 @@ async fn a_token_file_others_could_read_is_replaced_not_kept() -> R {
     let data = tmp.path().join("reg");
     let reg = Registry::start(&data).await?;
     let file = data.join("token");
-    let old = proto::token::read_file(&file)?;
+    let old = platform::token::read_file(&file)?;
     assert!(reg.proc.terminate().await?, "clean exit");
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
 
@@ -323,7 +323,7 @@ async fn a_token_file_others_could_read_is_replaced_not_kept() -> R {
             && stderr.contains("the token file was readable by other users: replaced it"),
         "{stderr}"
     );
-    let new = proto::token::read_file(&file)?;
+    let new = platform::token::read_file(&file)?;
     assert_ne!(new, old, "an exposed token is not kept");
     assert_eq!(mode(&file), 0o600);
     let mut stale = tests::registry_client(&reg.url, Some(&old)).await?;
@@ -340,7 +340,7 @@ async fn a_token_file_others_could_read_is_replaced_not_kept() -> R {
     // A token file that was already private is kept as it is.
     assert!(reg.proc.terminate().await?, "clean exit");
     let reg = Registry::start(&data).await?;
-    assert_eq!(proto::token::read_file(&file)?, new);
+    assert_eq!(platform::token::read_file(&file)?, new);
     assert!(!reg.proc.stderr().contains("replaced it"));
     Ok(())
 }
@@ -449,7 +449,7 @@ async fn registry_on(dir: &Path, extra: &[&str]) -> anyhow::Result<Output> {
 /// Opens a `FollowHistory` stream on `client` and waits for its first event (an empty
 /// registry answers `caught_up` at once), so the stream is known to be open.
 async fn open_follow(
-    client: &mut proto::registry::registry_client::RegistryClient<proto::client::AuthChannel>,
+    client: &mut proto::registry::registry_client::RegistryClient<platform::client::AuthChannel>,
 ) -> Result<tonic::Streaming<proto::registry::FollowHistoryEvent>, tonic::Status> {
     let mut stream = client
         .follow_history(FollowHistoryRequest::default())
@@ -469,7 +469,7 @@ async fn open_follow(
 /// stays bounded while a client keeps asking for more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_bounded_per_connection_and_per_token() -> R {
-    use proto::streams::{DEFAULT_PER_CONNECTION, DEFAULT_PER_TOKEN};
+    use platform::streams::{DEFAULT_PER_CONNECTION, DEFAULT_PER_TOKEN};
     let tmp = tempfile::tempdir()?;
     let reg = Registry::start(&tmp.path().join("reg")).await?;
     let pid = reg.proc.pid().context("pid")?;

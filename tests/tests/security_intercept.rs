@@ -13,8 +13,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::{ClosedBy, ConnStatus, Direction, Packet},
     intercept::{
         AddRuleRequest, GetStatusRequest, HoldRequest, InterceptStatus, ListHeldRequest,

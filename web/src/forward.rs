@@ -16,7 +16,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method, Uri, header};
 use http_body_util::{BodyExt, Full};
-use proto::failover::{Replicas, replica_failed};
+use platform::failover::{Replicas, replica_failed};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Status, body::Body};
 
@@ -136,7 +136,7 @@ struct Inner {
 }
 
 /// Why the forwarding service could not be set up.
-pub type ForwardError = proto::client::ClientError;
+pub type ForwardError = platform::client::ClientError;
 
 impl Forward {
     /// Channels (connected on first use) to every backend. They send no token of their

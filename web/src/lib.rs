@@ -63,7 +63,7 @@ pub enum WebError {
     },
     /// A backend URL is not usable.
     #[error("the web view's backends: {0}")]
-    Backend(#[from] proto::client::ClientError),
+    Backend(#[from] platform::client::ClientError),
 }
 
 /// `interpose up`'s web view options.
@@ -75,7 +75,7 @@ pub struct WebArgs {
     #[arg(
         long,
         value_name = "ADDR",
-        value_parser = proto::serve::listen_addr,
+        value_parser = platform::serve::listen_addr,
         overrides_with_all = ["web", "no_web"]
     )]
     pub web: Option<SocketAddr>,

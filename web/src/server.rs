@@ -12,7 +12,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use proto::retry::Backoff;
+use platform::retry::Backoff;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tonic::body::Body;
 use tower_service::Service;
@@ -263,7 +263,7 @@ impl WebServer {
     }
 
     /// Serves until `shutdown` completes, then lets calls in progress finish for at most
-    /// [`proto::serve::SHUTDOWN_GRACE`] (streams end when their backends drain).
+    /// [`platform::serve::SHUTDOWN_GRACE`] (streams end when their backends drain).
     pub async fn serve(
         self,
         backends: &Backends,
@@ -289,8 +289,8 @@ impl WebServer {
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits::MAX_STREAMS_PER_CONNECTION)
             .max_header_list_size(limits::MAX_HEAD as u32)
-            .keep_alive_interval(proto::serve::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(proto::serve::KEEPALIVE_TIMEOUT);
+            .keep_alive_interval(platform::serve::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(platform::serve::KEEPALIVE_TIMEOUT);
         let connections = Arc::new(Semaphore::new(limits::MAX_CONNECTIONS));
         let graceful = GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
@@ -333,7 +333,7 @@ impl WebServer {
             });
         }
         drop(self.listener);
-        if tokio::time::timeout(proto::serve::SHUTDOWN_GRACE, graceful.shutdown())
+        if tokio::time::timeout(platform::serve::SHUTDOWN_GRACE, graceful.shutdown())
             .await
             .is_err()
         {

@@ -21,7 +21,7 @@
 //! answer late); connecting gives up after [`CONNECT_TIMEOUT`] (2 s); a service that dies
 //! with the packet held fails the call as soon as its socket closes, and a host that
 //! vanishes without closing is noticed by TCP keepalive, which the kernels answer (see
-//! [`proto::client::endpoint_without_keepalive`]: about 40 s). A restarted service is
+//! [`platform::client::endpoint_without_keepalive`]: about 40 s). A restarted service is
 //! picked up again by the same task.
 //!
 //! Replace rules never grow a packet by more than [`rules::MAX_GROWTH`]; a packet they
@@ -38,18 +38,20 @@ use std::{
 };
 
 use bytes::Bytes;
+use platform::{
+    client::{ClientError, TokenInjector},
+    hold::HoldSink,
+    retry::{Backoff, Retry},
+};
 use prost_types::Timestamp;
 use proto::{
-    client::{ClientError, TokenInjector},
     common::{Direction, Packet},
-    hold::HoldSink,
     intercept::{
         HoldRequest,
         intercept_client::InterceptClient,
         verdict::{Action, Reason},
     },
     names::Named,
-    retry::{Backoff, Retry},
 };
 use tonic::{Code, Status, service::interceptor::InterceptedService};
 
@@ -137,8 +139,8 @@ impl Holder {
         policy: FaultPolicy,
     ) -> Result<Self, ClientError> {
         let endpoint =
-            proto::client::endpoint_without_keepalive(url)?.connect_timeout(CONNECT_TIMEOUT);
-        let channel = proto::client::lazy_channel(url, endpoint)?;
+            platform::client::endpoint_without_keepalive(url)?.connect_timeout(CONNECT_TIMEOUT);
+        let channel = platform::client::lazy_channel(url, endpoint)?;
         let client =
             InterceptClient::new(InterceptedService::new(channel, TokenInjector::new(token)?))
                 .max_decoding_message_size(MAX_MESSAGE)

@@ -58,7 +58,7 @@ async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
 
 /// A reporter for tests: history off, its registry never answers.
 pub(crate) fn reporter() -> Reporter {
-    let channel = proto::client::connect_lazy("http://127.0.0.1:1", None).expect("channel");
+    let channel = platform::client::connect_lazy("http://127.0.0.1:1", None).expect("channel");
     let sink = std::sync::Arc::new(proto::registry::registry_client::RegistryClient::new(
         channel,
     ));

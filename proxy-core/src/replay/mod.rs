@@ -30,9 +30,9 @@ use std::{
 };
 
 use futures::StreamExt;
+use platform::failover::Replicas;
 use proto::{
     common::{Connection, Direction, Transport},
-    failover::Replicas,
     replay::{Pace, ReplayEvent, ReplayRequest, ReplaySummary},
 };
 use rustls::pki_types::ServerName;

@@ -5,9 +5,9 @@
 
 use std::{sync::Arc, time::Duration};
 
+use platform::failover::Replicas;
 use proto::{
     common::{Connection, Direction, Packet},
-    failover::Replicas,
     registry::{GetConnectionRequest, SearchHistoryRequest, registry_client::RegistryClient},
 };
 use tokio::sync::mpsc;

@@ -7,7 +7,7 @@
 //! full batches in flight (at most [`MAX_UNACKED`]). So an idle proxy reports each event
 //! immediately and a busy one sends few large batches.
 //!
-//! Batches carry an increasing `batch_seq` and are kept, shared ([`proto::ingest::Batch`]),
+//! Batches carry an increasing `batch_seq` and are kept, shared ([`platform::ingest::Batch`]),
 //! until acknowledged: sending one hands the stream a reference, and the replay after a
 //! broken stream sends the very same batches again, in order; nothing is copied per send.
 //! Packet payloads are `Bytes` (see the proto crate's build script), which gRPC copies
@@ -31,7 +31,7 @@ pub(super) const MAX_UNACKED: usize = 64;
 pub(super) struct Batch {
     pub(super) seq: u64,
     /// Shared with the stream it is sent on: its payloads are not copied, nor is it.
-    pub(super) request: proto::ingest::Batch,
+    pub(super) request: platform::ingest::Batch,
     pub(super) events: usize,
     /// Payload bytes of its packets (both versions of a modified one).
     pub(super) payload: usize,
@@ -169,7 +169,7 @@ pub(super) fn ingest_session() -> &'static str {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        proto::token::generate().unwrap_or_else(|_| format!("{}-{nanos}", std::process::id()))
+        platform::token::generate().unwrap_or_else(|_| format!("{}-{nanos}", std::process::id()))
     })
 }
 

@@ -25,10 +25,10 @@ mod ticker;
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use platform::ingest::IngestSink;
 use prost_types::Timestamp;
 use proto::{
     common::{Connection, Direction, Packet},
-    ingest::IngestSink,
     registry::{ConnectionClosed, ConnectionUpdate, ProxyLosses},
 };
 use tokio::{

@@ -1,21 +1,21 @@
 //! The ingest stream, with its failover and replay: the background task that feeds batches
 //! to the registry ([`IngestSink`]) and takes their acknowledgements.
 //!
-//! A broken stream is reopened under the one retry policy ([`proto::retry`]) and sends the
+//! A broken stream is reopened under the one retry policy ([`platform::retry`]) and sends the
 //! unacknowledged batches again, in order, before any new one; the registry applies
 //! replays idempotently. With several registry URLs (replicas of one registry,
-//! [`proto::failover::Replicas`]), a failed stream reopens on the next replica at once, and
+//! [`platform::failover::Replicas`]), a failed stream reopens on the next replica at once, and
 //! backoff starts only once a stream to each has failed in a row; a replica that takes
 //! batches but acknowledges none is left after [`ACK_TIMEOUT`]. At shutdown the task sends
 //! what is queued and waits for its acknowledgement until the deadline it is given.
 
 use std::{sync::Arc, time::Duration};
 
-use proto::{
+use platform::{
     ingest::{Acks, Batch, IngestSink},
-    registry::IngestAck,
     retry::{Backoff, Retry},
 };
+use proto::registry::IngestAck;
 use tokio::{
     sync::{mpsc, watch},
     time::{Instant, MissedTickBehavior, sleep, sleep_until},

@@ -9,11 +9,9 @@ use std::{
     },
 };
 
+use platform::ingest::{Acks, Batch, Opening};
 use prost::Message;
-use proto::{
-    ingest::{Acks, Batch, Opening},
-    registry::{IngestAck, IngestRequest, event::Kind},
-};
+use proto::registry::{IngestAck, IngestRequest, event::Kind};
 use tokio::time::sleep;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::Status;

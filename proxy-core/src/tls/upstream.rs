@@ -72,7 +72,7 @@ pub enum UpstreamError {
     Rustls(#[from] rustls::Error),
     /// The key-log file cannot be used (a link, another user's, readable by others, ...).
     #[error("--keylog: {0}")]
-    KeyLog(#[from] proto::out_file::OutFileError),
+    KeyLog(#[from] platform::out_file::OutFileError),
 }
 
 /// One `--client-cert HOST=CERT,KEY`: offer this certificate to matching upstream hosts.
@@ -464,10 +464,10 @@ impl std::fmt::Debug for NssKeyLog {
 impl NssKeyLog {
     /// Opens the key-log file for appending, creating it with mode 0600; never through a
     /// symbolic link, and an existing file must be this user's and readable by nobody else
-    /// (see [`proto::out_file::append`]): it is refused rather than tightened, since anyone
+    /// (see [`platform::out_file::append`]): it is refused rather than tightened, since anyone
     /// who has it open already would go on reading the secrets.
     pub fn open(path: &Path) -> Result<NssKeyLog, UpstreamError> {
-        let file = proto::out_file::append(path)?;
+        let file = platform::out_file::append(path)?;
         tracing::warn!(file = %path.display(), "TLS session secrets of both legs are written to the key-log file");
         Ok(NssKeyLog {
             path: path.to_owned(),

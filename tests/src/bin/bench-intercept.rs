@@ -19,8 +19,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use platform::client::AuthChannel;
 use proto::{
-    client::AuthChannel,
     common::Direction,
     intercept::{
         ForwardRequest, InterceptConfig, SetConfigRequest, WatchHeldRequest, held_event::Kind,

@@ -37,7 +37,7 @@ use tests::{
     stats::{median, percentile, rss_bytes},
 };
 
-type Client = RegistryClient<proto::client::AuthChannel>;
+type Client = RegistryClient<platform::client::AuthChannel>;
 
 const RUNS: usize = 5;
 const SMALL_PACKETS: u64 = 1_000_000;

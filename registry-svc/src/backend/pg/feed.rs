@@ -10,8 +10,8 @@ use std::{
 };
 
 use fallible_iterator::FallibleIterator;
+use platform::retry::Backoff;
 use postgres::Client;
-use proto::retry::Backoff;
 use tokio::sync::broadcast;
 
 use super::{FeedState, decode, pool::Pool};

@@ -240,7 +240,7 @@ fn corrupt(what: impl Into<String>) -> io::Error {
 
 fn create_file(path: &Path) -> io::Result<Arc<File>> {
     Ok(Arc::new(
-        proto::private::open_options()
+        platform::private::open_options()
             .create(true)
             .truncate(false)
             .read(true)
@@ -427,7 +427,7 @@ impl HistoryLog {
         saved_position: u64,
         cache_bytes: usize,
     ) -> io::Result<Self> {
-        proto::private::create_dir(dir)?;
+        platform::private::create_dir(dir)?;
         let mut numbers = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;

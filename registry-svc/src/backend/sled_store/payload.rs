@@ -50,7 +50,7 @@ fn segment_number(name: &std::ffi::OsStr) -> Option<u64> {
 }
 
 fn open_segment(path: &Path) -> io::Result<Arc<Segment>> {
-    let file = proto::private::open_options()
+    let file = platform::private::open_options()
         .create(true)
         .append(true)
         .read(true)
@@ -64,7 +64,7 @@ impl PayloadLog {
     /// folder, plus a legacy `history.log`); appends go after whatever the newest holds.
     pub fn open(store_dir: &Path, segment_bytes: u64) -> io::Result<Self> {
         let dir = store_dir.join("history");
-        proto::private::create_dir(&dir)?;
+        platform::private::create_dir(&dir)?;
         let legacy = store_dir.join("history.log");
         let mut segments = BTreeMap::new();
         if legacy.exists() {

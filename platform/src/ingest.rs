@@ -7,7 +7,7 @@
 //!
 //! A stream carries [`Batch`]es, shared: the reporter keeps each batch until it is
 //! acknowledged (to replay it on the next stream if this one breaks), so sending it hands
-//! over a reference, and gRPC encodes it in place ([`crate::codec::SharedCodec`]).
+//! over a reference, and gRPC encodes it in place ([`proto::codec::SharedCodec`]).
 
 use std::{
     future::Future,
@@ -18,11 +18,9 @@ use std::{
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{GrpcMethod, Status};
 
-use crate::{
-    client::AuthChannel,
-    failover::Replicas,
-    registry::{IngestAck, IngestRequest, registry_client::RegistryClient},
-};
+use proto::registry::{IngestAck, IngestRequest, registry_client::RegistryClient};
+
+use crate::{client::AuthChannel, failover::Replicas};
 
 /// One ingest batch as a stream carries it: shared with the sender, who keeps it until it is
 /// acknowledged.
@@ -67,7 +65,7 @@ fn ingest(channel: AuthChannel, batches: ReceiverStream<Batch>) -> Opening {
         let mut req = tonic::Request::new(batches);
         req.extensions_mut()
             .insert(GrpcMethod::new("interpose.registry.v1.Registry", "Ingest"));
-        let codec = crate::codec::SharedCodec::<IngestRequest, IngestAck>::default();
+        let codec = proto::codec::SharedCodec::<IngestRequest, IngestAck>::default();
         let acks = grpc.streaming(req, path, codec).await?.into_inner();
         Ok(Box::pin(acks) as Acks)
     })

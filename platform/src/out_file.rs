@@ -165,7 +165,7 @@ impl Staged {
             let mut rnd = [0u8; 6];
             rustix::rand::getrandom(&mut rnd, rustix::rand::GetRandomFlags::empty())
                 .map_err(|e| io_err(dest)(e.into()))?;
-            let suffix = crate::hex::encode(&rnd);
+            let suffix = proto::hex::encode(&rnd);
             let tmp = dir.join(format!(".{}.{suffix}.tmp", name.to_string_lossy()));
             match create_options().open(&tmp) {
                 Ok(file) => {

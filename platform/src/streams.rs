@@ -87,7 +87,7 @@ fn streaming_paths() -> &'static HashSet<String> {
     static PATHS: OnceLock<HashSet<String>> = OnceLock::new();
     PATHS.get_or_init(|| {
         let sets = [
-            crate::FILE_DESCRIPTOR_SET,
+            proto::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,

@@ -24,6 +24,15 @@ pub enum ServeError {
          the network (set --token or INTERPOSE_TOKEN, or listen on 127.0.0.1 / [::1])"
     )]
     ExposedWithoutToken(SocketAddr),
+    /// The listen address could not be bound (in use, not local, no permission).
+    #[error("binding gRPC on {addr}")]
+    Bind {
+        /// The address given.
+        addr: SocketAddr,
+        /// Why the bind failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// The reflection service could not be built from the descriptor set.
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -297,7 +306,7 @@ impl GrpcServer {
     /// A reflection builder that advertises exactly the services this server serves.
     fn reflection(&self) -> tonic_reflection::server::Builder<'static> {
         let mut b = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
         let always = [
             "grpc.health.v1.Health",
@@ -369,6 +378,48 @@ impl GrpcServer {
             ),
         }
         Ok(())
+    }
+}
+
+/// A service process's gRPC server, bound and not serving yet: the start every `*-svc`'s
+/// `run` shares (the listener, and the server with its token and stream bounds), to which
+/// the caller adds its services and TLS before [`Bound::serve_until_signal`].
+pub struct Bound {
+    /// The server the caller adds its services (and TLS) to.
+    pub server: GrpcServer,
+    /// The address bound, port 0 resolved to the one the system picked.
+    pub addr: SocketAddr,
+    listener: TcpListener,
+}
+
+impl Bound {
+    /// Binds `listen` for a server checking the token `auth` settled on, with the stream
+    /// bounds `streams`.
+    pub async fn bind(
+        listen: SocketAddr,
+        auth: &crate::token::ServerAuth,
+        streams: &crate::streams::StreamArgs,
+    ) -> Result<Self, ServeError> {
+        let bind_error = |source| ServeError::Bind {
+            addr: listen,
+            source,
+        };
+        let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        Ok(Self {
+            server: GrpcServer::with_auth(auth, streams),
+            addr,
+            listener,
+        })
+    }
+
+    /// Prints the ready line, `ready NAME listen=ADDR` and then `fields` (each ` key=value`),
+    /// and serves until SIGINT or SIGTERM (see [`GrpcServer::serve`] for the drain).
+    pub async fn serve_until_signal(self, name: &str, fields: &str) -> Result<(), ServeError> {
+        // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
+        let stop = shutdown_signal();
+        println!("ready {name} listen={}{fields}", self.addr);
+        self.server.serve(self.listener, stop).await
     }
 }
 

@@ -80,7 +80,7 @@ pub fn read_file(path: &Path) -> Result<String, TokenError> {
 pub fn generate() -> io::Result<String> {
     let mut bytes = [0u8; 32];
     rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty())?;
-    Ok(crate::hex::encode(&bytes))
+    Ok(proto::hex::encode(&bytes))
 }
 
 /// The path of `data_dir`'s token file, created (mode 0600) with a new token when missing.

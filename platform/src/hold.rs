@@ -9,13 +9,11 @@ use std::{future::Future, pin::Pin};
 use tokio_stream::Stream;
 use tonic::Status;
 
-use crate::{
-    client::AuthChannel,
-    intercept::{
-        HoldRequest, InterceptConfig, Verdict, WatchConfigRequest,
-        intercept_client::InterceptClient,
-    },
+use proto::intercept::{
+    HoldRequest, InterceptConfig, Verdict, WatchConfigRequest, intercept_client::InterceptClient,
 };
+
+use crate::client::AuthChannel;
 
 /// The configurations a proxy follows: the current one, then each change.
 pub type ConfigStream = Pin<Box<dyn Stream<Item = Result<InterceptConfig, Status>> + Send>>;
