@@ -343,16 +343,22 @@ pub fn client() -> Option<Arc<ClientConfig>> {
         .clone()
 }
 
+/// The rustls error `e` is, or carries as an I/O error (as tokio-rustls wraps it); one
+/// link of an error's chain, so a caller walking `source()` sees each link once.
+pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    e.downcast_ref::<rustls::Error>().or_else(|| {
+        e.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    })
+}
+
 /// A sentence for a TLS failure somewhere in `err`'s causes, naming what to do; `None` when
 /// no cause is a TLS error.
 pub fn explain(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut next = Some(err);
     while let Some(e) = next {
-        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
-            e.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
+        let tls = rustls_error(e);
         if let Some(tls) = tls {
             return Some(describe(tls));
         }

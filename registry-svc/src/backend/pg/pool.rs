@@ -202,11 +202,7 @@ pub fn describe_error(e: &postgres::Error) -> String {
 fn certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);
     while let Some(e) = next {
-        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
-            e.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
+        let tls = platform::mtls::rustls_error(e);
         if let Some(tls) = tls {
             return matches!(tls, rustls::Error::InvalidCertificate(_));
         }
