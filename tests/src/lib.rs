@@ -440,7 +440,23 @@ impl Up {
     /// Starts `interpose up` on free loopback ports (the web view's too) with its data in
     /// `data_dir`.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, extra, None).await
+    }
+
+    /// [`Up::start`] with the `RUST_LOG` filter `log`.
+    pub async fn start_logging(data_dir: &Path, extra: &[&str], log: &str) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, extra, Some(log)).await
+    }
+
+    async fn start_with(
+        data_dir: &Path,
+        extra: &[&str],
+        log: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("interpose"));
+        if let Some(log) = log {
+            cmd.env("RUST_LOG", log);
+        }
         cmd.arg("up")
             .args([
                 "--socks",
