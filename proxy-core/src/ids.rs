@@ -90,15 +90,8 @@ impl Leases for Replicas {
     fn lease_ids(&self, req: LeaseIdsRequest) -> Leasing<'_> {
         Box::pin(async move {
             let (index, channel) = self.channel();
-            let res =
-                tokio::time::timeout(LEASE_TIMEOUT, RegistryClient::new(channel).lease_ids(req))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Status::unavailable(format!(
-                            "no answer within {LEASE_TIMEOUT:?}"
-                        )))
-                    });
-            res.map(tonic::Response::into_inner).map_err(|status| {
+            let res = bounded(RegistryClient::new(channel).lease_ids(req)).await;
+            res.map_err(|status| {
                 let from = self.url(index).to_string();
                 self.failed(index, &status);
                 LeaseFailed { from, status }
@@ -109,6 +102,20 @@ impl Leases for Replicas {
     fn replicas(&self) -> usize {
         self.count()
     }
+}
+
+/// `lease` bounded by [`LEASE_TIMEOUT`]: no answer in time is a failure like any other.
+pub(crate) async fn bounded(
+    lease: impl Future<Output = Result<tonic::Response<LeaseIdsResponse>, Status>>,
+) -> Result<LeaseIdsResponse, Status> {
+    tokio::time::timeout(LEASE_TIMEOUT, lease)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::unavailable(format!(
+                "no answer within {LEASE_TIMEOUT:?}"
+            )))
+        })
+        .map(tonic::Response::into_inner)
 }
 
 struct State {

@@ -14,11 +14,11 @@ use proto::{
         registry_server::Registry,
     },
 };
-use tonic::{Request, Status};
+use tonic::Request;
 
 use crate::{
-    ids::{LEASE_TIMEOUT, LeaseFailed, Leases, Leasing},
-    replay::source::{CALL_TIMEOUT, Originals, Read},
+    ids::{self, LeaseFailed, Leases, Leasing},
+    replay::source::{self, Originals, Read},
 };
 
 /// A registry in the proxy's own process: where its ingest stream goes, its IDs come from
@@ -61,14 +61,8 @@ struct Direct<R>(Arc<R>);
 impl<R: Registry> Leases for Direct<R> {
     fn lease_ids(&self, req: LeaseIdsRequest) -> Leasing<'_> {
         Box::pin(async move {
-            let res = tokio::time::timeout(LEASE_TIMEOUT, self.0.lease_ids(Request::new(req)))
+            ids::bounded(self.0.lease_ids(Request::new(req)))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(Status::unavailable(format!(
-                        "no answer within {LEASE_TIMEOUT:?}"
-                    )))
-                });
-            res.map(tonic::Response::into_inner)
                 .map_err(|status| LeaseFailed {
                     from: HERE.to_string(),
                     status,
@@ -79,23 +73,12 @@ impl<R: Registry> Leases for Direct<R> {
 
 impl<R: Registry> Originals for Direct<R> {
     fn get_connection(&self, id: u64) -> Read<'_, Connection> {
-        Box::pin(async move {
-            let call = self
-                .0
-                .get_connection(Request::new(GetConnectionRequest { id }));
-            tokio::time::timeout(CALL_TIMEOUT, call)
-                .await
-                .map_err(|_| Status::deadline_exceeded("reading the record timed out"))?
-                .map(tonic::Response::into_inner)
-        })
+        let req = Request::new(GetConnectionRequest { id });
+        Box::pin(source::bounded("record", self.0.get_connection(req)))
     }
 
     fn search_history(&self, req: SearchHistoryRequest) -> Read<'_, SearchHistoryResponse> {
-        Box::pin(async move {
-            tokio::time::timeout(CALL_TIMEOUT, self.0.search_history(Request::new(req)))
-                .await
-                .map_err(|_| Status::deadline_exceeded("reading the history timed out"))?
-                .map(tonic::Response::into_inner)
-        })
+        let req = Request::new(req);
+        Box::pin(source::bounded("history", self.0.search_history(req)))
     }
 }

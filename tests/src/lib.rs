@@ -712,6 +712,52 @@ impl Ingest {
         Ok(())
     }
 
+    /// Sends a history for benchmarks: `connections` connections from ID `first`, each
+    /// `per_connection` bytes of `packet`-byte packets alternating in direction, then a FIN
+    /// close; batches of 64 packets, 8 in flight; returns once all are acknowledged.
+    pub async fn send_history(
+        &mut self,
+        first: u64,
+        connections: u64,
+        per_connection: usize,
+        packet: usize,
+    ) -> anyhow::Result<()> {
+        const BATCH: usize = 64;
+        const WINDOW: u64 = 8;
+        let payload = proxy::payload(packet, 7);
+        let mut last = 0;
+        for id in first..first + connections {
+            self.send_durable(vec![events::open(id, 40000, "bench.example", 80)])
+                .await?;
+            let packets = (per_connection / packet) as u64;
+            for from in (0..packets).step_by(BATCH) {
+                let evs = (from..(from + BATCH as u64).min(packets))
+                    .map(|i| {
+                        let dir = if i % 2 == 0 {
+                            proto::common::Direction::C2s
+                        } else {
+                            proto::common::Direction::S2c
+                        };
+                        events::packet(id, i + 1, dir, &payload)
+                    })
+                    .collect();
+                last = self.send(evs).await?;
+                if last > WINDOW {
+                    self.wait_ack(last - WINDOW).await?;
+                }
+            }
+            last = self
+                .send(vec![events::close(
+                    id,
+                    proto::common::ClosedBy::Client,
+                    proto::common::CloseKind::Fin,
+                    "bench",
+                )])
+                .await?;
+        }
+        self.wait_ack(last).await
+    }
+
     /// Sends a batch and waits until it is durable.
     pub async fn send_durable(
         &mut self,

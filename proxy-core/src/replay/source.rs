@@ -45,13 +45,8 @@ pub trait Originals: Send + Sync {
 impl Originals for Replicas {
     fn get_connection(&self, id: u64) -> Read<'_, Connection> {
         Box::pin(self.call(move |ch| async move {
-            tokio::time::timeout(
-                CALL_TIMEOUT,
-                RegistryClient::new(ch).get_connection(GetConnectionRequest { id }),
-            )
-            .await
-            .map_err(|_| Status::deadline_exceeded("reading the record timed out"))?
-            .map(tonic::Response::into_inner)
+            let mut client = RegistryClient::new(ch);
+            bounded("record", client.get_connection(GetConnectionRequest { id })).await
         }))
     }
 
@@ -59,13 +54,22 @@ impl Originals for Replicas {
         Box::pin(self.call(move |ch| {
             let req = req.clone();
             async move {
-                tokio::time::timeout(CALL_TIMEOUT, RegistryClient::new(ch).search_history(req))
-                    .await
-                    .map_err(|_| Status::deadline_exceeded("reading the history timed out"))?
-                    .map(tonic::Response::into_inner)
+                let mut client = RegistryClient::new(ch);
+                bounded("history", client.search_history(req)).await
             }
         }))
     }
+}
+
+/// A read of `what` (the record, the history) bounded by [`CALL_TIMEOUT`].
+pub(crate) async fn bounded<T>(
+    what: &str,
+    read: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(CALL_TIMEOUT, read)
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("reading the {what} timed out")))?
+        .map(tonic::Response::into_inner)
 }
 
 /// One packet of the original as a run needs it.

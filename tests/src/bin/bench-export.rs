@@ -10,17 +10,13 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use proto::common::{CloseKind, ClosedBy, Direction};
-use tests::{Ingest, Proc, Registry, bin, events, stats::median};
+use tests::{Ingest, Proc, Registry, bin, stats::median};
 
 const RUNS: usize = 3;
 const CONNECTIONS: u64 = 64;
 /// Payload per connection: 16 MiB, so 64 connections hold 1 GiB.
 const PER_CONNECTION: usize = 16 << 20;
 const PACKET: usize = 16 << 10;
-/// Packets per ingest batch (1 MiB) and batches in flight.
-const BATCH: usize = 64;
-const WINDOW: u64 = 8;
 
 fn total_bytes() -> u64 {
     CONNECTIONS * PER_CONNECTION as u64
@@ -30,47 +26,13 @@ fn total_bytes() -> u64 {
 async fn ingest(reg: &Registry) -> anyhow::Result<()> {
     let mut client = reg.client().await?;
     let mut ingest = Ingest::open(&mut client, "bench").await?;
-    if let Err(e) = ingest_all(&mut ingest).await {
+    if let Err(e) = ingest
+        .send_history(1, CONNECTIONS, PER_CONNECTION, PACKET)
+        .await
+    {
         let why = ingest.next_error().await.map(|s| s.to_string());
         return Err(e.context(format!("the registry ended the ingest stream: {why:?}")));
     }
-    Ok(())
-}
-
-async fn ingest_all(ingest: &mut Ingest) -> anyhow::Result<()> {
-    let payload = tests::proxy::payload(PACKET, 7);
-    let mut last = 0;
-    for id in 1..=CONNECTIONS {
-        ingest
-            .send_durable(vec![events::open(id, 40000, "bench.example", 80)])
-            .await?;
-        let packets = (PER_CONNECTION / PACKET) as u64;
-        for first in (0..packets).step_by(BATCH) {
-            let evs = (first..(first + BATCH as u64).min(packets))
-                .map(|i| {
-                    let dir = if i % 2 == 0 {
-                        Direction::C2s
-                    } else {
-                        Direction::S2c
-                    };
-                    events::packet(id, i + 1, dir, &payload)
-                })
-                .collect();
-            last = ingest.send(evs).await?;
-            if last > WINDOW {
-                ingest.wait_ack(last - WINDOW).await?;
-            }
-        }
-        ingest
-            .send(vec![events::close(
-                id,
-                ClosedBy::Client,
-                CloseKind::Fin,
-                "bench",
-            )])
-            .await?;
-    }
-    ingest.wait_ack(last).await?;
     Ok(())
 }
 

@@ -1,0 +1,145 @@
+//! `interpose up` export benchmark: what the exporter calling the registry in its own
+//! process buys over reading it through `up`'s own gRPC port. Two `interpose` binaries, the
+//! one before (BEFORE) and the one after (AFTER), serve in turn the same data directory, a
+//! history of 256 MiB in 16 connections ingested once through the registry's gRPC API (as a
+//! proxy would send it); each round starts each `up`, times `interpose export` of the
+//! whole history to a file (synced), reads `up`'s peak RSS and stops it. Reports the medians
+//! and the ratio after/before of the same run.
+//!
+//! Run with `cargo build --release -p tests --bin bench-up-export -p cli --bin interpose`,
+//! then `target/release/bench-up-export BEFORE AFTER`.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context, ensure};
+use tests::{Ingest, Proc, stats::median};
+
+const ROUNDS: usize = 5;
+const CONNECTIONS: u64 = 16;
+/// Payload per connection: 16 MiB, so 16 connections hold 256 MiB.
+const PER_CONNECTION: usize = 16 << 20;
+const PACKET: usize = 16 << 10;
+
+/// `interpose up` from `binary` on free loopback ports over `data`, without the web view.
+async fn up(binary: &Path, data: &Path, log: PathBuf) -> anyhow::Result<(Proc, String)> {
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args([
+        "up",
+        "--socks",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+        "--no-web",
+        "--data-dir",
+    ])
+    .arg(data)
+    .env_remove("INTERPOSE_TOKEN")
+    .env("RUST_LOG", "warn");
+    let proc = Proc::start(cmd, log).await?;
+    let grpc = proc.field("grpc").context("grpc= in the ready line")?;
+    tests::set_token_file(&grpc, proc.field("token").map(PathBuf::from));
+    Ok((proc, grpc))
+}
+
+/// Seconds for `interpose export` (`cli`) to write the whole capture (synced) from `url`.
+async fn export_run(cli: &Path, url: &str, path: &Path) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let mut cmd = tokio::process::Command::new(cli);
+    cmd.args(["export", "--server", url, "--out"])
+        .arg(path)
+        .env_remove("INTERPOSE_TOKEN");
+    if let Some(file) = tests::token_file(url) {
+        cmd.env("INTERPOSE_TOKEN_FILE", file);
+    }
+    let out = cmd.output().await?;
+    ensure!(
+        out.status.success(),
+        "interpose export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Peak resident set of a process (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmHWM in /proc/PID/status")?;
+    Ok(kib / 1024.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
+    let [before, after] = &args[..] else {
+        anyhow::bail!("usage: bench-up-export BEFORE AFTER (two interpose binaries)");
+    };
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+
+    let (proc, url) = up(after, &data, dir.path().join("ingest.log")).await?;
+    let t = Instant::now();
+    let mut client = tests::registry_client(&url, None).await?;
+    let mut ingest = Ingest::open(&mut client, "bench").await?;
+    ingest
+        .send_history(1, CONNECTIONS, PER_CONNECTION, PACKET)
+        .await?;
+    let total = CONNECTIONS * PER_CONNECTION as u64;
+    println!(
+        "ingested {} MiB in {CONNECTIONS} connections ({} KiB packets) in {:.1} s",
+        total >> 20,
+        PACKET >> 10,
+        t.elapsed().as_secs_f64()
+    );
+    drop((ingest, client));
+    ensure!(
+        proc.terminate().await?,
+        "interpose up (ingest) failed to stop"
+    );
+
+    let mut secs = [Vec::new(), Vec::new()];
+    let mut rss = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        // Alternate which goes first, so neither always finds the page cache warmer.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            let binary = [before, after][which];
+            let log = dir.path().join(format!("up-{round}-{which}.log"));
+            let (proc, url) = up(binary, &data, log).await?;
+            let file = dir.path().join("export.pcap");
+            // The client is the same for both: only the server differs.
+            let s = export_run(after, &url, &file).await?;
+            let size = std::fs::metadata(&file)?.len();
+            std::fs::remove_file(&file)?;
+            let peak = peak_rss_mib(proc.pid().context("up pid")?)?;
+            ensure!(proc.terminate().await?, "interpose up failed to stop");
+            println!(
+                "round {round} {}: export {s:.2} s ({} MiB file), up peak RSS {peak:.0} MiB",
+                ["before", "after"][which],
+                size >> 20
+            );
+            secs[which].push(s);
+            rss[which].push(peak);
+        }
+    }
+    let [sb, sa] = secs.map(median);
+    let [rb, ra] = rss.map(median);
+    let mib = total as f64 / f64::from(1 << 20);
+    println!(
+        "median export of {mib:.0} MiB through up: before {sb:.2} s ({:.0} MiB/s), after \
+         {sa:.2} s ({:.0} MiB/s): time after/before {:.2}",
+        mib / sb,
+        mib / sa,
+        sa / sb
+    );
+    println!("median up peak RSS: before {rb:.0} MiB, after {ra:.0} MiB");
+    Ok(())
+}
