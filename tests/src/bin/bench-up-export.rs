@@ -3,8 +3,8 @@
 //! one before (BEFORE) and the one after (AFTER), serve in turn the same data directory, a
 //! history of 256 MiB in 16 connections ingested once through the registry's gRPC API (as a
 //! proxy would send it); each round starts each `up`, times `interpose export` of the
-//! whole history to a file (synced), reads `up`'s peak RSS and stops it. Reports the medians
-//! and the ratio after/before of the same run.
+//! whole history to a file (synced), reads the CPU time `up` spent on it and its peak RSS,
+//! and stops it. Reports the medians and the ratio after/before of the same run.
 //!
 //! Run with `cargo build --release -p tests --bin bench-up-export -p cli --bin interpose`,
 //! then `target/release/bench-up-export BEFORE AFTER`.
@@ -15,9 +15,12 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use tests::{Ingest, Proc, stats::median};
+use tests::{
+    Ingest, Proc,
+    stats::{cpu_secs, median},
+};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 const CONNECTIONS: u64 = 16;
 /// Payload per connection: 16 MiB, so 16 connections hold 256 MiB.
 const PER_CONNECTION: usize = 16 << 20;
@@ -106,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let mut secs = [Vec::new(), Vec::new()];
+    let mut cpu = [Vec::new(), Vec::new()];
     let mut rss = [Vec::new(), Vec::new()];
     for round in 0..ROUNDS {
         // Alternate which goes first, so neither always finds the page cache warmer.
@@ -114,23 +118,29 @@ async fn main() -> anyhow::Result<()> {
             let binary = [before, after][which];
             let log = dir.path().join(format!("up-{round}-{which}.log"));
             let (proc, url) = up(binary, &data, log).await?;
+            let pid = proc.pid().context("up pid")?;
             let file = dir.path().join("export.pcap");
+            let cpu_before = cpu_secs(pid).context("up's CPU time")?;
             // The client is the same for both: only the server differs.
             let s = export_run(after, &url, &file).await?;
+            let used = cpu_secs(pid).context("up's CPU time")? - cpu_before;
             let size = std::fs::metadata(&file)?.len();
             std::fs::remove_file(&file)?;
-            let peak = peak_rss_mib(proc.pid().context("up pid")?)?;
+            let peak = peak_rss_mib(pid)?;
             ensure!(proc.terminate().await?, "interpose up failed to stop");
             println!(
-                "round {round} {}: export {s:.2} s ({} MiB file), up peak RSS {peak:.0} MiB",
+                "round {round} {}: export {s:.2} s ({} MiB file), up CPU {used:.2} s, up peak \
+                 RSS {peak:.0} MiB",
                 ["before", "after"][which],
                 size >> 20
             );
             secs[which].push(s);
+            cpu[which].push(used);
             rss[which].push(peak);
         }
     }
     let [sb, sa] = secs.map(median);
+    let [cb, ca] = cpu.map(median);
     let [rb, ra] = rss.map(median);
     let mib = total as f64 / f64::from(1 << 20);
     println!(
@@ -139,6 +149,10 @@ async fn main() -> anyhow::Result<()> {
         mib / sb,
         mib / sa,
         sa / sb
+    );
+    println!(
+        "median up CPU per export: before {cb:.2} s, after {ca:.2} s: after/before {:.2}",
+        ca / cb
     );
     println!("median up peak RSS: before {rb:.0} MiB, after {ra:.0} MiB");
     Ok(())
