@@ -600,6 +600,25 @@ pub async fn output(mut cmd: Command) -> anyhow::Result<Output> {
     })
 }
 
+/// Runs `cli` (an `interpose` binary) `export --out path` against `url` for benchmarks, with
+/// the token of the server the harness started there; returns the seconds until the capture
+/// was written and synced, and what the export said on stderr.
+pub async fn timed_export(cli: &Path, url: &str, path: &Path) -> anyhow::Result<(f64, String)> {
+    let start = std::time::Instant::now();
+    let mut cmd = Command::new(cli);
+    cmd.args(["export", "--server", url, "--out"])
+        .arg(path)
+        .env_remove("INTERPOSE_TOKEN");
+    if let Some(file) = token_file(url) {
+        cmd.env("INTERPOSE_TOKEN_FILE", file);
+    }
+    let out = cmd.output().await?;
+    let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    anyhow::ensure!(out.status.success(), "interpose export: {said}");
+    std::fs::File::open(path)?.sync_all()?;
+    Ok((start.elapsed().as_secs_f64(), said))
+}
+
 /// Runs `interpose ARGS` and returns its stdout; a non-zero exit is an error with its stderr.
 pub async fn interpose_ok(server: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = interpose(server, args).await?;

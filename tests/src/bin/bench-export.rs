@@ -9,8 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, ensure};
-use tests::{Ingest, Proc, Registry, bin, stats::median};
+use anyhow::Context;
+use tests::{
+    Ingest, Proc, Registry, bin,
+    stats::{median, peak_rss_mib},
+};
 
 const RUNS: usize = 3;
 const CONNECTIONS: u64 = 64;
@@ -48,40 +51,6 @@ fn copy_run(path: &std::path::Path) -> anyhow::Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// Seconds for `interpose export` to write the whole capture (synced) through export-svc.
-async fn export_run(url: &str, path: &std::path::Path) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut cmd = tokio::process::Command::new(bin("interpose"));
-    cmd.args(["export", "--server", url, "--out"])
-        .arg(path)
-        .env_remove("INTERPOSE_TOKEN");
-    if let Some(file) = tests::token_file(url) {
-        cmd.env("INTERPOSE_TOKEN_FILE", file);
-    }
-    let out = cmd.output().await?;
-    ensure!(
-        out.status.success(),
-        "interpose export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::File::open(path)?.sync_all()?;
-    let secs = start.elapsed().as_secs_f64();
-    eprintln!("  {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(secs)
-}
-
-/// Peak resident set of a process (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmHWM in /proc/PID/status")?;
-    Ok(kib / 1024.0)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -113,7 +82,9 @@ async fn main() -> anyhow::Result<()> {
         copies.push(copy_run(&copy)?);
         std::fs::remove_file(&copy)?;
         let file = dir.path().join("export.pcap");
-        exports.push(export_run(&url, &file).await?);
+        let (secs, said) = tests::timed_export(&bin("interpose"), &url, &file).await?;
+        eprintln!("  {said}");
+        exports.push(secs);
         let size = std::fs::metadata(&file)?.len();
         std::fs::remove_file(&file)?;
         println!(

@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context, ensure};
 use tests::{
     Ingest, Proc,
-    stats::{cpu_secs, median},
+    stats::{cpu_secs, median, peak_rss_mib},
 };
 
 const ROUNDS: usize = 7;
@@ -45,38 +45,6 @@ async fn up(binary: &Path, data: &Path, log: PathBuf) -> anyhow::Result<(Proc, S
     let grpc = proc.field("grpc").context("grpc= in the ready line")?;
     tests::set_token_file(&grpc, proc.field("token").map(PathBuf::from));
     Ok((proc, grpc))
-}
-
-/// Seconds for `interpose export` (`cli`) to write the whole capture (synced) from `url`.
-async fn export_run(cli: &Path, url: &str, path: &Path) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut cmd = tokio::process::Command::new(cli);
-    cmd.args(["export", "--server", url, "--out"])
-        .arg(path)
-        .env_remove("INTERPOSE_TOKEN");
-    if let Some(file) = tests::token_file(url) {
-        cmd.env("INTERPOSE_TOKEN_FILE", file);
-    }
-    let out = cmd.output().await?;
-    ensure!(
-        out.status.success(),
-        "interpose export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::File::open(path)?.sync_all()?;
-    Ok(start.elapsed().as_secs_f64())
-}
-
-/// Peak resident set of a process (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmHWM in /proc/PID/status")?;
-    Ok(kib / 1024.0)
 }
 
 #[tokio::main]
@@ -122,7 +90,7 @@ async fn main() -> anyhow::Result<()> {
             let file = dir.path().join("export.pcap");
             let cpu_before = cpu_secs(pid).context("up's CPU time")?;
             // The client is the same for both: only the server differs.
-            let s = export_run(after, &url, &file).await?;
+            let (s, _) = tests::timed_export(after, &url, &file).await?;
             let used = cpu_secs(pid).context("up's CPU time")? - cpu_before;
             let size = std::fs::metadata(&file)?.len();
             std::fs::remove_file(&file)?;
