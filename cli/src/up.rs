@@ -1,7 +1,20 @@
 //! `interpose up`: every service in one process with a default data directory, the embedded
-//! default. Every service serves on one loopback gRPC port; the proxy hands its records and
-//! its holds to the registry and the intercept queue in this process, without a socket. The
-//! web view (`--web`) forwards the page's gRPC-web calls to that port like any other client.
+//! default. Every service serves on one loopback gRPC port, for callers outside the
+//! process. Inside it, no service calls another over that port: each calls the other's
+//! service object directly, behind a small trait whose other implementation is the gRPC
+//! client a standalone binary uses:
+//! - the proxy's records and history, ID leases and replays' reads go to the registry
+//!   (`platform::ingest::IngestSink`, `proxy_core::ids::Leases`,
+//!   `proxy_core::replay::source::Originals`, all in [`proxy_core::LocalRegistry`]);
+//! - the proxy's holds go to the intercept queue (`platform::hold::HoldSink`);
+//! - the intercept queue follows the registry's connection records
+//!   (`intercept_svc::registry_watch::ConnectionEvents`);
+//! - the exporter reads records and history from the registry
+//!   (`export_svc::registry::RegistryReads`).
+//!
+//! So a call crosses no socket, no HTTP/2 connection and no encoding. The web view
+//! (`--web`) forwards the page's gRPC-web calls to the port like any other client: it
+//! serves a browser, which is outside.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -80,7 +93,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let grpc = listener.local_addr()?;
     let mut server = GrpcServer::with_auth(&auth, &args.streams);
     let tls = platform::mtls::serve_tls(&mut server, &args.tls, Some(&dir), grpc)?;
-    // Its own services are clients of this port like any other, with the local certificate.
+    // Where clients outside the process (and the web view) find the API.
     let url = if args.tls.grpc_tls {
         platform::mtls::ClientTlsArgs::default().install(Some(&dir))?;
         format!("https://{grpc}")
@@ -92,22 +105,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         registry_svc::liveness::DEFAULT_GRACE,
         &server,
     )?;
-    server.add_service(registry_svc::grpc_server(registry_service.clone()));
+    let registry_service = Arc::new(registry_service);
+    server.add_service(registry_svc::grpc_server((*registry_service).clone()));
     server.add_service(tls::service::CaService::server(splicer.clone()));
     // Replays are made by the proxy in this process, which starts after the API.
     let (replay_service, replay_handle) = proxy_core::replay::service::ReplayService::late();
     server.add_service(replay_service);
-    // The exporter reads the registry over this same port, as a remote export-svc would.
-    server.add_service(export_svc::grpc_service(
-        std::slice::from_ref(&url),
-        auth.token.as_deref(),
-    )?);
-    // The intercept queue follows the registry over this same port, as a remote one would.
-    let intercept = intercept_svc::Intercept::start(
-        std::slice::from_ref(&url),
-        auth.token.as_deref(),
-        args.intercept,
-    )?;
+    // The exporter and the intercept queue read the registry in this process, not over gRPC.
+    server.add_service(export_svc::in_process_service(registry_service.clone()));
+    let intercept =
+        intercept_svc::Intercept::start_in_process(registry_service.clone(), args.intercept);
     server.add_service(intercept.grpc_service(server.drain()));
     // The proxy holds through the queue itself: a hold crosses no socket (see platform::hold).
     let hold_sink = intercept.hold_sink(server.drain());
@@ -136,8 +143,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         splicer.clone(),
         Some(url.clone()),
     )?;
-    // Records and history go straight to the registry in this process, not through gRPC.
-    config.local_registry = Some(proxy_core::LocalRegistry(Arc::new(registry_service)));
+    // Records, history, leases and replays' reads go straight to the registry in this
+    // process, not through gRPC.
+    config.local_registry = Some(proxy_core::LocalRegistry::new(registry_service));
     config.local_intercept = Some(proxy_core::LocalIntercept(hold_sink));
     let proxy = Proxy::start(config).await?;
     replay_handle.set(proxy.replayer());

@@ -5,14 +5,10 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
-use platform::{client::AuthChannel, failover::Replicas};
 use proto::{
     common::{Connection, Direction, Packet, Transport},
     export::{ExportChunk, ExportSummary},
-    registry::{
-        GetConnectionRequest, ListConnectionsRequest, SearchHistoryRequest,
-        registry_client::RegistryClient,
-    },
+    registry::{ListConnectionsRequest, SearchHistoryRequest},
 };
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
@@ -29,16 +25,10 @@ const CHUNK: usize = 1 << 20;
 /// A packet is framed this many bytes at a time (a multiple of both MSS values).
 const PIECE: usize = 1460 * 1440 / 20 * 2;
 
-/// The registry export-svc reads through: its replicas (often one), each read going on to
-/// the next when one fails (see [`platform::failover`]).
-pub type Registry = Arc<Replicas>;
-
-/// A client of `channel` that takes replies as large as export-svc reads.
-pub(crate) fn client(channel: AuthChannel) -> RegistryClient<AuthChannel> {
-    RegistryClient::new(channel)
-        .max_decoding_message_size(crate::MAX_MESSAGE)
-        .max_encoding_message_size(crate::MAX_MESSAGE)
-}
+/// The registry export-svc reads through: its replicas (often one) over gRPC, each read
+/// going on to the next when one fails (see [`platform::failover`]), or the registry in the
+/// same process (see [`crate::registry`]).
+pub type Registry = Arc<dyn crate::registry::RegistryReads>;
 
 /// Why a run stopped early.
 pub(crate) enum Stop {
@@ -161,13 +151,8 @@ impl Job {
 
     /// The record of `id`, or `None` when it was cleared.
     pub(crate) async fn record(&mut self, id: u64) -> Result<Option<Connection>, Stop> {
-        let read = self.registry.call(|channel| async move {
-            client(channel)
-                .get_connection(GetConnectionRequest { id })
-                .await
-        });
-        match read.await {
-            Ok(r) => Ok(Some(r.into_inner())),
+        match self.registry.get_connection(id).await {
+            Ok(r) => Ok(Some(r)),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(s.into()),
         }
@@ -350,13 +335,7 @@ impl History {
                 page_token,
                 ..Default::default()
             };
-            let page = registry
-                .call(|channel| {
-                    let request = request.clone();
-                    async move { client(channel).search_history(request).await }
-                })
-                .await?
-                .into_inner();
+            let page = registry.search_history(request).await?;
             self.page = page.packets.into();
             self.token = Some(page.next_page_token).filter(|t| !t.is_empty());
         }
@@ -399,13 +378,7 @@ impl Records {
                 page_token,
                 newest_first: false,
             };
-            let page = registry
-                .call(|channel| {
-                    let request = request.clone();
-                    async move { client(channel).list_connections(request).await }
-                })
-                .await?
-                .into_inner();
+            let page = registry.list_connections(request).await?;
             self.page = page.connections.into();
             self.token = Some(page.next_page_token).filter(|t| !t.is_empty());
         }

@@ -1,5 +1,6 @@
 //! export-svc: the decrypted sessions as PCAP and pcapng, built from the registry's
-//! connection records and proxy history, which it reads over gRPC (so it runs on any host).
+//! connection records and proxy history, which it reads over gRPC (so it runs on any host),
+//! or in `interpose up` from the registry in the same process ([`registry`]).
 //!
 //! The framing is sans-I/O: [`wire`] writes Ethernet/IP/TCP/UDP headers, [`endpoints`]
 //! picks a stream's addresses, [`frames`] turns one connection into frames and
@@ -16,14 +17,15 @@ pub mod fuzzing;
 pub mod job;
 mod live;
 pub mod plan;
+pub mod registry;
 pub mod service;
 pub mod wire;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use platform::serve::Bound;
-use proto::export::export_server::ExportServer;
+use proto::{export::export_server::ExportServer, registry::registry_server::Registry};
 
 pub use service::ExportService;
 
@@ -39,9 +41,13 @@ pub fn grpc_service(
 ) -> anyhow::Result<ExportServer<ExportService>> {
     let registry = platform::failover::Replicas::new(registry_urls, token)
         .with_context(|| format!("registry URL {}", registry_urls.join(",")))?;
-    Ok(ExportServer::new(ExportService::new(std::sync::Arc::new(
-        registry,
-    ))))
+    Ok(ExportServer::new(ExportService::new(Arc::new(registry))))
+}
+
+/// The gRPC service reading from `registry`, the registry service in this same process (the
+/// value `registry_svc::service` returns, in `interpose up`), by calling it directly.
+pub fn in_process_service<R: Registry>(registry: Arc<R>) -> ExportServer<ExportService> {
+    ExportServer::new(ExportService::new(Arc::new(registry::Direct(registry))))
 }
 
 /// Command-line options of the standalone `export-svc` binary.

@@ -15,9 +15,13 @@ use proto::{
     common::{ConnStatus, Connection},
     registry::{FollowHistoryEvent, FollowHistoryRequest},
 };
-use tonic::{Status, Streaming};
+use tokio_stream::StreamExt;
+use tonic::Status;
 
-use crate::job::{Job, Stop, Stream};
+use crate::{
+    job::{Job, Stop, Stream},
+    registry::{Followed, HistoryEvents},
+};
 
 /// What the export knows of one connection.
 enum Conn {
@@ -63,10 +67,12 @@ impl Job {
             _ => 0,
         };
         let mut state = Follow::default();
-        let (mut replica, channel) = self.registry.channel();
-        let mut events = Self::open_follow(channel, conn_id, None).await?;
+        let Followed {
+            mut events,
+            mut replica,
+        } = self.open_follow(conn_id, None).await?;
         loop {
-            let event = match events.message().now_or_never() {
+            let event = match events.next().map(Option::transpose).now_or_never() {
                 Some(event) => event,
                 None => {
                     // Nothing more at hand: send what is written, then wait.
@@ -86,7 +92,7 @@ impl Job {
             // whose positions they share) after the last position it may not have whole:
             // repeated packets are skipped, and a repeated close finds its stream ended.
             if !state.caught_up
-                || self.registry.count() < 2
+                || self.registry.replicas() < 2
                 || !platform::failover::replica_failed(&failed)
             {
                 return Err(failed.into());
@@ -94,36 +100,30 @@ impl Job {
             self.registry.failed(replica, &failed);
             let after = state.position.saturating_sub(1);
             state.repeated = state.position;
-            let channel;
-            (replica, channel) = self.registry.channel();
             tracing::info!(
-                registry = self.registry.url(replica),
+                registry = self.registry.target(),
                 after,
                 "resuming the live export"
             );
-            events = Self::open_follow(channel, conn_id, Some(after)).await?;
+            Followed { events, replica } = self.open_follow(conn_id, Some(after)).await?;
         }
     }
 
-    /// Opens `FollowHistory` on `channel`: from a snapshot, or after position `after`.
-    async fn open_follow(
-        channel: platform::client::AuthChannel,
-        conn_id: u64,
-        after: Option<u64>,
-    ) -> Result<Streaming<FollowHistoryEvent>, Stop> {
-        Ok(crate::job::client(channel)
+    /// Opens `FollowHistory`: from a snapshot, or after position `after`.
+    async fn open_follow(&self, conn_id: u64, after: Option<u64>) -> Result<Followed, Stop> {
+        Ok(self
+            .registry
             .follow_history(FollowHistoryRequest { conn_id, after })
-            .await?
-            .into_inner())
+            .await?)
     }
 
     /// The next event, or `Gone` when the caller hangs up first.
     async fn next_event(
         &mut self,
-        events: &mut Streaming<FollowHistoryEvent>,
+        events: &mut HistoryEvents,
     ) -> Result<Result<Option<FollowHistoryEvent>, Status>, Stop> {
         tokio::select! {
-            event = events.message() => Ok(event),
+            event = events.next() => Ok(event.transpose()),
             () = self.tx.closed() => Err(Stop::Gone),
         }
     }

@@ -3,7 +3,8 @@
 //!
 //! [`queue`] is the state machine (no I/O), [`service`] serves it as
 //! `interpose.intercept.v1.Intercept`, and [`registry_watch`] keeps each held packet's connection
-//! status current from the registry.
+//! status current from the registry (over gRPC, or in `interpose up` from the registry in
+//! the same process).
 
 pub mod queue;
 pub mod registry_watch;
@@ -12,7 +13,7 @@ pub mod service;
 use std::{net::SocketAddr, sync::Arc};
 
 use platform::serve::Bound;
-use proto::intercept::intercept_server::InterceptServer;
+use proto::{intercept::intercept_server::InterceptServer, registry::registry_server::Registry};
 
 pub use queue::{DEFAULT_MAX_HELD, DEFAULT_MAX_HELD_BYTES, MAX_REPLACEMENT};
 pub use service::{InterceptService, InterceptState};
@@ -37,15 +38,29 @@ impl Intercept {
         token: Option<&str>,
         limits: Limits,
     ) -> Result<Self, platform::client::ClientError> {
+        let replicas = platform::failover::Replicas::new(registry_urls, token)?;
+        Ok(Self::following(
+            Arc::new(registry_watch::Grpc::new(replicas)),
+            limits,
+        ))
+    }
+
+    /// Starts following `registry`, the registry service in this same process (the value
+    /// `registry_svc::service` returns, in `interpose up`), by calling it directly.
+    pub fn start_in_process<R: Registry>(registry: Arc<R>, limits: Limits) -> Self {
+        Self::following(Arc::new(registry_watch::Direct(registry)), limits)
+    }
+
+    /// Starts following `registry`'s connection records.
+    fn following(registry: Arc<dyn registry_watch::ConnectionEvents>, limits: Limits) -> Self {
         let shared = InterceptState::new(limits.max_held, limits.max_held_bytes);
-        let registry = Arc::new(platform::failover::Replicas::new(registry_urls, token)?);
         let follower = tokio::spawn(registry_watch::watch_registry(shared.clone(), registry));
         let expirer = tokio::spawn(shared.clone().expire_abandoned());
-        Ok(Self {
+        Self {
             shared,
             follower,
             expirer,
-        })
+        }
     }
 
     /// The queue as a proxy in this same process holds through it (`interpose up`): no

@@ -340,7 +340,14 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         // Counted from the moment the call is dispatched, before any of it runs.
-        let guard = req.extensions().get::<ConnInfo>().map(|i| i.calls.start());
+        let info = req.extensions().get::<ConnInfo>();
+        // Which callers use the API: `interpose up`'s test that no service of its own is one.
+        tracing::debug!(
+            method = req.uri().path(),
+            peer = ?info.map(|i| i.remote),
+            "gRPC call"
+        );
+        let guard = info.map(|i| i.calls.start());
         let call = self.inner.call(req);
         Box::pin(async move {
             let response = call.await?;

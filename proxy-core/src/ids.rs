@@ -13,15 +13,21 @@
 //! fails and the connection is refused with SOCKS reply 0x01 (general failure) and a logged
 //! reason. IDs must be unique across every proxy of a registry, so the proxy cannot invent
 //! them itself; refusing is the only honest answer.
+//!
+//! Where blocks come from is a [`Leases`]: the registry's replicas over gRPC
+//! ([`Replicas`], failing over between them), or the registry in this same process
+//! (`interpose up`, see [`crate::local`]), called directly.
 
 use std::{
     collections::VecDeque,
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use platform::{failover::Replicas, retry::Backoff};
-use proto::registry::{LeaseIdsRequest, registry_client::RegistryClient};
+use proto::registry::{LeaseIdsRequest, LeaseIdsResponse, registry_client::RegistryClient};
 use tokio::{sync::Notify, time::Instant};
 use tonic::Status;
 
@@ -33,7 +39,8 @@ pub const MAX_BLOCK: u32 = 4096;
 pub const FAST_BLOCK: Duration = Duration::from_secs(2);
 /// How long a connection waits for IDs when the pool is empty.
 pub const ID_WAIT: Duration = Duration::from_secs(3);
-const LEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one lease may take.
+pub const LEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How a failed lease is retried.
 const LEASE_RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
 
@@ -46,6 +53,66 @@ pub enum IdError {
          (is registry-svc reachable?)"
     )]
     Unavailable(Duration),
+}
+
+/// A lease that failed: where it went (for the log) and why.
+#[derive(Debug)]
+pub struct LeaseFailed {
+    /// The registry asked, e.g. its URL.
+    pub from: String,
+    /// Its answer, or why there was none.
+    pub status: Status,
+}
+
+/// One lease in flight.
+pub type Leasing<'a> =
+    Pin<Box<dyn Future<Output = Result<LeaseIdsResponse, LeaseFailed>> + Send + 'a>>;
+
+/// Where a pool leases its blocks: the one call it makes, `Registry.LeaseIds`.
+pub trait Leases: Send + Sync {
+    /// Leases one block (bounded by [`LEASE_TIMEOUT`]); after a failure the next lease goes
+    /// to the next replica, if there is another.
+    fn lease_ids(&self, req: LeaseIdsRequest) -> Leasing<'_>;
+
+    /// How many registries a failed lease moves between: the pool backs off only once a
+    /// lease from each has failed in a row.
+    fn replicas(&self) -> usize {
+        1
+    }
+}
+
+/// The registry's replicas over gRPC: the current one is asked, and one that fails (or
+/// does not answer in time) makes the next one current.
+impl Leases for Replicas {
+    fn lease_ids(&self, req: LeaseIdsRequest) -> Leasing<'_> {
+        Box::pin(async move {
+            let (index, channel) = self.channel();
+            let res = bounded(RegistryClient::new(channel).lease_ids(req)).await;
+            res.map_err(|status| {
+                let from = self.url(index).to_string();
+                self.failed(index, &status);
+                LeaseFailed { from, status }
+            })
+        })
+    }
+
+    fn replicas(&self) -> usize {
+        self.count()
+    }
+}
+
+/// `lease` bounded by [`LEASE_TIMEOUT`]: no answer in time is a failure like any other.
+pub(crate) async fn bounded(
+    lease: impl Future<Output = Result<tonic::Response<LeaseIdsResponse>, Status>>,
+) -> Result<LeaseIdsResponse, Status> {
+    tokio::time::timeout(LEASE_TIMEOUT, lease)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::unavailable(format!(
+                "no answer within {LEASE_TIMEOUT:?}"
+            )))
+        })
+        .map(tonic::Response::into_inner)
 }
 
 struct State {
@@ -75,7 +142,7 @@ impl State {
 struct Inner {
     state: Mutex<State>,
     notify: Notify,
-    registry: Arc<Replicas>,
+    registry: Arc<dyn Leases>,
     node: String,
 }
 
@@ -88,7 +155,7 @@ pub struct IdPool {
 impl IdPool {
     /// A pool leasing from `registry` (the next replica when one fails); the first lease
     /// starts now.
-    pub fn new(registry: Arc<Replicas>, node: String) -> Self {
+    pub fn new(registry: Arc<dyn Leases>, node: String) -> Self {
         let pool = Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
@@ -150,23 +217,14 @@ impl IdPool {
 /// Leases one block, retrying until the registry answers: at once from the next replica
 /// when there are several, with backoff once each has failed in a row.
 async fn fetch(inner: Arc<Inner>, size: u32) {
-    let mut retry = LEASE_RETRY.start(inner.registry.count());
+    let mut retry = LEASE_RETRY.start(inner.registry.replicas());
     loop {
-        let (index, channel) = inner.registry.channel();
         let req = LeaseIdsRequest {
             node: inner.node.clone(),
             count: size,
         };
-        let res = tokio::time::timeout(LEASE_TIMEOUT, RegistryClient::new(channel).lease_ids(req))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Status::unavailable(format!(
-                    "no answer within {LEASE_TIMEOUT:?}"
-                )))
-            });
-        match res {
-            Ok(resp) => {
-                let r = resp.into_inner();
+        match inner.registry.lease_ids(req).await {
+            Ok(r) => {
                 if r.first == 0 || r.last < r.first {
                     tracing::error!(
                         first = r.first,
@@ -190,13 +248,11 @@ async fn fetch(inner: Arc<Inner>, size: u32) {
                     return;
                 }
             }
-            Err(status) => {
+            Err(LeaseFailed { from, status }) => {
                 let wait = retry.failed();
                 if retry.worth_logging() {
-                    let url = inner.registry.url(index);
-                    tracing::warn!("leasing connection IDs from {url} failed: {status}");
+                    tracing::warn!("leasing connection IDs from {from} failed: {status}");
                 }
-                inner.registry.failed(index, &status);
                 // None: another replica is still untried in this round, no backoff.
                 if let Some(wait) = wait {
                     tokio::time::sleep(wait).await;

@@ -17,7 +17,7 @@
 //!   ([`tls::splice`]) that terminates TLS found on a stream.
 //! - [`report`]: the bounded, replaying event stream to the registry; [`ids`]: leased
 //!   connection IDs; [`process`]: which local process a client is; [`conn`]: per-connection
-//!   counters.
+//!   counters; [`local`]: the registry in the proxy's own process (`interpose up`).
 //! - [`replay`]: recorded connections sent again through this proxy, and the Replay service.
 //! - [`cli`]: the `proxy-core` binary's options.
 //! - `fuzzing` (tests and the `fuzzing` feature): the properties the fuzz targets check.
@@ -33,6 +33,7 @@ pub mod hold;
 pub mod http_connect;
 pub mod http_ingress;
 pub mod ids;
+pub mod local;
 pub mod process;
 pub mod relay;
 pub mod replay;
@@ -45,6 +46,7 @@ pub mod state;
 pub mod tls;
 pub mod udp;
 
+pub use local::LocalRegistry;
 use platform::ingest::IngestSink;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -98,8 +100,8 @@ pub struct Config {
     /// Most SOCKS connections served at once; a client beyond it gets reply 0x01 and a
     /// record closed by the proxy naming the limit (see [`server::Listener`]).
     pub max_connections: usize,
-    /// The registry in this same process (`interpose up`), which takes the ingest stream
-    /// without gRPC; `None` streams to `registry_urls`.
+    /// The registry in this same process (`interpose up`), which takes the ingest stream,
+    /// leases IDs and answers replays' reads without gRPC; `None` calls `registry_urls`.
     pub local_registry: Option<LocalRegistry>,
     /// The intercept queue in this same process (`interpose up`), which takes holds without
     /// gRPC; `None` holds through `intercept`'s URL.
@@ -113,16 +115,6 @@ pub struct LocalIntercept(pub Arc<dyn platform::hold::HoldSink>);
 impl std::fmt::Debug for LocalIntercept {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("LocalIntercept")
-    }
-}
-
-/// A registry in the proxy's own process, as the sink of its ingest stream.
-#[derive(Clone)]
-pub struct LocalRegistry(pub Arc<dyn IngestSink>);
-
-impl std::fmt::Debug for LocalRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LocalRegistry")
     }
 }
 
@@ -193,7 +185,8 @@ impl Proxy {
             return Err(StartError::EmptyNode);
         }
         let dns = dns::Dns::new(&cfg.dns)?;
-        // The registry's replicas (often one), for ID leases and the ingest stream alike.
+        // The registry's replicas (often one), for ID leases, the ingest stream and replays
+        // alike, unless the registry is in this process.
         let registry = Arc::new(platform::failover::Replicas::new(
             &cfg.registry_urls,
             cfg.token.as_deref(),
@@ -204,13 +197,21 @@ impl Proxy {
             None => None,
         };
         let http_addr = http.as_ref().map(|(_, a)| *a);
-        let sink = match &cfg.local_registry {
-            Some(local) => local.0.clone(),
-            None => registry.clone() as Arc<dyn IngestSink>,
+        let (sink, leases, originals) = match &cfg.local_registry {
+            Some(local) => (
+                local.ingest.clone(),
+                local.leases.clone(),
+                local.originals.clone(),
+            ),
+            None => (
+                registry.clone() as Arc<dyn IngestSink>,
+                registry.clone() as Arc<dyn ids::Leases>,
+                registry as Arc<dyn replay::source::Originals>,
+            ),
         };
         let (reporter, reporter_task) =
             report::Reporter::start(sink, cfg.node.clone(), cfg.history, cfg.queue_bound);
-        let ids = ids::IdPool::new(registry.clone(), cfg.node.clone());
+        let ids = ids::IdPool::new(leases, cfg.node.clone());
         let resolver = process::Resolver::start(reporter.clone());
         if cfg.splicer.is_some() {
             tls::install_provider();
@@ -237,7 +238,7 @@ impl Proxy {
             node: cfg.node.clone(),
             socks: socks_addr,
             auth: cfg.auth.clone(),
-            registry,
+            registry: originals,
             splicer: cfg.splicer.clone(),
             pending: replays.clone(),
         });

@@ -441,7 +441,23 @@ impl Up {
     /// Starts `interpose up` on free loopback ports (the web view's too) with its data in
     /// `data_dir`.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, extra, None).await
+    }
+
+    /// [`Up::start`] with the `RUST_LOG` filter `log`.
+    pub async fn start_logging(data_dir: &Path, extra: &[&str], log: &str) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, extra, Some(log)).await
+    }
+
+    async fn start_with(
+        data_dir: &Path,
+        extra: &[&str],
+        log: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(bin("interpose"));
+        if let Some(log) = log {
+            cmd.env("RUST_LOG", log);
+        }
         cmd.arg("up")
             .args([
                 "--socks",
@@ -585,6 +601,25 @@ pub async fn output(mut cmd: Command) -> anyhow::Result<Output> {
     })
 }
 
+/// Runs `cli` (an `interpose` binary) `export --out path` against `url` for benchmarks, with
+/// the token of the server the harness started there; returns the seconds until the capture
+/// was written and synced, and what the export said on stderr.
+pub async fn timed_export(cli: &Path, url: &str, path: &Path) -> anyhow::Result<(f64, String)> {
+    let start = std::time::Instant::now();
+    let mut cmd = Command::new(cli);
+    cmd.args(["export", "--server", url, "--out"])
+        .arg(path)
+        .env_remove("INTERPOSE_TOKEN");
+    if let Some(file) = token_file(url) {
+        cmd.env("INTERPOSE_TOKEN_FILE", file);
+    }
+    let out = cmd.output().await?;
+    let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    anyhow::ensure!(out.status.success(), "interpose export: {said}");
+    std::fs::File::open(path)?.sync_all()?;
+    Ok((start.elapsed().as_secs_f64(), said))
+}
+
 /// Runs `interpose ARGS` and returns its stdout; a non-zero exit is an error with its stderr.
 pub async fn interpose_ok(server: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = interpose(server, args).await?;
@@ -695,6 +730,52 @@ impl Ingest {
             }
         }
         Ok(())
+    }
+
+    /// Sends a history for benchmarks: `connections` connections from ID `first`, each
+    /// `per_connection` bytes of `packet`-byte packets alternating in direction, then a FIN
+    /// close; batches of 64 packets, 8 in flight; returns once all are acknowledged.
+    pub async fn send_history(
+        &mut self,
+        first: u64,
+        connections: u64,
+        per_connection: usize,
+        packet: usize,
+    ) -> anyhow::Result<()> {
+        const BATCH: usize = 64;
+        const WINDOW: u64 = 8;
+        let payload = proxy::payload(packet, 7);
+        let mut last = 0;
+        for id in first..first + connections {
+            self.send_durable(vec![events::open(id, 40000, "bench.example", 80)])
+                .await?;
+            let packets = (per_connection / packet) as u64;
+            for from in (0..packets).step_by(BATCH) {
+                let evs = (from..(from + BATCH as u64).min(packets))
+                    .map(|i| {
+                        let dir = if i % 2 == 0 {
+                            proto::common::Direction::C2s
+                        } else {
+                            proto::common::Direction::S2c
+                        };
+                        events::packet(id, i + 1, dir, &payload)
+                    })
+                    .collect();
+                last = self.send(evs).await?;
+                if last > WINDOW {
+                    self.wait_ack(last - WINDOW).await?;
+                }
+            }
+            last = self
+                .send(vec![events::close(
+                    id,
+                    proto::common::ClosedBy::Client,
+                    proto::common::CloseKind::Fin,
+                    "bench",
+                )])
+                .await?;
+        }
+        self.wait_ack(last).await
     }
 
     /// Sends a batch and waits until it is durable.

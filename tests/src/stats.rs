@@ -35,6 +35,19 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Peak resident set size of process `pid` (`VmHWM` of `/proc/PID/status`), in MiB.
+pub fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmHWM in /proc/PID/status")?;
+    Ok(kib / 1024.0)
+}
+
 /// utime + stime of a `/proc/PID/stat` line, in seconds (Linux counts in USER_HZ = 100).
 fn parse_stat_cpu(stat: &str) -> Option<f64> {
     // The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.

@@ -30,7 +30,6 @@ use std::{
 };
 
 use futures::StreamExt;
-use platform::failover::Replicas;
 use proto::{
     common::{Connection, Direction, Transport},
     replay::{Pace, ReplayEvent, ReplayRequest, ReplaySummary},
@@ -111,7 +110,7 @@ pub struct Replayer {
     /// The SOCKS credentials, when the proxy requires them.
     pub auth: Option<(String, String)>,
     /// The registry, for the original's record and history.
-    pub registry: Arc<Replicas>,
+    pub registry: Arc<dyn source::Originals>,
     /// The TLS splice, whose CA the replay's TLS client trusts; `None` replays TLS as bytes.
     pub splicer: Option<Arc<Splicer>>,
     /// Announced replays.
@@ -163,7 +162,7 @@ impl Replayer {
         if req.conn_id == 0 {
             return Err(Status::invalid_argument("conn_id is required"));
         }
-        let conn = source::record(&self.registry, req.conn_id).await?;
+        let conn = source::record(&*self.registry, req.conn_id).await?;
         self.check_original(&conn, req.any_node)?;
         let target = if req.to.is_empty() {
             original_target(&conn)?

@@ -2,13 +2,20 @@
 //! registry. A small history (at most [`CACHE_BYTES`]) is read once per request and shared
 //! by every run; a larger one is paged from the registry by each run as it goes, so a
 //! replay of a long connection holds a few pages, never the whole of it.
+//!
+//! The registry is an [`Originals`]: its replicas over gRPC ([`Replicas`], each read going
+//! on to the next replica when one fails), or the registry in this same process
+//! (`interpose up`, see [`crate::local`]), called directly.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use platform::failover::Replicas;
 use proto::{
     common::{Connection, Direction, Packet},
-    registry::{GetConnectionRequest, SearchHistoryRequest, registry_client::RegistryClient},
+    registry::{
+        GetConnectionRequest, SearchHistoryRequest, SearchHistoryResponse,
+        registry_client::RegistryClient,
+    },
 };
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
@@ -18,7 +25,52 @@ pub const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// Packets a paging feed keeps ready ahead of the run.
 const FEED_AHEAD: usize = 256;
 /// Longest one registry call may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One read in flight.
+pub type Read<'a, T> = Pin<Box<dyn Future<Output = Result<T, Status>> + Send + 'a>>;
+
+/// Where a replay reads the original: the two calls it makes, `Registry.GetConnection` and
+/// `Registry.SearchHistory`, each bounded by [`CALL_TIMEOUT`].
+pub trait Originals: Send + Sync {
+    /// The record of connection `id`.
+    fn get_connection(&self, id: u64) -> Read<'_, Connection>;
+
+    /// One page of history.
+    fn search_history(&self, req: SearchHistoryRequest) -> Read<'_, SearchHistoryResponse>;
+}
+
+/// The registry's replicas over gRPC: each read is tried on the next replica while one
+/// fails for want of a working replica ([`Replicas::call`]).
+impl Originals for Replicas {
+    fn get_connection(&self, id: u64) -> Read<'_, Connection> {
+        Box::pin(self.call(move |ch| async move {
+            let mut client = RegistryClient::new(ch);
+            bounded("record", client.get_connection(GetConnectionRequest { id })).await
+        }))
+    }
+
+    fn search_history(&self, req: SearchHistoryRequest) -> Read<'_, SearchHistoryResponse> {
+        Box::pin(self.call(move |ch| {
+            let req = req.clone();
+            async move {
+                let mut client = RegistryClient::new(ch);
+                bounded("history", client.search_history(req)).await
+            }
+        }))
+    }
+}
+
+/// A read of `what` (the record, the history) bounded by [`CALL_TIMEOUT`].
+pub(crate) async fn bounded<T>(
+    what: &str,
+    read: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(CALL_TIMEOUT, read)
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("reading the {what} timed out")))?
+        .map(tonic::Response::into_inner)
+}
 
 /// One packet of the original as a run needs it.
 #[derive(Debug, Clone)]
@@ -58,7 +110,7 @@ pub enum Source {
     /// Paged from the registry by each run.
     Registry {
         /// The registry.
-        registry: Arc<Replicas>,
+        registry: Arc<dyn Originals>,
         /// The original's ID.
         conn_id: u64,
     },
@@ -69,7 +121,7 @@ pub type Feed = mpsc::Receiver<Result<Recorded, Status>>;
 
 impl Source {
     /// The source for `conn` (read now when it is small).
-    pub async fn new(registry: Arc<Replicas>, conn: &Connection) -> Result<Self, Status> {
+    pub async fn new(registry: Arc<dyn Originals>, conn: &Connection) -> Result<Self, Status> {
         let total = conn.bytes_c2s + conn.bytes_s2c;
         if total > CACHE_BYTES {
             return Ok(Source::Registry {
@@ -127,7 +179,7 @@ impl Source {
 
 /// Sends `conn_id`'s packets of `dir` (unspecified: both) to `tx`, page by page.
 async fn page(
-    registry: Arc<Replicas>,
+    registry: Arc<dyn Originals>,
     conn_id: u64,
     dir: Direction,
     tx: mpsc::Sender<Result<(Recorded, Direction), Status>>,
@@ -140,17 +192,7 @@ async fn page(
             page_token: token.clone(),
             ..Default::default()
         };
-        let page = registry
-            .call(|ch| {
-                let req = req.clone();
-                async move {
-                    tokio::time::timeout(CALL_TIMEOUT, RegistryClient::new(ch).search_history(req))
-                        .await
-                        .map_err(|_| Status::deadline_exceeded("reading the history timed out"))?
-                        .map(tonic::Response::into_inner)
-                }
-            })
-            .await;
+        let page = registry.search_history(req).await;
         let page = match page {
             Ok(p) => p,
             Err(s) => {
@@ -179,17 +221,9 @@ async fn page(
 }
 
 /// The original's record.
-pub async fn record(registry: &Replicas, id: u64) -> Result<Connection, Status> {
+pub async fn record(registry: &dyn Originals, id: u64) -> Result<Connection, Status> {
     registry
-        .call(|ch| async move {
-            tokio::time::timeout(
-                CALL_TIMEOUT,
-                RegistryClient::new(ch).get_connection(GetConnectionRequest { id }),
-            )
-            .await
-            .map_err(|_| Status::deadline_exceeded("reading the record timed out"))?
-            .map(tonic::Response::into_inner)
-        })
+        .get_connection(id)
         .await
         .map_err(|s| match s.code() {
             Code::NotFound => Status::not_found(format!("no connection {id}")),

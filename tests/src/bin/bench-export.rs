@@ -9,18 +9,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, ensure};
-use proto::common::{CloseKind, ClosedBy, Direction};
-use tests::{Ingest, Proc, Registry, bin, events, stats::median};
+use anyhow::Context;
+use tests::{
+    Ingest, Proc, Registry, bin,
+    stats::{median, peak_rss_mib},
+};
 
 const RUNS: usize = 3;
 const CONNECTIONS: u64 = 64;
 /// Payload per connection: 16 MiB, so 64 connections hold 1 GiB.
 const PER_CONNECTION: usize = 16 << 20;
 const PACKET: usize = 16 << 10;
-/// Packets per ingest batch (1 MiB) and batches in flight.
-const BATCH: usize = 64;
-const WINDOW: u64 = 8;
 
 fn total_bytes() -> u64 {
     CONNECTIONS * PER_CONNECTION as u64
@@ -30,47 +29,13 @@ fn total_bytes() -> u64 {
 async fn ingest(reg: &Registry) -> anyhow::Result<()> {
     let mut client = reg.client().await?;
     let mut ingest = Ingest::open(&mut client, "bench").await?;
-    if let Err(e) = ingest_all(&mut ingest).await {
+    if let Err(e) = ingest
+        .send_history(1, CONNECTIONS, PER_CONNECTION, PACKET)
+        .await
+    {
         let why = ingest.next_error().await.map(|s| s.to_string());
         return Err(e.context(format!("the registry ended the ingest stream: {why:?}")));
     }
-    Ok(())
-}
-
-async fn ingest_all(ingest: &mut Ingest) -> anyhow::Result<()> {
-    let payload = tests::proxy::payload(PACKET, 7);
-    let mut last = 0;
-    for id in 1..=CONNECTIONS {
-        ingest
-            .send_durable(vec![events::open(id, 40000, "bench.example", 80)])
-            .await?;
-        let packets = (PER_CONNECTION / PACKET) as u64;
-        for first in (0..packets).step_by(BATCH) {
-            let evs = (first..(first + BATCH as u64).min(packets))
-                .map(|i| {
-                    let dir = if i % 2 == 0 {
-                        Direction::C2s
-                    } else {
-                        Direction::S2c
-                    };
-                    events::packet(id, i + 1, dir, &payload)
-                })
-                .collect();
-            last = ingest.send(evs).await?;
-            if last > WINDOW {
-                ingest.wait_ack(last - WINDOW).await?;
-            }
-        }
-        ingest
-            .send(vec![events::close(
-                id,
-                ClosedBy::Client,
-                CloseKind::Fin,
-                "bench",
-            )])
-            .await?;
-    }
-    ingest.wait_ack(last).await?;
     Ok(())
 }
 
@@ -84,40 +49,6 @@ fn copy_run(path: &std::path::Path) -> anyhow::Result<f64> {
     }
     f.into_inner()?.sync_all()?;
     Ok(start.elapsed().as_secs_f64())
-}
-
-/// Seconds for `interpose export` to write the whole capture (synced) through export-svc.
-async fn export_run(url: &str, path: &std::path::Path) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut cmd = tokio::process::Command::new(bin("interpose"));
-    cmd.args(["export", "--server", url, "--out"])
-        .arg(path)
-        .env_remove("INTERPOSE_TOKEN");
-    if let Some(file) = tests::token_file(url) {
-        cmd.env("INTERPOSE_TOKEN_FILE", file);
-    }
-    let out = cmd.output().await?;
-    ensure!(
-        out.status.success(),
-        "interpose export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::File::open(path)?.sync_all()?;
-    let secs = start.elapsed().as_secs_f64();
-    eprintln!("  {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(secs)
-}
-
-/// Peak resident set of a process (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmHWM in /proc/PID/status")?;
-    Ok(kib / 1024.0)
 }
 
 #[tokio::main]
@@ -151,7 +82,9 @@ async fn main() -> anyhow::Result<()> {
         copies.push(copy_run(&copy)?);
         std::fs::remove_file(&copy)?;
         let file = dir.path().join("export.pcap");
-        exports.push(export_run(&url, &file).await?);
+        let (secs, said) = tests::timed_export(&bin("interpose"), &url, &file).await?;
+        eprintln!("  {said}");
+        exports.push(secs);
         let size = std::fs::metadata(&file)?.len();
         std::fs::remove_file(&file)?;
         println!(
