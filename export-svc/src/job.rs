@@ -14,10 +14,12 @@ use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
 use crate::{
-    capture::CaptureWriter,
     endpoints::Endpoints,
-    frames::{Ending, FrameSink, Side, TcpSession, UdpSession},
     plan::{Plan, comment, ending},
+};
+use protocols::{
+    capture::CaptureWriter,
+    frames::{Ending, FrameSink, Side, TcpSession, UdpSession},
 };
 
 /// Chunk size the file is sent in.

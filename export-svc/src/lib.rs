@@ -2,24 +2,19 @@
 //! connection records and proxy history, which it reads over gRPC (so it runs on any host),
 //! or in `interpose up` from the registry in the same process ([`registry`]).
 //!
-//! The framing is sans-I/O: [`wire`] writes Ethernet/IP/TCP/UDP headers, [`endpoints`]
-//! picks a stream's addresses, [`frames`] turns one connection into frames and
-//! [`capture`] frames them as a capture file. [`plan`] checks a request, [`job`] runs it
-//! page by page against the registry (a live export, `follow`, in `live`, tails the registry's
-//! `FollowHistory` instead) and [`service`] serves it. `fuzzing` (tests and the `fuzzing`
-//! feature) holds the properties the PCAP writer's fuzz target checks.
+//! The framing is sans-I/O, in the `protocols` crate (which `fuzz/` fuzzes): its `wire` writes
+//! Ethernet/IP/TCP/UDP headers, `frames` turns one connection into frames and `capture`
+//! frames them as a capture file. Here [`endpoints`] picks a stream's addresses, [`plan`]
+//! checks a request, [`job`] runs it page by page against the registry (a live export,
+//! `follow`, in `live`, tails the registry's `FollowHistory` instead) and [`service`] serves
+//! it: the I/O shell around the framing.
 
-pub mod capture;
 pub mod endpoints;
-pub mod frames;
-#[cfg(any(test, feature = "fuzzing"))]
-pub mod fuzzing;
 pub mod job;
 mod live;
 pub mod plan;
 pub mod registry;
 pub mod service;
-pub mod wire;
 
 use std::{net::SocketAddr, sync::Arc};
 

@@ -9,9 +9,9 @@ use proto::{
 };
 use tonic::Status;
 
-use crate::{
+use crate::endpoints::{Endpoints, PortMap};
+use protocols::{
     capture::Format,
-    endpoints::{Endpoints, PortMap},
     frames::{Ending, Side},
 };
 

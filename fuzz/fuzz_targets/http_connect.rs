@@ -1,4 +1,4 @@
 //! HTTP CONNECT parsers: the request on `--http`, an upstream's answer, HTTP on the SOCKS port.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| proxy_core::fuzzing::http_connect(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| protocols::fuzzing::http_connect(data));

@@ -3,14 +3,13 @@
 //! Generated code for the six services (and for the registry's stored history format) lives
 //! here and only here, with the few pure pieces every user of the messages shares: the
 //! codec the generated code uses ([`codec`]), the JSON/CLI names of the enums ([`names`]),
-//! timestamp conversion ([`time`]), hex ([`hex`]), byte sizes on the command line ([`size`])
-//! and the fuzz targets' seed inputs ([`fuzz_corpus`]). A client in Rust, a fuzz target or a
-//! test that wants the messages depends on this crate alone; the server stack every
-//! Interpose process shares (serving, tokens, mTLS, failover, retry) is the `platform`
-//! crate's.
+//! timestamp conversion ([`time`]), hex ([`hex`]) and byte sizes on the command line
+//! ([`size`]). A client in Rust or a test that wants the messages depends on this crate
+//! alone; the server stack every Interpose process shares (serving, tokens, mTLS, failover,
+//! retry) is the `platform` crate's. The fuzz targets want no messages at all: they depend on
+//! the `protocols` crate (the sans-I/O parsers and writers) alone.
 
 pub mod codec;
-pub mod fuzz_corpus;
 pub mod hex;
 pub mod names;
 pub mod size;

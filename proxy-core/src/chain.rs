@@ -14,7 +14,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::socks5::Addr;
+use protocols::socks5::Addr;
 
 /// Why an upstream URL or rule is unusable. No variant holds the credentials.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,11 +1,11 @@
-//! The async shell around [`crate::socks5`]: method negotiation, optional RFC 1929
+//! The async shell around [`protocols::socks5`]: method negotiation, optional RFC 1929
 //! authentication and the request, over any `AsyncRead + AsyncWrite` stream.
 
 use bytes::{Bytes, BytesMut};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::{
+use protocols::{
     http_connect,
     socks5::{self, Addr, Reply, ReplyMsg, Request, Socks5Error},
 };
@@ -173,7 +173,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::socks5::Command;
+    use protocols::socks5::Command;
 
     #[tokio::test]
     async fn no_auth_request_with_leftover() {

@@ -1,4 +1,4 @@
-//! The async shell around [`crate::http_connect`] on the `--http` listener: reads a
+//! The async shell around [`protocols::http_connect`] on the `--http` listener: reads a
 //! client's CONNECT request, checks `Proxy-Authorization: Basic` against the proxy's
 //! credentials, and answers. What follows (the connection's record, the relay, TLS
 //! interception, the hold point, upstream rules) is the same as for a SOCKS client.
@@ -7,8 +7,8 @@ use bytes::BytesMut;
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::{
-    handshake::Accepted,
+use crate::handshake::Accepted;
+use protocols::{
     http_connect::{self, HttpError},
     socks5::{Command, Request},
 };
@@ -128,7 +128,10 @@ mod tests {
         )
         .await;
         let a = r.unwrap();
-        assert_eq!(a.request.addr, crate::socks5::Addr::Domain("h".into(), 443));
+        assert_eq!(
+            a.request.addr,
+            protocols::socks5::Addr::Domain("h".into(), 443)
+        );
         assert_eq!(&a.leftover[..], b"\x16\x03\x01");
         assert!(out.is_empty());
     }

@@ -2,10 +2,14 @@
 //! and reports every connection's whole life (and, with history on, every packet) to the
 //! registry without ever making a connection wait for it.
 //!
+//! The wire formats are sans-I/O, in the `protocols` crate (pure functions over byte
+//! buffers, which `fuzz/` fuzzes); the modules here are the async shells around them.
+//!
 //! Modules, from the wire up:
-//! - [`socks5`]: the SOCKS5 wire format, sans I/O; [`handshake`]: its async shell.
-//! - [`http_connect`]: the HTTP CONNECT wire format, sans I/O; [`http_ingress`]: its async
-//!   shell on the `--http` listener.
+//! - [`socks5`] (re-exported from `protocols`): the SOCKS5 wire format; [`handshake`]: its
+//!   async shell.
+//! - [`http_connect`] (re-exported from `protocols`): the HTTP CONNECT wire format;
+//!   [`http_ingress`]: its async shell on the `--http` listener.
 //! - [`chain`]: upstream proxies (`--upstream`, `--upstream-rule`), sans I/O;
 //!   [`chain::dial`]: the exchange with one.
 //! - [`server`]: listener and per-connection handler; [`state`]: the process state handlers share;
@@ -13,24 +17,21 @@
 //! - [`dns`]: name resolution for CONNECT and UDP targets, bounded per lookup and client.
 //! - [`relay`]: the one relay (a pump per direction with half-close, resets, and the hold
 //!   point, for plain and TLS legs alike); [`udp`]: UDP ASSOCIATE.
-//! - [`tls`]: TLS detection, the CA, leaves, the upstream client and the TLS splice
-//!   ([`tls::splice`]) that terminates TLS found on a stream.
+//! - [`tls`]: the CA, leaves, the upstream client and the TLS splice ([`tls::splice`]) that
+//!   terminates TLS found on a stream (ClientHello detection is `protocols::client_hello`).
 //! - [`report`]: the bounded, replaying event stream to the registry; [`ids`]: leased
-//!   connection IDs; [`process`]: which local process a client is; [`conn`]: per-connection
-//!   counters; [`local`]: the registry in the proxy's own process (`interpose up`).
+//!   connection IDs; [`process`]: which local process a client is (through the netlink
+//!   socket of [`sock_diag`]); [`conn`]: per-connection counters; [`local`]: the registry in
+//!   the proxy's own process (`interpose up`).
 //! - [`replay`]: recorded connections sent again through this proxy, and the Replay service.
 //! - [`cli`]: the `proxy-core` binary's options.
-//! - `fuzzing` (tests and the `fuzzing` feature): the properties the fuzz targets check.
 
 pub mod chain;
 pub mod cli;
 pub mod conn;
 pub mod dns;
-#[cfg(any(test, feature = "fuzzing"))]
-pub mod fuzzing;
 pub mod handshake;
 pub mod hold;
-pub mod http_connect;
 pub mod http_ingress;
 pub mod ids;
 pub mod local;
@@ -41,13 +42,14 @@ pub mod report;
 pub mod server;
 pub mod shutdown;
 pub mod sock_diag;
-pub mod socks5;
 pub mod state;
 pub mod tls;
 pub mod udp;
 
 pub use local::LocalRegistry;
 use platform::ingest::IngestSink;
+/// The wire formats, for the shells' callers (tests, benches) that speak them too.
+pub use protocols::{http_connect, socks5};
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{

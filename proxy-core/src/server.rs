@@ -37,12 +37,15 @@ use crate::{
     conn::{ConnEnd, ConnState},
     handshake::{self, Accepted, HandshakeError},
     hold::ConnHold,
-    http_connect, http_ingress,
+    http_ingress,
     relay::{self, Tap},
     shutdown::Shutdown,
-    socks5::{Addr, Command, Reply},
     state::ProxyState,
     tls, udp,
+};
+use protocols::{
+    http_connect,
+    socks5::{Addr, Command, Reply},
 };
 
 /// Most clients beyond the connection limit being refused at once (each holds a socket for

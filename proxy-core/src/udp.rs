@@ -28,9 +28,9 @@ use crate::{
     handshake,
     report::Reporter,
     shutdown::Shutdown,
-    socks5::{self, Addr, Reply, UdpHeader},
     state::ProxyState,
 };
+use protocols::socks5::{self, Addr, Reply, UdpHeader};
 
 const DATAGRAM: usize = 65_536;
 

@@ -10,8 +10,8 @@ use std::io;
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use crate::{
-    chain::{Scheme, Upstream},
+use crate::chain::{Scheme, Upstream};
+use protocols::{
     http_connect,
     socks5::{self, Addr, Command, Greeting, Reply, ReplyMsg, Request, UserPass},
 };

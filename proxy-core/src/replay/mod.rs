@@ -38,7 +38,8 @@ use rustls::pki_types::ServerName;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use crate::{socks5::Addr, tls::Splicer};
+use crate::tls::Splicer;
+use protocols::socks5::Addr;
 
 /// Default quiet time (`PACE_WAIT`, and at the end of a run).
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(200);

@@ -29,7 +29,7 @@ use super::{
     edit::Edits,
     source::{Feed, Recorded, Source},
 };
-use crate::socks5::{
+use protocols::socks5::{
     self, Addr, Command, Greeting, Reply, Request, UserPass, encode_greeting, encode_request,
     encode_userpass,
 };

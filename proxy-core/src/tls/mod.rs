@@ -1,10 +1,11 @@
-//! The TLS splice: detection, the project CA, leaf certificates, the upstream client, and
-//! the [`Splicer`] facade the relay calls.
+//! The TLS splice: the project CA, leaf certificates, the upstream client, and the
+//! [`Splicer`] facade the relay calls. ClientHello detection is sans-I/O, in
+//! [`protocols::client_hello`] (re-exported here).
 //!
 //! How the relay uses it:
-//! 1. Read client bytes into a buffer and call [`detect::detect`] (or [`detect::could_be_tls`]
-//!    on the first bytes of a later client-to-server read, for STARTTLS) until it says
-//!    `ClientHello` or `NotTls`.
+//! 1. Read client bytes into a buffer and call [`detect`] (or [`could_be_tls`] on the first
+//!    bytes of a later client-to-server read, for STARTTLS) until it says `ClientHello` or
+//!    `NotTls`.
 //! 2. On a ClientHello, ask [`Splicer::passthrough`]; if it says no, call
 //!    [`Splicer::terminate`] with the client stream, the bytes already read, the parsed
 //!    hello, the already-connected upstream stream and the [`Target`].
@@ -31,7 +32,6 @@
 
 pub mod args;
 pub mod ca;
-pub mod detect;
 pub mod leaf;
 pub mod pattern;
 pub mod prefixed;
@@ -56,10 +56,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 pub use args::TlsArgs;
 pub use ca::{Ca, CaError};
-pub use detect::{ClientHelloInfo, Detection, could_be_tls, detect};
 pub use leaf::{LeafError, LeafIssuer, LeafName, LeafOptions};
 pub use pattern::HostPattern;
 pub use prefixed::PrefixedIo;
+pub use protocols::client_hello::{ClientHelloInfo, Detection, could_be_tls, detect};
 pub use upstream::{
     ClientCertSpec, ClientCertStatus, NssKeyLog, Upstream, UpstreamError, UpstreamOptions,
 };

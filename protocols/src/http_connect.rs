@@ -4,8 +4,8 @@
 //!
 //! Parsers take the bytes received so far and answer `Ok(None)` when the header is not
 //! complete yet, or `Ok(Some((message, consumed)))`; what follows the header (a client that
-//! did not wait for the 200) is not consumed. The async shells are [`crate::http_ingress`]
-//! and [`crate::chain::dial`].
+//! did not wait for the 200) is not consumed. The async shells are proxy-core's
+//! `http_ingress` and `chain::dial`.
 
 use base64::Engine;
 

@@ -1,5 +1,5 @@
-//! The checked-in seed inputs of the fuzz targets (`fuzz/corpus/TARGET`), which each crate's
-//! unit tests also run through the target's properties, read in one place.
+//! The checked-in seed inputs of the fuzz targets (`fuzz/corpus/TARGET`), which the unit
+//! tests of [`crate::fuzzing`] also run through each target's properties, read in one place.
 
 use std::io;
 use std::path::{Path, PathBuf};

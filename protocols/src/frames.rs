@@ -218,7 +218,7 @@ impl UdpSession {
 mod tests {
     use super::*;
 
-    use crate::fuzzing::{self, Frames, TcpSegment};
+    use crate::fuzzing::pcap_writer::{self as fuzzing, Frames, TcpSegment};
 
     /// A decoded frame, its lengths and checksums checked: (from client?, seq, ack, flags,
     /// payload).

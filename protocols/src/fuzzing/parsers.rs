@@ -1,4 +1,5 @@
-//! The properties the fuzz targets in `fuzz/` check, one function per target, over any bytes.
+//! The properties the parser fuzz targets in `fuzz/` check (`socks5`, `http_connect`,
+//! `client_hello`, `sock_diag`), one function per target, over any bytes.
 //!
 //! The targets (`cargo +nightly fuzz run socks5`, ...) are one line each around these
 //! functions, so on stable the same checks run in `cargo test`: over the checked-in seed
@@ -13,10 +14,10 @@
 use std::fmt::Debug;
 
 use crate::{
+    client_hello::{self as detect, Detection},
     http_connect::{self, HttpError},
     sock_diag::{self, Answer},
     socks5::{self, Socks5Error},
-    tls::detect::{self, Detection},
 };
 
 /// A sans-I/O SOCKS5 parser: a message and its length, `None` for "need more bytes".
@@ -241,7 +242,7 @@ mod tests {
 
     /// The seed inputs of fuzz target `target`, as checked in.
     pub(crate) fn corpus(target: &str) -> Vec<Vec<u8>> {
-        proto::fuzz_corpus::seeds(target).unwrap_or_else(|e| panic!("{e}"))
+        crate::fuzz_corpus::seeds(target).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

@@ -421,7 +421,8 @@ pub(crate) mod tests {
     /// A real ClientHello produced by a rustls client with SNI `example.com` and ALPN
     /// `h2`, `http/1.1`.
     pub(crate) fn rustls_client_hello(sni: &str, alpn: &[&[u8]]) -> Vec<u8> {
-        crate::tls::install_provider();
+        // The ring provider, as proxy-core's `tls::install_provider` installs it.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let roots = rustls::RootCertStore::empty();
         let mut cfg = rustls::ClientConfig::builder()
             .with_root_certificates(roots)

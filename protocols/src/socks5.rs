@@ -4,7 +4,7 @@
 //! `Ok(Some((message, consumed)))` when a whole message is there, or a typed [`Socks5Error`].
 //! Encoders append to a `Vec<u8>`. Nothing here touches a socket, so every function is
 //! tested directly (unit tests and property tests at the bottom). The async shell that drives
-//! these over a stream is [`crate::handshake`].
+//! these over a stream is proxy-core's `handshake`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

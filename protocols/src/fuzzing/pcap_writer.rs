@@ -431,7 +431,7 @@ mod tests {
 
     #[test]
     fn pcap_writer_corpus_holds_and_covers_both_formats_and_transports() {
-        let seeds = proto::fuzz_corpus::seeds("pcap_writer").unwrap_or_else(|e| panic!("{e}"));
+        let seeds = crate::fuzz_corpus::seeds("pcap_writer").unwrap_or_else(|e| panic!("{e}"));
         let inputs: Vec<Capture> = seeds
             .iter()
             .map(|s| Capture::arbitrary_take_rest(Unstructured::new(s)).expect("seed decodes"))
