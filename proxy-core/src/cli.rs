@@ -62,6 +62,8 @@ pub struct ProxyArgs {
     /// `Proxy-Authorization: Basic`; beyond loopback it needs those or --open-proxy.
     #[arg(long, value_name = "ADDR", value_parser = http_addr)]
     pub http: Option<SocketAddr>,
+    // The brackets are the URL syntax (shown as is by --help), not a rustdoc link.
+    #[allow(rustdoc::broken_intra_doc_links)]
     /// Relay TCP connections through this upstream proxy:
     /// socks5://[USER:PASS@]HOST:PORT (names resolved here), socks5h://... (names resolved
     /// by the upstream) or http://... (CONNECT). USER and PASS are percent-encoded; they are

@@ -4,7 +4,7 @@
 //! records in sled and the history in a log of segment files, [`backend::pg`] keeps both in
 //! PostgreSQL; [`ingest`] writes and
 //! commits them, [`hub`] orders changes for live watchers ([`watcher`] serves one),
-//! [`state`] holds the operations and [`service`] serves them as
+//! [`state`] holds the operations and [`service`](mod@service) serves them as
 //! `interpose.registry.v1.Registry`.
 
 pub mod backend;
