@@ -20,7 +20,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::Args;
-use platform::serve::GrpcServer;
+use platform::serve::Bound;
 use proxy_core::{
     Proxy,
     cli::{ProxyArgs, data_dir},
@@ -87,12 +87,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ca_path = splicer.ca().cert_path();
 
     let registry = registry_svc::open(&dir, &args.store, &args.history.options())?;
-    let listener = tokio::net::TcpListener::bind(args.grpc)
-        .await
-        .with_context(|| format!("binding gRPC on {}", args.grpc))?;
-    let grpc = listener.local_addr()?;
-    let mut server = GrpcServer::with_auth(&auth, &args.streams);
-    let tls = platform::mtls::serve_tls(&mut server, &args.tls, Some(&dir), grpc)?;
+    let mut bound = Bound::bind(args.grpc, &auth, &args.streams).await?;
+    let grpc = bound.addr;
+    let server = &mut bound.server;
+    let tls = platform::mtls::serve_tls(server, &args.tls, Some(&dir), grpc)?;
     // Where clients outside the process (and the web view) find the API.
     let url = if args.tls.grpc_tls {
         platform::mtls::ClientTlsArgs::default().install(Some(&dir))?;
@@ -103,7 +101,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let registry_service = registry_svc::service(
         registry.clone(),
         registry_svc::liveness::DEFAULT_GRACE,
-        &server,
+        server,
     )?;
     let registry_service = Arc::new(registry_service);
     server.add_service(registry_svc::grpc_server((*registry_service).clone()));
@@ -128,7 +126,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut serving = tokio::spawn(server.serve(listener, async {
+    let mut serving = tokio::spawn(bound.serve(async {
         let _ = grpc_stopped.await;
     }));
 

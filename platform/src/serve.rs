@@ -419,7 +419,13 @@ impl Bound {
         // Registered before the ready line: a SIGTERM sent as soon as it is read is handled.
         let stop = shutdown_signal();
         println!("ready {name} listen={}{fields}", self.addr);
-        self.server.serve(self.listener, stop).await
+        self.serve(stop).await
+    }
+
+    /// Serves until `shutdown` completes (for a process that prints its own ready line and
+    /// stops in its own order, as `interpose up` does).
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        self.server.serve(self.listener, shutdown).await
     }
 }
 
